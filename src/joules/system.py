@@ -1,9 +1,9 @@
 """What machine this is: versions, CPU, memory, GPUs. Used by ``joules doctor`` and reports.
 
-    >>> from joules.system import system_info
-    >>> info = system_info()
-    >>> info.logical_cores >= 1
-    True
+>>> from joules.system import system_info
+>>> info = system_info()
+>>> info.logical_cores >= 1
+True
 """
 
 from __future__ import annotations

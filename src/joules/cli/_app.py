@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -23,23 +22,15 @@ from typer.core import TyperGroup
 from joules.errors import JoulesError
 
 
-class UserError(click.ClickException):
-    """A :class:`JoulesError` shown as one line on stderr with exit status 2 (no traceback)."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        err_console.print(f"[bold red]error:[/] {self.message}", highlight=False)
-
-
 class _JoulesGroup(TyperGroup):
-    """Root group that turns joules errors raised by any command into :class:`UserError`."""
+    """Root group: a :class:`JoulesError` from any command becomes one line on stderr, exit 2."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except JoulesError as exc:
-            raise UserError(str(exc)) from exc
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(

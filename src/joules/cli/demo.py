@@ -29,7 +29,9 @@ def _render_info(info) -> Table:
     t.add_column("value")
     t.add_row("architecture", f"{info.architecture} ({info.model_type})")
     t.add_row("parameters", f"{info.parameters:,} ({info.parameters / 1e6:.1f} M)")
-    t.add_row("layers / hidden / ffn", f"{info.layers} / {info.hidden_size} / {info.intermediate_size}")
+    t.add_row(
+        "layers / hidden / ffn", f"{info.layers} / {info.hidden_size} / {info.intermediate_size}"
+    )
     t.add_row("heads / kv heads / head dim", f"{info.heads} / {info.kv_heads} / {info.head_dim}")
     t.add_row("vocab", f"{info.vocab_size:,}")
     t.add_row("dtype / bytes", f"{info.dtype} / {info.bytes / 2**20:.1f} MiB")
@@ -67,7 +69,9 @@ def _wikitext_prompt(words: int = 48) -> str:
 
     text = load_text("wikitext2", "test")
     # The first article's opening, skipping the " = Title = " heading line.
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("=")]
+    lines = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("=")
+    ]
     return " ".join(lines[0].split()[:words])
 
 

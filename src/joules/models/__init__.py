@@ -1,8 +1,8 @@
 """Models: load any accepted spec, describe it, and build tiny random models for tests.
 
-    >>> from joules.models import load_model, tiny_model
-    >>> model, tokenizer, info = load_model("smollm2-135m")   # doctest: +SKIP
-    >>> model, tokenizer, info = tiny_model("llama", seed=0)
+>>> from joules.models import load_model, tiny_model
+>>> model, tokenizer, info = load_model("smollm2-135m")   # doctest: +SKIP
+>>> model, tokenizer, info = tiny_model("llama", seed=0)
 """
 
 from joules.models.info import ModelInfo, describe

@@ -1,9 +1,9 @@
 """`ModelInfo`: what a loaded model is, in plain values.
 
-    >>> from joules.models import load_model
-    >>> model, tok, info = load_model("smollm2-135m")           # doctest: +SKIP
-    >>> info.layers, info.hidden_size, info.gguf_type_counts    # doctest: +SKIP
-    (30, 576, {'Q4_1': 210, 'F32': 61, 'Q8_0': 1})
+>>> from joules.models import load_model
+>>> model, tok, info = load_model("smollm2-135m")           # doctest: +SKIP
+>>> info.layers, info.hidden_size, info.gguf_type_counts    # doctest: +SKIP
+(30, 576, {'Q4_1': 210, 'F32': 61, 'Q8_0': 1})
 """
 
 from __future__ import annotations

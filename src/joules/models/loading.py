@@ -121,17 +121,23 @@ def _load_hf_dir(path: Path, dtype: torch.dtype | None) -> tuple[Any, Any]:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError) as exc:
         raise UnsupportedModelError(f"cannot read the config in '{path}': {exc}") from exc
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(
+            f"'{path}' holds a {config.model_type!r} model, which is not a causal language model "
+            "transformers can load: joules loads causal LMs such as llama, qwen2, mistral, phi3"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     except ValueError as exc:
-        raise UnsupportedModelError(
-            f"'{path}' holds a {config.model_type!r} model that is not a causal language model "
-            f"transformers can load ({exc}); joules loads causal LMs such as llama, qwen2, mistral"
-        ) from exc
+        raise UnsupportedModelError(f"transformers cannot load '{path}': {exc}") from exc
     except OSError as exc:
-        raise UnsupportedModelError(f"'{path}' has a config but no loadable weights: {exc}") from exc
+        raise UnsupportedModelError(
+            f"'{path}' has a config but no loadable weights: {exc}"
+        ) from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -152,6 +158,16 @@ def _convert_gguf(path: Path, target: Path) -> None:
     from joules.models.gguf import gguf_tensor_types
 
     types = gguf_tensor_types(path)
+    try:
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        # Its per-tensor tqdm bar ignores transformers' verbosity; joules shows its own status.
+        if not isinstance(gguf_utils.tqdm, functools.partial):
+            gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+    except (ImportError, AttributeError):  # pragma: no cover - layout of another version
+        pass
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

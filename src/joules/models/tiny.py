@@ -70,7 +70,9 @@ def tiny_model(
     if arch not in _ARCHS:
         raise ConfigError(f"unknown tiny architecture {arch!r}: choose one of {', '.join(_ARCHS)}")
     if vocab_size < 259:
-        raise ConfigError(f"tiny_model vocab_size must be >= 259 (bytes + specials), got {vocab_size}")
+        raise ConfigError(
+            f"tiny_model vocab_size must be >= 259 (bytes + specials), got {vocab_size}"
+        )
     import transformers
 
     cfg_name, model_name = _ARCHS[arch]

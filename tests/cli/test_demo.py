@@ -1,0 +1,23 @@
+import json
+
+from typer.testing import CliRunner
+
+from joules.cli import app
+
+runner = CliRunner()
+
+
+def test_demo_on_a_tiny_model_prints_computed_figures(tiny_dir):
+    r = runner.invoke(app, ["demo", "--model", str(tiny_dir), "--new-tokens", "6", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["generation"]["new_tokens"] == 6
+    assert d["generation"]["tokens_per_s"] > 0
+    assert d["info"]["layers"] == 2
+
+
+def test_bad_model_is_one_line_exit_2(tmp_path):
+    r = runner.invoke(app, ["demo", "--model", str(tmp_path / "missing")])
+    assert r.exit_code == 2
+    assert "error:" in r.output and "no model at" in r.output
+    assert "Traceback" not in r.output
