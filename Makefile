@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+LINT_PATHS := $(wildcard src tests bench)
 STAMP := $(VENV)/.joules-installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 
 .PHONY: install demo test lint format bench clean
@@ -27,13 +28,13 @@ demo: install
 	$(VENV)/bin/joules demo
 
 test: install
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check --fix src tests bench
-	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
