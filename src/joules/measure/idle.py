@@ -1,0 +1,129 @@
+"""The idle baseline: measure a machine's idle power once, cache it, subtract it everywhere.
+
+    >>> from joules.measure import detect_meter
+    >>> from joules.measure.idle import measure_idle, save_idle
+    >>> meter = detect_meter(scope="system")                     # doctest: +SKIP
+    >>> baseline = save_idle(measure_idle(meter, seconds=10))    # doctest: +SKIP
+    >>> detect_meter(scope="system").idle_source                 # doctest: +SKIP
+    'cached'
+
+``joules idle --seconds 10`` does the same. The cache (``$JOULES_CACHE_DIR/idle.json``, default
+``~/.cache/joules``) holds one baseline per meter setup (:meth:`Meter.idle_key`: host, backends,
+domains, devices), so a baseline measured with two GPUs never applies to a run on one. Every
+measurement then reports gross ``energy_j`` and ``net_energy_j`` = gross - idle power x duration.
+Measure idle with nothing else running: whatever runs is counted as idle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from joules.errors import ConfigError, MeterError
+
+
+def cache_dir() -> Path:
+    # Same rule as joules.models.loading.cache_dir, repeated so that measuring never imports torch.
+    return Path(os.environ.get("JOULES_CACHE_DIR", Path.home() / ".cache" / "joules"))
+
+
+def idle_cache_path() -> Path:
+    return cache_dir() / "idle.json"
+
+
+@dataclass
+class IdleBaseline:
+    """Idle power per domain of one meter setup on one host."""
+
+    key: str
+    host: str
+    idle_power_w: dict[str, float]
+    total_idle_power_w: float
+    seconds: float
+    method: str
+    uncertainty_w: float
+    measured_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _full_key(meter_key: str) -> str:
+    return f"{socket.gethostname()}|{meter_key}"
+
+
+def measure_idle(
+    meter: Any, seconds: float = 10.0, progress: Callable[[float], None] | None = None
+) -> IdleBaseline:
+    """Measure idle power over ``seconds`` with ``meter`` (nothing else should be running).
+
+    ``progress`` is called with the elapsed fraction (0..1) about ten times a second.
+    """
+    if not seconds > 0:
+        raise ConfigError(f"idle measurement needs seconds > 0, got {seconds}")
+    key = meter.idle_key()
+    if key is None:
+        raise MeterError(
+            "this meter's idle power comes from its model (process-scope estimate): "
+            "measure idle with scope='system' (joules idle does)"
+        )
+    with meter.window("idle") as w:
+        t0 = time.monotonic()
+        while (elapsed := time.monotonic() - t0) < seconds:
+            if progress:
+                progress(elapsed / seconds)
+            time.sleep(min(0.1, seconds - elapsed))
+    m = w.measurement
+    if progress:
+        progress(1.0)
+    per_domain = {k: d.energy_j / m.duration_s for k, d in m.domains.items()}
+    return IdleBaseline(
+        key=_full_key(key),
+        host=socket.gethostname(),
+        idle_power_w=per_domain,
+        total_idle_power_w=m.avg_power_w,
+        seconds=m.duration_s,
+        method=m.method,
+        uncertainty_w=m.uncertainty_j / m.duration_s,
+        measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # a corrupt cache is as good as none: the next `joules idle` rewrites it
+    return data if isinstance(data, dict) else {}
+
+
+def save_idle(baseline: IdleBaseline, path: Path | None = None) -> IdleBaseline:
+    """Store ``baseline`` in the cache (replacing the one of the same setup); return it."""
+    path = path or idle_cache_path()
+    data = _read_cache(path)
+    data[baseline.key] = baseline.to_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return baseline
+
+
+def load_idle(meter_key: str, path: Path | None = None) -> IdleBaseline | None:
+    """The cached baseline of this meter setup on this host, or None."""
+    rec = _read_cache(path or idle_cache_path()).get(_full_key(meter_key))
+    if rec is None:
+        return None
+    try:
+        return IdleBaseline(**rec)
+    except TypeError:
+        return None
