@@ -16,6 +16,7 @@ class DoctorReport:
     default_model: dict[str, Any]
     data: dict[str, Any]
     meters: list[dict[str, Any]] = field(default_factory=list)
+    meter_notes: list[str] = field(default_factory=list)  # backends not used, and why
 
 
 def _default_model_status() -> dict[str, Any]:
@@ -42,10 +43,23 @@ def _data_status() -> dict[str, Any]:
     return {"text": text_sets(), "choice": choice_sets()}
 
 
+def _meters() -> tuple[list[dict[str, Any]], list[str]]:
+    from joules.errors import JoulesError
+    from joules.measure import meter_domains
+
+    try:
+        return meter_domains()
+    except JoulesError as exc:  # doctor reports problems, it does not stop at them
+        return [], [f"no meter: {exc}"]
+
+
 def doctor_report() -> DoctorReport:
     from joules.system import system_info
 
-    return DoctorReport(system_info(), _default_model_status(), _data_status())
+    meters, notes = _meters()
+    return DoctorReport(
+        system_info(), _default_model_status(), _data_status(), meters, meter_notes=notes
+    )
 
 
 def _render(r: DoctorReport) -> None:
@@ -64,9 +78,13 @@ def _render(r: DoctorReport) -> None:
     t.add_row("gpus", gpus or "none seen by torch")
     if r.meters:
         for m in r.meters:
-            t.add_row(f"meter {m['domain']}", f"{m['backend']} ({m['method']})")
+            device = f" on {m['device']}" if m.get("device") else ""
+            total = "" if m.get("in_total", True) else ", part of another domain"
+            t.add_row(f"meter {m['domain']}", f"{m['backend']} ({m['method']}{total}){device}")
     else:
         t.add_row("energy meters", "none")
+    for note in r.meter_notes:
+        t.add_row("meter note", f"[dim]{note}[/]")
     dm = r.default_model
     if dm["found"]:
         cached = "converted copy cached" if dm["converted_cache"] else "not yet converted"

@@ -307,30 +307,35 @@ class Meter:
     def domains(self) -> list[DomainInfo]:
         return [d for b in self.backends for d in b.domains()]
 
-    def idle_key(self) -> str | None:
-        """Cache key of this meter's setup (None when some backend opts out of caching)."""
-        keys = [b.idle_key() for b in self.backends]
-        return None if any(k is None for k in keys) else "|".join(sorted(keys))  # type: ignore[arg-type]
+    def domain_idle_keys(self) -> dict[str, str | None]:
+        """Per domain, the idle-cache key of its backend (None: the backend's model idle)."""
+        return {d.name: b.idle_key() for b in self.backends for d in b.domains()}
 
     def _set_idle(self, idle: dict[str, float] | str | None) -> None:
-        model: dict[str, float] = {}
-        for b in self.backends:
-            model.update(b.model_idle_power_w() or {})
         if isinstance(idle, dict):
             self.idle_power_w, self.idle_source = dict(idle), "given"
             return
-        if idle == "auto":
-            from joules.measure.idle import load_idle
-
-            key = self.idle_key()
-            cached = load_idle(key) if key else None
-            if cached is not None:
-                self.idle_power_w, self.idle_source = dict(cached.idle_power_w), "cached"
-                return
-        elif idle is not None:
+        if idle is None:
+            return
+        if idle != "auto":
             raise MeterError(f"idle_power_w must be a dict, 'auto' or None, got {idle!r}")
-        if idle is not None and model:
-            self.idle_power_w, self.idle_source = model, "model"
+        from joules.measure.idle import load_idle
+
+        found: dict[str, float] = {}
+        sources = set()
+        for b in self.backends:
+            key = b.idle_key()
+            cached = load_idle(key) if key else None
+            model = b.model_idle_power_w()
+            if cached is not None:
+                found.update(cached)
+                sources.add("cached")
+            elif model is not None:
+                found.update(model)
+                sources.add("model")
+        if found:
+            self.idle_power_w = found
+            self.idle_source = "+".join(sorted(sources))
 
     # -- reading -----------------------------------------------------------------------------
     def _read_all(self, precise: bool) -> dict[str, Reading]:

@@ -42,8 +42,11 @@ class _EstimatedDram(Backend):
         r = self.est.read(t_s, precise=precise)
         return Reading(t_s, {"dram": r.energy_j["dram"]})
 
+    def model_idle_power_w(self) -> dict[str, float]:
+        return {"dram": 0.0}
+
     def idle_key(self) -> str | None:
-        return f"estimate:dram:{self.est.scope}"
+        return None  # modelled, like the estimator's
 
 
 def detect_backends(

@@ -8,8 +8,9 @@
     'cached'
 
 ``joules idle --seconds 10`` does the same. The cache (``$JOULES_CACHE_DIR/idle.json``, default
-``~/.cache/joules``) holds one baseline per meter setup (:meth:`Meter.idle_key`: host, backends,
-domains, devices), so a baseline measured with two GPUs never applies to a run on one. Every
+``~/.cache/joules``) holds one baseline per host and backend setup (:meth:`Backend.idle_key`:
+backend, domains, devices), so a baseline measured with two GPUs never applies to a run on one.
+Domains whose idle comes from a model (the estimator in process scope) are never cached. Every
 measurement then reports gross ``energy_j`` and ``net_energy_j`` = gross - idle power x duration.
 Measure idle with nothing else running: whatever runs is counted as idle.
 """
@@ -40,11 +41,12 @@ def idle_cache_path() -> Path:
 
 @dataclass
 class IdleBaseline:
-    """Idle power per domain of one meter setup on one host."""
+    """Idle power per domain of one meter on one host; ``domain_keys`` maps each domain to its
+    backend's cache key (None for domains whose idle comes from a model, never cached)."""
 
-    key: str
     host: str
     idle_power_w: dict[str, float]
+    domain_keys: dict[str, str | None]
     total_idle_power_w: float
     seconds: float
     method: str
@@ -55,8 +57,8 @@ class IdleBaseline:
         return asdict(self)
 
 
-def _full_key(meter_key: str) -> str:
-    return f"{socket.gethostname()}|{meter_key}"
+def _full_key(backend_key: str) -> str:
+    return f"{socket.gethostname()}|{backend_key}"
 
 
 def measure_idle(
@@ -68,8 +70,8 @@ def measure_idle(
     """
     if not seconds > 0:
         raise ConfigError(f"idle measurement needs seconds > 0, got {seconds}")
-    key = meter.idle_key()
-    if key is None:
+    keys = meter.domain_idle_keys()
+    if not any(keys.values()):
         raise MeterError(
             "this meter's idle power comes from its model (process-scope estimate): "
             "measure idle with scope='system' (joules idle does)"
@@ -83,11 +85,10 @@ def measure_idle(
     m = w.measurement
     if progress:
         progress(1.0)
-    per_domain = {k: d.energy_j / m.duration_s for k, d in m.domains.items()}
     return IdleBaseline(
-        key=_full_key(key),
         host=socket.gethostname(),
-        idle_power_w=per_domain,
+        idle_power_w={k: d.energy_j / m.duration_s for k, d in m.domains.items()},
+        domain_keys=keys,
         total_idle_power_w=m.avg_power_w,
         seconds=m.duration_s,
         method=m.method,
@@ -107,10 +108,17 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def save_idle(baseline: IdleBaseline, path: Path | None = None) -> IdleBaseline:
-    """Store ``baseline`` in the cache (replacing the one of the same setup); return it."""
+    """Store ``baseline`` in the cache, one entry per backend setup (replacing older ones)."""
     path = path or idle_cache_path()
     data = _read_cache(path)
-    data[baseline.key] = baseline.to_dict()
+    for key in {k for k in baseline.domain_keys.values() if k}:
+        doms = [d for d, k in baseline.domain_keys.items() if k == key]
+        data[f"{baseline.host}|{key}"] = {
+            "idle_power_w": {d: baseline.idle_power_w[d] for d in doms},
+            "seconds": baseline.seconds,
+            "method": baseline.method,
+            "measured_at": baseline.measured_at,
+        }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -118,12 +126,10 @@ def save_idle(baseline: IdleBaseline, path: Path | None = None) -> IdleBaseline:
     return baseline
 
 
-def load_idle(meter_key: str, path: Path | None = None) -> IdleBaseline | None:
-    """The cached baseline of this meter setup on this host, or None."""
-    rec = _read_cache(path or idle_cache_path()).get(_full_key(meter_key))
-    if rec is None:
-        return None
+def load_idle(backend_key: str, path: Path | None = None) -> dict[str, float] | None:
+    """The cached idle power per domain of this backend setup on this host, or None."""
+    rec = _read_cache(path or idle_cache_path()).get(_full_key(backend_key))
     try:
-        return IdleBaseline(**rec)
-    except TypeError:
+        return {str(k): float(v) for k, v in rec["idle_power_w"].items()}
+    except (TypeError, KeyError, ValueError, AttributeError):
         return None

@@ -1,0 +1,190 @@
+"""``joules measure -- CMD ARGS...`` and ``joules idle``: energy of a command, idle baseline.
+
+    $ joules measure -- python train.py --epochs 1
+    $ joules measure --json --region FR --pue 1.2 -- ./bench.sh
+    $ joules measure --gpu-power-limit 250 -- python serve.py
+    $ joules idle --seconds 10
+
+``measure`` runs the command directly (no shell: quote nothing, expand nothing), lets its output
+through, then prints energy, duration, average power, method, uncertainty, CO2 and water (or the
+``Measurement`` as JSON with ``--json``), and exits with the command's own exit status (128+N when
+a signal N killed it). Counters meter whole devices; the estimator counts only the command's
+process tree.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from joules.cli._app import JSON_OPTION, app, console, emit, print_json, to_jsonable
+from joules.errors import ConfigError
+
+
+def _make_meter(**kwargs: Any) -> Any:
+    """Build the meter (a seam: tests swap in fake devices here)."""
+    from joules.measure import detect_meter
+
+    return detect_meter(**kwargs)
+
+
+def _fmt_j(j: float | None) -> str:
+    if j is None:
+        return "-"
+    if abs(j) >= 3.6e3:
+        return f"{j:,.1f} J ({j / 3.6e3:.3f} Wh)"
+    return f"{j:.3f} J"
+
+
+def render_measurement(m: Any, title: str | None = None) -> None:
+    """Print a Measurement as a rich table (used by ``measure`` and reusable by other commands)."""
+    t = Table(title=title or f"energy of {m.name}", show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    rel = f" (±{m.relative_uncertainty:.0%})" if m.energy_j > 0 else ""
+    t.add_row("energy", f"{_fmt_j(m.energy_j)} ± {m.uncertainty_j:.3f} J{rel}")
+    t.add_row("method", m.method)
+    t.add_row("duration", f"{m.duration_s:.3f} s")
+    t.add_row("average power", f"{m.avg_power_w:.2f} W")
+    if m.idle_power_w is not None:
+        t.add_row("idle power", f"{m.idle_power_w:.2f} W")
+        t.add_row("net energy (minus idle)", _fmt_j(m.net_energy_j))
+    for name, d in m.domains.items():
+        counted = "" if d.in_total else ", inside another domain: not added"
+        t.add_row(
+            f"  {name}",
+            f"{_fmt_j(d.energy_j)} ± {d.uncertainty_j:.3f} J ({d.backend}, {d.method}{counted})",
+        )
+    c = m.carbon or {}
+    if m.co2_g is not None:
+        year = f", {c['grid_year']}" if c.get("grid_year") else ""
+        t.add_row(
+            "CO2",
+            f"{m.co2_g:.4f} g (grid {c.get('grid_g_per_kwh', 0):g} g/kWh in "
+            f"{c.get('region')}{year}, PUE {c.get('pue', 1):g}; embodied "
+            f"{c.get('embodied_co2_g', 0):.4f} g)",
+        )
+    t.add_row("water", f"{m.water_l:.6f} L" if m.water_l is not None else "- (pass --wue L/kWh)")
+    for note in m.notes:
+        t.add_row("note", f"[dim]{note}[/]")
+    console.print(t)
+
+
+def _carbon(region: str | None, grid: float | None, pue: float, wue: float | None) -> Any:
+    from joules.measure import CarbonConfig
+
+    return CarbonConfig(region=region, g_per_kwh=grid, pue=pue, wue_l_per_kwh=wue)
+
+
+@app.command(
+    context_settings={"allow_interspersed_args": False},
+    no_args_is_help=True,
+)
+def measure(
+    cmd: list[str] = typer.Argument(..., metavar="-- CMD ARGS...", help="The command to run."),
+    json: bool = JSON_OPTION,
+    interval: float = typer.Option(0.1, "--interval", help="Power sampling period (s)."),
+    region: str = typer.Option(
+        None, "--region", help="Grid region: FR, US-CA, gcp:europe-west1 (default world average)."
+    ),
+    grid: float = typer.Option(None, "--grid-g-per-kwh", help="Grid intensity (g CO2/kWh)."),
+    pue: float = typer.Option(1.0, "--pue", help="Power usage effectiveness of the facility."),
+    wue: float = typer.Option(None, "--wue", help="Water usage effectiveness (L/kWh)."),
+    cpu_tdp_w: float = typer.Option(None, "--cpu-tdp-w", help="CPU TDP for the estimator (W)."),
+    gpu_power_limit: float = typer.Option(
+        None, "--gpu-power-limit", help="Set this GPU power limit (W) for the run (needs root)."
+    ),
+    timeline: bool = typer.Option(False, "--timeline", help="Include the power timeline."),
+    output: Path = typer.Option(None, "--output", "-o", help="Also write the JSON here."),
+) -> None:
+    """Run CMD (no shell), measure its energy, and exit with its exit status."""
+    if not interval > 0:
+        raise ConfigError(f"--interval must be > 0 seconds, got {interval}")
+    carbon = _carbon(region, grid, pue, wue)
+    meter = _make_meter(
+        scope="children", interval_s=interval, timeline=timeline, carbon=carbon, cpu_tdp_w=cpu_tdp_w
+    )
+    try:
+        if gpu_power_limit is not None:
+            from joules.measure.power import gpu_power_limit as limit_ctx
+
+            with limit_ctx(meter, gpu_power_limit):
+                m, rc = _run(meter, cmd)
+        else:
+            m, rc = _run(meter, cmd)
+    finally:
+        meter.close()
+    if output is not None:
+        output.write_text(__import__("json").dumps(to_jsonable(m), indent=2))
+    emit(m, json, lambda r: render_measurement(r, f"energy of `{' '.join(cmd)}`"))
+    raise typer.Exit(rc)
+
+
+def _run(meter: Any, cmd: list[str]) -> tuple[Any, int]:
+    name = " ".join(cmd)
+    w = meter.begin(name)
+    try:
+        proc = subprocess.Popen(cmd)  # a list, no shell: arguments reach CMD as given
+    except FileNotFoundError as exc:
+        meter.end(w)
+        raise ConfigError(
+            f"command not found: {cmd[0]!r} (check the name or give its path)"
+        ) from exc
+    except PermissionError as exc:
+        meter.end(w)
+        raise ConfigError(f"{cmd[0]!r} is not executable (chmod +x it)") from exc
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the child too (same process group): let it end
+        rc = proc.wait()
+    m = meter.end(w)
+    return m, (128 - rc if rc < 0 else rc)
+
+
+@app.command()
+def idle(
+    seconds: float = typer.Option(10.0, "--seconds", help="How long to measure idle power."),
+    json: bool = JSON_OPTION,
+    cpu_tdp_w: float = typer.Option(None, "--cpu-tdp-w", help="CPU TDP for the estimator (W)."),
+) -> None:
+    """Measure this machine's idle power and cache it: later measurements report net energy."""
+    from joules.measure.idle import idle_cache_path, measure_idle, save_idle
+
+    if not seconds > 0:
+        raise ConfigError(f"--seconds must be > 0, got {seconds}")
+    meter = _make_meter(scope="system", cpu_tdp_w=cpu_tdp_w, idle_power_w=None)
+    try:
+        if json:
+            baseline = measure_idle(meter, seconds)
+        else:
+            with Progress(
+                TextColumn("measuring idle power (keep the machine quiet)"),
+                BarColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            ) as bar:
+                task = bar.add_task("idle", total=1.0)
+                baseline = measure_idle(meter, seconds, lambda f: bar.update(task, completed=f))
+    finally:
+        meter.close()
+    save_idle(baseline)
+    result = {**baseline.to_dict(), "cache": str(idle_cache_path())}
+    if json:
+        print_json(result)
+        return
+    t = Table(title="idle baseline", show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    t.add_row("idle power", f"{baseline.total_idle_power_w:.2f} ± {baseline.uncertainty_w:.2f} W")
+    for dom, w in baseline.idle_power_w.items():
+        t.add_row(f"  {dom}", f"{w:.2f} W")
+    t.add_row("method", baseline.method)
+    t.add_row("measured over", f"{baseline.seconds:.1f} s at {baseline.measured_at}")
+    t.add_row("cached in", result["cache"])
+    console.print(t)
