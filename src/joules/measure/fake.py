@@ -141,6 +141,11 @@ class FakeNvml:
                     g.energy_j += g.power_w * dt
             self._t = self.clock()
 
+    def set_power(self, i: int, power_w: float) -> None:
+        """Change GPU ``i``'s power from the clock's current time on (energy so far is kept)."""
+        self._tick()
+        self.gpus[i].power_w = power_w
+
     def nvmlInit(self) -> None:
         pass
 
