@@ -28,15 +28,28 @@ def invoke(*args):
 
 def test_json_schema_and_exit_code_pass_through():
     code = "import sys; sum(range(10**6)); sys.exit(7)"
-    res = invoke("measure", "--json", "--region", "FR", "--pue", "1.2", "--wue", "1.8",
-                 "--", sys.executable, "-c", code)
+    res = invoke(
+        "measure",
+        "--json",
+        "--region",
+        "FR",
+        "--pue",
+        "1.2",
+        "--wue",
+        "1.8",
+        "--",
+        sys.executable,
+        "-c",
+        code,
+    )
     assert res.exit_code == 7, res.output
-    d = json.loads(res.output[res.output.index("{"):])
+    d = json.loads(res.output[res.output.index("{") :])
     assert d["method"] == "estimated" and d["energy_j"] > 0 and d["duration_s"] > 0
     assert d["uncertainty_j"] == pytest.approx(0.3 * d["energy_j"])
     assert d["carbon"]["region"] == "FR" and d["carbon"]["pue"] == 1.2
     assert d["co2_g"] == pytest.approx(
-        d["energy_j"] * 1.2 / 3.6e6 * 56.0 + d["carbon"]["embodied_co2_g"])
+        d["energy_j"] * 1.2 / 3.6e6 * 56.0 + d["carbon"]["embodied_co2_g"]
+    )
     assert d["water_l"] == pytest.approx(d["energy_j"] / 3.6e6 * 1.8)
     assert set(d["domains"]) == {"cpu", "dram"}
     assert d["net_energy_j"] > 0  # the child's CPU time, above the model idle
@@ -44,8 +57,18 @@ def test_json_schema_and_exit_code_pass_through():
 
 def test_table_output_and_arguments_reach_the_command_unchanged(tmp_path):
     out = tmp_path / "m.json"
-    res = invoke("measure", "-o", str(out), "--", sys.executable, "-c",
-                 "import sys; print(sys.argv[1:])", "a b", "$HOME", "--json")
+    res = invoke(
+        "measure",
+        "-o",
+        str(out),
+        "--",
+        sys.executable,
+        "-c",
+        "import sys; print(sys.argv[1:])",
+        "a b",
+        "$HOME",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     # no shell: "$HOME" is not expanded, "a b" stays one argument, --json goes to the command
     assert "energy" in res.output and "estimated" in res.output and "CO2" in res.output
@@ -53,16 +76,31 @@ def test_table_output_and_arguments_reach_the_command_unchanged(tmp_path):
 
 
 def test_timeline_flag():
-    res = invoke("measure", "--json", "--timeline", "--interval", "0.02", "--",
-                 sys.executable, "-c", "import time; time.sleep(0.3)")
+    res = invoke(
+        "measure",
+        "--json",
+        "--timeline",
+        "--interval",
+        "0.02",
+        "--",
+        sys.executable,
+        "-c",
+        "import time; time.sleep(0.3)",
+    )
     assert res.exit_code == 0, res.output
-    tl = json.loads(res.output[res.output.index("{"):])["timeline"]
+    tl = json.loads(res.output[res.output.index("{") :])["timeline"]
     assert len(tl["t_s"]) >= 3 and set(tl["power_w"]) == {"cpu", "dram"}
 
 
 def test_killed_by_a_signal_is_128_plus_n():
-    res = invoke("measure", "--json", "--", sys.executable, "-c",
-                 "import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
+    res = invoke(
+        "measure",
+        "--json",
+        "--",
+        sys.executable,
+        "-c",
+        "import os, signal; os.kill(os.getpid(), signal.SIGTERM)",
+    )
     assert res.exit_code == 128 + 15
 
 
@@ -110,7 +148,7 @@ def test_gpu_power_limit_on_the_fake(monkeypatch):
     res = invoke("measure", "--json", "--gpu-power-limit", "300", "--", "true")
     assert res.exit_code == 0, res.output
     assert seen == [300_000, 700_000]  # set for the run, then restored
-    assert "gpu0" in json.loads(res.output[res.output.index("{"):])["domains"]
+    assert "gpu0" in json.loads(res.output[res.output.index("{") :])["domains"]
     lib.root = False
     res = invoke("measure", "--gpu-power-limit", "300", "--", "true")
     assert res.exit_code == 2 and "needs root" in res.output

@@ -12,11 +12,18 @@ from joules.measure.fake import FakeAmdSmi, FakeClock, FakeGpu
 
 def test_counter_and_sampled_domains():
     clock = FakeClock()
-    lib = FakeAmdSmi([FakeGpu(name="AMD Instinct MI300X", power_w=500.0),
-                      FakeGpu(name="AMD Radeon", power_w=50.0, counter=False)], clock)
+    lib = FakeAmdSmi(
+        [
+            FakeGpu(name="AMD Instinct MI300X", power_w=500.0),
+            FakeGpu(name="AMD Radeon", power_w=50.0, counter=False),
+        ],
+        clock,
+    )
     amd = AmdSmiBackend(lib=lib)
     assert [(d.name, d.method) for d in amd.domains()] == [
-        ("amdgpu0", "counter"), ("amdgpu1", "sampled")]
+        ("amdgpu0", "counter"),
+        ("amdgpu1", "sampled"),
+    ]
     meter = Meter([amd], clock=clock, interval_s=None, idle_power_w=None)
     w = meter.begin("w")
     for _ in range(10):
@@ -33,7 +40,9 @@ def test_old_key_name_is_read():
     lib = FakeAmdSmi([FakeGpu(power_w=100.0)], clock)
     real = lib.amdsmi_get_energy_count
     lib.amdsmi_get_energy_count = lambda h: {
-        "power": real(h)["energy_accumulator"], "counter_resolution": 15.3}
+        "power": real(h)["energy_accumulator"],
+        "counter_resolution": 15.3,
+    }
     assert AmdSmiBackend(lib=lib).domains()[0].method == "counter"
 
 

@@ -110,8 +110,19 @@ def test_measurement_round_trips_through_json(rig):
     back = Measurement.from_dict(json.loads(text))
     assert back == m
     d = json.loads(text)
-    for key in ("energy_j", "duration_s", "avg_power_w", "method", "uncertainty_j",
-                "idle_power_w", "net_energy_j", "co2_g", "water_l", "domains", "timeline"):
+    for key in (
+        "energy_j",
+        "duration_s",
+        "avg_power_w",
+        "method",
+        "uncertainty_j",
+        "idle_power_w",
+        "net_energy_j",
+        "co2_g",
+        "water_l",
+        "domains",
+        "timeline",
+    ):
         assert key in d
     assert d["domains"]["gpu0"]["method"] == "counter"
     assert d["net_energy_j"] == pytest.approx(m.energy_j - 70.0 * m.duration_s)
@@ -144,8 +155,10 @@ class _Nested(Backend):
         self.e = {"pkg": 0.0, "pkg.core": 0.0}
 
     def domains(self):
-        return [DomainInfo("pkg", self.name, "counter"),
-                DomainInfo("pkg.core", self.name, "counter", in_total=False)]
+        return [
+            DomainInfo("pkg", self.name, "counter"),
+            DomainInfo("pkg.core", self.name, "counter", in_total=False),
+        ]
 
     def read(self, t_s, *, precise=False):
         return Reading(t_s, dict(self.e))

@@ -31,7 +31,7 @@ def test_country_and_region_lookup():
 
 
 def test_unknown_region_is_one_line_with_the_fix():
-    with pytest.raises(ConfigError, match="unknown grid region 'Atlantis'.*--grid-g-per-kwh"):
+    with pytest.raises(ConfigError, match=r"unknown grid region 'Atlantis'.*--grid-g-per-kwh"):
         grid_intensity("Atlantis")
 
 
@@ -64,8 +64,11 @@ def test_embodied_is_amortised_per_device_hour():
 
 @pytest.mark.parametrize(
     "kwargs, msg",
-    [({"pue": 0.9}, "PUE must be >= 1.0"), ({"wue_l_per_kwh": -1}, "WUE must be >= 0"),
-     ({"g_per_kwh": -5}, "grid intensity must be >= 0")],
+    [
+        ({"pue": 0.9}, "PUE must be >= 1.0"),
+        ({"wue_l_per_kwh": -1}, "WUE must be >= 0"),
+        ({"g_per_kwh": -5}, "grid intensity must be >= 0"),
+    ],
 )
 def test_bad_settings(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -15,7 +15,9 @@ def test_without_counters_the_estimator_runs_and_the_notes_say_why(tmp_path, mon
     monkeypatch.setenv("JOULES_POWERCAP_ROOT", str(tmp_path / "none"))
     meter = detect_meter(gpus=False, interval_s=None)
     assert [(d.name, d.backend, d.method) for d in meter.domains()] == [
-        ("cpu", "estimate", "estimated"), ("dram", "estimate", "estimated")]
+        ("cpu", "estimate", "estimated"),
+        ("dram", "estimate", "estimated"),
+    ]
     assert any(n.startswith("rapl: no powercap tree") for n in meter.notes)
     assert any("estimated (±30%)" in n for n in meter.notes)
     meter.close()
@@ -24,7 +26,7 @@ def test_without_counters_the_estimator_runs_and_the_notes_say_why(tmp_path, mon
 def test_meter_domains_has_doctor_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("JOULES_POWERCAP_ROOT", str(tmp_path / "none"))
     lib = FakeNvml([FakeGpu(), FakeGpu(counter=False)], FakeClock())
-    domains, notes = meter_domains(nvml_lib=lib)
+    domains, _notes = meter_domains(nvml_lib=lib)
     by = {d["domain"]: d for d in domains}
     assert by["gpu0"]["backend"] == "nvml" and by["gpu0"]["method"] == "counter"
     assert by["gpu1"]["method"] == "sampled" and "no energy counter" in by["gpu1"]["note"]

@@ -7,8 +7,20 @@ import importlib
 
 import pytest
 
-MODULES = ["__init__", "base", "fake", "carbon", "stats", "estimate", "detect", "rapl", "nvml",
-           "amd", "idle", "power"]
+MODULES = [
+    "__init__",
+    "base",
+    "fake",
+    "carbon",
+    "stats",
+    "estimate",
+    "detect",
+    "rapl",
+    "nvml",
+    "amd",
+    "idle",
+    "power",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -55,8 +55,9 @@ def test_child_that_sleeps_while_parent_spins_reads_near_idle():
 def test_child_that_spins_while_parent_sleeps_reads_active_power_times_its_cpu_time():
     est, meter = meter_for("children")
     w = meter.begin("spinning child")
-    out = subprocess.run([sys.executable, "-c", SPIN, "0.8"], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SPIN, "0.8"], capture_output=True, text=True, check=True
+    )
     m = meter.end(w)
     child_cpu_s = float(out.stdout)
     net_cpu_j = m.domains["cpu"].energy_j - est.model.idle_w * m.duration_s

@@ -28,7 +28,10 @@ def test_measure_save_and_apply(monkeypatch):
     assert seen[0] == pytest.approx(0.0, abs=0.2) and seen[-1] == 1.0
     save_idle(b)
     assert idle_cache_path().is_file()
-    assert load_idle(fake.idle_key()) == {"gpu0": pytest.approx(60.0), "package0": pytest.approx(20.0)}
+    assert load_idle(fake.idle_key()) == {
+        "gpu0": pytest.approx(60.0),
+        "package0": pytest.approx(20.0),
+    }
 
     clock = FakeClock()
     fake2 = FakeBackend({"gpu0": 300.0, "package0": 20.0}, clock=clock)
@@ -44,11 +47,19 @@ def test_measure_save_and_apply(monkeypatch):
 
 def test_another_setup_does_not_use_the_baseline():
     clock = FakeClock()
-    b = measure_idle(Meter([FakeBackend({"gpu0": 60.0}, clock=_Ticking(clock))],
-                           clock=_Ticking(clock), interval_s=None, idle_power_w=None), 0.01)
+    b = measure_idle(
+        Meter(
+            [FakeBackend({"gpu0": 60.0}, clock=_Ticking(clock))],
+            clock=_Ticking(clock),
+            interval_s=None,
+            idle_power_w=None,
+        ),
+        0.01,
+    )
     save_idle(b)
-    other = Meter([FakeBackend({"gpu0": 1.0, "gpu1": 1.0}, clock=clock)], clock=clock,
-                  interval_s=None)
+    other = Meter(
+        [FakeBackend({"gpu0": 1.0, "gpu1": 1.0}, clock=clock)], clock=clock, interval_s=None
+    )
     assert other.idle_power_w is None and other.idle_source == "none"
 
 

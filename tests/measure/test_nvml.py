@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from joules.errors import MeterError
@@ -31,7 +33,7 @@ def run(meter, clock, seconds, steps=10, change=None):
 
 
 def test_counter_path():
-    clock, lib, nvml, meter = rig(FakeGpu(power_w=300.0))
+    clock, _lib, nvml, meter = rig(FakeGpu(power_w=300.0))
     assert [(d.name, d.method, d.device) for d in nvml.domains()] == [
         ("gpu0", "counter", "NVIDIA H100 80GB HBM3")
     ]
@@ -43,7 +45,7 @@ def test_counter_path():
 
 
 def test_counter_follows_power_changes_the_sampler_would_miss():
-    clock, lib, nvml, meter = rig(FakeGpu(power_w=100.0))
+    clock, lib, _nvml, meter = rig(FakeGpu(power_w=100.0))
     w = meter.begin("w")
     clock.advance(0.5)
     lib.set_power(0, 400.0)  # a burst between two reads
@@ -63,13 +65,13 @@ def test_unsupported_counter_falls_back_to_sampling_and_says_so():
     assert d.method == "sampled" and m.method == "sampled"
     # trapezoid over reads at 0, .1, ..., 1.0 s of power 200, 200, 210, ..., 290 W
     powers = [200.0] + [200.0 + 10 * i for i in range(10)]
-    expected = sum(0.05 * (a + b) for a, b in zip(powers, powers[1:], strict=False))
+    expected = sum(0.05 * (a + b) for a, b in itertools.pairwise(powers))
     assert d.energy_j == pytest.approx(expected)
     assert d.uncertainty_j > 0.05 * d.energy_j  # discretisation bound added
 
 
 def test_short_window_is_marked_and_estimated_from_power_times_time():
-    clock, lib, nvml, meter = rig(FakeGpu(power_w=250.0))
+    clock, lib, _nvml, meter = rig(FakeGpu(power_w=250.0))
     lib.gpus[0].counter_frozen = True  # the counter has not ticked within the window
     w = meter.begin("short")
     clock.advance(0.02)
@@ -82,7 +84,7 @@ def test_short_window_is_marked_and_estimated_from_power_times_time():
 
 
 def test_counter_that_does_not_move_is_not_reported_as_zero():
-    clock, lib, nvml, meter = rig(FakeGpu(power_w=80.0))
+    clock, lib, _nvml, meter = rig(FakeGpu(power_w=80.0))
     lib.gpus[0].counter_frozen = True
     m = run(meter, clock, 1.0)
     d = m.domains["gpu0"]
@@ -91,7 +93,7 @@ def test_counter_that_does_not_move_is_not_reported_as_zero():
 
 
 def test_two_gpus_are_separate_domains():
-    clock, lib, nvml, meter = rig(FakeGpu(power_w=300.0), FakeGpu(power_w=100.0, counter=False))
+    clock, _lib, _nvml, meter = rig(FakeGpu(power_w=300.0), FakeGpu(power_w=100.0, counter=False))
     m = run(meter, clock, 1.0)
     assert m.domains["gpu0"].method == "counter" and m.domains["gpu1"].method == "sampled"
     assert m.domains["gpu0"].energy_j == pytest.approx(300.0, abs=1e-3)
@@ -101,7 +103,7 @@ def test_two_gpus_are_separate_domains():
 
 
 def test_virtual_gpu_counter_reading_zero_is_sampled():
-    clock, lib, nvml, meter = rig(FakeGpu(name="GRID A100-4C", counter_start_j=0.0))
+    clock, _lib, nvml, meter = rig(FakeGpu(name="GRID A100-4C", counter_start_j=0.0))
     (dom,) = nvml.domains()
     assert dom.method == "sampled" and "reads 0" in dom.note
     m = run(meter, clock, 1.0)
@@ -109,7 +111,7 @@ def test_virtual_gpu_counter_reading_zero_is_sampled():
 
 
 def test_counter_going_backwards_falls_back_for_that_window_only():
-    clock, lib, nvml, meter = rig(FakeGpu(power_w=100.0))
+    clock, lib, _nvml, meter = rig(FakeGpu(power_w=100.0))
 
     def reset(i):
         if i == 5:
@@ -125,7 +127,7 @@ def test_counter_going_backwards_falls_back_for_that_window_only():
 
 
 def test_power_read_failure_is_a_meter_error():
-    clock, lib, nvml, meter = rig(FakeGpu())
+    _clock, lib, _nvml, meter = rig(FakeGpu())
 
     def broken(h):
         raise lib.NVMLError(999, "GPU is lost")

@@ -19,7 +19,7 @@ def rig(root=True):
 
 
 def test_limit_is_set_for_the_block_and_restored():
-    clock, lib, meter = rig()
+    _clock, lib, meter = rig()
     with gpu_power_limit(meter, 300.0) as original:
         assert original == {0: 700.0, 1: 650.0}
         assert [g.power_limit_w for g in lib.gpus] == [300.0, 300.0]
@@ -43,7 +43,8 @@ def test_sweep_measures_each_limit():
     points = power_limit_sweep(work, [200.0, 300.0, 500.0], meter)
     assert [p.limit_w for p in points] == [200.0, 300.0, 500.0]
     assert [p.measurement.energy_j for p in points] == pytest.approx(
-        [400.0, 600.0, 800.0], abs=1e-2)
+        [400.0, 600.0, 800.0], abs=1e-2
+    )
     assert points[0].result == "done" and "measurement" in points[0].to_dict()
     assert [g.power_limit_w for g in lib.gpus] == [700.0, 650.0]
 
@@ -56,8 +57,9 @@ def test_needs_root():
 
 def test_out_of_range_limit():
     _, _, meter = rig()
-    with pytest.raises(ConfigError, match="outside what it accepts: 200-700 W"), gpu_power_limit(
-        meter, 50.0
+    with (
+        pytest.raises(ConfigError, match="outside what it accepts: 200-700 W"),
+        gpu_power_limit(meter, 50.0),
     ):
         pass
 

@@ -44,8 +44,12 @@ def tree(tmp_path, monkeypatch):
     monkeypatch.setenv("JOULES_POWERCAP_ROOT", str(tmp_path / "powercap"))
     return FakePowercap(
         tmp_path / "powercap",
-        {"intel-rapl:0": "package-0", "intel-rapl:0:0": "core", "intel-rapl:0:1": "dram",
-         "intel-rapl:1": "package-1"},
+        {
+            "intel-rapl:0": "package-0",
+            "intel-rapl:0:0": "core",
+            "intel-rapl:0:1": "dram",
+            "intel-rapl:1": "package-1",
+        },
     )
 
 
@@ -103,7 +107,7 @@ def test_root_comes_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_missing_tree_is_a_clear_error(tmp_path):
-    with pytest.raises(MeterError, match="no powercap tree at .*JOULES_POWERCAP_ROOT"):
+    with pytest.raises(MeterError, match=r"no powercap tree at .*JOULES_POWERCAP_ROOT"):
         RaplBackend(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(MeterError, match="no intel-rapl"):
@@ -129,7 +133,7 @@ def test_directory_in_place_of_a_file(tree):
     f = tree.root / "intel-rapl:1" / "energy_uj"
     f.unlink()
     f.mkdir()
-    with pytest.raises(MeterError, match="cannot read .*energy_uj"):
+    with pytest.raises(MeterError, match=r"cannot read .*energy_uj"):
         RaplBackend()
 
 
