@@ -162,3 +162,21 @@ def test_idle_caches_and_measure_then_reports_net(tmp_path):
     assert (tmp_path / "cache" / "idle.json").is_file()
     table = invoke("idle", "--seconds", "0.2")
     assert table.exit_code == 0 and "idle power" in table.output
+
+
+def test_measurement_line_for_people():
+    from joules.cli.measure import measurement_line
+    from joules.measure import Meter
+    from joules.measure.fake import FakeBackend, FakeClock
+
+    clock = FakeClock()
+    meter = Meter(
+        [FakeBackend({"cpu": 10.0}, clock=clock, method="estimated", idle_w={"cpu": 4.0})],
+        clock=clock,
+        interval_s=None,
+    )
+    with meter.window("gen") as w:
+        clock.advance(2.0)
+    line = measurement_line(w.measurement)
+    assert line.startswith("20.000 J ± 1 J (estimated) over 2.00 s = 10.00 W, net 12.000 J")
+    assert "g CO2" in line

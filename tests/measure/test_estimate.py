@@ -153,3 +153,28 @@ def test_with_the_background_thread():
     m = w.measurement
     assert m.energy_j > 0 and len(m.timeline.t_s) >= 2
     assert all(p >= 0 for p in m.timeline.power_w["cpu"])
+
+
+@pytest.mark.parametrize("proc_children_files", [True, False])
+def test_descendants_are_found_with_and_without_proc_children_files(
+    monkeypatch, proc_children_files
+):
+    import joules.measure.estimate as estimate
+
+    if not proc_children_files:
+        monkeypatch.setattr(estimate, "_descendant_pids", lambda pid: None)  # psutil's scan
+    elif estimate._descendant_pids(1) is None:
+        pytest.skip("this kernel has no /proc/PID/task/TID/children")
+    est = EstimateBackend("children")
+    shell = subprocess.Popen(["sh", "-c", "sleep 2 & wait"])  # a child with a grandchild
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            pids = {p.pid for p in est._descendants(precise=True)}
+            if len(pids) >= 2:
+                break
+            time.sleep(0.02)
+        assert shell.pid in pids and len(pids) >= 2
+    finally:
+        shell.kill()
+        shell.wait()

@@ -41,6 +41,19 @@ def _fmt_j(j: float | None) -> str:
     return f"{j:.3f} J"
 
 
+def measurement_line(m: Any) -> str:
+    """One line for people: energy ± uncertainty (method), power, net energy, CO2.
+
+    For the demo: ``console.print(measurement_line(w.measurement))``.
+    """
+    net = f", net {_fmt_j(m.net_energy_j)}" if m.net_energy_j is not None else ""
+    co2 = f", {m.co2_g:.3g} g CO2" if m.co2_g is not None else ""
+    return (
+        f"{_fmt_j(m.energy_j)} ± {m.uncertainty_j:.3g} J ({m.method}) over {m.duration_s:.2f} s "
+        f"= {m.avg_power_w:.2f} W{net}{co2}"
+    )
+
+
 def render_measurement(m: Any, title: str | None = None) -> None:
     """Print a Measurement as a rich table (used by ``measure`` and reusable by other commands)."""
     t = Table(title=title or f"energy of {m.name}", show_header=False, title_justify="left")

@@ -135,6 +135,40 @@ def cpu_power_model(
     )
 
 
+_HAS_CHILDREN_FILES = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
+def _descendant_pids(pid: int) -> list[int] | None:
+    """Every descendant of ``pid`` from /proc/PID/task/TID/children (Linux >= 3.5, ~15 µs for a
+    small tree), or None where that file does not exist (then psutil scans all of /proc, ~2 ms)."""
+    if not _HAS_CHILDREN_FILES:
+        return None
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:  # exited since its parent listed it
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:  # the thread exited
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
 def _proc_cpu_s(p: psutil.Process) -> float:
     t = p.cpu_times()
     return t.user + t.system + t.children_user + t.children_system
@@ -180,10 +214,15 @@ class EstimateBackend(Backend):
             self._precise_s = now
         period = _RESCAN_FAST_S if now - self._precise_s < _FAST_PHASE_S else _RESCAN_S
         if precise or now - self._scanned_s > period:
-            try:
-                self._desc = self._me.children(recursive=True)
-            except psutil.Error:
-                self._desc = []
+            pids = _descendant_pids(self._me.pid)
+            if pids is None:  # no /proc/PID/task/TID/children: psutil scans every process
+                try:
+                    self._desc = self._me.children(recursive=True)
+                except psutil.Error:
+                    self._desc = []
+            else:
+                known = {p.pid: p for p in self._desc}
+                self._desc = [p for pid in pids if (p := known.get(pid) or _process(pid))]
             self._scanned_s = now
         return self._desc
 
