@@ -241,3 +241,25 @@ def test_background_thread_samples_while_a_window_is_open_then_stops():
 def test_domain_energy_serializes():
     d = DomainEnergy(1.0, "sampled", 0.1, "nvml", note="short")
     assert DomainEnergy(**d.to_dict()) == d
+
+
+def test_a_failing_background_read_is_noted_once_and_the_window_still_ends():
+    class Flaky(FakeBackend):
+        fail = False
+
+        def read(self, t_s, *, precise=False):
+            if self.fail and not precise:
+                raise OSError("device went away")
+            return super().read(t_s, precise=precise)
+
+    fake = Flaky({"gpu0": 10.0}, clock=time.monotonic)
+    meter = Meter([fake], interval_s=0.01, idle_power_w=None)
+    w = meter.begin("w")
+    fake.fail = True
+    time.sleep(0.15)
+    m = meter.end(w)
+    assert [n for n in m.notes if "background read failed" in n] == [
+        "background read failed: device went away"
+    ]
+    assert m.energy_j == pytest.approx(10.0 * m.duration_s)
+    meter.close()

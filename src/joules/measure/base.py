@@ -358,15 +358,21 @@ class Meter:
     def _run_sampler(self) -> None:
         assert self.interval_s is not None
         linger_s = max(1.0, 5 * self.interval_s)  # keep the thread across back-to-back windows
-        while not self._stop.wait(self.interval_s):
+        try:
+            while not self._stop.wait(self.interval_s):
+                with self._lock:
+                    if not self._open and self.clock() - self._last_close_s > linger_s:
+                        return
+                try:
+                    self._sample()
+                except Exception as exc:  # the window's end reads again and raises if still broken
+                    note = f"background read failed: {exc}"
+                    if note not in self.notes:  # once, not ten times a second
+                        self.notes.append(note)
+        finally:
             with self._lock:
-                if not self._open and self.clock() - self._last_close_s > linger_s:
+                if self._thread is threading.current_thread():
                     self._thread = None
-                    return
-            try:
-                self._sample()
-            except MeterError as exc:  # surfaced at the window's end, which reads again
-                self.notes.append(f"background read failed: {exc}")
 
     def _ensure_sampler(self) -> None:
         if self.interval_s is None:
