@@ -6,6 +6,8 @@ import json
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from joules.errors import MeterError
 from joules.measure import Measurement, Meter
@@ -263,3 +265,37 @@ def test_a_failing_background_read_is_noted_once_and_the_window_still_ends():
     ]
     assert m.energy_j == pytest.approx(10.0 * m.duration_s)
     meter.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["begin", "end", "power"]),
+            st.integers(0, 4),
+            st.floats(0.0, 2.0),
+            st.floats(0.0, 500.0),
+        ),
+        max_size=40,
+    )
+)
+def test_property_interleaved_windows_each_get_the_energy_of_their_span(ops):
+    clock = FakeClock()
+    fake = FakeBackend({"gpu0": 100.0}, clock=clock)
+    meter = Meter([fake], clock=clock, interval_s=None, idle_power_w=None)
+    open_w = {}  # window index -> (window, energy of the reference integral at its start)
+    ref = 0.0
+    power = 100.0
+    for op, idx, dt, p in ops:
+        clock.advance(dt)
+        ref += power * dt
+        if op == "begin" and idx not in open_w:
+            open_w[idx] = (meter.begin(f"w{idx}"), ref)
+        elif op == "end" and idx in open_w:
+            w, start = open_w.pop(idx)
+            assert meter.end(w).energy_j == pytest.approx(ref - start, abs=1e-6)
+        elif op == "power":
+            fake.set_power("gpu0", p)
+            power = p
+    for w, start in open_w.values():
+        assert meter.end(w).energy_j == pytest.approx(ref - start, abs=1e-6)

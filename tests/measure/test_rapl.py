@@ -6,6 +6,8 @@ import builtins
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from joules.errors import MeterError
 from joules.measure import Meter
@@ -179,3 +181,21 @@ def test_detect_falls_back_to_the_estimator_and_says_why(tree, monkeypatch):
     with pytest.raises(MeterError, match="not a number"):
         detect_meter(gpus=False, cpu="rapl")
     meter.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    range_uj=st.integers(min_value=1_000, max_value=2**40),
+    fractions=st.lists(st.floats(min_value=0.0, max_value=0.999), min_size=1, max_size=40),
+)
+def test_property_any_steps_below_one_range_sum_exactly(tmp_path_factory, range_uj, fractions):
+    root = tmp_path_factory.mktemp("pc")
+    tree = FakePowercap(root, {"intel-rapl:0": "package-0"}, range_uj=range_uj)
+    rapl = RaplBackend(root)
+    added = 0
+    for f in fractions:
+        step = int(f * range_uj)
+        tree.add("intel-rapl:0", step)
+        added += step
+        rapl.read(0.0)
+    assert rapl.total_uj()["package0"] == added
