@@ -14,6 +14,10 @@ def test_demo_on_a_tiny_model_prints_computed_figures(tiny_dir):
     assert d["generation"]["new_tokens"] == 6
     assert d["generation"]["tokens_per_s"] > 0
     assert d["info"]["layers"] == 2
+    energy = d["generation_energy"]
+    assert energy["energy_j"] > 0 and energy["method"] in ("counter", "sampled", "estimated")
+    assert energy["uncertainty_j"] > 0
+    assert d["energy_j_per_token"] == energy["energy_j"] / 6
 
 
 def test_bad_model_is_one_line_exit_2(tmp_path):

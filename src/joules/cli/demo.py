@@ -1,13 +1,14 @@
 """``joules demo``: the main job end to end on the embedded default model (what `make demo` runs).
 
-Today: load the model, show its ModelInfo, generate from a WikiText-2 prompt, show tokens/s.
-Each later capability extends this until it is the whole pipeline. Every number printed here was
-computed in this run.
+Stages so far: load the model and show its ModelInfo; generate from a WikiText-2 prompt inside
+an energy window (tokens/s, joules per token, method and uncertainty). Each later capability
+extends this until it is the whole pipeline. Every number printed here was computed in this run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import typer
 from rich.panel import Panel
@@ -18,12 +19,27 @@ from joules.cli._app import JSON_OPTION, app, console, emit
 
 @dataclass
 class DemoResult:
-    info: object
-    generation: object
+    info: Any
     load_s: float
+    generation: Any
+    generation_energy: Any
+
+    @property
+    def energy_j_per_token(self) -> float:
+        return self.generation_energy.energy_j / max(self.generation.new_tokens, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "info": self.info,
+            "load_s": self.load_s,
+            "generation": self.generation,
+            "generation_energy": self.generation_energy,
+            "energy_j_per_token": self.energy_j_per_token,
+        }
 
 
-def _render_info(info) -> Table:
+def render_info(info: Any) -> Table:
+    """A ModelInfo as a rich table, with the note on pre-quantized GGUF weights."""
     t = Table(title=f"model {info.spec}", show_header=False, title_justify="left")
     t.add_column("field", style="bold")
     t.add_column("value")
@@ -50,7 +66,9 @@ def _render_info(info) -> Table:
 
 
 def _render(r: DemoResult) -> None:
-    console.print(_render_info(r.info))
+    from joules.cli.measure import measurement_line
+
+    console.print(render_info(r.info))
     g = r.generation
     console.print(
         Panel(
@@ -60,7 +78,12 @@ def _render(r: DemoResult) -> None:
     )
     console.print(
         f"load {r.load_s:.1f} s; generation {g.latency_s:.2f} s = "
-        f"[bold]{g.tokens_per_s:.1f} tokens/s[/] (batch 1, greedy, fp32, CPU threads as set by torch)"
+        f"[bold]{g.tokens_per_s:.1f} tokens/s[/] (batch 1, greedy, {r.info.dtype})"
+    )
+    e = r.generation_energy
+    console.print(
+        f"energy of the generation: {measurement_line(e)}; "
+        f"[bold]{r.energy_j_per_token:.3g} J/token[/] ({e.method})"
     )
 
 
@@ -84,6 +107,7 @@ def demo(
     """Run the main job end to end on the embedded default model."""
     import time
 
+    from joules.measure import detect_meter
     from joules.models import load_model
     from joules.models.generate import generate_timed
 
@@ -91,6 +115,13 @@ def demo(
         t0 = time.perf_counter()
         m, tok, info = load_model(model)
         load_s = time.perf_counter() - t0
-    with console.status(f"generating {new_tokens} tokens"):
-        gen = generate_timed(m, tok, _wikitext_prompt(), new_tokens)
-    emit(DemoResult(info, gen, load_s), json, _render)
+    prompt = _wikitext_prompt()
+    meter = detect_meter()
+    try:
+        with console.status(f"generating {new_tokens} tokens inside an energy window"):
+            generate_timed(m, tok, prompt, new_tokens=1)  # warm-up, outside the window
+            with meter.window("generate") as w:
+                gen = generate_timed(m, tok, prompt, new_tokens, warmup=False)
+    finally:
+        meter.close()
+    emit(DemoResult(info, load_s, gen, w.measurement), json, _render)

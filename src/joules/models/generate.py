@@ -45,8 +45,14 @@ class GenerationResult:
 
 
 @torch.inference_mode()
-def generate_timed(model, tokenizer, prompt: str, new_tokens: int = 64) -> GenerationResult:
-    """Greedily generate exactly ``new_tokens`` tokens after ``prompt`` and time it."""
+def generate_timed(
+    model, tokenizer, prompt: str, new_tokens: int = 64, warmup: bool = True
+) -> GenerationResult:
+    """Greedily generate exactly ``new_tokens`` tokens after ``prompt`` and time it.
+
+    ``warmup`` runs a one-token generation first (outside the timed span); pass False when the
+    caller has warmed up already, e.g. to wrap exactly the timed call in an energy window.
+    """
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     kwargs = dict(
@@ -55,7 +61,8 @@ def generate_timed(model, tokenizer, prompt: str, new_tokens: int = 64) -> Gener
         # EOS is ignored so that every run generates the same number of tokens.
         eos_token_id=None,
     )
-    model.generate(**enc, max_new_tokens=1, min_new_tokens=1, **kwargs)  # warm-up
+    if warmup:
+        model.generate(**enc, max_new_tokens=1, min_new_tokens=1, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
