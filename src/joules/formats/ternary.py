@@ -1,0 +1,112 @@
+"""Ternary weights (BitNet b1.58, Ma et al. 2024): absmean scale, values {-1, 0, +1} x scale.
+
+    >>> import torch
+    >>> from joules import formats
+    >>> fmt = formats.get("ternary")
+    >>> fmt.fake_quant(torch.tensor([0.1, -2.0, 0.9, 1.0])).tolist()   # scale = mean|x| = 1.0
+    [0.0, -1.0, 1.0, 1.0]
+    >>> fmt.bits_per_element((4096, 4096))     # 5 trits per byte = 1.6 bits, + one fp32 scale
+    1.6000019073486328
+
+``scale = mean(|x|)`` over the tensor (or each ``-g<N>`` group / ``-ch`` row), ``q =
+clamp(round(x / scale), -1, 1)`` (round half to even). Codes are packed five base-3 digits per
+byte (3**5 = 243 <= 256, as llama.cpp's TQ1_0), so storage is 1.6 bits per weight, not 2.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from joules.formats.base import (
+    SCALE_BITS,
+    Format,
+    FormatConfig,
+    Grouping,
+    Options,
+    QuantizedTensor,
+    check_input,
+    check_qt,
+    default_scale_dtype,
+    join_spec,
+    register,
+    register_format,
+    safe_inverse,
+    scale_token,
+    store_scale,
+)
+from joules.formats.packing import pack_trits, trit_nbytes, unpack_trits
+
+
+@dataclass(frozen=True)
+class TernaryConfig(FormatConfig):
+    family = "ternary"
+    grouping: Grouping = Grouping()
+    scale_dtype: str = "fp32"
+
+    @property
+    def spec(self) -> str:
+        return join_spec("ternary", self.grouping.token, scale_token(self.scale_dtype, self.grouping))
+
+
+@register(r"ternary", TernaryConfig, ["ternary", "ternary-g64"])
+def _parse(m: re.Match[str], tokens: list[str]) -> TernaryConfig:
+    o = Options("ternary", tokens, "ch, g<N>, s16/s32/sbf16")
+    g = o.grouping()
+    sd = o.scale_dtype(default_scale_dtype(g))
+    o.done()
+    return TernaryConfig(g, sd)
+
+
+@register_format(TernaryConfig)
+class TernaryFormat(Format):
+    family = "ternary"
+
+    def __init__(self, config: TernaryConfig, name: str | None = None):
+        super().__init__(config, name)
+        self.cfg = config
+
+    @property
+    def description(self) -> str:
+        g = self.cfg.grouping
+        return f"BitNet b1.58 ternary {{-1,0,1}}, {self.cfg.scale_dtype} absmean scale per {g.kind}" + (
+            f" of {g.size}" if g.kind == "group" else ""
+        )
+
+    def part_bits(self, shape: tuple[int, ...]) -> dict[str, int]:
+        return {
+            "codes": trit_nbytes(math.prod(shape)) * 8,  # whole bytes: 5 trits each
+            "scales": self.cfg.grouping.count(shape) * SCALE_BITS[self.cfg.scale_dtype],
+        }
+
+    def _encode(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.cfg.grouping.split(t)
+        s = store_scale(g.abs().mean(dim=1, keepdim=True), self.cfg.scale_dtype)
+        q = torch.round(g * safe_inverse(s.float())).clamp_(-1, 1).add_(0.0)  # -0 -> +0 (code 1)
+        return q, s
+
+    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
+        check_input(t, self.spec)
+        q, s = self._encode(t)
+        return self.cfg.grouping.merge(q * s.float(), tuple(t.shape)).to(t.dtype)
+
+    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
+        check_input(t, self.spec)
+        q, s = self._encode(t)
+        codes = self.cfg.grouping.strip_codes((q + 1).to(torch.uint8), tuple(t.shape))
+        return self._qt(t, {"codes": pack_trits(codes), "scales": s.reshape(-1)})
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        check_qt(q, self.spec)
+        codes = unpack_trits(q.parts["codes"], q.numel)
+        g = self.cfg.grouping.pad_codes(codes, q.shape).float() - 1
+        out = g * q.parts["scales"].float().reshape(-1, 1)
+        return self.cfg.grouping.merge(out, q.shape).to(q.dtype)
+
+    def clip_mask(self, t: torch.Tensor) -> torch.Tensor:
+        g = self.cfg.grouping.split(t)
+        s = store_scale(g.abs().mean(dim=1, keepdim=True), self.cfg.scale_dtype)
+        return self.cfg.grouping.merge((g * safe_inverse(s.float())).abs() > 1.5, tuple(t.shape))
