@@ -20,7 +20,9 @@ larger power of two), then saturate to the largest normal. Non-finite inputs: wi
 group holding NaN or Inf gets a NaN scale and decodes to NaN (as OCP MX's NaN scale). Raw
 (unscaled) casts: NaN stays NaN where the element has a NaN code and becomes 0 where it has none
 (FP6/FP4: the OCP spec leaves this to the implementation); +-Inf saturates to +-max except in
-E5M2, which keeps its infinities (torch's own float8_e4m3fn cast turns +-Inf into NaN instead).
+E5M2, which keeps its infinities. torch 2.13's own casts agree bit for bit over the finite range
+(tests check a dense grid); beyond it float8_e4m3fn saturates as we do (Inf too), while
+float8_e5m2 turns finite values >= 61440 into Inf where we saturate to 57344.
 
 Scaled conversion: ``scale = amax(group) / max_normal`` stored as fp32 per tensor and fp16 per
 channel/group (``-s16``/``-s32``/``-sbf16`` override), elements = round(x / scale).
