@@ -57,9 +57,11 @@ def store_scale(s: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     return s.to(dt)
 
 
-def safe_inverse(s: torch.Tensor) -> torch.Tensor:
-    """1/s with 0 where s == 0 (an all-zero group encodes to code 0 / value 0)."""
-    return torch.where(s != 0, 1.0 / s, torch.zeros_like(s))
+def safe_div(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x / s, with s == 0 read as 1 (a zero scale means an all-zero group, or one below the
+    scale dtype's range, whose elements then round to 0). Division, not a multiply by 1/s:
+    1/s overflows for fp32-subnormal scales."""
+    return x / torch.where(s == 0, torch.ones_like(s), s)
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from joules.formats.base import (
     join_spec,
     register,
     register_format,
-    safe_inverse,
+    safe_div,
     scale_token,
     store_scale,
 )
@@ -132,19 +132,20 @@ class IntFormat(Format):
         lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
         s = store_scale((hi - lo) / self.qmax, c.scale_dtype)
         if c.int_zero_point:
-            z = torch.round(-lo * safe_inverse(s.float())).clamp_(0, self.qmax)
+            z = torch.round(safe_div(-lo, s.float())).clamp_(0, self.qmax)
             return {"scales": s, "offsets": z.to(torch.uint8)}
         return {"scales": s, "offsets": store_scale(lo, c.scale_dtype)}
 
     def _codes(self, g: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """Unsigned integer codes as fp32 [G, n] (exact small integers)."""
         c = self.cfg
-        inv = safe_inverse(p["scales"].float())
+        s = p["scales"].float()
         if c.symmetric:
-            return torch.round(g * inv).clamp_(-self.qmax, self.qmax).add_(self.qmax)
+            return torch.round(safe_div(g, s)).clamp_(-self.qmax, self.qmax).add_(self.qmax)
         if c.int_zero_point:
-            return torch.round(g * inv).add_(p["offsets"].float()).clamp_(0, self.qmax)
-        return torch.round((g - p["offsets"].float()) * inv).clamp_(0, self.qmax)
+            return torch.round(safe_div(g, s)).add_(p["offsets"].float()).clamp_(0, self.qmax)
+        q = torch.round(safe_div(g - p["offsets"].float(), s)).clamp_(0, self.qmax)
+        return q.add_(0.0)  # -0 -> +0, as the stored code decodes
 
     def _decode(self, q: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         c = self.cfg
@@ -189,12 +190,14 @@ class IntFormat(Format):
         c = self.cfg
         g = c.grouping.split(t)
         p = self._params(g)
-        inv = safe_inverse(p["scales"].float())
+        s = p["scales"].float()
         if c.symmetric:
-            out = (g * inv).abs() > self.qmax + 0.5
+            out = safe_div(g, s).abs() > self.qmax + 0.5
         else:
-            base = -p["offsets"].float() if c.int_zero_point else (g - p["offsets"].float()) * inv
-            u = g * inv + p["offsets"].float() if c.int_zero_point else base
+            if c.int_zero_point:
+                u = safe_div(g, s) + p["offsets"].float()
+            else:
+                u = safe_div(g - p["offsets"].float(), s)
             out = (u < -0.5) | (u > self.qmax + 0.5)
         return c.grouping.merge(out, tuple(t.shape))
 

@@ -51,7 +51,7 @@ from joules.formats.base import (
     join_spec,
     register,
     register_format,
-    safe_inverse,
+    safe_div,
     scale_token,
     store_scale,
 )
@@ -301,7 +301,7 @@ class MinifloatFormat(Format):
         g = self.cfg.grouping.split(t)
         amax = g.abs().amax(dim=1, keepdim=True)
         s = store_scale(amax / self.el.max_normal, self.cfg.scale_dtype)
-        return g * safe_inverse(s.float()), s
+        return safe_div(g, s.float()), s
 
     def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
         check_input(t, self.spec)

@@ -35,7 +35,7 @@ from joules.formats.base import (
     join_spec,
     register,
     register_format,
-    safe_inverse,
+    safe_div,
     store_scale,
 )
 from joules.formats.packing import pack, unpack
@@ -132,7 +132,7 @@ class NF4Format(Format):
         g = self.grouping.split(t)
         s = store_scale(g.abs().amax(dim=1, keepdim=True), self.cfg.scale_dtype)
         _, mids = _tables(g.device)
-        codes = torch.bucketize(g * safe_inverse(s.float()), mids)
+        codes = torch.bucketize(safe_div(g, s.float()), mids)
         return codes, s
 
     def fake_quant(self, t: torch.Tensor) -> torch.Tensor:

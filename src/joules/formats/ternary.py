@@ -34,7 +34,7 @@ from joules.formats.base import (
     join_spec,
     register,
     register_format,
-    safe_inverse,
+    safe_div,
     scale_token,
     store_scale,
 )
@@ -85,7 +85,7 @@ class TernaryFormat(Format):
     def _encode(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.cfg.grouping.split(t)
         s = store_scale(g.abs().mean(dim=1, keepdim=True), self.cfg.scale_dtype)
-        q = torch.round(g * safe_inverse(s.float())).clamp_(-1, 1).add_(0.0)  # -0 -> +0 (code 1)
+        q = torch.round(safe_div(g, s.float())).clamp_(-1, 1).add_(0.0)  # -0 -> +0 (code 1)
         return q, s
 
     def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
@@ -109,4 +109,4 @@ class TernaryFormat(Format):
     def clip_mask(self, t: torch.Tensor) -> torch.Tensor:
         g = self.cfg.grouping.split(t)
         s = store_scale(g.abs().mean(dim=1, keepdim=True), self.cfg.scale_dtype)
-        return self.cfg.grouping.merge((g * safe_inverse(s.float())).abs() > 1.5, tuple(t.shape))
+        return self.cfg.grouping.merge(safe_div(g, s.float()).abs() > 1.5, tuple(t.shape))
