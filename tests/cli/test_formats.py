@@ -22,7 +22,9 @@ def test_list_table_and_json():
 
 
 def test_compare_synthetic_json():
-    r = runner.invoke(app, ["formats", "compare", "--source", "laplace", "--formats", "int8,mxfp4", "--json"])
+    r = runner.invoke(
+        app, ["formats", "compare", "--source", "laplace", "--formats", "int8,mxfp4", "--json"]
+    )
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["kind"] == "synthetic" and d["numel"] == 1024 * 4096
@@ -33,7 +35,9 @@ def test_compare_synthetic_json():
 def test_compare_table_and_model_dir(tiny_dir):
     r = runner.invoke(app, ["formats", "compare", "--source", "gaussian", "--formats", "nf4,nxfp4"])
     assert r.exit_code == 0 and "nxfp4" in r.stdout and "SQNR" in r.stdout
-    r = runner.invoke(app, ["formats", "compare", "--source", str(tiny_dir), "--formats", "int4-g32", "--json"])
+    r = runner.invoke(
+        app, ["formats", "compare", "--source", str(tiny_dir), "--formats", "int4-g32", "--json"]
+    )
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["kind"] == "model" and d["tensors"] > 0

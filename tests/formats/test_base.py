@@ -34,13 +34,37 @@ ALL = [f.name for f in formats.list()] + VARIANTS
 def test_list_has_every_family_and_required_name():
     names = {f.name for f in formats.list()}
     required = {
-        "fp8-e4m3", "fp8-e5m2", "fp6-e2m3", "fp6-e3m2", "fp4-e2m1", "nf4", "mxfp8-e4m3",
-        "mxfp8-e5m2", "mxfp6-e2m3", "mxfp6-e3m2", "mxfp4", "mxint8", "nxfp4", "nxfp4-nm",
-        "nxfp4-am", "nxfp4-cr", "ternary", "codebook2", "codebook3", "codebook4", "uint4-asym-g32",
+        "fp8-e4m3",
+        "fp8-e5m2",
+        "fp6-e2m3",
+        "fp6-e3m2",
+        "fp4-e2m1",
+        "nf4",
+        "mxfp8-e4m3",
+        "mxfp8-e5m2",
+        "mxfp6-e2m3",
+        "mxfp6-e3m2",
+        "mxfp4",
+        "mxint8",
+        "nxfp4",
+        "nxfp4-nm",
+        "nxfp4-am",
+        "nxfp4-cr",
+        "ternary",
+        "codebook2",
+        "codebook3",
+        "codebook4",
+        "uint4-asym-g32",
     }
     assert required <= names
     assert {f.family for f in formats.list()} == {
-        "int", "minifloat", "nf4", "mx", "nxfp", "ternary", "codebook"
+        "int",
+        "minifloat",
+        "nf4",
+        "mx",
+        "nxfp",
+        "ternary",
+        "codebook",
     }
 
 
@@ -55,8 +79,23 @@ def test_spec_and_config_round_trip(spec):
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "int9", "int4-g0", "int4-asym", "fp8", "fp8-e2m1", "mxfp5", "mxint4", "nxfp5", "codebook5",
-     "int4-foo", "fp4-raw-g32", "nf4-ch", "wat", "nxfp4-nm9"],
+    [
+        "",
+        "int9",
+        "int4-g0",
+        "int4-asym",
+        "fp8",
+        "fp8-e2m1",
+        "mxfp5",
+        "mxint4",
+        "nxfp5",
+        "codebook5",
+        "int4-foo",
+        "fp4-raw-g32",
+        "nf4-ch",
+        "wat",
+        "nxfp4-nm9",
+    ],
 )
 def test_bad_specs_raise_one_line_config_error(bad):
     with pytest.raises(ConfigError) as e:

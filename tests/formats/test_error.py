@@ -40,7 +40,9 @@ def test_lossless_and_clipping():
     assert e.frac_clipped == pytest.approx(1 / 32)
 
 
-@pytest.mark.parametrize("spec", ["mxint8", "mxfp4", "mxfp8-e4m3", "mxfp6-e2m3", "int4-g32", "fp4-e2m1-g32"])
+@pytest.mark.parametrize(
+    "spec", ["mxint8", "mxfp4", "mxfp8-e4m3", "mxfp6-e2m3", "int4-g32", "fp4-e2m1-g32"]
+)
 def test_measured_error_respects_the_bound_and_tracks_the_model(spec):
     x = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
     fmt = formats.get(spec)
@@ -60,7 +62,9 @@ def test_bfp_theory_matches_mxint8_and_gaussian_expectation():
     assert abs(b.sqnr_model_db - e.sqnr_db) < 0.5
     assert abs(gaussian_bfp_sqnr_db(32, 7) - e.sqnr_db) < 0.5  # expectation over N(0,1) blocks
     # ~6.02 dB per mantissa bit; larger blocks draw larger maxima and lose SQNR
-    assert gaussian_bfp_sqnr_db(32, 8) - gaussian_bfp_sqnr_db(32, 7) == pytest.approx(6.02, abs=0.01)
+    assert gaussian_bfp_sqnr_db(32, 8) - gaussian_bfp_sqnr_db(32, 7) == pytest.approx(
+        6.02, abs=0.01
+    )
     assert gaussian_bfp_sqnr_db(16, 7) > gaussian_bfp_sqnr_db(32, 7) > gaussian_bfp_sqnr_db(256, 7)
 
 
@@ -73,7 +77,11 @@ def test_compare_formats_accepts_tensor_dict_and_model(tiny):
     assert rows[0].numel == sum(t.numel() for t in w.values())
     assert rows[0].sqnr_db > rows[1].sqnr_db
     seen = []
-    compare_formats({"a": torch.randn(8, 8), "b": torch.randn(4)}, ["mxfp4"], progress=lambda s, n: seen.append((s, n)))
+    compare_formats(
+        {"a": torch.randn(8, 8), "b": torch.randn(4)},
+        ["mxfp4"],
+        progress=lambda s, n: seen.append((s, n)),
+    )
     assert seen == [("mxfp4", "a"), ("mxfp4", "b")]
     one = compare_formats(torch.randn(16, 32), ["mxfp4"])[0]
     assert one.tensors == 1 and one.to_dict()["format"] == "mxfp4" and one.emulated

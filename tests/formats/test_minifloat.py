@@ -31,7 +31,13 @@ def test_fp4_code_table_is_the_spec_list():
 
 @pytest.mark.parametrize(
     "name,e,m,bias,maxv",
-    [("e2m1", 2, 1, 1, 6.0), ("e2m3", 2, 3, 1, 7.5), ("e3m2", 3, 2, 3, 28.0), ("e1m2", 1, 2, 0, 3.5), ("e3m0", 3, 0, 3, 16.0)],
+    [
+        ("e2m1", 2, 1, 1, 6.0),
+        ("e2m3", 2, 3, 1, 7.5),
+        ("e3m2", 3, 2, 3, 28.0),
+        ("e1m2", 1, 2, 0, 3.5),
+        ("e3m0", 3, 0, 3, 16.0),
+    ],
 )
 def test_small_float_code_tables_exhaustive(name, e, m, bias, maxv):
     el = ELEMENTS[name]
@@ -69,7 +75,9 @@ def dense_grid(el) -> torch.Tensor:
     pos = vals[torch.isfinite(vals) & (vals >= 0)].unique()
     mids = (pos[1:] + pos[:-1]) / 2
     pts = torch.cat([pos, mids])
-    pts = torch.cat([pts, torch.nextafter(pts, torch.tensor(math.inf)), torch.nextafter(pts, torch.tensor(0.0))])
+    pts = torch.cat(
+        [pts, torch.nextafter(pts, torch.tensor(math.inf)), torch.nextafter(pts, torch.tensor(0.0))]
+    )
     g = torch.Generator().manual_seed(0)
     lo = math.log2(pos[1].item()) - 2
     samples = torch.exp2(torch.empty(200_000).uniform_(lo, math.log2(el.max_normal), generator=g))
@@ -110,7 +118,9 @@ def test_nan_handling():
     nan = float("nan")
     assert math.isnan(formats.get("fp8-e4m3-raw").fake_quant(torch.tensor([nan])).item())
     assert formats.get("fp4-e2m1-raw").fake_quant(torch.tensor([nan])).item() == 0.0  # no NaN code
-    y = formats.get("fp8-e4m3-g4").fake_quant(torch.tensor([1.0, nan, 2.0, 3.0, 1.0, 2.0, 3.0, 4.0]))
+    y = formats.get("fp8-e4m3-g4").fake_quant(
+        torch.tensor([1.0, nan, 2.0, 3.0, 1.0, 2.0, 3.0, 4.0])
+    )
     assert torch.isnan(y[:4]).all() and torch.isfinite(y[4:]).all()  # NaN poisons its group only
 
 

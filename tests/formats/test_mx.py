@@ -133,5 +133,8 @@ def test_documented_difference_tiny_blocks():
         s_ao, d_ao = to_mx(x, torch.float8_e4m3fn, 32)
     q = formats.get("mxfp8-e4m3").quantize(x)
     assert s_ao.view(torch.uint8).tolist() == [[0]] and q.parts["scales"].tolist() == [0]
-    assert d_ao.float()[0, 0].item() == 2.0**-4 and q.parts["codes"][0].view(torch.float8_e4m3fn).float() == 2.0**-3
+    assert (
+        d_ao.float()[0, 0].item() == 2.0**-4
+        and q.parts["codes"][0].view(torch.float8_e4m3fn).float() == 2.0**-3
+    )
     assert not math.isnan(formats.get("mxfp8-e4m3").fake_quant(x)[0, 0].item())

@@ -19,7 +19,12 @@ def test_every_level_times_absmax_is_exact():
     lv = torch.tensor(NF4_LEVELS)
     x = torch.cat([lv, lv.flip(0)] * 2).reshape(1, 64) * 3.0  # absmax 3 in one block of 64
     y = formats.get("nf4").fake_quant(x)
-    assert torch.equal(y, (torch.tensor(NF4_LEVELS) * 3.0).repeat(4)[torch.cat([torch.arange(16), torch.arange(15, -1, -1)] * 2)].reshape(1, 64))
+    assert torch.equal(
+        y,
+        (torch.tensor(NF4_LEVELS) * 3.0)
+        .repeat(4)[torch.cat([torch.arange(16), torch.arange(15, -1, -1)] * 2)]
+        .reshape(1, 64),
+    )
 
 
 def test_nearest_level_and_block_scales():

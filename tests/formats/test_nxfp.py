@@ -32,7 +32,9 @@ def test_nanomantissa_tracks_the_block_max():
     assert formats.get("mxfp4").fake_quant(x)[0, 0] == 6.0
     fmt = formats.get("nxfp4-nm")
     q = fmt.quantize(x)
-    assert q.parts["scales"].tolist() == [127] and unpack(q.parts["nano_mantissa"], 2, 1).tolist() == [1]
+    assert q.parts["scales"].tolist() == [127] and unpack(
+        q.parts["nano_mantissa"], 2, 1
+    ).tolist() == [1]
     y = fmt.fake_quant(x)
     assert y[0, 0] == 7.5 and y[0, 1] == 1.25
     assert fmt.clip_mask(x).sum() == 0
@@ -67,7 +69,10 @@ def test_each_technique_helps_and_all_together_help_most(src):
     from joules.cli.formats import synthetic_tensor
 
     x = synthetic_tensor(src, (256, 1024))
-    mse = {s: float((formats.get(s).fake_quant(x) - x).square().mean()) for s in ["mxfp4", "nxfp4-nm", "nxfp4-am", "nxfp4-cr", "nxfp4"]}
+    mse = {
+        s: float((formats.get(s).fake_quant(x) - x).square().mean())
+        for s in ["mxfp4", "nxfp4-nm", "nxfp4-am", "nxfp4-cr", "nxfp4"]
+    }
     for s in ["nxfp4-nm", "nxfp4-am", "nxfp4-cr"]:
         assert mse[s] < mse["mxfp4"], (s, mse)
     assert mse["nxfp4"] < min(mse["nxfp4-nm"], mse["nxfp4-am"], mse["nxfp4-cr"])

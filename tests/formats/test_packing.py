@@ -6,7 +6,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from joules.formats.packing import pack, pack_trits, packed_nbytes, trit_nbytes, unpack, unpack_trits
+from joules.formats.packing import (
+    pack,
+    pack_trits,
+    packed_nbytes,
+    trit_nbytes,
+    unpack,
+    unpack_trits,
+)
 
 
 @settings(max_examples=60, deadline=None)

@@ -21,11 +21,14 @@ PRESETS = [f.name for f in formats.list()]
 # block max, and a max that rounded down to a lower element value then fits a finer scale;
 # Lloyd's k-means from quantile starts can land on a different local optimum.
 NOT_IDEMPOTENT = ("ternary", "nxfp4", "nxfp4-nm", "codebook")
-IDEMPOTENT = [s for s in PRESETS if not s.startswith(NOT_IDEMPOTENT) or s == "nxfp4-am" or s == "nxfp4-cr"]
+IDEMPOTENT = [
+    s for s in PRESETS if not s.startswith(NOT_IDEMPOTENT) or s == "nxfp4-am" or s == "nxfp4-cr"
+]
 # NF4's levels are asymmetric (8 positive, 7 negative), asymmetric ints have offsets, k-means
 # codebooks and recycled codes (+ only) are not sign-symmetric either.
 SYMMETRIC = [
-    s for s in PRESETS
+    s
+    for s in PRESETS
     if not (s.startswith(("uint", "nf4", "codebook")) or s in ("nxfp4", "nxfp4-cr"))
 ]
 
@@ -40,9 +43,11 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def tensors(elements=finite, max_rows=4, max_cols=70):
-    return st.tuples(st.integers(1, max_rows), st.integers(1, max_cols)).flatmap(
-        lambda s: arrays("float32", s, elements=elements)
-    ).map(torch.from_numpy)
+    return (
+        st.tuples(st.integers(1, max_rows), st.integers(1, max_cols))
+        .flatmap(lambda s: arrays("float32", s, elements=elements))
+        .map(torch.from_numpy)
+    )
 
 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -82,7 +87,9 @@ def test_every_code_value_is_a_fixed_point_of_the_raw_cast(name):
     assert torch.equal(bits(fmt.fake_quant(vals)), bits(vals))
 
 
-@pytest.mark.parametrize("spec", ["int4-g32", "int8-ch", "uint4-asym-g32", "nf4", "mxfp4", "mxint8", "ternary"])
+@pytest.mark.parametrize(
+    "spec", ["int4-g32", "int8-ch", "uint4-asym-g32", "nf4", "mxfp4", "mxint8", "ternary"]
+)
 def test_grid_values_are_fixed_points(spec):
     # a tensor already on the format's grid (its own output) decodes to itself, and values drawn
     # from that grid in any order and multiplicity keep their group parameters
@@ -109,7 +116,9 @@ def test_minifloat_error_at_most_half_a_step(name, v):
 
 
 # "in range": magnitudes the fp16 scales resolve (a scale below fp16's range rounds to 0)
-in_range = st.one_of(st.just(0.0), st.floats(0.0009765625, 1e4, width=32), st.floats(-1e4, -0.0009765625, width=32))
+in_range = st.one_of(
+    st.just(0.0), st.floats(0.0009765625, 1e4, width=32), st.floats(-1e4, -0.0009765625, width=32)
+)
 
 
 @pytest.mark.parametrize("spec", ["int4-g32", "int8", "uint4-asym-g32", "int2-g64"])

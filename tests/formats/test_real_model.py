@@ -4,7 +4,6 @@ and m, w = d*q + m): uint4-asym-g32 with min/max rounding must reproduce them.""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from joules import formats
 

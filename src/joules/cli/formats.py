@@ -22,7 +22,9 @@ from rich.table import Table
 from joules.cli._app import JSON_OPTION, app, console, emit
 from joules.errors import ConfigError
 
-formats_app = typer.Typer(help="Number formats: list them, compare their error.", no_args_is_help=True)
+formats_app = typer.Typer(
+    help="Number formats: list them, compare their error.", no_args_is_help=True
+)
 app.add_typer(formats_app, name="formats")
 
 SYNTHETIC = ("gaussian", "laplace", "student-t")
@@ -72,11 +74,16 @@ def synthetic_tensor(kind: str, shape: tuple[int, int] = (1024, 4096), seed: int
         z = torch.randn(shape, generator=gen, dtype=torch.float64)
         chi = torch.randn((3, *shape), generator=gen, dtype=torch.float64).square().sum(0)
         return (z / (chi / 3).sqrt()).float()
-    raise ConfigError(f"unknown synthetic source '{kind}': use {', '.join(SYNTHETIC)} or a model spec")
+    raise ConfigError(
+        f"unknown synthetic source '{kind}': use {', '.join(SYNTHETIC)} or a model spec"
+    )
 
 
 def _render_list(rows: list[FormatRow]) -> None:
-    t = Table(title="number formats (bits/element for a 4096x4096 tensor; all emulated)", title_justify="left")
+    t = Table(
+        title="number formats (bits/element for a 4096x4096 tensor; all emulated)",
+        title_justify="left",
+    )
     t.add_column("name", style="bold")
     t.add_column("family")
     t.add_column("bits/elem", justify="right")
@@ -137,10 +144,13 @@ def _render_compare(r: CompareResult) -> None:
 @formats_app.command("compare")
 def compare_cmd(
     source: str = typer.Option(
-        "gaussian", help="gaussian, laplace, student-t (1024x4096, seeded) or a model spec (every Linear weight)."
+        "gaussian",
+        help="gaussian, laplace, student-t (1024x4096, seeded) or a model spec (every Linear weight).",
     ),
     formats_: str = typer.Option(
-        "", "--formats", help="Comma-separated format specs (default: every preset of `joules formats list`)."
+        "",
+        "--formats",
+        help="Comma-separated format specs (default: every preset of `joules formats list`).",
     ),
     seed: int = typer.Option(0, help="Seed of the synthetic tensor."),
     json: bool = JSON_OPTION,
@@ -149,7 +159,9 @@ def compare_cmd(
     from joules import formats
     from joules.formats.error import compare_formats, linear_weights
 
-    specs = [s.strip() for s in formats_.split(",") if s.strip()] or [f.name for f in formats.list()]
+    specs = [s.strip() for s in formats_.split(",") if s.strip()] or [
+        f.name for f in formats.list()
+    ]
     fmts = [formats.get(s) for s in specs]  # bad specs fail here, before any work
     if source.lower() in SYNTHETIC:
         tensors = {source.lower(): synthetic_tensor(source.lower(), seed=seed)}

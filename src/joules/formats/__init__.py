@@ -29,7 +29,7 @@ from joules.formats.base import (
 )
 from joules.formats.error import FormatError, compare_formats, format_error
 
-list = list_formats  # noqa: A001 - `formats.list()` is the documented API
+list = list_formats
 
 __all__ = [
     "PRESETS",

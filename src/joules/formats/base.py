@@ -313,7 +313,9 @@ def check_input(t: torch.Tensor, spec: str) -> None:
 
 def check_qt(q: QuantizedTensor, spec: str) -> None:
     if q.spec != spec:
-        raise ConfigError(f"this tensor was quantized as '{q.spec}', not '{spec}': use formats.get('{q.spec}')")
+        raise ConfigError(
+            f"this tensor was quantized as '{q.spec}', not '{spec}': use formats.get('{q.spec}')"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +357,9 @@ def register_format(config_cls: type[FormatConfig]) -> Callable[[type[Format]], 
 def parse_spec(spec: str) -> FormatConfig:
     """Parse a spec string into its family's config, or raise :class:`ConfigError`."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError("empty format spec: pass e.g. 'int4-g128', 'mxfp4' (see `joules formats list`)")
+        raise ConfigError(
+            "empty format spec: pass e.g. 'int4-g128', 'mxfp4' (see `joules formats list`)"
+        )
     tokens = spec.strip().lower().split("-")
     for pat, parser in _FAMILIES:
         m = pat.fullmatch(tokens[0])

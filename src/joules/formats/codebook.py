@@ -52,7 +52,11 @@ def kmeans_1d(
     """Sorted centroids ``[R, k]`` of weighted 1-D k-means on each row of ``rows`` ``[R, n]``."""
     r, n = rows.shape
     xs, order = rows.float().sort(dim=1)
-    w = torch.ones_like(xs, dtype=torch.float64) if weights is None else weights.float().gather(1, order).double()
+    w = (
+        torch.ones_like(xs, dtype=torch.float64)
+        if weights is None
+        else weights.float().gather(1, order).double()
+    )
     zero = xs.new_zeros(r, 1, dtype=torch.float64)
     cw = torch.cat([zero, w.cumsum(1)], dim=1)  # [R, n+1]
     cwx = torch.cat([zero, (w * xs.double()).cumsum(1)], dim=1)
@@ -84,7 +88,9 @@ class CodebookConfig(FormatConfig):
         return join_spec(
             f"codebook{self.bits}",
             "" if self.iterations == 25 else f"it{self.iterations}",
-            "" if self.scale_dtype == "fp16" else {"fp32": "s32", "bf16": "sbf16"}[self.scale_dtype],
+            ""
+            if self.scale_dtype == "fp16"
+            else {"fp32": "s32", "bf16": "sbf16"}[self.scale_dtype],
         )
 
 
@@ -92,7 +98,9 @@ class CodebookConfig(FormatConfig):
 def _parse(m: re.Match[str], tokens: list[str]) -> CodebookConfig:
     bits = int(m.group(1))
     if not 2 <= bits <= 4:
-        raise ConfigError(f"codebook formats take 2..4 bits, got {bits}: use codebook2, codebook3 or codebook4")
+        raise ConfigError(
+            f"codebook formats take 2..4 bits, got {bits}: use codebook2, codebook3 or codebook4"
+        )
     o = Options(m.group(0), tokens, "it<N> (k-means iterations), s16/s32/sbf16")
     it = o.take(lambda t: int(t[2:]) if re.fullmatch(r"it\d+", t) else None)
     sd = o.scale_dtype("fp16")
@@ -126,14 +134,20 @@ class CodebookFormat(Format):
             "codebooks": rows * self.k * SCALE_BITS[self.cfg.scale_dtype],
         }
 
-    def _encode(self, t: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(
+        self, t: torch.Tensor, weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._rows(t)
         if weights is not None:
             if weights.shape != t.shape:
-                raise ConfigError(f"weights shape {tuple(weights.shape)} must match the tensor's {tuple(t.shape)}")
+                raise ConfigError(
+                    f"weights shape {tuple(weights.shape)} must match the tensor's {tuple(t.shape)}"
+                )
             weights = self._rows(weights)
         if rows.shape[1] == 0:
-            return rows.long(), rows.new_zeros(rows.shape[0], self.k).to(SCALE_DTYPES[self.cfg.scale_dtype])
+            return rows.long(), rows.new_zeros(rows.shape[0], self.k).to(
+                SCALE_DTYPES[self.cfg.scale_dtype]
+            )
         rows_f = torch.nan_to_num(rows)  # k-means needs finite values; NaN/Inf rows are clamped
         c = kmeans_1d(rows_f, self.k, weights, self.cfg.iterations)
         books = c.to(SCALE_DTYPES[self.cfg.scale_dtype])

@@ -87,7 +87,9 @@ def _accumulate(acc: _Acc, fmt: Format, x: torch.Tensor, energy: float | None = 
     xf = x.detach().float()
     err = fmt.fake_quant(xf).sub_(xf).abs_()  # [*x.shape]
     acc.sse += float(torch.linalg.vector_norm(err, dtype=torch.float64)) ** 2
-    acc.energy += float(torch.linalg.vector_norm(xf, dtype=torch.float64)) ** 2 if energy is None else energy
+    acc.energy += (
+        float(torch.linalg.vector_norm(xf, dtype=torch.float64)) ** 2 if energy is None else energy
+    )
     acc.n += xf.numel()
     acc.bits += fmt.total_bits(tuple(xf.shape))
     acc.tensors += 1
@@ -162,7 +164,10 @@ def compare_formats(
     else:
         tensors = dict(tensors_or_model)
     # signal energy once per tensor, not once per (format, tensor)
-    energies = {n: float(torch.linalg.vector_norm(t.detach().float(), dtype=torch.float64)) ** 2 for n, t in tensors.items()}
+    energies = {
+        n: float(torch.linalg.vector_norm(t.detach().float(), dtype=torch.float64)) ** 2
+        for n, t in tensors.items()
+    }
     results = []
     for spec in specs:
         fmt = get(spec) if isinstance(spec, str) else spec
@@ -202,7 +207,9 @@ def bfp_bound(x: torch.Tensor, block_size: int, mantissa_bits: int) -> BFPBound:
     g = Grouping("group", block_size).split(x)
     amax = g.abs().amax(dim=1)
     e = ((amax.view(torch.int32) >> 23) & 0xFF) - 127
-    step = torch.where(amax > 0, exp2i((e + 1 - mantissa_bits).clamp(-149, 127)), torch.zeros_like(amax))
+    step = torch.where(
+        amax > 0, exp2i((e + 1 - mantissa_bits).clamp(-149, 127)), torch.zeros_like(amax)
+    )
     mse = float((step.double() ** 2).mean() / 12)
     energy = float(g.double().square().mean())
     return BFPBound(block_size, mantissa_bits, float(step.max()) / 2, mse, _sqnr_db(energy, mse))
@@ -214,6 +221,7 @@ def gaussian_bfp_sqnr_db(block_size: int, mantissa_bits: int) -> float:
     ``E[step**2] = sum_k 4**(k + 1 - p) P(2**k <= M < 2**(k+1))`` where M is the max of
     ``block_size`` |N(0,1)| draws, ``P(M < t) = erf(t / sqrt 2) ** block_size``.
     """
+
     def cdf(t: float) -> float:
         return math.erf(t / math.sqrt(2)) ** block_size
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,7 +60,7 @@ class IntConfig(FormatConfig):
     family = "int"
     bits: int = 8
     symmetric: bool = True
-    grouping: Grouping = Grouping()
+    grouping: Grouping = field(default_factory=Grouping)
     scale_dtype: str = "fp32"
     int_zero_point: bool = False
 
@@ -78,16 +78,30 @@ class IntConfig(FormatConfig):
 @register(
     r"(u?)int(\d+)",
     IntConfig,
-    ["int8", "int8-ch", "int4-ch", "int4-g128", "int4-g32", "uint4-asym-g32", "uint4-asym-g128", "int3-g64", "int2-g64"],
+    [
+        "int8",
+        "int8-ch",
+        "int4-ch",
+        "int4-g128",
+        "int4-g32",
+        "uint4-asym-g32",
+        "uint4-asym-g128",
+        "int3-g64",
+        "int2-g64",
+    ],
 )
 def _parse(m: re.Match[str], tokens: list[str]) -> IntConfig:
     unsigned, bits = m.group(1) == "u", int(m.group(2))
     if not 2 <= bits <= 8:
-        raise ConfigError(f"integer formats take 2..8 bits, got {bits}: use e.g. int4, int8, uint4-asym")
+        raise ConfigError(
+            f"integer formats take 2..8 bits, got {bits}: use e.g. int4, int8, uint4-asym"
+        )
     o = Options(m.group(0), tokens, "asym (uint), ch, g<N>, s16/s32/sbf16, zpint")
     asym = o.flag("asym")
     if asym and not unsigned:
-        raise ConfigError(f"'int{bits}-asym': asymmetric formats are unsigned, write 'uint{bits}-asym'")
+        raise ConfigError(
+            f"'int{bits}-asym': asymmetric formats are unsigned, write 'uint{bits}-asym'"
+        )
     g = o.grouping()
     sd = o.scale_dtype(default_scale_dtype(g))
     zpint = o.flag("zpint")

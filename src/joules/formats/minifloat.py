@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -133,7 +133,9 @@ class Element:
         t = _LUTS[key]
         return t[0], t[1], t[2]
 
-    def round_encode(self, v: torch.Tensor, codes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def round_encode(
+        self, v: torch.Tensor, codes: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Round fp32 ``v`` to this element's values (RNE, saturating; NaN stays NaN) and, if
         asked, give the codes (uint8; NaN's code is left to the caller).
 
@@ -177,7 +179,9 @@ class Element:
             code = torch.where(nan, (sign << (self.ebits + self.mbits)) | self.nan_code, code)
             if self.has_inf:
                 inf_code = ((1 << self.ebits) - 1) << self.mbits
-                code = torch.where(torch.isinf(r), (sign << (self.ebits + self.mbits)) | inf_code, code)
+                code = torch.where(
+                    torch.isinf(r), (sign << (self.ebits + self.mbits)) | inf_code, code
+                )
         else:
             code = torch.where(nan, torch.zeros_like(code), code)
         return code.to(torch.uint8)
@@ -196,7 +200,9 @@ _LUTS: dict[tuple[str, str], torch.Tensor] = {}
 
 ELEMENTS: dict[str, Element] = {
     "e4m3": Element("e4m3", 4, 3, 7, 448.0, has_nan=True, torch_dtype=torch.float8_e4m3fn),
-    "e5m2": Element("e5m2", 5, 2, 15, 57344.0, has_inf=True, has_nan=True, torch_dtype=torch.float8_e5m2),
+    "e5m2": Element(
+        "e5m2", 5, 2, 15, 57344.0, has_inf=True, has_nan=True, torch_dtype=torch.float8_e5m2
+    ),
     "e2m3": Element("e2m3", 2, 3, 1, 7.5),
     "e3m2": Element("e3m2", 3, 2, 3, 28.0),
     "e2m1": Element("e2m1", 2, 1, 1, 6.0),
@@ -206,13 +212,33 @@ ELEMENTS: dict[str, Element] = {
 _WIDTH = {"e4m3": 8, "e5m2": 8, "e2m3": 6, "e3m2": 6, "e2m1": 4}
 
 
-def element_round(el: Element, v: torch.Tensor) -> torch.Tensor:
+def element_round(el: Element, v: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Fast element rounding: torch's native float8 cast for E4M3/E5M2 (bit-identical to
     :meth:`Element.round`, as tests check), the arithmetic path otherwise. ``v`` is finite
-    or NaN; the result is -0.0 for small negatives, as the code table has -0."""
+    or NaN (``inplace``: it may be overwritten); the result is -0.0 for small negatives, as
+    the code table has -0."""
     if el.torch_dtype is not None:
-        return v.clamp(-el.max_normal, el.max_normal).to(el.torch_dtype).float()
+        c = (
+            v.clamp_(-el.max_normal, el.max_normal)
+            if inplace
+            else v.clamp(-el.max_normal, el.max_normal)
+        )
+        return c.to(el.torch_dtype).float()
     return el.round(v)
+
+
+def element_codes(el: Element, v: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Codes (uint8) of fp32 ``v``, without materializing the rounded values where avoidable."""
+    if el.torch_dtype is not None:
+        c = (
+            v.clamp_(-el.max_normal, el.max_normal)
+            if inplace
+            else v.clamp(-el.max_normal, el.max_normal)
+        )
+        return c.to(el.torch_dtype).view(torch.uint8)
+    code = el.round_encode(v, codes=True)[1]
+    assert code is not None
+    return code
 
 
 def element_round_encode(el: Element, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,7 +262,7 @@ def element_encode(el: Element, r: torch.Tensor) -> torch.Tensor:
 class MinifloatConfig(FormatConfig):
     family = "minifloat"
     element: str = "e4m3"
-    grouping: Grouping = Grouping()
+    grouping: Grouping = field(default_factory=Grouping)
     scale_dtype: str = "fp32"
     raw: bool = False  # no scale: a plain cast
 
@@ -245,7 +271,12 @@ class MinifloatConfig(FormatConfig):
         w = _WIDTH[self.element]
         if self.raw:
             return f"fp{w}-{self.element}-raw"
-        return join_spec(f"fp{w}", self.element, self.grouping.token, scale_token(self.scale_dtype, self.grouping))
+        return join_spec(
+            f"fp{w}",
+            self.element,
+            self.grouping.token,
+            scale_token(self.scale_dtype, self.grouping),
+        )
 
 
 @register(
@@ -262,7 +293,9 @@ def _parse(m: re.Match[str], tokens: list[str]) -> MinifloatConfig:
         if width == 4:
             el = "e2m1"
         else:
-            raise ConfigError(f"fp{width} needs an element: fp{width}-{allowed[0]} or fp{width}-{allowed[1]}")
+            raise ConfigError(
+                f"fp{width} needs an element: fp{width}-{allowed[0]} or fp{width}-{allowed[1]}"
+            )
     raw = o.flag("raw")
     g = o.grouping()
     sd = o.scale_dtype(default_scale_dtype(g))
@@ -284,10 +317,15 @@ class MinifloatFormat(Format):
     @property
     def description(self) -> str:
         c, el = self.cfg, self.el
-        where = "no scale" if c.raw else f"{c.scale_dtype} absmax scale per {c.grouping.kind}" + (
-            f" of {c.grouping.size}" if c.grouping.kind == "group" else ""
+        where = (
+            "no scale"
+            if c.raw
+            else f"{c.scale_dtype} absmax scale per {c.grouping.kind}"
+            + (f" of {c.grouping.size}" if c.grouping.kind == "group" else "")
         )
-        return f"OCP FP{el.bits} {el.name.upper()} (max {el.max_normal:g}), RNE + saturation, {where}"
+        return (
+            f"OCP FP{el.bits} {el.name.upper()} (max {el.max_normal:g}), RNE + saturation, {where}"
+        )
 
     def part_bits(self, shape: tuple[int, ...]) -> dict[str, int]:
         n = math.prod(shape)
@@ -306,18 +344,22 @@ class MinifloatFormat(Format):
     def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
         check_input(t, self.spec)
         if self.cfg.raw:
-            return self.el.cast(t.float()).to(t.dtype)
+            return self._raw_cast(t.float()).to(t.dtype)
         v, s = self._scaled(t)
-        r = element_round(self.el, v).mul_(s.float())
+        r = element_round(self.el, v, inplace=True).mul_(s.float())
         return self.cfg.grouping.merge(r, tuple(t.shape)).to(t.dtype)
 
     def quantize(self, t: torch.Tensor) -> QuantizedTensor:
         check_input(t, self.spec)
         if self.cfg.raw:
-            codes = self.el.encode(self.el.cast(t.float()))
+            x = t.float()
+            if self.el.torch_dtype is not None:
+                codes = self._raw_fp8(x).view(torch.uint8)
+            else:
+                codes = self.el.encode(self.el.cast(x))
             return self._qt(t, {"codes": pack(codes, self.el.bits)})
         v, s = self._scaled(t)
-        _, codes = element_round_encode(self.el, v)
+        codes = element_codes(self.el, v, inplace=True)
         codes = self.cfg.grouping.strip_codes(codes, tuple(t.shape))
         return self._qt(t, {"codes": pack(codes, self.el.bits), "scales": s.reshape(-1)})
 
@@ -329,6 +371,20 @@ class MinifloatFormat(Format):
         g = self.cfg.grouping.pad_codes(codes, q.shape)
         vals = self.el.lut(codes.device)[g.long()] * q.parts["scales"].float().reshape(-1, 1)
         return self.cfg.grouping.merge(vals, q.shape).to(q.dtype)
+
+    def _raw_fp8(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's native cast with our saturation: finite overflow and (E4M3) Inf -> +-max;
+        E5M2 keeps Inf; NaN stays NaN."""
+        m = self.el.max_normal
+        c = x.clamp(-m, m)
+        if self.el.has_inf:
+            c = torch.where(torch.isinf(x), x, c)
+        return c.to(self.el.torch_dtype)  # type: ignore[arg-type]
+
+    def _raw_cast(self, x: torch.Tensor) -> torch.Tensor:
+        if self.el.torch_dtype is not None:
+            return self._raw_fp8(x).float()
+        return self.el.cast(x)
 
     def clip_mask(self, t: torch.Tensor) -> torch.Tensor:
         if self.cfg.raw:

@@ -51,8 +51,8 @@ from joules.formats.base import (
 from joules.formats.minifloat import (
     ELEMENTS,
     Element,
+    element_codes,
     element_round,
-    element_round_encode,
     float_block_model,
 )
 from joules.formats.packing import pack, unpack
@@ -118,7 +118,9 @@ def _parse(m: re.Match[str], tokens: list[str]) -> MXConfig:
         el = o.take(lambda t: t if t in allowed else None)
         if el is None:
             if len(allowed) > 1:
-                raise ConfigError(f"mxfp{width} needs an element: mxfp{width}-{allowed[0]} or mxfp{width}-{allowed[1]}")
+                raise ConfigError(
+                    f"mxfp{width} needs an element: mxfp{width}-{allowed[0]} or mxfp{width}-{allowed[1]}"
+                )
             el = allowed[0]
     g = o.grouping(Grouping("group", 32))
     o.done()
@@ -145,7 +147,10 @@ class MXFormat(Format):
         return f"OCP MX: {what} elements, E8M0 shared scale per block of {self.cfg.block_size}"
 
     def part_bits(self, shape: tuple[int, ...]) -> dict[str, int]:
-        return {"codes": math.prod(shape) * self.elem_bits, "scales": self.grouping.count(shape) * 8}
+        return {
+            "codes": math.prod(shape) * self.elem_bits,
+            "scales": self.grouping.count(shape) * 8,
+        }
 
     def _blocks(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled elements v = x / X ([G, n]) and the unbiased shared exponents ([G, 1])."""
@@ -155,9 +160,12 @@ class MXFormat(Format):
         return g * torch.exp2(-x).nan_to_num_(1.0), x
 
     def _round(self, v: torch.Tensor) -> torch.Tensor:
+        """Element values of scaled ``v`` (which this may overwrite)."""
         if self.el is None:  # MXINT8: q/64 with q in [-127, 127]
-            return torch.round(v * 64.0).clamp_(-127, 127).add_(0.0).mul_(1 / 64)  # +0, as code 0
-        return element_round(self.el, v)
+            return (
+                torch.round(v.mul_(64.0)).clamp_(-127, 127).add_(0.0).mul_(1 / 64)
+            )  # +0, as code 0
+        return element_round(self.el, v, inplace=True)
 
     def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
         check_input(t, self.spec)
@@ -172,7 +180,7 @@ class MXFormat(Format):
         if self.el is None:
             codes = (self._round(v) * 64).to(torch.int8).view(torch.uint8)
         else:
-            _, codes = element_round_encode(self.el, v)
+            codes = element_codes(self.el, v, inplace=True)
         codes = self.grouping.strip_codes(codes, tuple(t.shape))
         return self._qt(t, {"codes": pack(codes, self.elem_bits), "scales": code.reshape(-1)})
 

@@ -92,7 +92,9 @@ class NF4Config(FormatConfig):
         return join_spec(
             "nf4",
             "" if self.block_size == 64 else f"g{self.block_size}",
-            "" if self.scale_dtype == "fp32" else {"fp16": "s16", "bf16": "sbf16"}[self.scale_dtype],
+            ""
+            if self.scale_dtype == "fp32"
+            else {"fp16": "s16", "bf16": "sbf16"}[self.scale_dtype],
         )
 
 

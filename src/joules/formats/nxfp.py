@@ -79,11 +79,17 @@ class NxFPConfig(FormatConfig):
     def spec(self) -> str:
         head = f"nxfp{self.bits}" + ("" if self.bits == 4 else f"-{self.element}")
         every = self.nm_bits == DEFAULT_NM_BITS and self.adaptive and self.recycle
-        opts = [] if every else [
-            "" if self.nm_bits == 0 else ("nm" if self.nm_bits == DEFAULT_NM_BITS else f"nm{self.nm_bits}"),
-            "am" if self.adaptive else "",
-            "cr" if self.recycle else "",
-        ]
+        opts = (
+            []
+            if every
+            else [
+                ""
+                if self.nm_bits == 0
+                else ("nm" if self.nm_bits == DEFAULT_NM_BITS else f"nm{self.nm_bits}"),
+                "am" if self.adaptive else "",
+                "cr" if self.recycle else "",
+            ]
+        )
         return join_spec(head, *opts, "" if self.block_size == 32 else f"g{self.block_size}")
 
 
@@ -97,9 +103,13 @@ def _parse(m: re.Match[str], tokens: list[str]) -> NxFPConfig:
     el = o.take(lambda t: t if t in allowed else None)
     if el is None:
         if bits != 4:
-            raise ConfigError(f"nxfp{bits} needs an element: nxfp{bits}-{allowed[0]} or nxfp{bits}-{allowed[1]}")
+            raise ConfigError(
+                f"nxfp{bits} needs an element: nxfp{bits}-{allowed[0]} or nxfp{bits}-{allowed[1]}"
+            )
         el = "e2m1"
-    nm = o.take(lambda t: (int(t[2:]) if t[2:] else DEFAULT_NM_BITS) if re.fullmatch(r"nm\d*", t) else None)
+    nm = o.take(
+        lambda t: (int(t[2:]) if t[2:] else DEFAULT_NM_BITS) if re.fullmatch(r"nm\d*", t) else None
+    )
     am, cr = o.flag("am"), o.flag("cr")
     g = o.grouping(Grouping("group", 32))
     o.done()
@@ -121,43 +131,40 @@ class _Candidate:
         vals = [el.decode_code(c) for c in range(1 << el.bits)]
         self.neg_zero = 1 << (el.bits - 1)
         if recycle:
-            mags = sorted({abs(v) for v in vals if math.isfinite(v)})
-            vals[self.neg_zero] = (mags[-1] + mags[-2]) / 2
+            finite = sorted({(abs(v), c) for c, v in enumerate(vals) if math.isfinite(v) and v > 0})
+            (p, p_code), (q, _) = finite[-2], finite[-1]
+            self.recycled = (p + q) / 2
+            vals[self.neg_zero] = self.recycled
+            # v rounds to the recycled value on (lo, hi]; at lo it ties with p: even code first
+            # (the recycled code is even), then the smaller value.
+            self.lo, self.hi = (p + self.recycled) / 2, (self.recycled + q) / 2
+            self.lo_inclusive = p_code % 2 == 1
         self.values = vals
         self.max_value = max(v for v in vals if math.isfinite(v))
-        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._luts: dict[str, torch.Tensor] = {}
 
     def lut(self, device: torch.device) -> torch.Tensor:
-        return self._table(device)[2]
-
-    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = str(device)
-        if key not in self._tables:
-            finite = [(v, c) for c, v in enumerate(self.values) if math.isfinite(v) and not (v == 0 and c == self.neg_zero)]
-            finite.sort(key=lambda vc: (vc[0], vc[1]))
-            sorted_vals = [v for v, _ in finite]
-            sorted_codes = [c for _, c in finite]
-            bounds = []
-            for i in range(len(finite) - 1):
-                mid = (sorted_vals[i] + sorted_vals[i + 1]) / 2
-                lo_even, hi_even = sorted_codes[i] % 2 == 0, sorted_codes[i + 1] % 2 == 0
-                up = hi_even and not lo_even  # a tie goes to the even code, else down
-                bounds.append(math.nextafter(mid, -math.inf) if up else mid)
-            self._tables[key] = (
-                torch.tensor(bounds, dtype=torch.float32, device=device),
-                torch.tensor(sorted_codes, dtype=torch.uint8, device=device),
-                torch.tensor(self.values, dtype=torch.float32, device=device),
-            )
-        return self._tables[key]
+        if key not in self._luts:
+            self._luts[key] = torch.tensor(self.values, dtype=torch.float32, device=device)
+        return self._luts[key]
 
-    def round(self, v: torch.Tensor, codes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(rounded values, codes if asked) of scaled elements ``v``."""
+    def round(
+        self, v: torch.Tensor, codes: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rounded values, codes if asked) of scaled elements ``v`` (not modified)."""
         if not self.recycle:
             return element_round_encode(self.el, v) if codes else (element_round(self.el, v), None)
-        bounds, codes, lut = self._table(v.device)
-        idx = torch.bucketize(v, bounds)
-        code = codes[idx]
-        return lut[code.long()], code
+        if codes:
+            r, code = element_round_encode(self.el, v)
+        else:
+            r, code = element_round(self.el, v), None
+        above = v >= self.lo if self.lo_inclusive else v > self.lo
+        mask = above.logical_and_(v <= self.hi)
+        r = r.add_(0.0).masked_fill_(mask, self.recycled)  # -0 -> +0: -0's code is taken
+        if code is not None:
+            code = code.masked_fill_(code == self.neg_zero, 0).masked_fill_(mask, self.neg_zero)
+        return r, code
 
 
 @register_format(NxFPConfig)
@@ -178,9 +185,13 @@ class NxFPFormat(Format):
     @property
     def description(self) -> str:
         c = self.cfg
-        parts = [f"NanoMantissa {c.nm_bits} bits" if c.nm_bits else "",
-                 f"adaptive microexponent over {'/'.join(x.el.name.upper() for x in self.cands)}" if c.adaptive else "",
-                 "code recycling (-0 -> extra value)" if c.recycle else ""]
+        parts = [
+            f"NanoMantissa {c.nm_bits} bits" if c.nm_bits else "",
+            f"adaptive microexponent over {'/'.join(x.el.name.upper() for x in self.cands)}"
+            if c.adaptive
+            else "",
+            "code recycling (-0 -> extra value)" if c.recycle else "",
+        ]
         return f"NxFP{c.bits} on MX blocks of {c.block_size}: " + ", ".join(p for p in parts if p)
 
     def part_bits(self, shape: tuple[int, ...]) -> dict[str, int]:
@@ -197,7 +208,9 @@ class NxFPFormat(Format):
         """(E8M0 code uint8 [G,1], nano-mantissa j int32 [G,1]) of each block for ``cand``."""
         m = self.cfg.nm_bits
         if m == 0:
-            return e8m0_code(shared_exponent(amax, cand.el.emax)), torch.zeros_like(amax, dtype=torch.int32)
+            return e8m0_code(shared_exponent(amax, cand.el.emax)), torch.zeros_like(
+                amax, dtype=torch.int32
+            )
         r = amax / cand.max_value
         e = ((r.view(torch.int32) >> 23) & 0xFF) - 127  # floor(log2 r), r normal
         frac = r * exp2i((-e).clamp(-149, 127))  # in [1, 2)
@@ -217,34 +230,41 @@ class NxFPFormat(Format):
         return torch.where(c == E8M0_NAN, torch.full_like(s, float("nan")), s)
 
     # -- encode --------------------------------------------------------------------------------
-    def _encode(self, t: torch.Tensor, want_codes: bool) -> dict[str, torch.Tensor | None]:
+    def _encode(
+        self, t: torch.Tensor, want_codes: bool, want_v: bool = False
+    ) -> dict[str, torch.Tensor | None]:
+        """Per block: every candidate's scale and rounded values, then (AM) the least-squared-
+        error candidate. Returned tensors are [G, n] (values, codes, scaled v) or [G, 1]."""
         g = self.grouping.split(t)  # [G, n]
-        amax = g.abs().amax(dim=1, keepdim=True)
-        outs = []
+        lo, hi = torch.aminmax(g, dim=1, keepdim=True)
+        amax = torch.maximum(hi, lo.neg_())
+        per = []
         for cand in self.cands:
             code, j = self._scale(amax, cand)
             s = self._scale_value(code, j)
             v = g / torch.where(torch.isnan(s), torch.ones_like(s), s)
             r, codes = cand.round(v, want_codes)
-            outs.append((code, j, s, r, codes, v))
-        if len(outs) == 1:
-            code, j, s, r, codes, v = outs[0]
-            sel = torch.zeros_like(code)
-            val = r * s
-            return {"val": val, "code": code, "j": j, "sel": sel, "codes": codes, "v": v, "r": r}
-        vals = torch.stack([r * s for (_, _, s, r, _, _) in outs])  # [C, G, n]
-        err = (vals - g).square_().sum(dim=2, keepdim=True)  # [C, G, 1]
-        sel = torch.argmin(torch.nan_to_num(err, nan=0.0), dim=0)  # [G, 1]; first on ties
-        selx = sel.expand_as(g)
-        val = vals.gather(0, selx.unsqueeze(0)).squeeze(0)
-        code = torch.stack([o[0] for o in outs]).gather(0, sel.unsqueeze(0)).squeeze(0)
-        j = torch.stack([o[1] for o in outs]).gather(0, sel.unsqueeze(0)).squeeze(0)
-        v = torch.stack([o[5] for o in outs]).gather(0, selx.unsqueeze(0)).squeeze(0)
-        codes = None
-        if want_codes:
-            cs = torch.stack([o[4] for o in outs])
-            codes = cs.gather(0, selx.unsqueeze(0)).squeeze(0)
-        return {"val": val, "code": code, "j": j, "sel": sel.to(torch.uint8), "codes": codes, "v": v}
+            per.append(
+                {"code": code, "j": j, "val": r.mul_(s), "codes": codes, "v": v if want_v else None}
+            )
+        if len(per) == 1:
+            out = per[0]
+            out["sel"] = torch.zeros_like(out["code"])
+            return out
+        sse = torch.cat(
+            [torch.sub(p["val"], g).square_().sum(dim=1, keepdim=True) for p in per], dim=1
+        )
+        sel = torch.argmin(
+            torch.nan_to_num(sse, nan=0.0), dim=1, keepdim=True
+        )  # [G, 1]; first on ties
+        out = dict(per[0])
+        for i, p in enumerate(per[1:], start=1):
+            pick = sel == i
+            for k in ("code", "j", "val", "codes", "v"):
+                if out[k] is not None:
+                    out[k] = torch.where(pick, p[k], out[k])
+        out["sel"] = sel.to(torch.uint8)
+        return out
 
     def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
         check_input(t, self.spec)
@@ -265,16 +285,26 @@ class NxFPFormat(Format):
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)
         nb = self.grouping.count(q.shape)
-        codes = self.grouping.pad_codes(unpack(q.parts["codes"], self.elem_bits, q.numel), q.shape).long()
+        codes = self.grouping.pad_codes(
+            unpack(q.parts["codes"], self.elem_bits, q.numel), q.shape
+        ).long()
         code = q.parts["scales"].reshape(-1, 1)
-        j = (unpack(q.parts["nano_mantissa"], self.cfg.nm_bits, nb) if self.cfg.nm_bits else torch.zeros_like(code))
-        sel = unpack(q.parts["selector"], self.sel_bits, nb) if self.sel_bits else torch.zeros_like(code)
+        j = (
+            unpack(q.parts["nano_mantissa"], self.cfg.nm_bits, nb)
+            if self.cfg.nm_bits
+            else torch.zeros_like(code)
+        )
+        sel = (
+            unpack(q.parts["selector"], self.sel_bits, nb)
+            if self.sel_bits
+            else torch.zeros_like(code)
+        )
         luts = torch.stack([c.lut(codes.device) for c in self.cands])  # [C, 2**bits]
         vals = luts.reshape(-1)[sel.reshape(-1, 1).long() * luts.shape[1] + codes]
         out = vals * self._scale_value(code, j.reshape(-1, 1).to(torch.int32))
         return self.grouping.merge(out, q.shape).to(q.dtype)
 
     def clip_mask(self, t: torch.Tensor) -> torch.Tensor:
-        e = self._encode(t, want_codes=False)
+        e = self._encode(t, want_codes=False, want_v=True)
         maxv = torch.tensor([c.max_value for c in self.cands], device=t.device)[e["sel"].long()]
         return self.grouping.merge(e["v"].abs() > maxv, tuple(t.shape))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,12 +44,14 @@ from joules.formats.packing import pack_trits, trit_nbytes, unpack_trits
 @dataclass(frozen=True)
 class TernaryConfig(FormatConfig):
     family = "ternary"
-    grouping: Grouping = Grouping()
+    grouping: Grouping = field(default_factory=Grouping)
     scale_dtype: str = "fp32"
 
     @property
     def spec(self) -> str:
-        return join_spec("ternary", self.grouping.token, scale_token(self.scale_dtype, self.grouping))
+        return join_spec(
+            "ternary", self.grouping.token, scale_token(self.scale_dtype, self.grouping)
+        )
 
 
 @register(r"ternary", TernaryConfig, ["ternary", "ternary-g64"])
@@ -72,8 +74,9 @@ class TernaryFormat(Format):
     @property
     def description(self) -> str:
         g = self.cfg.grouping
-        return f"BitNet b1.58 ternary {{-1,0,1}}, {self.cfg.scale_dtype} absmean scale per {g.kind}" + (
-            f" of {g.size}" if g.kind == "group" else ""
+        return (
+            f"BitNet b1.58 ternary {{-1,0,1}}, {self.cfg.scale_dtype} absmean scale per {g.kind}"
+            + (f" of {g.size}" if g.kind == "group" else "")
         )
 
     def part_bits(self, shape: tuple[int, ...]) -> dict[str, int]:
