@@ -6,7 +6,7 @@
     >>> fmt.fake_quant(torch.tensor([0.1, -2.0, 0.9, 1.0])).tolist()   # scale = mean|x| = 1.0
     [0.0, -1.0, 1.0, 1.0]
     >>> fmt.bits_per_element((4096, 4096))     # 5 trits per byte = 1.6 bits, + one fp32 scale
-    1.6000019073486328
+    1.6000022888183594
 
 ``scale = mean(|x|)`` over the tensor (or each ``-g<N>`` group / ``-ch`` row), ``q =
 clamp(round(x / scale), -1, 1)`` (round half to even). Codes are packed five base-3 digits per
