@@ -4,6 +4,7 @@ time to fake-quantize every Linear weight of a model.
 
     python bench/formats.py                          # every preset + peers, then the 135M model
     python bench/formats.py --formats mxfp4,nxfp4 --model none --reps 5 --out /tmp/f.json
+    python bench/formats.py --threads 1                # a shared, loaded machine
 
 Method (nanoGPT's bench.py): fixed seed, one burn-in call, then ``--reps`` timed calls; the
 median is reported. Ratios compare with a peer timed in this same run: MX quantize vs torchao's
@@ -53,7 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--model", default="smollm2-135m", help="model spec, or 'none' to skip")
     ap.add_argument("--out", default="bench/results/formats.json")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); peers use the same",
+    )
     args = ap.parse_args(argv)
+    if args.threads:
+        # On a loaded shared machine 2 threads spend most of their time at OpenMP barriers.
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     x = torch.randn(SHAPE)
