@@ -9,7 +9,9 @@ time to fake-quantize every Linear weight of a model.
 Method (nanoGPT's bench.py): fixed seed, one burn-in call, then ``--reps`` timed calls; the
 median is reported. Ratios compare with a peer timed in this same run: MX quantize vs torchao's
 ``to_mx`` for the same element (FLOOR scale mode, the OCP rule, as ours), raw fp8 casts vs
-``tensor.to(torch.float8_*)``. On a shared machine timings are noisy: read ratios, not absolutes.
+``tensor.to(torch.float8_*)`` (which neither clamps nor keeps our saturation semantics). torchao
+returns FP6 codes one per byte; ours are packed four to three bytes, so MXFP6 does more work.
+On a shared machine timings are noisy: read ratios, not absolutes.
 """
 
 from __future__ import annotations

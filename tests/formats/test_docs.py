@@ -7,7 +7,18 @@ import importlib
 
 import pytest
 
-MODULES = ["base", "packing", "integer", "minifloat", "nf4", "mx", "nxfp", "ternary", "codebook", "error"]
+MODULES = [
+    "base",
+    "packing",
+    "integer",
+    "minifloat",
+    "nf4",
+    "mx",
+    "nxfp",
+    "ternary",
+    "codebook",
+    "error",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

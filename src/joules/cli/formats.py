@@ -121,7 +121,7 @@ def _render_compare(r: CompareResult) -> None:
         ("model dB", "right"),
         ("MSE", "right"),
         ("max abs err", "right"),
-        ("bound", "right"),
+        ("bound in-range", "right"),
         ("max rel err", "right"),
         ("clipped %", "right"),
     ]:
