@@ -18,6 +18,10 @@ def test_demo_on_a_tiny_model_prints_computed_figures(tiny_dir):
     assert energy["energy_j"] > 0 and energy["method"] in ("counter", "sampled", "estimated")
     assert energy["uncertainty_j"] > 0
     assert d["energy_j_per_token"] == energy["energy_j"] / 6
+    fmts = {r["format"]: r for r in d["formats"]}
+    assert set(fmts) == {"int8-ch", "mxfp8-e4m3", "uint4-asym-g32", "int4-g32", "mxfp4", "nxfp4"}
+    # 8-bit formats keep far more signal than 4-bit ones on the same weights.
+    assert fmts["int8-ch"]["sqnr_db"] > fmts["int4-g32"]["sqnr_db"] + 15
 
 
 def test_bad_model_is_one_line_exit_2(tmp_path):

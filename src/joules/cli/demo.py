@@ -1,8 +1,10 @@
 """``joules demo``: the main job end to end on the embedded default model (what `make demo` runs).
 
 Stages so far: load the model and show its ModelInfo; generate from a WikiText-2 prompt inside
-an energy window (tokens/s, joules per token, method and uncertainty). Each later capability
-extends this until it is the whole pipeline. Every number printed here was computed in this run.
+an energy window (tokens/s, joules per token, method and uncertainty); run every linear weight
+through a few number formats (bits/element, SQNR; ``uint4-asym-g32`` must reproduce the Q4_1
+weights of the default model). Each later capability extends this until it is the whole
+pipeline. Every number printed here was computed in this run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class DemoResult:
     load_s: float
     generation: Any
     generation_energy: Any
+    formats: list[Any]
 
     @property
     def energy_j_per_token(self) -> float:
@@ -35,6 +38,7 @@ class DemoResult:
             "generation": self.generation,
             "generation_energy": self.generation_energy,
             "energy_j_per_token": self.energy_j_per_token,
+            "formats": self.formats,
         }
 
 
@@ -85,6 +89,28 @@ def _render(r: DemoResult) -> None:
         f"energy of the generation: {measurement_line(e)}; "
         f"[bold]{r.energy_j_per_token:.3g} J/token[/] ({e.method})"
     )
+    _render_formats(r.formats, r.info)
+
+
+def _render_formats(rows: list[Any], info: Any) -> None:
+    t = Table(title="every linear weight through number formats (emulated)", title_justify="left")
+    for col in ("format", "bits/elem", "SQNR dB", "max abs err", "clipped %"):
+        t.add_column(col, justify="left" if col == "format" else "right")
+    for r in rows:
+        t.add_row(
+            r.format,
+            f"{r.bits_per_element:.3f}",
+            f"{r.sqnr_db:.2f}",
+            f"{r.max_abs_error:.3g}",
+            f"{100 * r.frac_clipped:.3f}",
+        )
+    console.print(t)
+    if info.prequantized:
+        console.print(
+            f"[dim]The weights were {info.prequantized} already: uint4-asym-g32 (the same "
+            "layout: 4-bit codes, fp16 scale and minimum per 32) should reproduce them, and its "
+            "remaining error comes from tensors stored otherwise (the Q8_0 lm_head).[/]"
+        )
 
 
 def _wikitext_prompt(words: int = 48) -> str:
@@ -98,6 +124,10 @@ def _wikitext_prompt(words: int = 48) -> str:
     return " ".join(lines[0].split()[:words])
 
 
+# Cheap formats that tell the story: 8-bit baselines, the GGUF-exact layout, OCP MX and NxFP.
+DEMO_FORMATS = ("int8-ch", "mxfp8-e4m3", "uint4-asym-g32", "int4-g32", "mxfp4", "nxfp4")
+
+
 @app.command()
 def demo(
     model: str = typer.Option("smollm2-135m", help="Model spec (preset, HF dir or .gguf)."),
@@ -107,6 +137,7 @@ def demo(
     """Run the main job end to end on the embedded default model."""
     import time
 
+    from joules.formats import compare_formats
     from joules.measure import detect_meter
     from joules.models import load_model
     from joules.models.generate import generate_timed
@@ -124,4 +155,6 @@ def demo(
                 gen = generate_timed(m, tok, prompt, new_tokens, warmup=False)
     finally:
         meter.close()
-    emit(DemoResult(info, load_s, gen, w.measurement), json, _render)
+    with console.status("running every linear weight through number formats"):
+        fmt_rows = compare_formats(m, DEMO_FORMATS)
+    emit(DemoResult(info, load_s, gen, w.measurement, fmt_rows), json, _render)
