@@ -14,7 +14,7 @@ def test_wilson_interval_known_values():
     assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)
     lo, hi = wilson_interval(0, 10)
     assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-4)  # never a zero-width interval
-    assert wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
     assert all(math.isnan(x) for x in wilson_interval(0, 0))
 
 
