@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from joules.cli._app import JSON_OPTION, app, console, emit, err_console
-from joules.errors import ConfigError
+from joules.errors import ConfigError, JoulesError
 
 TASKS = ("wikitext2", "hellaswag", "deviation", "attention-deviation")
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -209,6 +209,41 @@ def eval_cmd(
     json: bool = JSON_OPTION,
 ) -> None:
     """Evaluate MODEL: perplexity, HellaSwag accuracy, deviation or attention stability."""
+    args = dict(locals())
+    try:
+        _eval(**args)
+    except JoulesError as exc:
+        # Shown here rather than by the root group: typer >= 0.29 vendors its own click, whose
+        # handler no longer recognises the root group's click.ClickException (exit status 1 and
+        # a traceback instead of one line and status 2).
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(code=2) from exc
+
+
+def _eval(
+    model: str,
+    task: str,
+    reference: str | None,
+    weights_format: str | None,
+    data: str | None,
+    split: str,
+    limit_tokens: int | None,
+    limit: int | None,
+    window: int,
+    stride: int | None,
+    batch_size: int | None,
+    dtype: str,
+    bos: bool | None,
+    seed: int,
+    kv_reuse: bool,
+    sqnr: str,
+    seq_lens: str,
+    block_sizes: str,
+    dtypes: str,
+    heads: int,
+    threads: int | None,
+    json: bool,
+) -> None:
     from joules.evaluate.scoring import set_threads
 
     if task not in TASKS:
