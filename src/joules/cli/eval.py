@@ -153,15 +153,19 @@ def _render_attention(r: Any) -> None:
     console.print(t)
     ratios = r.ratios("bf16")
     if ratios:
-        rt = Table(title="bf16: flash-style / standard deviation", title_justify="left")
-        for col in ("seq", "block", "max ratio", "mean ratio"):
+        low = {x["seq_len"]: x for x in r.ratios("bf16", impl="flash-style-lowacc")}
+        rt = Table(title="bf16: deviation / standard's deviation", title_justify="left")
+        for col in ("seq", "block", "flash-style max", "mean", "lowacc max", "mean"):
             rt.add_column(col, justify="right")
         for x in ratios:
+            lo = low.get(x["seq_len"], {})
             rt.add_row(
                 str(x["seq_len"]),
                 str(x["block_size"]),
                 f"{x['max_ratio']:.2f}",
                 f"{x['mean_ratio']:.2f}",
+                f"{lo.get('max_ratio', float('nan')):.2f}",
+                f"{lo.get('mean_ratio', float('nan')):.2f}",
             )
         console.print(rt)
     p = r.protocol

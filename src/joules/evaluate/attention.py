@@ -101,30 +101,35 @@ def flash_style_attention(
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     bsz, heads, s, d = q.shape
     scale = 1.0 / math.sqrt(d)
-    out = torch.empty_like(q)
-    kf, vf = k.to(acc_dtype), v.to(acc_dtype)
-    for qs in range(0, s, block_size):
-        qe = min(qs + block_size, s)
-        qb = q[:, :, qs:qe].to(acc_dtype)  # [B, H, bq, D]
-        m = torch.full((bsz, heads, qe - qs, 1), float("-inf"), dtype=acc_dtype)
-        l = torch.zeros((bsz, heads, qe - qs, 1), dtype=acc_dtype)  # noqa: E741
-        acc = torch.zeros((bsz, heads, qe - qs, d), dtype=acc_dtype)
-        for ks in range(0, qe, block_size):  # causal: keys up to the block's last query
-            ke = min(ks + block_size, qe)
-            sc = (qb @ kf[:, :, ks:ke].transpose(-1, -2)) * scale  # [B, H, bq, bk]
-            if ke > qs:  # the diagonal block needs the mask
-                sc = sc.masked_fill(~_causal_mask(qe - qs, ke - ks, qs, ks, q.device), -math.inf)
-            m_new = torch.maximum(m, sc.amax(-1, keepdim=True))
-            p = torch.exp(sc - m_new)  # [B, H, bq, bk]
-            alpha = torch.exp(m - m_new)  # rescales what was accumulated under the old max
-            l = l * alpha + p.sum(-1, keepdim=True)  # noqa: E741
-            pv = p.to(dtype).to(acc_dtype) @ vf[:, :, ks:ke]
-            acc = acc * alpha + pv
-            if low_precision_accumulators:
-                l, acc = l.to(dtype).to(acc_dtype), acc.to(dtype).to(acc_dtype)  # noqa: E741
-            m = m_new
-        out[:, :, qs:qe] = (acc / l).to(dtype)
-    return out
+    nb = -(-s // block_size)  # number of blocks; the last one is zero-padded
+    pad = nb * block_size - s
+
+    def blocks(t: torch.Tensor) -> torch.Tensor:  # [B, H, S, D] -> [B, H, nb, bs, D]
+        t = F.pad(t.to(acc_dtype), (0, 0, 0, pad))
+        return t.view(bsz, heads, nb, block_size, d)
+
+    # Padded keys sit after every real query, so the causal mask already hides them.
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    m = torch.full((bsz, heads, nb, block_size, 1), float("-inf"), dtype=acc_dtype)
+    l = torch.zeros((bsz, heads, nb, block_size, 1), dtype=acc_dtype)  # noqa: E741
+    acc = torch.zeros((bsz, heads, nb, block_size, d), dtype=acc_dtype)
+    diag = _causal_mask(block_size, block_size, 0, 0, q.device)  # [bs, bs]
+    # Key block j updates every query block i >= j at once: per query block the updates run
+    # in the same order (j = 0, 1, ... i) as the kernel's inner loop, vectorised over i.
+    for j in range(nb):
+        sc = (qb[:, :, j:] @ kb[:, :, j : j + 1].transpose(-1, -2)) * scale  # [B, H, nb-j, bs, bs]
+        sc[:, :, 0] = sc[:, :, 0].masked_fill(~diag, -math.inf)  # block i == j: causal mask
+        m_old = m[:, :, j:]
+        m_new = torch.maximum(m_old, sc.amax(-1, keepdim=True))
+        p = torch.exp(sc - m_new)
+        alpha = torch.exp(m_old - m_new)  # rescales what was accumulated under the old max
+        l_new = l[:, :, j:] * alpha + p.sum(-1, keepdim=True)
+        acc_new = acc[:, :, j:] * alpha + p.to(dtype).to(acc_dtype) @ vb[:, :, j : j + 1]
+        if low_precision_accumulators:
+            l_new, acc_new = l_new.to(dtype).to(acc_dtype), acc_new.to(dtype).to(acc_dtype)
+        m[:, :, j:], l[:, :, j:], acc[:, :, j:] = m_new, l_new, acc_new
+    out = (acc / l).view(bsz, heads, nb * block_size, d)[:, :, :s]
+    return out.to(dtype)
 
 
 def sdpa_backends() -> dict[str, Any]:
@@ -181,8 +186,10 @@ class AttentionDeviationResult:
     protocol: AttentionProtocol
     rows: list[AttentionDeviationRow]
 
-    def ratios(self, dtype: str = "bf16", block_size: int | None = None) -> list[dict[str, Any]]:
-        """Per sequence length: flash-style / standard deviation at ``dtype`` (max and mean)."""
+    def ratios(
+        self, dtype: str = "bf16", block_size: int | None = None, impl: str = "flash-style"
+    ) -> list[dict[str, Any]]:
+        """Per sequence length: ``impl`` / standard deviation at ``dtype`` (max and mean)."""
         out = []
         for s in sorted({r.seq_len for r in self.rows}):
             std = [
@@ -191,7 +198,7 @@ class AttentionDeviationResult:
             fl = [
                 r
                 for r in self.rows
-                if r.impl == "flash-style"
+                if r.impl == impl
                 and r.dtype == dtype
                 and r.seq_len == s
                 and (block_size is None or r.block_size == block_size)
@@ -218,6 +225,7 @@ class AttentionDeviationResult:
             "protocol": asdict(self.protocol),
             "rows": [asdict(r) for r in self.rows],
             "ratios_bf16": self.ratios("bf16"),
+            "ratios_bf16_lowacc": self.ratios("bf16", impl="flash-style-lowacc"),
         }
 
 
