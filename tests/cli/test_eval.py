@@ -122,3 +122,30 @@ def test_missing_model_and_missing_formats_module(tiny_dir, monkeypatch):
         app, ["eval", str(tiny_dir), "--task", "deviation", "--weights-format", "mxfp4"]
     )
     assert r.exit_code == 2 and "needs joules.formats" in r.output
+
+
+def test_weights_format_goes_through_formats_fake_quant(tiny_dir, monkeypatch):
+    import types
+
+    import torch
+
+    calls = []
+
+    class Bf16:
+        name = "bf16-test"
+
+        def fake_quant(self, t):
+            calls.append(tuple(t.shape))
+            return t.to(torch.bfloat16).float()
+
+    fake = types.ModuleType("joules.formats")
+    fake.get = lambda spec: Bf16()
+    monkeypatch.setitem(sys.modules, "joules.formats", fake)
+    import joules
+
+    monkeypatch.setattr(joules, "formats", fake, raising=False)
+    args = ["eval", str(tiny_dir), "--task", "deviation", "--weights-format", "bf16-test"]
+    d = _json(runner.invoke(app, [*args, "--limit-tokens", "100", "--window", "50", "--json"]))
+    assert len(calls) == 14  # 2 layers x 7 linear weights; the head is left alone
+    assert d["protocol"]["transform"] == "bf16-test (emulated fake_quant)"
+    assert 0 < d["kl_mean"] < 1e-3 and d["top1_agreement"] > 0.9
