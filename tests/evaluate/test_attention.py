@@ -54,3 +54,26 @@ def test_bad_grid_is_a_config_error():
         attention_deviation(seq_lens=[8], dtypes=["fp32"], impls=["magic"])
     with pytest.raises(ConfigError, match="seq_lens"):
         attention_deviation(seq_lens=[0])
+
+
+def test_emulated_format_matches_the_native_dtype_it_emulates():
+    def bf16(t):
+        return t.to(torch.bfloat16).to(t.dtype)
+
+    g = torch.Generator().manual_seed(1)
+    base = [torch.randn(1, 2, 100, 32, generator=g) for _ in range(3)]
+    q, k, v = (t.to(torch.bfloat16) for t in base)
+    qe, ke, ve = (bf16(t) for t in base)
+    native = flash_style_attention(q, k, v, 32).float()
+    emulated = flash_style_attention(qe, ke, ve, 32, rnd=bf16)
+    assert torch.equal(native, emulated)  # flash-style rounds only P and the output
+    std_native = standard_attention(q, k, v).float()
+    std_emulated = standard_attention(qe, ke, ve, rnd=bf16)
+    assert torch.allclose(std_native, std_emulated, atol=2e-2)  # matmul accumulation order differs
+    r = attention_deviation(
+        seq_lens=[64], dtypes=[], block_sizes=[32], heads=1, formats={"bf16": bf16}
+    )
+    assert {(x.impl, x.dtype) for x in r.rows} == {
+        ("standard", "bf16 (emulated)"),
+        ("flash-style", "bf16 (emulated)"),
+    }

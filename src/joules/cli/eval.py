@@ -185,7 +185,8 @@ def eval_cmd(
     weights_format: str = typer.Option(
         None,
         "--weights-format",
-        help="deviation: fake-quantize MODEL's decoder linear weights to this format (emulated).",
+        help="deviation: fake-quantize MODEL's decoder linear weights to this format (emulated); "
+        "attention-deviation: comma-separated formats to emulate besides --dtypes.",
     ),
     data: str = typer.Option(
         None, "--data", help="A text file (wikitext2, deviation) or JSONL (hellaswag) to use."
@@ -261,8 +262,17 @@ def _eval(
 
         lens, blocks = _ints(seq_lens, "--seq-lens"), _ints(block_sizes, "--block-sizes")
         dts = [d.strip() for d in dtypes.split(",") if d.strip()]
+        fmts = {}
+        if weights_format:
+            from joules.evaluate.attention import format_round
+
+            fmts = {
+                f.strip(): format_round(f.strip()) for f in weights_format.split(",") if f.strip()
+            }
         with _progress("attention grid", json) as prog:
-            r = attention_deviation(lens, dts, blocks, heads=heads, seed=seed, progress=prog)
+            r = attention_deviation(
+                lens, dts, blocks, heads=heads, seed=seed, formats=fmts, progress=prog
+            )
         emit(r, json, _render_attention)
         return
 

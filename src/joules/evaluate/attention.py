@@ -18,7 +18,8 @@ After Golden et al. 2024, "Is Flash Attention Stable?": the same causal attentio
 * ``flash-style-lowacc``: the same with the running sum and output accumulator rounded to the
   input dtype after every key block (state kept in bf16/fp16, as a cheaper kernel might);
 
-each at fp32, bf16 and fp16 (fp64 as a self-check), against standard attention in fp64 on the
+each at fp32, bf16 and fp16 (fp64 as a self-check), and in any format of the formats module
+emulated with its ``fake_quant`` (``formats=``; rounding where the dtype would round), against standard attention in fp64 on the
 *same rounded inputs*, so only the computation's rounding is measured. Inputs: Q, K, V ~ N(0, 1)
 from a fixed seed, batch 1, ``heads`` × ``head_dim`` 64. Reported per (impl, dtype, seq_len,
 block): max and mean absolute deviation of the output, and at bf16 the ratio flash-style /
@@ -67,8 +68,18 @@ def _causal_mask(s_q: int, s_k: int, q_offset: int, k_offset: int, device) -> to
     return kj <= qi  # [s_q, s_k]
 
 
-def standard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention with every op in the inputs' dtype. q, k, v: [B, H, S, D] -> [B, H, S, D]."""
+Round = Callable[[torch.Tensor], torch.Tensor]  # emulates a format: values onto its grid
+
+
+def standard_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rnd: Round | None = None
+) -> torch.Tensor:
+    """Causal attention with every op in the inputs' dtype. q, k, v: [B, H, S, D] -> [B, H, S, D].
+
+    ``rnd`` (an emulated format on fp32 values) rounds the scores, the probabilities and the
+    output, the three points where a dtype rounds them.
+    """
+    rnd = rnd or (lambda t: t)
     s = q.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1])
     out = torch.empty_like(q)
@@ -76,9 +87,9 @@ def standard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     # One head at a time: the [S, S] scores of all heads at 4,096 tokens in fp64 would be 1 GB.
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
-            scores = (q[b, h] @ k[b, h].transpose(-1, -2)) * scale  # [S, S] in q.dtype
+            scores = rnd((q[b, h] @ k[b, h].transpose(-1, -2)) * scale)  # [S, S] in q.dtype
             scores = scores.masked_fill(~mask, float("-inf"))
-            out[b, h] = torch.softmax(scores, dim=-1) @ v[b, h]
+            out[b, h] = rnd(rnd(torch.softmax(scores, dim=-1)) @ v[b, h])
     return out
 
 
@@ -88,6 +99,7 @@ def flash_style_attention(
     v: torch.Tensor,
     block_size: int = 64,
     low_precision_accumulators: bool = False,
+    rnd: Round | None = None,
 ) -> torch.Tensor:
     """Blockwise online-softmax causal attention (FlashAttention-2's organisation, in torch).
 
@@ -95,7 +107,8 @@ def flash_style_attention(
     accumulator are fp32 (fp64 for fp64 inputs); each block's probabilities P are rounded to the
     input dtype before ``P V``, as the kernel feeds them to the tensor cores. With
     ``low_precision_accumulators`` the running sum and output accumulator are rounded to the
-    input dtype after every key block (a kernel that keeps its state in bf16/fp16).
+    input dtype after every key block (a kernel that keeps its state in bf16/fp16). ``rnd``
+    replaces "round to the input dtype" by an emulated format (P, the state and the output).
     """
     dtype = q.dtype
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -124,12 +137,32 @@ def flash_style_attention(
         p = torch.exp(sc - m_new)
         alpha = torch.exp(m_old - m_new)  # rescales what was accumulated under the old max
         l_new = l[:, :, j:] * alpha + p.sum(-1, keepdim=True)
-        acc_new = acc[:, :, j:] * alpha + p.to(dtype).to(acc_dtype) @ vb[:, :, j : j + 1]
+        p_low = rnd(p) if rnd else p.to(dtype).to(acc_dtype)
+        acc_new = acc[:, :, j:] * alpha + p_low @ vb[:, :, j : j + 1]
         if low_precision_accumulators:
-            l_new, acc_new = l_new.to(dtype).to(acc_dtype), acc_new.to(dtype).to(acc_dtype)
+            if rnd:
+                l_new, acc_new = rnd(l_new), rnd(acc_new)
+            else:
+                l_new, acc_new = l_new.to(dtype).to(acc_dtype), acc_new.to(dtype).to(acc_dtype)
         m[:, :, j:], l[:, :, j:], acc[:, :, j:] = m_new, l_new, acc_new
     out = (acc / l).view(bsz, heads, nb * block_size, d)[:, :, :s]
-    return out.to(dtype)
+    return rnd(out.contiguous()).to(dtype) if rnd else out.to(dtype)
+
+
+def format_round(spec: str) -> Round:
+    """The formats module's emulated ``fake_quant`` for ``spec``, on tensors of any rank.
+
+    Group-wise formats group along the last dimension (the head dimension for Q, K, V and the
+    key dimension for scores and probabilities).
+    """
+    from joules.evaluate.deviation import format_transform
+
+    fq = format_transform(spec)
+
+    def rnd(t: torch.Tensor) -> torch.Tensor:
+        return fq(t.reshape(-1, t.shape[-1]).float()).reshape(t.shape).to(t.dtype)
+
+    return rnd
 
 
 def sdpa_backends() -> dict[str, Any]:
@@ -238,9 +271,15 @@ def attention_deviation(
     head_dim: int = 64,
     seed: int = 0,
     impls: Sequence[str] | None = None,
+    formats: dict[str, Round] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> AttentionDeviationResult:
-    """Run the attention-stability grid (see the module docstring) and return every row."""
+    """Run the attention-stability grid (see the module docstring) and return every row.
+
+    ``formats`` maps a name to an emulated format (e.g. :func:`format_round` of ``mxfp8``):
+    inputs are put on its grid, and standard and flash-style attention round at the points
+    where a dtype would (SDPA cannot be emulated and is skipped for them).
+    """
     if not seq_lens or min(seq_lens) < 1:
         raise ConfigError(f"seq_lens must be positive lengths, got {list(seq_lens)}")
     if not block_sizes or min(block_sizes) < 1:
@@ -259,33 +298,39 @@ def attention_deviation(
 
     rows: list[AttentionDeviationRow] = []
     unavailable: list[str] = []
-    steps = len(seq_lens) * len(tdtypes)
+    formats = dict(formats or {})
+    precisions: list[tuple[str, torch.dtype, Round | None]] = [
+        (_dtype_name(dt), dt, None) for dt in tdtypes
+    ] + [(f"{name} (emulated)", torch.float32, fn) for name, fn in formats.items()]
+    steps = len(seq_lens) * len(precisions)
     done = 0
     gen = torch.Generator().manual_seed(seed)
     for s in seq_lens:
         base = [
             torch.randn(1, heads, s, head_dim, generator=gen, dtype=torch.float64) for _ in "qkv"
         ]
-        for dt in tdtypes:
-            q, k, v = (t.to(dt) for t in base)
+        for pname, dt, rnd in precisions:
+            q, k, v = (rnd(t.float()) if rnd else t.to(dt) for t in base)
             ref = standard_attention(*(t.to(torch.float64) for t in (q, k, v)))
             runs: list[tuple[str, int | None, Callable[[], torch.Tensor]]] = []
             if use("standard"):
-                runs.append(("standard", None, lambda q=q, k=k, v=v: standard_attention(q, k, v)))
+                runs.append(
+                    ("standard", None, lambda q=q, k=k, v=v, r=rnd: standard_attention(q, k, v, r))
+                )
             for bname, backend in backends.items():
-                if use(f"sdpa-{bname}"):
+                if use(f"sdpa-{bname}") and rnd is None:
                     fn = sdpa_attention(backend)
                     runs.append((f"sdpa-{bname}", None, lambda fn=fn, q=q, k=k, v=v: fn(q, k, v)))
             for name, low in (("flash-style", False), ("flash-style-lowacc", True)):
-                if not use(name):
+                if not use(name) or (low and rnd is not None):
                     continue
                 for bs in block_sizes:
                     runs.append(
                         (
                             name,
                             bs,
-                            lambda bs=bs, low=low, q=q, k=k, v=v: flash_style_attention(
-                                q, k, v, bs, low
+                            lambda bs=bs, low=low, q=q, k=k, v=v, r=rnd: flash_style_attention(
+                                q, k, v, bs, low, r
                             ),
                         )
                     )
@@ -295,7 +340,7 @@ def attention_deviation(
                     out = fn()
                 except RuntimeError:
                     # e.g. a CUDA-only SDPA backend on CPU, or a dtype a backend lacks
-                    tag = f"{name}@{_dtype_name(dt)}"
+                    tag = f"{name}@{pname}"
                     if tag not in unavailable:
                         unavailable.append(tag)
                     continue
@@ -303,7 +348,7 @@ def attention_deviation(
                 dev = (out.to(torch.float64) - ref).abs()
                 rows.append(
                     AttentionDeviationRow(
-                        name, _dtype_name(dt), s, bs, float(dev.max()), float(dev.mean()), dur
+                        name, pname, s, bs, float(dev.max()), float(dev.mean()), dur
                     )
                 )
             done += 1
