@@ -2,8 +2,8 @@
 
     >>> from joules.evaluate.attention import attention_deviation
     >>> r = attention_deviation(seq_lens=[128], dtypes=["bf16"], block_sizes=[64], heads=2)
-    >>> sorted({row.impl for row in r.rows})[:2]
-    ['flash-style', 'sdpa-math']
+    >>> {"standard", "flash-style", "sdpa-math"} <= {row.impl for row in r.rows}
+    True
 
 After Golden et al. 2024, "Is Flash Attention Stable?": the same causal attention
 ``softmax(Q Kᵀ / √d + mask) V`` computed by

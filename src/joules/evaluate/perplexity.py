@@ -2,7 +2,7 @@
 
     >>> from joules.models import tiny_model
     >>> from joules.data import load_text
-    >>> from joules.evaluate import perplexity
+    >>> from joules.evaluate.perplexity import perplexity
     >>> model, tok, _ = tiny_model()
     >>> r = perplexity(model, tok, load_text("wikitext2", "test"), window=64, limit_tokens=256)
     >>> r.tokens_scored, r.protocol.window
