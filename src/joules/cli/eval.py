@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from joules.cli._app import JSON_OPTION, app, console, emit, err_console
-from joules.errors import ConfigError, JoulesError
+from joules.errors import ConfigError
 
 TASKS = ("wikitext2", "hellaswag", "deviation", "attention-deviation")
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -214,15 +214,7 @@ def eval_cmd(
     json: bool = JSON_OPTION,
 ) -> None:
     """Evaluate MODEL: perplexity, HellaSwag accuracy, deviation or attention stability."""
-    args = dict(locals())
-    try:
-        _eval(**args)
-    except JoulesError as exc:
-        # Shown here rather than by the root group: typer >= 0.29 vendors its own click, whose
-        # handler no longer recognises the root group's click.ClickException (exit status 1 and
-        # a traceback instead of one line and status 2).
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(code=2) from exc
+    _eval(**locals())
 
 
 def _eval(
