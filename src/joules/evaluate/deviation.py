@@ -21,7 +21,8 @@ Per scored token (non-overlapping windows, scored as in ``perplexity.py``):
 * top-1 agreement: how often both put their highest probability on the same token;
 * each model's NLL of the actual next token, hence the perplexity ratio model / reference.
 
-Per module (``sqnr_modules="linear"``: every ``nn.Linear``; ``"block"``: every decoder layer),
+Per module (``sqnr_modules="linear"``: every decoder ``nn.Linear``; ``"block"``: every decoder
+layer),
 forward hooks accumulate the output SQNR 10·log10(Σ ref² / Σ (model − ref)²) over all tokens,
 to find the layers that hurt. The reference's outputs of one window are held in memory while the
 model runs the same window (about 0.6 GB for SmolLM2 at window 1024 with ``linear``).
@@ -147,7 +148,12 @@ class _SQNRHooks:
         out = []
         for n in self.names:
             s, e = self.signal.get(n, 0.0), self.noise.get(n, 0.0)
-            db = math.inf if e == 0 else (10 * math.log10(s / e) if s > 0 else -math.inf)
+            if s == 0 and e == 0:
+                db = math.nan  # never compared
+            elif e == 0:
+                db = math.inf  # identical outputs
+            else:
+                db = 10 * math.log10(s / e) if s > 0 else -math.inf
             out.append(LayerSQNR(n, db))
         return out
 
@@ -159,7 +165,9 @@ class _SQNRHooks:
 
 def _modules(model: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
     if kind == "linear":
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        # The output head is left out: its output is the logits, which the KL statistics cover
+        # (and the scorer calls it outside the hooks' ref/test phases).
+        return quantizable_linears(model)
     if kind == "block":
         return [
             (n, m) for n, m in model.named_modules() if type(m).__name__.endswith("DecoderLayer")

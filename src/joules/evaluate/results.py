@@ -240,7 +240,8 @@ class DeviationResult:
 
     def worst_layers(self, k: int = 5) -> list[LayerSQNR]:
         """The ``k`` modules with the lowest SQNR (where the model deviates most)."""
-        return sorted(self.layers, key=lambda s: s.sqnr_db)[:k]
+        compared = [s for s in self.layers if not math.isnan(s.sqnr_db)]
+        return sorted(compared, key=lambda s: s.sqnr_db)[:k]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
