@@ -76,7 +76,11 @@ def test_transformed_copy_leaves_the_original_alone(tiny):
 
 
 def test_weights_format_without_formats_module_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "joules.formats", None)  # import now raises ImportError
+    import joules
+
+    # as if joules.formats were not installed: the import raises ImportError
+    monkeypatch.setitem(sys.modules, "joules.formats", None)
+    monkeypatch.delattr(joules, "formats", raising=False)
     with pytest.raises(ConfigError, match=r"mxfp4 needs joules\.formats"):
         format_transform("mxfp4")
 
@@ -85,3 +89,27 @@ def test_vocabulary_mismatch_is_a_config_error(tiny, text):
     wide = tiny_model("llama", seed=0, vocab_size=416).model
     with pytest.raises(ConfigError, match="vocabulary"):
         deviation(wide, tiny.model, tiny.tokenizer, text, window=32, limit_tokens=40)
+
+
+def test_a_real_format_from_the_formats_module(tiny, text):
+    pytest.importorskip("joules.formats")
+    r4 = deviation(
+        transformed_copy(tiny.model, format_transform("int4-g32")),
+        tiny.model,
+        tiny.tokenizer,
+        text,
+        window=64,
+        limit_tokens=128,
+    )
+    r8 = deviation(
+        transformed_copy(tiny.model, format_transform("int8-ch")),
+        tiny.model,
+        tiny.tokenizer,
+        text,
+        window=64,
+        limit_tokens=128,
+    )
+    assert 0 < r8.kl_mean < r4.kl_mean  # fewer bits, more deviation
+    assert r8.worst_layers(1)[0].sqnr_db > r4.worst_layers(1)[0].sqnr_db
+    with pytest.raises(ConfigError, match="bogus"):  # the formats module's own message
+        format_transform("int5-bogus")
