@@ -19,6 +19,7 @@ from typing import Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from joules.cli._app import JSON_OPTION, app, console, emit, err_console
@@ -68,7 +69,7 @@ def _load(spec: str, dtype: str) -> Any:
 
 def _render_perplexity(r: Any) -> None:
     p = r.protocol
-    t = Table(title=f"perplexity of {p.model} on {p.dataset}", title_justify="left")
+    t = Table(title=escape(f"perplexity of {p.model} on {p.dataset}"), title_justify="left")
     for col in ("perplexity", "95 % interval", "mean NLL", "bits/byte", "tokens", "tokens/s"):
         t.add_column(col, justify="right")
     lo, hi = r.perplexity_ci95
@@ -91,7 +92,7 @@ def _render_perplexity(r: Any) -> None:
 
 def _render_choice(r: Any) -> None:
     p = r.protocol
-    t = Table(title=f"{p.dataset}: {p.model}", title_justify="left")
+    t = Table(title=escape(f"{p.dataset}: {p.model}"), title_justify="left")
     for col in ("metric", "value", "95 % Wilson interval"):
         t.add_column(col, justify="right")
     for name, value, (lo, hi) in (
@@ -109,7 +110,7 @@ def _render_choice(r: Any) -> None:
 
 def _render_deviation(r: Any) -> None:
     p = r.protocol
-    t = Table(title=f"deviation of {p.model} from {p.reference}", title_justify="left")
+    t = Table(title=escape(f"deviation of {p.model} from {p.reference}"), title_justify="left")
     t.add_column("statistic")
     t.add_column("value", justify="right")
     t.add_row("KL mean (nats)", f"{r.kl_mean:.6f} ± {1.96 * r.kl_stderr:.6f}")
@@ -340,9 +341,9 @@ def _eval(
             sqnr_modules=sqnr,
             dataset=dataset,
             model_name=model
-            + (f" [{weights_format}, emulated]" if weights_format else "")
-            + (f" [{dtype}]" if dtype != "fp32" else ""),
-            reference_name=reference or f"{model} [fp32]",
+            + (f" ({weights_format}, emulated)" if weights_format else "")
+            + (f" ({dtype})" if dtype != "fp32" else ""),
+            reference_name=reference or f"{model} (fp32)",
             transform_name=getattr(transform, "__name__", None),
             progress=prog,
         )
