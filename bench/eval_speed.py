@@ -1,0 +1,162 @@
+"""Perplexity throughput of joules (fp32, bf16) against llama.cpp on the same tokens.
+
+    $ python bench/eval_speed.py                       # 8,192 WikiText-2 test tokens, window 1024
+    $ python bench/eval_speed.py --tokens 4096 --window 512 --out bench/results/x.json
+
+Each runtime scores the same non-overlapping windows of the same token ids (no BOS, the first
+token of each window is context only) and reports perplexity and tokens/s; the speed ratio is
+joules / llama.cpp measured in this run, against llama.cpp's whole loop (eval, logits copy,
+log-softmax in numpy) and against its ``eval()`` calls alone (the stricter peer). llama.cpp runs the default model's GGUF file as shipped
+(Q4_1 weights, its own quantized kernels) through llama-cpp-python (optional:
+``pip install 'joules[llamacpp]'``); joules runs the same weights dequantized to fp32, or
+rounded to bf16. Warm-up: one window per runtime before the timed phase. Threads: all cores for
+both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from joules.data import load_text
+from joules.evaluate.perplexity import perplexity, plan_windows, tokenize_stream
+from joules.evaluate.scoring import set_threads
+from joules.models import load_model, smollm2_gguf_path
+
+
+def bench_joules(dtype: torch.dtype, ids: list[int], window: int, batch: int | None) -> dict:
+    model, tok, _ = load_model("smollm2-135m", dtype=dtype)
+    perplexity(model, tok, ids[: window + 1], window=window, batch_size=1)  # warm-up
+    r = perplexity(model, tok, ids, window=window, batch_size=batch)
+    return {
+        "runtime": f"joules {str(dtype).removeprefix('torch.')}",
+        "perplexity": r.perplexity,
+        "tokens_scored": r.tokens_scored,
+        "duration_s": r.duration_s,
+        "tokens_per_s": r.tokens_per_s,
+        "batch_size": r.protocol.batch_size,
+    }
+
+
+def bench_llama_cpp(ids: list[int], window: int, threads: int) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(smollm2_gguf_path()),
+        n_ctx=window,
+        n_batch=window,
+        n_ubatch=window,
+        logits_all=True,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    windows = plan_windows(len(ids), window, window, add_bos=False)
+
+    def run(ws) -> tuple[float, int, float]:
+        nll, n, eval_s = 0.0, 0, 0.0
+        for w in ws:
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(ids[w.begin : w.end])
+            eval_s += time.perf_counter() - t
+            logits = np.asarray(llm.scores[: w.end - w.begin], dtype=np.float32)  # [T, V]
+            lo = w.score_from - w.begin
+            rows = logits[lo - 1 : -1]  # positions predicting tokens lo..T-1
+            mx = rows.max(-1, keepdims=True)
+            lse = (mx[:, 0] + np.log(np.exp(rows - mx).sum(-1))).astype(np.float64)
+            tgt = np.asarray(ids[w.score_from : w.end])
+            nll += float((lse - rows[np.arange(len(tgt)), tgt]).sum())
+            n += len(tgt)
+        return nll, n, eval_s
+
+    run(windows[:1])  # warm-up
+    t0 = time.perf_counter()
+    nll, n, eval_s = run(windows)
+    dur = time.perf_counter() - t0
+    return {
+        "runtime": "llama.cpp (GGUF Q4_1)",
+        "perplexity": math.exp(nll / n),
+        "tokens_scored": n,
+        "duration_s": dur,
+        "tokens_per_s": n / dur,
+        # llm.eval alone (forward + logits copy), without the NLL arithmetic in numpy
+        "eval_only_tokens_per_s": n / eval_s,
+        "batch_size": 1,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/eval_speed.json"))
+    args = ap.parse_args()
+    threads = set_threads(args.threads)
+    _, tok, _ = load_model("smollm2-135m")
+    ids = tokenize_stream(tok, load_text("wikitext2", "test"), args.tokens)
+
+    rows = []
+    try:
+        rows.append(bench_llama_cpp(ids, args.window, threads))
+    except ImportError:
+        rows.append({"runtime": "llama.cpp", "error": "llama-cpp-python is not installed"})
+    rows.append(bench_joules(torch.float32, ids, args.window, args.batch_size))
+    rows.append(bench_joules(torch.bfloat16, ids, args.window, args.batch_size))
+    peer = rows[0].get("tokens_per_s")
+    peer_eval = rows[0].get("eval_only_tokens_per_s")
+    for r in rows:
+        ok = "tokens_per_s" in r
+        r["speed_vs_llama_cpp"] = r["tokens_per_s"] / peer if peer and ok else None
+        r["speed_vs_llama_cpp_eval_only"] = (
+            r["tokens_per_s"] / peer_eval if peer_eval and ok else None
+        )
+
+    print(
+        f"perplexity throughput, WikiText-2 test first {len(ids):,} tokens, window {args.window}, "
+        f"{threads} threads, cpu {os.cpu_count()} logical cores"
+    )
+    print(
+        f"{'runtime':<24}{'ppl':>10}{'tokens':>9}{'s':>9}{'tok/s':>9}{'x llama.cpp':>13}"
+        f"{'x its eval()':>14}"
+    )
+    for r in rows:
+        if "error" in r:
+            print(f"{r['runtime']:<24}  {r['error']}")
+            continue
+        ratio, ratio_eval = r["speed_vs_llama_cpp"], r["speed_vs_llama_cpp_eval_only"]
+        print(
+            f"{r['runtime']:<24}{r['perplexity']:>10.4f}{r['tokens_scored']:>9,}"
+            f"{r['duration_s']:>9.1f}{r['tokens_per_s']:>9.1f}"
+            f"{(f'{ratio:.2f}' if ratio else '-'):>13}"
+            f"{(f'{ratio_eval:.2f}' if ratio_eval else '-'):>14}"
+        )
+    if "eval_only_tokens_per_s" in rows[0]:
+        print(f"llama.cpp eval() alone: {rows[0]['eval_only_tokens_per_s']:.1f} tok/s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "tokens": len(ids),
+                "window": args.window,
+                "threads": threads,
+                "torch": torch.__version__,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""``joules eval``: perplexity, multiple-choice accuracy, deviation and attention stability.
+
+    $ joules eval smollm2-135m --task wikitext2 --limit-tokens 4096
+    $ joules eval smollm2-135m --task wikitext2 --window 1024 --stride 512 --json
+    $ joules eval smollm2-135m --task hellaswag --limit 2000
+    $ joules eval mine.gguf --task deviation --reference smollm2-135m
+    $ joules eval smollm2-135m --task deviation --weights-format mxfp4 --limit-tokens 8192
+    $ joules eval --task attention-deviation --seq-lens 128,1024 --dtypes bf16
+
+``--data`` replaces the shipped set (a UTF-8 text file for wikitext2/deviation, a JSONL file of
+``{"context", "endings", "label"}`` for hellaswag). Every result prints its protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from joules.cli._app import JSON_OPTION, app, console, emit, err_console
+from joules.errors import ConfigError
+
+TASKS = ("wikitext2", "hellaswag", "deviation", "attention-deviation")
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+@contextmanager
+def _progress(label: str, as_json: bool) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar (on stderr with --json, so stdout stays pure JSON)."""
+    with Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console if as_json else console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from exc
+    if not out or min(out) < 1:
+        raise ConfigError(f"{what} must be positive integers, got {text!r}")
+    return out
+
+
+def _load(spec: str, dtype: str) -> Any:
+    import torch
+
+    from joules.models import load_model
+
+    with console.status(f"loading {spec}"):
+        return load_model(spec, dtype=getattr(torch, _DTYPES[dtype]))
+
+
+def _render_perplexity(r: Any) -> None:
+    p = r.protocol
+    t = Table(title=escape(f"perplexity of {p.model} on {p.dataset}"), title_justify="left")
+    for col in ("perplexity", "95 % interval", "mean NLL", "bits/byte", "tokens", "tokens/s"):
+        t.add_column(col, justify="right")
+    lo, hi = r.perplexity_ci95
+    t.add_row(
+        f"{r.perplexity:.4f}",
+        f"{lo:.3f} - {hi:.3f}",
+        f"{r.nll_mean:.5f}",
+        f"{r.bits_per_byte:.4f}",
+        f"{r.tokens_scored:,}",
+        f"{r.tokens_per_s:.0f}",
+    )
+    console.print(t)
+    console.print(
+        f"[dim]protocol: {p.dataset}/{p.split or '-'} · window {p.window} · stride {p.stride} · "
+        f"BOS {'yes' if p.add_bos else 'no'} · limit {p.limit_tokens or 'none'} · "
+        f"{p.stream_tokens:,} stream tokens in {r.windows} windows · {p.dtype} · "
+        f"batch {p.batch_size} · tokenizer {p.tokenizer}[/]"
+    )
+
+
+def _render_choice(r: Any) -> None:
+    p = r.protocol
+    t = Table(title=escape(f"{p.dataset}: {p.model}"), title_justify="left")
+    for col in ("metric", "value", "95 % Wilson interval"):
+        t.add_column(col, justify="right")
+    for name, value, (lo, hi) in (
+        ("acc", r.acc, r.acc_ci95),
+        ("acc_norm", r.acc_norm, r.acc_norm_ci95),
+    ):
+        t.add_row(name, f"{100 * value:.2f} %", f"{100 * lo:.2f} - {100 * hi:.2f} %")
+    console.print(t)
+    limit = f"{r.n} of {p.items_total} (seed {p.seed})" if p.limit else f"all {r.n}"
+    console.print(
+        f"[dim]protocol: items {limit} · BOS {'yes' if p.add_bos else 'no'} · {p.dtype} · "
+        f"KV reuse {'yes' if p.kv_reuse else 'no'} · {r.items_per_s:.2f} items/s[/]"
+    )
+
+
+def _render_deviation(r: Any) -> None:
+    p = r.protocol
+    t = Table(title=escape(f"deviation of {p.model} from {p.reference}"), title_justify="left")
+    t.add_column("statistic")
+    t.add_column("value", justify="right")
+    t.add_row("KL mean (nats)", f"{r.kl_mean:.6f} ± {1.96 * r.kl_stderr:.6f}")
+    t.add_row("KL median", f"{r.kl_median:.6f}")
+    t.add_row("KL p99", f"{r.kl_p99:.6f}")
+    t.add_row("KL max", f"{r.kl_max:.6f}")
+    t.add_row("top-1 agreement", f"{100 * r.top1_agreement:.2f} %")
+    t.add_row(
+        "perplexity model / reference", f"{r.perplexity_model:.4f} / {r.perplexity_reference:.4f}"
+    )
+    t.add_row("perplexity ratio", f"{r.perplexity_ratio:.5f}")
+    t.add_row("tokens", f"{r.tokens_scored:,}")
+    console.print(t)
+    worst = [s for s in r.worst_layers(8) if s.sqnr_db != float("inf")]
+    if worst:
+        lt = Table(title="lowest output SQNR (layers that hurt)", title_justify="left")
+        lt.add_column("module")
+        lt.add_column("SQNR dB", justify="right")
+        for s in worst:
+            lt.add_row(s.name, f"{s.sqnr_db:.2f}")
+        console.print(lt)
+    console.print(
+        f"[dim]protocol: {p.dataset} · window {p.window} · limit {p.limit_tokens or 'none'} · "
+        f"transform {p.transform or 'none'} · {p.kl}[/]"
+    )
+
+
+def _render_attention(r: Any) -> None:
+    t = Table(title="attention deviation from fp64 standard attention", title_justify="left")
+    for col in ("impl", "dtype", "seq", "block", "max |dev|", "mean |dev|"):
+        t.add_column(col, justify="right")
+    for row in r.rows:
+        t.add_row(
+            row.impl,
+            row.dtype,
+            str(row.seq_len),
+            str(row.block_size or "-"),
+            f"{row.max_abs_dev:.3e}",
+            f"{row.mean_abs_dev:.3e}",
+        )
+    console.print(t)
+    ratios = r.ratios("bf16")
+    if ratios:
+        low = {x["seq_len"]: x for x in r.ratios("bf16", impl="flash-style-lowacc")}
+        rt = Table(title="bf16: deviation / standard's deviation", title_justify="left")
+        for col in ("seq", "block", "flash-style max", "mean", "lowacc max", "mean"):
+            rt.add_column(col, justify="right")
+        for x in ratios:
+            lo = low.get(x["seq_len"], {})
+            rt.add_row(
+                str(x["seq_len"]),
+                str(x["block_size"]),
+                f"{x['max_ratio']:.2f}",
+                f"{x['mean_ratio']:.2f}",
+                f"{lo.get('max_ratio', float('nan')):.2f}",
+                f"{lo.get('mean_ratio', float('nan')):.2f}",
+            )
+        console.print(rt)
+    p = r.protocol
+    console.print(
+        f"[dim]protocol: {p.inputs}; batch {p.batch} × {p.heads} heads × dim {p.head_dim}, "
+        f"causal, seed {p.seed}; not available here: {', '.join(p.unavailable) or 'none'}[/]"
+    )
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument("smollm2-135m", help="Model spec (preset, HF dir or .gguf)."),
+    task: str = typer.Option(..., "--task", help="One of: " + ", ".join(TASKS) + "."),
+    reference: str = typer.Option(
+        None, "--reference", help="deviation: the reference model (default: MODEL itself)."
+    ),
+    weights_format: str = typer.Option(
+        None,
+        "--weights-format",
+        help="deviation: fake-quantize MODEL's decoder linear weights to this format (emulated); "
+        "attention-deviation: comma-separated formats to emulate besides --dtypes.",
+    ),
+    data: str = typer.Option(
+        None, "--data", help="A text file (wikitext2, deviation) or JSONL (hellaswag) to use."
+    ),
+    split: str = typer.Option("test", help="wikitext2 split: test (evaluate) or valid."),
+    limit_tokens: int = typer.Option(None, "--limit-tokens", help="Evaluate the first N tokens."),
+    limit: int = typer.Option(None, "--limit", help="hellaswag: N items drawn with --seed."),
+    window: int = typer.Option(1024, help="Context window in tokens."),
+    stride: int = typer.Option(None, help="Stride in tokens (default: the window)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Windows per forward pass."),
+    dtype: str = typer.Option("fp32", help="Compute dtype of the model: fp32 or bf16."),
+    bos: bool = typer.Option(None, "--bos/--no-bos", help="Prepend BOS (default: tokenizer's)."),
+    seed: int = typer.Option(1234, help="hellaswag --limit sampling / attention inputs seed."),
+    kv_reuse: bool = typer.Option(
+        True, "--kv-reuse/--no-kv-reuse", help="hellaswag: score the context once (KV cache)."
+    ),
+    sqnr: str = typer.Option("linear", help="deviation: SQNR per linear, block, or none."),
+    seq_lens: str = typer.Option(
+        "128,256,512,1024,2048,4096", "--seq-lens", help="attention-deviation lengths."
+    ),
+    block_sizes: str = typer.Option("64,128", "--block-sizes", help="flash-style block sizes."),
+    dtypes: str = typer.Option("fp32,bf16,fp16", help="attention-deviation dtypes."),
+    heads: int = typer.Option(4, help="attention-deviation heads (head dim 64)."),
+    threads: int = typer.Option(None, help="CPU threads (default: all cores)."),
+    json: bool = JSON_OPTION,
+) -> None:
+    """Evaluate MODEL: perplexity, HellaSwag accuracy, deviation or attention stability."""
+    _eval(**locals())
+
+
+def _eval(
+    model: str,
+    task: str,
+    reference: str | None,
+    weights_format: str | None,
+    data: str | None,
+    split: str,
+    limit_tokens: int | None,
+    limit: int | None,
+    window: int,
+    stride: int | None,
+    batch_size: int | None,
+    dtype: str,
+    bos: bool | None,
+    seed: int,
+    kv_reuse: bool,
+    sqnr: str,
+    seq_lens: str,
+    block_sizes: str,
+    dtypes: str,
+    heads: int,
+    threads: int | None,
+    json: bool,
+) -> None:
+    from joules.evaluate.scoring import set_threads
+
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    if dtype not in _DTYPES:
+        raise ConfigError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    set_threads(threads)
+
+    if task == "attention-deviation":
+        from joules.evaluate.attention import attention_deviation
+
+        lens, blocks = _ints(seq_lens, "--seq-lens"), _ints(block_sizes, "--block-sizes")
+        dts = [d.strip() for d in dtypes.split(",") if d.strip()]
+        fmts = {}
+        if weights_format:
+            from joules.evaluate.attention import format_round
+
+            fmts = {
+                f.strip(): format_round(f.strip()) for f in weights_format.split(",") if f.strip()
+            }
+        with _progress("attention grid", json) as prog:
+            r = attention_deviation(
+                lens, dts, blocks, heads=heads, seed=seed, formats=fmts, progress=prog
+            )
+        emit(r, json, _render_attention)
+        return
+
+    if task == "hellaswag":
+        from joules.data import load_choice
+        from joules.evaluate.choice import choice_accuracy
+
+        items = load_choice(data or "hellaswag")
+        m, tok, _ = _load(model, dtype)
+        with _progress("items", json) as prog:
+            r = choice_accuracy(
+                m,
+                tok,
+                items,
+                limit=limit,
+                seed=seed,
+                add_bos=bos,
+                kv_reuse=kv_reuse,
+                dataset=data or "hellaswag",
+                model_name=model,
+                progress=prog,
+            )
+        emit(r, json, _render_choice)
+        return
+
+    from joules.data import load_text
+
+    text = load_text(data) if data else load_text("wikitext2", split)
+    dataset = data or "wikitext2"
+    if task == "wikitext2":
+        from joules.evaluate.perplexity import perplexity
+
+        m, tok, _ = _load(model, dtype)
+        with _progress("tokens", json) as prog:
+            r = perplexity(
+                m,
+                tok,
+                text,
+                window=window,
+                stride=stride,
+                limit_tokens=limit_tokens,
+                add_bos=bos,
+                batch_size=batch_size,
+                dataset=dataset,
+                split=None if data else split,
+                model_name=model,
+                progress=prog,
+            )
+        emit(r, json, _render_perplexity)
+        return
+
+    # deviation
+    from joules.evaluate.deviation import deviation, format_transform, transformed_copy
+
+    transform = format_transform(weights_format) if weights_format else None
+    m, tok, _ = _load(model, dtype)
+    if reference:
+        ref, _, _ = _load(reference, "fp32")
+    else:
+        ref = m if transform is not None or dtype == "fp32" else _load(model, "fp32").model
+    if transform is not None:
+        with console.status(f"fake-quantizing weights to {weights_format}"):
+            m = transformed_copy(m, transform)
+    with _progress("tokens", json) as prog:
+        r = deviation(
+            m,
+            ref,
+            tok,
+            text,
+            window=window,
+            limit_tokens=limit_tokens,
+            add_bos=bos,
+            sqnr_modules=sqnr,
+            dataset=dataset,
+            model_name=model
+            + (f" ({weights_format}, emulated)" if weights_format else "")
+            + (f" ({dtype})" if dtype != "fp32" else ""),
+            reference_name=reference or f"{model} (fp32)",
+            transform_name=getattr(transform, "__name__", None),
+            progress=prog,
+        )
+    emit(r, json, _render_deviation)

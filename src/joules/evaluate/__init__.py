@@ -1,0 +1,33 @@
+"""Evaluation: perplexity, multiple-choice accuracy, deviation from a reference, attention stability.
+
+    >>> from joules.models import tiny_model
+    >>> from joules.data import load_text
+    >>> from joules.evaluate.perplexity import perplexity
+    >>> model, tok, _ = tiny_model()
+    >>> perplexity(model, tok, load_text("wikitext2", "test"), window=64, limit_tokens=128).windows
+    2
+
+Every result carries the protocol that produced it (``result.protocol``); see
+``perplexity.py``, ``choice.py``, ``deviation.py`` and ``attention.py`` for each protocol.
+"""
+
+from joules.evaluate.choice import choice_accuracy
+from joules.evaluate.perplexity import perplexity, wikitext2_perplexity
+from joules.evaluate.results import (
+    ChoiceResult,
+    DeviationResult,
+    LayerSQNR,
+    PerplexityResult,
+    wilson_interval,
+)
+
+__all__ = [
+    "ChoiceResult",
+    "DeviationResult",
+    "LayerSQNR",
+    "PerplexityResult",
+    "choice_accuracy",
+    "perplexity",
+    "wikitext2_perplexity",
+    "wilson_interval",
+]
