@@ -8,7 +8,10 @@ runner = CliRunner()
 
 
 def test_demo_on_a_tiny_model_prints_computed_figures(tiny_dir):
-    r = runner.invoke(app, ["demo", "--model", str(tiny_dir), "--new-tokens", "6", "--json"])
+    r = runner.invoke(
+        app,
+        ["demo", "--model", str(tiny_dir), "--new-tokens", "6", "--ppl-tokens", "300", "--json"],
+    )
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["generation"]["new_tokens"] == 6
@@ -22,6 +25,15 @@ def test_demo_on_a_tiny_model_prints_computed_figures(tiny_dir):
     assert set(fmts) == {"int8-ch", "mxfp8-e4m3", "uint4-asym-g32", "int4-g32", "mxfp4", "nxfp4"}
     # 8-bit formats keep far more signal than 4-bit ones on the same weights.
     assert fmts["int8-ch"]["sqnr_db"] > fmts["int4-g32"]["sqnr_db"] + 15
+    ppl = d["perplexity"]
+    assert [p["weights"] for p in ppl] == [
+        "float32 as loaded",
+        "uint4-asym-g32 (emulated)",
+        "int4-g32 (emulated)",
+        "mxfp4 (emulated)",
+    ]
+    assert all(p["tokens_scored"] > 200 and p["perplexity"] > 1 for p in ppl)
+    assert d["perplexity_energy"]["energy_j"] > 0
 
 
 def test_bad_model_is_one_line_exit_2(tmp_path):

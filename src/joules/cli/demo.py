@@ -3,8 +3,9 @@
 Stages so far: load the model and show its ModelInfo; generate from a WikiText-2 prompt inside
 an energy window (tokens/s, joules per token, method and uncertainty); run every linear weight
 through a few number formats (bits/element, SQNR; ``uint4-asym-g32`` must reproduce the Q4_1
-weights of the default model). Each later capability extends this until it is the whole
-pipeline. Every number printed here was computed in this run.
+weights of the default model); WikiText-2 test perplexity on a slice for the model as loaded
+(inside an energy window) and for its weights emulated in a few formats. Each later capability
+extends this until it is the whole pipeline. Every number printed here was computed in this run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class DemoResult:
     generation: Any
     generation_energy: Any
     formats: list[Any]
+    perplexity: list[tuple[str, Any]]
+    perplexity_energy: Any
 
     @property
     def energy_j_per_token(self) -> float:
@@ -39,6 +42,8 @@ class DemoResult:
             "generation_energy": self.generation_energy,
             "energy_j_per_token": self.energy_j_per_token,
             "formats": self.formats,
+            "perplexity": [{"weights": name, **r.to_dict()} for name, r in self.perplexity],
+            "perplexity_energy": self.perplexity_energy,
         }
 
 
@@ -90,6 +95,7 @@ def _render(r: DemoResult) -> None:
         f"[bold]{r.energy_j_per_token:.3g} J/token[/] ({e.method})"
     )
     _render_formats(r.formats, r.info)
+    _render_perplexity(r)
 
 
 def _render_formats(rows: list[Any], info: Any) -> None:
@@ -113,6 +119,36 @@ def _render_formats(rows: list[Any], info: Any) -> None:
         )
 
 
+def _render_perplexity(r: DemoResult) -> None:
+    from joules.cli.measure import measurement_line
+
+    proto = r.perplexity[0][1].protocol
+    t = Table(
+        title=f"WikiText-2 test perplexity, first {r.perplexity[0][1].tokens_scored} tokens "
+        f"scored (window {proto.window}, stride {proto.stride})",
+        title_justify="left",
+    )
+    for col in ("weights", "perplexity", "95 % interval", "bits/byte", "tokens/s"):
+        t.add_column(col, justify="left" if col == "weights" else "right")
+    for name, p in r.perplexity:
+        lo, hi = p.perplexity_ci95
+        t.add_row(
+            name,
+            f"{p.perplexity:.3f}",
+            f"{lo:.2f}-{hi:.2f}",
+            f"{p.bits_per_byte:.4f}",
+            f"{p.tokens_per_s:.0f}",
+        )
+    console.print(t)
+    e = r.perplexity_energy
+    per_tok = e.energy_j / max(r.perplexity[0][1].tokens_scored, 1)
+    console.print(
+        f"energy of the first perplexity run: {measurement_line(e)}; "
+        f"[bold]{per_tok:.3g} J/token scored[/] ({e.method}). Emulated formats run in float, so "
+        "their speed and energy are not those of a real low-bit kernel: only their quality is."
+    )
+
+
 def _wikitext_prompt(words: int = 48) -> str:
     from joules.data import load_text
 
@@ -124,6 +160,17 @@ def _wikitext_prompt(words: int = 48) -> str:
     return " ".join(lines[0].split()[:words])
 
 
+# Perplexity variants: the GGUF-exact layout (should match the model as loaded) and two
+# 4-bit formats that are not.
+PPL_FORMATS = ("uint4-asym-g32", "int4-g32", "mxfp4")
+
+
+def _ppl(model: Any, tok: Any, limit_tokens: int) -> Any:
+    from joules.evaluate import wikitext2_perplexity
+
+    return wikitext2_perplexity(model, tok, split="test", window=1024, limit_tokens=limit_tokens)
+
+
 # Cheap formats that tell the story: 8-bit baselines, the GGUF-exact layout, OCP MX and NxFP.
 DEMO_FORMATS = ("int8-ch", "mxfp8-e4m3", "uint4-asym-g32", "int4-g32", "mxfp4", "nxfp4")
 
@@ -132,11 +179,15 @@ DEMO_FORMATS = ("int8-ch", "mxfp8-e4m3", "uint4-asym-g32", "int4-g32", "mxfp4", 
 def demo(
     model: str = typer.Option("smollm2-135m", help="Model spec (preset, HF dir or .gguf)."),
     new_tokens: int = typer.Option(64, min=1, help="Tokens to generate."),
+    ppl_tokens: int = typer.Option(
+        2048, min=2, help="WikiText-2 test tokens to score (the full split is ~312k: ~17 min)."
+    ),
     json: bool = JSON_OPTION,
 ) -> None:
     """Run the main job end to end on the embedded default model."""
     import time
 
+    from joules.evaluate.deviation import format_transform, transformed_copy
     from joules.formats import compare_formats
     from joules.measure import detect_meter
     from joules.models import load_model
@@ -147,14 +198,24 @@ def demo(
         m, tok, info = load_model(model)
         load_s = time.perf_counter() - t0
     prompt = _wikitext_prompt()
+    ppl: list[tuple[str, Any]] = []
     meter = detect_meter()
     try:
         with console.status(f"generating {new_tokens} tokens inside an energy window"):
             generate_timed(m, tok, prompt, new_tokens=1)  # warm-up, outside the window
             with meter.window("generate") as w:
                 gen = generate_timed(m, tok, prompt, new_tokens, warmup=False)
+        with console.status("running every linear weight through number formats"):
+            fmt_rows = compare_formats(m, DEMO_FORMATS)
+        status = f"WikiText-2 perplexity of the model as loaded ({info.dtype})"
+        with console.status(status), meter.window("perplexity") as pw:
+            ppl.append((f"{info.dtype} as loaded", _ppl(m, tok, ppl_tokens)))
     finally:
         meter.close()
-    with console.status("running every linear weight through number formats"):
-        fmt_rows = compare_formats(m, DEMO_FORMATS)
-    emit(DemoResult(info, load_s, gen, w.measurement, fmt_rows), json, _render)
+    for spec in PPL_FORMATS:
+        with console.status(f"WikiText-2 perplexity with weights in {spec} (emulated)"):
+            variant = transformed_copy(m, format_transform(spec))
+            ppl.append((f"{spec} (emulated)", _ppl(variant, tok, ppl_tokens)))
+            del variant
+    result = DemoResult(info, load_s, gen, w.measurement, fmt_rows, ppl, pw.measurement)
+    emit(result, json, _render)
