@@ -21,13 +21,13 @@ class DoctorReport:
 
 def _default_model_status() -> dict[str, Any]:
     from joules.errors import JoulesError
-    from joules.models.loading import DEFAULT_MODEL, _gguf_cache_key, cache_dir, smollm2_gguf_path
+    from joules.models.loading import DEFAULT_MODEL, converted_gguf_dir, smollm2_gguf_path
 
     try:
         path = smollm2_gguf_path()
     except JoulesError as exc:
         return {"spec": DEFAULT_MODEL, "found": False, "problem": str(exc)}
-    converted = cache_dir() / "models" / _gguf_cache_key(path)
+    converted = converted_gguf_dir(path)
     return {
         "spec": DEFAULT_MODEL,
         "found": True,

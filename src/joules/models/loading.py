@@ -145,10 +145,11 @@ def _load_hf_dir(path: Path, dtype: torch.dtype | None) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _gguf_cache_key(path: Path) -> str:
+def converted_gguf_dir(path: Path) -> Path:
+    """Where the safetensors conversion of a GGUF file lives (keyed by path, size and mtime)."""
     st = path.stat()
     h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode())
-    return f"{path.stem}-{h.hexdigest()[:12]}"
+    return cache_dir() / "models" / f"{path.stem}-{h.hexdigest()[:12]}"
 
 
 def _convert_gguf(path: Path, target: Path) -> None:
@@ -213,7 +214,7 @@ def load_model(
     gguf_file: str | None = None
     gguf_types: dict[str, str] = {}
     if kind == "gguf":
-        converted = cache_dir() / "models" / _gguf_cache_key(path)
+        converted = converted_gguf_dir(path)
         if not (converted / "joules_gguf.json").is_file():
             _convert_gguf(path, converted)
         meta = json.loads((converted / "joules_gguf.json").read_text())
