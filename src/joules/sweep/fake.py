@@ -1,0 +1,180 @@
+"""Fake stages over a tiny random model, so every path of the sweep runs in CI in seconds.
+
+    >>> from joules.sweep.fake import FakeStages, fake_recipe
+    >>> fake_recipe("round(bits=4)")
+    'round(bits=4)'
+    >>> stages = FakeStages().stages()
+    >>> stages.missing
+    {}
+
+Loading is :func:`joules.models.tiny_model` and evaluation is the real
+:func:`joules.evaluate.perplexity` on that tiny model (so pairing with the baseline is real).
+Compression ``round(bits=N)`` rounds every decoder linear weight to N-bit symmetric per-row
+integers (emulated); bench and predict return figures computed from the model's bytes, shaped
+like ``BenchResult.to_dict()`` and ``Prediction.to_dict()``. Every call appends a line to
+``log_path`` (if set) so tests can count what was computed, and ``sleep_s`` slows each bench so
+a test can kill a sweep in the middle.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from joules.errors import ConfigError
+from joules.sweep.spec import BenchSpec, CalibrationSpec, EvalSpec
+from joules.sweep.stages import Progress, Stages, baseline_manifest
+from joules.sweep.stages import evaluate as real_evaluate
+
+_RECIPE = re.compile(r"^round\(bits=(\d+)\)$")
+FAKE_BANDWIDTH_B_PER_S = {"this-machine": 20e9, "h100": 3.35e12, "a100": 2.0e12}
+
+
+def fake_recipe(text: str) -> str:
+    """Validate a fake recipe ``round(bits=N)`` (2 ≤ N ≤ 16) and return its canonical string."""
+    m = _RECIPE.match(text.replace(" ", ""))
+    if not m or not 2 <= int(m.group(1)) <= 16:
+        raise ConfigError(f"fake recipe must be round(bits=N) with 2 <= N <= 16, got {text!r}")
+    return f"round(bits={int(m.group(1))})"
+
+
+@dataclass
+class FakeStages:
+    log_path: str | None = None
+    sleep_s: float = 0.0
+    fail_recipes: tuple[str, ...] = ()
+    seed: int = 0
+    calls: list[str] = field(default_factory=list)
+
+    def _log(self, line: str) -> None:
+        self.calls.append(line)
+        if self.log_path:
+            with open(self.log_path, "a") as f:
+                f.write(f"{os.getpid()} {line}\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def load(self, spec: str, dtype: str) -> tuple[Any, Any, Any]:
+        import torch
+
+        from joules.models import tiny_model
+
+        self._log(f"load {spec}")
+        return tuple(tiny_model("llama", seed=self.seed, dtype=getattr(torch, dtype)))  # type: ignore[return-value]
+
+    def calibration(self, tokenizer: Any, c: CalibrationSpec) -> tuple[Any, str]:
+        import torch
+
+        self._log("calibration")
+        g = torch.Generator().manual_seed(c.seed)
+        tokens = torch.randint(3, 259, (c.n, c.length), generator=g)
+        return tokens, hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+
+    def compress(
+        self, model: Any, recipe: str, calib: Any, tokenizer: Any, progress: Progress | None
+    ) -> tuple[Any, dict[str, Any]]:
+        import torch
+
+        self._log(f"compress {recipe}")
+        if recipe in self.fail_recipes:
+            raise RuntimeError(f"fake failure compressing {recipe}")
+        bits = int(_RECIPE.match(recipe).group(1))  # type: ignore[union-attr]
+        model = copy.deepcopy(model)
+        layers = {}
+        qmax = 2 ** (bits - 1) - 1
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        names = [n for n in names if n.startswith("model.layers.")]
+        for i, name in enumerate(names):
+            lin = model.get_submodule(name)
+            with torch.no_grad():
+                w = lin.weight
+                scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
+                w.copy_((w / scale).round().clamp(-qmax, qmax) * scale)
+            layers[name] = {
+                "format": f"int{bits}-ch",
+                "bits_per_weight": bits + 16 / w.shape[1],
+                "path": "emulated",
+            }
+            if progress:
+                progress(i + 1, len(names))
+        base = baseline_manifest(model, None)
+        linear_params = sum(model.get_submodule(n).weight.numel() for n in names)
+        model.fake_bytes = base["model_bytes"] - linear_params * (32 - bits) // 8
+        return model, {
+            "recipe": recipe,
+            "bits_per_weight": bits + 16 / model.get_submodule(names[0]).weight.shape[1],
+            "model_bytes": model.fake_bytes,
+            "layers": layers,
+            "calibration": {"sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()},
+        }
+
+    def evaluate(
+        self,
+        task: str,
+        model: Any,
+        tokenizer: Any,
+        info: Any,
+        ev: EvalSpec,
+        progress: Progress | None,
+    ) -> dict[str, Any]:
+        self._log(f"evaluate {task}")
+        return real_evaluate(task, model, tokenizer, info, ev, progress)
+
+    def bench(
+        self, model: Any, tokenizer: Any, info: Any, b: BenchSpec, progress: Progress | None
+    ) -> dict[str, Any]:
+        self._log(f"bench p{b.prompt_len}")
+        steps = max(1, int(self.sleep_s / 0.05))
+        for i in range(steps):
+            if self.sleep_s:
+                time.sleep(self.sleep_s / steps)
+            if progress:
+                progress(i + 1, steps)
+        nbytes = getattr(model, "fake_bytes", None) or _model_bytes(model)
+        tpot = nbytes / FAKE_BANDWIDTH_B_PER_S["this-machine"]
+        jpt = 40.0 * tpot  # a 40 W machine
+        return {
+            "ttft_s": {
+                "median": tpot * b.prompt_len / 8,
+                "ci95": [tpot * b.prompt_len / 9, tpot * b.prompt_len / 7],
+            },
+            "tpot_s": {"median": tpot, "ci95": [0.95 * tpot, 1.05 * tpot]},
+            "decode_tokens_per_s": {"median": b.batch / tpot},
+            "peak_rss_bytes": nbytes + 50_000_000,
+            "j_per_token": {"median": jpt, "ci95": [0.9 * jpt, 1.1 * jpt]},
+            "energy_method": "estimated",
+            "power_timeline": {"decode": [[0.0, 40.0], [tpot * b.gen_len, 40.0]]},
+        }
+
+    def predict(
+        self, model: Any, info: Any, manifest: dict[str, Any], hardware: str, b: BenchSpec | None
+    ) -> dict[str, Any]:
+        self._log(f"predict {hardware}")
+        tpot = manifest["model_bytes"] / FAKE_BANDWIDTH_B_PER_S.get(hardware, 1e11)
+        return {
+            "method": "predicted",
+            "hardware": hardware,
+            "tpot_s": tpot,
+            "tpot_s_band": [0.85 * tpot, 1.15 * tpot],
+            "j_per_token": 700.0 * tpot,
+        }
+
+    def stages(self) -> Stages:
+        return Stages(
+            load=self.load,
+            calibration=self.calibration,
+            compress=self.compress,
+            evaluate=self.evaluate,
+            bench=self.bench,
+            predict=self.predict,
+            baseline_manifest=baseline_manifest,
+        )
+
+
+def _model_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -1,0 +1,438 @@
+"""The sweep spec: a TOML file crossing models × recipes × tasks × workloads × hardware.
+
+    >>> from joules.sweep.spec import parse_spec
+    >>> spec = parse_spec('''
+    ... models = ["smollm2-135m"]
+    ... recipes = ["baseline", "rtn(format=int8-ch)"]
+    ... [eval]
+    ... tasks = ["wikitext2"]
+    ... limit_tokens = 4096
+    ... [bench]
+    ... prompt_len = [128]
+    ... gen_len = 32
+    ... [predict]
+    ... hardware = ["this-machine", "h100"]
+    ... ''', check_recipes=False, check_models=False)
+    >>> [(r.recipe, r.bench.prompt_len) for r in spec.runs()]
+    [('baseline', 128), ('rtn(format=int8-ch)', 128)]
+
+One run is (model, recipe, bench workload): it compresses the model once, evaluates every task,
+benches that workload and predicts it on every listed hardware. ``[bench]`` and ``[predict]`` are
+optional; a spec with only ``[eval]`` evaluates only (one run per model × recipe).
+
+Every validation error names the key, its line in the file and the valid values, because
+``tomllib`` reports no line numbers for values it parsed fine: :class:`SpecText` finds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from joules.errors import ConfigError
+
+BASELINE = "baseline"  # the recipe that leaves the model as loaded
+
+# Tasks the sweep can store and compare. wikitext2 gives per-window NLLs, so a compressed
+# model's perplexity increase is decided on the paired difference against its baseline.
+KNOWN_TASKS = ("wikitext2",)
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+class SpecText:
+    """Finds the line of a key (and of one value inside it) in the spec's text."""
+
+    _HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]\s*(#.*)?$")
+
+    def __init__(self, text: str, path: str = "<spec>") -> None:
+        self.lines = text.splitlines()
+        self.path = path
+
+    def line_of(self, table: str | None, key: str, value: str | None = None) -> int | None:
+        """1-based line of ``key =`` inside ``[table]`` (None: top level); with ``value``, the
+        first line from there on that contains it quoted."""
+        current: str | None = None
+        key_re = re.compile(rf"^\s*{re.escape(key)}\s*=")
+        for i, line in enumerate(self.lines):
+            m = self._HEADER.match(line)
+            if m:
+                current = m.group(1)
+                continue
+            if current == table and key_re.match(line):
+                if value is None:
+                    return i + 1
+                for j in range(i, len(self.lines)):
+                    if f'"{value}"' in self.lines[j] or f"'{value}'" in self.lines[j]:
+                        return j + 1
+                    if j > i and self._HEADER.match(self.lines[j]):
+                        break
+                return i + 1
+        if value is None and table is not None:
+            for i, line in enumerate(self.lines):
+                m = self._HEADER.match(line)
+                if m and m.group(1) == table:
+                    return i + 1
+        return None
+
+    def error(
+        self, table: str | None, key: str, problem: str, valid: str, value: str | None = None
+    ) -> ConfigError:
+        line = self.line_of(table, key, value)
+        where = f"{self.path}:{line}" if line else self.path
+        name = f"{table}.{key}" if table else key
+        return ConfigError(f"{where}: {name}: {problem}; valid: {valid}")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How every task is evaluated (the same protocol for the baseline and each recipe)."""
+
+    tasks: tuple[str, ...] = ("wikitext2",)
+    limit_tokens: int | None = 4096
+    # 512-token windows: 4,096 tokens make 8 windows, enough for a paired interval across
+    # windows (the demo's choice); longer evaluations may raise it.
+    window: int = 512
+    stride: int | None = None
+    split: str = "test"  # evaluate on test; calibration uses valid, never the reverse
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """One bench workload (a run benches exactly one)."""
+
+    prompt_len: int
+    gen_len: int
+    batch: int = 1
+    repeats: int = 3
+    warmup: int = 1
+    runtime: str = "eager"
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Calibration tokens for recipes that need them: WikiText-2 valid, seeded."""
+
+    n: int = 128
+    length: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides one run's results (its key hashes this and library versions)."""
+
+    model: str
+    recipe: str
+    eval: EvalSpec
+    bench: BenchSpec | None
+    hardware: tuple[str, ...]
+    calibration: CalibrationSpec
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        ev = dict(d["eval"])
+        ev["tasks"] = tuple(ev["tasks"])
+        return cls(
+            model=d["model"],
+            recipe=d["recipe"],
+            eval=EvalSpec(**ev),
+            bench=BenchSpec(**d["bench"]) if d.get("bench") else None,
+            hardware=tuple(d.get("hardware", ())),
+            calibration=CalibrationSpec(**d.get("calibration", {})),
+            dtype=d.get("dtype", "float32"),
+        )
+
+    def key(self, versions: dict[str, str]) -> str:
+        """Hash of the full configuration and the library versions (hex, 20 characters)."""
+        return _sha({"config": self.to_dict(), "versions": versions})[:20]
+
+    @property
+    def label(self) -> str:
+        w = (
+            f" · p{self.bench.prompt_len}/g{self.bench.gen_len}/b{self.bench.batch}"
+            if self.bench
+            else ""
+        )
+        return f"{self.model} · {self.recipe}{w}"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    models: tuple[str, ...]
+    recipes: tuple[str, ...]
+    eval: EvalSpec
+    bench: tuple[BenchSpec, ...] = ()
+    hardware: tuple[str, ...] = ()
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    dtype: str = "float32"
+    ray: dict[str, Any] = field(default_factory=dict)
+
+    def runs(self) -> list[RunConfig]:
+        """The cross product, grouped so runs sharing a compressed model are adjacent."""
+        out = []
+        for model in self.models:
+            for recipe in self.recipes:
+                for bench in self.bench or (None,):
+                    out.append(
+                        RunConfig(
+                            model,
+                            recipe,
+                            self.eval,
+                            bench,
+                            self.hardware,
+                            self.calibration,
+                            self.dtype,
+                        )
+                    )
+        return out
+
+
+_TOP = {"models", "recipes", "dtype", "eval", "bench", "predict", "calibration", "ray"}
+_EVAL = {"tasks", "limit_tokens", "window", "stride", "split"}
+_BENCH = {"prompt_len", "gen_len", "batch", "repeats", "warmup", "runtime"}
+_PREDICT = {"hardware"}
+_CALIB = {"n", "length", "seed"}
+_RAY = {"num_cpus", "num_gpus"}
+_DTYPES = ("float32", "bfloat16")
+
+
+def _known(tbl: dict[str, Any], allowed: set[str], table: str | None, st: SpecText) -> None:
+    for k in tbl:
+        if k not in allowed:
+            raise st.error(table, k, "unknown key", ", ".join(sorted(allowed)))
+
+
+def _str_list(v: Any, table: str | None, key: str, st: SpecText, valid: str) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+        raise st.error(table, key, f"must be a non-empty list of strings, got {v!r}", valid)
+    if len(set(v)) != len(v):
+        dup = next(x for x in v if v.count(x) > 1)
+        raise st.error(table, key, f"{dup!r} is listed twice", valid, value=dup)
+    return tuple(v)
+
+
+def _int(
+    v: Any, table: str, key: str, st: SpecText, lo: int = 1, allow_none: bool = False
+) -> int | None:
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise st.error(table, key, f"must be an integer ≥ {lo}, got {v!r}", f"integers ≥ {lo}")
+    return v
+
+
+def _int_list(v: Any, table: str, key: str, st: SpecText) -> list[int]:
+    vals = v if isinstance(v, list) else [v]
+    if not vals:
+        raise st.error(table, key, "is empty", "a positive integer or a list of them")
+    return [_int(x, table, key, st) for x in vals]  # type: ignore[misc]
+
+
+def _canonical_recipe(text: str) -> str:
+    """The recipe's canonical string (so whitespace or argument order never changes a key)."""
+    if text == BASELINE:
+        return BASELINE
+    from joules.compress import parse_recipe
+
+    return parse_recipe(text).to_string()
+
+
+def known_hardware() -> tuple[str, ...]:
+    """Hardware names the predictor knows (this-machine included), or the shipped catalog's."""
+    try:
+        from joules.predict import hardware_names  # type: ignore[attr-defined]
+
+        return tuple(hardware_names())
+    except ImportError:
+        from importlib.resources import files
+
+        data = json.loads((files("joules.data") / "hardware.json").read_text())
+        ids = [d["id"] for d in data.get("devices", []) if "id" in d]
+        # Short names as the predict CLI spells them (nvidia-h100-sxm -> h100).
+        short = [
+            re.sub(r"^(nvidia|amd|intel)-", "", i).split("-sxm")[0].split("-pcie")[0] for i in ids
+        ]
+        return tuple(dict.fromkeys(["this-machine", *short, *ids]))
+
+
+def parse_spec(
+    text: str,
+    path: str = "<spec>",
+    *,
+    check_recipes: bool = True,
+    check_models: bool = True,
+    recipe_parser: Callable[[str], str] | None = None,
+    hardware: Sequence[str] | None = None,
+) -> SweepSpec:
+    """Parse and validate a spec's text; every error names the key, its line and valid values.
+
+    ``check_recipes`` parses each recipe with :func:`joules.compress.parse_recipe` (or
+    ``recipe_parser``), storing its canonical string; ``check_models`` resolves each model spec.
+    """
+    st = SpecText(text, path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _known(raw, _TOP, None, st)
+    for key in ("models", "recipes"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing top-level key {key!r}; e.g. {key} = [...]")
+    models = _str_list(
+        raw["models"], None, "models", st, "model specs (smollm2-135m, a dir, a .gguf)"
+    )
+    if check_models:
+        from joules.models import resolve
+
+        for m in models:
+            try:
+                resolve(m)
+            except Exception as exc:
+                raise st.error(
+                    None, "models", str(exc), "smollm2-135m, an HF dir or a .gguf", m
+                ) from None
+    recipes_raw = _str_list(raw["recipes"], None, "recipes", st, "baseline or a recipe string")
+    recipes = []
+    parse = recipe_parser or (_canonical_recipe if check_recipes else None)
+    for r in recipes_raw:
+        if parse is None or r == BASELINE:
+            recipes.append(r.strip())
+            continue
+        try:
+            recipes.append(parse(r))
+        except ImportError:
+            raise st.error(
+                None,
+                "recipes",
+                f"{r!r} needs joules.compress, which is not installed here",
+                "baseline",
+                r,
+            ) from None
+        except ConfigError as exc:
+            raise st.error(
+                None, "recipes", f"{r!r}: {exc}", "baseline or e.g. rtn(format=int8-ch)", r
+            ) from None
+    if len(set(recipes)) != len(recipes):
+        raise st.error(None, "recipes", "two recipes are the same once parsed", "distinct recipes")
+
+    dtype = raw.get("dtype", "float32")
+    if dtype not in _DTYPES:
+        raise st.error(None, "dtype", f"unknown dtype {dtype!r}", ", ".join(_DTYPES))
+
+    ev_raw = raw.get("eval")
+    if not isinstance(ev_raw, dict):
+        raise ConfigError(f'{path}: missing [eval] table; e.g. [eval] tasks = ["wikitext2"]')
+    _known(ev_raw, _EVAL, "eval", st)
+    tasks = _str_list(
+        ev_raw.get("tasks", ["wikitext2"]), "eval", "tasks", st, ", ".join(KNOWN_TASKS)
+    )
+    for t in tasks:
+        if t not in KNOWN_TASKS:
+            raise st.error("eval", "tasks", f"unknown task {t!r}", ", ".join(KNOWN_TASKS), t)
+    split = ev_raw.get("split", "test")
+    if split != "test":
+        raise st.error(
+            "eval", "split", f"{split!r}: evaluate on test (valid is for calibration)", "test"
+        )
+    window = _int(ev_raw.get("window", 512), "eval", "window", st, lo=2)
+    stride = _int(ev_raw.get("stride"), "eval", "stride", st, allow_none=True)
+    if stride is not None and stride > window:  # type: ignore[operator]
+        raise st.error("eval", "stride", f"{stride} exceeds the window {window}", f"1..{window}")
+    eval_spec = EvalSpec(
+        tasks=tasks,
+        limit_tokens=_int(ev_raw.get("limit_tokens", 4096), "eval", "limit_tokens", st, lo=2),
+        window=window,  # type: ignore[arg-type]
+        stride=stride,
+        split=split,
+    )
+
+    benches: list[BenchSpec] = []
+    if "bench" in raw:
+        b = raw["bench"]
+        _known(b, _BENCH, "bench", st)
+        for k in ("prompt_len", "gen_len"):
+            if k not in b:
+                raise st.error("bench", k, "missing", "a positive integer (or a list of them)")
+        runtime = b.get("runtime", "eager")
+        if runtime not in ("eager", "compiled"):
+            raise st.error("bench", "runtime", f"unknown runtime {runtime!r}", "eager, compiled")
+        for p in _int_list(b["prompt_len"], "bench", "prompt_len", st):
+            for g in _int_list(b["gen_len"], "bench", "gen_len", st):
+                for bs in _int_list(b.get("batch", 1), "bench", "batch", st):
+                    benches.append(
+                        BenchSpec(
+                            prompt_len=p,
+                            gen_len=g,
+                            batch=bs,
+                            repeats=_int(b.get("repeats", 3), "bench", "repeats", st),  # type: ignore[arg-type]
+                            warmup=_int(b.get("warmup", 1), "bench", "warmup", st, lo=0),  # type: ignore[arg-type]
+                            runtime=runtime,
+                        )
+                    )
+
+    hw: tuple[str, ...] = ()
+    if "predict" in raw:
+        p = raw["predict"]
+        _known(p, _PREDICT, "predict", st)
+        valid_hw = tuple(hardware) if hardware is not None else known_hardware()
+        hw = _str_list(p.get("hardware", []), "predict", "hardware", st, ", ".join(valid_hw))
+        for h in hw:
+            if h not in valid_hw:
+                raise st.error(
+                    "predict", "hardware", f"unknown hardware {h!r}", ", ".join(valid_hw), h
+                )
+
+    c = raw.get("calibration", {})
+    _known(c, _CALIB, "calibration", st)
+    calib = CalibrationSpec(
+        n=_int(c.get("n", 128), "calibration", "n", st),  # type: ignore[arg-type]
+        length=_int(c.get("length", 256), "calibration", "length", st, lo=2),  # type: ignore[arg-type]
+        seed=_int(c.get("seed", 0), "calibration", "seed", st, lo=0),  # type: ignore[arg-type]
+    )
+    ray = raw.get("ray", {})
+    _known(ray, _RAY, "ray", st)
+    for k, v in ray.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise st.error("ray", k, f"must be a non-negative number, got {v!r}", "e.g. 1 or 0.5")
+    return SweepSpec(
+        models=models,
+        recipes=tuple(recipes),
+        eval=eval_spec,
+        bench=tuple(benches),
+        hardware=hw,
+        calibration=calib,
+        dtype=dtype,
+        ray=dict(ray),
+    )
+
+
+def load_spec(path: str | Path, **kwargs: Any) -> SweepSpec:
+    """Read and validate a spec file (see :func:`parse_spec`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"no sweep spec at {str(p)!r}: pass a TOML file (see `joules sweep --help`)"
+        )
+    return parse_spec(p.read_text(), str(p), **kwargs)
+
+
+def iter_keys(
+    runs: Sequence[RunConfig], versions: dict[str, str]
+) -> Iterator[tuple[str, RunConfig]]:
+    for r in runs:
+        yield r.key(versions), r
