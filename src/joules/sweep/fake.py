@@ -104,6 +104,7 @@ class FakeStages:
                 progress(i + 1, len(names))
         base = baseline_manifest(model, None)
         linear_params = sum(model.get_submodule(n).weight.numel() for n in names)
+        model.fake_recipe = recipe
         model.fake_bytes = base["model_bytes"] - linear_params * (32 - bits) // 8
         return model, {
             "recipe": recipe,
@@ -122,13 +123,13 @@ class FakeStages:
         ev: EvalSpec,
         progress: Progress | None,
     ) -> dict[str, Any]:
-        self._log(f"evaluate {task}")
+        self._log(f"evaluate {getattr(model, 'fake_recipe', 'baseline')} {task}")
         return real_evaluate(task, model, tokenizer, info, ev, progress)
 
     def bench(
         self, model: Any, tokenizer: Any, info: Any, b: BenchSpec, progress: Progress | None
     ) -> dict[str, Any]:
-        self._log(f"bench p{b.prompt_len}")
+        self._log(f"bench {getattr(model, 'fake_recipe', 'baseline')} p{b.prompt_len}")
         steps = max(1, int(self.sleep_s / 0.05))
         for i in range(steps):
             if self.sleep_s:
@@ -154,7 +155,7 @@ class FakeStages:
     def predict(
         self, model: Any, info: Any, manifest: dict[str, Any], hardware: str, b: BenchSpec | None
     ) -> dict[str, Any]:
-        self._log(f"predict {hardware}")
+        self._log(f"predict {manifest['recipe']} {hardware}")
         tpot = manifest["model_bytes"] / FAKE_BANDWIDTH_B_PER_S.get(hardware, 1e11)
         return {
             "method": "predicted",

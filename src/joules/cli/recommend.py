@@ -1,0 +1,241 @@
+"""``joules recommend``: which version of the model to ship, under your constraints, and why.
+
+    $ joules recommend joules.db --max-ppl-increase 2% --objective energy
+    $ joules recommend joules.db --max-ppl-increase 1% --max-model-bytes 80MB --objective bytes
+    $ joules recommend joules.db --max-ppl-increase 2% --max-tpot-ms 50 --objective latency \\
+          --hardware h100 --json
+
+Every figure is printed with its method (measured / estimated / predicted / emulated) and its
+95 % interval where it has one; the decision rules are printed with the answer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from joules.cli._app import JSON_OPTION, app, console, emit
+from joules.errors import ConfigError
+from joules.sweep.analyze import (
+    OBJECTIVES,
+    Candidate,
+    Constraints,
+    human_bytes,
+    parse_bytes,
+    parse_percent,
+)
+from joules.sweep.store import Metric
+
+_LABELS = {
+    "perplexity": "perplexity",
+    "ppl_increase_pct": "perplexity increase",
+    "acc_norm": "acc_norm",
+    "j_per_token": "energy / token",
+    "tpot_ms": "TPOT",
+    "ttft_ms": "TTFT",
+    "tokens_per_s": "decode tokens/s",
+    "model_bytes": "model bytes",
+    "bits_per_weight": "bits / weight",
+    "peak_rss_bytes": "peak RSS",
+}
+
+
+def _num(m: Metric, v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if m.unit == "B":
+        return human_bytes(v)
+    if m.unit == "%":
+        return f"{v:+.2f} %"
+    if m.unit == "J/tok":
+        return f"{v * 1000:.3g} mJ" if abs(v) < 1 else f"{v:.3g} J"
+    if m.unit == "ms":
+        return f"{v:.3g} ms"
+    return f"{v:.4g}{(' ' + m.unit) if m.unit else ''}"
+
+
+def fmt(m: Metric | None) -> str:
+    """'12.3 ms [11.8 – 12.9] measured' (the interval only when known)."""
+    if m is None:
+        return "-"
+    s = _num(m, m.value)
+    if m.lo is not None and m.hi is not None:
+        s += f" [{_num(m, m.lo).lstrip('+')} – {_num(m, m.hi).lstrip('+')}]"
+    where = f" on {m.hardware}" if m.hardware else ""
+    return f"{s} ({m.method}{where})"
+
+
+_SHORT = {
+    "--max-ppl-increase": "ppl",
+    "--max-model-bytes": "bytes",
+    "--max-peak-rss": "rss",
+    "--max-tpot-ms": "tpot",
+}
+
+
+def _short(m: Metric | None) -> str:
+    if m is None:
+        return "-"
+    s = _num(m, m.value)
+    if m.lo is not None and m.hi is not None:
+        s += f" [{_num(m, m.lo).lstrip('+')}, {_num(m, m.hi).lstrip('+')}]"
+    return s
+
+
+def _limit(flag: str, limit: float) -> str:
+    if flag in ("--max-model-bytes", "--max-peak-rss"):
+        return human_bytes(limit)
+    return f"{limit:g} %" if flag == "--max-ppl-increase" else f"{limit:g} ms"
+
+
+def _metric(d: dict[str, Any] | None) -> Metric | None:
+    return None if d is None else Metric(**d)
+
+
+def _figure_table(title: str, c: Candidate) -> Table:
+    t = Table(title=escape(title), title_justify="left")
+    t.add_column("figure")
+    t.add_column("value [95 % interval] (method)")
+    for name, label in _LABELS.items():
+        if name in c.figures:
+            t.add_row(label, escape(fmt(c.figures[name])))
+    return t
+
+
+def _render(r: Any) -> None:
+    metric_label = _LABELS[r.metric]
+    console.print(
+        f"[bold]objective:[/] minimise {metric_label} on {r.hardware}"
+        + (f" · workload {r.workload}" if r.workload else "")
+    )
+    console.print(
+        "[bold]constraints:[/] " + ("; ".join(r.constraints) if r.constraints else "none")
+    )
+    if r.chosen is not None:
+        c = r.chosen
+        console.print(f"\n[bold green]ship:[/] {escape(c.label)}  [dim](run {c.key})[/]")
+        console.print(_figure_table("its figures", c))
+        console.print("[bold]why:[/]")
+        if r.bound_by:
+            for b in r.bound_by:
+                fig = _metric(b["figure"])
+                what = _LABELS.get(fig.name, fig.name) if fig else b["flag"]
+                console.print(
+                    f"  • {b['flag']} bound: {escape(b['excluded'])} has a better {metric_label} "
+                    f"but its {what} is {escape(fmt(fig))} ({b['status']} against {_limit(b['flag'], b['limit'])})",
+                    soft_wrap=True,
+                )
+        else:
+            console.print(
+                f"  • no constraint bound: it has the best {metric_label} of every finished run"
+            )
+        if r.runner_up is not None:
+            u = r.runner_up
+            a, b = c.figures.get(r.metric), u.figures.get(r.metric)
+            gain = ""
+            if a and b and a.value and b.value:
+                gain = f" ({100 * (b.value - a.value) / b.value:.1f} % better {metric_label})"
+            console.print(
+                f"  • runner-up {escape(u.label)}: {metric_label} {escape(fmt(b))} vs "
+                f"{escape(fmt(a))}{gain}",
+                soft_wrap=True,
+            )
+            if r.given_up:
+                for g in r.given_up:
+                    label = _LABELS.get(g["metric"], g["metric"])
+                    console.print(
+                        f"    given up: {label} {escape(fmt(_metric(g['chosen'])))} vs "
+                        f"{escape(fmt(_metric(g['runner_up'])))} for the runner-up",
+                        soft_wrap=True,
+                    )
+            else:
+                console.print("    given up: nothing; it is at least as good on every figure")
+        else:
+            console.print("  • it is the only run that meets the constraints")
+    else:
+        console.print("\n[bold red]nothing meets the constraints.[/]")
+        c = r.closest
+        console.print(f"[bold]closest:[/] {escape(c.label)}  [dim](run {c.key})[/]")
+        for chk in c.checks:
+            if chk.status != "met":
+                what = _LABELS.get(chk.figure.name, chk.flag) if chk.figure else chk.flag
+                console.print(
+                    f"  • {chk.flag} {_limit(chk.flag, chk.limit)}: {what} {escape(fmt(chk.figure))} — {chk.status}",
+                    soft_wrap=True,
+                )
+        console.print(_figure_table("its figures", c))
+
+    t = Table(title="every finished run", title_justify="left")
+    cols = ["ppl_increase_pct", r.metric] + (["model_bytes"] if r.metric != "model_bytes" else [])
+    t.add_column("run")
+    for m in cols:
+        t.add_column(_LABELS[m] + " [95 %]", justify="right")
+    t.add_column("methods")
+    t.add_column("constraints")
+    front = {x.key for x in r.pareto}
+    for c in r.candidates:
+        status = ", ".join(f"{_SHORT[k.flag]} {k.status}" for k in c.checks if k.status != "met")
+        figs = [c.figures.get(m) for m in cols]
+        methods = sorted({f.method for f in figs if f is not None})
+        t.add_row(
+            escape(c.label) + (" *" if c.key in front else ""),
+            *(escape(_short(f)) for f in figs),
+            escape(", ".join(methods)),
+            status or "met",
+        )
+    console.print(t)
+    console.print(f"[dim]* on the Pareto front of perplexity increase and {metric_label}[/]")
+    for rule in r.rules:
+        console.print(f"[dim]rule: {rule}[/]", soft_wrap=True)
+
+
+@app.command("recommend")
+def recommend_cmd(
+    store: str = typer.Argument("joules.db", help="The sweep's store."),
+    max_ppl_increase: str = typer.Option(
+        None, "--max-ppl-increase", help="e.g. 2%: perplexity increase over the baseline."
+    ),
+    max_model_bytes: str = typer.Option(None, "--max-model-bytes", help="e.g. 80MB."),
+    max_peak_rss: str = typer.Option(None, "--max-peak-rss", help="e.g. 1GB."),
+    max_tpot_ms: float = typer.Option(None, "--max-tpot-ms", help="Time per output token, ms."),
+    objective: str = typer.Option(
+        "energy", "--objective", help="What to minimise: " + "|".join(OBJECTIVES) + "."
+    ),
+    hardware: str = typer.Option(
+        None, "--hardware", help="Use predictions for this hardware (default: measured here)."
+    ),
+    workload: str = typer.Option(
+        None, "--workload", help="The bench workload when the store has several."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Choose the configuration that best meets the objective under the constraints, and why."""
+    from pathlib import Path
+
+    from joules.sweep import Store, recommend
+
+    if not Path(store).is_file():
+        raise ConfigError(f"no store at {store!r}: run `joules sweep SPEC.toml --store {store}`")
+    if max_tpot_ms is not None and max_tpot_ms <= 0:
+        raise ConfigError(f"--max-tpot-ms must be positive, got {max_tpot_ms}")
+    constraints = Constraints(
+        max_ppl_increase_pct=None if max_ppl_increase is None else parse_percent(max_ppl_increase),
+        max_model_bytes=None
+        if max_model_bytes is None
+        else parse_bytes(max_model_bytes, "--max-model-bytes"),
+        max_peak_rss_bytes=None
+        if max_peak_rss is None
+        else parse_bytes(max_peak_rss, "--max-peak-rss"),
+        max_tpot_ms=max_tpot_ms,
+    )
+    with Store(store) as st:
+        runs = st.runs()
+    result = recommend(runs, constraints, objective, hardware, workload)
+    emit(result, as_json, _render)
+
+
+__all__ = ["recommend_cmd"]
