@@ -69,7 +69,10 @@ def _render(result: dict[str, Any]) -> None:
 def compress_cmd(
     model: str = typer.Argument(..., help="Model spec: smollm2-135m, an HF directory or .gguf."),
     recipe: str = typer.Option(
-        ..., "--recipe", "-r", help='Steps joined by "|", e.g. "gptq(format=int4-g64)", or a TOML file.'
+        ...,
+        "--recipe",
+        "-r",
+        help='Steps joined by "|", e.g. "gptq(format=int4-g64)", or a TOML file.',
     ),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write."),
     calib_n: int = typer.Option(128, "--calib-n", help="Calibration sequences."),

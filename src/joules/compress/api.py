@@ -87,7 +87,11 @@ def _versions() -> dict[str, str]:
 
     from joules import __version__
 
-    return {"joules": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "joules": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def model_bytes(model: nn.Module) -> tuple[int, int]:
@@ -103,7 +107,9 @@ def model_bytes(model: nn.Module) -> tuple[int, int]:
     seen.clear()
     for m in model.modules():
         if isinstance(m, CompressedLinear):
-            n_params += m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+            n_params += m.in_features * m.out_features + (
+                m.out_features if m.bias is not None else 0
+            )
             continue
         for p in m.parameters(recurse=False):
             if p.data_ptr() not in seen:
@@ -117,7 +123,11 @@ def _finish_manifest(model: nn.Module, manifest: Manifest) -> None:
     manifest.modules = {
         n: {"type": m.module_type, "config": m.export_config()} for n, m in compressed.items()
     }
-    bits = sum(float(e["bits_per_weight"]) * _numel(e["shape"]) for e in manifest.layers.values() if "shape" in e)
+    bits = sum(
+        float(e["bits_per_weight"]) * _numel(e["shape"])
+        for e in manifest.layers.values()
+        if "shape" in e
+    )
     numel = sum(_numel(e["shape"]) for e in manifest.layers.values() if "shape" in e)
     manifest.targeted_parameters = numel
     manifest.bits_per_weight = bits / numel if numel else None
@@ -172,7 +182,11 @@ def compress(
         with PeakRSS() as mem:
             step.apply(ctx)
         manifest.steps.append(
-            {"name": step.name, "time_s": time.perf_counter() - t0, "peak_rss_bytes": mem.peak_bytes}
+            {
+                "name": step.name,
+                "time_s": time.perf_counter() - t0,
+                "peak_rss_bytes": mem.peak_bytes,
+            }
         )
     _finish_manifest(model, manifest)
     return CompressedModel(model, manifest)

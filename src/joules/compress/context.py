@@ -69,7 +69,9 @@ def calibration_tokens(
             f"calibration length {length} is longer than the model's context ({max_length} "
             f"tokens): pass --calib-len {max_length} or less"
         )
-    ids = torch.tensor(tokenize_stream(tokenizer, load_text("wikitext2", "valid")), dtype=torch.long)
+    ids = torch.tensor(
+        tokenize_stream(tokenizer, load_text("wikitext2", "valid")), dtype=torch.long
+    )
     if len(ids) < length + 1:
         raise ConfigError(f"WikiText-2 valid has only {len(ids)} tokens: use --calib-len < that")
     g = torch.Generator().manual_seed(seed)
@@ -234,7 +236,9 @@ class CompressContext:
             with torch.no_grad():
                 for b in range(0, len(calib), self.batch_size):
                     try:
-                        self.model(input_ids=calib[b : b + self.batch_size].to(device), use_cache=False)
+                        self.model(
+                            input_ids=calib[b : b + self.batch_size].to(device), use_cache=False
+                        )
                     except _Stop:
                         pass
         finally:

@@ -63,9 +63,13 @@ class GPTQ(Step):
         if not 0 <= self.damp < 1:
             raise ConfigError(f"gptq damp={self.damp}: use a value in [0, 1), e.g. 0.01")
         if self.block_size < 1:
-            raise ConfigError(f"gptq block_size={self.block_size}: use a positive integer, e.g. 128")
+            raise ConfigError(
+                f"gptq block_size={self.block_size}: use a positive integer, e.g. 128"
+            )
 
-    def quantize_layer(self, ctx: CompressContext, name: str, module: nn.Module, h: Hessian) -> None:
+    def quantize_layer(
+        self, ctx: CompressContext, name: str, module: nn.Module, h: Hessian
+    ) -> None:
         w = dense_weight(module)
         mask = weight_mask(module)
         fitted = formats.get(self.format).fit(w * mask if mask is not None else w)

@@ -200,7 +200,10 @@ class CompressedLinear(nn.Module):
             "bias": self.bias is not None,
             "dtype": dtype_name(self.weight_dtype),
             "parts": {
-                n: [list(getattr(self, f"qweight_{n}").shape), dtype_name(getattr(self, f"qweight_{n}").dtype)]
+                n: [
+                    list(getattr(self, f"qweight_{n}").shape),
+                    dtype_name(getattr(self, f"qweight_{n}").dtype),
+                ]
                 for n in self.part_names
             },
             "meta": self.meta,
@@ -257,6 +260,9 @@ class CompressedLinear(nn.Module):
         if self._w_cache is not None:
             return self._w_cache
         w = self.format.dequantize(self.qtensor())
+        mask = getattr(self, "weight_mask", None)
+        if mask is not None:  # pruned weights are exactly zero whatever the format's grid
+            w = w * mask
         if self.sparse is not None:
             w = self.sparse.add_to(w)  # type: ignore[operator]
         w = w.to(self.weight_dtype)
@@ -297,7 +303,7 @@ class CompressedLinear(nn.Module):
         if key == self._kernel_key:
             return self._kernel
         chosen = None
-        if key[2] and self.sparse is None:
+        if key[2] and self.sparse is None and getattr(self, "weight_mask", None) is None:
             for k in _KERNELS:
                 if k.supports(self, x):
                     chosen = k

@@ -124,7 +124,9 @@ class Recipe:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Recipe:
-        return Recipe([build_step(dict(s), where=f"step {i + 1}") for i, s in enumerate(d["steps"])])
+        return Recipe(
+            [build_step(dict(s), where=f"step {i + 1}") for i, s in enumerate(d["steps"])]
+        )
 
     @property
     def needs_calibration(self) -> bool:
@@ -199,7 +201,9 @@ def _parse_toml(path: Path) -> Recipe:
     steps = data.get("step", [])
     if not isinstance(steps, list):
         raise ConfigError(f"recipe file '{path}': 'step' must be an array of tables ([[step]])")
-    return Recipe([build_step(dict(s), where=f"{path.name} step {i + 1}") for i, s in enumerate(steps)])
+    return Recipe(
+        [build_step(dict(s), where=f"{path.name} step {i + 1}") for i, s in enumerate(steps)]
+    )
 
 
 def build_step(d: dict[str, Any], where: str = "step") -> Step:
@@ -224,7 +228,9 @@ def build_step(d: dict[str, Any], where: str = "step") -> Step:
         and f.name not in kw
     ]
     if missing:
-        raise ConfigError(f"{where}: {cls.name} needs '{missing[0]}' (e.g. {cls.name}({missing[0]}=...))")
+        raise ConfigError(
+            f"{where}: {cls.name} needs '{missing[0]}' (e.g. {cls.name}({missing[0]}=...))"
+        )
     step = cls(**kw)
     step.validate()
     return step

@@ -9,7 +9,7 @@
 
 No calibration: each weight's parameters (scales, minima...) come from the weight itself, exactly
 as ``formats.get(format).quantize`` computes them. A pruned layer (``weight_mask``) keeps its
-zeros at zero.
+zeros at zero (the compressed layer keeps the mask and applies it when it decodes).
 """
 
 from __future__ import annotations
@@ -48,11 +48,7 @@ class RTN(Step):
             w = dense_weight(module)
             mask = weight_mask(module)
             if mask is not None:
-                w = w * mask
-            fitted = fmt.fit(w)
-            q = fitted.fake_quant_cols(w, 0)
-            if mask is not None:
-                q = q * mask
-            install_quantized(ctx, name, module, fitted.quantize(q), "rtn")
+                w = w * mask  # pruned weights stay zero: the layer re-applies its mask
+            install_quantized(ctx, name, module, fmt.quantize(w), "rtn")
             if ctx.progress:
                 ctx.progress("rtn", i + 1, len(targets))
