@@ -68,7 +68,7 @@ def test_gptq_sequential_on_tiny_model_beats_rtn():
     model, tok, _ = tiny_model("llama", seed=0)
     ref, _, _ = tiny_model("llama", seed=0)
     rtn_model, _, _ = tiny_model("llama", seed=0)
-    calib, info = calibration_tokens(tok, n=8, length=64)
+    calib, _info = calibration_tokens(tok, n=8, length=64)
     compress(model, "gptq(format=int3-g32)", calibration=calib)
     compress(rtn_model, "rtn(format=int3-g32)")
     ids, _ = calibration_tokens(tok, n=4, length=64, seed=9)

@@ -28,7 +28,7 @@ def _render(result: dict[str, Any]) -> None:
     for col in ("layer", "method", "format", "bits/weight", "bytes"):
         t.add_column(col, justify="left" if col in ("layer", "method", "format") else "right")
     layers = list(m["layers"].items())
-    shown = layers if len(layers) <= 14 else layers[:7] + [("...", {})] + layers[-6:]
+    shown = layers if len(layers) <= 14 else [*layers[:7], ("...", {}), *layers[-6:]]
     for name, e in shown:
         t.add_row(
             escape(name),

@@ -16,6 +16,7 @@ outputs are recomputed before block i+1. Only one block's activations are held a
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 from collections.abc import Callable, Iterator
@@ -235,12 +236,10 @@ class CompressContext:
         try:
             with torch.no_grad():
                 for b in range(0, len(calib), self.batch_size):
-                    try:
+                    with contextlib.suppress(_Stop):
                         self.model(
                             input_ids=calib[b : b + self.batch_size].to(device), use_cache=False
                         )
-                    except _Stop:
-                        pass
         finally:
             handle.remove()
         return BlockInputs(hidden, kwargs)

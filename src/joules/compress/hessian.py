@@ -86,7 +86,7 @@ def gptq_quantize(
     """
     w = w.detach().float().clone()
     h = h.detach().float().clone()
-    rows, cols = w.shape
+    _rows, cols = w.shape
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
