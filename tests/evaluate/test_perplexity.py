@@ -181,3 +181,24 @@ def test_default_model_perplexity_slice(smollm2):
     assert r.protocol.add_bos is False  # SmolLM2's GGUF tokenizer adds no BOS
     assert r.tokens_scored == 510
     assert 5 < r.perplexity < 60  # a trained model, far from the 49,152 of a uniform guess
+
+
+def test_paired_difference_on_same_windows():
+    from joules.evaluate.paired import paired_difference
+    from joules.evaluate.perplexity import perplexity
+    from joules.models import tiny_model
+
+    model, tok, _ = tiny_model("llama", seed=0)
+    other, _, _ = tiny_model("llama", seed=1)
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    a = perplexity(model, tok, text, window=64)
+    b = perplexity(other, tok, text, window=64)
+    assert len(a.window_nll_sums) == a.windows and sum(a.window_tokens) == a.tokens_scored
+    d = paired_difference(a, b)
+    assert abs(d.delta_nll - (a.nll_mean - b.nll_mean)) < 1e-9
+    assert d.delta_nll_stderr > 0
+    same = paired_difference(a, a)
+    assert same.delta_nll == 0 and same.ppl_ratio == 1 and not same.significant
+    c = perplexity(model, tok, text, window=32)
+    with pytest.raises(ConfigError, match="same windows"):
+        paired_difference(a, c)

@@ -18,6 +18,7 @@ MODULES = [
     "ternary",
     "codebook",
     "error",
+    "fitted",
 ]
 
 

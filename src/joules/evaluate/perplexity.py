@@ -210,8 +210,8 @@ def perplexity(
         windows=len(windows),
         scored_bytes=max(0, text_bytes - unscored_bytes),
         duration_s=duration_s,
-        window_nll=tuple(sums),
-        window_tokens=tuple(counts),
+        window_nll_sums=sums,
+        window_tokens=counts,
     )
 
 

@@ -83,10 +83,10 @@ class PerplexityResult:
     windows: int
     scored_bytes: int
     duration_s: float
-    # Per-window NLL sums (nats) and scored-token counts, in window order: two results under the
-    # same protocol pair window by window (the sweep decides a perplexity increase on that).
-    window_nll: tuple[float, ...] = field(default=(), repr=False)
-    window_tokens: tuple[int, ...] = field(default=(), repr=False)
+    # Per-window NLL sums and scored-token counts: what paired comparisons between two models
+    # on the same windows need (see :mod:`joules.evaluate.paired`).
+    window_nll_sums: list[float] = field(default_factory=list)
+    window_tokens: list[int] = field(default_factory=list)
 
     @property
     def perplexity(self) -> float:

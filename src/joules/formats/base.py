@@ -301,8 +301,85 @@ class Format(ABC):
     def description(self) -> str:
         return self.spec
 
+    # -- fixed-parameter quantization (GPTQ) ------------------------------------------------------
+    def fit(self, w: torch.Tensor) -> Fitted:
+        """Fix every data-dependent parameter (scales, minima, E8M0 exponents, NxFP per-block
+        choices, codebooks...) from a 2-D weight ``w`` [rows, cols]; groups run along cols.
+        The result rounds any columns with those parameters (see :class:`Fitted`)."""
+        raise ConfigError(
+            f"format '{self.spec}' has no fixed-parameter quantizer (fit): "
+            "use a format of the int, minifloat, nf4, mx, nxfp, ternary or codebook family"
+        )
+
     def _qt(self, t: torch.Tensor, parts: dict[str, torch.Tensor], **meta: Any) -> QuantizedTensor:
         return QuantizedTensor(self.spec, tuple(t.shape), t.dtype, parts, meta)
+
+
+class Fitted(ABC):
+    """A format with every data-dependent parameter fixed from one 2-D weight (``Format.fit``).
+
+    ``fake_quant_cols(cols, col0)`` rounds columns ``col0 .. col0 + n - 1`` of a weight of
+    ``shape`` with the fixed parameters of the groups they belong to (values outside a group's
+    range clip as the format clips); ``quantize(w)`` packs a whole weight with them, so that
+    ``dequantize(fitted.quantize(w))`` equals ``fitted.fake_quant_cols(w, 0)`` bit for bit and
+    ``fmt.fit(w).quantize(w)`` is ``fmt.quantize(w)``. GPTQ rounds one column at a time with
+    parameters fixed before its column pass (static groups), then packs what it rounded.
+
+        >>> import torch
+        >>> from joules import formats
+        >>> w = torch.randn(8, 128)
+        >>> f = formats.get("int4-g64").fit(w)
+        >>> col = f.fake_quant_cols(w[:, 70:71] * 3, 70)   # clips to group 1's range
+        >>> torch.equal(f.quantize(w).dequantize(), formats.get("int4-g64").fake_quant(w))
+        True
+    """
+
+    def __init__(self, fmt: Format, shape: tuple[int, int]):
+        self.format = fmt
+        self.shape = shape
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.format.spec!r}, shape={self.shape})"
+
+    @abstractmethod
+    def fake_quant_cols(self, cols: torch.Tensor, col0: int) -> torch.Tensor:
+        """Round ``cols`` [rows, n] (columns col0.. of the weight) with the fixed parameters:
+        fp32 [rows, n]."""
+
+    @abstractmethod
+    def quantize(self, w: torch.Tensor) -> QuantizedTensor:
+        """Pack a whole weight of ``shape`` with the fixed parameters (``Format.quantize``'s
+        layout, so ``dequantize``/``nbytes`` are unchanged)."""
+
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        """The whole weight rounded with the fixed parameters: ``fake_quant_cols(w, 0)``."""
+        return self.fake_quant_cols(w, 0)
+
+    def _check_cols(self, cols: torch.Tensor, col0: int) -> None:
+        rows, k = self.shape
+        if cols.dim() != 2 or cols.shape[0] != rows or not 0 <= col0 <= k - cols.shape[1]:
+            raise ConfigError(
+                f"{self.format.spec}: columns {tuple(cols.shape)} from column {col0} do not fit "
+                f"the fitted weight {self.shape}: pass [rows, n] columns with col0 + n <= {k}"
+            )
+
+    def _check_weight(self, w: torch.Tensor) -> None:
+        check_input(w, self.format.spec)
+        if tuple(w.shape) != self.shape:
+            raise ConfigError(
+                f"{self.format.spec}: parameters were fitted on a {self.shape} weight, got "
+                f"{tuple(w.shape)}: fit the format on this weight first"
+            )
+
+
+def check_fit_input(w: torch.Tensor, spec: str) -> None:
+    """``fit`` takes a 2-D floating-point weight [rows, cols]."""
+    check_input(w, spec)
+    if w.dim() != 2:
+        raise ConfigError(
+            f"{spec}: fit needs a 2-D weight [rows, cols], got shape {tuple(w.shape)}: "
+            "reshape it first, e.g. w.reshape(w.shape[0], -1)"
+        )
 
 
 def check_input(t: torch.Tensor, spec: str) -> None:

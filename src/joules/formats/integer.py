@@ -52,6 +52,7 @@ from joules.formats.base import (
     scale_token,
     store_scale,
 )
+from joules.formats.fitted import GroupFitted
 from joules.formats.packing import pack, unpack
 
 
@@ -118,6 +119,7 @@ class IntFormat(Format):
     def __init__(self, config: IntConfig, name: str | None = None):
         super().__init__(config, name)
         self.cfg = config
+        self.grouping = config.grouping
         self.qmax = (1 << (config.bits - 1)) - 1 if config.symmetric else (1 << config.bits) - 1
 
     @property
@@ -170,23 +172,33 @@ class IntFormat(Format):
             return (q - p["offsets"].float()) * s
         return q * s + p["offsets"].float()
 
-    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
-        check_input(t, self.spec)
-        g = self.cfg.grouping.split(t)
-        p = self._params(g)
-        out = self._decode(self._codes(g, p), p)
-        return self.cfg.grouping.merge(out, tuple(t.shape)).to(t.dtype)
+    def _values(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._decode(self._codes(x, p), p)
 
-    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
-        check_input(t, self.spec)
-        g = self.cfg.grouping.split(t)
-        p = self._params(g)
-        codes = self.cfg.grouping.strip_codes(self._codes(g, p).to(torch.uint8), tuple(t.shape))
+    def _pack(
+        self, t: torch.Tensor, g: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> QuantizedTensor:
+        codes = self.grouping.strip_codes(self._codes(g, p).to(torch.uint8), tuple(t.shape))
         parts = {"codes": pack(codes, self.cfg.bits), "scales": p["scales"].reshape(-1)}
         if "offsets" in p:
             off = p["offsets"].reshape(-1)
             parts["offsets"] = pack(off, self.cfg.bits) if self.cfg.int_zero_point else off
         return self._qt(t, parts)
+
+    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
+        check_input(t, self.spec)
+        g = self.grouping.split(t)
+        out = self._values(g, self._params(g))
+        return self.grouping.merge(out, tuple(t.shape)).to(t.dtype)
+
+    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
+        check_input(t, self.spec)
+        g = self.grouping.split(t)
+        return self._pack(t, g, self._params(g))
+
+    def fit(self, w: torch.Tensor) -> GroupFitted:
+        """Scales (and minima / zero-points) fixed per tensor, row or group of ``w``."""
+        return GroupFitted(self, w)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)

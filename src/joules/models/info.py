@@ -42,6 +42,8 @@ class ModelInfo:
     bytes: int
     gguf_file: str | None = None
     gguf_types: dict[str, str] = field(default_factory=dict)
+    # A joules-compressed directory: its manifest summary (recipe, bits/weight, formats...).
+    compression: dict[str, Any] | None = None
 
     @property
     def gguf_type_counts(self) -> dict[str, int]:
@@ -51,6 +53,8 @@ class ModelInfo:
     @property
     def prequantized(self) -> str | None:
         """The quantized GGUF type of the linear weights (e.g. ``Q4_1``), or None."""
+        if self.compression and self.compression.get("prequantized"):
+            return str(self.compression["prequantized"])
         kinds = Counter(
             t for name, t in self.gguf_types.items() if name.endswith("_proj.weight")
         ).most_common(1)
@@ -71,6 +75,7 @@ def describe(
     source: str,
     gguf_file: str | None = None,
     gguf_types: dict[str, str] | None = None,
+    compression: dict[str, Any] | None = None,
 ) -> ModelInfo:
     """Build the :class:`ModelInfo` of a loaded Hugging Face causal LM."""
     cfg = model.config
@@ -107,4 +112,5 @@ def describe(
         bytes=n_bytes,
         gguf_file=gguf_file,
         gguf_types=dict(gguf_types or {}),
+        compression=compression,
     )

@@ -76,7 +76,8 @@ PRESETS = {DEFAULT_MODEL: smollm2_gguf_path, "smollm2": smollm2_gguf_path}
 
 
 def resolve(spec: str | os.PathLike[str]) -> tuple[str, Path]:
-    """Turn a spec into ``(kind, path)`` with kind ``gguf`` or ``hf``, or raise a clear error."""
+    """Turn a spec into ``(kind, path)`` with kind ``gguf``, ``hf`` or ``joules`` (a compressed
+    directory with ``joules.json``), or raise a clear error."""
     text = str(spec)
     if text.lower() in PRESETS:
         return "gguf", PRESETS[text.lower()]()
@@ -87,6 +88,8 @@ def resolve(spec: str | os.PathLike[str]) -> tuple[str, Path]:
         if path.suffix.lower() == ".gguf":
             return "gguf", path
         raise UnsupportedModelError(f"'{text}' is a file but not a .gguf file: pass {ACCEPTED}")
+    if (path / "joules.json").is_file():
+        return "joules", path
     if (path / "config.json").is_file():
         return "hf", path
     ggufs = sorted(path.glob("*.gguf"))
@@ -213,6 +216,7 @@ def load_model(
     _quiet_hf()
     gguf_file: str | None = None
     gguf_types: dict[str, str] = {}
+    compression = None
     if kind == "gguf":
         converted = converted_gguf_dir(path)
         if not (converted / "joules_gguf.json").is_file():
@@ -220,10 +224,22 @@ def load_model(
         meta = json.loads((converted / "joules_gguf.json").read_text())
         gguf_file, gguf_types = meta["gguf_file"], meta["gguf_types"]
         model, tokenizer = _load_hf_dir(converted, dtype)
+    elif kind == "joules":
+        from joules.compress import load_compressed
+
+        model, tokenizer, manifest = load_compressed(path, dtype)
+        compression = manifest.summary()
     else:
         model, tokenizer = _load_hf_dir(path, dtype)
     model.eval().to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    info = describe(model, str(spec), str(path), gguf_file=gguf_file, gguf_types=gguf_types)
+    info = describe(
+        model,
+        str(spec),
+        str(path),
+        gguf_file=gguf_file,
+        gguf_types=gguf_types,
+        compression=compression,
+    )
     return LoadedModel(model, tokenizer, info)

@@ -113,7 +113,7 @@ def evaluate(
     d = r.to_dict()
     return {
         "result": d,
-        "window_nll": list(d.pop("window_nll")),
+        "window_nll": list(d.pop("window_nll_sums")),
         "window_tokens": list(d.pop("window_tokens")),
     }
 

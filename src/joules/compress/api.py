@@ -1,0 +1,296 @@
+"""``compress(model, recipe, calibration)``: run a recipe, keep a manifest; save and reload.
+
+    >>> from joules.models import tiny_model
+    >>> from joules.compress import compress
+    >>> model, tok, _ = tiny_model()
+    >>> cm = compress(model, "rtn(format=int4-g32)")
+    >>> cm.manifest.recipe, round(cm.manifest.bits_per_weight, 2)
+    ('rtn(format=int4-g32)', 4.5)
+
+``compress`` modifies ``model`` in place (compressed layers replace its linears) and returns it
+with the :class:`~joules.compress.manifest.Manifest`. ``CompressedModel.save(dir, tokenizer)``
+writes ``model.safetensors`` (packed codes, scales, extra parts; no pickle), ``joules.json``,
+``config.json`` and the tokenizer; ``load_compressed(dir)`` (and so ``load_model(dir)``) rebuilds
+the same modules and gives bit-identical logits.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+
+from joules.compress.context import CompressContext, ProgressFn, replace_module
+from joules.compress.linear import CompressedLinear, module_class
+from joules.compress.manifest import MANIFEST_FILE, Manifest
+from joules.compress.recipe import Recipe, parse_recipe
+from joules.errors import ConfigError, UnsupportedModelError
+
+_RUNTIME_HOOKS: dict[str, Any] = {}
+WEIGHTS_FILE = "model.safetensors"
+
+
+def register_runtime_hook(key: str) -> Any:
+    """Register ``fn(model, cfg)`` that re-applies manifest ``runtime[key]`` at load."""
+
+    def deco(fn: Any) -> Any:
+        _RUNTIME_HOOKS[key] = fn
+        return fn
+
+    return deco
+
+
+class PeakRSS:
+    """Sampled high-water mark of this process's resident memory while the block runs."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak_bytes = self._proc.memory_info().rss
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
+
+
+@dataclass
+class CompressedModel:
+    model: nn.Module
+    manifest: Manifest
+
+    def save(self, directory: str | Path, tokenizer: Any = None) -> Path:
+        return save_compressed(self.model, self.manifest, directory, tokenizer)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from joules import __version__
+
+    return {
+        "joules": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def model_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of every parameter and persistent buffer, counted once; dense parameter count)."""
+    seen: set[int] = set()
+    n_bytes = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t.numel() == 0:
+            continue
+        seen.add(t.data_ptr())
+        n_bytes += t.numel() * t.element_size()
+    n_params = 0
+    seen.clear()
+    for m in model.modules():
+        if isinstance(m, CompressedLinear):
+            n_params += m.in_features * m.out_features + (
+                m.out_features if m.bias is not None else 0
+            )
+            continue
+        for p in m.parameters(recurse=False):
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                n_params += p.numel()
+    return n_bytes, n_params
+
+
+def _finish_manifest(model: nn.Module, manifest: Manifest) -> None:
+    compressed = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    manifest.modules = {
+        n: {"type": m.module_type, "config": m.export_config()} for n, m in compressed.items()
+    }
+    bits = sum(
+        float(e["bits_per_weight"]) * _numel(e["shape"])
+        for e in manifest.layers.values()
+        if "shape" in e
+    )
+    numel = sum(_numel(e["shape"]) for e in manifest.layers.values() if "shape" in e)
+    manifest.targeted_parameters = numel
+    manifest.bits_per_weight = bits / numel if numel else None
+    manifest.model_bytes, manifest.model_parameters = model_bytes(model)
+    manifest.model_bits_per_weight = (
+        8 * manifest.model_bytes / manifest.model_parameters if manifest.model_parameters else None
+    )
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def compress(
+    model: nn.Module,
+    recipe: str | Path | Recipe,
+    calibration: torch.Tensor | None = None,
+    tokenizer: Any = None,
+    *,
+    calibration_info: dict[str, Any] | None = None,
+    source: str = "",
+    prequantized: str | None = None,
+    progress: ProgressFn | None = None,
+) -> CompressedModel:
+    """Apply ``recipe``'s steps to ``model`` in order (in place) and return it with a manifest."""
+    recipe = parse_recipe(recipe)
+    if recipe.needs_calibration and calibration is None:
+        names = [s.name for s in recipe.steps if s.needs_calibration]
+        raise ConfigError(
+            f"step '{names[0]}' needs calibration data: pass calibration=calibration_tokens(tok)"
+        )
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if calibration is not None and max_pos and calibration.shape[-1] > max_pos:
+        raise ConfigError(
+            f"calibration sequences of {calibration.shape[-1]} tokens exceed the model's context "
+            f"({max_pos}): use --calib-len {max_pos} or less"
+        )
+    manifest = Manifest(
+        recipe=recipe.to_string(),
+        recipe_steps=[s.to_dict() for s in recipe.steps],
+        source_model=source,
+        prequantized=prequantized,
+        versions=_versions(),
+        calibration=calibration_info if recipe.needs_calibration else None,
+    )
+    ctx = CompressContext(model, tokenizer, calibration, manifest, progress)
+    for step in recipe.steps:
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:
+            step.apply(ctx)
+        manifest.steps.append(
+            {
+                "name": step.name,
+                "time_s": time.perf_counter() - t0,
+                "peak_rss_bytes": mem.peak_bytes,
+            }
+        )
+    _finish_manifest(model, manifest)
+    return CompressedModel(model, manifest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------------
+
+
+def save_compressed(
+    model: nn.Module, manifest: Manifest, directory: str | Path, tokenizer: Any = None
+) -> Path:
+    """Write a compressed directory: safetensors + ``joules.json`` + config + tokenizer."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _finish_manifest(model, manifest)
+    config = model.config
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, CompressedLinear) and getattr(config, "tie_word_embeddings", False):
+        # The head is no longer the embedding: never re-tie it at load.
+        config.tie_word_embeddings = False
+    config.save_pretrained(out)
+    state: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    shared: dict[str, str] = {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.numel(), v.dtype)
+        if v.numel() and hash(key) in seen:
+            shared[k] = seen[hash(key)]
+            continue
+        seen[hash(key)] = k
+        state[k] = v.detach().contiguous().cpu()
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "joules": "1"})
+    data = manifest.to_dict()
+    data["shared_tensors"] = shared
+    (out / MANIFEST_FILE).write_text(json.dumps(data, indent=1, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def is_compressed_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    p = Path(path) / MANIFEST_FILE
+    try:
+        return Manifest.from_dict(json.loads(p.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise UnsupportedModelError(f"'{p}' is not a valid joules manifest: {exc}") from exc
+
+
+def load_compressed(
+    directory: str | Path, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, Any, Manifest]:
+    """Rebuild a compressed model from its directory: ``(model, tokenizer, manifest)``."""
+    import warnings
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(directory)
+    manifest = read_manifest(path)
+    raw = json.loads((path / MANIFEST_FILE).read_text())
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UnsupportedModelError(
+            f"'{path}' has a joules.json but no {WEIGHTS_FILE}: re-run `joules compress ... -o {path}`"
+        )
+    config = AutoConfig.from_pretrained(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config)
+    for name, entry in manifest.modules.items():
+        cls = module_class(entry["type"])
+        replace_module(model, name, cls.from_config(entry["config"]))
+    state = load_file(str(weights))
+    for k, src in raw.get("shared_tensors", {}).items():
+        state[k] = state[src]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _tied(model, k)]
+    if missing or unexpected:
+        raise UnsupportedModelError(
+            f"'{path}' does not match its manifest: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}: re-run `joules compress` to write it again"
+        )
+    if dtype is not None:
+        for m in model.modules():
+            if isinstance(m, CompressedLinear):
+                m.weight_dtype = dtype
+        model.to(dtype)
+    for key, cfg in manifest.runtime.items():
+        if key in _RUNTIME_HOOKS:
+            _RUNTIME_HOOKS[key](model, cfg)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, manifest
+
+
+def _tied(model: nn.Module, key: str) -> bool:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    keys = tied.keys() if isinstance(tied, dict) else tied
+    return key in keys

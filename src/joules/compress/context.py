@@ -1,0 +1,321 @@
+"""The machinery every step shares: targets, calibration data, block-by-block execution.
+
+    >>> from joules.models import tiny_model
+    >>> from joules.compress.context import CompressContext, decoder_layers
+    >>> model, tok, _ = tiny_model()
+    >>> ctx = CompressContext(model, tok)
+    >>> sorted(ctx.resolve_targets(("*.mlp.down_proj",)))
+    ['model.layers.0.mlp.down_proj', 'model.layers.1.mlp.down_proj']
+
+Block-by-block (``ctx.sequential(fn)``): the calibration sequences run through the embedding once;
+then for each decoder block i, ``fn(i, block, name, inputs)`` sees the hidden states entering
+block i computed by blocks 0..i-1 *as already modified*, may change the block, and the block's
+outputs are recomputed before block i+1. Only one block's activations are held at a time
+(N x L x D floats, twice), never the whole model's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from joules.compress.linear import CompressedLinear
+from joules.compress.manifest import Manifest
+from joules.errors import ConfigError
+
+ProgressFn = Callable[[str, int, int], None]  # (what, done, total)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks of a causal LM and their dotted name (``model.layers``)."""
+    for name, m in model.named_modules():
+        if name.endswith("layers") and isinstance(m, nn.ModuleList) and len(m) > 0:
+            return name, m
+    raise ConfigError(
+        f"cannot find the decoder blocks of {type(model).__name__}: joules compresses "
+        "transformer LMs with a `layers` ModuleList (llama, qwen2, mistral, phi3...)"
+    )
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear | CompressedLinear)
+
+
+def calibration_tokens(
+    tokenizer: Any,
+    n: int = 128,
+    length: int = 256,
+    seed: int = 0,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``n`` random windows of ``length`` tokens from WikiText-2 **valid** (never test).
+
+    Returns the tokens ``[n, length]`` and a description with its sha256 (for manifests and
+    caches).
+    """
+    from joules.data import load_text
+    from joules.evaluate.perplexity import tokenize_stream
+
+    if n < 1 or length < 2:
+        raise ConfigError(f"calibration needs n >= 1 and length >= 2, got n={n}, length={length}")
+    if max_length is not None and length > max_length:
+        raise ConfigError(
+            f"calibration length {length} is longer than the model's context ({max_length} "
+            f"tokens): pass --calib-len {max_length} or less"
+        )
+    ids = torch.tensor(
+        tokenize_stream(tokenizer, load_text("wikitext2", "valid")), dtype=torch.long
+    )
+    if len(ids) < length + 1:
+        raise ConfigError(f"WikiText-2 valid has only {len(ids)} tokens: use --calib-len < that")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - length, (n,), generator=g)
+    tokens = torch.stack([ids[s : s + length] for s in starts.tolist()])
+    digest = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+    desc = {"dataset": "wikitext2", "split": "valid", "n": n, "length": length, "seed": seed}
+    desc["sha256"] = digest
+    return tokens, desc
+
+
+@dataclass
+class BlockInputs:
+    """The calibration hidden states entering one decoder block, in mini-batches."""
+
+    hidden: list[torch.Tensor]  # each [b, L, D]
+    kwargs: list[dict[str, Any]]  # the block's keyword arguments per mini-batch
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def run(self, block: nn.Module) -> list[torch.Tensor]:
+        """Run ``block`` on every mini-batch; returns the outputs (same shapes)."""
+        outs = []
+        with torch.no_grad():
+            for h, kw in zip(self.hidden, self.kwargs, strict=True):
+                out = block(h, **kw)
+                outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs
+
+    def each_input(
+        self, block: nn.Module, modules: dict[str, nn.Module]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Run ``block`` once per mini-batch and yield ``(name, x2d)`` for each module's input.
+
+        ``x2d`` is ``[tokens, in_features]`` in fp32; consumers accumulate statistics
+        (Hessians, means) as the inputs stream by, so nothing larger than one mini-batch is held.
+        """
+        buf: list[tuple[str, torch.Tensor]] = []
+
+        def hook(name: str) -> Callable[..., None]:
+            def fn(_m: nn.Module, args: tuple[Any, ...]) -> None:
+                x = args[0]
+                buf.append((name, x.detach().reshape(-1, x.shape[-1]).float()))
+
+            return fn
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+        try:
+            with torch.no_grad():
+                for h, kw in zip(self.hidden, self.kwargs, strict=True):
+                    block(h, **kw)
+                    yield from buf
+                    buf.clear()
+        finally:
+            for hd in handles:
+                hd.remove()
+
+    def capture(self, block: nn.Module, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """All inputs of ``modules`` as ``[tokens, in_features]`` fp32 (small models/tests)."""
+        acc: dict[str, list[torch.Tensor]] = {}
+        for name, x in self.each_input(block, modules):
+            acc.setdefault(name, []).append(x)
+        return {k: torch.cat(v) for k, v in acc.items()}
+
+
+class _Stop(Exception):
+    pass
+
+
+class CompressContext:
+    """What a step sees: the model, its tokenizer, calibration tokens and the manifest."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        calibration: torch.Tensor | None = None,
+        manifest: Manifest | None = None,
+        progress: ProgressFn | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.calibration = calibration
+        self.manifest = manifest or Manifest()
+        self.progress = progress
+        self.batch_size = batch_size
+        self.layers_name, self.layers = decoder_layers(model)
+
+    # -- targets ---------------------------------------------------------------------------------
+    def default_targets(self) -> dict[str, nn.Module]:
+        prefix = self.layers_name + "."
+        return {
+            n: m for n, m in self.model.named_modules() if n.startswith(prefix) and _is_linear(m)
+        }
+
+    def resolve_targets(self, patterns: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+        """Linears named by glob ``patterns`` (default: every linear inside the decoder blocks).
+
+        A pattern that matches nothing is an error naming a few valid names.
+        """
+        if not patterns:
+            found = self.default_targets()
+            if not found:
+                raise ConfigError("the model has no linear layers inside its decoder blocks")
+            return found
+        modules = dict(self.model.named_modules())
+        out: dict[str, nn.Module] = {}
+        for pat in patterns:
+            hits = {n: m for n, m in modules.items() if n and fnmatch.fnmatchcase(n, pat)}
+            if not hits:
+                linears = [n for n, m in modules.items() if _is_linear(m)]
+                raise ConfigError(
+                    f"target pattern '{pat}' matches no module: module names look like "
+                    f"{', '.join(linears[:3])}, ..., {linears[-1]} (use glob patterns, e.g. '*.mlp.*')"
+                )
+            bad = [n for n, m in hits.items() if not _is_linear(m)]
+            if bad and all(not _is_linear(m) for m in hits.values()):
+                raise ConfigError(
+                    f"target pattern '{pat}' matches '{bad[0]}', a {type(hits[bad[0]]).__name__}: "
+                    "steps compress linear layers (name lm_head or *_proj modules)"
+                )
+            out.update({n: m for n, m in hits.items() if _is_linear(m)})
+        return out
+
+    def block_of(self, name: str) -> int | None:
+        """Index of the decoder block holding module ``name`` (None for lm_head etc.)."""
+        prefix = self.layers_name + "."
+        if not name.startswith(prefix):
+            return None
+        return int(name[len(prefix) :].split(".", 1)[0])
+
+    # -- calibration -------------------------------------------------------------------------------
+    def require_calibration(self, step: str) -> torch.Tensor:
+        if self.calibration is None:
+            raise ConfigError(
+                f"step '{step}' needs calibration data: pass calibration=calibration_tokens(tok) "
+                "(the CLI does this; --calib-n / --calib-len size it)"
+            )
+        return self.calibration
+
+    def _first_block_inputs(self, step: str) -> BlockInputs:
+        calib = self.require_calibration(step)
+        hidden: list[torch.Tensor] = []
+        kwargs: list[dict[str, Any]] = []
+        first = self.layers[0]
+
+        def grab(_m: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+            hidden.append(args[0].detach() if args else kw.pop("hidden_states").detach())
+            kw = {k: v for k, v in kw.items() if k != "hidden_states"}
+            kw["use_cache"] = False
+            kw.pop("past_key_values", None)
+            kw.pop("past_key_value", None)
+            kwargs.append(kw)
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        device = next(self.model.parameters()).device
+        try:
+            with torch.no_grad():
+                for b in range(0, len(calib), self.batch_size):
+                    with contextlib.suppress(_Stop):
+                        self.model(
+                            input_ids=calib[b : b + self.batch_size].to(device), use_cache=False
+                        )
+        finally:
+            handle.remove()
+        return BlockInputs(hidden, kwargs)
+
+    def sequential(
+        self,
+        fn: Callable[[int, nn.Module, str, BlockInputs], None],
+        step: str = "step",
+        blocks: set[int] | None = None,
+    ) -> None:
+        """Run ``fn`` on every decoder block in order with its calibration inputs (see module doc).
+
+        ``blocks``: only these blocks call ``fn`` (the others still run to produce inputs);
+        after the last block in ``blocks`` nothing more is computed.
+        """
+        inputs = self._first_block_inputs(step)
+        last = max(blocks) if blocks else len(self.layers) - 1
+        for i, block in enumerate(self.layers):
+            if i > last:
+                break
+            if blocks is None or i in blocks:
+                fn(i, block, f"{self.layers_name}.{i}", inputs)
+            if i < last:
+                inputs = BlockInputs(inputs.run(block), inputs.kwargs)
+            if self.progress:
+                self.progress(step, i + 1, last + 1)
+
+    def record(self, layer: str, **fields: Any) -> None:
+        self.manifest.record(layer, **fields)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at dotted ``name`` inside ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A linear's weight as fp32 (dequantized if it is already compressed)."""
+    if isinstance(module, CompressedLinear):
+        return module.dequantize_weight().float()
+    return module.weight.detach().float()
+
+
+def weight_mask(module: nn.Module) -> torch.Tensor | None:
+    """The keep-mask of a pruned linear (``module.weight_mask``, True = kept), if any."""
+    m = getattr(module, "weight_mask", None)
+    return m.bool() if isinstance(m, torch.Tensor) else None
+
+
+def install_quantized(
+    ctx: CompressContext, name: str, module: nn.Module, qt: Any, method: str
+) -> CompressedLinear:
+    """Replace linear ``name`` by a :class:`CompressedLinear` holding ``qt`` and record it."""
+    from joules import formats
+
+    if isinstance(module, CompressedLinear):
+        raise ConfigError(
+            f"'{name}' is already compressed ({module.spec}) by an earlier step: a recipe "
+            "quantizes each layer once (narrow the step's targets)"
+        )
+    lin = CompressedLinear.from_linear(module, qt)
+    mask = weight_mask(module)
+    if mask is not None:
+        lin.register_buffer("weight_mask", mask.clone())
+    replace_module(ctx.model, name, lin)
+    fmt = formats.get(qt.spec)
+    shape = tuple(qt.shape)
+    ctx.record(
+        name,
+        method=method,
+        format=qt.spec,
+        shape=list(shape),
+        bits_per_weight=fmt.bits_per_element(shape),
+        nbytes=int(qt.nbytes),
+        emulated=bool(getattr(fmt, "emulated", True)),
+    )
+    return lin

@@ -1,0 +1,125 @@
+"""``gptq(format, act_order=true, damp=0.01, block_size=128)``: Hessian-aware rounding.
+
+    >>> from joules.models import tiny_model
+    >>> from joules.compress import compress, calibration_tokens
+    >>> model, tok, _ = tiny_model()
+    >>> calib, _ = calibration_tokens(tok, n=4, length=32)
+    >>> cm = compress(model, "gptq(format=int4-g32)", calibration=calib)
+    >>> sorted({v["method"] for v in cm.manifest.layers.values()})
+    ['gptq']
+
+Sequential, block by block: the Hessians of block i's linears are accumulated from calibration
+inputs that went through blocks 0..i-1 *already quantized*, then every linear of the block is
+rounded by :func:`joules.compress.hessian.gptq_quantize`. Groups are static: each group's
+parameters are fixed from the weight before the column pass (``Format.fit``), so with
+``act_order`` the packed layout stays contiguous (no ``g_idx``) and kernels and GGUF blocks stay
+valid. Targets outside the decoder blocks (``lm_head``) get their Hessian from the final
+hidden states after the last block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from joules import formats
+from joules.compress.context import (
+    BlockInputs,
+    CompressContext,
+    dense_weight,
+    install_quantized,
+    weight_mask,
+)
+from joules.compress.hessian import Hessian, gptq_quantize
+from joules.compress.recipe import Step, register_step
+from joules.compress.rtn import check_format
+from joules.errors import ConfigError
+
+
+def hessians(
+    inputs: BlockInputs, block: nn.Module, modules: dict[str, nn.Module]
+) -> dict[str, Hessian]:
+    """Input Hessians of ``modules`` (names relative to ``block``) over the calibration inputs."""
+    hs = {n: Hessian(m.in_features) for n, m in modules.items()}
+    for name, x in inputs.each_input(block, modules):
+        hs[name].add(x)
+    return hs
+
+
+@register_step("gptq")
+@dataclass(kw_only=True)
+class GPTQ(Step):
+    format: str
+    act_order: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+
+    needs_calibration = True
+
+    def validate(self) -> None:
+        check_format(self.format, "gptq")
+        if not 0 <= self.damp < 1:
+            raise ConfigError(f"gptq damp={self.damp}: use a value in [0, 1), e.g. 0.01")
+        if self.block_size < 1:
+            raise ConfigError(
+                f"gptq block_size={self.block_size}: use a positive integer, e.g. 128"
+            )
+
+    def quantize_layer(
+        self, ctx: CompressContext, name: str, module: nn.Module, h: Hessian
+    ) -> None:
+        w = dense_weight(module)
+        mask = weight_mask(module)
+        fitted = formats.get(self.format).fit(w * mask if mask is not None else w)
+        q = gptq_quantize(
+            w,
+            h.matrix(),
+            fitted.fake_quant_cols,
+            block_size=self.block_size,
+            damp=self.damp,
+            act_order=self.act_order,
+            mask=mask,
+        )
+        install_quantized(ctx, name, module, fitted.quantize(q), "gptq")
+
+    def apply(self, ctx: CompressContext) -> None:
+        targets = ctx.resolve_targets(self.targets)
+        by_block: dict[int, dict[str, nn.Module]] = {}
+        outside = {}
+        for name, m in targets.items():
+            b = ctx.block_of(name)
+            if b is None:
+                outside[name] = m
+            else:
+                by_block.setdefault(b, {})[name] = m
+
+        def fn(i: int, block: nn.Module, block_name: str, inputs: BlockInputs) -> None:
+            mods = {n[len(block_name) + 1 :]: m for n, m in by_block.get(i, {}).items()}
+            for rel, h in hessians(inputs, block, mods).items():
+                self.quantize_layer(ctx, f"{block_name}.{rel}", mods[rel], h)
+
+        blocks = set(by_block) if not outside else None
+        ctx.sequential(fn, step="gptq", blocks=blocks or None)
+        if outside:
+            self._outside(ctx, outside)
+
+    def _outside(self, ctx: CompressContext, outside: dict[str, nn.Module]) -> None:
+        """lm_head and other linears after the blocks: Hessians from the final hidden states."""
+        calib = ctx.require_calibration("gptq")
+        hs = {n: Hessian(m.in_features) for n, m in outside.items()}
+        handles = []
+        for n, m in outside.items():
+            handles.append(
+                m.register_forward_pre_hook(lambda _m, a, n=n: hs[n].add(a[0].detach().float()))
+            )
+        try:
+            with torch.no_grad():
+                for b in range(0, len(calib), ctx.batch_size):
+                    ctx.model(input_ids=calib[b : b + ctx.batch_size], use_cache=False)
+        finally:
+            for hd in handles:
+                hd.remove()
+        for n, m in outside.items():
+            self.quantize_layer(ctx, n, m, hs[n])

@@ -1,0 +1,353 @@
+"""`CompressedLinear`: a linear layer whose weight is a packed `QuantizedTensor`.
+
+    >>> import torch
+    >>> from joules import formats
+    >>> from joules.compress.linear import CompressedLinear
+    >>> lin = torch.nn.Linear(64, 32)
+    >>> q = CompressedLinear.from_linear(lin, formats.get("int4-g32").quantize(lin.weight.data))
+    >>> y = q(torch.randn(2, 64))
+    >>> q.path, q.weight_nbytes < lin.weight.numel() * 4
+    ('emulated', True)
+
+The packed parts (codes, scales, minima, codebooks...) are buffers named ``qweight_<part>``, so
+``state_dict`` and safetensors carry them as they are: the model's bytes really shrink.
+
+``forward`` picks its matmul from a small registry keyed by format and device: a registered
+kernel that supports this layer and input runs it (``path == "kernel:<name>"``); otherwise the
+weight is dequantized and multiplied (``path == "emulated"``). Kernels are registered with
+:func:`register_kernel` (see :mod:`joules.compress.kernels`).
+
+Every module type a step puts into a model registers itself with :func:`register_module`, with
+``export_config()`` and ``from_config(cfg)``: a saved directory lists them in its manifest, and
+loading rebuilds the structure before reading the state dict.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from joules import formats
+from joules.formats.base import QuantizedTensor
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+_DTYPES.update({str(d).removeprefix("torch."): d for d in (torch.uint8, torch.int8, torch.int16)})
+_DTYPES.update({str(d).removeprefix("torch."): d for d in (torch.int32, torch.int64, torch.bool)})
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Module registry (save/load rebuilds structure from the manifest)
+# ----------------------------------------------------------------------------------------------
+
+_MODULES: dict[str, type[nn.Module]] = {}
+
+
+def register_module(type_name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Register a module type that compression steps put into models (for save/load)."""
+
+    def deco(cls: type[nn.Module]) -> type[nn.Module]:
+        cls.module_type = type_name  # type: ignore[attr-defined]
+        _MODULES[type_name] = cls
+        return cls
+
+    return deco
+
+
+def module_class(type_name: str) -> type[nn.Module]:
+    if type_name not in _MODULES:
+        from joules.errors import ConfigError
+
+        raise ConfigError(
+            f"the manifest names a module type '{type_name}' this joules does not know: "
+            f"known types are {', '.join(sorted(_MODULES))} (upgrade joules?)"
+        )
+    return _MODULES[type_name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel registry
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A real matmul for some formats: ``supports(layer, x)`` decides, ``run(layer, x)`` computes.
+
+    ``prepare(layer)`` (optional) builds the kernel's own packed weight once; its result is
+    cached on the layer (``layer.kernel_state``), not recomputed per call.
+    """
+
+    name: str
+    supports: Callable[[CompressedLinear, torch.Tensor], bool]
+    run: Callable[[CompressedLinear, torch.Tensor], torch.Tensor]
+    prepare: Callable[[CompressedLinear], Any] | None = None
+
+
+_KERNELS: list[Kernel] = []
+
+
+def register_kernel(
+    name: str,
+    supports: Callable[[CompressedLinear, torch.Tensor], bool],
+    prepare: Callable[[CompressedLinear], Any] | None = None,
+) -> Callable[[Callable[[CompressedLinear, torch.Tensor], torch.Tensor]], Any]:
+    """Register ``run(layer, x) -> y`` as kernel ``name`` (first registered that supports wins)."""
+
+    def deco(run: Callable[[CompressedLinear, torch.Tensor], torch.Tensor]) -> Any:
+        global _KERNELS
+        _KERNELS = [k for k in _KERNELS if k.name != name]
+        _KERNELS.append(Kernel(name, supports, run, prepare))
+        return run
+
+    return deco
+
+
+def kernels() -> list[Kernel]:
+    return list(_KERNELS)
+
+
+def kernels_enabled() -> bool:
+    """``JOULES_KERNELS=0`` forces the emulated path everywhere (for comparisons)."""
+    return os.environ.get("JOULES_KERNELS", "1") not in ("0", "off", "false")
+
+
+# ----------------------------------------------------------------------------------------------
+# CompressedLinear
+# ----------------------------------------------------------------------------------------------
+
+
+@register_module("compressed_linear")
+class CompressedLinear(nn.Module):
+    """``y = x @ dequantize(W).T + b`` with W stored packed in a number format of the lab.
+
+    Optional extras that later steps attach: ``act_quant`` (a module applied to the input),
+    ``sparse`` (a module holding a sparse fp16 part added to the dequantized weight).
+    """
+
+    module_type = "compressed_linear"
+
+    def __init__(
+        self,
+        spec: str,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype = torch.float32,
+        parts: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_dtype = dtype
+        self.meta = dict(meta or {})
+        self.part_names = list((parts or {}).keys())
+        for name, (shape, dt) in (parts or {}).items():
+            self.register_buffer(f"qweight_{name}", torch.empty(shape, dtype=dt))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+        self.act_quant: nn.Module | None = None
+        self.sparse: nn.Module | None = None
+        self.cache_dequantized = False
+        self.use_kernels = True
+        self.kernel_state: Any = None
+        self._kernel: Kernel | None = None
+        self._kernel_key: Any = None
+        self._w_cache: torch.Tensor | None = None
+        self.path = "emulated"
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qt: QuantizedTensor) -> CompressedLinear:
+        """Wrap a quantized weight (of ``linear``'s shape) and ``linear``'s bias."""
+        if tuple(qt.shape) != tuple(linear.weight.shape):
+            raise ValueError(f"quantized shape {qt.shape} != weight {tuple(linear.weight.shape)}")
+        parts = {k: (tuple(v.shape), v.dtype) for k, v in qt.parts.items()}
+        m = cls(
+            qt.spec,
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            linear.weight.dtype,
+            parts,
+            qt.meta,
+        )
+        for k, v in qt.parts.items():
+            getattr(m, f"qweight_{k}").copy_(v)
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.data)
+        return m.to(linear.weight.device)
+
+    def export_config(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "dtype": dtype_name(self.weight_dtype),
+            "parts": {
+                n: [
+                    list(getattr(self, f"qweight_{n}").shape),
+                    dtype_name(getattr(self, f"qweight_{n}").dtype),
+                ]
+                for n in self.part_names
+            },
+            "meta": self.meta,
+            "extra_buffers": {
+                n: [list(b.shape), dtype_name(b.dtype)]
+                for n, b in self.named_buffers(recurse=False)
+                if not n.startswith("qweight_")
+            },
+            "act_quant": _child_config(self.act_quant),
+            "sparse": _child_config(self.sparse),
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> CompressedLinear:
+        parts = {n: (tuple(s), dtype_from_name(d)) for n, (s, d) in cfg["parts"].items()}
+        m = cls(
+            cfg["spec"],
+            cfg["in_features"],
+            cfg["out_features"],
+            cfg["bias"],
+            dtype_from_name(cfg["dtype"]),
+            parts,
+            cfg.get("meta"),
+        )
+        for n, (shape, dt) in cfg.get("extra_buffers", {}).items():
+            m.register_buffer(n, torch.empty(tuple(shape), dtype=dtype_from_name(dt)))
+        for attr in ("act_quant", "sparse"):
+            sub = cfg.get(attr)
+            if sub:
+                setattr(m, attr, module_class(sub["type"]).from_config(sub["config"]))
+        return m
+
+    # -- weight ----------------------------------------------------------------------------------
+    def qtensor(self) -> QuantizedTensor:
+        parts = {n: getattr(self, f"qweight_{n}") for n in self.part_names}
+        return QuantizedTensor(
+            self.spec, (self.out_features, self.in_features), self.weight_dtype, parts, self.meta
+        )
+
+    @property
+    def format(self) -> formats.Format:
+        return formats.get(self.spec)
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of the packed weight (plus the sparse part, if any)."""
+        n = self.qtensor().nbytes
+        if self.sparse is not None:
+            n += int(getattr(self.sparse, "nbytes", 0))
+        return n
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The weight as the format decodes it (plus the sparse part), in ``weight_dtype``."""
+        if self._w_cache is not None:
+            return self._w_cache
+        w = self.format.dequantize(self.qtensor())
+        mask = getattr(self, "weight_mask", None)
+        if mask is not None:  # pruned weights are exactly zero whatever the format's grid
+            w = w * mask
+        if self.sparse is not None:
+            w = self.sparse.add_to(w)  # type: ignore[operator]
+        w = w.to(self.weight_dtype)
+        if self.cache_dequantized:
+            self._w_cache = w
+        return w
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized weight (read-only view for code that inspects ``.weight``)."""
+        return self.dequantize_weight()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CompressedLinear:
+        # Packed parts keep their storage dtypes (fp16 scales stay fp16 under model.to(bf16));
+        # only their device follows. The compute dtype follows the cast.
+        parts = {n: self._buffers.pop(f"qweight_{n}") for n in self.part_names}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            probe = fn(torch.empty(0, dtype=self.weight_dtype))
+            for n, t in parts.items():
+                self._buffers[f"qweight_{n}"] = t.to(probe.device)
+        if probe.is_floating_point():
+            self.weight_dtype = probe.dtype
+        self.invalidate()
+        return self
+
+    def invalidate(self) -> None:
+        """Forget cached dequantized weights and kernel packings (after editing the parts)."""
+        self._w_cache = None
+        self.kernel_state = None
+        self._kernel = None
+        self._kernel_key = None
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _select(self, x: torch.Tensor) -> Kernel | None:
+        key = (x.device.type, x.dtype, self.use_kernels and kernels_enabled())
+        if key == self._kernel_key:
+            return self._kernel
+        chosen = None
+        if key[2] and self.sparse is None and getattr(self, "weight_mask", None) is None:
+            for k in _KERNELS:
+                if k.supports(self, x):
+                    chosen = k
+                    break
+        if chosen is not None and chosen.prepare is not None:
+            self.kernel_state = chosen.prepare(self)
+        self._kernel, self._kernel_key = chosen, key
+        self.path = f"kernel:{chosen.name}" if chosen else "emulated"
+        return chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        k = self._select(x)
+        if k is not None:
+            return k.run(self, x)
+        w = self.dequantize_weight().to(x.dtype)
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, w, b)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, format={self.spec}, path={self.path}"
+
+
+def _child_config(m: nn.Module | None) -> dict[str, Any] | None:
+    if m is None:
+        return None
+    return {"type": m.module_type, "config": m.export_config()}  # type: ignore[attr-defined]
+
+
+def compressed_linears(model: nn.Module) -> dict[str, CompressedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+
+
+def linear_paths(model: nn.Module) -> dict[str, int]:
+    """How many compressed linears ran through each path in their last forward."""
+    out: dict[str, int] = {}
+    for m in compressed_linears(model).values():
+        out[m.path] = out.get(m.path, 0) + 1
+    return out
+
+
+def set_kernels(model: nn.Module, enabled: bool) -> None:
+    """Allow or forbid real kernels on every compressed linear (emulated when forbidden)."""
+    for m in compressed_linears(model).values():
+        m.use_kernels = enabled
+        m._kernel_key = None
