@@ -137,7 +137,9 @@ def _render(r: Any) -> None:
             u = r.runner_up
             a, b = c.figures.get(r.metric), u.figures.get(r.metric)
             gain = ""
-            if a and b and a.value and b.value:
+            if a and b and a.value == b.value:
+                gain = " (a tie: chosen for its smaller perplexity increase)"
+            elif a and b and a.value and b.value:
                 gain = f" ({100 * (b.value - a.value) / b.value:.1f} % better {metric_label})"
             console.print(
                 f"  • runner-up {escape(u.label)}: {metric_label} {escape(fmt(b))} vs "

@@ -67,16 +67,25 @@ class FakeStages:
         self._log(f"load {spec}")
         return tuple(tiny_model("llama", seed=self.seed, dtype=getattr(torch, dtype)))  # type: ignore[return-value]
 
-    def calibration(self, tokenizer: Any, c: CalibrationSpec) -> tuple[Any, str]:
+    def calibration(self, tokenizer: Any, c: CalibrationSpec) -> tuple[Any, dict[str, Any]]:
         import torch
 
         self._log("calibration")
         g = torch.Generator().manual_seed(c.seed)
         tokens = torch.randint(3, 259, (c.n, c.length), generator=g)
-        return tokens, hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+        return tokens, {
+            "seed": c.seed,
+            "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
+        }
 
     def compress(
-        self, model: Any, recipe: str, calib: Any, tokenizer: Any, progress: Progress | None
+        self,
+        model: Any,
+        recipe: str,
+        calib: Any,
+        tokenizer: Any,
+        info: Any,
+        progress: Progress | None,
     ) -> tuple[Any, dict[str, Any]]:
         import torch
 
@@ -98,20 +107,20 @@ class FakeStages:
             layers[name] = {
                 "format": f"int{bits}-ch",
                 "bits_per_weight": bits + 16 / w.shape[1],
-                "path": "emulated",
             }
             if progress:
                 progress(i + 1, len(names))
         base = baseline_manifest(model, None)
         linear_params = sum(model.get_submodule(n).weight.numel() for n in names)
         model.fake_recipe = recipe
+        model.fake_layers = tuple(layers)
         model.fake_bytes = base["model_bytes"] - linear_params * (32 - bits) // 8
         return model, {
             "recipe": recipe,
             "bits_per_weight": bits + 16 / model.get_submodule(names[0]).weight.shape[1],
             "model_bytes": model.fake_bytes,
             "layers": layers,
-            "calibration": {"sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()},
+            "calibration": calib[1],
         }
 
     def evaluate(
@@ -165,6 +174,10 @@ class FakeStages:
             "j_per_token": 700.0 * tpot,
         }
 
+    def linear_paths(self, model: Any) -> dict[str, int]:
+        n = len(getattr(model, "fake_layers", ()))
+        return {"emulated": n} if n else {}
+
     def stages(self) -> Stages:
         return Stages(
             load=self.load,
@@ -174,6 +187,7 @@ class FakeStages:
             bench=self.bench,
             predict=self.predict,
             baseline_manifest=baseline_manifest,
+            linear_paths=self.linear_paths,
         )
 
 

@@ -133,10 +133,14 @@ def _interval(v: Any) -> tuple[float | None, float | None]:
 
 
 def kernel_method(manifest: dict[str, Any] | None) -> str:
-    """'emulated' when any compressed layer runs dequantize-then-matmul, else 'measured'."""
-    layers = (manifest or {}).get("layers") or {}
+    """'emulated' when any compressed layer ran dequantize-then-matmul in the timed forwards
+    (``linear_paths`` recorded after the bench), else 'measured'."""
+    m = manifest or {}
+    if m.get("linear_paths") is not None:
+        return "emulated" if m["linear_paths"].get("emulated", 0) > 0 else "measured"
+    layers = m.get("layers") or {}
     paths = {str(v.get("path", "")) for v in layers.values() if isinstance(v, dict)}
-    return "emulated" if any(p == "emulated" for p in paths) else "measured"
+    return "emulated" if "emulated" in paths else "measured"
 
 
 def _with(method: str, kernels: str) -> str:

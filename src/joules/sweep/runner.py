@@ -121,7 +121,7 @@ class Pool:
 
     def __init__(self) -> None:
         self.models: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
-        self.calib: dict[tuple[str, str], tuple[Any, str]] = {}
+        self.calib: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
         self.compressed: tuple[tuple[Any, ...], tuple[Any, dict[str, Any]]] | None = None
 
     def model(self, stages: Stages, cfg: RunConfig) -> tuple[Any, Any, Any]:
@@ -132,7 +132,9 @@ class Pool:
             self.models[k] = stages.load(cfg.model, cfg.dtype)
         return self.models[k]
 
-    def calibration(self, stages: Stages, cfg: RunConfig, tokenizer: Any) -> tuple[Any, str]:
+    def calibration(
+        self, stages: Stages, cfg: RunConfig, tokenizer: Any
+    ) -> tuple[Any, dict[str, Any]]:
         k = (cfg.model, json.dumps(asdict(cfg.calibration), sort_keys=True))
         if k not in self.calib:
             self.calib[k] = stages.need("calibration")(tokenizer, cfg.calibration)
@@ -228,11 +230,16 @@ def execute_run(
                 return pool.compressed[1]
             if compressed is None:
                 with timer("calibration"):
-                    calib, _sha256 = pool.calibration(stages, cfg, tok)
+                    calib = pool.calibration(stages, cfg, tok)
                 pool.compressed = None  # free the previous compressed model first
                 with timer("compress"):
                     compressed = stages.need("compress")(
-                        base, cfg.recipe, calib, tok, lambda d, t: progress.phase("compress", d, t)
+                        base,
+                        cfg.recipe,
+                        calib,
+                        tok,
+                        info,
+                        lambda d, t: progress.phase("compress", d, t),
                     )
                 pool.compressed = (ck, compressed)
             return compressed
@@ -289,6 +296,9 @@ def execute_run(
                 bench = stages.need("bench")(
                     model, tok, info, cfg.bench, lambda d, t: progress.phase("bench", d, t)
                 )
+            if stages.linear_paths is not None and cfg.recipe != BASELINE:
+                # Which kernels the timed forwards ran: speed of emulated layers is labelled so.
+                manifest = {**manifest, "linear_paths": stages.linear_paths(model)}
         predictions = None
         if cfg.hardware:
             predictions = {}

@@ -28,8 +28,9 @@ class Stages:
     """Callables a run is made of (each may be None when its module is not installed).
 
     load(model_spec, dtype) -> (model, tokenizer, info)
-    calibration(tokenizer, CalibrationSpec) -> (LongTensor [n, length], sha256)
-    compress(model, recipe, calibration, tokenizer, progress) -> (model', manifest dict)
+    calibration(tokenizer, CalibrationSpec) -> (LongTensor [n, length], {sha256, ...})
+    compress(model, recipe, (tokens, calib info), tokenizer, info, progress) -> (model', manifest)
+    linear_paths(model) -> {"emulated" | "kernel:<name>": count} after a forward
     evaluate(task, model, tokenizer, info, EvalSpec, progress) -> {result, window_nll, window_tokens}
     bench(model, tokenizer, info, BenchSpec, progress) -> BenchResult dict
     predict(model, info, manifest, hardware, BenchSpec | None) -> Prediction dict
@@ -37,12 +38,13 @@ class Stages:
     """
 
     load: Callable[[str, str], tuple[Any, Any, Any]]
-    calibration: Callable[[Any, CalibrationSpec], tuple[Any, str]] | None
-    compress: Callable[[Any, str, Any, Any, Progress | None], tuple[Any, dict[str, Any]]] | None
+    calibration: Callable[[Any, CalibrationSpec], tuple[Any, dict[str, Any]]] | None
+    compress: Callable[..., tuple[Any, dict[str, Any]]] | None
     evaluate: Callable[[str, Any, Any, Any, EvalSpec, Progress | None], dict[str, Any]] | None
     bench: Callable[[Any, Any, Any, BenchSpec, Progress | None], dict[str, Any]] | None
     predict: Callable[[Any, Any, dict[str, Any], str, BenchSpec | None], dict[str, Any]] | None
     baseline_manifest: Callable[[Any, Any], dict[str, Any]]
+    linear_paths: Callable[[Any], dict[str, int]] | None = None
     missing: dict[str, str] = field(default_factory=dict)
 
     def need(self, name: str) -> Callable[..., Any]:
@@ -68,27 +70,39 @@ def load(spec: str, dtype: str) -> tuple[Any, Any, Any]:
     return tuple(load_model(spec, dtype=getattr(torch, dtype)))  # type: ignore[return-value]
 
 
-def calibration(tokenizer: Any, c: CalibrationSpec) -> tuple[Any, str]:
+def calibration(tokenizer: Any, c: CalibrationSpec) -> tuple[Any, dict[str, Any]]:
     from joules.compress import calibration_tokens
 
     return calibration_tokens(tokenizer, n=c.n, length=c.length, seed=c.seed)
 
 
 def compress(
-    model: Any, recipe: str, calib: Any, tokenizer: Any, progress: Progress | None
-) -> tuple[Any, dict[str, Any]]:
+    model: Any, recipe: str, calib: tuple[Any, dict[str, Any]], tokenizer: Any, info: Any,
+    progress: Progress | None,
+) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     from joules.compress import compress as run_compress
-    from joules.compress import parse_recipe
 
-    # Compress a copy: the loaded model is shared by every run of this model (and its baseline).
+    tokens, calib_info = calib
+    # Compress a copy: compress() works in place, and the loaded model is shared by every run
+    # of this model (and its baseline).
     cm = run_compress(
         copy.deepcopy(model),
-        parse_recipe(recipe),
-        calibration=calib,
+        recipe,
+        calibration=tokens,
         tokenizer=tokenizer,
-        progress=progress,
+        calibration_info=calib_info,
+        source=getattr(info, "spec", "") or "",
+        prequantized=getattr(info, "prequantized", None),
+        progress=(lambda what, done, total: progress(done, total)) if progress else None,
     )
     return cm.model, cm.manifest.to_dict()
+
+
+def linear_paths(model: Any) -> dict[str, int]:
+    """How many compressed linears ran through each kernel path in their last forward."""
+    from joules.compress import linear_paths as paths
+
+    return paths(model)
 
 
 def evaluate(
@@ -196,5 +210,6 @@ def default_stages() -> Stages:
         bench=bench if have("bench", "joules.bench", "BenchConfig", "run_bench") else None,
         predict=predict if have("predict", "joules.predict", "predict") else None,
         baseline_manifest=baseline_manifest,
+        linear_paths=linear_paths if has_compress else None,
         missing=missing,
     )
