@@ -105,7 +105,7 @@ def test_failed_runs_are_not_candidates_and_empty_store_errors():
 
 
 def test_pareto_front_drops_dominated():
-    cands = candidates(RUNS + [run("bad", (3.0, 4.0), 0.7, 300e6)])
+    cands = candidates([*RUNS, run("bad", (3.0, 4.0), 0.7, 300e6)])
     front = {c.recipe for c in pareto_front(cands, ["ppl_increase", "energy"])}
     assert "bad" not in front and front == {"baseline", "int8", "int4", "mxfp4"}
     with pytest.raises(ConfigError, match="Pareto figure"):
