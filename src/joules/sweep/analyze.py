@@ -193,6 +193,8 @@ def candidates(runs: Sequence[RunRow], hardware: str | None = None) -> list[Cand
 
 def _check(c: Candidate, flag: str, metric: str, limit: float) -> Check:
     m = c.figures.get(metric)
+    if m is None and metric == "peak_rss_bytes":  # a prediction's peak memory on its hardware
+        m = c.figures.get("peak_memory_bytes")
     if m is None or m.value is None:
         return Check(flag, limit, "unknown", m)
     scale = abs(limit) if limit else 1.0

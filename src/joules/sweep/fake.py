@@ -147,18 +147,42 @@ class FakeStages:
                 progress(i + 1, steps)
         nbytes = getattr(model, "fake_bytes", None) or _model_bytes(model)
         tpot = nbytes / FAKE_BANDWIDTH_B_PER_S["this-machine"]
-        jpt = 40.0 * tpot  # a 40 W machine
+        ttft = tpot * b.prompt_len / 8
+
+        def interval(v: float) -> dict[str, Any]:
+            vals = [0.98 * v, v, 1.02 * v]
+            return {"median": v, "ci95_low": 0.95 * v, "ci95_high": 1.05 * v, "values": vals}
+
+        def energy(seconds: float, tokens: int) -> dict[str, Any]:
+            e = 40.0 * seconds  # a 40 W machine
+            return {
+                "energy_j": [0.97 * e, e, 1.03 * e],
+                "tokens": tokens,
+                "method": "estimated",
+                "uncertainty_j": 0.1 * e,
+                "j_per_token": e / tokens,
+                "timeline": {"t_s": [0.0, seconds], "power_w": [40.0, 40.0]},
+            }
+
+        decoded = b.batch * (b.gen_len - 1)
         return {
-            "ttft_s": {
-                "median": tpot * b.prompt_len / 8,
-                "ci95": [tpot * b.prompt_len / 9, tpot * b.prompt_len / 7],
-            },
-            "tpot_s": {"median": tpot, "ci95": [0.95 * tpot, 1.05 * tpot]},
-            "decode_tokens_per_s": {"median": b.batch / tpot},
-            "peak_rss_bytes": nbytes + 50_000_000,
-            "j_per_token": {"median": jpt, "ci95": [0.9 * jpt, 1.1 * jpt]},
-            "energy_method": "estimated",
-            "power_timeline": {"decode": [[0.0, 40.0], [tpot * b.gen_len, 40.0]]},
+            "model": "fake",
+            "runtime": b.runtime,
+            "rows": [
+                {
+                    "prompt_len": b.prompt_len,
+                    "batch": b.batch,
+                    "gen_len": b.gen_len,
+                    "ttft_s": interval(ttft),
+                    "tpot_s": interval(tpot),
+                    "decode_tok_s": b.batch / tpot,
+                    "peak_rss_bytes": nbytes + 50_000_000,
+                    "model_bytes": nbytes,
+                    "prefill_energy": energy(ttft, b.batch * b.prompt_len),
+                    "decode_energy": energy(tpot * max(decoded, 1), max(decoded, 1)),
+                }
+            ],
+            "linear_paths": self.linear_paths(model),
         }
 
     def predict(
@@ -169,9 +193,13 @@ class FakeStages:
         return {
             "method": "predicted",
             "hardware": hardware,
+            "prefill_s": tpot * 4,
             "tpot_s": tpot,
-            "tpot_s_band": [0.85 * tpot, 1.15 * tpot],
-            "j_per_token": 700.0 * tpot,
+            "decode_tok_s": 1 / tpot,
+            "decode_j_per_token": 700.0 * tpot,
+            "peak_memory_bytes": manifest["model_bytes"] * 1.2,
+            "band": {"prefill": 0.2, "decode": 0.15},
+            "energy_band": {},
         }
 
     def linear_paths(self, model: Any) -> dict[str, int]:

@@ -24,20 +24,15 @@ from typing import Any
 from joules.errors import ConfigError
 from joules.sweep.store import Metric
 
-# Two-sided 95 % Student t quantiles for 1..30 degrees of freedom (beyond: the normal 1.96).
-# Few windows (8 at the default 4,096 tokens) make the normal quantile visibly optimistic.
-_T95 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)  # fmt: skip
-
 
 def t95(df: int) -> float:
-    """Two-sided 95 % quantile of Student's t with ``df`` degrees of freedom."""
-    if df < 1:
-        return float("nan")
-    return _T95[df - 1] if df <= len(_T95) else 1.959963984540054
+    """Two-sided 95 % quantile of Student's t (NaN below 1 degree of freedom).
+
+    Few windows (8 at the default 4,096 tokens) make the normal 1.96 visibly optimistic.
+    """
+    from joules.measure.stats import t_quantile_975
+
+    return t_quantile_975(df) if df >= 1 else float("nan")
 
 
 def jsonable(obj: Any) -> Any:
@@ -90,15 +85,11 @@ def paired_increase(
             "paired perplexity needs the same windows for the model and its baseline: "
             "evaluate both under the same protocol"
         )
+    from joules.evaluate.results import weighted_mean_stderr
+
     d = [a - b for a, b in zip(nll, base_nll, strict=True)]
-    n_tok = sum(tokens)
-    mean = sum(d) / n_tok
+    mean, se = weighted_mean_stderr(d, list(tokens))
     w = len(d)
-    if w >= 2:
-        resid = sum((s - c * mean) ** 2 for s, c in zip(d, tokens, strict=True))
-        se = math.sqrt(w / (w - 1) * resid) / n_tok
-    else:
-        se = float("nan")
     half = t95(w - 1) * se
     return PairedIncrease(
         pct=100 * math.expm1(mean),
@@ -110,20 +101,6 @@ def paired_increase(
     )
 
 
-def _get(d: Any, *paths: str) -> Any:
-    """The first present value among dotted ``paths`` in nested dicts (None if none is)."""
-    for p in paths:
-        cur = d
-        for part in p.split("."):
-            if not isinstance(cur, dict) or part not in cur:
-                cur = None
-                break
-            cur = cur[part]
-        if cur is not None:
-            return cur
-    return None
-
-
 def _interval(v: Any) -> tuple[float | None, float | None]:
     if isinstance(v, list | tuple) and len(v) == 2:
         return (v[0], v[1])
@@ -132,15 +109,15 @@ def _interval(v: Any) -> tuple[float | None, float | None]:
     return (None, None)
 
 
-def kernel_method(manifest: dict[str, Any] | None) -> str:
+def kernel_method(manifest: dict[str, Any] | None, bench: dict[str, Any] | None = None) -> str:
     """'emulated' when any compressed layer ran dequantize-then-matmul in the timed forwards
-    (``linear_paths`` recorded after the bench), else 'measured'."""
-    m = manifest or {}
-    if m.get("linear_paths") is not None:
-        return "emulated" if m["linear_paths"].get("emulated", 0) > 0 else "measured"
-    layers = m.get("layers") or {}
-    paths = {str(v.get("path", "")) for v in layers.values() if isinstance(v, dict)}
-    return "emulated" if "emulated" in paths else "measured"
+    (the bench's ``linear_paths``, else the one recorded after the bench), else 'measured'."""
+    paths = (bench or {}).get("linear_paths") or (manifest or {}).get("linear_paths")
+    if paths is not None:
+        return "emulated" if paths.get("emulated", 0) > 0 else "measured"
+    layers = (manifest or {}).get("layers") or {}
+    kinds = {str(v.get("path", "")) for v in layers.values() if isinstance(v, dict)}
+    return "emulated" if "emulated" in kinds else "measured"
 
 
 def _with(method: str, kernels: str) -> str:
@@ -161,7 +138,7 @@ def extract_metrics(
     (``estimated`` on a machine without counters); predictions are ``predicted``.
     """
     out: list[Metric] = []
-    kernels = kernel_method(manifest)
+    kernels = kernel_method(manifest, bench)
     if manifest:
         if manifest.get("model_bytes") is not None:
             out.append(Metric("model_bytes", float(manifest["model_bytes"]), "B", "measured"))
@@ -196,56 +173,70 @@ def _ms(v: Any) -> float | None:
     return None if v is None else 1000.0 * float(v)
 
 
+def _interval_of(d: dict[str, Any] | None) -> tuple[float | None, float | None, float | None]:
+    """(median, lo, hi) of a bench ``Interval.to_dict()``."""
+    if not isinstance(d, dict):
+        return (None, None, None)
+    return (d.get("median"), d.get("ci95_low"), d.get("ci95_high"))
+
+
+def _energy_per_token(e: dict[str, Any]) -> tuple[float, float | None, float | None]:
+    """J/token of a bench phase, with a 95 % interval combining the spread across repeats
+    (t interval of per-repeat J/token) and the meter's own uncertainty, in quadrature."""
+    from joules.measure.stats import summarize
+
+    tokens = e.get("tokens") or 0
+    jpt = float(e["j_per_token"])
+    per = [x / tokens for x in e.get("energy_j", [])] if tokens else []
+    half_rep = summarize(per).ci95_half_width if len(per) >= 2 else 0.0
+    half_meter = float(e.get("uncertainty_j") or 0.0) / tokens if tokens else 0.0
+    half = math.hypot(half_rep, half_meter)
+    return (jpt, jpt - half, jpt + half) if half > 0 else (jpt, None, None)
+
+
 def _bench_metrics(b: dict[str, Any], kernels: str) -> list[Metric]:
-    """Figures of ``BenchResult.to_dict()`` (joules.bench)."""
+    """Figures of ``BenchResult.to_dict()`` (joules.bench): its first row (a run benches one
+    workload). Times are medians over repeats with the 95 % t interval of their mean."""
+    rows = b.get("rows") or []
+    if not rows:
+        return []
+    r = rows[0]
     out: list[Metric] = []
     speed = _with("measured", kernels)
-    ttft = _get(b, "ttft_s.median", "ttft_s")
-    if ttft is not None:
-        lo, hi = _interval(_get(b, "ttft_s.ci95", "ttft_ci95_s"))
-        out.append(Metric("ttft_ms", _ms(ttft), "ms", speed, _ms(lo), _ms(hi)))
-    tpot = _get(b, "tpot_s.median", "tpot_s.mean", "tpot_s")
-    if tpot is not None:
-        lo, hi = _interval(_get(b, "tpot_s.ci95", "tpot_ci95_s"))
-        out.append(Metric("tpot_ms", _ms(tpot), "ms", speed, _ms(lo), _ms(hi)))
-    tps = _get(b, "decode_tokens_per_s.median", "decode_tokens_per_s")
-    if tps is not None:
-        out.append(Metric("tokens_per_s", float(tps), "tok/s", speed))
-    rss = _get(b, "peak_rss_bytes", "peak_memory_bytes")
-    if rss is not None:
-        out.append(Metric("peak_rss_bytes", float(rss), "B", speed))
-    jpt = _get(b, "j_per_token.median", "j_per_token", "decode_j_per_token")
-    if jpt is not None:
-        lo, hi = _interval(_get(b, "j_per_token.ci95", "j_per_token_ci95"))
-        method = str(_get(b, "energy_method", "method") or "estimated")
-        out.append(Metric("j_per_token", float(jpt), "J/tok", _with(method, kernels), lo, hi))
+    for name, key in (("ttft_ms", "ttft_s"), ("tpot_ms", "tpot_s")):
+        med, lo, hi = _interval_of(r.get(key))
+        if med is not None:
+            out.append(Metric(name, _ms(med), "ms", speed, _ms(lo), _ms(hi)))
+    if r.get("decode_tok_s") is not None:
+        out.append(Metric("tokens_per_s", float(r["decode_tok_s"]), "tok/s", speed))
+    if r.get("peak_rss_bytes") is not None:
+        out.append(Metric("peak_rss_bytes", float(r["peak_rss_bytes"]), "B", speed))
+    for name, key in (("j_per_token", "decode_energy"), ("prefill_j_per_token", "prefill_energy")):
+        e = r.get(key)
+        if e and e.get("j_per_token") is not None:
+            v, lo, hi = _energy_per_token(e)
+            method = _with(str(e.get("method") or "estimated"), kernels)
+            out.append(Metric(name, v, "J/tok", method, lo, hi))
     return out
 
 
 def _prediction_metrics(p: dict[str, Any], hw: str) -> list[Metric]:
-    """Figures of ``Prediction.to_dict()`` (joules.predict), labelled ``predicted``."""
+    """Figures of ``Prediction.to_dict()`` (joules.predict), labelled ``predicted``; the
+    interval is the calibration's band (none claimed when the hardware is uncalibrated)."""
     out: list[Metric] = []
-    for name, paths, scale, unit in (
-        ("ttft_ms", ("ttft_s", "prefill.latency_s"), 1000.0, "ms"),
-        ("tpot_ms", ("tpot_s", "decode.latency_s"), 1000.0, "ms"),
-        ("j_per_token", ("j_per_token", "decode.j_per_token"), 1.0, "J/tok"),
-        ("tokens_per_s", ("decode_tokens_per_s", "decode.tokens_per_s"), 1.0, "tok/s"),
-        ("peak_rss_bytes", ("peak_memory_bytes", "memory_bytes"), 1.0, "B"),
+    method = str(p.get("method") or "predicted")
+    band, energy_band = p.get("band") or {}, p.get("energy_band") or {}
+    for name, key, scale, unit, rel in (
+        ("ttft_ms", "prefill_s", 1000.0, "ms", band.get("prefill")),
+        ("tpot_ms", "tpot_s", 1000.0, "ms", band.get("decode")),
+        ("j_per_token", "decode_j_per_token", 1.0, "J/tok", energy_band.get("decode")),
+        ("tokens_per_s", "decode_tok_s", 1.0, "tok/s", None),
+        ("peak_memory_bytes", "peak_memory_bytes", 1.0, "B", None),
     ):
-        v = _get(p, *paths)
-        if v is None:
+        v = p.get(key)
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
             continue
-        band = _get(p, *(f"{q}_band" for q in paths), *(f"{q}_ci95" for q in paths))
-        lo, hi = _interval(band)
-        out.append(
-            Metric(
-                name,
-                scale * float(v),
-                unit,
-                "predicted",
-                None if lo is None else scale * lo,
-                None if hi is None else scale * hi,
-                hardware=hw,
-            )
-        )
+        v = scale * float(v)
+        lo, hi = (v * max(0.0, 1 - rel), v * (1 + rel)) if rel is not None else (None, None)
+        out.append(Metric(name, v, unit, method, lo, hi, hardware=hw))
     return out

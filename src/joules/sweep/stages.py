@@ -140,23 +140,24 @@ def bench(
     cfg = BenchConfig(
         prompt_lens=(b.prompt_len,),
         gen_len=b.gen_len,
-        batches=(b.batch,),
+        batch_sizes=(b.batch,),
         repeats=b.repeats,
         warmup=b.warmup,
         runtime=b.runtime,
     )
-    return run_bench(model, tokenizer, cfg, info=info).to_dict()
+    return run_bench(model, tokenizer, info, cfg, progress=progress).to_dict()
 
 
 def predict(
     model: Any, info: Any, manifest: dict[str, Any], hardware: str, b: BenchSpec | None
 ) -> dict[str, Any]:
+    from joules.predict import ModelShape, Workload
     from joules.predict import predict as run_predict
 
-    kwargs: dict[str, Any] = {"hardware": hardware, "manifest": manifest}
-    if b is not None:
-        kwargs.update(prompt_len=b.prompt_len, gen_len=b.gen_len, batch=b.batch)
-    return run_predict(model, **kwargs).to_dict()
+    shape = ModelShape.from_config(model.config, name=getattr(info, "spec", None))
+    workload = Workload(prompt_len=b.prompt_len, gen_len=b.gen_len, batch=b.batch) if b else None
+    compressed = manifest if manifest.get("recipe") != BASELINE else None
+    return run_predict(shape, hardware, workload, manifest=compressed).to_dict()
 
 
 def baseline_manifest(model: Any, info: Any) -> dict[str, Any]:
