@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,10 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear | CompressedLinear)
+
+
+# The tokenized WikiText-2 valid split per tokenizer object (tokenizing it takes seconds).
+_VALID_STREAMS: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
 
 
 def calibration_tokens(
@@ -104,20 +109,26 @@ class BlockInputs:
                 outs.append(out[0] if isinstance(out, tuple) else out)
         return outs
 
-    def each_input(
+    def batches(
         self, block: nn.Module, modules: dict[str, nn.Module]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Run ``block`` once per mini-batch and yield ``(name, x2d)`` for each module's input.
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Run ``block`` once per mini-batch; yield ``{name: x2d}``, each module's input.
 
-        ``x2d`` is ``[tokens, in_features]`` in fp32; consumers accumulate statistics
-        (Hessians, means) as the inputs stream by, so nothing larger than one mini-batch is held.
+        ``x2d`` is ``[tokens, in_features]`` in fp32. Modules fed the same tensor (q/k/v,
+        gate/up) get the same object, so consumers can share work between them. Consumers
+        accumulate statistics (Hessians, means) as batches stream by: nothing larger than one
+        mini-batch is held.
         """
-        buf: list[tuple[str, torch.Tensor]] = []
+        buf: dict[str, torch.Tensor] = {}
+        seen: dict[int, torch.Tensor] = {}
 
         def hook(name: str) -> Callable[..., None]:
             def fn(_m: nn.Module, args: tuple[Any, ...]) -> None:
-                x = args[0]
-                buf.append((name, x.detach().reshape(-1, x.shape[-1]).float()))
+                x = args[0].detach()
+                key = x.data_ptr()
+                if key not in seen:
+                    seen[key] = x.reshape(-1, x.shape[-1]).float()
+                buf[name] = seen[key]
 
             return fn
 
@@ -126,8 +137,9 @@ class BlockInputs:
             with torch.no_grad():
                 for h, kw in zip(self.hidden, self.kwargs, strict=True):
                     block(h, **kw)
-                    yield from buf
+                    yield dict(buf)
                     buf.clear()
+                    seen.clear()
         finally:
             for hd in handles:
                 hd.remove()
@@ -135,8 +147,9 @@ class BlockInputs:
     def capture(self, block: nn.Module, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         """All inputs of ``modules`` as ``[tokens, in_features]`` fp32 (small models/tests)."""
         acc: dict[str, list[torch.Tensor]] = {}
-        for name, x in self.each_input(block, modules):
-            acc.setdefault(name, []).append(x)
+        for batch in self.batches(block, modules):
+            for name, x in batch.items():
+                acc.setdefault(name, []).append(x)
         return {k: torch.cat(v) for k, v in acc.items()}
 
 

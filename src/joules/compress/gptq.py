@@ -32,7 +32,7 @@ from joules.compress.context import (
     install_quantized,
     weight_mask,
 )
-from joules.compress.hessian import Hessian, gptq_quantize
+from joules.compress.hessian import Hessian, gptq_quantize, gram
 from joules.compress.recipe import Step, register_step
 from joules.compress.rtn import check_format
 from joules.errors import ConfigError
@@ -43,8 +43,12 @@ def hessians(
 ) -> dict[str, Hessian]:
     """Input Hessians of ``modules`` (names relative to ``block``) over the calibration inputs."""
     hs = {n: Hessian(m.in_features) for n, m in modules.items()}
-    for name, x in inputs.each_input(block, modules):
-        hs[name].add(x)
+    for batch in inputs.batches(block, modules):
+        grams: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) share one input: one product
+        for name, x in batch.items():
+            if id(x) not in grams:
+                grams[id(x)] = gram(x)
+            hs[name].add(x, grams[id(x)])
     return hs
 
 

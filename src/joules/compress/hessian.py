@@ -36,9 +36,15 @@ class Hessian:
         self.sum = torch.zeros(cols, cols, dtype=torch.float64)
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        self.sum.addmm_(x.T, x)
+    def add(self, x: torch.Tensor, xtx: torch.Tensor | None = None) -> None:
+        """Add a batch of inputs ``x`` ``[tokens, cols]``; ``xtx`` is its ``x^T x`` if known.
+
+        Each batch's product runs in fp32 (fast kernels) and is summed in fp64 (exact enough
+        over many batches)."""
+        x = x.reshape(-1, x.shape[-1])
+        if xtx is None:
+            xtx = gram(x)
+        self.sum.add_(xtx)
         self.n += x.shape[0]
 
     def matrix(self) -> torch.Tensor:
@@ -46,6 +52,12 @@ class Hessian:
         if self.n == 0:
             raise ConfigError("no calibration tokens reached this layer: cannot build its Hessian")
         return (2.0 / self.n * self.sum).float()
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` of ``x`` ``[tokens, cols]`` in fp32, returned as fp64."""
+    x = x.float()
+    return (x.T @ x).double()
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:

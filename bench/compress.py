@@ -1,0 +1,251 @@
+"""Quality of compression recipes on the default model: perplexity, paired intervals, bits, cost.
+
+    python bench/compress.py                       # every row (about 45 min on 2 cores)
+    python bench/compress.py --rows "rtn(format=int8-ch)" --tokens 4096   # a quick subset
+    python bench/compress.py --table               # reprint the table from the JSON
+
+Every recipe is compressed by the real CLI in its own process (`joules compress ... --json`),
+so its time and peak RSS are that process's own; the saved directory is then loaded back and
+scored on the first ``--tokens`` WikiText-2 **test** tokens (calibration: WikiText-2 valid).
+Each row is compared with the baseline by the paired per-window NLL difference (95 % interval).
+Rows already in ``bench/results/compress.json`` with the same settings are not recomputed, so an
+interrupted run resumes. The default model's weights were Q4_1 before joules saw them: the
+baseline is an fp32 copy of Q4_1 values, and ``uint4-asym-g32`` (which reproduces Q4_1) is a
+check of the path, not a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results" / "compress.json"
+
+ROWS = [
+    "baseline",
+    "rtn(format=uint4-asym-g32)",
+    "rtn(format=int8-ch)",
+    "rtn(format=int4-g64)",
+    "gptq(format=int4-g64)",
+    "rtn(format=int3-g64)",
+    "gptq(format=int3-g64)",
+    "rtn(format=mxfp4)",
+    "gptq(format=mxfp4)",
+    "rtn(format=nxfp4)",
+    "gptq(format=nxfp4)",
+    "rtn(format=nf4)",
+    "gptq(format=nf4)",
+    "rtn(format=codebook4)",
+    "gptq(format=codebook4)",
+]
+
+
+def _joules_cmd() -> list[str]:
+    return [sys.executable, "-c", "from joules.cli import main; main()"]
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": args.model,
+        "tokens": args.tokens,
+        "window": args.window,
+        "calib_n": args.calib_n,
+        "calib_len": args.calib_len,
+        "threads": args.threads,
+    }
+
+
+def _compress(recipe: str, args: argparse.Namespace, cache: Path) -> tuple[Path, dict[str, Any]]:
+    key = hashlib.sha256(json.dumps([recipe, _settings(args)]).encode()).hexdigest()[:16]
+    out = cache / key
+    if not (out / "joules.json").is_file():
+        cmd = [*_joules_cmd(), "compress", args.model, "--recipe", recipe, "-o", str(out)]
+        cmd += ["--calib-n", str(args.calib_n), "--calib-len", str(args.calib_len), "--json"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{recipe}: joules compress failed: {proc.stderr.strip()[-400:]}")
+        wall = time.perf_counter() - t0
+        (out / "bench_wall_s.txt").write_text(f"{wall:.3f}\n")
+    manifest = json.loads((out / "joules.json").read_text())
+    wall = (
+        float((out / "bench_wall_s.txt").read_text())
+        if (out / "bench_wall_s.txt").exists()
+        else None
+    )
+    return out, {"manifest": manifest, "process_wall_s": wall}
+
+
+def _score(model_path: str, args: argparse.Namespace) -> Any:
+    from joules.evaluate.perplexity import wikitext2_perplexity
+    from joules.models import load_model
+
+    model, tok, info = load_model(model_path)
+    r = wikitext2_perplexity(model, tok, limit_tokens=args.tokens, window=args.window)
+    paths: dict[str, int] = {}
+    for m in model.modules():
+        p = getattr(m, "path", None)
+        if isinstance(p, str):
+            paths[p] = paths.get(p, 0) + 1
+    return r, info, paths
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from joules import __version__
+    from joules.evaluate.paired import paired_difference
+    from joules.evaluate.results import PerplexityProtocol, PerplexityResult
+    from joules.models.loading import cache_dir
+
+    torch.set_num_threads(args.threads)
+    settings = _settings(args)
+    data: dict[str, Any] = {}
+    if OUT.is_file():
+        data = json.loads(OUT.read_text())
+        if data.get("settings") != settings:
+            data = {}
+    data.update(
+        settings=settings,
+        command="python bench/compress.py " + " ".join(sys.argv[1:]),
+        versions={"joules": __version__, "torch": torch.__version__},
+        machine=_machine(),
+    )
+    rows: dict[str, Any] = data.setdefault("rows", {})
+    cache = cache_dir() / "bench-compress"
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def result_of(d: dict[str, Any]) -> PerplexityResult:
+        d = dict(d)
+        d["protocol"] = PerplexityProtocol(**d["protocol"])
+        for k in ("perplexity", "perplexity_ci95", "bits_per_byte", "tokens_per_s"):
+            d.pop(k, None)
+        return PerplexityResult(**d)
+
+    wanted = args.rows or ROWS
+    if "baseline" not in wanted:
+        wanted = ["baseline", *wanted]
+    for recipe in wanted:
+        if recipe in rows and not args.force:
+            continue
+        print(f"-- {recipe}", flush=True)
+        entry: dict[str, Any] = {"recipe": recipe}
+        if recipe == "baseline":
+            r, info, paths = _score(args.model, args)
+            entry.update(
+                bits_per_weight=None,
+                model_bytes=info.bytes,
+                note=f"fp32 copy of the {info.prequantized} weights the model shipped with",
+            )
+        else:
+            path, comp = _compress(recipe, args, cache)
+            r, info, paths = _score(str(path), args)
+            m = comp["manifest"]
+            step = m["steps"][0]
+            entry.update(
+                bits_per_weight=m["bits_per_weight"],
+                model_bytes=m["model_bytes"],
+                compress_time_s=sum(s["time_s"] for s in m["steps"]),
+                compress_peak_rss_bytes=max(s["peak_rss_bytes"] for s in m["steps"]),
+                process_wall_s=comp["process_wall_s"],
+                step=step["name"],
+                calibration=m.get("calibration"),
+            )
+        entry["linear_paths"] = paths
+        entry["perplexity"] = r.to_dict()
+        rows[recipe] = entry
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(data, indent=1))
+    base = result_of(rows["baseline"]["perplexity"])
+    for recipe, entry in rows.items():
+        r = result_of(entry["perplexity"])
+        entry["paired_vs_baseline"] = paired_difference(r, base).to_dict()
+    _gap_closed(rows)
+    OUT.write_text(json.dumps(data, indent=1))
+    return data
+
+
+def _gap_closed(rows: dict[str, Any]) -> None:
+    """For each non-RTN row, the share of the RTN row's NLL gap (same format) it closes."""
+    for recipe, entry in rows.items():
+        if recipe.startswith("rtn(") or recipe == "baseline":
+            continue
+        fmt = recipe.split("format=", 1)[-1].split(")")[0].split(",")[0]
+        rtn = rows.get(f"rtn(format={fmt})")
+        if not rtn:
+            continue
+        g_rtn = rtn["paired_vs_baseline"]["delta_nll"]
+        g = entry["paired_vs_baseline"]["delta_nll"]
+        entry["gap_closed_vs_rtn"] = (g_rtn - g) / g_rtn if g_rtn > 0 else None
+
+
+def _machine() -> dict[str, Any]:
+    try:
+        from joules.system import machine_info
+
+        return machine_info()
+    except ImportError:
+        import platform
+
+        return {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+
+
+def table(data: dict[str, Any]) -> str:
+    s = data["settings"]
+    lines = [
+        f"<!-- bench: results/compress.json ({s['tokens']} WikiText-2 test tokens, window "
+        f"{s['window']}; calibration {s['calib_n']} x {s['calib_len']} valid tokens) -->",
+        "| recipe | bits/weight | perplexity | × baseline (95 % paired CI) | gap closed vs RTN | "
+        "compress time | peak RSS |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for recipe, e in data["rows"].items():
+        p = e["perplexity"]
+        pv = e.get("paired_vs_baseline", {})
+        bpw = f"{e['bits_per_weight']:.3f}" if e.get("bits_per_weight") else "32 (fp32)"
+        ratio = (
+            f"{pv['ppl_ratio']:.4f} ({pv['ppl_ratio_ci95'][0]:.4f}–{pv['ppl_ratio_ci95'][1]:.4f})"
+            if pv
+            else ""
+        )
+        gap = e.get("gap_closed_vs_rtn")
+        gap_s = f"{100 * gap:.0f} %" if gap is not None else ""
+        t = f"{e['compress_time_s']:.0f} s" if e.get("compress_time_s") is not None else ""
+        rss = (
+            f"{e['compress_peak_rss_bytes'] / 2**30:.2f} GiB"
+            if e.get("compress_peak_rss_bytes")
+            else ""
+        )
+        lines.append(
+            f"| `{recipe}` | {bpw} | {p['perplexity']:.3f} | {ratio} | {gap_s} | {t} | {rss} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--calib-n", type=int, default=128)
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=lambda s: [r.strip() for r in s.split(";") if r.strip()])
+    ap.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
+    ap.add_argument("--table", action="store_true", help="print the table from the JSON only")
+    args = ap.parse_args()
+    data = json.loads(OUT.read_text()) if args.table else run(args)
+    print(table(data))
+
+
+if __name__ == "__main__":
+    main()
