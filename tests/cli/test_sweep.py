@@ -79,6 +79,7 @@ def test_recommend_answers_with_methods_and_intervals(swept):
         (["--objective", "speed"], "unknown objective"),
         (["--max-model-bytes", "lots"], "is not a size"),
         (["--hardware", "h100"], "no prediction for hardware 'h100'"),
+        (["--objective", "bytes", "--pareto", "vibes"], "unknown Pareto figure"),
     ],
 )
 def test_recommend_bad_input_is_one_line_exit_2(swept, args, message):

@@ -110,6 +110,9 @@ def test_pareto_front_drops_dominated():
     assert "bad" not in front and front == {"baseline", "int8", "int4", "mxfp4"}
     with pytest.raises(ConfigError, match="Pareto figure"):
         pareto_front(cands, ["vibes"])
+    r = recommend(RUNS, Constraints(), "energy", pareto=["bytes", "latency"])
+    assert r.pareto_figures == ["bytes", "latency"]
+    assert {c.recipe for c in r.pareto} == {"mxfp4"}  # smallest and fastest
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from rich.table import Table
 from joules.cli._app import JSON_OPTION, app, console, emit
 from joules.errors import ConfigError
 from joules.sweep.analyze import (
+    FIGURES,
     OBJECTIVES,
     Candidate,
     Constraints,
@@ -190,7 +191,8 @@ def _render(r: Any) -> None:
             status or "met",
         )
     console.print(t)
-    console.print(f"[dim]* on the Pareto front of perplexity increase and {metric_label}[/]")
+    names = ", ".join(_LABELS[FIGURES[f][0]] for f in r.pareto_figures)
+    console.print(f"[dim]* on the Pareto front of {names}[/]")
     for rule in r.rules:
         console.print(f"[dim]rule: {rule}[/]", soft_wrap=True)
 
@@ -212,6 +214,13 @@ def recommend_cmd(
     ),
     workload: str = typer.Option(
         None, "--workload", help="The bench workload when the store has several."
+    ),
+    pareto: str = typer.Option(
+        None,
+        "--pareto",
+        help="Figures of the Pareto front, comma-separated: "
+        + ", ".join(FIGURES)
+        + " (default: ppl_increase and the objective).",
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -236,7 +245,8 @@ def recommend_cmd(
     )
     with Store(store) as st:
         runs = st.runs()
-    result = recommend(runs, constraints, objective, hardware, workload)
+    figures = [f.strip() for f in pareto.split(",") if f.strip()] if pareto else None
+    result = recommend(runs, constraints, objective, hardware, workload, figures)
     emit(result, as_json, _render)
 
 

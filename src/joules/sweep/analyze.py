@@ -257,6 +257,7 @@ class Recommendation:
     pareto: list[Candidate]
     candidates: list[Candidate]
     rules: list[str]
+    pareto_figures: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         def c(x: Candidate | None) -> Any:
@@ -273,6 +274,7 @@ class Recommendation:
             "bound_by": self.bound_by,
             "given_up": self.given_up,
             "closest": c(self.closest),
+            "pareto_figures": self.pareto_figures,
             "pareto": [x.to_dict() for x in self.pareto],
             "candidates": [x.to_dict() for x in self.candidates],
             "rules": self.rules,
@@ -294,8 +296,12 @@ def recommend(
     objective: str = "energy",
     hardware: str | None = None,
     workload: str | None = None,
+    pareto: Sequence[str] | None = None,
 ) -> Recommendation:
-    """Choose the finished run that best meets ``objective`` under ``constraints``."""
+    """Choose the finished run that best meets ``objective`` under ``constraints``.
+
+    ``pareto`` names the figures of the Pareto front returned with the answer (keys of
+    :data:`FIGURES`; default: perplexity increase and the objective)."""
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}: choose {', '.join(OBJECTIVES)}")
     metric = OBJECTIVES[objective]
@@ -368,9 +374,8 @@ def recommend(
                     )
     else:
         closest = min(with_objective, key=lambda c: (c.violation, rank(c)))
-    front = pareto_front(
-        [c for c in cands if c.value(metric) is not None], ["ppl_increase", objective]
-    )
+    pareto_figures = list(pareto or ["ppl_increase", objective])
+    front = pareto_front(cands, pareto_figures)
     return Recommendation(
         objective=objective,
         metric=metric,
@@ -385,4 +390,5 @@ def recommend(
         pareto=front,
         candidates=cands,
         rules=RULES,
+        pareto_figures=pareto_figures,
     )
