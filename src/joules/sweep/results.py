@@ -3,7 +3,7 @@
     >>> from joules.sweep.results import paired_increase
     >>> inc = paired_increase([10.0, 12.0, 11.0], [5, 5, 5], [9.9, 11.9, 10.95], [5, 5, 5])
     >>> round(inc.pct, 3), inc.windows
-    (1.676, 3)
+    (1.681, 3)
 
 The perplexity increase of a compressed model is decided on the *paired* per-window difference
 against the same model's baseline under the same protocol (same text, windows, tokenizer): both
