@@ -191,7 +191,8 @@ def _energy_per_token(e: dict[str, Any]) -> tuple[float, float | None, float | N
     half_rep = summarize(per).ci95_half_width if len(per) >= 2 else 0.0
     half_meter = float(e.get("uncertainty_j") or 0.0) / tokens if tokens else 0.0
     half = math.hypot(half_rep, half_meter)
-    return (jpt, jpt - half, jpt + half) if half > 0 else (jpt, None, None)
+    # Energy is never negative: a wide interval (few repeats) is cut at zero.
+    return (jpt, max(0.0, jpt - half), jpt + half) if half > 0 else (jpt, None, None)
 
 
 def _bench_metrics(b: dict[str, Any], kernels: str) -> list[Metric]:
