@@ -113,6 +113,18 @@ def test_a_missing_stage_fails_the_runs_that_need_it(tmp_path, spec):
     )
 
 
+def test_one_sweep_writes_a_store_at_a_time(tmp_path, spec):
+    import fcntl
+
+    from joules.errors import ConfigError
+
+    db = tmp_path / "s.db"
+    with open(f"{db}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="another sweep is writing"):
+            run_sweep(spec, db, stages=FakeStages().stages(), versions=VERSIONS)
+
+
 _DRIVER = """
 import sys
 from joules.sweep import run_sweep

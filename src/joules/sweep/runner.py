@@ -406,6 +406,7 @@ def run_sweep(
     t0 = time.perf_counter()
     own = not isinstance(store, Store)
     st = Store(store) if own else store
+    lock = _writer_lock(st.path)
     try:
         stages = stages or default_stages()
         versions = versions or library_versions()
@@ -429,8 +430,28 @@ def run_sweep(
             failures=failures,
         )
     finally:
+        if lock is not None:
+            lock.close()
         if own:
             st.close()
+
+
+def _writer_lock(path: str) -> Any:
+    """Hold ``<store>.lock`` for the sweep: two sweeps writing one store would each take the
+    other's running runs for interrupted ones and redo them."""
+    if path == ":memory:":
+        return None
+    import fcntl
+
+    f = open(f"{path}.lock", "w")  # noqa: SIM115  (held until the sweep ends)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(
+            f"another sweep is writing {path!r}: wait for it to finish, or use another --store"
+        ) from None
+    return f
 
 
 def _run_local(
