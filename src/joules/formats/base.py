@@ -62,7 +62,13 @@ def safe_div(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x / s, with s == 0 read as 1 (a zero scale means an all-zero group, or one below the
     scale dtype's range, whose elements then round to 0). Division, not a multiply by 1/s:
     1/s overflows for fp32-subnormal scales."""
-    return x / torch.where(s == 0, torch.ones_like(s), s)
+    return x / safe_divisor(s)
+
+
+def safe_divisor(s: torch.Tensor) -> torch.Tensor:
+    """The divisor :func:`safe_div` uses: ``s`` with 0 read as 1 (fp32 scales stay fp32).
+    Formats keep it as a derived parameter, so a fixed-parameter column divides in one op."""
+    return torch.where(s == 0, torch.ones_like(s), s)
 
 
 # --------------------------------------------------------------------------------------------

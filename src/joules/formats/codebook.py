@@ -33,10 +33,12 @@ from joules.errors import ConfigError
 from joules.formats.base import (
     SCALE_BITS,
     SCALE_DTYPES,
+    Fitted,
     Format,
     FormatConfig,
     Options,
     QuantizedTensor,
+    check_fit_input,
     check_input,
     check_qt,
     join_spec,
@@ -134,9 +136,8 @@ class CodebookFormat(Format):
             "codebooks": rows * self.k * SCALE_BITS[self.cfg.scale_dtype],
         }
 
-    def _encode(
-        self, t: torch.Tensor, weights: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _books(self, t: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """The stored codebook of each row of ``t`` ([rows, k], sorted, in the scale dtype)."""
         rows = self._rows(t)
         if weights is not None:
             if weights.shape != t.shape:
@@ -145,16 +146,28 @@ class CodebookFormat(Format):
                 )
             weights = self._rows(weights)
         if rows.shape[1] == 0:
-            return rows.long(), rows.new_zeros(rows.shape[0], self.k).to(
-                SCALE_DTYPES[self.cfg.scale_dtype]
-            )
+            return rows.new_zeros(rows.shape[0], self.k).to(SCALE_DTYPES[self.cfg.scale_dtype])
         rows_f = torch.nan_to_num(rows)  # k-means needs finite values; NaN/Inf rows are clamped
         c = kmeans_1d(rows_f, self.k, weights, self.cfg.iterations)
-        books = c.to(SCALE_DTYPES[self.cfg.scale_dtype])
+        return c.to(SCALE_DTYPES[self.cfg.scale_dtype])
+
+    @staticmethod
+    def _mids(books: torch.Tensor) -> torch.Tensor:
+        """Midpoints between neighbouring stored centroids, fp32 [rows, k - 1]."""
         bf = books.float()
-        mids = ((bf[:, 1:] + bf[:, :-1]) / 2).contiguous()
-        codes = torch.searchsorted(mids, rows_f.contiguous())
-        return codes, books
+        return ((bf[:, 1:] + bf[:, :-1]) / 2).contiguous()
+
+    @staticmethod
+    def _assign(rows: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
+        """Code of the nearest stored centroid of each element of ``rows`` [R, n] (NaN/Inf
+        clamped as in k-means); ``mids`` is [R, k - 1]."""
+        return torch.searchsorted(mids, torch.nan_to_num(rows.float()).contiguous())
+
+    def _encode(
+        self, t: torch.Tensor, weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        books = self._books(t, weights)
+        return self._assign(self._rows(t), self._mids(books)), books
 
     def fake_quant(self, t: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         check_input(t, self.spec)
@@ -166,9 +179,36 @@ class CodebookFormat(Format):
         codes, books = self._encode(t, weights)
         return self._qt(t, {"codes": pack(codes, self.cfg.bits), "codebooks": books.reshape(-1)})
 
+    def fit(self, w: torch.Tensor, weights: torch.Tensor | None = None) -> CodebookFitted:
+        """Each row's codebook fixed from ``w`` (k-means weighted by ``weights`` if given);
+        columns then round to the nearest entry of their row's codebook."""
+        return CodebookFitted(self, w, weights)
+
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)
         rows = q.shape[0] if len(q.shape) >= 2 else 1
         codes = unpack(q.parts["codes"], self.cfg.bits, q.numel).reshape(rows, -1).long()
         books = q.parts["codebooks"].float().reshape(rows, self.k)
         return books.gather(1, codes).reshape(q.shape).to(q.dtype)
+
+
+class CodebookFitted(Fitted):
+    """Per-row codebooks fixed from a 2-D weight (``CodebookFormat.fit``)."""
+
+    def __init__(self, fmt: CodebookFormat, w: torch.Tensor, weights: torch.Tensor | None = None):
+        check_fit_input(w, fmt.spec)
+        super().__init__(fmt, (int(w.shape[0]), int(w.shape[1])))
+        self._fmt = fmt
+        self.books = fmt._books(w, weights)  # [rows, k], stored dtype
+        self.books_f = self.books.float()
+        self.mids = fmt._mids(self.books)
+
+    def fake_quant_cols(self, cols: torch.Tensor, col0: int) -> torch.Tensor:
+        self._check_cols(cols, col0)
+        return self.books_f.gather(1, self._fmt._assign(cols, self.mids))
+
+    def quantize(self, w: torch.Tensor) -> QuantizedTensor:
+        self._check_weight(w)
+        codes = self._fmt._assign(w, self.mids)
+        parts = {"codes": pack(codes, self._fmt.cfg.bits), "codebooks": self.books.reshape(-1)}
+        return self._fmt._qt(w, parts)

@@ -48,7 +48,7 @@ from joules.formats.base import (
     join_spec,
     register,
     register_format,
-    safe_div,
+    safe_divisor,
     scale_token,
     store_scale,
 )
@@ -144,23 +144,25 @@ class IntFormat(Format):
         c = self.cfg
         if c.symmetric:
             amax = g.abs().amax(dim=1, keepdim=True)
-            return {"scales": store_scale(amax / self.qmax, c.scale_dtype)}
+            s = store_scale(amax / self.qmax, c.scale_dtype)
+            return {"scales": s, "div": safe_divisor(s.float())}
         lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
         s = store_scale((hi - lo) / self.qmax, c.scale_dtype)
+        div = safe_divisor(s.float())
         if c.int_zero_point:
-            z = torch.round(safe_div(-lo, s.float())).clamp_(0, self.qmax)
-            return {"scales": s, "offsets": z.to(torch.uint8)}
-        return {"scales": s, "offsets": store_scale(lo, c.scale_dtype)}
+            z = torch.round(-lo / div).clamp_(0, self.qmax)
+            return {"scales": s, "offsets": z.to(torch.uint8), "div": div}
+        return {"scales": s, "offsets": store_scale(lo, c.scale_dtype), "div": div}
 
     def _codes(self, g: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """Unsigned integer codes as fp32 [G, n] (exact small integers)."""
         c = self.cfg
-        s = p["scales"].float()
+        div = p["div"]
         if c.symmetric:
-            return torch.round(safe_div(g, s)).clamp_(-self.qmax, self.qmax).add_(self.qmax)
+            return torch.round(g / div).clamp_(-self.qmax, self.qmax).add_(self.qmax)
         if c.int_zero_point:
-            return torch.round(safe_div(g, s)).add_(p["offsets"].float()).clamp_(0, self.qmax)
-        q = torch.round(safe_div(g - p["offsets"].float(), s)).clamp_(0, self.qmax)
+            return torch.round(g / div).add_(p["offsets"].float()).clamp_(0, self.qmax)
+        q = torch.round((g - p["offsets"].float()) / div).clamp_(0, self.qmax)
         return q.add_(0.0)  # -0 -> +0, as the stored code decodes
 
     def _decode(self, q: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -216,14 +218,14 @@ class IntFormat(Format):
         c = self.cfg
         g = c.grouping.split(t)
         p = self._params(g)
-        s = p["scales"].float()
+        div = p["div"]
         if c.symmetric:
-            out = safe_div(g, s).abs() > self.qmax + 0.5
+            out = (g / div).abs() > self.qmax + 0.5
         else:
             if c.int_zero_point:
-                u = safe_div(g, s) + p["offsets"].float()
+                u = g / div + p["offsets"].float()
             else:
-                u = safe_div(g - p["offsets"].float(), s)
+                u = (g - p["offsets"].float()) / div
             out = (u < -0.5) | (u > self.qmax + 0.5)
         return c.grouping.merge(out, tuple(t.shape))
 

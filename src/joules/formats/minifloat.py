@@ -51,10 +51,11 @@ from joules.formats.base import (
     join_spec,
     register,
     register_format,
-    safe_div,
+    safe_divisor,
     scale_token,
     store_scale,
 )
+from joules.formats.fitted import GroupFitted
 from joules.formats.packing import pack, unpack
 
 
@@ -312,6 +313,7 @@ class MinifloatFormat(Format):
     def __init__(self, config: MinifloatConfig, name: str | None = None):
         super().__init__(config, name)
         self.cfg = config
+        self.grouping = config.grouping
         self.el = ELEMENTS[config.element]
 
     @property
@@ -331,26 +333,31 @@ class MinifloatFormat(Format):
         n = math.prod(shape)
         bits = {"codes": n * self.el.bits}
         if not self.cfg.raw:
-            bits["scales"] = self.cfg.grouping.count(shape) * SCALE_BITS[self.cfg.scale_dtype]
+            bits["scales"] = self.grouping.count(shape) * SCALE_BITS[self.cfg.scale_dtype]
         return bits
+
+    def _params(self, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored absmax scale of each group of ``g`` ([G, n]) as [G, 1]; none if raw."""
+        if self.cfg.raw:
+            return {}
+        amax = g.abs().amax(dim=1, keepdim=True)
+        s = store_scale(amax / self.el.max_normal, self.cfg.scale_dtype)
+        return {"scales": s, "scale": s.float(), "div": safe_divisor(s.float())}
 
     def _scaled(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Groups divided by their stored scale, and the stored scale: ([G, n], [G, 1])."""
-        g = self.cfg.grouping.split(t)
-        amax = g.abs().amax(dim=1, keepdim=True)
-        s = store_scale(amax / self.el.max_normal, self.cfg.scale_dtype)
-        return safe_div(g, s.float()), s
+        g = self.grouping.split(t)
+        p = self._params(g)
+        return g / p["div"], p["scales"]
 
-    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
-        check_input(t, self.spec)
+    def _values(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.cfg.raw:
-            return self._raw_cast(t.float()).to(t.dtype)
-        v, s = self._scaled(t)
-        r = element_round(self.el, v, inplace=True).mul_(s.float())
-        return self.cfg.grouping.merge(r, tuple(t.shape)).to(t.dtype)
+            return self._raw_cast(x)
+        return element_round(self.el, x / p["div"], inplace=True).mul_(p["scale"])
 
-    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
-        check_input(t, self.spec)
+    def _pack(
+        self, t: torch.Tensor, g: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> QuantizedTensor:
         if self.cfg.raw:
             x = t.float()
             if self.el.torch_dtype is not None:
@@ -358,19 +365,35 @@ class MinifloatFormat(Format):
             else:
                 codes = self.el.encode(self.el.cast(x))
             return self._qt(t, {"codes": pack(codes, self.el.bits)})
-        v, s = self._scaled(t)
-        codes = element_codes(self.el, v, inplace=True)
-        codes = self.cfg.grouping.strip_codes(codes, tuple(t.shape))
-        return self._qt(t, {"codes": pack(codes, self.el.bits), "scales": s.reshape(-1)})
+        codes = element_codes(self.el, g / p["div"], inplace=True)
+        codes = self.grouping.strip_codes(codes, tuple(t.shape))
+        return self._qt(t, {"codes": pack(codes, self.el.bits), "scales": p["scales"].reshape(-1)})
+
+    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
+        check_input(t, self.spec)
+        if self.cfg.raw:
+            return self._raw_cast(t.float()).to(t.dtype)
+        g = self.grouping.split(t)
+        r = self._values(g, self._params(g))
+        return self.grouping.merge(r, tuple(t.shape)).to(t.dtype)
+
+    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
+        check_input(t, self.spec)
+        g = t if self.cfg.raw else self.grouping.split(t)
+        return self._pack(t, g, self._params(g))
+
+    def fit(self, w: torch.Tensor) -> GroupFitted:
+        """Absmax scale fixed per tensor, row or group of ``w`` (nothing to fix if raw)."""
+        return GroupFitted(self, w)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)
         codes = unpack(q.parts["codes"], self.el.bits, q.numel)
         if self.cfg.raw:
             return self.el.lut(codes.device)[codes.long()].reshape(q.shape).to(q.dtype)
-        g = self.cfg.grouping.pad_codes(codes, q.shape)
+        g = self.grouping.pad_codes(codes, q.shape)
         vals = self.el.lut(codes.device)[g.long()] * q.parts["scales"].float().reshape(-1, 1)
-        return self.cfg.grouping.merge(vals, q.shape).to(q.dtype)
+        return self.grouping.merge(vals, q.shape).to(q.dtype)
 
     def _raw_fp8(self, x: torch.Tensor) -> torch.Tensor:
         """torch's native cast with our saturation: finite overflow and (E4M3) Inf -> +-max;
@@ -390,10 +413,10 @@ class MinifloatFormat(Format):
         if self.cfg.raw:
             return t.float().abs() > self.el.max_normal
         v, _ = self._scaled(t)
-        return self.cfg.grouping.merge(v.abs() > self.el.max_normal, tuple(t.shape))
+        return self.grouping.merge(v.abs() > self.el.max_normal, tuple(t.shape))
 
     def error_model(self, t: torch.Tensor) -> BlockModel | None:
-        if self.cfg.raw or self.cfg.grouping.kind == "tensor":
+        if self.cfg.raw or self.grouping.kind == "tensor":
             return None
         v, s = self._scaled(t)
         return float_block_model(self.el, v, s.float())

@@ -48,6 +48,7 @@ from joules.formats.base import (
     register,
     register_format,
 )
+from joules.formats.fitted import GroupFitted
 from joules.formats.minifloat import (
     ELEMENTS,
     Element,
@@ -152,12 +153,23 @@ class MXFormat(Format):
             "scales": self.grouping.count(shape) * 8,
         }
 
+    def _params(self, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per block of ``g`` ([G, n]), as [G, 1]: the E8M0 byte (``scales``), the unbiased
+        exponent ``x``, ``inv`` = 1 / X (1 for a NaN block) and ``scale`` = X."""
+        lo, hi = torch.aminmax(g, dim=1, keepdim=True)  # one pass, no |g| temporary
+        x = shared_exponent(torch.maximum(hi, lo.neg_()), self.emax)
+        return {
+            "scales": e8m0_code(x),
+            "x": x,
+            "inv": torch.exp2(-x).nan_to_num_(1.0),
+            "scale": torch.exp2(x),
+        }
+
     def _blocks(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled elements v = x / X ([G, n]) and the unbiased shared exponents ([G, 1])."""
         g = self.grouping.split(t)
-        lo, hi = torch.aminmax(g, dim=1, keepdim=True)  # one pass, no |g| temporary
-        x = shared_exponent(torch.maximum(hi, lo.neg_()), self.emax)
-        return g * torch.exp2(-x).nan_to_num_(1.0), x
+        p = self._params(g)
+        return g * p["inv"], p["x"]
 
     def _round(self, v: torch.Tensor) -> torch.Tensor:
         """Element values of scaled ``v`` (which this may overwrite)."""
@@ -167,22 +179,35 @@ class MXFormat(Format):
             )  # +0, as code 0
         return element_round(self.el, v, inplace=True)
 
-    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
-        check_input(t, self.spec)
-        v, x = self._blocks(t)
-        out = self._round(v).mul_(torch.exp2(x))
-        return self.grouping.merge(out, tuple(t.shape)).to(t.dtype)
+    def _values(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._round(x * p["inv"]).mul_(p["scale"])
 
-    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
-        check_input(t, self.spec)
-        v, x = self._blocks(t)
-        code = e8m0_code(x)
+    def _pack(
+        self, t: torch.Tensor, g: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> QuantizedTensor:
+        v = g * p["inv"]
         if self.el is None:
             codes = (self._round(v) * 64).to(torch.int8).view(torch.uint8)
         else:
             codes = element_codes(self.el, v, inplace=True)
         codes = self.grouping.strip_codes(codes, tuple(t.shape))
-        return self._qt(t, {"codes": pack(codes, self.elem_bits), "scales": code.reshape(-1)})
+        scales = p["scales"].reshape(-1).to(torch.uint8)
+        return self._qt(t, {"codes": pack(codes, self.elem_bits), "scales": scales})
+
+    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
+        check_input(t, self.spec)
+        g = self.grouping.split(t)
+        out = self._values(g, self._params(g))
+        return self.grouping.merge(out, tuple(t.shape)).to(t.dtype)
+
+    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
+        check_input(t, self.spec)
+        g = self.grouping.split(t)
+        return self._pack(t, g, self._params(g))
+
+    def fit(self, w: torch.Tensor) -> GroupFitted:
+        """E8M0 shared exponent fixed per block of ``w``."""
+        return GroupFitted(self, w)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)

@@ -35,9 +35,10 @@ from joules.formats.base import (
     join_spec,
     register,
     register_format,
-    safe_div,
+    safe_divisor,
     store_scale,
 )
+from joules.formats.fitted import GroupFitted
 from joules.formats.packing import pack, unpack
 
 NF4_LEVELS = (
@@ -130,24 +131,37 @@ class NF4Format(Format):
             "scales": self.grouping.count(shape) * SCALE_BITS[self.cfg.scale_dtype],
         }
 
-    def _encode(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self.grouping.split(t)
+    def _params(self, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored absmax of each block of ``g`` ([G, n]) as [G, 1]."""
         s = store_scale(g.abs().amax(dim=1, keepdim=True), self.cfg.scale_dtype)
-        _, mids = _tables(g.device)
-        codes = torch.bucketize(safe_div(g, s.float()), mids)
-        return codes, s
+        return {"scales": s, "scale": s.float(), "div": safe_divisor(s.float())}
+
+    def _codes(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.bucketize(x / p["div"], _tables(x.device)[1])
+
+    def _values(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _tables(x.device)[0][self._codes(x, p)] * p["scale"]
+
+    def _pack(
+        self, t: torch.Tensor, g: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> QuantizedTensor:
+        codes = self.grouping.strip_codes(self._codes(g, p), tuple(t.shape))
+        return self._qt(t, {"codes": pack(codes, 4), "scales": p["scales"].reshape(-1)})
 
     def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
         check_input(t, self.spec)
-        codes, s = self._encode(t)
-        out = _tables(codes.device)[0][codes] * s.float()
+        g = self.grouping.split(t)
+        out = self._values(g, self._params(g))
         return self.grouping.merge(out, tuple(t.shape)).to(t.dtype)
 
     def quantize(self, t: torch.Tensor) -> QuantizedTensor:
         check_input(t, self.spec)
-        codes, s = self._encode(t)
-        codes = self.grouping.strip_codes(codes, tuple(t.shape))
-        return self._qt(t, {"codes": pack(codes, 4), "scales": s.reshape(-1)})
+        g = self.grouping.split(t)
+        return self._pack(t, g, self._params(g))
+
+    def fit(self, w: torch.Tensor) -> GroupFitted:
+        """Absmax fixed per block of ``w``."""
+        return GroupFitted(self, w)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)

@@ -57,6 +57,7 @@ from joules.formats.base import (
     register,
     register_format,
 )
+from joules.formats.fitted import GroupFitted
 from joules.formats.minifloat import ELEMENTS, Element, element_round, element_round_encode, exp2i
 from joules.formats.mx import E8M0_BIAS, E8M0_NAN, e8m0_code, shared_exponent
 from joules.formats.packing import pack, unpack
@@ -230,22 +231,36 @@ class NxFPFormat(Format):
         return torch.where(c == E8M0_NAN, torch.full_like(s, float("nan")), s)
 
     # -- encode --------------------------------------------------------------------------------
+    @staticmethod
+    def _cand_round(
+        cand: _Candidate, g: torch.Tensor, s: torch.Tensor, want_codes: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(values, codes if asked, scaled v) of ``g`` rounded by ``cand`` with scales ``s``
+        (broadcast against ``g``; a NaN scale divides by 1 and decodes to NaN)."""
+        v = g / torch.where(torch.isnan(s), torch.ones_like(s), s)
+        r, codes = cand.round(v, want_codes)
+        return r.mul_(s), codes, v
+
     def _encode(
         self, t: torch.Tensor, want_codes: bool, want_v: bool = False
     ) -> dict[str, torch.Tensor | None]:
         """Per block: every candidate's scale and rounded values, then (AM) the least-squared-
         error candidate. Returned tensors are [G, n] (values, codes, scaled v) or [G, 1]."""
-        g = self.grouping.split(t)  # [G, n]
+        return self._select(self.grouping.split(t), want_codes, want_v)
+
+    def _select(
+        self, g: torch.Tensor, want_codes: bool, want_v: bool = False
+    ) -> dict[str, torch.Tensor | None]:
+        """:meth:`_encode` on blocks ``g`` [G, n]."""
         lo, hi = torch.aminmax(g, dim=1, keepdim=True)
         amax = torch.maximum(hi, lo.neg_())
         per = []
         for cand in self.cands:
             code, j = self._scale(amax, cand)
             s = self._scale_value(code, j)
-            v = g / torch.where(torch.isnan(s), torch.ones_like(s), s)
-            r, codes = cand.round(v, want_codes)
+            r, codes, v = self._cand_round(cand, g, s, want_codes)
             per.append(
-                {"code": code, "j": j, "val": r.mul_(s), "codes": codes, "v": v if want_v else None}
+                {"code": code, "j": j, "s": s, "val": r, "codes": codes, "v": v if want_v else None}
             )
         if len(per) == 1:
             out = per[0]
@@ -260,11 +275,55 @@ class NxFPFormat(Format):
         out = dict(per[0])
         for i, p in enumerate(per[1:], start=1):
             pick = sel == i
-            for k in ("code", "j", "val", "codes", "v"):
+            for k in ("code", "j", "s", "val", "codes", "v"):
                 if out[k] is not None:
                     out[k] = torch.where(pick, p[k], out[k])
         out["sel"] = sel.to(torch.uint8)
         return out
+
+    def _round_fixed(
+        self, x: torch.Tensor, p: dict[str, torch.Tensor], want_codes: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(values, codes if asked) of ``x`` with each block's chosen candidate ``p["selector"]`` and
+        its scale ``p["s"]`` fixed (broadcast against ``x``)."""
+        s = p["s"]
+        val, codes, _ = self._cand_round(self.cands[0], x, s, want_codes)
+        for i, cand in enumerate(self.cands[1:], start=1):
+            pick = p["selector"] == i
+            if not bool(pick.any()):
+                continue
+            r, c, _ = self._cand_round(cand, x, s, want_codes)
+            val = torch.where(pick, r, val)
+            if codes is not None and c is not None:
+                codes = torch.where(pick, c, codes)
+        return val, codes
+
+    def _params(self, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per block of ``g`` ([G, n]), as [G, 1]: the chosen candidate (``selector``), its
+        E8M0 byte (``scales``), nano-mantissa (``nano_mantissa``) and scale value ``s``."""
+        e = self._select(g, want_codes=False)
+        return {"scales": e["code"], "nano_mantissa": e["j"], "selector": e["sel"], "s": e["s"]}  # type: ignore[dict-item]
+
+    def _values(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._round_fixed(x, p, want_codes=False)[0]
+
+    def _parts(
+        self, t: torch.Tensor, codes: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> QuantizedTensor:
+        codes = self.grouping.strip_codes(codes, tuple(t.shape))
+        parts = {"codes": pack(codes, self.elem_bits), "scales": p["scales"].reshape(-1)}
+        if self.cfg.nm_bits:
+            parts["nano_mantissa"] = pack(p["nano_mantissa"].reshape(-1), self.cfg.nm_bits)
+        if self.sel_bits:
+            parts["selector"] = pack(p["selector"].reshape(-1), self.sel_bits)
+        return self._qt(t, parts)
+
+    def _pack(
+        self, t: torch.Tensor, g: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> QuantizedTensor:
+        codes = self._round_fixed(g, p, want_codes=True)[1]
+        assert codes is not None
+        return self._parts(t, codes, p)
 
     def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
         check_input(t, self.spec)
@@ -274,13 +333,13 @@ class NxFPFormat(Format):
     def quantize(self, t: torch.Tensor) -> QuantizedTensor:
         check_input(t, self.spec)
         e = self._encode(t, want_codes=True)
-        codes = self.grouping.strip_codes(e["codes"], tuple(t.shape))
-        parts = {"codes": pack(codes, self.elem_bits), "scales": e["code"].reshape(-1)}
-        if self.cfg.nm_bits:
-            parts["nano_mantissa"] = pack(e["j"].reshape(-1), self.cfg.nm_bits)
-        if self.sel_bits:
-            parts["selector"] = pack(e["sel"].reshape(-1), self.sel_bits)
-        return self._qt(t, parts)
+        p = {"scales": e["code"], "nano_mantissa": e["j"], "selector": e["sel"]}
+        return self._parts(t, e["codes"], p)  # type: ignore[arg-type]
+
+    def fit(self, w: torch.Tensor) -> GroupFitted:
+        """Per block of ``w``: the element encoding (adaptive microexponent), the E8M0 exponent
+        and the nano-mantissa fixed; code recycling applies to every column as in quantize."""
+        return GroupFitted(self, w)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)

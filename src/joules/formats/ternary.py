@@ -34,10 +34,11 @@ from joules.formats.base import (
     join_spec,
     register,
     register_format,
-    safe_div,
+    safe_divisor,
     scale_token,
     store_scale,
 )
+from joules.formats.fitted import GroupFitted
 from joules.formats.packing import pack_trits, trit_nbytes, unpack_trits
 
 
@@ -70,6 +71,7 @@ class TernaryFormat(Format):
     def __init__(self, config: TernaryConfig, name: str | None = None):
         super().__init__(config, name)
         self.cfg = config
+        self.grouping = config.grouping
 
     @property
     def description(self) -> str:
@@ -85,22 +87,38 @@ class TernaryFormat(Format):
             "scales": self.cfg.grouping.count(shape) * SCALE_BITS[self.cfg.scale_dtype],
         }
 
-    def _encode(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self.cfg.grouping.split(t)
+    def _params(self, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored absmean scale of each group of ``g`` ([G, n]) as [G, 1]."""
         s = store_scale(g.abs().mean(dim=1, keepdim=True), self.cfg.scale_dtype)
-        q = torch.round(safe_div(g, s.float())).clamp_(-1, 1).add_(0.0)  # -0 -> +0 (code 1)
-        return q, s
+        return {"scales": s, "scale": s.float(), "div": safe_divisor(s.float())}
+
+    def _trits(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """-1, 0, +1 as fp32 (-0 -> +0: code 1)."""
+        return torch.round(x / p["div"]).clamp_(-1, 1).add_(0.0)
+
+    def _values(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._trits(x, p).mul_(p["scale"])
+
+    def _pack(
+        self, t: torch.Tensor, g: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> QuantizedTensor:
+        q = self._trits(g, p)
+        codes = self.grouping.strip_codes((q + 1).to(torch.uint8), tuple(t.shape))
+        return self._qt(t, {"codes": pack_trits(codes), "scales": p["scales"].reshape(-1)})
 
     def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
         check_input(t, self.spec)
-        q, s = self._encode(t)
-        return self.cfg.grouping.merge(q * s.float(), tuple(t.shape)).to(t.dtype)
+        g = self.grouping.split(t)
+        return self.grouping.merge(self._values(g, self._params(g)), tuple(t.shape)).to(t.dtype)
 
     def quantize(self, t: torch.Tensor) -> QuantizedTensor:
         check_input(t, self.spec)
-        q, s = self._encode(t)
-        codes = self.cfg.grouping.strip_codes((q + 1).to(torch.uint8), tuple(t.shape))
-        return self._qt(t, {"codes": pack_trits(codes), "scales": s.reshape(-1)})
+        g = self.grouping.split(t)
+        return self._pack(t, g, self._params(g))
+
+    def fit(self, w: torch.Tensor) -> GroupFitted:
+        """Absmean scale fixed per tensor, row or group of ``w``."""
+        return GroupFitted(self, w)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)
@@ -110,6 +128,5 @@ class TernaryFormat(Format):
         return self.cfg.grouping.merge(out, q.shape).to(q.dtype)
 
     def clip_mask(self, t: torch.Tensor) -> torch.Tensor:
-        g = self.cfg.grouping.split(t)
-        s = store_scale(g.abs().mean(dim=1, keepdim=True), self.cfg.scale_dtype)
-        return self.cfg.grouping.merge(safe_div(g, s.float()).abs() > 1.5, tuple(t.shape))
+        g = self.grouping.split(t)
+        return self.grouping.merge((g / self._params(g)["div"]).abs() > 1.5, tuple(t.shape))
