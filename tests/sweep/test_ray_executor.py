@@ -59,3 +59,16 @@ def test_ray_sweep_resumes_and_stores_failures(local_ray, tmp_path, spec):
     assert (s3.ran, s3.failed) == (1, 0)
     after = _log(log)
     assert after["compress round(bits=2)"] == 2 and after["evaluate baseline wikitext2"] == 1
+
+
+def test_unreachable_address_is_a_one_line_error(tmp_path, spec):
+    import socket
+
+    from joules.errors import ConfigError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError, match="cannot reach a Ray cluster"):
+        run_sweep(spec, tmp_path / "s.db", executor="ray", address=f"127.0.0.1:{port}",
+                  stages=FakeStages().stages(), versions=VERSIONS)  # fmt: skip

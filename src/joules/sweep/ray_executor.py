@@ -60,6 +60,24 @@ def _run_task(
     return outcome, dc.puts
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with one line, when nothing listens at ``address`` (Ray itself retries
+    for minutes). ``auto`` and addresses without a port are left to Ray."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot reach a Ray cluster at {address!r} ({exc.strerror or exc}): start one with "
+            "`ray start --head` there, or drop --address to start a local one"
+        ) from None
+
+
 def run_ray(
     todo: Sequence[tuple[str, RunConfig]],
     store: Store,
@@ -77,6 +95,8 @@ def run_ray(
             "the ray executor needs Ray: pip install 'joules[ray]' (or use --executor local)"
         ) from None
     started = False
+    if address:
+        _check_reachable(address)
     if not ray.is_initialized():
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
