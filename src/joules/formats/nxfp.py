@@ -232,12 +232,15 @@ class NxFPFormat(Format):
 
     # -- encode --------------------------------------------------------------------------------
     @staticmethod
+    def _divisor(s: torch.Tensor) -> torch.Tensor:
+        """What a block is divided by: its scale, or 1 for a NaN scale (which decodes to NaN)."""
+        return torch.where(torch.isnan(s), torch.ones_like(s), s)
+
     def _cand_round(
-        cand: _Candidate, g: torch.Tensor, s: torch.Tensor, want_codes: bool
+        self, cand: _Candidate, g: torch.Tensor, s: torch.Tensor, want_codes: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(values, codes if asked, scaled v) of ``g`` rounded by ``cand`` with scales ``s``
-        (broadcast against ``g``; a NaN scale divides by 1 and decodes to NaN)."""
-        v = g / torch.where(torch.isnan(s), torch.ones_like(s), s)
+        """(values, codes if asked, scaled v) of ``g`` rounded by ``cand`` with scales ``s``."""
+        v = g / self._divisor(s)
         r, codes = cand.round(v, want_codes)
         return r.mul_(s), codes, v
 
@@ -284,25 +287,35 @@ class NxFPFormat(Format):
     def _round_fixed(
         self, x: torch.Tensor, p: dict[str, torch.Tensor], want_codes: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(values, codes if asked) of ``x`` with each block's chosen candidate ``p["selector"]`` and
-        its scale ``p["s"]`` fixed (broadcast against ``x``)."""
-        s = p["s"]
-        val, codes, _ = self._cand_round(self.cands[0], x, s, want_codes)
+        """(values, codes if asked) of ``x`` with each block's chosen candidate
+        ``p["selector"]``, its scale ``p["s"]`` and divisor ``p["div"]`` fixed (broadcast
+        against ``x``): as :meth:`_cand_round` of the chosen candidate, the division and the
+        scaling done once for all candidates."""
+        v = x / p["div"]
+        r, codes = self.cands[0].round(v, want_codes)
         for i, cand in enumerate(self.cands[1:], start=1):
             pick = p["selector"] == i
             if not bool(pick.any()):
                 continue
-            r, c, _ = self._cand_round(cand, x, s, want_codes)
-            val = torch.where(pick, r, val)
-            if codes is not None and c is not None:
-                codes = torch.where(pick, c, codes)
-        return val, codes
+            ri, ci = cand.round(v, want_codes)
+            r = torch.where(pick, ri, r)
+            if codes is not None and ci is not None:
+                codes = torch.where(pick, ci, codes)
+        return r.mul_(p["s"]), codes
 
     def _params(self, g: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per block of ``g`` ([G, n]), as [G, 1]: the chosen candidate (``selector``), its
-        E8M0 byte (``scales``), nano-mantissa (``nano_mantissa``) and scale value ``s``."""
+        E8M0 byte (``scales``), nano-mantissa (``nano_mantissa``), scale value ``s`` and the
+        divisor ``div`` (``s``, 1 for a NaN block)."""
         e = self._select(g, want_codes=False)
-        return {"scales": e["code"], "nano_mantissa": e["j"], "selector": e["sel"], "s": e["s"]}  # type: ignore[dict-item]
+        s = e["s"]
+        return {
+            "scales": e["code"],
+            "nano_mantissa": e["j"],
+            "selector": e["sel"],
+            "s": s,
+            "div": self._divisor(s),
+        }  # type: ignore[dict-item]
 
     def _values(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._round_fixed(x, p, want_codes=False)[0]
