@@ -58,7 +58,15 @@ from joules.formats.base import (
     register_format,
 )
 from joules.formats.fitted import GroupFitted
-from joules.formats.minifloat import ELEMENTS, Element, element_round, element_round_encode, exp2i
+from joules.formats.minifloat import (
+    ELEMENTS,
+    Element,
+    element_round,
+    element_round_encode,
+    exp2i,
+    mixed_round,
+    mixed_tables,
+)
 from joules.formats.mx import E8M0_BIAS, E8M0_NAN, e8m0_code, shared_exponent
 from joules.formats.packing import pack, unpack
 
@@ -182,6 +190,7 @@ class NxFPFormat(Format):
         self.cands = [_Candidate(ELEMENTS[n], config.recycle) for n in names]
         self.sel_bits = math.ceil(math.log2(len(self.cands))) if len(self.cands) > 1 else 0
         self.elem_bits = ELEMENTS[config.element].bits
+        self._mixed_cache: dict[str, dict[str, torch.Tensor]] = {}
 
     @property
     def description(self) -> str:
@@ -308,17 +317,51 @@ class NxFPFormat(Format):
         E8M0 byte (``scales``), nano-mantissa (``nano_mantissa``), scale value ``s`` and the
         divisor ``div`` (``s``, 1 for a NaN block)."""
         e = self._select(g, want_codes=False)
-        s = e["s"]
-        return {
+        s, sel = e["s"], e["sel"]
+        assert s is not None and sel is not None and e["code"] is not None and e["j"] is not None
+        tabs = self._mixed(g.device)
+        i = sel.long()
+        p = {
             "scales": e["code"],
             "nano_mantissa": e["j"],
-            "selector": e["sel"],
+            "selector": sel,
             "s": s,
             "div": self._divisor(s),
-        }  # type: ignore[dict-item]
+            "offset": sel.to(torch.int32) * 256,  # into the stacked element tables
+            "maxn": tabs["maxn"][i],
+        }
+        if self.cfg.recycle:
+            p.update({k: tabs[k][i] for k in ("lo", "hi", "rec")})
+        return p
+
+    def _mixed(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-candidate constants of the one-pass rounding (:func:`mixed_round`) on
+        ``device``: stacked element tables, max normals and the recycling interval
+        [lo, hi] -> rec, with an exclusive lower end moved to the next float up."""
+        key = str(device)
+        if key not in self._mixed_cache:
+            inv, step, maxn = mixed_tables([c.el for c in self.cands], device)
+            t = {"inv": inv, "step": step, "maxn": maxn}
+            if self.cfg.recycle:
+                lo = torch.tensor([c.lo for c in self.cands], device=device)
+                up = torch.nextafter(lo, torch.full_like(lo, math.inf))
+                excl = torch.tensor([not c.lo_inclusive for c in self.cands], device=device)
+                t["lo"] = torch.where(excl, up, lo)
+                t["hi"] = torch.tensor([c.hi for c in self.cands], device=device)
+                t["rec"] = torch.tensor([c.recycled for c in self.cands], device=device)
+            self._mixed_cache[key] = t
+        return self._mixed_cache[key]
 
     def _values(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._round_fixed(x, p, want_codes=False)[0]
+        """One pass for every block whatever its element (the fixed-parameter column path):
+        :meth:`_Candidate.round` of each row's chosen candidate, then its scale."""
+        tabs = self._mixed(x.device)
+        v = x / p["div"]
+        r = mixed_round(v, tabs["inv"], tabs["step"], p["maxn"], p["offset"])
+        if self.cfg.recycle:  # as _Candidate.round: -0 -> +0, (lo, hi] -> the recycled value
+            mask = (v >= p["lo"]).logical_and_(v <= p["hi"])
+            r = torch.where(mask, p["rec"], r.add_(0.0))
+        return r.mul_(p["s"])
 
     def _parts(
         self, t: torch.Tensor, codes: torch.Tensor, p: dict[str, torch.Tensor]
