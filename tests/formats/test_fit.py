@@ -103,6 +103,10 @@ def test_perturbed_weight_is_packed_with_the_fitted_parameters(spec, w, data):
     assert same_parts(q2, fmt.quantize(w), skip=("codes",))  # every parameter is w's
     assert torch.equal(bits(fmt.dequantize(q2)), bits(f.fake_quant_cols(w2, 0)))
     assert q2.nbytes == fmt.quantize(w2).nbytes
+    # GPTQ packs the columns it rounded: re-packing rounded values must not move them (a
+    # zero-scale group may turn -0 into +0)
+    r2 = f.fake_quant_cols(w2, 0)
+    torch.testing.assert_close(fmt.dequantize(f.quantize(r2)), r2, rtol=0, atol=0)
 
 
 def test_fixed_scales_clip_larger_columns():
