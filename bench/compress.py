@@ -147,7 +147,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 note=f"fp32 copy of the {info.prequantized} weights the model shipped with",
             )
         else:
-            path, comp = _compress(recipe, args, cache)
+            try:
+                path, comp = _compress(recipe, args, cache)
+            except RuntimeError as exc:  # recorded nowhere: a re-run tries the row again
+                print(f"   skipped: {exc}", flush=True)
+                continue
             r, info, paths = _score(str(path), args)
             m = comp["manifest"]
             step = m["steps"][0]
