@@ -99,7 +99,9 @@ def _score(model_path: str, args: argparse.Namespace) -> Any:
     return r, info, paths
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, out: Path = OUT, default_rows: list[str] = ROWS
+) -> dict[str, Any]:
     import torch
 
     from joules import __version__
@@ -110,13 +112,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     settings = _settings(args)
     data: dict[str, Any] = {}
-    if OUT.is_file():
-        data = json.loads(OUT.read_text())
+    if out.is_file():
+        data = json.loads(out.read_text())
         if data.get("settings") != settings:
             data = {}
     data.update(
         settings=settings,
-        command="python bench/compress.py " + " ".join(sys.argv[1:]),
+        command=f"python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]),
         versions={"joules": __version__, "torch": torch.__version__},
         machine=_machine(),
     )
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             d.pop(k, None)
         return PerplexityResult(**d)
 
-    wanted = args.rows or ROWS
+    wanted = args.rows or default_rows
     if "baseline" not in wanted:
         wanted = ["baseline", *wanted]
     for recipe in wanted:
@@ -167,14 +169,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         entry["linear_paths"] = paths
         entry["perplexity"] = r.to_dict()
         rows[recipe] = entry
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(data, indent=1))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
     base = result_of(rows["baseline"]["perplexity"])
-    for recipe, entry in rows.items():
+    for entry in rows.values():
         r = result_of(entry["perplexity"])
         entry["paired_vs_baseline"] = paired_difference(r, base).to_dict()
     _gap_closed(rows)
-    OUT.write_text(json.dumps(data, indent=1))
+    out.write_text(json.dumps(data, indent=1))
     return data
 
 
@@ -203,10 +205,10 @@ def _machine() -> dict[str, Any]:
         return {"platform": platform.platform(), "cpu_count": os.cpu_count()}
 
 
-def table(data: dict[str, Any]) -> str:
+def table(data: dict[str, Any], name: str = "compress") -> str:
     s = data["settings"]
     lines = [
-        f"<!-- bench: results/compress.json ({s['tokens']} WikiText-2 test tokens, window "
+        f"<!-- bench: results/{name}.json ({s['tokens']} WikiText-2 test tokens, window "
         f"{s['window']}; calibration {s['calib_n']} x {s['calib_len']} valid tokens) -->",
         "| recipe | bits/weight | perplexity | × baseline (95 % paired CI) | gap closed vs RTN | "
         "compress time | peak RSS |",
@@ -235,8 +237,8 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--window", type=int, default=512)
@@ -246,7 +248,11 @@ def main() -> None:
     ap.add_argument("--rows", type=lambda s: [r.strip() for r in s.split(";") if r.strip()])
     ap.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
     ap.add_argument("--table", action="store_true", help="print the table from the JSON only")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     data = json.loads(OUT.read_text()) if args.table else run(args)
     print(table(data))
 
