@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compress import parser, run, table  # noqa: E402
+from compress import parser, run, table
 
 OUT = Path(__file__).resolve().parent / "results" / "prune.json"
 ROWS = [
