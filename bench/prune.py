@@ -1,4 +1,5 @@
-"""Pruning quality on the default model: magnitude vs Wanda vs SparseGPT, unstructured and 2:4.
+"""Pruning and head clustering on the default model: magnitude vs Wanda vs SparseGPT
+(unstructured and 2:4), and CHAI head clustering at several head budgets.
 
     python bench/prune.py                 # every row (WikiText-2 test, 16,384 tokens)
     python bench/prune.py --table         # reprint the table from bench/results/prune.json
@@ -27,6 +28,11 @@ ROWS = [
     "prune(method=wanda, pattern=2:4)",
     "prune(method=sparsegpt, pattern=2:4)",
     "prune(method=sparsegpt, pattern=2:4) | gptq(format=int4-g64)",
+    # CHAI: 9 query heads per layer; the K cache shrinks only when whole KV groups merge.
+    "heads(keep=8)",
+    "heads(keep=7)",
+    "heads(keep=6)",
+    "heads(keep=3)",
 ]
 
 
