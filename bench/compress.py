@@ -165,6 +165,7 @@ def run(
                 process_wall_s=comp["process_wall_s"],
                 step=step["name"],
                 calibration=m.get("calibration"),
+                extras=_extras(m),
             )
         entry["linear_paths"] = paths
         entry["perplexity"] = r.to_dict()
@@ -178,6 +179,17 @@ def run(
     _gap_closed(rows)
     out.write_text(json.dumps(data, indent=1))
     return data
+
+
+def _extras(manifest: dict[str, Any]) -> dict[str, float]:
+    """Layer-averaged sparsity and head-clustering savings, where the recipe has them."""
+    layers = manifest["layers"].values()
+    out: dict[str, float] = {}
+    for key in ("sparsity", "score_flops_saving", "k_cache_saving", "score_patterns"):
+        vals = [float(e[key]) for e in layers if key in e]
+        if vals:
+            out[key] = sum(vals) / len(vals)
+    return out
 
 
 def _gap_closed(rows: dict[str, Any]) -> None:
@@ -210,7 +222,7 @@ def table(data: dict[str, Any], name: str = "compress") -> str:
     lines = [
         f"<!-- bench: results/{name}.json ({s['tokens']} WikiText-2 test tokens, window "
         f"{s['window']}; calibration {s['calib_n']} x {s['calib_len']} valid tokens) -->",
-        "| recipe | bits/weight | perplexity | × baseline (95 % paired CI) | gap closed vs RTN | "
+        "| recipe | bits/weight | perplexity | × baseline (95 % paired CI) | gap closed vs RTN / notes | "
         "compress time | peak RSS |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -231,6 +243,14 @@ def table(data: dict[str, Any], name: str = "compress") -> str:
             if e.get("compress_peak_rss_bytes")
             else ""
         )
+        ex = e.get("extras") or {}
+        if "score_patterns" in ex:
+            gap_s = (
+                f"{ex['score_patterns']:.1f} score patterns/layer; score FLOPs −"
+                f"{100 * ex['score_flops_saving']:.0f} %, K cache −{100 * ex['k_cache_saving']:.0f} %"
+            )
+        elif "sparsity" in ex:
+            gap_s = f"sparsity {100 * ex['sparsity']:.1f} %"
         lines.append(
             f"| `{recipe}` | {bpw} | {p['perplexity']:.3f} | {ratio} | {gap_s} | {t} | {rss} |"
         )
