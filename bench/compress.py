@@ -99,7 +99,9 @@ def _score(model_path: str, args: argparse.Namespace) -> Any:
     return r, info, paths
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, out: Path = OUT, default_rows: list[str] = ROWS
+) -> dict[str, Any]:
     import torch
 
     from joules import __version__
@@ -110,13 +112,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     settings = _settings(args)
     data: dict[str, Any] = {}
-    if OUT.is_file():
-        data = json.loads(OUT.read_text())
+    if out.is_file():
+        data = json.loads(out.read_text())
         if data.get("settings") != settings:
             data = {}
     data.update(
         settings=settings,
-        command="python bench/compress.py " + " ".join(sys.argv[1:]),
+        command=f"python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]),
         versions={"joules": __version__, "torch": torch.__version__},
         machine=_machine(),
     )
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             d.pop(k, None)
         return PerplexityResult(**d)
 
-    wanted = args.rows or ROWS
+    wanted = args.rows or default_rows
     if "baseline" not in wanted:
         wanted = ["baseline", *wanted]
     for recipe in wanted:
@@ -147,7 +149,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 note=f"fp32 copy of the {info.prequantized} weights the model shipped with",
             )
         else:
-            path, comp = _compress(recipe, args, cache)
+            try:
+                path, comp = _compress(recipe, args, cache)
+            except RuntimeError as exc:  # recorded nowhere: a re-run tries the row again
+                print(f"   skipped: {exc}", flush=True)
+                continue
             r, info, paths = _score(str(path), args)
             m = comp["manifest"]
             step = m["steps"][0]
@@ -159,19 +165,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 process_wall_s=comp["process_wall_s"],
                 step=step["name"],
                 calibration=m.get("calibration"),
+                extras=_extras(m),
             )
         entry["linear_paths"] = paths
         entry["perplexity"] = r.to_dict()
         rows[recipe] = entry
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(data, indent=1))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
     base = result_of(rows["baseline"]["perplexity"])
-    for recipe, entry in rows.items():
+    for entry in rows.values():
         r = result_of(entry["perplexity"])
         entry["paired_vs_baseline"] = paired_difference(r, base).to_dict()
     _gap_closed(rows)
-    OUT.write_text(json.dumps(data, indent=1))
+    out.write_text(json.dumps(data, indent=1))
     return data
+
+
+def _extras(manifest: dict[str, Any]) -> dict[str, float]:
+    """Layer-averaged sparsity and head-clustering savings, where the recipe has them."""
+    layers = manifest["layers"].values()
+    out: dict[str, float] = {}
+    for key in ("sparsity", "score_flops_saving", "k_cache_saving", "score_patterns"):
+        vals = [float(e[key]) for e in layers if key in e]
+        if vals:
+            out[key] = sum(vals) / len(vals)
+    return out
 
 
 def _gap_closed(rows: dict[str, Any]) -> None:
@@ -199,12 +217,12 @@ def _machine() -> dict[str, Any]:
         return {"platform": platform.platform(), "cpu_count": os.cpu_count()}
 
 
-def table(data: dict[str, Any]) -> str:
+def table(data: dict[str, Any], name: str = "compress") -> str:
     s = data["settings"]
     lines = [
-        f"<!-- bench: results/compress.json ({s['tokens']} WikiText-2 test tokens, window "
+        f"<!-- bench: results/{name}.json ({s['tokens']} WikiText-2 test tokens, window "
         f"{s['window']}; calibration {s['calib_n']} x {s['calib_len']} valid tokens) -->",
-        "| recipe | bits/weight | perplexity | × baseline (95 % paired CI) | gap closed vs RTN | "
+        "| recipe | bits/weight | perplexity | × baseline (95 % paired CI) | gap closed vs RTN / notes | "
         "compress time | peak RSS |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -225,14 +243,22 @@ def table(data: dict[str, Any]) -> str:
             if e.get("compress_peak_rss_bytes")
             else ""
         )
+        ex = e.get("extras") or {}
+        if "score_patterns" in ex:
+            gap_s = (
+                f"{ex['score_patterns']:.1f} score patterns/layer; score FLOPs −"
+                f"{100 * ex['score_flops_saving']:.0f} %, K cache −{100 * ex['k_cache_saving']:.0f} %"
+            )
+        elif "sparsity" in ex:
+            gap_s = f"sparsity {100 * ex['sparsity']:.1f} %"
         lines.append(
             f"| `{recipe}` | {bpw} | {p['perplexity']:.3f} | {ratio} | {gap_s} | {t} | {rss} |"
         )
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--window", type=int, default=512)
@@ -242,7 +268,11 @@ def main() -> None:
     ap.add_argument("--rows", type=lambda s: [r.strip() for r in s.split(";") if r.strip()])
     ap.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
     ap.add_argument("--table", action="store_true", help="print the table from the JSON only")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     data = json.loads(OUT.read_text()) if args.table else run(args)
     print(table(data))
 

@@ -103,6 +103,10 @@ def test_perturbed_weight_is_packed_with_the_fitted_parameters(spec, w, data):
     assert same_parts(q2, fmt.quantize(w), skip=("codes",))  # every parameter is w's
     assert torch.equal(bits(fmt.dequantize(q2)), bits(f.fake_quant_cols(w2, 0)))
     assert q2.nbytes == fmt.quantize(w2).nbytes
+    # GPTQ packs the columns it rounded: re-packing rounded values must not move them (a
+    # zero-scale group may turn -0 into +0)
+    r2 = f.fake_quant_cols(w2, 0)
+    torch.testing.assert_close(fmt.dequantize(f.quantize(r2)), r2, rtol=0, atol=0)
 
 
 def test_fixed_scales_clip_larger_columns():
@@ -128,3 +132,23 @@ def test_fit_errors_are_one_line(spec):
         f.fake_quant_cols(torch.randn(3, 1), 0)
     with pytest.raises(ConfigError, match="fitted on"):
         f.quantize(torch.randn(4, 32))
+
+
+def test_codebook_fit_takes_kmeans_weights():
+    fmt = formats.get("codebook3")
+    gen = torch.Generator().manual_seed(2)
+    w, sens = torch.randn(6, 40, generator=gen), torch.rand(6, 40, generator=gen)
+    f = fmt.fit(w, weights=sens)
+    assert same_parts(f.quantize(w), fmt.quantize(w, weights=sens))
+    assert torch.equal(f.fake_quant_cols(w, 0), fmt.fake_quant(w, weights=sens))
+
+
+def test_nxfp_columns_keep_each_blocks_element_choice():
+    fmt = formats.get("nxfp4-am")
+    gen = torch.Generator().manual_seed(3)
+    # rows of different shapes pick different elements (E1M2 for flat rows, E3M0 for spiky)
+    w = torch.cat([torch.rand(4, 32, generator=gen) + 1, torch.randn(4, 32, generator=gen) ** 5])
+    f = fmt.fit(w)
+    assert f.params["selector"].unique().numel() > 1
+    for c in (0, 17, 31):
+        assert torch.equal(f.fake_quant_cols(w[:, c : c + 1], c), fmt.fake_quant(w)[:, c : c + 1])

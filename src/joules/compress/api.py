@@ -119,10 +119,13 @@ def model_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def _finish_manifest(model: nn.Module, manifest: Manifest) -> None:
-    compressed = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
-    manifest.modules = {
-        n: {"type": m.module_type, "config": m.export_config()} for n, m in compressed.items()
-    }
+    manifest.modules = {}
+    for n, m in model.named_modules():
+        if getattr(m, "module_type", None) is None:
+            continue
+        if any(n.startswith(p + ".") for p in manifest.modules):
+            continue  # rebuilt by its parent's from_config (act_quant, sparse parts)
+        manifest.modules[n] = {"type": m.module_type, "config": m.export_config()}
     bits = sum(
         float(e["bits_per_weight"]) * _numel(e["shape"])
         for e in manifest.layers.values()

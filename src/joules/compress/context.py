@@ -318,17 +318,22 @@ def install_quantized(
     lin = CompressedLinear.from_linear(module, qt)
     mask = weight_mask(module)
     if mask is not None:
-        lin.register_buffer("weight_mask", mask.clone())
+        lin.set_mask(mask)
     replace_module(ctx.model, name, lin)
     fmt = formats.get(qt.spec)
     shape = tuple(qt.shape)
+    bits = fmt.bits_per_element(shape)
+    nbytes = int(qt.nbytes)
+    if mask is not None:  # the stored keep-bitmap costs one bit per weight
+        bits += 1.0
+        nbytes += int(lin.mask_bits.numel())
     ctx.record(
         name,
         method=method,
         format=qt.spec,
         shape=list(shape),
-        bits_per_weight=fmt.bits_per_element(shape),
-        nbytes=int(qt.nbytes),
+        bits_per_weight=bits,
+        nbytes=nbytes,
         emulated=bool(getattr(fmt, "emulated", True)),
     )
     return lin

@@ -21,6 +21,7 @@ so the values GPTQ produces are exactly what the format stores.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -80,6 +81,16 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     )
 
 
+@dataclass(frozen=True)
+class PruneRule:
+    """SparseGPT's adaptive mask selection: ``sparsity`` of each column block (unstructured), or
+    ``n`` of every ``m`` consecutive input columns (``n:m``, e.g. 2:4 prunes 2 of 4)."""
+
+    sparsity: float = 0.5
+    n: int = 0
+    m: int = 0
+
+
 def gptq_quantize(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -96,9 +107,35 @@ def gptq_quantize(
     error is spread like a rounding error (SparseGPT's reconstruction with a fixed mask). Returns
     the rounded weight in fp32 (original column order).
     """
+    q, _ = obs_solve(
+        w, h, round_col, block_size=block_size, damp=damp, act_order=act_order, mask=mask
+    )
+    return q
+
+
+def obs_solve(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    round_col: RoundFn | None,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    mask: torch.Tensor | None = None,
+    prune: PruneRule | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The optimal-brain-surgeon column solver shared by GPTQ and SparseGPT.
+
+    Each column is rounded (``round_col``; None keeps its value) and/or pruned (a fixed ``mask``,
+    or masks chosen as the solve goes by ``prune``: at each block, or each ``m`` columns for
+    n:m, the weights with the least ``w^2 / [H^-1]_jj^2`` are dropped), and its error is spread
+    over the columns not yet visited. Returns ``(weight, keep-mask or None)``.
+    """
+    if prune is not None and (act_order or mask is not None):
+        raise ConfigError("adaptive pruning needs act_order=false and no fixed mask")
     w = w.detach().float().clone()
     h = h.detach().float().clone()
-    _rows, cols = w.shape
+    rows, cols = w.shape
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -109,6 +146,8 @@ def gptq_quantize(
         h = h[perm][:, perm]
         if mask is not None:
             mask = mask[:, perm]
+    if prune is not None:
+        mask = torch.ones(rows, cols, dtype=torch.bool)
     order = perm.tolist() if perm is not None else list(range(cols))
     hinv = inverse_cholesky(h, damp)  # [cols, cols], upper
     q = torch.zeros_like(w)
@@ -117,11 +156,25 @@ def gptq_quantize(
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
+        d1 = torch.diag(hinv1)
+        if prune is not None and not prune.m:
+            score = w1.pow(2) / d1.pow(2)  # [rows, B]
+            k = round(score.numel() * prune.sparsity)
+            drop = torch.zeros(score.numel(), dtype=torch.bool)
+            if k:
+                drop[torch.topk(score.reshape(-1), k, largest=False).indices] = True
+            mask[:, i1:i2] = ~drop.reshape(score.shape)
         for i in range(i2 - i1):
+            if prune is not None and prune.m and i % prune.m == 0:
+                j2 = min(i + prune.m, i2 - i1)
+                score = w1[:, i:j2].pow(2) / d1[i:j2].pow(2)
+                drop_idx = torch.topk(score, min(prune.n, j2 - i), dim=1, largest=False).indices
+                keep = torch.ones_like(score, dtype=torch.bool).scatter_(1, drop_idx, False)
+                mask[:, i1 + i : i1 + j2] = keep
             col = w1[:, i : i + 1]  # [rows, 1]
             if mask is not None:
                 col = col * mask[:, i1 + i : i1 + i + 1]
-            qc = round_col(col, order[i1 + i])
+            qc = round_col(col, order[i1 + i]) if round_col is not None else col
             if mask is not None:
                 qc = qc * mask[:, i1 + i : i1 + i + 1]
             q[:, i1 + i : i1 + i + 1] = qc
@@ -130,5 +183,7 @@ def gptq_quantize(
             err1[:, i : i + 1] = e
         w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
     if perm is not None:
-        q = q[:, torch.argsort(perm)]
-    return q
+        inv = torch.argsort(perm)
+        q = q[:, inv]
+        mask = mask[:, inv] if mask is not None else None
+    return q, mask

@@ -126,12 +126,99 @@ def kernels_enabled() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# Pruning masks (1 bit per weight)
+# ----------------------------------------------------------------------------------------------
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool keep-mask as a flat uint8 bitmap (1 bit per weight)."""
+    from joules.formats.packing import pack
+
+    return pack(mask.reshape(-1).to(torch.uint8), 1)
+
+
+def unpack_mask(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    from joules.formats.packing import unpack
+
+    n = 1
+    for d in shape:
+        n *= d
+    return unpack(bits, 1, n).reshape(shape).bool()
+
+
+class MaskedMixin:
+    """A ``mask_bits`` buffer (packed keep-mask) read as ``weight_mask`` (bool, cached)."""
+
+    _mask_cache: torch.Tensor | None = None
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        self.register_buffer("mask_bits", pack_mask(mask))  # type: ignore[attr-defined]
+        self._mask_cache = None
+
+    @property
+    def weight_mask(self) -> torch.Tensor | None:
+        bits = self._buffers.get("mask_bits")  # type: ignore[attr-defined]
+        if bits is None:
+            return None
+        if self._mask_cache is None or self._mask_cache.device != bits.device:
+            self._mask_cache = unpack_mask(bits, (self.out_features, self.in_features))  # type: ignore[attr-defined]
+        return self._mask_cache
+
+
+@register_module("pruned_linear")
+class PrunedLinear(MaskedMixin, nn.Linear):
+    """An ``nn.Linear`` whose pruned weights are zero, with its keep-mask stored as a bitmap."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor) -> PrunedLinear:
+        m = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        with torch.no_grad():
+            m.weight.copy_(linear.weight * mask)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias)
+        m.set_mask(mask)
+        return m
+
+    def export_config(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "dtype": dtype_name(self.weight.dtype),
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> PrunedLinear:
+        m = cls(
+            cfg["in_features"],
+            cfg["out_features"],
+            cfg["bias"],
+            dtype=dtype_from_name(cfg["dtype"]),
+        )
+        m.register_buffer("mask_bits", torch.empty(0, dtype=torch.uint8))
+        return m
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        key = prefix + "mask_bits"
+        if key in state_dict:  # the bitmap's size is known only from the file
+            self._buffers["mask_bits"] = torch.empty_like(state_dict[key])
+            self._mask_cache = None
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+# ----------------------------------------------------------------------------------------------
 # CompressedLinear
 # ----------------------------------------------------------------------------------------------
 
 
 @register_module("compressed_linear")
-class CompressedLinear(nn.Module):
+class CompressedLinear(MaskedMixin, nn.Module):
     """``y = x @ dequantize(W).T + b`` with W stored packed in a number format of the lab.
 
     Optional extras that later steps attach: ``act_quant`` (a module applied to the input),
@@ -260,7 +347,7 @@ class CompressedLinear(nn.Module):
         if self._w_cache is not None:
             return self._w_cache
         w = self.format.dequantize(self.qtensor())
-        mask = getattr(self, "weight_mask", None)
+        mask = self.weight_mask
         if mask is not None:  # pruned weights are exactly zero whatever the format's grid
             w = w * mask
         if self.sparse is not None:
@@ -303,7 +390,7 @@ class CompressedLinear(nn.Module):
         if key == self._kernel_key:
             return self._kernel
         chosen = None
-        if key[2] and self.sparse is None and getattr(self, "weight_mask", None) is None:
+        if key[2] and self.sparse is None and self.weight_mask is None:
             for k in _KERNELS:
                 if k.supports(self, x):
                     chosen = k

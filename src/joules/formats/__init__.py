@@ -19,6 +19,7 @@ from joules.formats import codebook, integer, minifloat, mx, nf4, nxfp, ternary 
 from joules.formats.base import (
     PRESETS,
     BlockModel,
+    Fitted,
     Format,
     FormatConfig,
     Grouping,
@@ -34,6 +35,7 @@ list = list_formats
 __all__ = [
     "PRESETS",
     "BlockModel",
+    "Fitted",
     "Format",
     "FormatConfig",
     "FormatError",

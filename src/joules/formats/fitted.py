@@ -22,8 +22,9 @@ A group-wise format (int, minifloat, nf4, mx, nxfp, ternary) splits a tensor int
 * ``_pack(t, g, p)``: the packed :class:`~joules.formats.base.QuantizedTensor` of ``t`` whose
   groups are ``g``, with parameters ``p``.
 
-:class:`GroupParams` keeps the [G, 1] parameters of a 2-D weight as fp32 [rows, groups per row]
-grids and precomputes, for every group of columns, the [rows, 1] views a column of it uses, so
+:class:`GroupParams` keeps the [G, 1] parameters of a 2-D weight as [rows, groups per row]
+grids (fp32, except int32/int64/bool ones such as table offsets) and precomputes, for every
+group of columns, the [rows, 1] views a column of it uses, so
 GPTQ's single-column call is a dict lookup plus the format's few elementwise ops.
 """
 
@@ -57,6 +58,10 @@ class Groupwise(Protocol):
     ) -> QuantizedTensor: ...
 
 
+# dtypes a parameter grid keeps (table offsets, masks); others become fp32 once, at fit
+_KEEP = (torch.int32, torch.int64, torch.bool)
+
+
 class GroupParams:
     """Per-group parameters ([G, 1] each) of a 2-D weight of ``shape``, viewed per column."""
 
@@ -70,7 +75,10 @@ class GroupParams:
             grid_shape = (rows, 1)
         else:
             grid_shape = (rows, -(-k // grouping.size))
-        self.grid = {name: p.float().reshape(grid_shape) for name, p in params.items()}
+        self.grid = {
+            name: (p if p.dtype in _KEEP else p.float()).reshape(grid_shape)
+            for name, p in params.items()
+        }
         ngroups = grid_shape[1]
         # per group of columns: its [rows, 1] parameter views (the tensor/channel grid is one)
         self.views = [

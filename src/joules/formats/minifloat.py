@@ -146,18 +146,13 @@ class Element:
         buffer: fresh 64 MB temporaries cost more than the arithmetic on 2 cores.
         """
         inv_t, step_t, base_t = self._tables(v.device)
-        a = v.abs().clamp_(max=self.max_normal)
-        e = (a.view(torch.int32) >> 23).view(-1)
-        buf = torch.index_select(inv_t, 0, e).view_as(a)
-        n = a.mul_(buf).round_()
+        e, n, buf = _round_magnitude(v, inv_t, self.max_normal)
         code = None
         if codes:
-            code = torch.index_select(base_t, 0, e).view_as(a).add_(n)
+            code = torch.index_select(base_t, 0, e).view_as(n).add_(n)
             code.add_(torch.signbit(v), alpha=float(1 << (self.ebits + self.mbits)))
             code = code.to(torch.uint8)
-        torch.index_select(step_t, 0, e, out=buf.view(-1))
-        r = n.mul_(buf).copysign_(v)
-        return r, code
+        return _round_finish(v, e, n, buf, step_t), code
 
     def round(self, v: torch.Tensor) -> torch.Tensor:
         """Round fp32 ``v`` to this element's values (RNE, saturating); NaN stays NaN."""
@@ -195,6 +190,62 @@ class Element:
         if not self.has_nan and not self.has_inf:
             r = torch.nan_to_num(r, nan=0.0)
         return r
+
+
+def _round_magnitude(
+    v: torch.Tensor,
+    inv_t: torch.Tensor,
+    max_normal: float | torch.Tensor,
+    offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First half of :meth:`Element.round_encode`: (table index e, n = round(|v| * inv_t[e]),
+    a buffer shaped like v). ``max_normal`` and ``offset`` (added to the fp32 exponent field)
+    may be per-row tensors: :func:`mixed_round` rounds each row to its own element."""
+    a = v.abs()
+    if isinstance(max_normal, torch.Tensor):
+        # a tensor bound turns NaN into the default (negative) NaN: mask the sign off
+        e = (torch.minimum(a, max_normal, out=a).view(torch.int32) >> 23).bitwise_and_(0xFF)
+    else:
+        e = a.clamp_(max=max_normal).view(torch.int32) >> 23
+    if offset is not None:
+        e = e.add_(offset)
+    e = e.view(-1)
+    buf = torch.index_select(inv_t, 0, e).view_as(a)
+    return e, a.mul_(buf).round_(), buf
+
+
+def _round_finish(
+    v: torch.Tensor, e: torch.Tensor, n: torch.Tensor, buf: torch.Tensor, step_t: torch.Tensor
+) -> torch.Tensor:
+    """Second half: the value n * step_t[e] with v's sign (overwrites n and buf)."""
+    torch.index_select(step_t, 0, e, out=buf.view(-1))
+    return n.mul_(buf).copysign_(v)
+
+
+def mixed_tables(
+    elements: list[Element], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inv, step, max_normal) of several elements stacked: element i's table starts at
+    i * 256, so ``mixed_round`` with offset ``i * 256`` rounds to element i."""
+    tabs = [el._tables(device) for el in elements]
+    inv = torch.cat([t[0] for t in tabs])
+    step = torch.cat([t[1] for t in tabs])
+    maxn = torch.tensor([el.max_normal for el in elements], device=device)
+    return inv, step, maxn
+
+
+def mixed_round(
+    v: torch.Tensor,
+    inv_t: torch.Tensor,
+    step_t: torch.Tensor,
+    max_normal: torch.Tensor,
+    offset: torch.Tensor,
+) -> torch.Tensor:
+    """:meth:`Element.round` with the element chosen per row (tables from
+    :func:`mixed_tables`, ``max_normal``/``offset`` [rows, 1] of the chosen element), bit for
+    bit what each row's own element gives, in one pass."""
+    e, n, buf = _round_magnitude(v, inv_t, max_normal, offset)
+    return _round_finish(v, e, n, buf, step_t)
 
 
 _LUTS: dict[tuple[str, str], torch.Tensor] = {}

@@ -58,7 +58,15 @@ from joules.formats.base import (
     register_format,
 )
 from joules.formats.fitted import GroupFitted
-from joules.formats.minifloat import ELEMENTS, Element, element_round, element_round_encode, exp2i
+from joules.formats.minifloat import (
+    ELEMENTS,
+    Element,
+    element_round,
+    element_round_encode,
+    exp2i,
+    mixed_round,
+    mixed_tables,
+)
 from joules.formats.mx import E8M0_BIAS, E8M0_NAN, e8m0_code, shared_exponent
 from joules.formats.packing import pack, unpack
 
@@ -182,6 +190,7 @@ class NxFPFormat(Format):
         self.cands = [_Candidate(ELEMENTS[n], config.recycle) for n in names]
         self.sel_bits = math.ceil(math.log2(len(self.cands))) if len(self.cands) > 1 else 0
         self.elem_bits = ELEMENTS[config.element].bits
+        self._mixed_cache: dict[str, dict[str, torch.Tensor]] = {}
 
     @property
     def description(self) -> str:
@@ -232,12 +241,15 @@ class NxFPFormat(Format):
 
     # -- encode --------------------------------------------------------------------------------
     @staticmethod
+    def _divisor(s: torch.Tensor) -> torch.Tensor:
+        """What a block is divided by: its scale, or 1 for a NaN scale (which decodes to NaN)."""
+        return torch.where(torch.isnan(s), torch.ones_like(s), s)
+
     def _cand_round(
-        cand: _Candidate, g: torch.Tensor, s: torch.Tensor, want_codes: bool
+        self, cand: _Candidate, g: torch.Tensor, s: torch.Tensor, want_codes: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(values, codes if asked, scaled v) of ``g`` rounded by ``cand`` with scales ``s``
-        (broadcast against ``g``; a NaN scale divides by 1 and decodes to NaN)."""
-        v = g / torch.where(torch.isnan(s), torch.ones_like(s), s)
+        """(values, codes if asked, scaled v) of ``g`` rounded by ``cand`` with scales ``s``."""
+        v = g / self._divisor(s)
         r, codes = cand.round(v, want_codes)
         return r.mul_(s), codes, v
 
@@ -284,28 +296,72 @@ class NxFPFormat(Format):
     def _round_fixed(
         self, x: torch.Tensor, p: dict[str, torch.Tensor], want_codes: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(values, codes if asked) of ``x`` with each block's chosen candidate ``p["selector"]`` and
-        its scale ``p["s"]`` fixed (broadcast against ``x``)."""
-        s = p["s"]
-        val, codes, _ = self._cand_round(self.cands[0], x, s, want_codes)
+        """(values, codes if asked) of ``x`` with each block's chosen candidate
+        ``p["selector"]``, its scale ``p["s"]`` and divisor ``p["div"]`` fixed (broadcast
+        against ``x``): as :meth:`_cand_round` of the chosen candidate, the division and the
+        scaling done once for all candidates."""
+        v = x / p["div"]
+        r, codes = self.cands[0].round(v, want_codes)
         for i, cand in enumerate(self.cands[1:], start=1):
             pick = p["selector"] == i
             if not bool(pick.any()):
                 continue
-            r, c, _ = self._cand_round(cand, x, s, want_codes)
-            val = torch.where(pick, r, val)
-            if codes is not None and c is not None:
-                codes = torch.where(pick, c, codes)
-        return val, codes
+            ri, ci = cand.round(v, want_codes)
+            r = torch.where(pick, ri, r)
+            if codes is not None and ci is not None:
+                codes = torch.where(pick, ci, codes)
+        return r.mul_(p["s"]), codes
 
     def _params(self, g: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per block of ``g`` ([G, n]), as [G, 1]: the chosen candidate (``selector``), its
-        E8M0 byte (``scales``), nano-mantissa (``nano_mantissa``) and scale value ``s``."""
+        E8M0 byte (``scales``), nano-mantissa (``nano_mantissa``), scale value ``s`` and the
+        divisor ``div`` (``s``, 1 for a NaN block)."""
         e = self._select(g, want_codes=False)
-        return {"scales": e["code"], "nano_mantissa": e["j"], "selector": e["sel"], "s": e["s"]}  # type: ignore[dict-item]
+        s, sel = e["s"], e["sel"]
+        assert s is not None and sel is not None and e["code"] is not None and e["j"] is not None
+        tabs = self._mixed(g.device)
+        i = sel.long()
+        p = {
+            "scales": e["code"],
+            "nano_mantissa": e["j"],
+            "selector": sel,
+            "s": s,
+            "div": self._divisor(s),
+            "offset": sel.to(torch.int32) * 256,  # into the stacked element tables
+            "maxn": tabs["maxn"][i],
+        }
+        if self.cfg.recycle:
+            p.update({k: tabs[k][i] for k in ("lo", "hi", "rec")})
+        return p
+
+    def _mixed(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-candidate constants of the one-pass rounding (:func:`mixed_round`) on
+        ``device``: stacked element tables, max normals and the recycling interval
+        [lo, hi] -> rec, with an exclusive lower end moved to the next float up."""
+        key = str(device)
+        if key not in self._mixed_cache:
+            inv, step, maxn = mixed_tables([c.el for c in self.cands], device)
+            t = {"inv": inv, "step": step, "maxn": maxn}
+            if self.cfg.recycle:
+                lo = torch.tensor([c.lo for c in self.cands], device=device)
+                up = torch.nextafter(lo, torch.full_like(lo, math.inf))
+                excl = torch.tensor([not c.lo_inclusive for c in self.cands], device=device)
+                t["lo"] = torch.where(excl, up, lo)
+                t["hi"] = torch.tensor([c.hi for c in self.cands], device=device)
+                t["rec"] = torch.tensor([c.recycled for c in self.cands], device=device)
+            self._mixed_cache[key] = t
+        return self._mixed_cache[key]
 
     def _values(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._round_fixed(x, p, want_codes=False)[0]
+        """One pass for every block whatever its element (the fixed-parameter column path):
+        :meth:`_Candidate.round` of each row's chosen candidate, then its scale."""
+        tabs = self._mixed(x.device)
+        v = x / p["div"]
+        r = mixed_round(v, tabs["inv"], tabs["step"], p["maxn"], p["offset"])
+        if self.cfg.recycle:  # as _Candidate.round: -0 -> +0, (lo, hi] -> the recycled value
+            mask = (v >= p["lo"]).logical_and_(v <= p["hi"])
+            r = torch.where(mask, p["rec"], r.add_(0.0))
+        return r.mul_(p["s"])
 
     def _parts(
         self, t: torch.Tensor, codes: torch.Tensor, p: dict[str, torch.Tensor]

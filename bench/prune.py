@@ -1,0 +1,46 @@
+"""Pruning and head clustering on the default model: magnitude vs Wanda vs SparseGPT
+(unstructured and 2:4), and CHAI head clustering at several head budgets.
+
+    python bench/prune.py                 # every row (WikiText-2 test, 16,384 tokens)
+    python bench/prune.py --table         # reprint the table from bench/results/prune.json
+
+Same protocol, calibration and paired intervals as ``bench/compress.py`` (whose machinery this
+reuses). Pruning saves no time on this CPU (no sparse kernel): the model stays dense, and the
+table reports quality and the bits an n:m layout would take.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compress import parser, run, table
+
+OUT = Path(__file__).resolve().parent / "results" / "prune.json"
+ROWS = [
+    "baseline",
+    "prune(method=magnitude, sparsity=0.5)",
+    "prune(method=wanda, sparsity=0.5)",
+    "prune(method=sparsegpt, sparsity=0.5)",
+    "prune(method=magnitude, pattern=2:4)",
+    "prune(method=wanda, pattern=2:4)",
+    "prune(method=sparsegpt, pattern=2:4)",
+    "prune(method=sparsegpt, pattern=2:4) | gptq(format=int4-g64)",
+    # CHAI: 9 query heads per layer; the K cache shrinks only when whole KV groups merge.
+    "heads(keep=8)",
+    "heads(keep=7)",
+    "heads(keep=6)",
+    "heads(keep=3)",
+]
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    data = json.loads(OUT.read_text()) if args.table else run(args, OUT, ROWS)
+    print(table(data, "prune"))
+
+
+if __name__ == "__main__":
+    main()
