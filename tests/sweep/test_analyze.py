@@ -113,6 +113,10 @@ def test_pareto_front_drops_dominated():
     r = recommend(RUNS, Constraints(), "energy", pareto=["bytes", "latency"])
     assert r.pareto_figures == ["bytes", "latency"]
     assert {c.recipe for c in r.pareto} == {"mxfp4"}  # smallest and fastest
+    # A prediction on another hardware as a figure of the front.
+    front = pareto_front(cands, ["ppl_increase", "energy@h100"])
+    assert {c.recipe for c in front} == {"baseline", "int8", "int4", "mxfp4"}
+    assert "bad" not in {c.recipe for c in front}  # no h100 prediction: left out
 
 
 @pytest.mark.parametrize(

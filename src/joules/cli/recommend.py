@@ -191,7 +191,11 @@ def _render(r: Any) -> None:
             status or "met",
         )
     console.print(t)
-    names = ", ".join(_LABELS[FIGURES[f][0]] for f in r.pareto_figures)
+    names = ", ".join(
+        _LABELS[FIGURES[f.partition("@")[0]][0]]
+        + (f" on {f.partition('@')[2]}" if "@" in f else "")
+        for f in r.pareto_figures
+    )
     console.print(f"[dim]* on the Pareto front of {names}[/]")
     for rule in r.rules:
         console.print(f"[dim]rule: {rule}[/]", soft_wrap=True)
@@ -220,7 +224,7 @@ def recommend_cmd(
         "--pareto",
         help="Figures of the Pareto front, comma-separated: "
         + ", ".join(FIGURES)
-        + " (default: ppl_increase and the objective).",
+        + "; NAME@HARDWARE for a prediction (default: ppl_increase and the objective).",
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:

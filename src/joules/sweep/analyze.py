@@ -140,6 +140,7 @@ class Candidate:
     workload: str | None
     figures: dict[str, Metric]
     checks: list[Check] = field(default_factory=list)
+    metrics: list[Metric] = field(default_factory=list, repr=False)  # every hardware's
 
     @property
     def label(self) -> str:
@@ -187,7 +188,7 @@ def candidates(runs: Sequence[RunRow], hardware: str | None = None) -> list[Cand
                     figs[m.name] = m
             elif m.hardware == hw:
                 figs[m.name] = m
-        out.append(Candidate(r.key, r.model, r.recipe, r.workload, figs))
+        out.append(Candidate(r.key, r.model, r.recipe, r.workload, figs, metrics=list(r.metrics)))
     return out
 
 
@@ -212,18 +213,27 @@ def _check(c: Candidate, flag: str, metric: str, limit: float) -> Check:
 
 
 def pareto_front(cands: Sequence[Candidate], figures: Sequence[str]) -> list[Candidate]:
-    """Candidates no other candidate beats on every figure (``figures`` are keys of FIGURES);
-    a candidate missing one of the figures is left out."""
+    """Candidates no other candidate beats on every figure (``figures`` are keys of FIGURES,
+    ``name@hardware`` for that hardware's prediction, e.g. ``latency@h100``); a candidate
+    missing one of the figures is left out."""
     specs = []
     for f in figures:
-        if f not in FIGURES:
-            raise ConfigError(f"unknown Pareto figure {f!r}: choose from {', '.join(FIGURES)}")
-        specs.append(FIGURES[f])
+        name, _, hw = f.partition("@")
+        if name not in FIGURES:
+            raise ConfigError(
+                f"unknown Pareto figure {f!r}: choose from {', '.join(FIGURES)} "
+                "(add @HARDWARE for a prediction, e.g. latency@h100)"
+            )
+        specs.append((*FIGURES[name], hw))
 
     def vec(c: Candidate) -> list[float] | None:
         out = []
-        for metric, smaller in specs:
-            v = c.value(metric)
+        for metric, smaller, hw in specs:
+            if hw:
+                m = next((x for x in c.metrics if x.name == metric and x.hardware == hw), None)
+                v = None if m is None else m.value
+            else:
+                v = c.value(metric)
             if v is None:
                 return None
             out.append(v if smaller else -v)
