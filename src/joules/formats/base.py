@@ -469,7 +469,7 @@ def get(spec: str | FormatConfig) -> Format:
     return fmt
 
 
-FAMILY_ORDER = ("int", "minifloat", "nf4", "mx", "nxfp", "ternary", "codebook")
+FAMILY_ORDER = ("int", "minifloat", "nf4", "mx", "nxfp", "ternary", "codebook", "gguf")
 
 
 def list_formats() -> builtins.list[Format]:
