@@ -189,3 +189,51 @@ def test_mxfp4_rounding_differs_from_ocp_only_on_ties_and_signed_zero():
     gg = formats.get("gguf-mxfp4").fake_quant(x)[0, :6].tolist()
     assert ocp == [2.0, 1.0, 4.0, 2.0, -0.0, 6.0]
     assert gg == [1.5, 0.5, 3.0, 2.0, 0.0, 6.0]
+
+
+# -- fixed-parameter quantization (Format.fit, for GPTQ) -------------------------------------
+
+
+@pytest.mark.parametrize("t", ALL)
+def test_fit_reproduces_quantize_and_columns_agree(t):
+    fmt = formats.get(f"gguf-{t}")
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(3, 2 * fmt.bt.block, generator=g)
+    w[0, :32] = 0  # an all-zero run (a zero sub-block scale in the K-quants)
+    f = fmt.fit(w)
+    q = f.quantize(w)
+    assert torch.equal(q.parts["blocks"], fmt.quantize(w).parts["blocks"])
+    whole = f.fake_quant_cols(w, 0)
+    assert torch.equal(whole, fmt.fake_quant(w)) and torch.equal(whole, fmt.dequantize(q))
+    k = w.shape[1]
+    cuts = [0, 1, 5, 31, 33, k // 2 + 3, k]
+    parts = [f.fake_quant_cols(w[:, a:b], a) for a, b in zip(cuts, cuts[1:], strict=False)]
+    assert torch.equal(torch.cat(parts, dim=1), whole)
+    one = torch.cat([f.fake_quant_cols(w[:, c : c + 1], c) for c in range(0, k, 7)], dim=1)
+    assert torch.equal(one, whole[:, ::7])
+
+
+@pytest.mark.parametrize("t", ALL)
+def test_fit_keeps_parameters_on_a_perturbed_weight(t):
+    fmt = formats.get(f"gguf-{t}")
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(2, fmt.bt.block, generator=g)
+    w2 = w + 0.3 * torch.randn(w.shape, generator=g)
+    w2[0, 0] = 50.0  # far outside the block's range: clips
+    f = fmt.fit(w)
+    q2 = f.quantize(w2)
+    _, p = fmt.unpack(q2)
+    _, p_ref = fmt.unpack(fmt.quantize(w))
+    stored = {"d", "m", "dmin", "sc", "e"}
+    for name in stored & p.keys():
+        assert torch.equal(p[name], p_ref[name]), name
+    assert torch.equal(fmt.dequantize(q2), f.fake_quant_cols(w2, 0))
+    # the clipped element decodes to a value of the block's grid, no larger than its extreme
+    assert fmt.dequantize(q2)[0, 0] <= fmt.dequantize(fmt.quantize(w)).abs().max() * 1.0001 + 1e-6
+
+
+def test_fit_needs_2d_weight_of_whole_blocks():
+    with pytest.raises(ConfigError, match="2-D"):
+        formats.get("gguf-q4_0").fit(torch.randn(64))
+    with pytest.raises(ConfigError, match="gguf-q8_0"):
+        formats.get("gguf-q6_k").fit(torch.randn(4, 64))

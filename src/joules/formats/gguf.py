@@ -63,9 +63,11 @@ import torch
 
 from joules.errors import ConfigError
 from joules.formats.base import (
+    Fitted,
     Format,
     FormatConfig,
     QuantizedTensor,
+    check_fit_input,
     check_input,
     check_qt,
     register,
@@ -107,10 +109,19 @@ def _inv(d: torch.Tensor) -> torch.Tensor:
 
 def _seqsum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim left to right in fp32, as a C loop does (keepdim)."""
-    acc = t[..., 0].clone()
-    for i in range(1, t.shape[-1]):
-        acc = acc + t[..., i]
+    tt = t.movedim(-1, 0).contiguous()  # contiguous rows: one fast add per element index
+    acc = tt[0].clone()
+    for i in range(1, tt.shape[0]):
+        acc.add_(tt[i])
     return acc.unsqueeze(-1)
+
+
+def _seqsum0(t: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 (contiguous rows) in order, as a C loop does: [1, ...]."""
+    acc = t[0].clone()
+    for i in range(1, t.shape[0]):
+        acc.add_(t[i])
+    return acc.unsqueeze(0)
 
 
 def _first_equal(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -363,24 +374,27 @@ def _nearest_int(x: torch.Tensor) -> torch.Tensor:
 
 
 def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """llama.cpp's make_qkx2_quants over sub-blocks x [S, n] with weights w: (scale, -min, L)."""
-    lo = torch.minimum(x.amin(dim=1, keepdim=True), torch.zeros(1))
-    hi = x.amax(dim=1, keepdim=True)
+    """llama.cpp's make_qkx2_quants over sub-blocks x [S, n] with weights w: (scale, -min, L).
+
+    Runs on the transposes [n, S], so each left-to-right sum is n contiguous vector adds."""
+    x, w = x.t().contiguous(), w.t().contiguous()
+    lo = torch.minimum(x.amin(dim=0, keepdim=True), torch.zeros(1))
+    hi = x.amax(dim=0, keepdim=True)
     flat = hi == lo
     rng = torch.where(flat, torch.ones_like(hi), hi - lo)
-    sum_w, sum_x = _seqsum(w), _seqsum(w * x)
+    sum_w, sum_x = _seqsum0(w), _seqsum0(w * x)
     iscale = nmax / rng
     scale = 1 / iscale
     L = _nearest_int(iscale * (x - lo)).clamp_(0, nmax)
     diff = scale * L + lo - x
-    best = _seqsum(w * (diff * diff))
+    best = _seqsum0(w * (diff * diff))
     mn = lo.clone()
     for step in range(nstep + 1):
         # (rdelta * is + rmin + nmax) in fp32, as C evaluates it
         iscale = ((torch.tensor(rdelta) * step + rmin) + nmax) / rng
         la = _nearest_int(iscale * (x - lo)).clamp_(0, nmax)
         wl = w * la
-        sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * la), _seqsum(wl * x)
+        sum_l, sum_l2, sum_xl = _seqsum0(wl), _seqsum0(wl * la), _seqsum0(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = torch.where(ok, D, torch.ones_like(D))
@@ -392,7 +406,7 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
             pos, sum_xl / torch.where(sum_l2 == 0, torch.ones_like(sum_l2), sum_l2), ts
         )
         diff = ts * la + tm - x
-        cur = _seqsum(w * (diff * diff))
+        cur = _seqsum0(w * (diff * diff))
         better = ok & (cur < best) & ~flat
         L = torch.where(better, la, L)
         best = torch.where(better, cur, best)
@@ -400,20 +414,21 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
         mn = torch.where(better, tm, mn)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     L = torch.where(flat, torch.zeros_like(L), L)
-    return scale, -mn, L
+    return scale.t(), -mn.t(), L.t()
 
 
 def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """llama.cpp's make_qx_quants with rmse_type=1 (weights x**2) over x [S, n]: (scale, L)."""
-    imax = x.abs().argmax(dim=1, keepdim=True)
-    mx = torch.gather(x, 1, imax)
+    x = x.t().contiguous()  # [n, S], as in _make_qkx2
+    imax = x.abs().argmax(dim=0, keepdim=True)
+    mx = torch.gather(x, 0, imax)
     zero = mx.abs() < _GROUP_MAX_EPS
     mxs = torch.where(zero, torch.ones_like(mx), mx)
     w = x * x
 
     def attempt(iscale):
         lq = _nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
-        sumlx, suml2 = _seqsum(w * x * lq), _seqsum(w * lq * lq)
+        sumlx, suml2 = _seqsum0(w * x * lq), _seqsum0(w * lq * lq)
         return lq, sumlx, suml2
 
     L, sumlx, suml2 = attempt(-nmax / mxs)
@@ -428,7 +443,7 @@ def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
         best = torch.where(better, scale * sumlx, best)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero, torch.zeros_like(L), L + nmax)
-    return scale, L
+    return scale.t(), L.t()
 
 
 class _Q4_K(BlockType):
@@ -702,6 +717,58 @@ class GGUFFormat(Format):
         p = self.bt.fit(x)
         out = self.bt.decode(self.bt.codes(x, p), p)
         return out.reshape(t.shape).to(device=t.device, dtype=t.dtype)
+
+    def fit(self, w: torch.Tensor) -> GGUFFitted:
+        """Fix every block's parameters (scales, minima, K-quant sub-block scales) from ``w``."""
+        check_fit_input(w, self.spec)
+        return GGUFFitted(self, w)
+
+
+class GGUFFitted(Fitted):
+    """A GGUF block type with the block parameters of one weight [rows, cols] fixed.
+
+    Codes are rounded as the reference quantizer rounds them once its parameters are known
+    (legacy types with the fp32 scale, K-quants with the stored fp16 sub-block scales), so
+    ``fit(w).quantize(w)`` is ``quantize(w)`` byte for byte and GPTQ's rounded columns are the
+    values llama.cpp decodes.
+    """
+
+    def __init__(self, fmt: GGUFFormat, w: torch.Tensor):
+        super().__init__(fmt, (int(w.shape[0]), int(w.shape[1])))
+        self.fmt = fmt
+        self.bt = fmt.bt
+        x = fmt.blocks_of(w)
+        self.per_row = self.shape[1] // self.bt.block
+        # parameters of block j of row r at index r * per_row + j
+        self.p = self.bt.fit(x)
+
+    def _select(self, b0: int, b1: int) -> dict[str, torch.Tensor]:
+        rows = self.shape[0]
+        return {
+            k: v.reshape(rows, self.per_row, *v.shape[1:])[:, b0:b1].reshape(-1, *v.shape[1:])
+            for k, v in self.p.items()
+        }
+
+    def fake_quant_cols(self, cols: torch.Tensor, col0: int) -> torch.Tensor:
+        self._check_cols(cols, col0)
+        rows, n = cols.shape
+        bs = self.bt.block
+        b0, b1 = col0 // bs, -(-(col0 + n) // bs)
+        off = col0 - b0 * bs
+        x = cols.detach().float().cpu()
+        if off or n != (b1 - b0) * bs:
+            buf = torch.zeros(rows, (b1 - b0) * bs)
+            buf[:, off : off + n] = x
+            x = buf
+        p = self._select(b0, b1) if (b0, b1) != (0, self.per_row) else self.p
+        xb = x.reshape(-1, bs)
+        out = self.bt.decode(self.bt.codes(xb, p), p).reshape(rows, -1)[:, off : off + n]
+        return out.to(cols.device)
+
+    def quantize(self, w: torch.Tensor) -> QuantizedTensor:
+        self._check_weight(w)
+        x = self.fmt.blocks_of(w)
+        return self.fmt._finish(w, self.bt.pack(self.bt.codes(x, self.p), self.p))
 
 
 def gguf_blocks(q: QuantizedTensor) -> tuple[str, torch.Tensor]:
