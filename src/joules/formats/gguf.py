@@ -670,6 +670,13 @@ class GGUFFormat(Format):
         n = math.prod(shape)
         return {"blocks": -(-n // self.bt.block) * self.bt.type_size * 8}
 
+    def for_shape(self, shape: tuple[int, ...]) -> Format:
+        """llama.cpp's per-tensor fallback (Q4_K -> Q5_0, Q6_K -> Q8_0, TQ -> Q4_0) for rows
+        that are not a multiple of the block; the format itself otherwise."""
+        from joules.formats.base import get
+
+        return get(fallback_spec(self.spec, tuple(shape)))
+
     # -- helpers -------------------------------------------------------------------------------
     def check_shape(self, shape: tuple[int, ...]) -> None:
         k = shape[-1] if shape else 1
