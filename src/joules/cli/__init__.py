@@ -33,7 +33,7 @@ def _root(
 
 
 # Command modules register themselves on `app` when imported.
-from joules.cli import compress, demo, doctor, eval, formats, measure  # noqa: E402, F401
+from joules.cli import compress, demo, doctor, eval, export, formats, measure  # noqa: E402, F401
 
 
 def main() -> None:
