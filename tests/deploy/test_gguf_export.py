@@ -106,7 +106,7 @@ def test_exported_file_loads_to_the_same_logits(tmp_path):
 
 def test_unmappable_format_refused_with_what_maps(tmp_path):
     d, _ = _compressed(tmp_path, "rtn(format=int4-g32)")
-    with pytest.raises(ConfigError, match="gguf-q4_0.*mxfp4.*--dequantize"):
+    with pytest.raises(ConfigError, match=r"gguf-q4_0.*mxfp4.*--dequantize"):
         export_gguf(d, tmp_path / "m.gguf")
     res = export_gguf(d, tmp_path / "m.gguf", dequantize="f16")
     assert not res.exact and res.type_counts()["F16"] == 14
