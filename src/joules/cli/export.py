@@ -56,6 +56,11 @@ def export_cmd(
         "--dequantize",
         help="Write layers in non-GGUF formats dequantized as f32/f16/bf16 (else refused).",
     ),
+    embedding: str = typer.Option(
+        "",
+        "--embedding",
+        help="GGUF type for a float token embedding (e.g. gguf-q8_0, what llama.cpp uses for SmolLM2).",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Export MODEL to GGUF: GGUF-exact tensors written as computed, never re-quantized."""
@@ -66,5 +71,11 @@ def export_cmd(
         raise ConfigError(f"--to {to!r}: the only export target is gguf")
     out_console = err_console if as_json else console
     with out_console.status(f"exporting {model}"):
-        res = export_gguf(model, output, float_type=float_type, dequantize=dequantize or None)
+        res = export_gguf(
+            model,
+            output,
+            float_type=float_type,
+            dequantize=dequantize or None,
+            embedding=embedding or None,
+        )
     emit(res, as_json, _render)

@@ -296,8 +296,14 @@ def export_gguf(
     *,
     float_type: str = "f32",
     dequantize: str | None = None,
+    embedding: str | None = None,
 ) -> ExportResult:
-    """Write ``model`` (a compressed directory or any model spec) as a GGUF file at ``output``."""
+    """Write ``model`` (a compressed directory or any model spec) as a GGUF file at ``output``.
+
+    ``embedding`` (a ``gguf-*`` spec) stores a float token embedding in that GGUF type (with
+    llama.cpp's per-tensor fallback), quantized here by the same rounding as llama.cpp's own
+    quantizer: what ``llama-quantize`` does to it (a tied SmolLM2 embedding becomes Q8_0), so
+    a joules file and a llama.cpp file can share the embedding's type. Recorded as not exact."""
     from gguf import GGMLQuantizationType, GGUFWriter
 
     from joules.compress.linear import CompressedLinear
@@ -383,6 +389,16 @@ def export_gguf(
         if name is None:
             raise ConfigError(f"GGUF export: no GGUF name for parameter '{hf}'")
         is_norm = "norm" in name
+        if embedding is not None and name == "token_embd.weight":
+            from joules import formats
+
+            efmt = formats.get(embedding).for_shape(tuple(p.shape))
+            if efmt.family != "gguf":
+                raise ConfigError(f"--embedding {embedding!r}: use a gguf-* type, e.g. gguf-q8_0")
+            blocks = efmt.quantize(p.detach().float()).parts["blocks"]
+            raw = GGMLQuantizationType[efmt.ggml_type]
+            entries.append((name, hf, blocks.numpy(), raw, False, efmt.spec, False, list(p.shape)))
+            continue
         ft = "f32" if is_norm or p.dim() == 1 else float_type
         arr, raw = _float_array(p, ft)
         ok = ft == "f32" or p.dtype == {"f16": torch.float16, "bf16": torch.bfloat16}[ft]

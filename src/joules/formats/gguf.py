@@ -195,7 +195,9 @@ class _Sym(BlockType):
 
     def fit(self, x):
         imax = x.abs().argmax(dim=1, keepdim=True)  # first of equal magnitudes, as the C loop
-        d = torch.gather(x, 1, imax) / -self.half
+        mx = torch.gather(x, 1, imax)
+        mx = torch.where(mx == 0, torch.zeros_like(mx), mx)  # C keeps its initial +0 max
+        d = mx / -self.half
         return {"d": _f16(d), "id": _inv(d)}
 
     def codes(self, x, p):
@@ -369,8 +371,11 @@ class _TQ(BlockType):
 
 
 def _nearest_int(x: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's nearest_int (adding 1.5 * 2**23): round half to even, as torch.round."""
-    return torch.round(x)
+    """llama.cpp's nearest_int, its very bit trick: add 1.5 * 2**23 in fp32 and read the low
+    mantissa bits. Round half to even for |x| < 2**22; out of that range (inf from a subnormal
+    range) it returns what the C code returns, not a clamped value."""
+    bits = (x.float() + 12582912.0).view(torch.int32)
+    return ((bits & 0x007FFFFF) - 0x00400000).float()
 
 
 def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
@@ -391,8 +396,10 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     mn = lo.clone()
     for step in range(nstep + 1):
         # (rdelta * is + rmin + nmax) in fp32, as C evaluates it
-        iscale = ((torch.tensor(rdelta) * step + rmin) + nmax) / rng
-        la = _nearest_int(iscale * (x - lo)).clamp_(0, nmax)
+        # the C loop moves `min` to each better fit's minimum, and later steps use it
+        cur_rng = torch.where(flat, torch.ones_like(hi), hi - mn)
+        iscale = ((torch.tensor(rdelta) * step + rmin) + nmax) / cur_rng
+        la = _nearest_int(iscale * (x - mn)).clamp_(0, nmax)
         wl = w * la
         sum_l, sum_l2, sum_xl = _seqsum0(wl), _seqsum0(wl * la), _seqsum0(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
@@ -458,8 +465,10 @@ class _Q4_K(BlockType):
         scales, mins, L = _make_qkx2(xs, av + xs.abs(), 15, -1.0, 0.1, 20)
         scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
         zeros = torch.zeros(n, 1)
-        max_scale = torch.maximum(scales.amax(1, keepdim=True), zeros)
-        max_min = torch.maximum(mins.amax(1, keepdim=True), zeros)
+        # C: `if (scale > max_scale)` from +0, so the result is never -0
+        max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
+        max_scale = torch.where(max_scale > 0, max_scale, zeros)
+        max_min = torch.where(max_min > 0, max_min, zeros)
         inv_s = torch.where(max_scale > 0, 63 / torch.where(max_scale > 0, max_scale, 1.0), 0.0)
         inv_m = torch.where(max_min > 0, 63 / torch.where(max_min > 0, max_min, 1.0), 0.0)
         # uint8 ls = nearest_int(...): the int wraps into a byte, then MIN(63, ls)
