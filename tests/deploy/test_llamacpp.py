@@ -71,3 +71,72 @@ def test_bytes_equal_llamacpp_quantizer_random(t, data):
     x = (x * np.float32(scale)).astype(np.float32)
     ours = fmt.quantize(torch.from_numpy(x)).parts["blocks"].numpy()
     assert np.array_equal(ours, ggml_quantize(x, fmt.ggml_type))
+
+
+def test_llamacpp_perplexity_matches_torch_on_exported_file(tmp_path, monkeypatch):
+    from joules.compress import compress
+    from joules.data import load_text
+    from joules.deploy import export_gguf
+    from joules.deploy.llamacpp import llamacpp_decode_speed, llamacpp_perplexity
+    from joules.evaluate.perplexity import perplexity
+    from joules.models import load_model, tiny_model
+
+    monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path / "cache"))
+    text = load_text("wikitext2", "test")
+    for spec in ("gguf-q8_0", "gguf-q4_0"):
+        m, tok, _ = tiny_model("llama", seed=0)
+        cm = compress(m, f"rtn(format={spec})")
+        cm.save(tmp_path / spec, tok)
+        export_gguf(tmp_path / spec, tmp_path / f"{spec}.gguf")
+        a = load_model(tmp_path / spec)
+        ref = perplexity(a.model, a.tokenizer, text, window=128, limit_tokens=768)
+        got = llamacpp_perplexity(
+            tmp_path / f"{spec}.gguf", a.tokenizer, text, window=128, limit_tokens=768, threads=1
+        )
+        assert got.tokens_scored == ref.tokens_scored and got.windows == ref.windows
+        assert abs(got.perplexity / ref.perplexity - 1) < 0.005, (
+            spec,
+            got.perplexity,
+            ref.perplexity,
+        )
+    speed = llamacpp_decode_speed(
+        tmp_path / "gguf-q4_0.gguf", list(range(3, 30)), 8, threads=1, repeats=1
+    )
+    assert speed.new_tokens == 8 and speed.tpot_s > 0 and speed.decode_tokens_per_s > 0
+
+
+def test_llamacpp_on_truncated_or_foreign_file_is_one_line_error(tmp_path):
+    from joules.deploy.llamacpp import load_llama
+    from joules.errors import UnsupportedModelError
+
+    (tmp_path / "foreign.gguf").write_bytes(b"GGML" + b"\0" * 64)
+    with pytest.raises(UnsupportedModelError) as e:
+        load_llama(tmp_path / "foreign.gguf")
+    assert "\n" not in str(e.value) and "not a readable GGUF" in str(e.value)
+
+
+def test_cli_eval_runtime_llamacpp(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from joules.cli import app
+    from joules.compress import compress
+    from joules.deploy import export_gguf
+    from joules.models import tiny_model
+
+    monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path / "cache"))
+    m, tok, _ = tiny_model("llama", seed=0)
+    compress(m, "rtn(format=gguf-q8_0)").save(tmp_path / "c", tok)
+    export_gguf(tmp_path / "c", tmp_path / "m.gguf")
+    runner = CliRunner()
+    args = ["--task", "wikitext2", "--limit-tokens", "300", "--window", "100", "--json"]
+    a = runner.invoke(app, ["eval", str(tmp_path / "m.gguf"), *args, "--runtime", "llamacpp"])
+    b = runner.invoke(app, ["eval", str(tmp_path / "c"), *args])
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    pa, pb = json.loads(a.stdout)["perplexity"], json.loads(b.stdout)["perplexity"]
+    assert abs(pa / pb - 1) < 0.005
+    r = runner.invoke(
+        app, ["eval", str(tmp_path / "c"), "--task", "wikitext2", "--runtime", "llamacpp"]
+    )
+    assert r.exit_code == 2 and "needs a .gguf file" in r.output

@@ -212,10 +212,67 @@ def eval_cmd(
     dtypes: str = typer.Option("fp32,bf16,fp16", help="attention-deviation dtypes."),
     heads: int = typer.Option(4, help="attention-deviation heads (head dim 64)."),
     threads: int = typer.Option(None, help="CPU threads (default: all cores)."),
+    runtime: str = typer.Option(
+        "torch", help="wikitext2: torch, or llamacpp (a .gguf file; the [llamacpp] extra)."
+    ),
     json: bool = JSON_OPTION,
 ) -> None:
     """Evaluate MODEL: perplexity, HellaSwag accuracy, deviation or attention stability."""
-    _eval(**locals())
+    if runtime != "torch":
+        _eval_llamacpp(
+            model, task, runtime, data, split, limit_tokens, window, stride, bos, threads, json
+        )
+        return
+    kwargs = dict(locals())
+    del kwargs["runtime"]
+    _eval(**kwargs)
+
+
+def _eval_llamacpp(
+    model: str,
+    task: str,
+    runtime: str,
+    data: str | None,
+    split: str,
+    limit_tokens: int | None,
+    window: int,
+    stride: int | None,
+    bos: bool | None,
+    threads: int | None,
+    json: bool,
+) -> None:
+    """Perplexity of a GGUF file under llama.cpp, on the torch path's windows and protocol."""
+    from joules.data import load_text
+    from joules.deploy.llamacpp import llamacpp_perplexity
+    from joules.models import load_model
+    from joules.models.loading import resolve
+
+    if runtime != "llamacpp":
+        raise ConfigError(f"unknown runtime {runtime!r}: choose torch or llamacpp")
+    if task != "wikitext2":
+        raise ConfigError(f"--runtime llamacpp runs --task wikitext2 only, not {task!r}")
+    kind, path = resolve(model)
+    if kind != "gguf":
+        raise ConfigError(
+            f"--runtime llamacpp needs a .gguf file, got {model}: export it first "
+            "(joules export DIR --to gguf -o model.gguf)"
+        )
+    with (err_console if json else console).status(f"loading the tokenizer of {model}"):
+        tok = load_model(model).tokenizer
+    text = load_text(data) if data else load_text("wikitext2", split)
+    r = llamacpp_perplexity(
+        path,
+        tok,
+        text,
+        window=window,
+        stride=stride,
+        limit_tokens=limit_tokens,
+        add_bos=bos,
+        dataset=data or "wikitext2",
+        split=None if data else split,
+        threads=threads,
+    )
+    emit(r, json, _render_perplexity)
 
 
 def _eval(

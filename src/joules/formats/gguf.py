@@ -107,6 +107,12 @@ def _inv(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, torch.ones_like(d), d))
 
 
+def _div(k: float, t: torch.Tensor) -> torch.Tensor:
+    """``k / t`` correctly rounded in fp32, as C divides: torch's ``number / tensor`` is
+    ``reciprocal(t) * number``, two roundings, which moves llama.cpp's K-quant searches."""
+    return torch.full_like(t, float(k)) / t
+
+
 def _seqsum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim left to right in fp32, as a C loop does (keepdim)."""
     tt = t.movedim(-1, 0).contiguous()  # contiguous rows: one fast add per element index
@@ -388,7 +394,7 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     flat = hi == lo
     rng = torch.where(flat, torch.ones_like(hi), hi - lo)
     sum_w, sum_x = _seqsum0(w), _seqsum0(w * x)
-    iscale = nmax / rng
+    iscale = _div(nmax, rng)
     scale = 1 / iscale
     L = _nearest_int(iscale * (x - lo)).clamp_(0, nmax)
     diff = scale * L + lo - x
@@ -438,7 +444,7 @@ def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
         sumlx, suml2 = _seqsum0(w * x * lq), _seqsum0(w * lq * lq)
         return lq, sumlx, suml2
 
-    L, sumlx, suml2 = attempt(-nmax / mxs)
+    L, sumlx, suml2 = attempt(_div(-nmax, mxs))
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1.0), 0.0)
     best = scale * sumlx
     for step in list(range(-9, 0)) + list(range(1, 10)):
@@ -469,8 +475,10 @@ class _Q4_K(BlockType):
         max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
         max_scale = torch.where(max_scale > 0, max_scale, zeros)
         max_min = torch.where(max_min > 0, max_min, zeros)
-        inv_s = torch.where(max_scale > 0, 63 / torch.where(max_scale > 0, max_scale, 1.0), 0.0)
-        inv_m = torch.where(max_min > 0, 63 / torch.where(max_min > 0, max_min, 1.0), 0.0)
+        inv_s = torch.where(
+            max_scale > 0, _div(63, torch.where(max_scale > 0, max_scale, 1.0)), 0.0
+        )
+        inv_m = torch.where(max_min > 0, _div(63, torch.where(max_min > 0, max_min, 1.0)), 0.0)
         # uint8 ls = nearest_int(...): the int wraps into a byte, then MIN(63, ls)
         ls = (_nearest_int(inv_s * scales).to(torch.int64) & 0xFF).clamp_(max=63)
         lm = (_nearest_int(inv_m * mins).to(torch.int64) & 0xFF).clamp_(max=63)
@@ -535,7 +543,7 @@ class _Q6_K(BlockType):
         imax = scales.abs().argmax(dim=1, keepdim=True)
         max_scale = torch.gather(scales, 1, imax)
         zero = max_scale.abs() < _GROUP_MAX_EPS
-        iscale = -128 / torch.where(zero, torch.ones_like(max_scale), max_scale)
+        iscale = _div(-128, torch.where(zero, torch.ones_like(max_scale), max_scale))
         d = torch.where(zero, torch.zeros_like(iscale), _f16(1 / iscale).float()).half()
         sc = _nearest_int(iscale * scales).clamp_(max=127)
         sc = torch.where(zero, torch.zeros_like(sc), sc).to(torch.int8)
