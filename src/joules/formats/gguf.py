@@ -467,7 +467,8 @@ class _Q4_K(BlockType):
     def fit(self, x):
         n = x.shape[0]
         xs = x.reshape(n * 8, 32)
-        av = torch.sqrt(_seqsum(xs * xs) / 32)
+        # sqrtf is correctly rounded; torch's fp32 sqrt can be an ulp off: round from fp64
+        av = torch.sqrt((_seqsum(xs * xs) / 32).double()).float()
         scales, mins, L = _make_qkx2(xs, av + xs.abs(), 15, -1.0, 0.1, 20)
         scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
         zeros = torch.zeros(n, 1)
