@@ -140,3 +140,29 @@ def test_cli_eval_runtime_llamacpp(tmp_path, monkeypatch):
         app, ["eval", str(tmp_path / "c"), "--task", "wikitext2", "--runtime", "llamacpp"]
     )
     assert r.exit_code == 2 and "needs a .gguf file" in r.output
+
+
+def test_rtn_export_equals_llamacpp_quantized_file_byte_for_byte(tmp_path, monkeypatch):
+    # the whole path: joules compress rtn(gguf-q4_0) + export == llama-quantize Q4_0 of the
+    # F32 export, tensor for tensor (permuted attn_q/attn_k, the tied embedding as Q6_K)
+    from gguf import GGUFReader
+
+    from joules.compress import compress
+    from joules.deploy import export_gguf
+    from joules.deploy.llamacpp import quantize_file
+    from joules.models import load_model, save_tiny_model
+
+    monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path / "cache"))
+    kw = dict(hidden_size=256, intermediate_size=512, heads=4, kv_heads=2, tie_word_embeddings=True)
+    save_tiny_model(tmp_path / "t", "llama", seed=0, **kw)
+    export_gguf(tmp_path / "t", tmp_path / "f32.gguf")
+    quantize_file(tmp_path / "f32.gguf", tmp_path / "llama-q4_0.gguf", "Q4_0", threads=1)
+    lm = load_model(tmp_path / "t")
+    compress(lm.model, "rtn(format=gguf-q4_0)").save(tmp_path / "c", lm.tokenizer)
+    export_gguf(tmp_path / "c", tmp_path / "joules-q4_0.gguf", embedding="gguf-q6_k")
+    ref = {t.name: t for t in GGUFReader(str(tmp_path / "llama-q4_0.gguf")).tensors}
+    ours = {t.name: t for t in GGUFReader(str(tmp_path / "joules-q4_0.gguf")).tensors}
+    assert ref.keys() == ours.keys()
+    for name, t in ref.items():
+        assert t.tensor_type == ours[name].tensor_type, name
+        assert np.array_equal(np.asarray(t.data), np.asarray(ours[name].data)), name
