@@ -137,3 +137,25 @@ def test_cli_export_and_one_line_errors_on_bad_gguf(tmp_path):
             assert len(lines) == 1 and "not a readable GGUF" in lines[0], r.output
         with pytest.raises(UnsupportedModelError):
             load_model(p)
+
+
+def test_gptq_targets_gguf_formats_and_exports_exactly(tmp_path):
+    # GPTQ rounds with the GGUF block parameters fixed (Format.fit); what it stores is what
+    # llama.cpp decodes: the exported tensors read back to the compressed model's weights
+    from gguf import GGUFReader, quants
+
+    from joules.compress import calibration_tokens
+
+    m, tok, _ = tiny_model("llama", seed=0, hidden_size=256, intermediate_size=512)
+    calib, _ = calibration_tokens(tok, n=4, length=64)
+    cm = compress(m, "gptq(format=gguf-q4_k)", calibration=calib)
+    assert {v["format"] for v in cm.manifest.layers.values()} == {"gguf-q4_k"}
+    cm.save(tmp_path / "c", tok)
+    res = export_gguf(tmp_path / "c", tmp_path / "m.gguf")
+    by = {t.name: t for t in GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    x = next(t for t in res.tensors if t.source.endswith("layers.1.mlp.down_proj.weight"))
+    t = by[x.name]
+    w = quants.dequantize(np.asarray(t.data), t.tensor_type)
+    mod = cm.model.get_submodule("model.layers.1.mlp.down_proj")
+    assert t.tensor_type.name == "Q4_K"
+    assert np.array_equal(w.view(np.int32), mod.dequantize_weight().float().numpy().view(np.int32))
