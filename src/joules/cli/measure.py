@@ -46,7 +46,18 @@ def measurement_line(m: Any) -> str:
 
     For the demo: ``console.print(measurement_line(w.measurement))``.
     """
-    net = f", net {_fmt_j(m.net_energy_j)}" if m.net_energy_j is not None else ""
+    if m.net_energy_j is not None:
+        net = f", net {_fmt_j(m.net_energy_j)} ± {m.net_uncertainty_j or 0.0:.3g} J"
+    elif m.net_energy_covered_j is not None:
+        covered = ", ".join(
+            k for k, d in m.domains.items() if d.in_total and k not in m.uncovered_domains
+        )
+        net = (
+            f", net of {covered} only {_fmt_j(m.net_energy_covered_j)} "
+            f"(no idle baseline for {', '.join(m.uncovered_domains)})"
+        )
+    else:
+        net = ""
     co2 = f", {m.co2_g:.3g} g CO2" if m.co2_g is not None else ""
     return (
         f"{_fmt_j(m.energy_j)} ± {m.uncertainty_j:.3g} J ({m.method}) over {m.duration_s:.2f} s "
@@ -64,9 +75,7 @@ def render_measurement(m: Any, title: str | None = None) -> None:
     t.add_row("method", m.method)
     t.add_row("duration", f"{m.duration_s:.3f} s")
     t.add_row("average power", f"{m.avg_power_w:.2f} W")
-    if m.idle_power_w is not None:
-        t.add_row("idle power", f"{m.idle_power_w:.2f} W")
-        t.add_row("net energy (minus idle)", _fmt_j(m.net_energy_j))
+    _net_rows(t, m)
     for name, d in m.domains.items():
         counted = "" if d.in_total else ", inside another domain: not added"
         t.add_row(
@@ -86,6 +95,23 @@ def render_measurement(m: Any, title: str | None = None) -> None:
     for note in m.notes:
         t.add_row("note", f"[dim]{note}[/]")
     console.print(t)
+
+
+def _net_rows(t: Table, m: Any) -> None:
+    """Net energy in words: complete, partial (which domains lack a baseline), or none."""
+    unc = f" ± {m.net_uncertainty_j:.3f} J (gross and idle-baseline uncertainty)"
+    if m.net_energy_j is not None:
+        t.add_row("idle power", f"{m.idle_power_w:.2f} W")
+        t.add_row("net energy (minus idle)", _fmt_j(m.net_energy_j) + unc)
+        return
+    missing = ", ".join(m.uncovered_domains)
+    if m.net_energy_covered_j is None:
+        t.add_row("net energy", f"- (no idle baseline for {missing}: run `joules idle`)")
+        return
+    covered = [k for k, d in m.domains.items() if d.in_total and k not in m.uncovered_domains]
+    t.add_row("idle power", f"{m.idle_power_w:.2f} W ({', '.join(covered)} only)")
+    t.add_row("net energy", f"- (no idle baseline for {missing}: run `joules idle`)")
+    t.add_row(f"net energy of {', '.join(covered)} only", _fmt_j(m.net_energy_covered_j) + unc)
 
 
 def _carbon(region: str | None, grid: float | None, pue: float, wue: float | None) -> Any:

@@ -69,6 +69,7 @@ class DomainEnergy:
     in_total: bool = True
     idle_power_w: float | None = None
     note: str | None = None
+    idle_uncertainty_w: float | None = None  # the baseline's own uncertainty (W)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,10 +108,18 @@ class PowerTimeline:
 class Measurement:
     """Energy of one window, per domain and in total, with its uncertainty, baseline and carbon.
 
-    ``energy_j`` is gross (everything the domains drew); ``net_energy_j`` subtracts the idle power
-    times the duration when an idle baseline is known (``joules idle``, or the estimator's model
-    idle), else it is None. ``uncertainty_j`` is the sum of the domains' uncertainties (errors of
-    sensors of one kind are correlated, so they are added, not combined in quadrature).
+    ``energy_j`` is gross (everything the domains drew). ``uncertainty_j`` is the sum of the
+    domains' uncertainties (errors of sensors of one kind are correlated, so they are added, not
+    combined in quadrature).
+
+    Net energy subtracts idle power x duration, domain by domain, where a domain has an idle
+    baseline (``joules idle``, or the estimator's model idle). ``net_energy_j`` is set only when
+    *every* domain in the total has one; otherwise it is None, ``net_energy_covered_j`` is the net
+    energy of the domains that have one (gross minus idle over those domains only) and
+    ``uncovered_domains`` names the others. ``idle_power_w`` is the idle power of the covered
+    domains. ``net_uncertainty_j`` is the uncertainty of whichever net figure is set: the covered
+    domains' gross uncertainty plus each baseline's own uncertainty x duration (added, as above:
+    a ±5 % gross band can be ±50 % of a small net figure).
     """
 
     name: str
@@ -121,6 +130,9 @@ class Measurement:
     domains: dict[str, DomainEnergy]
     idle_power_w: float | None = None
     net_energy_j: float | None = None
+    net_energy_covered_j: float | None = None
+    net_uncertainty_j: float | None = None
+    uncovered_domains: list[str] = field(default_factory=list)
     co2_g: float | None = None
     water_l: float | None = None
     carbon: dict[str, Any] | None = None  # CarbonResult.to_dict(): grid, PUE, WUE, breakdown
@@ -154,6 +166,9 @@ class Measurement:
             "uncertainty_j": self.uncertainty_j,
             "idle_power_w": self.idle_power_w,
             "net_energy_j": self.net_energy_j,
+            "net_energy_covered_j": self.net_energy_covered_j,
+            "net_uncertainty_j": self.net_uncertainty_j,
+            "uncovered_domains": list(self.uncovered_domains),
             "co2_g": self.co2_g,
             "water_l": self.water_l,
             "domains": {k: d.to_dict() for k, d in self.domains.items()},
@@ -175,6 +190,9 @@ class Measurement:
             domains={k: DomainEnergy(**v) for k, v in d["domains"].items()},
             idle_power_w=d.get("idle_power_w"),
             net_energy_j=d.get("net_energy_j"),
+            net_energy_covered_j=d.get("net_energy_covered_j"),
+            net_uncertainty_j=d.get("net_uncertainty_j"),
+            uncovered_domains=list(d.get("uncovered_domains", [])),
             co2_g=d.get("co2_g"),
             water_l=d.get("water_l"),
             carbon=d.get("carbon"),
@@ -301,6 +319,8 @@ class Meter:
         self.last: Measurement | None = None
         self.idle_source = "none"
         self.idle_power_w: dict[str, float] | None = None
+        # the baselines' own uncertainty per domain (W), same keys as idle_power_w
+        self.idle_uncertainty_w: dict[str, float] = {}
         self._set_idle(idle_power_w)
 
     # -- setup -------------------------------------------------------------------------------
@@ -312,26 +332,35 @@ class Meter:
         return {d.name: b.idle_key() for b in self.backends for d in b.domains()}
 
     def _set_idle(self, idle: dict[str, float] | str | None) -> None:
+        # A baseline without a known uncertainty (given by the caller, a model idle, a cache entry
+        # written before uncertainties were stored) gets its backend's relative uncertainty.
+        rel = {d.name: b.relative_uncertainty for b in self.backends for d in b.domains()}
         if isinstance(idle, dict):
             self.idle_power_w, self.idle_source = dict(idle), "given"
+            self.idle_uncertainty_w = {k: abs(v) * rel.get(k, 0.0) for k, v in idle.items()}
             return
         if idle is None:
             return
         if idle != "auto":
             raise MeterError(f"idle_power_w must be a dict, 'auto' or None, got {idle!r}")
-        from joules.measure.idle import load_idle
+        from joules.measure.idle import load_idle_with_uncertainty
 
         found: dict[str, float] = {}
         sources = set()
         for b in self.backends:
             key = b.idle_key()
-            cached = load_idle(key) if key else None
+            cached = load_idle_with_uncertainty(key) if key else None
             model = b.model_idle_power_w()
             if cached is not None:
-                found.update(cached)
+                power, unc = cached
+                found.update(power)
+                for k, v in power.items():
+                    self.idle_uncertainty_w[k] = unc.get(k, abs(v) * b.relative_uncertainty)
                 sources.add("cached")
             elif model is not None:
                 found.update(model)
+                for k, v in model.items():
+                    self.idle_uncertainty_w[k] = abs(v) * b.relative_uncertainty
                 sources.add("model")
         if found:
             self.idle_power_w = found
@@ -463,6 +492,7 @@ class Meter:
                     de.energy_j = 0.0
                 if self.idle_power_w is not None and dname in self.idle_power_w:
                     de.idle_power_w = self.idle_power_w[dname]
+                    de.idle_uncertainty_w = self.idle_uncertainty_w.get(dname, 0.0)
                 if de.note:
                     notes.append(f"{dname}: {de.note}")
                 domains[dname] = de
@@ -470,11 +500,18 @@ class Meter:
         energy_j = sum(d.energy_j for d in counted)
         uncertainty_j = sum(d.uncertainty_j for d in counted)
         method = max((d.method for d in counted), key=_METHOD_RANK.__getitem__, default="counter")
-        idle_w = None
-        net_j = None
-        if self.idle_power_w is not None:
-            idle_w = sum(d.idle_power_w or 0.0 for d in counted)
-            net_j = energy_j - idle_w * duration_s
+        # Net energy only over domains with a baseline: a missing one is not 0 W idle.
+        covered = [d for d in counted if d.idle_power_w is not None]
+        uncovered = [k for k, d in domains.items() if d.in_total and d.idle_power_w is None]
+        idle_w = net_covered_j = net_unc_j = net_j = None
+        if covered:
+            idle_w = sum(d.idle_power_w or 0.0 for d in covered)
+            net_covered_j = sum(d.energy_j for d in covered) - idle_w * duration_s
+            net_unc_j = sum(
+                d.uncertainty_j + (d.idle_uncertainty_w or 0.0) * duration_s for d in covered
+            )
+            if not uncovered:
+                net_j = net_covered_j
         carbon = self.carbon.assess(
             energy_j, duration_s, sum(d.embodied_g_per_h for d in self.domains() if d.in_total)
         )
@@ -487,13 +524,25 @@ class Meter:
             domains=domains,
             idle_power_w=idle_w,
             net_energy_j=net_j,
+            net_energy_covered_j=net_covered_j,
+            net_uncertainty_j=net_unc_j,
+            uncovered_domains=uncovered,
             co2_g=carbon.co2_g,
             water_l=carbon.water_l,
             carbon=carbon.to_dict(),
             timeline=self._timeline(t0, t1) if w.timeline else None,
-            notes=self.notes + notes + ([f"idle baseline: {self.idle_source}"] if idle_w else []),
+            notes=self.notes + notes + self._idle_notes(idle_w, uncovered),
             start_unix_s=w.start_unix_s,
         )
+
+    def _idle_notes(self, idle_w: float | None, uncovered: list[str]) -> list[str]:
+        notes = [f"idle baseline: {self.idle_source}"] if idle_w is not None else []
+        if idle_w is not None and uncovered:
+            notes.append(
+                f"net energy not computed: no idle baseline for {', '.join(uncovered)} "
+                "(run `joules idle`); net_energy_covered_j covers the other domains"
+            )
+        return notes
 
     def _timeline(self, t0: float, t1: float) -> PowerTimeline:
         with self._lock:
