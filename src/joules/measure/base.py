@@ -316,6 +316,8 @@ class Meter:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._last_close_s = 0.0
+        # keep the thread across back-to-back windows
+        self._linger_s = max(1.0, 5 * interval_s) if interval_s is not None else 0.0
         self.last: Measurement | None = None
         self.idle_source = "none"
         self.idle_power_w: dict[str, float] | None = None
@@ -375,8 +377,10 @@ class Meter:
             }
 
     def _sample(self) -> None:
-        readings = self._read_all(precise=False)
-        self._record(readings)
+        # Read and append under one hold of the lock: released in between, a window boundary
+        # could read later and append first, and the timeline would go back in time.
+        with self._lock:
+            self._record(self._read_all(precise=False))
 
     def _record(self, readings: dict[str, Reading]) -> None:
         t = max(r.t_s for r in readings.values())
@@ -386,11 +390,14 @@ class Meter:
 
     def _run_sampler(self) -> None:
         assert self.interval_s is not None
-        linger_s = max(1.0, 5 * self.interval_s)  # keep the thread across back-to-back windows
         try:
             while not self._stop.wait(self.interval_s):
                 with self._lock:
-                    if not self._open and self.clock() - self._last_close_s > linger_s:
+                    if not self._open and self.clock() - self._last_close_s > self._linger_s:
+                        # Decide and let go in one hold of the lock: a begin() after this sees
+                        # no sampler and starts one (cleared later, it would start none).
+                        if self._thread is threading.current_thread():
+                            self._thread = None
                         return
                 try:
                     self._sample()
@@ -417,21 +424,21 @@ class Meter:
     # -- windows -----------------------------------------------------------------------------
     def begin(self, name: str = "window", *, timeline: bool | None = None) -> Window:
         """Open a window now; end it with :meth:`end` (by name or by the returned object)."""
-        readings = self._read_all(precise=True)
-        self._record(readings)
-        w = Window(
-            name, readings, time.time(), self.timeline if timeline is None else bool(timeline)
-        )
         with self._lock:
+            readings = self._read_all(precise=True)
+            self._record(readings)
+            w = Window(
+                name, readings, time.time(), self.timeline if timeline is None else bool(timeline)
+            )
             self._open.append(w)
-        self._ensure_sampler()
+            self._ensure_sampler()
         return w
 
     def end(self, window: str | Window) -> Measurement:
         """Close a window (the most recent open one of that name) and return its measurement."""
-        end = self._read_all(precise=True)
-        self._record(end)
         with self._lock:
+            end = self._read_all(precise=True)
+            self._record(end)
             w = self._find_open(window)
             self._open.remove(w)
             if not self._open:
