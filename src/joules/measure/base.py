@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -202,6 +203,22 @@ class Measurement:
         )
 
 
+def synchronize_gpus() -> bool:
+    """Wait for the kernels queued on the current CUDA device; True if it waited.
+
+    A window closing while kernels are still queued would miss their energy (and a window
+    opening would count earlier work), so windows synchronise at both ends, as Zeus does. Only
+    when torch is already imported and CUDA already initialised: the meter never imports torch
+    (``joules measure`` stays torch-free) and never creates a CUDA context.
+    """
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    if cuda is None or not cuda.is_initialized():
+        return False
+    cuda.synchronize()
+    return True
+
+
 class Backend(ABC):
     """One kind of energy source. Subclasses read their devices and nothing else.
 
@@ -279,6 +296,8 @@ class Meter:
     :class:`joules.measure.carbon.CarbonConfig` (world-average grid, PUE 1.0 when None).
     ``idle_power_w``: per-domain idle baseline to subtract; "auto" loads the cached baseline that
     ``joules idle`` measured for this exact meter setup, falling back to the backends' models.
+    ``synchronize``: wait for queued CUDA kernels at each window boundary
+    (:func:`synchronize_gpus`; a no-op unless torch has initialised CUDA).
     """
 
     def __init__(
@@ -292,6 +311,7 @@ class Meter:
         clock: Callable[[], float] = time.monotonic,
         notes: list[str] | None = None,
         max_samples: int = 36_000,  # one hour of timeline at 10 Hz
+        synchronize: bool = True,
     ) -> None:
         if not backends:
             raise MeterError("a Meter needs at least one backend: use detect_meter()")
@@ -303,6 +323,7 @@ class Meter:
         self.backends = list(backends)
         self.interval_s = interval_s
         self.timeline = timeline
+        self.synchronize = synchronize
         self.clock = clock
         self.notes = list(notes or []) + [n for b in backends for n in b.notes]
         if carbon is None:
@@ -424,6 +445,8 @@ class Meter:
     # -- windows -----------------------------------------------------------------------------
     def begin(self, name: str = "window", *, timeline: bool | None = None) -> Window:
         """Open a window now; end it with :meth:`end` (by name or by the returned object)."""
+        if self.synchronize:
+            synchronize_gpus()  # work queued before the window is not the window's
         with self._lock:
             readings = self._read_all(precise=True)
             self._record(readings)
@@ -436,6 +459,8 @@ class Meter:
 
     def end(self, window: str | Window) -> Measurement:
         """Close a window (the most recent open one of that name) and return its measurement."""
+        if self.synchronize:
+            synchronize_gpus()  # the window's kernels have run before its end is read
         with self._lock:
             end = self._read_all(precise=True)
             self._record(end)
