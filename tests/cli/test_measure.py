@@ -200,3 +200,23 @@ def test_net_energy_without_idle_baseline_is_not_gross(tmp_path, monkeypatch):
     assert table.exit_code == 0
     assert "no idle baseline for package0" in table.output
     assert "run `joules idle`" in table.output
+
+
+@pytest.mark.parametrize("child_rc", [0, 5])
+def test_unwritable_output_prints_the_result_then_one_line(tmp_path, child_rc):
+    bad = tmp_path / "no-such-dir" / "m.json"
+    code = f"import sys; sys.exit({child_rc})"
+    res = invoke("measure", "--json", "--output", str(bad), "--", sys.executable, "-c", code)
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    d = json.loads(res.stdout[res.stdout.index("{") :])  # the measurement came out first
+    assert d["energy_j"] >= 0
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "could not write --output" in err[0] and "Traceback" not in res.output
+    assert res.exit_code == (child_rc or 2)
+
+
+def test_output_file_gets_the_json(tmp_path):
+    out = tmp_path / "m.json"
+    res = invoke("measure", "--output", str(out), "--", "true")
+    assert res.exit_code == 0
+    assert json.loads(out.read_text())["method"] in ("counter", "sampled", "estimated")

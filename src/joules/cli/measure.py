@@ -8,12 +8,14 @@
 ``measure`` runs the command directly (no shell: quote nothing, expand nothing), lets its output
 through, then prints energy, duration, average power, method, uncertainty, CO2 and water (or the
 ``Measurement`` as JSON with ``--json``), and exits with the command's own exit status (128+N when
-a signal N killed it). Counters meter whole devices; the estimator counts only the command's
+a signal N killed it). ``--output PATH`` also writes the JSON there; an unwritable PATH is one
+line on stderr after the result (exit: the command's status if it failed, else 2). Counters meter whole devices; the estimator counts only the command's
 process tree.
 """
 
 from __future__ import annotations
 
+import json as _json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,15 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from joules.cli._app import JSON_OPTION, app, console, emit, print_json, to_jsonable
+from joules.cli._app import (
+    JSON_OPTION,
+    app,
+    console,
+    emit,
+    err_console,
+    print_json,
+    to_jsonable,
+)
 from joules.errors import ConfigError
 
 
@@ -158,9 +168,20 @@ def measure(
             m, rc = _run(meter, cmd)
     finally:
         meter.close()
-    if output is not None:
-        output.write_text(__import__("json").dumps(to_jsonable(m), indent=2))
+    # Print first: a bad --output must not lose the measurement (or the command's status).
     emit(m, json, lambda r: render_measurement(r, f"energy of `{' '.join(cmd)}`"))
+    if output is not None:
+        try:
+            output.write_text(_json.dumps(to_jsonable(m), indent=2))
+        except OSError as exc:
+            err_console.print(
+                f"[bold red]error:[/] could not write --output {str(output)!r}: "
+                f"{exc.strerror or exc} (the measurement is printed above; pick a writable path)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            # the command's own failure wins; a command that succeeded exits 2 (bad input)
+            raise typer.Exit(rc or 2) from None
     raise typer.Exit(rc)
 
 
