@@ -142,6 +142,26 @@ def machine_info() -> dict[str, object]:
     return info
 
 
+def results_header(script: str, argv: list[str] | None = None) -> dict[str, object]:
+    """What every ``bench/results/*.json`` starts with: the command that wrote it, the date,
+    the package versions and :func:`machine_info` (CPU model and ISA flags included).
+
+    ``script``: the benchmark's path as run from the repository root (``bench/formats.py``).
+    """
+    from datetime import UTC, datetime
+
+    info = machine_info()
+    args = sys.argv[1:] if argv is None else argv
+    return {
+        "command": " ".join(["python", script, *args]),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": info.pop("packages"),
+        "machine": info,
+        # a shared machine's load decides how far absolute timings can be trusted
+        "load_avg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
 def _packages() -> dict[str, str]:
     return {
         name: _pkg_version(name)
