@@ -243,7 +243,8 @@ def idle(
     t.add_column("value")
     t.add_row("idle power", f"{baseline.total_idle_power_w:.2f} ± {baseline.uncertainty_w:.2f} W")
     for dom, w in baseline.idle_power_w.items():
-        t.add_row(f"  {dom}", f"{w:.2f} W")
+        unc = baseline.uncertainty_w_by_domain.get(dom)
+        t.add_row(f"  {dom}", f"{w:.2f} W" + (f" ± {unc:.2f} W" if unc is not None else ""))
     t.add_row("method", baseline.method)
     t.add_row("measured over", f"{baseline.seconds:.1f} s at {baseline.measured_at}")
     t.add_row("cached in", result["cache"])
