@@ -91,7 +91,7 @@ TABLES = _marked_tables(README.read_text())
 
 
 def test_readme_has_bench_tables():
-    assert len(TABLES) >= 2
+    assert len(TABLES) >= 4
 
 
 @pytest.mark.parametrize(
@@ -129,6 +129,20 @@ def test_the_rule_catches_a_wrong_figure():
     assert check_cell("-", None) is None and check_cell("-", 1.0) is not None
     assert check_cell("1,445 µs", 1445.3) is None
     assert check_cell("torch .to(x)", "torch .to(x)") is None
+
+
+def test_nxfp_gain_sentence_matches_the_compare_json():
+    """The prose under the formats table derives from the same JSON as the table."""
+    text = README.read_text()
+    m = re.search(r"gain \+([\d.]+) dB over MXFP4 for ([\d.]+) more bits", text)
+    assert m, "the NxFP sentence is gone: update this test"
+    res = {
+        r["format"]: r
+        for r in json.loads((ROOT / "bench/results/formats_compare.json").read_text())["results"]
+    }
+    gain = res["nxfp4"]["sqnr_db"] - res["mxfp4"]["sqnr_db"]
+    bits = res["nxfp4"]["bits_per_element"] - res["mxfp4"]["bits_per_element"]
+    assert f"{gain:.2f}" == m.group(1) and f"{bits:.3f}" == m.group(2)
 
 
 def test_estimator_constants_quoted_in_the_readme():
