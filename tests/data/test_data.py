@@ -66,3 +66,21 @@ def test_malformed_jsonl_names_the_line(tmp_path, line, message):
     f.write_text('{"context": "ok", "endings": ["a", "b"], "label": 1}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
         load_choice(str(f))
+
+
+def test_licenses_name_only_files_that_are_shipped():
+    """Every path in the first column of data/LICENSES.md's tables exists in joules.data."""
+    import re
+    from importlib import resources
+
+    root = resources.files("joules.data")
+    text = root.joinpath("LICENSES.md").read_text()
+    paths = [
+        p
+        for line in text.splitlines()
+        if line.startswith("| `")
+        for p in re.findall(r"`([^`]+)`", line.split("|")[1])
+    ]
+    assert len(paths) >= 5
+    missing = [p for p in paths if not root.joinpath(p).is_file()]
+    assert not missing, f"LICENSES.md names files that do not exist: {missing}"
