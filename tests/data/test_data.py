@@ -66,3 +66,24 @@ def test_malformed_jsonl_names_the_line(tmp_path, line, message):
     f.write_text('{"context": "ok", "endings": ["a", "b"], "label": 1}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
         load_choice(str(f))
+
+
+def test_hellaswag_strings_go_through_lm_evals_preprocess():
+    from joules.data import hellaswag_preprocess
+
+    raw, done = load_choice("hellaswag", preprocess=False), load_choice("hellaswag")
+    import re
+
+    # the shipped text keeps WikiHow's bracketed artefacts ("[insert name]") in a few strings
+    def bracketed(items):
+        return sum(
+            bool(re.search(r"\[.*?\]", s)) for it in items for s in (it.context, *it.endings)
+        )
+
+    assert bracketed(raw) >= 10 and bracketed(done) == 0
+    for a, b in zip(raw, done, strict=True):
+        assert b.context == hellaswag_preprocess(a.context) and b.label == a.label
+        assert b.endings == tuple(hellaswag_preprocess(e) for e in a.endings)
+    assert hellaswag_preprocess(" How to cook [title] Boil water [step] then  wait. ") == (
+        "How to cook. Boil water then wait."
+    )
