@@ -247,11 +247,11 @@ def eval_cmd(
         "sqnr": sqnr,
         "heads": heads,
     }
-    if task == "attention-deviation":  # list-valued flags, parsed here so errors name the flag
+    accepted = set(eval_tasks.options(task))
+    if "seq_lens" in accepted:  # list-valued flags, parsed here so errors name the flag
         flags["seq_lens"] = _ints(seq_lens, "--seq-lens")
         flags["block_sizes"] = _ints(block_sizes, "--block-sizes")
         flags["dtypes"] = [d.strip() for d in dtypes.split(",") if d.strip()]
-    accepted = set(eval_tasks.options(task))
     config = eval_tasks.get(
         task, **{k: v for k, v in flags.items() if k in accepted and v is not None}
     )
