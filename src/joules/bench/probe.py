@@ -98,6 +98,14 @@ def _best_time(fn: Any, repeats: int) -> float:
     return best
 
 
+def _bandwidth_times(n: int, repeats: int) -> tuple[float, float]:
+    """Best times of a sum over n fp32 values and of a triad over three such arrays."""
+    a, b, c = torch.ones(n), torch.ones(n), torch.ones(n)
+    read_s = _best_time(lambda: a.sum(), repeats)
+    triad_s = _best_time(lambda: torch.add(b, c, alpha=3.0, out=a), repeats)
+    return read_s, triad_s
+
+
 def probe_machine(
     threads: int | None = None,
     *,
@@ -116,12 +124,7 @@ def probe_machine(
 
     with _threads(threads) as n_threads, torch.inference_mode():
         n = buffer_bytes // 4
-        a = torch.ones(n)
-        b = torch.ones(n)
-        c = torch.ones(n)
-        read_s = _best_time(lambda: a.sum(), repeats)
-        triad_s = _best_time(lambda: torch.add(b, c, alpha=3.0, out=a), repeats)
-        del a, b, c
+        read_s, triad_s = _bandwidth_times(n, repeats)
         peak: dict[str, float] = {}
         for name, dtype in _DTYPES.items():
             x = torch.randn(matmul_n, matmul_n).to(dtype)

@@ -102,9 +102,8 @@ def model_cost(model: Any, info: Any, kv_dtype: torch.dtype) -> ModelCost:
     for name, mod in model.named_modules():
         if mod is head or mod is embed or ".layers." not in f".{name}.":
             continue
-        if isinstance(mod, torch.nn.Linear) or hasattr(mod, "in_features"):
-            if hasattr(mod, "in_features") and hasattr(mod, "out_features"):
-                layers_params += float(mod.in_features * mod.out_features)
+        if hasattr(mod, "in_features") and hasattr(mod, "out_features"):
+            layers_params += float(mod.in_features * mod.out_features)
     return ModelCost(
         streamed_bytes=float(streamed),
         matmul_params=layers_params,
