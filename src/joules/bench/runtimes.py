@@ -189,6 +189,7 @@ class CompiledRuntime(Runtime):
         self.decode_step(tok, state)
         self.sync()
 
+    @torch.inference_mode()
     def reset(self) -> None:
         if self.cache is not None:
             self.cache.reset()
