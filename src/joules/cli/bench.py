@@ -79,38 +79,59 @@ def render_bench(res: Any) -> None:
     pre = res.model_info.get("prequantized")
     if pre:
         console.print(f"(weights were {pre} before joules loaded them)", highlight=False)
-    t = Table(title="bench (medians; ± half the 95 % interval)", title_justify="left")
+    t = Table(
+        title="latency and throughput (medians ± half the 95 % interval)", title_justify="left"
+    )
     for col in (
-        "prompt×batch",
+        "P×B",
         "TTFT ms",
-        "TPOT ms (p50 / p90)",
-        "prefill tok/s (SoL)",
-        "decode tok/s (SoL)",
-        "peak RSS MiB",
-        "KV MiB",
-        "prefill J/tok (W)",
-        "decode J/tok (W)",
-        "method",
+        "TPOT ms",
+        "p50/p90 ms",
+        "prefill tok/s",
+        "SoL",
+        "decode tok/s",
+        "SoL",
     ):
         t.add_column(col, justify="right")
+    e = Table(title="memory and energy (per phase: J/token, average power)", title_justify="left")
+    for col in (
+        "P×B",
+        "peak RSS MiB",
+        "KV MiB",
+        "prefill J/tok",
+        "W",
+        "decode J/tok",
+        "W",
+        "method",
+    ):
+        e.add_column(col, justify="right")
     for r in res.rows:
         half_ttft = (r.ttft_s.ci95_high - r.ttft_s.ci95_low) / 2
         half_tpot = (r.tpot_s.ci95_high - r.tpot_s.ci95_low) / 2
-        pe, de = r.prefill_energy, r.decode_energy
+        pb = f"{r.prompt_len}×{r.batch}"
         t.add_row(
-            f"{r.prompt_len}×{r.batch}",
-            f"{1e3 * r.ttft_s.median:.1f} ± {1e3 * half_ttft:.1f}",
-            f"{1e3 * r.tpot_s.median:.1f} ± {1e3 * half_tpot:.1f} "
-            f"({1e3 * r.tpot_p50_s:.1f} / {1e3 * r.tpot_p90_s:.1f})",
-            f"{r.prefill_tok_s:.0f} ({_pct(r.prefill_sol_fraction)})",
-            f"{r.decode_tok_s:.1f} ({_pct(r.decode_sol_fraction)})",
+            pb,
+            f"{1e3 * r.ttft_s.median:.1f}±{1e3 * half_ttft:.1f}",
+            f"{1e3 * r.tpot_s.median:.2f}±{1e3 * half_tpot:.2f}",
+            f"{1e3 * r.tpot_p50_s:.1f}/{1e3 * r.tpot_p90_s:.1f}",
+            f"{r.prefill_tok_s:.0f}",
+            _pct(r.prefill_sol_fraction),
+            f"{r.decode_tok_s:.1f}",
+            _pct(r.decode_sol_fraction),
+        )
+        pe, de = r.prefill_energy, r.decode_energy
+        e.add_row(
+            pb,
             f"{r.peak_rss_bytes / 2**20:.0f}",
-            f"{r.kv_bytes / 2**20:.1f}",
-            f"{pe.j_per_token:.4f} ({pe.avg_power_w:.1f})" if pe else "-",
-            f"{de.j_per_token:.4f} ({de.avg_power_w:.1f})" if de else "-",
+            f"{r.kv_bytes / 2**20:.2f}",
+            f"{pe.j_per_token:.4f}" if pe else "-",
+            f"{pe.avg_power_w:.1f}" if pe else "-",
+            f"{de.j_per_token:.4f}" if de else "-",
+            f"{de.avg_power_w:.1f}" if de else "-",
             de.method if de else "off",
         )
     console.print(t)
+    console.print(e)
     if res.limits:
         lim = res.limits
         console.print(
