@@ -111,7 +111,7 @@ def probe_machine(
     *,
     buffer_bytes: int = 256 << 20,
     matmul_n: int = 1024,
-    repeats: int = 5,
+    repeats: int = 10,  # best of 10: on a shared machine some runs lose their core
     save: bool = True,
 ) -> MachineLimits:
     """Measure read and triad bandwidth and peak matmul FLOP/s; cache them unless ``save`` is

@@ -103,6 +103,7 @@ class Runtime(ABC):
 
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         """Greedy ``new_tokens`` tokens after ``ids`` [B, P] -> [B, new_tokens] (untimed)."""
+        self.reset()
         tok, state = self.prefill(ids)
         out = [tok]
         for _ in range(new_tokens - 1):
@@ -145,7 +146,8 @@ class CompiledRuntime(Runtime):
 
     Both phases go through the same step function ``(ids [B, S], positions [S]) -> token [B]``;
     with static shapes dynamo specialises it once per S (the prompt length, and 1 for decode).
-    The cache lives in the runtime; ``reset`` zeroes it between runs.
+    The cache lives in the runtime; ``reset`` must run before each prefill (transformers' static
+    layers also count the positions written so far).
     """
 
     def __init__(self, model: Any, *, batch: int, max_len: int) -> None:
