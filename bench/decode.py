@@ -134,7 +134,7 @@ def main() -> None:
         t0 = time.time()
         res = run_bench(model, tok, info, cfg(runtime, energy), limits=limits)
         results[name] = res.to_dict()
-        rows.append(row_summary(name, res, BASELINE_PPL, info))
+        rows.append(row_summary(name, res, BASELINE_PPL))
         print(f"{name}: {time.time() - t0:.0f} s, {json.dumps(rows[-1])[:400]}", flush=True)
     ppls = dict(x.split("=", 1) for x in args.ppl)
     for spec in args.model:
@@ -144,7 +144,7 @@ def main() -> None:
         res = run_bench(m, t, i, cfg("compiled"), limits=limits)
         results[name] = res.to_dict()
         ppl = float(ppls[name]) if name in ppls else None
-        rows.append(row_summary(name, res, ppl, i))
+        rows.append(row_summary(name, res, ppl, path))
         print(f"{name}: {time.time() - t0:.0f} s, {json.dumps(rows[-1])[:400]}", flush=True)
 
     on = results["compiled fp32"]["rows"][0]["tpot_s"]["median"]

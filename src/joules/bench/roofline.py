@@ -93,8 +93,9 @@ def model_cost(model: Any, info: Any, kv_dtype: torch.dtype) -> ModelCost:
         total += _tensor_bytes(t)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embed_w = getattr(embed, "weight", None)
-    head_w = getattr(head, "weight", None)
+    # _parameters, not .weight: a compressed head's .weight would dequantize a full copy.
+    embed_w = getattr(embed, "_parameters", {}).get("weight")
+    head_w = getattr(head, "_parameters", {}).get("weight")
     tied = embed_w is not None and head_w is not None and embed_w.data_ptr() == head_w.data_ptr()
     streamed = total - (_tensor_bytes(embed_w) if embed_w is not None and not tied else 0)
     head_params = float(info.vocab_size * info.hidden_size)
