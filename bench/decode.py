@@ -89,6 +89,29 @@ def row_summary(name: str, res, ppl: float | None, info) -> dict:
     }
 
 
+def markdown(path: Path) -> str:
+    """The README table, printed from a written ``decode.json`` (no benchmarking)."""
+    d = json.loads(path.read_text())
+    lines = [
+        "| row | recipe | lm_head | compute | linears | ppl | prefill tok/s | decode tok/s "
+        "| SoL tok/s | % SoL | TPOT ms (±95 %) | J/token decode (method) | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        paths = ", ".join(f"{k} {v}" for k, v in sorted(r["linear_paths"].items()))
+        ppl = f"{r['perplexity']:.2f}" if r["perplexity"] else "–"
+        j = r["decode_j_per_token"]
+        lines.append(
+            f"| {r['row']} | {r['recipe'] or '–'} | {r['lm_head']} | {r['compute_dtype']} | "
+            f"{paths} | {ppl} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.2f} | "
+            f"{r['decode_sol_tok_s']:.1f} | {100 * r['decode_sol_fraction']:.0f} % | "
+            f"{r['tpot_ms']:.1f} (±{100 * r['tpot_rel_ci95']:.1f} %) | "
+            + (f"{j:.3f} ({r['energy_method']})" if j else "meter off")
+            + f" | {r['peak_rss_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -98,7 +121,11 @@ def main() -> None:
     ap.add_argument("--model", action="append", default=[], help="NAME=DIR of a compressed model")
     ap.add_argument("--ppl", action="append", default=[], help="NAME=perplexity for a --model")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--markdown", action="store_true", help="print the README table of --out")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(args.out))
+        return
     torch.set_num_threads(args.threads)
     t_start = time.time()
 
