@@ -40,6 +40,7 @@ class ModelCost:
     kv_heads: int
     head_dim: int
     kv_element_bytes: int
+    model_bytes: float = 0.0  # every parameter and buffer, each stored tensor once
 
     def kv_bytes(self, batch: int, context: int) -> float:
         """Bytes of K and V for ``batch`` sequences of ``context`` positions."""
@@ -114,4 +115,5 @@ def model_cost(model: Any, info: Any, kv_dtype: torch.dtype) -> ModelCost:
         kv_heads=info.kv_heads,
         head_dim=info.head_dim,
         kv_element_bytes=torch.empty((), dtype=kv_dtype).element_size(),
+        model_bytes=float(total),
     )

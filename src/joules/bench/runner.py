@@ -334,7 +334,7 @@ def run_bench(
             act_dtype = _resolve_dtype(model, config.dtype)
             cost = model_cost(model, info, act_dtype)
             mm_dtype = _matmul_dtype(model, act_dtype)
-            model_bytes = int(info.bytes) if config.dtype == "auto" else int(cost.streamed_bytes)
+            model_bytes = int(cost.model_bytes)  # as it is now (cast, compressed), not as loaded
             torch.manual_seed(config.seed)
             rows: list[BenchRow] = []
             for prompt_len in config.prompt_lens:
