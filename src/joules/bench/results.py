@@ -127,6 +127,7 @@ class BenchRow:
     prefill_sol_fraction: float | None = None
     peak_cuda_bytes: int | None = None
     tokens: list[int] = field(default_factory=list)  # first sequence's tokens of the last run
+    notes: list[str] = field(default_factory=list)  # what the runtime said (graph breaks...)
 
     @property
     def decode_j_per_token(self) -> float | None:

@@ -280,6 +280,7 @@ def _bench_row(
         peak_cuda_bytes=int(torch.cuda.max_memory_allocated(rt.device)) if cuda else None,
         tokens=tokens,
     )
+    row.notes = list(rt.notes)
     return row
 
 
@@ -354,6 +355,7 @@ def run_bench(
                         )
                         row.prefill_sol_fraction = row.prefill_tok_s / row.prefill_sol_tok_s
                     rows.append(row)
+                    notes.extend(n for n in row.notes if n not in notes)
     finally:
         if own_meter and meter is not None:
             meter.close()

@@ -81,6 +81,7 @@ class Runtime(ABC):
         self.batch = batch
         self.max_len = max_len
         self.device = _device(model)
+        self.notes: list[str] = []  # what the result should say about this runtime's run
 
     def prepare(self, ids: torch.Tensor) -> None:  # noqa: B027 - nothing to prepare by default
         """One-time work before timing (allocate caches, compile); ``ids`` shows the shape."""
@@ -155,7 +156,7 @@ class CompiledRuntime(Runtime):
         self.cache: Any = None
         self._step: Callable[..., torch.Tensor] | None = None
 
-    def _build(self) -> None:
+    def _build(self, fullgraph: bool = True) -> None:
         from transformers import StaticCache
 
         inductor_cache_dir()
@@ -179,13 +180,26 @@ class CompiledRuntime(Runtime):
             )
             return out.logits[:, -1].argmax(-1)
 
-        self._step = torch.compile(step, fullgraph=True, dynamic=False)
+        self._step = torch.compile(step, fullgraph=fullgraph, dynamic=False)
 
     @torch.inference_mode()
     def prepare(self, ids: torch.Tensor) -> None:
         if self._step is None:
             self._build()
         # Compile (or load from the on-disk cache) both graphs now, outside the timed runs.
+        try:
+            self._warm(ids)
+        except Exception as exc:  # a layer dynamo cannot trace whole (a kernel's Python dispatch)
+            import torch._dynamo
+
+            if not isinstance(exc, torch._dynamo.exc.Unsupported | torch._dynamo.exc.UserError):
+                raise
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc)
+            self.notes.append(f"compiled with graph breaks (fullgraph failed: {first})")
+            self._build(fullgraph=False)
+            self._warm(ids)
+
+    def _warm(self, ids: torch.Tensor) -> None:
         self.reset()
         tok, state = self.prefill(ids)
         self.decode_step(tok, state)
