@@ -150,3 +150,17 @@ def test_compressed_model_reports_paths_and_stored_bytes():
     dense = run_bench(dense_model, tok, info, cfg, limits=_limits())
     assert res.cost["streamed_bytes"] < dense.cost["streamed_bytes"]
     assert res.rows[0].decode_sol_tok_s > dense.rows[0].decode_sol_tok_s
+
+
+def test_runtime_cache_reuses_prepared_runtimes(tiny, scripted):
+    model, tok, info = tiny
+    prepared = []
+    _Scripted.prepare = lambda self, ids: prepared.append(ids.shape)
+    try:
+        cfg = BenchConfig(prompt_lens=(8,), gen_len=3, repeats=1, runtime="scripted-test")
+        cache: dict = {}
+        for _ in range(2):
+            run_bench(model, tok, info, cfg, meter=scripted, limits=_limits(), runtime_cache=cache)
+        assert prepared == [(1, 8)] and len(cache) == 1
+    finally:
+        del _Scripted.prepare

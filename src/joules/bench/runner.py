@@ -205,11 +205,17 @@ def _bench_row(
     cost: ModelCost,
     model_bytes: int,
     tick: Callable[[], None],
+    runtime_cache: dict | None,
 ) -> BenchRow:
     batch, prompt_len = ids.shape
     gen = config.gen_len
-    rt = runtime_cls(model, batch=batch, max_len=prompt_len + gen)
-    rt.prepare(ids)
+    key = (runtime_cls.name, id(model), batch, prompt_len + gen)
+    rt = runtime_cache.get(key) if runtime_cache is not None else None
+    if rt is None:
+        rt = runtime_cls(model, batch=batch, max_len=prompt_len + gen)
+        rt.prepare(ids)
+        if runtime_cache is not None:
+            runtime_cache[key] = rt
     for _ in range(config.warmup):
         rt.reset()
         rt.generate(ids, gen)
@@ -294,6 +300,7 @@ def run_bench(
     *,
     limits: MachineLimits | None = None,
     probe_if_missing: bool = True,
+    runtime_cache: dict | None = None,
 ) -> BenchResult:
     """Benchmark ``model`` on every prompt length × batch size of ``config``.
 
@@ -301,7 +308,8 @@ def run_bench(
     it). ``limits`` None loads the cached probe for the thread count, probing now (≈ 15 s) if
     none is cached and ``probe_if_missing``; without limits the speed-of-light fields are None.
     ``progress(done, total)`` is called after every run (warm-ups included). ``config.dtype``
-    other than "auto" casts the model in place.
+    other than "auto" casts the model in place. ``runtime_cache``: a dict the caller keeps to
+    reuse prepared runtimes (compiled graphs) across calls on the same model.
     """
     check_workload(info, config)
     runtime_cls = get_runtime(config.runtime)
@@ -342,7 +350,16 @@ def run_bench(
                 for batch in config.batch_sizes:
                     ids = bench_prompts(tokenizer, prompt_len, batch, config.seed)
                     row = _bench_row(
-                        runtime_cls, model, ids, config, meter, clock, cost, model_bytes, tick
+                        runtime_cls,
+                        model,
+                        ids,
+                        config,
+                        meter,
+                        clock,
+                        cost,
+                        model_bytes,
+                        tick,
+                        runtime_cache,
                     )
                     if limits is not None:
                         ctx = prompt_len + config.gen_len / 2
