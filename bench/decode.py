@@ -59,16 +59,23 @@ def numpy_bandwidth(buffer_bytes: int = 256 << 20, repeats: int = 5) -> dict[str
     }
 
 
-def row_summary(name: str, res, ppl: float | None, info) -> dict:
+def _manifest(path: str | None) -> dict:
+    f = Path(path) / "joules.json" if path else None
+    return json.loads(f.read_text()) if f is not None and f.is_file() else {}
+
+
+def row_summary(name: str, res, ppl: float | None, path: str | None = None) -> dict:
     r = res.rows[0]
-    comp = getattr(info, "compression", None)
+    man = _manifest(path)
+    recipe = man.get("recipe")
+    if isinstance(recipe, dict):
+        recipe = recipe.get("text") or recipe.get("string") or json.dumps(recipe)
+    head = man.get("layers", {}).get("lm_head", {}).get("format")
     return {
         "row": name,
         "runtime": res.runtime,
-        "recipe": (comp or {}).get("recipe") if isinstance(comp, dict) else None,
-        "lm_head": (comp or {}).get("lm_head_format", "dense")
-        if isinstance(comp, dict)
-        else "dense",
+        "recipe": recipe,
+        "lm_head": head or f"dense {res.compute_dtype} (tied embedding)",
         "compute_dtype": res.compute_dtype,
         "linear_paths": res.linear_paths,
         "perplexity": ppl,
@@ -118,6 +125,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--buffer-mib", type=int, default=256, help="bandwidth buffers (MiB)")
+    ap.add_argument("--base", default="smollm2-135m", help="the baseline model spec")
     ap.add_argument("--model", action="append", default=[], help="NAME=DIR of a compressed model")
     ap.add_argument("--ppl", action="append", default=[], help="NAME=perplexity for a --model")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -129,8 +138,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.time()
 
-    probe = probe_machine(args.threads)
-    npbw = numpy_bandwidth()
+    probe = probe_machine(args.threads, buffer_bytes=args.buffer_mib << 20)
+    npbw = numpy_bandwidth(args.buffer_mib << 20)
     best_bw = max(probe.read_bw_bytes_s, probe.triad_bw_bytes_s, *npbw.values())
     limits = MachineLimits(**{**probe.to_dict(), "read_bw_bytes_s": best_bw})
     print(
@@ -151,7 +160,7 @@ def main() -> None:
         )
 
     results, rows = {}, []
-    model, tok, info = load_model("smollm2-135m")
+    model, tok, info = load_model(args.base)
     plan = [
         ("eager fp32", "eager", True),
         ("compiled fp32", "compiled", True),
