@@ -75,7 +75,9 @@ def row_summary(name: str, res, ppl: float | None, path: str | None = None) -> d
         "row": name,
         "runtime": res.runtime,
         "recipe": recipe,
-        "lm_head": head or f"dense {res.compute_dtype} (tied embedding)",
+        "lm_head": head
+        or f"dense {res.compute_dtype}"
+        + (" (tied embedding)" if res.model_info.get("tied_embeddings") else ""),
         "compute_dtype": res.compute_dtype,
         "linear_paths": res.linear_paths,
         "perplexity": ppl,
