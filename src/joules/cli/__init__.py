@@ -33,7 +33,16 @@ def _root(
 
 
 # Command modules register themselves on `app` when imported.
-from joules.cli import compress, demo, doctor, eval, export, formats, measure  # noqa: E402, F401
+from joules.cli import (  # noqa: E402, F401
+    compress,
+    demo,
+    doctor,
+    eval,
+    export,
+    formats,
+    measure,
+    predict,
+)
 
 
 def main() -> None:
