@@ -256,13 +256,32 @@ def machine_limits() -> dict[str, Any] | None:
             return lim
     for f in _probe_cache_files():
         try:
-            lim = _normalise_limits(json.loads(f.read_text()))
+            data = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if lim:
-            lim["cache_file"] = str(f)
-            return lim
+        for entry in _cache_entries(data):
+            lim = _normalise_limits(entry)
+            if lim:
+                lim["cache_file"] = str(f)
+                return lim
     return None
+
+
+def _cache_entries(data: Any) -> list[dict[str, Any]]:
+    """Candidate limit records of a probe cache file: ``{"entries": {"<cpu>|<threads>": {...}}}``
+    (this CPU and thread count first) or one flat record."""
+    if not isinstance(data, dict):
+        return []
+    entries = data.get("entries")
+    if not isinstance(entries, dict):
+        return [data]
+    from joules.system import cpu_model
+
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+    want = f"{cpu_model()}|{threads}"
+    mine = [v for k, v in entries.items() if k.split("|")[0] == cpu_model()]
+    exact = [entries[want]] if isinstance(entries.get(want), dict) else []
+    return [e for e in exact + mine if isinstance(e, dict)]
 
 
 def _scaled(value: Any, key: str, unit: float) -> float | None:
@@ -325,7 +344,7 @@ def this_machine() -> HardwareSpec:
     """This machine: bench-probe limits (else the catalog CPU's share) and estimator watts."""
     import psutil
 
-    from joules.measure.carbon import match_device
+    from joules.measure.carbon import hardware_table, match_device
     from joules.measure.estimate import cpu_power_model
 
     pm = cpu_power_model()
@@ -342,11 +361,8 @@ def this_machine() -> HardwareSpec:
         sources["performance"] = f"bench probe ({where}), measured on this machine"
     else:
         dev = match_device("cpu", pm.cpu_model)
-        if dev is None or "perf" not in dev:
-            raise ConfigError(
-                f"no probe of this machine and CPU {pm.cpu_model!r} is not in the catalog: run "
-                "`joules bench --probe` first"
-            )
+        if dev is None or "perf" not in dev:  # an uncatalogued CPU: the generic x86 server
+            dev = next(d for d in hardware_table()["devices"] if "x86-server" in d.get("aliases", ()))
         share = pm.logical_cpus / dev["logical_cpus"]
         peaks = {k: v * 1e12 * share for k, v in dev["perf"]["peak_tflops"].items()}
         bw = dev["perf"]["memory_bandwidth_gbs"] * 1e9 * share
