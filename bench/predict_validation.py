@@ -74,6 +74,7 @@ PUBLISHED = [
     {
         "source": "torchao README, torchao/quantization/README.md (pytorch/ao, commit 03d01adc): "
         "'single A100 GPU', batch 1, torchao/_models/llama/generate.py (torch.compile)",
+        "short": "torchao README (A100)",
         "url": "https://github.com/pytorch/ao/blob/03d01adcbcf8f85b0e61bef84957013b89e6902f/torchao/quantization/README.md",
         "hardware": "a100",
         "config": "llama-2-7b",
@@ -88,6 +89,7 @@ PUBLISHED = [
     },
     {
         "source": "torchao README (same table): Meta-Llama-3-8B on a single A100",
+        "short": "torchao README (A100)",
         "url": "https://github.com/pytorch/ao/blob/03d01adcbcf8f85b0e61bef84957013b89e6902f/torchao/quantization/README.md",
         "hardware": "a100",
         "config": "llama-3-8b",
@@ -103,6 +105,7 @@ PUBLISHED = [
     {
         "source": "gpt-fast README (pytorch-labs/gpt-fast, commit 0f925b5d), 'Benchmarks': "
         "A100-80GB power-limited to 330 W, batch 1, 5-token prompt",
+        "short": "gpt-fast README (A100 at 330 W)",
         "url": "https://github.com/pytorch-labs/gpt-fast/blob/0f925b5d4ce457b89a7ca6c9ce50f42bf2576945/README.md",
         "hardware": "a100",
         "config": "llama-2-7b",
@@ -118,6 +121,7 @@ PUBLISHED = [
     {
         "source": "torchao README, torchao/quantization/README.md (pytorch/ao, 2025), "
         "'CUDA backend | NVIDIA-H100 GPU': Meta-Llama-3.1-8B (same shape as Llama-3-8B), batch 1",
+        "short": "torchao README (H100)",
         "url": "https://github.com/pytorch/ao/blob/main/torchao/quantization/README.md",
         "hardware": "h100",
         "config": "llama-3-8b",
@@ -133,6 +137,7 @@ PUBLISHED = [
     {
         "source": "llama.cpp PR #4766 (ggml-backend integration), comment by ggerganov "
         "2024-01-10: llama-bench, codellama-7b, RTX 4090, pp 512 and tg 128",
+        "short": "llama.cpp PR #4766",
         "url": "https://github.com/ggml-org/llama.cpp/pull/4766",
         "hardware": "rtx4090",
         "config": "llama-2-7b",
@@ -199,6 +204,7 @@ def published_comparison() -> list[dict[str, Any]]:
                     "ratio": value / pred,
                     "bound": p.bound(phase),
                     "source": pub["source"],
+                    "short": pub["short"],
                     "url": pub["url"],
                 }
             )
@@ -338,12 +344,44 @@ def loo(rows: list[dict]) -> dict[str, Any]:
     }
 
 
+def markdown(out: dict[str, Any]) -> str:
+    """The README tables, printed from the results JSON."""
+    lines = [
+        "| model | hardware | weights | phase | published tok/s | predicted tok/s | ratio | source |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in out["published"]:
+        lines.append(
+            f"| {r['model']} | {r['hardware']} | {r['technique']} ({r['format']}) | {r['phase']} "
+            f"| {r['published_tok_s']:,.1f} | {r['predicted_tok_s']:,.1f} | {r['ratio']:.2f} "
+            f"| [{r['short']}]({r['url']}) |"
+        )
+    tm = out.get("this_machine")
+    if tm:
+        m, mx = tm["loo_mape_pct"], tm["loo_max_abs_pct"]
+        lines += [
+            "",
+            "| phase | points | leave-one-out MAPE | max abs. error | uncalibrated SoL / measured |",
+            "|---|---|---|---|---|",
+        ]
+        for ph in ("prefill", "decode"):
+            lines.append(
+                f"| {ph} | {len(tm['points'])} | {m[ph]:.1f} % | {mx[ph]:.1f} % "
+                f"| {tm['sol_fraction_median'][ph]:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--published-only", action="store_true")
+    ap.add_argument("--markdown", action="store_true", help="print the README tables from the JSON")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--points", type=int, default=len(GRID), help="first N grid points")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(RESULTS.read_text())))
+        return
     out: dict[str, Any] = {
         "command": "python " + " ".join(sys.argv),
         "versions": _versions(),
