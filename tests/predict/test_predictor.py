@@ -94,3 +94,21 @@ def test_bad_workload_is_one_line_error():
 
     with pytest.raises(ConfigError, match="prompt_len"):
         Workload(prompt_len=0)
+
+
+def test_a_real_compressed_directory_is_read_through_its_manifest(tmp_path):
+    from joules.compress.api import compress
+    from joules.compress.recipe import parse_recipe
+    from joules.models import load_model
+    from joules.models.tiny import save_tiny_model
+    from joules.predict.shape import ModelShape
+
+    model, tok, _ = load_model(save_tiny_model(tmp_path / "m"))
+    compress(model, parse_recipe("rtn(format=int4-g32)")).save(tmp_path / "c", tok)
+    shape, manifest = ModelShape.load(tmp_path / "c")
+    assert manifest is not None and shape.n_layers == 2
+    p = predict(shape, "h100", Workload(prompt_len=16, gen_len=4), manifest=manifest)
+    assert p.weight_format == "manifest"
+    assert p.bits_per_weight == pytest.approx(manifest["bits_per_weight"])
+    dense = predict(shape, "h100", Workload(prompt_len=16, gen_len=4), weight_format="bf16")
+    assert p.weights_bytes < dense.weights_bytes
