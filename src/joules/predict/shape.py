@@ -199,7 +199,8 @@ class ModelShape:
         text = str(spec)
         path = Path(text).expanduser()
         if path.is_file() and path.suffix == ".json":
-            return cls.from_config(_read_json(path), name=path.parent.name, source=str(path)), None
+            name = path.parent.name if path.name == "config.json" else path.stem
+            return cls.from_config(_read_json(path), name=name, source=str(path)), None
         if path.is_dir() and (path / "config.json").is_file():
             manifest = None
             if (path / "joules.json").is_file():
