@@ -124,3 +124,26 @@ def test_observations_from_a_bench_result(small_shape):
     assert method == "estimated" and len(obs) == 2
     assert obs[0].prefill_s == 0.2 and obs[1].workload.batch == 2
     assert obs[1].prefill_energy_j is None
+
+
+def test_observations_from_a_joules_bench_result_layout(small_shape):
+    # the layout of BenchResult.to_dict(): intervals and per-phase energy records
+    iv = lambda x: {"median": x, "ci95_low": x, "ci95_high": x, "values": [x]}  # noqa: E731
+    result = {
+        "model": "smollm2-135m",
+        "compute_dtype": "fp32",
+        "rows": [
+            {
+                "prompt_len": 128,
+                "batch": 1,
+                "gen_len": 64,
+                "ttft_s": iv(0.5),
+                "tpot_s": iv(0.09),
+                "prefill_energy": {"median_j": 4.0, "method": "estimated"},
+                "decode_energy": {"median_j": 30.0, "method": "estimated"},
+            }
+        ],
+    }
+    (o,), method = observations_from_bench(result, small_shape)
+    assert (o.prefill_s, o.tpot_s, o.prefill_energy_j, o.decode_energy_j) == (0.5, 0.09, 4.0, 30.0)
+    assert method == "estimated" and o.workload.compute_dtype == "fp32"

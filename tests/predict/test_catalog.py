@@ -117,11 +117,24 @@ def test_probe_cache_with_entries_per_cpu_and_threads(tmp_path, monkeypatch):
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     f = tmp_path / "machine_limits.json"
-    rec = {"cpu_model": cpu_model(), "threads": 2, "read_bw_bytes_s": 9e9,
-           "triad_bw_bytes_s": 8e9, "peak_flops": {"fp32": 5e10, "bf16": 2e10}}
-    f.write_text(json.dumps({"version": 1, "entries": {
-        "Other CPU|2": {**rec, "read_bw_bytes_s": 1.0},
-        f"{cpu_model()}|2": rec}}))
+    rec = {
+        "cpu_model": cpu_model(),
+        "threads": 2,
+        "read_bw_bytes_s": 9e9,
+        "triad_bw_bytes_s": 8e9,
+        "peak_flops": {"fp32": 5e10, "bf16": 2e10},
+    }
+    f.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "entries": {
+                    "Other CPU|2": {**rec, "read_bw_bytes_s": 1.0},
+                    f"{cpu_model()}|2": rec,
+                },
+            }
+        )
+    )
     monkeypatch.setattr(cat, "_probe_cache_files", lambda: [f])
     monkeypatch.setitem(__import__("sys").modules, "joules.bench.probe", None)
     lim = cat.machine_limits()

@@ -280,7 +280,7 @@ def observations_from_bench(
         raise DataError("bench results: no 'rows' list: pass the JSON of `joules bench --json`")
     if shape is None:
         model = result.get("model") or {}
-        spec = model.get("path") or model.get("spec") if isinstance(model, dict) else model
+        spec = (model.get("path") or model.get("spec")) if isinstance(model, dict) else model
         if not spec:
             raise DataError("bench results name no model: pass the model to calibrate against")
         shape, manifest = ModelShape.load(spec)
@@ -299,6 +299,15 @@ def observations_from_bench(
         e_pre = _get(r, "prefill_energy_j", "energy_prefill_j")
         e_dec = _get(r, "decode_energy_j", "energy_decode_j")
         method = method or _get(r, "energy_method", "method")
+        # joules bench: {"prefill_energy": {"median_j": ..., "method": ...}, "decode_energy": ...}
+        for key in ("prefill_energy", "decode_energy"):
+            pe = r.get(key)
+            if isinstance(pe, dict) and pe.get("median_j") is not None:
+                if key == "prefill_energy":
+                    e_pre = pe["median_j"]
+                else:
+                    e_dec = pe["median_j"]
+                method = method or pe.get("method")
         wl = Workload(
             int(p),
             int(g),

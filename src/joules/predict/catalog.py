@@ -362,7 +362,9 @@ def this_machine() -> HardwareSpec:
     else:
         dev = match_device("cpu", pm.cpu_model)
         if dev is None or "perf" not in dev:  # an uncatalogued CPU: the generic x86 server
-            dev = next(d for d in hardware_table()["devices"] if "x86-server" in d.get("aliases", ()))
+            dev = next(
+                d for d in hardware_table()["devices"] if "x86-server" in d.get("aliases", ())
+            )
         share = pm.logical_cpus / dev["logical_cpus"]
         peaks = {k: v * 1e12 * share for k, v in dev["perf"]["peak_tflops"].items()}
         bw = dev["perf"]["memory_bandwidth_gbs"] * 1e9 * share
