@@ -110,8 +110,10 @@ def _render_predictions(r: DemoResult) -> None:
         tok_s = g.new_tokens / p.total_s
         band = p.band.get("decode")
         how = f"calibrated, ±{band:.0%}" if band is not None else "uncalibrated speed of light"
-        parts.append(f"{p.hardware} ({p.weight_format}): {tok_s:.1f} tokens/s, "
-                     f"{p.j_per_token:.3g} J/token [{how}]")
+        parts.append(
+            f"{p.hardware} ({p.weight_format}): {tok_s:.1f} tokens/s, "
+            f"{p.j_per_token:.3g} J/token [{how}]"
+        )
     console.print("predicted for the same workload (joules predict): " + "; ".join(parts))
 
 
@@ -203,8 +205,10 @@ def _predict(model: Any, gen: Any) -> list[Any] | None:
         wl = Workload(prompt_len=max(gen.prompt_tokens, 1), gen_len=max(gen.new_tokens, 1))
         dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
         fmt = dtype.get(str(next(model.parameters()).dtype), "fp32")
-        return [predict(shape, "this-machine", wl, weight_format=fmt),
-                predict(shape, "h100", wl, weight_format="bf16")]
+        return [
+            predict(shape, "this-machine", wl, weight_format=fmt),
+            predict(shape, "h100", wl, weight_format="bf16"),
+        ]
     except JoulesError as exc:  # e.g. no probe and an uncatalogued CPU: the demo goes on
         console.print(f"[dim]no prediction: {exc}[/]")
         return None
