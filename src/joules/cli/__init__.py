@@ -42,6 +42,7 @@ from joules.cli import (  # noqa: E402, F401
     export,
     formats,
     measure,
+    predict,
 )
 
 
