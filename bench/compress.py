@@ -177,6 +177,7 @@ def run(
         r = result_of(entry["perplexity"])
         entry["paired_vs_baseline"] = paired_difference(r, base).to_dict()
     _gap_closed(rows)
+    data["table"] = table_rows(data)
     out.write_text(json.dumps(data, indent=1))
     return data
 
@@ -217,43 +218,72 @@ def _machine() -> dict[str, Any]:
         return {"platform": platform.platform(), "cpu_count": os.cpu_count()}
 
 
-def table(data: dict[str, Any], name: str = "compress") -> str:
-    s = data["settings"]
-    lines = [
-        f"<!-- bench: results/{name}.json ({s['tokens']} WikiText-2 test tokens, window "
-        f"{s['window']}; calibration {s['calib_n']} x {s['calib_len']} valid tokens) -->",
-        "| recipe | bits/weight | perplexity | × baseline (95 % paired CI) | gap closed vs RTN / notes | "
-        "compress time | peak RSS |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def table_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat object per README row: exactly the figures the table shows."""
+    out = []
     for recipe, e in data["rows"].items():
-        p = e["perplexity"]
-        pv = e.get("paired_vs_baseline", {})
-        bpw = f"{e['bits_per_weight']:.3f}" if e.get("bits_per_weight") else "32 (fp32)"
-        ratio = (
-            f"{pv['ppl_ratio']:.4f} ({pv['ppl_ratio_ci95'][0]:.4f}–{pv['ppl_ratio_ci95'][1]:.4f})"
-            if pv
-            else ""
-        )
-        gap = e.get("gap_closed_vs_rtn")
-        gap_s = f"{100 * gap:.0f} %" if gap is not None else ""
-        t = f"{e['compress_time_s']:.0f} s" if e.get("compress_time_s") is not None else ""
-        rss = (
-            f"{e['compress_peak_rss_bytes'] / 2**30:.2f} GiB"
-            if e.get("compress_peak_rss_bytes")
-            else ""
-        )
+        pv = e.get("paired_vs_baseline") or {}
         ex = e.get("extras") or {}
+        gap = e.get("gap_closed_vs_rtn")
         if "score_patterns" in ex:
-            gap_s = (
-                f"{ex['score_patterns']:.1f} score patterns/layer; score FLOPs −"
-                f"{100 * ex['score_flops_saving']:.0f} %, K cache −{100 * ex['k_cache_saving']:.0f} %"
+            note = (
+                f"{ex['score_patterns']:.1f} score patterns/layer, score FLOPs "
+                f"-{100 * ex['score_flops_saving']:.0f} %, K cache -{100 * ex['k_cache_saving']:.0f} %"
             )
         elif "sparsity" in ex:
-            gap_s = f"sparsity {100 * ex['sparsity']:.1f} %"
-        lines.append(
-            f"| `{recipe}` | {bpw} | {p['perplexity']:.3f} | {ratio} | {gap_s} | {t} | {rss} |"
+            note = f"sparsity {100 * ex['sparsity']:.1f} %"
+        else:
+            note = None
+        rss = e.get("compress_peak_rss_bytes")
+        out.append(
+            {
+                "recipe": recipe,
+                "bits_per_weight": e.get("bits_per_weight") or 32.0,
+                "perplexity": e["perplexity"]["perplexity"],
+                "ppl_ratio": pv.get("ppl_ratio"),
+                "ppl_ratio_lo": (pv.get("ppl_ratio_ci95") or [None])[0],
+                "ppl_ratio_hi": (pv.get("ppl_ratio_ci95") or [None, None])[1],
+                "gap_closed_pct": 100 * gap if gap is not None else None,
+                "note": note,
+                "compress_time_s": e.get("compress_time_s"),
+                "peak_rss_gib": rss / 2**30 if rss else None,
+            }
         )
+    return out
+
+
+def table(data: dict[str, Any], name: str = "compress") -> str:
+    """The README table (its marker ties every column to ``table`` rows in the JSON)."""
+    s = data["settings"]
+    cols = [
+        ("bits/weight", "bits_per_weight", 3),
+        ("perplexity", "perplexity", 3),
+        ("x baseline", "ppl_ratio", 4),
+        ("95 % lo", "ppl_ratio_lo", 4),
+        ("95 % hi", "ppl_ratio_hi", 4),
+        ("gap closed vs RTN %", "gap_closed_pct", 0),
+        ("notes", "note", None),
+        ("compress s", "compress_time_s", 0),
+        ("peak RSS GiB", "peak_rss_gib", 2),
+    ]
+    rows = table_rows(data)
+    used = [c for c in cols if any(r[c[1]] is not None for r in rows)]
+    lines = [
+        f"{s['tokens']} WikiText-2 test tokens, window {s['window']}, calibration "
+        f"{s['calib_n']} x {s['calib_len']} valid tokens, {s['threads']} thread(s):",
+        "",
+        f"<!-- bench: results/{name}.json rows=table key=recipe cols="
+        + "; ".join(f"{h}={f}" for h, f, _ in used)
+        + " -->",
+        "| recipe | " + " | ".join(h for h, _, _ in used) + " |",
+        "|---" * (len(used) + 1) + "|",
+    ]
+    for r in rows:
+        cells = []
+        for _, f, dec in used:
+            v = r[f]
+            cells.append("-" if v is None else (str(v) if dec is None else f"{v:.{dec}f}"))
+        lines.append(f"| {r['recipe']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,7 +1,13 @@
 """Perplexity throughput of joules (fp32, bf16) against llama.cpp on the same tokens.
 
-    $ python bench/eval_speed.py                       # 8,192 WikiText-2 test tokens, window 1024
-    $ python bench/eval_speed.py --tokens 4096 --window 512 --out bench/results/x.json
+    $ python bench/eval_speed.py                       # 4,096 WikiText-2 test tokens, window 1024
+    $ python bench/eval_speed.py --tokens 8192 --window 512 --out bench/results/x.json
+
+The results JSON records the command, package versions, the CPU model and its ISA flags: bf16
+is fast only on CPUs with native bf16 (AVX512-BF16, AMX, ARM BF16), so a bf16 figure means
+nothing without the machine. It also records what ``--dtype auto``
+(:mod:`joules.runtime_dtype`) picks on this machine, from a fresh probe, beside the measured
+rows, so the two can be checked against each other.
 
 Each runtime scores the same non-overlapping windows of the same token ids (no BOS, the first
 token of each window is context only) and reports perplexity and tokens/s; the speed ratio is
@@ -19,7 +25,9 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +37,25 @@ from joules.data import load_text
 from joules.evaluate.perplexity import perplexity, plan_windows, tokenize_stream
 from joules.evaluate.scoring import set_threads
 from joules.models import load_model, smollm2_gguf_path
+from joules.runtime_dtype import auto_dtype
+
+
+def machine() -> dict:
+    try:
+        from joules.system import machine_info
+    except ImportError:  # until joules.system.machine_info lands on main
+        from joules.runtime_dtype import cpu_flags
+        from joules.system import system_info
+
+        return {**system_info().to_dict(), "cpu_flags": cpu_flags()}
+    return machine_info()
+
+
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def bench_joules(dtype: torch.dtype, ids: list[int], window: int, batch: int | None) -> dict:
@@ -95,7 +122,7 @@ def bench_llama_cpp(ids: list[int], window: int, threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
@@ -112,6 +139,7 @@ def main() -> None:
         rows.append({"runtime": "llama.cpp", "error": "llama-cpp-python is not installed"})
     rows.append(bench_joules(torch.float32, ids, args.window, args.batch_size))
     rows.append(bench_joules(torch.bfloat16, ids, args.window, args.batch_size))
+    auto = auto_dtype(refresh=True)  # a fresh probe, in the same run as the rows above
     peer = rows[0].get("tokens_per_s")
     peer_eval = rows[0].get("eval_only_tokens_per_s")
     for r in rows:
@@ -142,14 +170,21 @@ def main() -> None:
         )
     if "eval_only_tokens_per_s" in rows[0]:
         print(f"llama.cpp eval() alone: {rows[0]['eval_only_tokens_per_s']:.1f} tok/s")
+    info = machine()
+    print(f"cpu: {info.get('cpu_model')}; flags: {', '.join(info.get('cpu_flags', []))}")
+    print(f"--dtype auto picks {auto.name} here ({auto.reason})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
+                "command": "python bench/eval_speed.py " + " ".join(sys.argv[1:]),
+                "model": "smollm2-135m (SmolLM2-135M-Instruct; weights Q4_1 in its GGUF file)",
                 "tokens": len(ids),
                 "window": args.window,
                 "threads": threads,
-                "torch": torch.__version__,
+                "versions": {p: _version(p) for p in ("torch", "transformers", "llama_cpp_python")},
+                "machine": info,
+                "dtype_auto": auto.to_dict(),
                 "rows": rows,
             },
             indent=2,

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from joules import formats
+from joules.system import results_header
 
 SHAPE = (4096, 4096)
 MX_PEERS = {
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(
         json.dumps(
             {
+                **results_header("bench/formats.py", argv),
                 "shape": SHAPE,
                 "threads": torch.get_num_threads(),
                 "reps": args.reps,

@@ -12,14 +12,15 @@
    throughput. Goal: < 0.5 % of one core. Workload throughput with and without the meter is
    reported too, as a ratio (noisy on a shared machine: the GIL and other tenants).
 
-Prints a table and writes JSON to bench/results/meter_overhead.json (or --out).
+Prints a table and writes JSON to bench/results/meter_overhead.json (or --out): the command,
+versions, machine (CPU model and ISA flags), load average, every figure, and ``readme_rows``,
+the README's table (tests/test_readme_tables.py checks one against the other).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from rich.table import Table
 
 from joules.measure import Meter, detect_meter
 from joules.measure.fake import FakeBackend
-from joules.system import cpu_model
+from joules.system import results_header
 
 
 def window_cost_us(meter: Meter, n: int) -> list[float]:
@@ -127,11 +128,7 @@ def main() -> None:
     idle_share = sampler_share(args.seconds, args.interval, spin=False)
 
     result = {
-        "machine": {
-            "cpu": cpu_model(),
-            "logical_cpus": psutil.cpu_count(),
-            "python": platform.python_version(),
-        },
+        **results_header("bench/meter_overhead.py"),
         "meter_domains": backends,
         "window_cost_us": {"median": statistics.median(real), "batches": real},
         "fake_window_cost_us": {"median": statistics.median(fake), "batches": fake},
@@ -140,6 +137,20 @@ def main() -> None:
         "sampler_idle_workload": idle_share,
         "goal_thread_cpu_share_pct": 0.5,
     }
+    # The README's table, row by row (tests/test_readme_tables.py checks it against this file).
+    result["readme_rows"] = [
+        {
+            "what": f"one window (begin+end), {', '.join(backends)}",
+            "value": result["window_cost_us"]["median"],
+        },
+        {
+            "what": "one window, fake backend (peer)",
+            "value": result["fake_window_cost_us"]["median"],
+        },
+        {"what": "sampling thread, busy loop", "value": share["thread_cpu_share_pct"]},
+        {"what": "sampling thread, sleep", "value": idle_share["thread_cpu_share_pct"]},
+        {"what": "load average (1 min) at start", "value": result["load_avg_1m_at_start"]},
+    ]
     t = Table(title="meter overhead", title_justify="left")
     t.add_column("what")
     t.add_column("value", justify="right")

@@ -34,6 +34,10 @@ def test_demo_on_a_tiny_model_prints_computed_figures(tiny_dir):
     ]
     assert all(p["tokens_scored"] > 200 and p["perplexity"] > 1 for p in ppl)
     assert d["perplexity_energy"]["energy_j"] > 0
+    preds = d["predictions"]
+    assert [p["hardware"] for p in preds] == ["this-machine", "nvidia-h100-sxm"]
+    assert all(p["method"] == "predicted" for p in preds)
+    assert preds[0]["workload"]["gen_len"] == 6
 
 
 def test_bad_model_is_one_line_exit_2(tmp_path):

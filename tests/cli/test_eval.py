@@ -95,7 +95,7 @@ def test_attention_deviation_json():
     ("args", "message"),
     [
         (["--task", "mmlu"], "unknown task 'mmlu'"),
-        (["--task", "wikitext2", "--dtype", "fp8"], "--dtype must be fp32 or bf16"),
+        (["--task", "wikitext2", "--dtype", "fp8"], "--dtype must be one of auto, fp32, bf16"),
         (["--task", "wikitext2", "--window", "64", "--stride", "65"], "stride must be between"),
         (["--task", "attention-deviation", "--seq-lens", "a,b"], "--seq-lens must be"),
         (["--task", "wikitext2", "--data", "/nonexistent.txt"], "no text data set or file"),
@@ -153,3 +153,23 @@ def test_weights_format_goes_through_formats_fake_quant(tiny_dir, monkeypatch):
     assert len(calls) == 14  # 2 layers x 7 linear weights; the head is left alone
     assert d["protocol"]["transform"] == "bf16-test (emulated fake_quant)"
     assert 0 < d["kl_mean"] < 1e-3 and d["top1_agreement"] > 0.9
+
+
+def test_deviation_bf16_with_a_format_labels_its_reference_bf16(tiny_dir):
+    # the reference is MODEL itself as loaded (bf16): the label must not say fp32
+    args = ["eval", str(tiny_dir), "--task", "deviation", "--weights-format", "int8"]
+    opts = ["--dtype", "bf16", "--limit-tokens", "64", "--window", "32", "--sqnr", "none"]
+    d = _json(runner.invoke(app, [*args, *opts, "--json"]))
+    assert d["protocol"]["reference"] == f"{tiny_dir} (bf16)"
+    assert "(fp32)" not in d["protocol"]["reference"]
+
+
+@pytest.mark.parametrize(("bf16_s", "want"), [(0.5, "bfloat16"), (4.0, "float32")])
+def test_default_dtype_is_auto_from_the_probe(tiny_dir, tmp_path, monkeypatch, bf16_s, want):
+    import joules.runtime_dtype as rd
+
+    monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(rd, "probe", lambda repeats=7: (1.0, bf16_s))
+    args = ["eval", str(tiny_dir), "--task", "wikitext2", "--limit-tokens", "64", "--window", "32"]
+    d = _json(runner.invoke(app, [*args, "--json"]))
+    assert d["protocol"]["dtype"] == want

@@ -180,3 +180,43 @@ def test_measurement_line_for_people():
     line = measurement_line(w.measurement)
     assert line.startswith("20.000 J ± 1 J (estimated) over 2.00 s = 10.00 W, net 12.000 J")
     assert "g CO2" in line
+
+
+def test_net_energy_without_idle_baseline_is_not_gross(tmp_path, monkeypatch):
+    """The issue's repro: a RAPL tree, no `joules idle` run: no net figure, said in words."""
+    zone = tmp_path / "powercap" / "intel-rapl:0"
+    zone.mkdir(parents=True)
+    (zone / "name").write_text("package-0\n")
+    (zone / "max_energy_range_uj").write_text("262143328850\n")
+    (zone / "energy_uj").write_text("1000\n")
+    monkeypatch.setenv("JOULES_POWERCAP_ROOT", str(tmp_path / "powercap"))
+    res = invoke("measure", "--json", "--", sys.executable, "-c", "pass")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output[res.output.index("{") :])
+    assert "package0" in d["domains"]
+    assert d["net_energy_j"] is None  # was energy_j, with "idle_power_w": 0.0
+    assert "package0" in d["uncovered_domains"]
+    table = invoke("measure", "--", sys.executable, "-c", "pass")
+    assert table.exit_code == 0
+    assert "no idle baseline for package0" in table.output
+    assert "run `joules idle`" in table.output
+
+
+@pytest.mark.parametrize("child_rc", [0, 5])
+def test_unwritable_output_prints_the_result_then_one_line(tmp_path, child_rc):
+    bad = tmp_path / "no-such-dir" / "m.json"
+    code = f"import sys; sys.exit({child_rc})"
+    res = invoke("measure", "--json", "--output", str(bad), "--", sys.executable, "-c", code)
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    d = json.loads(res.stdout[res.stdout.index("{") :])  # the measurement came out first
+    assert d["energy_j"] >= 0
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "could not write --output" in err[0] and "Traceback" not in res.output
+    assert res.exit_code == (child_rc or 2)
+
+
+def test_output_file_gets_the_json(tmp_path):
+    out = tmp_path / "m.json"
+    res = invoke("measure", "--output", str(out), "--", "true")
+    assert res.exit_code == 0
+    assert json.loads(out.read_text())["method"] in ("counter", "sampled", "estimated")

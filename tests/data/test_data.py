@@ -66,3 +66,42 @@ def test_malformed_jsonl_names_the_line(tmp_path, line, message):
     f.write_text('{"context": "ok", "endings": ["a", "b"], "label": 1}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
         load_choice(str(f))
+
+
+def test_licenses_name_only_files_that_are_shipped():
+    """Every path in the first column of data/LICENSES.md's tables exists in joules.data."""
+    import re
+    from importlib import resources
+
+    root = resources.files("joules.data")
+    text = root.joinpath("LICENSES.md").read_text()
+    paths = [
+        p
+        for line in text.splitlines()
+        if line.startswith("| `")
+        for p in re.findall(r"`([^`]+)`", line.split("|")[1])
+    ]
+    assert len(paths) >= 5
+    missing = [p for p in paths if not root.joinpath(p).is_file()]
+    assert not missing, f"LICENSES.md names files that do not exist: {missing}"
+
+
+def test_hellaswag_strings_go_through_lm_evals_preprocess():
+    from joules.data import hellaswag_preprocess
+
+    raw, done = load_choice("hellaswag", preprocess=False), load_choice("hellaswag")
+    import re
+
+    # the shipped text keeps WikiHow's bracketed artefacts ("[insert name]") in a few strings
+    def bracketed(items):
+        return sum(
+            bool(re.search(r"\[.*?\]", s)) for it in items for s in (it.context, *it.endings)
+        )
+
+    assert bracketed(raw) >= 10 and bracketed(done) == 0
+    for a, b in zip(raw, done, strict=True):
+        assert b.context == hellaswag_preprocess(a.context) and b.label == a.label
+        assert b.endings == tuple(hellaswag_preprocess(e) for e in a.endings)
+    assert hellaswag_preprocess(" How to cook [title] Boil water [step] then  wait. ") == (
+        "How to cook. Boil water then wait."
+    )

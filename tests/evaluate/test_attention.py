@@ -77,3 +77,12 @@ def test_emulated_format_matches_the_native_dtype_it_emulates():
         ("standard", "bf16 (emulated)"),
         ("flash-style", "bf16 (emulated)"),
     }
+
+
+@pytest.mark.parametrize("low", [False, True])
+def test_flash_style_keeps_its_running_state_on_the_input_device(low):
+    """On the meta device (no GPU here) every tensor must follow q: a CPU-side running max/sum/
+    accumulator would fail to mix with the input's device, as it would on CUDA."""
+    q, k, v = (torch.empty(1, 2, 100, 16, dtype=torch.bfloat16, device="meta") for _ in range(3))
+    out = flash_style_attention(q, k, v, block_size=32, low_precision_accumulators=low)
+    assert out.device.type == "meta" and out.shape == q.shape and out.dtype == torch.bfloat16

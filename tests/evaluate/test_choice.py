@@ -9,7 +9,13 @@ import torch
 
 from joules.data import ChoiceItem, load_choice
 from joules.errors import DataError
-from joules.evaluate.choice import ChoiceScorer, choice_accuracy, encode_pair, select_items
+from joules.evaluate.choice import (
+    ChoiceScorer,
+    choice_accuracy,
+    choose,
+    encode_pair,
+    select_items,
+)
 
 
 def test_hellaswag_parses_10042_items_with_labels_0_to_3():
@@ -47,13 +53,24 @@ def test_encode_pair_moves_trailing_space_to_the_continuation(tiny):
     assert tiny.tokenizer.decode(cont) == " def"  # one token per byte, the space included
 
 
-def test_acc_norm_divides_by_ending_bytes(tiny, monkeypatch):
-    # ending 0 has the higher total, ending 1 the higher per-byte score
-    item = ChoiceItem("x", ("a", "bbbbbbbbbb"), 1)
-    monkeypatch.setattr(ChoiceScorer, "scores", lambda self, it: [-2.0, -5.0])
+def test_acc_norm_divides_by_characters_and_acc_bytes_by_utf8_bytes(tiny, monkeypatch):
+    # "ééééé" is 5 characters but 10 UTF-8 bytes: per character ending 1 wins, per byte ending 0
+    item = ChoiceItem("x", ("ééééé", "abcdefg"), 1)
+    monkeypatch.setattr(ChoiceScorer, "scores", lambda self, it: [-5.0, -6.0])
     r = choice_accuracy(tiny.model, tiny.tokenizer, [item])
-    assert (r.predictions, r.predictions_norm) == ([0], [1])
-    assert (r.acc, r.acc_norm) == (0.0, 1.0)
+    assert (r.predictions, r.predictions_norm, r.predictions_bytes) == ([0], [1], [0])
+    assert (r.acc, r.acc_norm, r.acc_bytes) == (0.0, 1.0, 0.0)
+
+
+def test_ties_go_to_the_first_ending_as_numpy_argmax():
+    assert choose([-1.0, -1.0, -2.0], ["ab", "ab", "ab"]) == (0, 0, 0)
+
+
+def test_hellaswag_protocol_states_its_text(tiny):
+    r = choice_accuracy(tiny.model, tiny.tokenizer, load_choice("hellaswag"), limit=2)
+    assert "llama.cpp's HellaSwag text" in r.protocol.text
+    assert "ctx_b not capitalised" in r.protocol.text
+    assert "characters" in r.protocol.scoring and "acc_bytes" in r.to_dict()
 
 
 def test_limit_draws_a_fixed_seeded_sample():

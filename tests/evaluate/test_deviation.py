@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -113,3 +114,34 @@ def test_a_real_format_from_the_formats_module(tiny, text):
     assert r8.worst_layers(1)[0].sqnr_db > r4.worst_layers(1)[0].sqnr_db
     with pytest.raises(ConfigError, match="bogus"):  # the formats module's own message
         format_transform("int5-bogus")
+
+
+def test_kl_is_finite_where_the_reference_gives_a_token_zero_probability(tiny, text, monkeypatch):
+    # A reference whose log-prob of token 0 is -inf (a masked vocabulary entry), on both models:
+    # p·(log p - log q) is 0·(-inf + inf) = nan there; KL's convention 0·log 0 = 0 gives 0.
+    from joules.evaluate.scoring import Scorer
+
+    plain = Scorer.logprob_chunks
+
+    def masked(self, rows):
+        for lp in plain(self, rows):
+            lp = lp.clone()
+            lp[:, 0] = float("-inf")
+            yield torch.log_softmax(lp, -1)
+
+    monkeypatch.setattr(Scorer, "logprob_chunks", masked)
+    test = transformed_copy(tiny.model, round_to(torch.bfloat16))
+    r = deviation(test, tiny.model, tiny.tokenizer, text, window=64, limit_tokens=128)
+    assert 0 < r.kl_mean < 1e-3 and r.kl_max < 1e-2  # finite, and as small as without the mask
+
+
+def test_kl_rows_matches_the_definition_and_handles_zero_probability():
+    from joules.evaluate.deviation import kl_rows
+
+    p = torch.tensor([[0.5, 0.5, 0.0]])
+    q = torch.tensor([[0.25, 0.75, 0.0]])
+    want = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert float(kl_rows(p.log(), q.log())[0]) == pytest.approx(want, rel=1e-6)
+    # the model puts 0 where the reference does not: KL is infinite, not nan
+    ref = torch.tensor([[0.5, 0.25, 0.25]])
+    assert float(kl_rows(ref.log(), p.log())[0]) == float("inf")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from joules import formats
@@ -29,10 +30,11 @@ def test_each_row_uses_at_most_k_values_and_lloyd_beats_uniform_grid():
 
 
 def test_weights_pull_centroids():
-    x = torch.tensor([[0.0, 1.0, 2.0, 10.0]])
-    w = torch.tensor([[1.0, 1.0, 1.0, 1e-6]])
-    c = kmeans_1d(x, 2, w)
-    assert c[0, 1] == 10.0 or c[0, 0] < 1.5  # the outlier has almost no weight
+    # Two clusters {0, 1} and {2, 3} whatever the weights; a heavy 3 pulls its centroid to it.
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    c = kmeans_1d(x, 2, torch.tensor([[1.0, 1.0, 1.0, 100.0]]))
+    assert c[0].tolist() == pytest.approx([0.5, (2.0 + 300.0) / 101.0])
+    assert kmeans_1d(x, 2).tolist() == [[0.5, 2.5]]  # unweighted: plain means
     y_w = formats.get("codebook2").fake_quant(x, weights=torch.tensor([[1.0, 1.0, 1.0, 1.0]]))
     assert torch.equal(y_w, formats.get("codebook2").fake_quant(x))
 

@@ -15,8 +15,9 @@ from hypothesis.extra.numpy import arrays
 from joules import formats
 from joules.errors import ConfigError
 
+# GGUF block types take only rows of whole blocks: their fit is tested in test_gguf.py
 SPECS = [
-    *formats.PRESETS,
+    *(s for s in formats.PRESETS if not s.startswith("gguf-")),
     "int4-g64",
     "uint4-asym-g64",
     "uint4-asym-g32-zpint",

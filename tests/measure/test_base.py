@@ -299,3 +299,62 @@ def test_property_interleaved_windows_each_get_the_energy_of_their_span(ops):
             power = p
     for w, start in open_w.values():
         assert meter.end(w).energy_j == pytest.approx(ref - start, abs=1e-6)
+
+
+class _FakeCuda:
+    """torch.cuda's two calls the meter makes, recording into ``log``."""
+
+    def __init__(self, log: list[str], initialized: bool) -> None:
+        self.log, self.initialized = log, initialized
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def synchronize(self) -> None:
+        self.log.append("sync")
+
+
+class _LoggingBackend(FakeBackend):
+    def __init__(self, log, **kw):
+        super().__init__({"gpu0": 100.0}, **kw)
+        self.log = log
+
+    def read(self, t_s, *, precise=False):
+        self.log.append("read")
+        return super().read(t_s, precise=precise)
+
+
+@pytest.mark.parametrize("initialized", [True, False])
+def test_windows_synchronise_cuda_before_reading_only_when_torch_initialised_it(
+    monkeypatch, initialized
+):
+    import sys
+    import types
+
+    log: list[str] = []
+    monkeypatch.setitem(
+        sys.modules, "torch", types.SimpleNamespace(cuda=_FakeCuda(log, initialized))
+    )
+    clock = FakeClock()
+    meter = Meter([_LoggingBackend(log, clock=clock)], clock=clock, interval_s=None)
+    with meter.window():
+        clock.advance(1.0)
+        log.append("work")
+    expected = ["sync", "read", "work", "sync", "read"] if initialized else ["read", "work", "read"]
+    assert log == expected
+
+
+def test_measure_command_stays_torch_free():
+    """The synchronisation looks torch up in sys.modules; `joules measure` never imports it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from joules.cli import app\n"
+        "r = CliRunner().invoke(app, ['measure', '--json', '--', 'true'])\n"
+        "print(r.exit_code, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["0", "False"], out.stderr[-2000:]

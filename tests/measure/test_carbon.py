@@ -90,3 +90,28 @@ def test_hardware_table_is_well_formed():
     assert match_device("gpu", "NVIDIA H100 PCIe")["id"] == "nvidia-h100-pcie"
     assert match_device("gpu", "NVIDIA A100-SXM4-80GB")["id"] == "nvidia-a100-sxm"
     assert match_device("gpu", "Quadro K5000") is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "expected"),
+    [
+        ("gpu", "NVIDIA L4", "nvidia-l4"),
+        ("gpu", "NVIDIA L40S", None),  # was nvidia-l4: "L4" is a substring of "L40S"
+        ("gpu", "NVIDIA GH200 480GB", None),  # was nvidia-h200: "H200" inside "GH200"
+        ("gpu", "NVIDIA H200", "nvidia-h200"),
+        ("gpu", "Tesla T4", "nvidia-t4"),
+        ("gpu", "NVIDIA H100 80GB HBM3", "nvidia-h100-sxm"),
+        ("gpu", "NVIDIA H100 PCIe", "nvidia-h100-pcie"),
+        ("gpu", "NVIDIA A100-SXM4-80GB", "nvidia-a100-sxm"),
+        ("gpu", "NVIDIA A100 80GB PCIe", "nvidia-a100-pcie"),
+        ("gpu", "NVIDIA GeForce RTX 4090", "nvidia-rtx-4090"),
+        ("cpu", "AMD EPYC 7763 64-Core Processor", "amd-epyc-7763"),
+        ("cpu", "AMD EPYC 7B13", "amd-epyc-generic"),
+        ("cpu", "Intel(R) Xeon(R) Platinum 8480+", "intel-xeon-8480"),
+        ("cpu", "12th Gen Intel(R) Core(TM) i7-12700", "intel-core-i7-12700"),
+        ("cpu", "12th Gen Intel(R) Core(TM) i7-12700K", None),  # a 125 W part, not the 65 W one
+    ],
+)
+def test_devices_match_whole_words_not_substrings(kind, name, expected):
+    dev = match_device(kind, name)
+    assert (dev["id"] if dev else None) == expected

@@ -99,3 +99,64 @@ def test_corrupt_cache_is_ignored():
     assert load_idle("anything") is None
     idle_cache_path().write_text('{"h|k": {"idle_power_w": "x"}}')
     assert load_idle("k") is None
+
+
+def test_net_energy_is_none_when_a_domain_has_no_baseline():
+    """A GPU without a baseline beside a CPU with its model idle: the GPU's idle is not 0 W."""
+    clock = FakeClock()
+    cpu = FakeBackend({"cpu": 10.0}, clock=clock, method="estimated", idle_w={"cpu": 4.0})
+    gpu = FakeBackend({"gpu0": 300.0}, clock=clock)
+    gpu.name = "fake-gpu"
+    meter = Meter([cpu, gpu], clock=clock, interval_s=None)
+    with meter.window() as w:
+        clock.advance(2.0)
+    m = w.measurement
+    assert m.energy_j == pytest.approx(620.0)
+    assert m.net_energy_j is None  # was 620 - 4 x 2: gross GPU energy called "net"
+    assert m.uncovered_domains == ["gpu0"]
+    assert m.net_energy_covered_j == pytest.approx(20.0 - 8.0)
+    assert m.idle_power_w == pytest.approx(4.0)
+    assert any("no idle baseline for gpu0" in n for n in m.notes)
+    back = type(m).from_dict(m.to_dict())
+    assert (back.net_energy_covered_j, back.uncovered_domains) == (
+        m.net_energy_covered_j,
+        ["gpu0"],
+    )
+
+
+def test_net_energy_complete_when_every_domain_has_a_baseline():
+    clock = FakeClock()
+    fake = FakeBackend({"gpu0": 300.0, "package0": 20.0}, clock=clock)
+    meter = Meter([fake], clock=clock, interval_s=None, idle_power_w={"gpu0": 50.0, "package0": 5})
+    with meter.window() as w:
+        clock.advance(2.0)
+    m = w.measurement
+    assert m.uncovered_domains == [] and m.net_energy_j == pytest.approx(640.0 - 110.0)
+    assert m.net_energy_covered_j == m.net_energy_j
+
+
+def test_idle_cache_keeps_the_baseline_uncertainty_and_net_energy_carries_it():
+    clock = FakeClock()
+    idle_meter = Meter(
+        [FakeBackend({"gpu0": 60.0}, clock=_Ticking(clock), relative_uncertainty=0.05)],
+        clock=_Ticking(clock),
+        interval_s=None,
+        idle_power_w=None,
+    )
+    b = measure_idle(idle_meter, 0.01)
+    assert b.uncertainty_w_by_domain["gpu0"] == pytest.approx(0.05 * 60.0)
+    save_idle(b)
+    import json
+
+    rec = next(iter(json.loads(idle_cache_path().read_text()).values()))
+    assert rec["uncertainty_w"] == {"gpu0": pytest.approx(3.0)}
+
+    clock2 = FakeClock()
+    meter = Meter([FakeBackend({"gpu0": 66.0}, clock=clock2)], clock=clock2, interval_s=None)
+    assert meter.idle_source == "cached"
+    with meter.window() as w:
+        clock2.advance(10.0)
+    m = w.measurement
+    assert m.net_energy_j == pytest.approx(660.0 - 600.0)  # 60 J net out of 660 J gross
+    # gross ±5 % (33 J) plus the baseline's ±3 W over 10 s (30 J): ±63 J on a 60 J net figure
+    assert m.net_uncertainty_j == pytest.approx(33.0 + 30.0)

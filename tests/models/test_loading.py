@@ -76,3 +76,37 @@ def test_default_model_logits_are_finite_and_sensible(smollm2):
     assert logits.shape == (1, enc["input_ids"].shape[1], 49152)
     assert torch.isfinite(logits).all()
     assert tok.decode(logits[0, -1].argmax()).strip() == "Paris"
+
+
+def _pickle_dir(d, tiny):
+    """A Hugging Face directory whose weights are only pytorch_model.bin (a pickle)."""
+    d.mkdir()
+    tiny.model.config.save_pretrained(d)
+    tiny.tokenizer.save_pretrained(d)
+    torch.save(tiny.model.state_dict(), d / "pytorch_model.bin")
+    return d
+
+
+def test_pickle_only_directory_is_refused_with_how_to_convert(tmp_path, tiny):
+    # transformers would unpickle pytorch_model.bin (running whatever code it holds)
+    d = _pickle_dir(tmp_path / "pickled", tiny)
+    with pytest.raises(UnsupportedModelError, match=r"only as pickle.*save_pretrained") as err:
+        load_model(d)
+    assert "\n" not in str(err.value)
+
+
+def test_safetensors_are_loaded_even_beside_a_pickle(tmp_path, tiny, monkeypatch):
+    path = save_tiny_model(tmp_path / "both", "llama", seed=0)
+    _pickle_dir(tmp_path / "pickled", tiny)
+    (tmp_path / "pickled" / "pytorch_model.bin").rename(path / "pytorch_model.bin")
+    import torch.serialization
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.load (pickle) was called")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    monkeypatch.setattr(torch.serialization, "load", no_pickle)
+    model, _tok, _info = load_model(path)
+    x = torch.tensor([[1, 5, 9, 200]])
+    with torch.inference_mode():
+        assert torch.equal(model(x).logits, tiny.model(x).logits)

@@ -34,12 +34,15 @@ def _root(
 
 # Command modules register themselves on `app` when imported.
 from joules.cli import (  # noqa: E402, F401
+    bench,
     compress,
     demo,
     doctor,
     eval,
+    export,
     formats,
     measure,
+    predict,
     recommend,
     sweep,
 )

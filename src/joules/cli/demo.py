@@ -29,6 +29,7 @@ class DemoResult:
     formats: list[Any]
     perplexity: list[tuple[str, Any]]
     perplexity_energy: Any
+    predictions: list[Any] | None = None  # joules predict: this machine and H100, same workload
 
     @property
     def energy_j_per_token(self) -> float:
@@ -44,6 +45,7 @@ class DemoResult:
             "formats": self.formats,
             "perplexity": [{"weights": name, **r.to_dict()} for name, r in self.perplexity],
             "perplexity_energy": self.perplexity_energy,
+            "predictions": self.predictions,
         }
 
 
@@ -94,8 +96,25 @@ def _render(r: DemoResult) -> None:
         f"energy of the generation: {measurement_line(e)}; "
         f"[bold]{r.energy_j_per_token:.3g} J/token[/] ({e.method})"
     )
+    _render_predictions(r)
     _render_formats(r.formats, r.info)
     _render_perplexity(r)
+
+
+def _render_predictions(r: DemoResult) -> None:
+    if not r.predictions:
+        return
+    g = r.generation
+    parts = []
+    for p in r.predictions:
+        tok_s = g.new_tokens / p.total_s
+        band = p.band.get("decode")
+        how = f"calibrated, ±{band:.0%}" if band is not None else "uncalibrated speed of light"
+        parts.append(
+            f"{p.hardware} ({p.weight_format}): {tok_s:.1f} tokens/s, "
+            f"{p.j_per_token:.3g} J/token [{how}]"
+        )
+    console.print("predicted for the same workload (joules predict): " + "; ".join(parts))
 
 
 def _render_formats(rows: list[Any], info: Any) -> None:
@@ -176,6 +195,25 @@ def _ppl(model: Any, tok: Any, limit_tokens: int) -> Any:
 DEMO_FORMATS = ("int8-ch", "mxfp8-e4m3", "uint4-asym-g32", "int4-g32", "mxfp4", "nxfp4")
 
 
+def _predict(model: Any, gen: Any) -> list[Any] | None:
+    """The predictor's view of the generation just measured: this machine and an H100."""
+    from joules.errors import JoulesError
+    from joules.predict import ModelShape, Workload, predict
+
+    try:
+        shape = ModelShape.from_config(model.config, name="demo model")
+        wl = Workload(prompt_len=max(gen.prompt_tokens, 1), gen_len=max(gen.new_tokens, 1))
+        dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+        fmt = dtype.get(str(next(model.parameters()).dtype), "fp32")
+        return [
+            predict(shape, "this-machine", wl, weight_format=fmt),
+            predict(shape, "h100", wl, weight_format="bf16"),
+        ]
+    except JoulesError as exc:  # e.g. no probe and an uncatalogued CPU: the demo goes on
+        console.print(f"[dim]no prediction: {exc}[/]")
+        return None
+
+
 @app.command()
 def demo(
     model: str = typer.Option("smollm2-135m", help="Model spec (preset, HF dir or .gguf)."),
@@ -218,5 +256,7 @@ def demo(
             variant = transformed_copy(m, format_transform(spec))
             ppl.append((f"{spec} (emulated)", _ppl(variant, tok, ppl_tokens)))
             del variant
-    result = DemoResult(info, load_s, gen, w.measurement, fmt_rows, ppl, pw.measurement)
+    result = DemoResult(
+        info, load_s, gen, w.measurement, fmt_rows, ppl, pw.measurement, _predict(m, gen)
+    )
     emit(result, json, _render)

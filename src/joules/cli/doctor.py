@@ -71,6 +71,9 @@ def _render(r: DoctorReport) -> None:
     for name, ver in s.packages.items():
         t.add_row(name, ver)
     t.add_row("cpu", s.cpu_model)
+    # Which of the speed-relevant ISA extensions this CPU has: bf16 is fast only with
+    # avx512_bf16 or amx_bf16; an AVX2-only CPU emulates it (slower than fp32).
+    t.add_row("cpu flags", " ".join(s.cpu_flags) or "none of the tracked ISA extensions seen")
     t.add_row("cores", f"{s.physical_cores} physical, {s.logical_cores} logical")
     t.add_row("torch threads", str(s.torch_threads))
     t.add_row("memory", f"{s.memory_bytes / 2**30:.1f} GiB")

@@ -8,12 +8,14 @@
 ``measure`` runs the command directly (no shell: quote nothing, expand nothing), lets its output
 through, then prints energy, duration, average power, method, uncertainty, CO2 and water (or the
 ``Measurement`` as JSON with ``--json``), and exits with the command's own exit status (128+N when
-a signal N killed it). Counters meter whole devices; the estimator counts only the command's
+a signal N killed it). ``--output PATH`` also writes the JSON there; an unwritable PATH is one
+line on stderr after the result (exit: the command's status if it failed, else 2). Counters meter whole devices; the estimator counts only the command's
 process tree.
 """
 
 from __future__ import annotations
 
+import json as _json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,15 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from joules.cli._app import JSON_OPTION, app, console, emit, print_json, to_jsonable
+from joules.cli._app import (
+    JSON_OPTION,
+    app,
+    console,
+    emit,
+    err_console,
+    print_json,
+    to_jsonable,
+)
 from joules.errors import ConfigError
 
 
@@ -46,7 +56,18 @@ def measurement_line(m: Any) -> str:
 
     For the demo: ``console.print(measurement_line(w.measurement))``.
     """
-    net = f", net {_fmt_j(m.net_energy_j)}" if m.net_energy_j is not None else ""
+    if m.net_energy_j is not None:
+        net = f", net {_fmt_j(m.net_energy_j)} ± {m.net_uncertainty_j or 0.0:.3g} J"
+    elif m.net_energy_covered_j is not None:
+        covered = ", ".join(
+            k for k, d in m.domains.items() if d.in_total and k not in m.uncovered_domains
+        )
+        net = (
+            f", net of {covered} only {_fmt_j(m.net_energy_covered_j)} "
+            f"(no idle baseline for {', '.join(m.uncovered_domains)})"
+        )
+    else:
+        net = ""
     co2 = f", {m.co2_g:.3g} g CO2" if m.co2_g is not None else ""
     return (
         f"{_fmt_j(m.energy_j)} ± {m.uncertainty_j:.3g} J ({m.method}) over {m.duration_s:.2f} s "
@@ -64,9 +85,7 @@ def render_measurement(m: Any, title: str | None = None) -> None:
     t.add_row("method", m.method)
     t.add_row("duration", f"{m.duration_s:.3f} s")
     t.add_row("average power", f"{m.avg_power_w:.2f} W")
-    if m.idle_power_w is not None:
-        t.add_row("idle power", f"{m.idle_power_w:.2f} W")
-        t.add_row("net energy (minus idle)", _fmt_j(m.net_energy_j))
+    _net_rows(t, m)
     for name, d in m.domains.items():
         counted = "" if d.in_total else ", inside another domain: not added"
         t.add_row(
@@ -86,6 +105,23 @@ def render_measurement(m: Any, title: str | None = None) -> None:
     for note in m.notes:
         t.add_row("note", f"[dim]{note}[/]")
     console.print(t)
+
+
+def _net_rows(t: Table, m: Any) -> None:
+    """Net energy in words: complete, partial (which domains lack a baseline), or none."""
+    unc = f" ± {m.net_uncertainty_j:.3f} J (gross and idle-baseline uncertainty)"
+    if m.net_energy_j is not None:
+        t.add_row("idle power", f"{m.idle_power_w:.2f} W")
+        t.add_row("net energy (minus idle)", _fmt_j(m.net_energy_j) + unc)
+        return
+    missing = ", ".join(m.uncovered_domains)
+    if m.net_energy_covered_j is None:
+        t.add_row("net energy", f"- (no idle baseline for {missing}: run `joules idle`)")
+        return
+    covered = [k for k, d in m.domains.items() if d.in_total and k not in m.uncovered_domains]
+    t.add_row("idle power", f"{m.idle_power_w:.2f} W ({', '.join(covered)} only)")
+    t.add_row("net energy", f"- (no idle baseline for {missing}: run `joules idle`)")
+    t.add_row(f"net energy of {', '.join(covered)} only", _fmt_j(m.net_energy_covered_j) + unc)
 
 
 def _carbon(region: str | None, grid: float | None, pue: float, wue: float | None) -> Any:
@@ -132,9 +168,20 @@ def measure(
             m, rc = _run(meter, cmd)
     finally:
         meter.close()
-    if output is not None:
-        output.write_text(__import__("json").dumps(to_jsonable(m), indent=2))
+    # Print first: a bad --output must not lose the measurement (or the command's status).
     emit(m, json, lambda r: render_measurement(r, f"energy of `{' '.join(cmd)}`"))
+    if output is not None:
+        try:
+            output.write_text(_json.dumps(to_jsonable(m), indent=2))
+        except OSError as exc:
+            err_console.print(
+                f"[bold red]error:[/] could not write --output {str(output)!r}: "
+                f"{exc.strerror or exc} (the measurement is printed above; pick a writable path)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            # the command's own failure wins; a command that succeeded exits 2 (bad input)
+            raise typer.Exit(rc or 2) from None
     raise typer.Exit(rc)
 
 
@@ -196,7 +243,8 @@ def idle(
     t.add_column("value")
     t.add_row("idle power", f"{baseline.total_idle_power_w:.2f} ± {baseline.uncertainty_w:.2f} W")
     for dom, w in baseline.idle_power_w.items():
-        t.add_row(f"  {dom}", f"{w:.2f} W")
+        unc = baseline.uncertainty_w_by_domain.get(dom)
+        t.add_row(f"  {dom}", f"{w:.2f} W" + (f" ± {unc:.2f} W" if unc is not None else ""))
     t.add_row("method", baseline.method)
     t.add_row("measured over", f"{baseline.seconds:.1f} s at {baseline.measured_at}")
     t.add_row("cached in", result["cache"])

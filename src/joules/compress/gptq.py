@@ -76,7 +76,9 @@ class GPTQ(Step):
     ) -> None:
         w = dense_weight(module)
         mask = weight_mask(module)
-        fitted = formats.get(self.format).fit(w * mask if mask is not None else w)
+        fmt = formats.get(self.format)
+        use = fmt.for_shape(tuple(w.shape))  # llama.cpp's per-tensor GGUF fallback
+        fitted = use.fit(w * mask if mask is not None else w)
         q = gptq_quantize(
             w,
             h.matrix(),
@@ -87,6 +89,8 @@ class GPTQ(Step):
             mask=mask,
         )
         install_quantized(ctx, name, module, fitted.quantize(q), "gptq")
+        if use.spec != fmt.spec:
+            ctx.record(name, format_requested=fmt.spec)
 
     def apply(self, ctx: CompressContext) -> None:
         targets = ctx.resolve_targets(self.targets)

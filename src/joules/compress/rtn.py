@@ -49,6 +49,9 @@ class RTN(Step):
             mask = weight_mask(module)
             if mask is not None:
                 w = w * mask  # pruned weights stay zero: the layer re-applies its mask
-            install_quantized(ctx, name, module, fmt.quantize(w), "rtn")
+            use = fmt.for_shape(tuple(w.shape))  # llama.cpp's per-tensor GGUF fallback
+            install_quantized(ctx, name, module, use.quantize(w), "rtn")
+            if use.spec != fmt.spec:
+                ctx.record(name, format_requested=fmt.spec)
             if ctx.progress:
                 ctx.progress("rtn", i + 1, len(targets))

@@ -9,6 +9,11 @@
 
 Calibrate on ``valid``, evaluate on ``test``. Sources and licences: ``LICENSES.md`` beside this
 file (WikiText-2: CC BY-SA 3.0; HellaSwag: MIT).
+
+HellaSwag is shipped as llama.cpp's text file (``activity_label: ctx_a ctx_b`` and 4 endings per
+item). ``load_choice("hellaswag")`` applies lm-evaluation-harness's ``preprocess`` (below) to
+every context and ending; lm-eval's exact text cannot be rebuilt from this file, because it does
+not mark where ``ctx_a`` ends, so ``ctx_b`` is not capitalised as lm-eval does.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import bz2
 import functools
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -94,7 +100,19 @@ def load_text(name: str, split: str | None = None) -> str:
         raise DataError(f"{path} is not UTF-8 text: {exc}") from exc
 
 
-def _parse_hellaswag(raw: str, source: str) -> list[ChoiceItem]:
+def hellaswag_preprocess(text: str) -> str:
+    """lm-evaluation-harness's HellaSwag ``preprocess`` (tasks/hellaswag/utils.py), verbatim rules.
+
+    Strips, turns WikiHow's `` [title]`` into ``". "``, drops other bracketed artefacts and one
+    level of double spaces.
+    """
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _parse_hellaswag(raw: str, source: str, preprocess: bool = True) -> list[ChoiceItem]:
     lines = raw.splitlines()
     if len(lines) % 6:
         raise DataError(f"{source}: expected 6 lines per item, got {len(lines)} lines in total")
@@ -104,7 +122,13 @@ def _parse_hellaswag(raw: str, source: str) -> list[ChoiceItem]:
             label = int(lines[i + 1])
         except ValueError as exc:
             raise DataError(f"{source} line {i + 2}: label {lines[i + 1]!r} is not 0-3") from exc
-        items.append(ChoiceItem(lines[i], tuple(lines[i + 2 : i + 6]), label))
+        context, endings = lines[i], lines[i + 2 : i + 6]
+        if preprocess:
+            context, endings = (
+                hellaswag_preprocess(context),
+                [hellaswag_preprocess(e) for e in endings],
+            )
+        items.append(ChoiceItem(context, tuple(endings), label))
     return items
 
 
@@ -139,27 +163,39 @@ def _parse_jsonl(path: Path) -> list[ChoiceItem]:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_choice_cached(path: Path, kind: str) -> tuple[ChoiceItem, ...]:
+def _load_choice_cached(path: Path, kind: str, preprocess: bool) -> tuple[ChoiceItem, ...]:
     if kind == "hellaswag":
-        return tuple(_parse_hellaswag(bz2.decompress(path.read_bytes()).decode("utf-8"), path.name))
+        raw = bz2.decompress(path.read_bytes()).decode("utf-8")
+        return tuple(_parse_hellaswag(raw, path.name, preprocess))
     return tuple(_parse_jsonl(path))
 
 
-def load_choice(name: str, split: str | None = None) -> list[ChoiceItem]:
+def load_choice(
+    name: str, split: str | None = None, *, preprocess: bool = True
+) -> list[ChoiceItem]:
     """Return multiple-choice items: a shipped set (``hellaswag``) or a JSONL file path.
 
-    A JSONL file has one object per line: ``{"context": str, "endings": [str, ...], "label": int}``.
+    A JSONL file has one object per line: ``{"context": str, "endings": [str, ...], "label": int}``
+    and is used as given. The shipped HellaSwag goes through :func:`hellaswag_preprocess` unless
+    ``preprocess=False`` (the file's own text).
     """
     path = _pick(_CHOICE_SETS, name, split, "multiple-choice")
     if path is not None:
-        return list(_load_choice_cached(path, "hellaswag"))
+        return list(_load_choice_cached(path, "hellaswag", preprocess))
     path = Path(name).expanduser()
     if not path.is_file():
         raise DataError(
             f"no multiple-choice data set or file {name!r}: use one of "
             f"{', '.join(_CHOICE_SETS)} or the path of a JSONL file"
         )
-    return list(_load_choice_cached(path.resolve(), "jsonl"))
+    return list(_load_choice_cached(path.resolve(), "jsonl", False))
 
 
-__all__ = ["ChoiceItem", "choice_sets", "load_choice", "load_text", "text_sets"]
+__all__ = [
+    "ChoiceItem",
+    "choice_sets",
+    "hellaswag_preprocess",
+    "load_choice",
+    "load_text",
+    "text_sets",
+]

@@ -123,9 +123,10 @@ def flash_style_attention(
 
     # Padded keys sit after every real query, so the causal mask already hides them.
     qb, kb, vb = blocks(q), blocks(k), blocks(v)
-    m = torch.full((bsz, heads, nb, block_size, 1), float("-inf"), dtype=acc_dtype)
-    l = torch.zeros((bsz, heads, nb, block_size, 1), dtype=acc_dtype)  # noqa: E741
-    acc = torch.zeros((bsz, heads, nb, block_size, d), dtype=acc_dtype)
+    # The running state lives on the input's device (on a GPU, a CPU state would not even run).
+    m = torch.full((bsz, heads, nb, block_size, 1), float("-inf"), dtype=acc_dtype, device=q.device)
+    l = torch.zeros((bsz, heads, nb, block_size, 1), dtype=acc_dtype, device=q.device)  # noqa: E741
+    acc = torch.zeros((bsz, heads, nb, block_size, d), dtype=acc_dtype, device=q.device)
     diag = _causal_mask(block_size, block_size, 0, 0, q.device)  # [bs, bs]
     # Key block j updates every query block i >= j at once: per query block the updates run
     # in the same order (j = 0, 1, ... i) as the kernel's inner loop, vectorised over i.

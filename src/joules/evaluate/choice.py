@@ -12,8 +12,13 @@ Each ending is scored by the sum of its tokens' log-probabilities given the cont
 lm-evaluation-harness does for ``multiple_choice`` tasks: the continuation is ``" " + ending``
 (the target delimiter), the context is tokenized alone and the continuation's tokens are those
 the whole string adds after it. ``acc`` picks the highest sum, ``acc_norm`` the highest sum per
-UTF-8 byte of the ending (lm-eval divides by the ending's length in characters; for HellaSwag's
-ASCII text the two are equal).
+character of the ending and ``acc_bytes`` the highest sum per UTF-8 byte of it (lm-eval's three
+metrics; the delimiter is not counted; 181 HellaSwag items have non-ASCII endings, where the two
+normalisations can differ). Ties go to the first ending, as ``numpy.argmax``. A test feeds the
+same items to lm-eval's own metric code and gets the same choice for every item.
+
+The shipped HellaSwag is llama.cpp's text with lm-eval's ``preprocess`` applied to every string
+(see :mod:`joules.data`): lm-eval's scoring, on text where ``ctx_b`` is not capitalised.
 
 Speed: all endings of an item share the context, so by default the context is run once, its KV
 cache is repeated for the endings, and the endings run as one batch on top of it
@@ -37,6 +42,22 @@ from joules.evaluate.results import ChoiceProtocol, ChoiceResult
 from joules.evaluate.scoring import Scorer, bos_default, encode, model_dtype
 
 DEFAULT_SEED = 1234  # the fixed seed that picks the --limit items
+HELLASWAG_TEXT = (
+    "lm-eval scoring on llama.cpp's HellaSwag text with lm-eval's preprocess applied; "
+    "ctx_b not capitalised (the file does not mark where ctx_a ends)"
+)
+
+
+def argmax(values: Sequence[float]) -> int:
+    """Index of the largest value, the first one on ties (as ``numpy.argmax``)."""
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def choose(scores: Sequence[float], endings: Sequence[str]) -> tuple[int, int, int]:
+    """lm-eval's picks ``(acc, acc_norm, acc_bytes)``: by sum, per character, per UTF-8 byte."""
+    chars = [s / max(1, len(e)) for s, e in zip(scores, endings, strict=True)]
+    nbytes = [s / max(1, len(e.encode("utf-8"))) for s, e in zip(scores, endings, strict=True)]
+    return argmax(scores), argmax(chars), argmax(nbytes)
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -147,25 +168,29 @@ def choice_accuracy(
     model_name: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ChoiceResult:
-    """``acc`` and ``acc_norm`` of ``model`` on ``items`` (``limit`` of them, drawn by ``seed``)."""
+    """``acc``, ``acc_norm`` and ``acc_bytes`` of ``model`` on ``items`` (``limit`` drawn by ``seed``).
+
+    ``dataset="hellaswag"`` states the shipped text's protocol in the result; pass the file's
+    name for other items.
+    """
     if not items:
         raise ConfigError("no multiple-choice items to evaluate")
     chosen = select_items(len(items), limit, seed)
     scorer = ChoiceScorer(model, tokenizer, add_bos=add_bos, kv_reuse=kv_reuse)
-    correct = correct_norm = 0
+    correct = correct_norm = correct_bytes = 0
     preds: list[int] = []
     preds_norm: list[int] = []
+    preds_bytes: list[int] = []
     t0 = time.perf_counter()
     for done, i in enumerate(chosen):
         item = items[i]
-        sc = scorer.scores(item)
-        norm = [s / max(1, len(e.encode("utf-8"))) for s, e in zip(sc, item.endings, strict=True)]
-        p = max(range(len(sc)), key=sc.__getitem__)
-        pn = max(range(len(norm)), key=norm.__getitem__)
+        p, pn, pb = choose(scorer.scores(item), item.endings)
         preds.append(p)
         preds_norm.append(pn)
+        preds_bytes.append(pb)
         correct += p == item.label
         correct_norm += pn == item.label
+        correct_bytes += pb == item.label
         if progress:
             progress(done + 1, len(chosen))
     protocol = ChoiceProtocol(
@@ -177,13 +202,17 @@ def choice_accuracy(
         add_bos=scorer.add_bos,
         dtype=str(model_dtype(model)).removeprefix("torch."),
         kv_reuse=scorer.kv_reuse,
+        text=HELLASWAG_TEXT if dataset == "hellaswag" else "the file's text, as given",
     )
     return ChoiceResult(
         protocol=protocol,
         n=len(chosen),
         correct=correct,
         correct_norm=correct_norm,
+        correct_bytes=correct_bytes,
         duration_s=time.perf_counter() - t0,
+        items=chosen,
         predictions=preds,
         predictions_norm=preds_norm,
+        predictions_bytes=preds_bytes,
     )

@@ -108,6 +108,20 @@ def transformed_copy(
     return out
 
 
+def kl_rows(lp_ref: torch.Tensor, lp_test: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ model) per row of log-probabilities ``[N, V]`` -> ``[N]``, in nats.
+
+    ``sum_v p_ref · (log p_ref − log p_test)`` with xlogy's convention ``0 · log 0 = 0``: a token
+    the reference gives probability 0 (log-prob −inf, e.g. a masked vocabulary entry) adds 0, even
+    where the model's log-prob is −inf too (the plain product is ``0 · nan = nan`` there). Not
+    ``torch.special.xlogy(p, p / q)``: ``q = exp(log q)`` underflows to 0 far from the reference's
+    support and would turn a finite term infinite; the terms are masked and multiplied instead.
+    """
+    p_ref = lp_ref.exp()
+    terms = torch.where(p_ref > 0, p_ref * (lp_ref - lp_test), torch.zeros_like(p_ref))
+    return terms.sum(-1).clamp_min(0)
+
+
 class _SQNRHooks:
     """Forward hooks that store the reference's module outputs, then compare the model's."""
 
@@ -238,8 +252,7 @@ def deviation(
                             f"the model's vocabulary ({lp_test.shape[-1]}) differs from the "
                             f"reference's ({lp_ref.shape[-1]}): compare models of one tokenizer"
                         )
-                    # KL(ref || test) per position: sum_v p_ref (log p_ref - log p_test)
-                    kl = (lp_ref.exp() * (lp_ref - lp_test)).sum(-1).clamp_min(0)
+                    kl = kl_rows(lp_ref, lp_test)
                     window_kl.append(kl.double())
                     agree += int((lp_ref.argmax(-1) == lp_test.argmax(-1)).sum())
                     nll_ref -= float(lp_ref.gather(1, tgt[:, None]).double().sum())

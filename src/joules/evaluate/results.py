@@ -132,25 +132,34 @@ class ChoiceProtocol:
     add_bos: bool
     dtype: str
     kv_reuse: bool
+    text: str = ""  # where the text came from and how it was preprocessed
     scoring: str = (
         "score(ending) = sum of log p(token | context, earlier ending tokens) over the tokens of "
         "' ' + ending (lm-eval's target delimiter); acc = argmax score; acc_norm = argmax "
-        "score / UTF-8 bytes of the ending; context and continuation tokenized as lm-eval does "
-        "(context alone, then the continuation's tokens from the whole string)"
+        "score / characters of the ending; acc_bytes = argmax score / UTF-8 bytes of the ending "
+        "(delimiter not counted, first index on ties, as lm-eval); context and continuation "
+        "tokenized as lm-eval does (context alone, then the continuation's tokens from the "
+        "whole string)"
     )
 
 
 @dataclass(frozen=True)
 class ChoiceResult:
-    """Accuracy and length-normalised accuracy with Wilson 95 % intervals."""
+    """Accuracy and length-normalised accuracies (lm-eval's acc, acc_norm, acc_bytes), Wilson 95 %.
+
+    ``items`` are the evaluated item indices and ``predictions*`` the ending each metric picked.
+    """
 
     protocol: ChoiceProtocol
     n: int
     correct: int
     correct_norm: int
     duration_s: float
+    correct_bytes: int = 0
+    items: list[int] = field(default_factory=list, repr=False)
     predictions: list[int] = field(default_factory=list, repr=False)
     predictions_norm: list[int] = field(default_factory=list, repr=False)
+    predictions_bytes: list[int] = field(default_factory=list, repr=False)
 
     @property
     def acc(self) -> float:
@@ -161,6 +170,10 @@ class ChoiceResult:
         return self.correct_norm / self.n if self.n else float("nan")
 
     @property
+    def acc_bytes(self) -> float:
+        return self.correct_bytes / self.n if self.n else float("nan")
+
+    @property
     def acc_ci95(self) -> tuple[float, float]:
         return wilson_interval(self.correct, self.n)
 
@@ -169,18 +182,26 @@ class ChoiceResult:
         return wilson_interval(self.correct_norm, self.n)
 
     @property
+    def acc_bytes_ci95(self) -> tuple[float, float]:
+        return wilson_interval(self.correct_bytes, self.n)
+
+    @property
     def items_per_s(self) -> float:
         return self.n / self.duration_s if self.duration_s > 0 else float("nan")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, predictions: bool = False) -> dict[str, Any]:
+        """Figures and protocol; ``predictions=True`` adds the per-item indices and picks."""
         d = asdict(self)
-        d.pop("predictions")
-        d.pop("predictions_norm")
+        if not predictions:
+            for key in ("items", "predictions", "predictions_norm", "predictions_bytes"):
+                d.pop(key)
         d.update(
             acc=self.acc,
             acc_ci95=list(self.acc_ci95),
             acc_norm=self.acc_norm,
             acc_norm_ci95=list(self.acc_norm_ci95),
+            acc_bytes=self.acc_bytes,
+            acc_bytes_ci95=list(self.acc_bytes_ci95),
             items_per_s=self.items_per_s,
         )
         return d

@@ -11,11 +11,12 @@
     True
 
 Families: integer (int/uint-asym), minifloat (OCP FP8/FP6/FP4), nf4, mx (OCP MX), nxfp
-(Nanoscaling FP), ternary (BitNet b1.58), codebook (per-channel k-means). Error analysis lives in
+(Nanoscaling FP), ternary (BitNet b1.58), codebook (per-channel k-means), gguf (llama.cpp's
+block types, bit for bit). Error analysis lives in
 :mod:`joules.formats.error` (``compare_formats``).
 """
 
-from joules.formats import codebook, integer, minifloat, mx, nf4, nxfp, ternary  # noqa: F401
+from joules.formats import codebook, gguf, integer, minifloat, mx, nf4, nxfp, ternary  # noqa: F401
 from joules.formats.base import (
     PRESETS,
     BlockModel,

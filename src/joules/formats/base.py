@@ -307,6 +307,11 @@ class Format(ABC):
     def description(self) -> str:
         return self.spec
 
+    def for_shape(self, shape: tuple[int, ...]) -> Format:
+        """The format to use for a tensor of ``shape``: itself, except where a family has a
+        per-tensor fallback (GGUF's K-quants on rows not a multiple of 256, as llama.cpp)."""
+        return self
+
     # -- fixed-parameter quantization (GPTQ) ------------------------------------------------------
     def fit(self, w: torch.Tensor) -> Fitted:
         """Fix every data-dependent parameter (scales, minima, E8M0 exponents, NxFP per-block
@@ -469,7 +474,7 @@ def get(spec: str | FormatConfig) -> Format:
     return fmt
 
 
-FAMILY_ORDER = ("int", "minifloat", "nf4", "mx", "nxfp", "ternary", "codebook")
+FAMILY_ORDER = ("int", "minifloat", "nf4", "mx", "nxfp", "ternary", "codebook", "gguf")
 
 
 def list_formats() -> builtins.list[Format]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -69,6 +70,7 @@ class DomainEnergy:
     in_total: bool = True
     idle_power_w: float | None = None
     note: str | None = None
+    idle_uncertainty_w: float | None = None  # the baseline's own uncertainty (W)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,10 +109,18 @@ class PowerTimeline:
 class Measurement:
     """Energy of one window, per domain and in total, with its uncertainty, baseline and carbon.
 
-    ``energy_j`` is gross (everything the domains drew); ``net_energy_j`` subtracts the idle power
-    times the duration when an idle baseline is known (``joules idle``, or the estimator's model
-    idle), else it is None. ``uncertainty_j`` is the sum of the domains' uncertainties (errors of
-    sensors of one kind are correlated, so they are added, not combined in quadrature).
+    ``energy_j`` is gross (everything the domains drew). ``uncertainty_j`` is the sum of the
+    domains' uncertainties (errors of sensors of one kind are correlated, so they are added, not
+    combined in quadrature).
+
+    Net energy subtracts idle power x duration, domain by domain, where a domain has an idle
+    baseline (``joules idle``, or the estimator's model idle). ``net_energy_j`` is set only when
+    *every* domain in the total has one; otherwise it is None, ``net_energy_covered_j`` is the net
+    energy of the domains that have one (gross minus idle over those domains only) and
+    ``uncovered_domains`` names the others. ``idle_power_w`` is the idle power of the covered
+    domains. ``net_uncertainty_j`` is the uncertainty of whichever net figure is set: the covered
+    domains' gross uncertainty plus each baseline's own uncertainty x duration (added, as above:
+    a ±5 % gross band can be ±50 % of a small net figure).
     """
 
     name: str
@@ -121,6 +131,9 @@ class Measurement:
     domains: dict[str, DomainEnergy]
     idle_power_w: float | None = None
     net_energy_j: float | None = None
+    net_energy_covered_j: float | None = None
+    net_uncertainty_j: float | None = None
+    uncovered_domains: list[str] = field(default_factory=list)
     co2_g: float | None = None
     water_l: float | None = None
     carbon: dict[str, Any] | None = None  # CarbonResult.to_dict(): grid, PUE, WUE, breakdown
@@ -154,6 +167,9 @@ class Measurement:
             "uncertainty_j": self.uncertainty_j,
             "idle_power_w": self.idle_power_w,
             "net_energy_j": self.net_energy_j,
+            "net_energy_covered_j": self.net_energy_covered_j,
+            "net_uncertainty_j": self.net_uncertainty_j,
+            "uncovered_domains": list(self.uncovered_domains),
             "co2_g": self.co2_g,
             "water_l": self.water_l,
             "domains": {k: d.to_dict() for k, d in self.domains.items()},
@@ -175,6 +191,9 @@ class Measurement:
             domains={k: DomainEnergy(**v) for k, v in d["domains"].items()},
             idle_power_w=d.get("idle_power_w"),
             net_energy_j=d.get("net_energy_j"),
+            net_energy_covered_j=d.get("net_energy_covered_j"),
+            net_uncertainty_j=d.get("net_uncertainty_j"),
+            uncovered_domains=list(d.get("uncovered_domains", [])),
             co2_g=d.get("co2_g"),
             water_l=d.get("water_l"),
             carbon=d.get("carbon"),
@@ -182,6 +201,22 @@ class Measurement:
             notes=list(d.get("notes", [])),
             start_unix_s=d.get("start_unix_s", 0.0),
         )
+
+
+def synchronize_gpus() -> bool:
+    """Wait for the kernels queued on the current CUDA device; True if it waited.
+
+    A window closing while kernels are still queued would miss their energy (and a window
+    opening would count earlier work), so windows synchronise at both ends, as Zeus does. Only
+    when torch is already imported and CUDA already initialised: the meter never imports torch
+    (``joules measure`` stays torch-free) and never creates a CUDA context.
+    """
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    if cuda is None or not cuda.is_initialized():
+        return False
+    cuda.synchronize()
+    return True
 
 
 class Backend(ABC):
@@ -261,6 +296,8 @@ class Meter:
     :class:`joules.measure.carbon.CarbonConfig` (world-average grid, PUE 1.0 when None).
     ``idle_power_w``: per-domain idle baseline to subtract; "auto" loads the cached baseline that
     ``joules idle`` measured for this exact meter setup, falling back to the backends' models.
+    ``synchronize``: wait for queued CUDA kernels at each window boundary
+    (:func:`synchronize_gpus`; a no-op unless torch has initialised CUDA).
     """
 
     def __init__(
@@ -274,6 +311,7 @@ class Meter:
         clock: Callable[[], float] = time.monotonic,
         notes: list[str] | None = None,
         max_samples: int = 36_000,  # one hour of timeline at 10 Hz
+        synchronize: bool = True,
     ) -> None:
         if not backends:
             raise MeterError("a Meter needs at least one backend: use detect_meter()")
@@ -285,6 +323,7 @@ class Meter:
         self.backends = list(backends)
         self.interval_s = interval_s
         self.timeline = timeline
+        self.synchronize = synchronize
         self.clock = clock
         self.notes = list(notes or []) + [n for b in backends for n in b.notes]
         if carbon is None:
@@ -298,9 +337,13 @@ class Meter:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._last_close_s = 0.0
+        # keep the thread across back-to-back windows
+        self._linger_s = max(1.0, 5 * interval_s) if interval_s is not None else 0.0
         self.last: Measurement | None = None
         self.idle_source = "none"
         self.idle_power_w: dict[str, float] | None = None
+        # the baselines' own uncertainty per domain (W), same keys as idle_power_w
+        self.idle_uncertainty_w: dict[str, float] = {}
         self._set_idle(idle_power_w)
 
     # -- setup -------------------------------------------------------------------------------
@@ -312,26 +355,35 @@ class Meter:
         return {d.name: b.idle_key() for b in self.backends for d in b.domains()}
 
     def _set_idle(self, idle: dict[str, float] | str | None) -> None:
+        # A baseline without a known uncertainty (given by the caller, a model idle, a cache entry
+        # written before uncertainties were stored) gets its backend's relative uncertainty.
+        rel = {d.name: b.relative_uncertainty for b in self.backends for d in b.domains()}
         if isinstance(idle, dict):
             self.idle_power_w, self.idle_source = dict(idle), "given"
+            self.idle_uncertainty_w = {k: abs(v) * rel.get(k, 0.0) for k, v in idle.items()}
             return
         if idle is None:
             return
         if idle != "auto":
             raise MeterError(f"idle_power_w must be a dict, 'auto' or None, got {idle!r}")
-        from joules.measure.idle import load_idle
+        from joules.measure.idle import load_idle_with_uncertainty
 
         found: dict[str, float] = {}
         sources = set()
         for b in self.backends:
             key = b.idle_key()
-            cached = load_idle(key) if key else None
+            cached = load_idle_with_uncertainty(key) if key else None
             model = b.model_idle_power_w()
             if cached is not None:
-                found.update(cached)
+                power, unc = cached
+                found.update(power)
+                for k, v in power.items():
+                    self.idle_uncertainty_w[k] = unc.get(k, abs(v) * b.relative_uncertainty)
                 sources.add("cached")
             elif model is not None:
                 found.update(model)
+                for k, v in model.items():
+                    self.idle_uncertainty_w[k] = abs(v) * b.relative_uncertainty
                 sources.add("model")
         if found:
             self.idle_power_w = found
@@ -346,8 +398,10 @@ class Meter:
             }
 
     def _sample(self) -> None:
-        readings = self._read_all(precise=False)
-        self._record(readings)
+        # Read and append under one hold of the lock: released in between, a window boundary
+        # could read later and append first, and the timeline would go back in time.
+        with self._lock:
+            self._record(self._read_all(precise=False))
 
     def _record(self, readings: dict[str, Reading]) -> None:
         t = max(r.t_s for r in readings.values())
@@ -357,11 +411,14 @@ class Meter:
 
     def _run_sampler(self) -> None:
         assert self.interval_s is not None
-        linger_s = max(1.0, 5 * self.interval_s)  # keep the thread across back-to-back windows
         try:
             while not self._stop.wait(self.interval_s):
                 with self._lock:
-                    if not self._open and self.clock() - self._last_close_s > linger_s:
+                    if not self._open and self.clock() - self._last_close_s > self._linger_s:
+                        # Decide and let go in one hold of the lock: a begin() after this sees
+                        # no sampler and starts one (cleared later, it would start none).
+                        if self._thread is threading.current_thread():
+                            self._thread = None
                         return
                 try:
                     self._sample()
@@ -388,21 +445,25 @@ class Meter:
     # -- windows -----------------------------------------------------------------------------
     def begin(self, name: str = "window", *, timeline: bool | None = None) -> Window:
         """Open a window now; end it with :meth:`end` (by name or by the returned object)."""
-        readings = self._read_all(precise=True)
-        self._record(readings)
-        w = Window(
-            name, readings, time.time(), self.timeline if timeline is None else bool(timeline)
-        )
+        if self.synchronize:
+            synchronize_gpus()  # work queued before the window is not the window's
         with self._lock:
+            readings = self._read_all(precise=True)
+            self._record(readings)
+            w = Window(
+                name, readings, time.time(), self.timeline if timeline is None else bool(timeline)
+            )
             self._open.append(w)
-        self._ensure_sampler()
+            self._ensure_sampler()
         return w
 
     def end(self, window: str | Window) -> Measurement:
         """Close a window (the most recent open one of that name) and return its measurement."""
-        end = self._read_all(precise=True)
-        self._record(end)
+        if self.synchronize:
+            synchronize_gpus()  # the window's kernels have run before its end is read
         with self._lock:
+            end = self._read_all(precise=True)
+            self._record(end)
             w = self._find_open(window)
             self._open.remove(w)
             if not self._open:
@@ -463,6 +524,7 @@ class Meter:
                     de.energy_j = 0.0
                 if self.idle_power_w is not None and dname in self.idle_power_w:
                     de.idle_power_w = self.idle_power_w[dname]
+                    de.idle_uncertainty_w = self.idle_uncertainty_w.get(dname, 0.0)
                 if de.note:
                     notes.append(f"{dname}: {de.note}")
                 domains[dname] = de
@@ -470,11 +532,18 @@ class Meter:
         energy_j = sum(d.energy_j for d in counted)
         uncertainty_j = sum(d.uncertainty_j for d in counted)
         method = max((d.method for d in counted), key=_METHOD_RANK.__getitem__, default="counter")
-        idle_w = None
-        net_j = None
-        if self.idle_power_w is not None:
-            idle_w = sum(d.idle_power_w or 0.0 for d in counted)
-            net_j = energy_j - idle_w * duration_s
+        # Net energy only over domains with a baseline: a missing one is not 0 W idle.
+        covered = [d for d in counted if d.idle_power_w is not None]
+        uncovered = [k for k, d in domains.items() if d.in_total and d.idle_power_w is None]
+        idle_w = net_covered_j = net_unc_j = net_j = None
+        if covered:
+            idle_w = sum(d.idle_power_w or 0.0 for d in covered)
+            net_covered_j = sum(d.energy_j for d in covered) - idle_w * duration_s
+            net_unc_j = sum(
+                d.uncertainty_j + (d.idle_uncertainty_w or 0.0) * duration_s for d in covered
+            )
+            if not uncovered:
+                net_j = net_covered_j
         carbon = self.carbon.assess(
             energy_j, duration_s, sum(d.embodied_g_per_h for d in self.domains() if d.in_total)
         )
@@ -487,13 +556,25 @@ class Meter:
             domains=domains,
             idle_power_w=idle_w,
             net_energy_j=net_j,
+            net_energy_covered_j=net_covered_j,
+            net_uncertainty_j=net_unc_j,
+            uncovered_domains=uncovered,
             co2_g=carbon.co2_g,
             water_l=carbon.water_l,
             carbon=carbon.to_dict(),
             timeline=self._timeline(t0, t1) if w.timeline else None,
-            notes=self.notes + notes + ([f"idle baseline: {self.idle_source}"] if idle_w else []),
+            notes=self.notes + notes + self._idle_notes(idle_w, uncovered),
             start_unix_s=w.start_unix_s,
         )
+
+    def _idle_notes(self, idle_w: float | None, uncovered: list[str]) -> list[str]:
+        notes = [f"idle baseline: {self.idle_source}"] if idle_w is not None else []
+        if idle_w is not None and uncovered:
+            notes.append(
+                f"net energy not computed: no idle baseline for {', '.join(uncovered)} "
+                "(run `joules idle`); net_energy_covered_j covers the other domains"
+            )
+        return notes
 
     def _timeline(self, t0: float, t1: float) -> PowerTimeline:
         with self._lock:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
@@ -49,12 +50,22 @@ def hardware_table() -> dict[str, Any]:
     return json.loads(resources.files("joules.data").joinpath("hardware.json").read_text())
 
 
+def name_matches(pattern: str, name: str) -> bool:
+    """True if ``pattern`` occurs in ``name`` as whole words (case-insensitive): neither end
+    may touch a letter or digit, so "L4" matches "NVIDIA L4" but not "NVIDIA L40S", and
+    "EPYC 7763" matches "AMD EPYC 7763 64-Core" but not "EPYC 77631"."""
+    return (
+        re.search(rf"(?<![a-z0-9]){re.escape(pattern.lower())}(?![a-z0-9])", name.lower())
+        is not None
+    )
+
+
 def match_device(kind: str, name: str) -> dict[str, Any] | None:
-    """The first ``hardware.json`` device of ``kind`` ("cpu"/"gpu") whose match strings occur in
-    ``name`` (case-insensitive); entries are ordered most specific first. None if none match."""
-    low = name.lower()
+    """The first ``hardware.json`` device of ``kind`` ("cpu"/"gpu") one of whose match strings
+    occurs in ``name`` as whole words (:func:`name_matches`); entries are ordered most specific
+    first. None if none match."""
     for dev in hardware_table()["devices"]:
-        if dev["kind"] == kind and any(m.lower() in low for m in dev["match"]):
+        if dev["kind"] == kind and any(name_matches(m, name) for m in dev["match"]):
             return dev
     return None
 

@@ -11,7 +11,9 @@
 ``~/.cache/joules``) holds one baseline per host and backend setup (:meth:`Backend.idle_key`:
 backend, domains, devices), so a baseline measured with two GPUs never applies to a run on one.
 Domains whose idle comes from a model (the estimator in process scope) are never cached. Every
-measurement then reports gross ``energy_j`` and ``net_energy_j`` = gross - idle power x duration.
+measurement then reports gross ``energy_j`` and ``net_energy_j`` = gross - idle power x duration,
+with ``net_uncertainty_j`` adding the baseline's own uncertainty (cached per domain beside it)
+times the duration to the gross uncertainty.
 Measure idle with nothing else running: whatever runs is counted as idle.
 """
 
@@ -22,7 +24,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,8 @@ class IdleBaseline:
     method: str
     uncertainty_w: float
     measured_at: str
+    # per domain: the idle window's sensor uncertainty over its duration (W)
+    uncertainty_w_by_domain: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +97,7 @@ def measure_idle(
         seconds=m.duration_s,
         method=m.method,
         uncertainty_w=m.uncertainty_j / m.duration_s,
+        uncertainty_w_by_domain={k: d.uncertainty_j / m.duration_s for k, d in m.domains.items()},
         measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
@@ -115,6 +120,11 @@ def save_idle(baseline: IdleBaseline, path: Path | None = None) -> IdleBaseline:
         doms = [d for d, k in baseline.domain_keys.items() if k == key]
         data[f"{baseline.host}|{key}"] = {
             "idle_power_w": {d: baseline.idle_power_w[d] for d in doms},
+            "uncertainty_w": {
+                d: baseline.uncertainty_w_by_domain[d]
+                for d in doms
+                if d in baseline.uncertainty_w_by_domain
+            },
             "seconds": baseline.seconds,
             "method": baseline.method,
             "measured_at": baseline.measured_at,
@@ -128,8 +138,21 @@ def save_idle(baseline: IdleBaseline, path: Path | None = None) -> IdleBaseline:
 
 def load_idle(backend_key: str, path: Path | None = None) -> dict[str, float] | None:
     """The cached idle power per domain of this backend setup on this host, or None."""
+    found = load_idle_with_uncertainty(backend_key, path)
+    return found[0] if found else None
+
+
+def load_idle_with_uncertainty(
+    backend_key: str, path: Path | None = None
+) -> tuple[dict[str, float], dict[str, float]] | None:
+    """(idle power, its uncertainty) per domain (W) of this backend setup on this host, or None.
+
+    The uncertainty dict lacks the domains of a baseline cached before it was stored.
+    """
     rec = _read_cache(path or idle_cache_path()).get(_full_key(backend_key))
     try:
-        return {str(k): float(v) for k, v in rec["idle_power_w"].items()}
+        power = {str(k): float(v) for k, v in rec["idle_power_w"].items()}
+        unc = {str(k): float(v) for k, v in (rec.get("uncertainty_w") or {}).items()}
     except (TypeError, KeyError, ValueError, AttributeError):
         return None
+    return power, unc

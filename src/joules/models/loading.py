@@ -117,6 +117,23 @@ def _quiet_hf() -> None:
         pass
 
 
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _require_safetensors(path: Path) -> None:
+    """Refuse a directory whose weights exist only as pickle files (loading them runs code)."""
+    if any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        return
+    pickles = sorted(p.name for pattern in _PICKLE_WEIGHTS for p in path.glob(pattern))
+    if pickles:
+        raise UnsupportedModelError(
+            f"'{path}' holds weights only as pickle ({', '.join(pickles[:3])}), which joules "
+            "does not load (unpickling can run code): convert it once with transformers, "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR), in an "
+            "environment you trust, and pass NEW_DIR"
+        )
+
+
 def _load_hf_dir(path: Path, dtype: torch.dtype | None) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -131,10 +148,13 @@ def _load_hf_dir(path: Path, dtype: torch.dtype | None) -> tuple[Any, Any]:
             f"'{path}' holds a {config.model_type!r} model, which is not a causal language model "
             "transformers can load: joules loads causal LMs such as llama, qwen2, mistral, phi3"
         )
+    _require_safetensors(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype or "auto", use_safetensors=True
+            )
     except ValueError as exc:
         raise UnsupportedModelError(f"transformers cannot load '{path}': {exc}") from exc
     except OSError as exc:

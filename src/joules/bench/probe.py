@@ -1,0 +1,187 @@
+"""This machine's speed of light: achievable memory bandwidth and peak matmul FLOP/s.
+
+    >>> from joules.bench.probe import probe_machine
+    >>> lim = probe_machine(threads=1, buffer_bytes=8 << 20, matmul_n=256, repeats=2, save=False)
+    >>> lim.read_bw_bytes_s > 0 and lim.peak_flops["fp32"] > 0
+    True
+
+``joules bench --probe`` measures, with the given thread count:
+
+- ``read_bw_bytes_s``: a sum over a buffer far larger than the last-level cache (default 256 MiB,
+  fp32), bytes read ÷ time, best of ``repeats``;
+- ``triad_bw_bytes_s``: STREAM's triad ``a = b + s·c`` (counted as 3 × the array bytes, as
+  STREAM does; write-allocate traffic is not counted), best of ``repeats``;
+- ``peak_flops``: ``{"fp32": ..., "bf16": ...}``, 2·n³ ÷ time of an n×n ``F.linear`` (the
+  call every transformers linear makes; on CPUs without native bf16, torch's bf16 ``mm`` is far
+  slower than ``F.linear``, so the layout matters), best of ``repeats``.
+
+Best-of-N is the achievable rate, the right denominator for a "fraction of the speed of light".
+
+Cache file (read by ``joules predict`` through :func:`load_machine_limits`):
+``$JOULES_CACHE_DIR/machine_limits.json`` =
+``{"version": 1, "entries": {"<cpu model>|<threads>": MachineLimits.to_dict()}}`` where
+``to_dict()`` is ``{"cpu_model": str, "threads": int, "read_bw_bytes_s": float,
+"triad_bw_bytes_s": float, "peak_flops": {"fp32": float, "bf16": float}, "buffer_bytes": int,
+"matmul_n": int, "repeats": int, "device": "cpu", "torch": str, "probed_unix_s": float}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from joules.errors import ConfigError
+
+CACHE_FILE = "machine_limits.json"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class MachineLimits:
+    """Measured limits of this machine for a thread count (see the module docstring)."""
+
+    cpu_model: str
+    threads: int
+    read_bw_bytes_s: float
+    triad_bw_bytes_s: float
+    peak_flops: dict[str, float] = field(default_factory=dict)
+    buffer_bytes: int = 0
+    matmul_n: int = 0
+    repeats: int = 0
+    device: str = "cpu"
+    torch: str = ""
+    probed_unix_s: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.cpu_model}|{self.threads}"
+
+    def flops(self, dtype: str) -> float:
+        """Peak FLOP/s for a compute dtype ("fp32", "bf16"; torch names accepted)."""
+        name = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
+        return self.peak_flops.get(name, self.peak_flops.get("fp32", float("nan")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MachineLimits:
+        return cls(**d)
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[int]:
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _best_time(fn: Any, repeats: int) -> float:
+    fn()  # warm-up: first touch of pages, thread-pool start
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _bandwidth_times(n: int, repeats: int) -> tuple[float, float]:
+    """Best times of a sum over n fp32 values and of a triad over three such arrays."""
+    a, b, c = torch.ones(n), torch.ones(n), torch.ones(n)
+    read_s = _best_time(lambda: a.sum(), repeats)
+    triad_s = _best_time(lambda: torch.add(b, c, alpha=3.0, out=a), repeats)
+    return read_s, triad_s
+
+
+def probe_machine(
+    threads: int | None = None,
+    *,
+    buffer_bytes: int = 256 << 20,
+    matmul_n: int = 1024,
+    repeats: int = 10,  # best of 10: on a shared machine some runs lose their core
+    save: bool = True,
+) -> MachineLimits:
+    """Measure read and triad bandwidth and peak matmul FLOP/s; cache them unless ``save`` is
+    False. ``threads`` None uses torch's current thread count."""
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    if buffer_bytes < 1 << 20 or matmul_n < 16 or repeats < 1:
+        raise ConfigError("probe needs buffer_bytes >= 1 MiB, matmul_n >= 16 and repeats >= 1")
+    from joules.system import cpu_model
+
+    with _threads(threads) as n_threads, torch.inference_mode():
+        n = buffer_bytes // 4
+        read_s, triad_s = _bandwidth_times(n, repeats)
+        peak: dict[str, float] = {}
+        for name, dtype in _DTYPES.items():
+            x = torch.randn(matmul_n, matmul_n).to(dtype)
+            y = torch.randn(matmul_n, matmul_n).to(dtype)
+            t = _best_time(lambda x=x, y=y: torch.nn.functional.linear(x, y), repeats)
+            peak[name] = 2 * matmul_n**3 / t
+    limits = MachineLimits(
+        cpu_model=cpu_model(),
+        threads=n_threads,
+        read_bw_bytes_s=n * 4 / read_s,
+        triad_bw_bytes_s=3 * n * 4 / triad_s,
+        peak_flops=peak,
+        buffer_bytes=n * 4,
+        matmul_n=matmul_n,
+        repeats=repeats,
+        torch=torch.__version__,
+        probed_unix_s=time.time(),
+    )
+    if save:
+        save_machine_limits(limits)
+    return limits
+
+
+def limits_path() -> Path:
+    from joules.models.loading import cache_dir
+
+    return cache_dir() / CACHE_FILE
+
+
+def _read_cache() -> dict[str, Any]:
+    path = limits_path()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"version": 1, "entries": {}}
+    if not isinstance(data, dict) or data.get("version") != 1:
+        return {"version": 1, "entries": {}}
+    return data
+
+
+def save_machine_limits(limits: MachineLimits) -> Path:
+    """Store ``limits`` in the cache file (atomic replace), keyed by CPU model and threads."""
+    data = _read_cache()
+    data.setdefault("entries", {})[limits.key] = limits.to_dict()
+    path = limits_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def load_machine_limits(threads: int | None = None) -> MachineLimits | None:
+    """The cached limits of this CPU for ``threads`` (None: torch's current count), or None when
+    ``joules bench --probe`` has not measured them yet."""
+    from joules.system import cpu_model
+
+    n = threads if threads is not None else torch.get_num_threads()
+    entry = _read_cache().get("entries", {}).get(f"{cpu_model()}|{n}")
+    return MachineLimits.from_dict(entry) if entry else None

@@ -1,0 +1,466 @@
+"""Export a model (a joules-compressed directory, an HF directory or a GGUF) to a GGUF file.
+
+    >>> from joules.deploy import export_gguf
+    >>> res = export_gguf("out/", "model.gguf")                      # doctest: +SKIP
+    >>> res.type_counts()                                            # doctest: +SKIP
+    {'Q4_0': 210, 'F32': 62}
+
+Tensors compressed in a GGUF-exact format (``gguf-*``, and OCP ``mxfp4``, which repacks into
+GGUF MXFP4 losslessly) are written as computed -- their stored block bytes, never re-quantized.
+Other compressed tensors are refused with the list of formats that map, unless
+``dequantize="f16"|"bf16"|"f32"`` asks for them as floats (recorded as not exact). Float tensors
+are written as ``float_type`` (F32 by default, so the file decodes to the very weights of the
+source); norms are always F32, as llama.cpp expects.
+
+llama-family GGUF stores the rows of ``attn_q`` and ``attn_k`` permuted for its RoPE layout
+(``convert_hf_to_gguf.py``'s ``permute``): the exporter permutes whole rows of the quantized
+blocks (a row of a GGUF tensor is a run of whole blocks), which is exact. Metadata (``llama.*``
+hyper-parameters) comes from the model config; the tokenizer is copied from the source GGUF when
+the model came from one (the shipped SmolLM2), else built from a byte-level BPE
+``tokenizer.json`` (``tokenizer.ggml.model = gpt2``). What was written, tensor by tensor, is in
+the returned :class:`ExportResult` and in the file's ``joules.export`` metadata string.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from joules.errors import ConfigError, UnsupportedModelError
+
+# Hugging Face names of llama-family modules -> GGUF names (llama.cpp's convention).
+_BLOCK = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+FLOAT_TYPES = ("f32", "f16", "bf16")
+SUPPORTED_ARCHS = ("llama",)
+
+
+def gguf_name(hf: str) -> str | None:
+    """GGUF tensor name of a Hugging Face parameter name (None if it has none)."""
+    stem, _, kind = hf.rpartition(".")
+    if stem in _TOP:
+        return f"{_TOP[stem]}.{kind}"
+    parts = stem.split(".")
+    if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers":
+        rest = ".".join(parts[3:])
+        if rest in _BLOCK:
+            return f"blk.{parts[2]}.{_BLOCK[rest]}.{kind}"
+    return None
+
+
+def permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k row order for rotary halves: rows [h, 2, d/2] -> [h, d/2, 2] per head.
+
+    Works on any tensor whose leading dimension is the output rows (floats, or a GGUF block
+    byte array [rows, row_bytes]); the inverse is transformers' ``reverse_permute_weights``."""
+    rows = t.shape[0]
+    return t.reshape(n_head, 2, rows // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def unpermute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of :func:`permute_rows`."""
+    rows = t.shape[0]
+    return t.reshape(n_head, rows // n_head // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+@dataclass
+class ExportedTensor:
+    """One tensor of the written file: where it came from and how it was stored."""
+
+    name: str
+    source: str
+    ggml_type: str
+    shape: list[int]
+    nbytes: int
+    exact: bool  # True: the stored values are the source's, bit for bit
+    source_format: str | None = None  # the joules format of a compressed tensor
+    permuted: bool = False
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_gguf` wrote."""
+
+    path: str
+    source: str
+    recipe: str | None
+    tokenizer_from: str
+    float_type: str
+    tensors: list[ExportedTensor] = field(default_factory=list)
+    file_nbytes: int = 0
+
+    def type_counts(self) -> dict[str, int]:
+        return dict(Counter(t.ggml_type for t in self.tensors))
+
+    @property
+    def exact(self) -> bool:
+        return all(t.exact for t in self.tensors)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["type_counts"] = self.type_counts()
+        d["exact"] = self.exact
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> ExportResult:
+        d = {k: v for k, v in d.items() if k not in ("type_counts", "exact")}
+        d["tensors"] = [ExportedTensor(**t) for t in d.get("tensors", [])]
+        return ExportResult(**d)
+
+
+def exact_gguf_specs() -> list[str]:
+    """Formats whose tensors GGUF holds exactly."""
+    from joules.formats.gguf import PRESETS
+
+    return [*PRESETS, "mxfp4"]
+
+
+def _quantized_blocks(lin: Any) -> tuple[str, torch.Tensor] | None:
+    """(GGML type, block bytes [rows, row_bytes]) of a CompressedLinear, or None if not exact."""
+    from joules.formats.gguf import get_gguf, mxfp4_to_gguf_blocks
+
+    if lin.sparse is not None or lin.act_quant is not None:
+        return None
+    if getattr(lin, "weight_mask", None) is not None:
+        return None
+    qt = lin.qtensor()
+    if qt.spec.startswith("gguf-"):
+        return get_gguf(qt.spec).ggml_type, qt.parts["blocks"].cpu().contiguous()
+    if qt.spec == "mxfp4" and qt.shape[-1] % 32 == 0:
+        return "MXFP4", mxfp4_to_gguf_blocks(qt)
+    return None
+
+
+def _float_array(t: torch.Tensor, float_type: str) -> tuple[np.ndarray, Any]:
+    from gguf import GGMLQuantizationType, quants
+
+    a = t.detach().float().cpu().numpy()
+    if float_type == "f32":
+        return a, GGMLQuantizationType.F32
+    if float_type == "f16":
+        return a.astype(np.float16), GGMLQuantizationType.F16
+    return quants.quantize(a, GGMLQuantizationType.BF16), GGMLQuantizationType.BF16
+
+
+def _source_gguf(spec: str, path: Path, manifest: Any) -> Path | None:
+    """The GGUF file the model came from, if any (the source model of a compressed dir)."""
+    from joules.models.loading import resolve
+
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    src = getattr(manifest, "source_model", "") if manifest is not None else ""
+    if src:
+        try:
+            kind, p = resolve(src)
+        except Exception:  # the source may have moved: fall back to the HF tokenizer
+            return None
+        if kind == "gguf":
+            return Path(p)
+    return None
+
+
+def _copy_tokenizer_kv(writer: Any, src: Path) -> None:
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(src))
+    for name, f in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        vtype = f.types[0]
+        if vtype == GGUFValueType.ARRAY:
+            writer.add_key_value(name, f.contents(), vtype, sub_type=f.types[-1])
+        else:
+            writer.add_key_value(name, f.contents(), vtype)
+
+
+def _hf_tokenizer_kv(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+    """Byte-level BPE (gpt2-style) tokenizer.json -> tokenizer.ggml.* fields."""
+    from gguf import GGUFValueType
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError(
+            "GGUF export needs a fast tokenizer (tokenizer.json) or a GGUF source to copy "
+            "the vocabulary from"
+        )
+    spec = json.loads(backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise ConfigError(
+            f"GGUF export writes byte-level BPE tokenizers only, got {model.get('type')}: "
+            "export a model that came from a GGUF file to copy its tokenizer"
+        )
+    vocab: dict[str, int] = dict(model["vocab"])
+    for t in spec.get("added_tokens", []):
+        vocab[t["content"]] = t["id"]
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [5] * vocab_size  # UNUSED
+    for tok, i in vocab.items():
+        if i < vocab_size:
+            tokens[i] = tok
+            types[i] = 3 if i in special else 1  # CONTROL / NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:
+        # llama.cpp requires merges for gpt2 tokenizers and gguf cannot write an empty array:
+        # merge two special tokens (never merged: both tokenizers split specials out first)
+        # into an unused slot
+        bos, eos = tokenizer.bos_token, tokenizer.eos_token
+        free = [i for i, t in enumerate(types) if t == 5]
+        if not (bos and eos and free):
+            raise ConfigError("GGUF export: a BPE tokenizer without merges and no free vocab slot")
+        tokens[free[0]] = bos + eos
+        merges = [f"{bos} {eos}"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    # always written, even empty (a byte-level vocabulary without merges): llama.cpp requires
+    # the key for gpt2 tokenizers, and transformers reads an empty list as "no merges"
+    writer.add_key_value("tokenizer.ggml.merges", merges, GGUFValueType.ARRAY, GGUFValueType.STRING)
+    for attr, add in (
+        ("bos_token_id", writer.add_bos_token_id),
+        ("eos_token_id", writer.add_eos_token_id),
+        ("pad_token_id", writer.add_pad_token_id),
+        ("unk_token_id", writer.add_unk_token_id),
+    ):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            add(int(v))
+    writer.add_add_bos_token(False)
+
+
+def _hparams(writer: Any, config: Any) -> int:
+    """llama.* metadata from an HF config; returns the head dimension."""
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    rope = getattr(config, "rope_scaling", None)
+    if rope and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ConfigError(
+            f"GGUF export: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not "
+            "written yet: export a model without rope_scaling"
+        )
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_head_count(int(n_head))
+    writer.add_head_count_kv(int(n_kv))
+    writer.add_rope_freq_base(float(theta))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    writer.add_rope_dimension_count(int(head_dim))
+    return head_dim
+
+
+def _file_type(counts: Counter[str]) -> int:
+    from gguf import LlamaFileType
+
+    quant = [t for t, _ in counts.most_common() if t not in ("F32", "F16", "BF16")]
+    name = f"MOSTLY_{quant[0]}" if quant else "ALL_F32"
+    if name == "MOSTLY_Q4_K":
+        name = "MOSTLY_Q4_K_M"
+    if name == "MOSTLY_Q6_K":
+        name = "MOSTLY_Q6_K"
+    if name == "MOSTLY_MXFP4":
+        name = "MOSTLY_MXFP4_MOE"
+    return int(getattr(LlamaFileType, name, LlamaFileType.GUESSED))
+
+
+def export_gguf(
+    model: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    float_type: str = "f32",
+    dequantize: str | None = None,
+    embedding: str | None = None,
+) -> ExportResult:
+    """Write ``model`` (a compressed directory or any model spec) as a GGUF file at ``output``.
+
+    ``embedding`` (a ``gguf-*`` spec) stores a float token embedding in that GGUF type (with
+    llama.cpp's per-tensor fallback), quantized here by the same rounding as llama.cpp's own
+    quantizer: what ``llama-quantize`` does to it (a tied SmolLM2 embedding becomes Q8_0), so
+    a joules file and a llama.cpp file can share the embedding's type. Recorded as not exact."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    from joules.compress.linear import CompressedLinear
+    from joules.models import load_model
+    from joules.models.loading import resolve
+
+    if float_type not in FLOAT_TYPES:
+        raise ConfigError(f"float type {float_type!r}: use one of {', '.join(FLOAT_TYPES)}")
+    if dequantize is not None and dequantize not in FLOAT_TYPES:
+        raise ConfigError(f"--dequantize {dequantize!r}: use one of {', '.join(FLOAT_TYPES)}")
+    out = Path(output)
+    if out.suffix != ".gguf":
+        raise ConfigError(f"output '{out}' must end in .gguf")
+    kind, path = resolve(model)
+    manifest = None
+    if kind == "joules":
+        from joules.compress import read_manifest
+
+        manifest = read_manifest(path)
+    m, tokenizer, _ = load_model(model)
+    config = m.config
+    arch = getattr(config, "model_type", "")
+    if arch not in SUPPORTED_ARCHS:
+        raise ConfigError(f"GGUF export supports {', '.join(SUPPORTED_ARCHS)} models, got '{arch}'")
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    # -- collect tensors: (gguf name, source, array, raw type, exact, format, permuted) --------
+    entries: list[tuple[str, str, Any, Any, bool, str | None, bool, list[int]]] = []
+    refused: dict[str, str] = {}
+    handled: set[str] = set()
+    for mod_name, mod in m.named_modules():
+        if not isinstance(mod, CompressedLinear | nn.Linear):
+            continue
+        hf = f"{mod_name}.weight"
+        name = gguf_name(hf)
+        if name is None:
+            raise ConfigError(f"GGUF export: no GGUF name for '{hf}' (llama layout expected)")
+        if getattr(mod, "bias", None) is not None:
+            raise ConfigError(f"GGUF export: '{mod_name}' has a bias, which is not written yet")
+        if mod_name == "lm_head" and tied and not isinstance(mod, CompressedLinear):
+            handled.add(hf)
+            continue  # tied head: llama.cpp reads token_embd
+        heads = n_head if name.endswith("attn_q.weight") else n_kv
+        permute = name.endswith(("attn_q.weight", "attn_k.weight"))
+        shape = [mod.out_features, mod.in_features]
+        handled.add(hf)
+        if isinstance(mod, CompressedLinear):
+            got = _quantized_blocks(mod)
+            if got is not None:
+                gtype, blocks = got
+                if permute:
+                    blocks = permute_rows(blocks, heads)
+                raw = GGMLQuantizationType[gtype]
+                entries.append((name, hf, blocks.numpy(), raw, True, mod.spec, permute, shape))
+                continue
+            if dequantize is None:
+                refused[mod_name] = mod.spec
+                continue
+            w = mod.dequantize_weight().float()
+            arr, raw = _float_array(permute_rows(w, heads) if permute else w, dequantize)
+            exact = dequantize == "f32"
+            entries.append((name, hf, arr, raw, exact, mod.spec, permute, shape))
+            continue
+        w = mod.weight.detach()
+        arr, raw = _float_array(permute_rows(w, heads) if permute else w, float_type)
+        ok = float_type == "f32" or w.dtype == {"f16": torch.float16, "bf16": torch.bfloat16}.get(
+            float_type
+        )
+        entries.append((name, hf, arr, raw, bool(ok), None, permute, shape))
+    if refused:
+        specs = sorted(set(refused.values()))
+        raise ConfigError(
+            f"{len(refused)} layers are in formats GGUF cannot hold exactly ({', '.join(specs)}; "
+            f"e.g. {next(iter(refused))}): GGUF-exact formats are {', '.join(exact_gguf_specs())}; "
+            "or pass --dequantize f16|bf16|f32 to write them as floats"
+        )
+    for hf, p in m.named_parameters():
+        if hf in handled or (hf.endswith(".bias") and hf.rpartition(".")[0] + ".weight" in handled):
+            continue
+        name = gguf_name(hf)
+        if name is None:
+            raise ConfigError(f"GGUF export: no GGUF name for parameter '{hf}'")
+        is_norm = "norm" in name
+        if embedding is not None and name == "token_embd.weight":
+            from joules import formats
+
+            efmt = formats.get(embedding).for_shape(tuple(p.shape))
+            if efmt.family != "gguf":
+                raise ConfigError(f"--embedding {embedding!r}: use a gguf-* type, e.g. gguf-q8_0")
+            blocks = efmt.quantize(p.detach().float()).parts["blocks"]
+            raw = GGMLQuantizationType[efmt.ggml_type]
+            entries.append((name, hf, blocks.numpy(), raw, False, efmt.spec, False, list(p.shape)))
+            continue
+        ft = "f32" if is_norm or p.dim() == 1 else float_type
+        arr, raw = _float_array(p, ft)
+        ok = ft == "f32" or p.dtype == {"f16": torch.float16, "bf16": torch.bfloat16}[ft]
+        entries.append((name, hf, arr, raw, bool(ok), None, False, list(p.shape)))
+
+    # -- write ---------------------------------------------------------------------------------
+    src_gguf = _source_gguf(str(model), Path(path), manifest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    writer = GGUFWriter(str(tmp), "llama")
+    try:
+        writer.add_name(getattr(config, "_name_or_path", "") or Path(str(model)).name)
+        _hparams(writer, config)
+        counts = Counter(e[3].name for e in entries)
+        writer.add_file_type(_file_type(counts))
+        writer.add_quantization_version(2)
+        if src_gguf is not None:
+            _copy_tokenizer_kv(writer, src_gguf)
+            tok_from = f"gguf:{src_gguf.name}"
+        else:
+            _hf_tokenizer_kv(writer, tokenizer, int(config.vocab_size))
+            tok_from = "tokenizer.json"
+        result = ExportResult(
+            path=str(out),
+            source=str(model),
+            recipe=getattr(manifest, "recipe", None),
+            tokenizer_from=tok_from,
+            float_type=float_type,
+        )
+        for name, hf, arr, raw, exact, spec, permuted, shape in entries:
+            writer.add_tensor(name, arr, raw_dtype=raw)
+            result.tensors.append(
+                ExportedTensor(name, hf, raw.name, shape, int(arr.nbytes), exact, spec, permuted)
+            )
+        summary = {
+            "source": result.source,
+            "recipe": result.recipe,
+            "exact": result.exact,
+            "types": result.type_counts(),
+        }
+        writer.add_string("joules.export", json.dumps(summary))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    tmp.replace(out)
+    result.file_nbytes = out.stat().st_size
+    return result
+
+
+def check_gguf_file(path: str | os.PathLike[str]) -> Any:
+    """Open a GGUF file with gguf's reader, turning a truncated or foreign file into one line."""
+    from gguf import GGUFReader
+
+    p = Path(path)
+    try:
+        reader = GGUFReader(str(p))
+        for t in reader.tensors:  # touch every tensor's extent: a truncated file fails here
+            if int(t.data_offset) + int(t.n_bytes) > p.stat().st_size:
+                raise ValueError(f"tensor {t.name} runs past the end of the file")
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnsupportedModelError(f"{p} is not a readable GGUF file ({msg})") from None
+    return reader

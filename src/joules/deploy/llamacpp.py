@@ -1,0 +1,267 @@
+"""llama.cpp through llama-cpp-python (optional extra ``[llamacpp]``): its own quantizer, and
+perplexity and decode speed of a GGUF file on the same protocol as the torch path.
+
+    >>> from joules.deploy.llamacpp import ggml_quantize, llamacpp_perplexity
+    >>> blocks = ggml_quantize(weights_f32, "Q4_K")                 # doctest: +SKIP
+    >>> llamacpp_perplexity("out.gguf", tokenizer, text, window=512)  # doctest: +SKIP
+
+``ggml_quantize`` calls ``ggml_quantize_chunk`` of the ggml library that llama-cpp-python
+ships (no importance matrix: llama.cpp's reference quantizers, what ``llama-quantize`` runs
+without ``--imatrix``); ``quantize_file`` calls ``llama_model_quantize``. Perplexity feeds the
+very windows :func:`joules.evaluate.perplexity.perplexity` plans (same tokens, BOS rule and
+scored positions) and takes every logit of each window, so the two paths differ only in the
+arithmetic of the runtime.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from joules.errors import ConfigError
+
+INSTALL_HINT = "install the llamacpp extra: pip install 'joules[llamacpp]' (compiles ~10 min)"
+
+
+def _llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ConfigError(f"the llama.cpp runtime needs llama-cpp-python: {INSTALL_HINT}") from exc
+    return llama_cpp
+
+
+_GGML: Any = None
+
+
+def ggml_lib() -> Any:
+    """The ggml base library shipped inside llama-cpp-python, with ggml_quantize_chunk typed."""
+    global _GGML
+    if _GGML is not None:
+        return _GGML
+    llama_cpp = _llama_cpp()
+    libdir = Path(llama_cpp.__file__).parent / "lib"
+    cands = sorted(libdir.glob("libggml-base.*")) + sorted(libdir.glob("libggml.*"))
+    for c in cands:
+        try:
+            lib = ctypes.CDLL(str(c))
+            fn = lib.ggml_quantize_chunk
+        except (OSError, AttributeError):
+            continue
+        fn.restype = ctypes.c_size_t
+        fn.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
+        _GGML = lib
+        return lib
+    raise ConfigError(f"no ggml library with ggml_quantize_chunk in {libdir}: {INSTALL_HINT}")
+
+
+def ggml_quantize(x: np.ndarray, ggml_type: str) -> np.ndarray:
+    """llama.cpp's own quantizer: fp32 ``x`` [rows, k] -> GGUF block bytes [rows, row_bytes]."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    t = GGMLQuantizationType[ggml_type.upper()]
+    block, type_size = GGML_QUANT_SIZES[t]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, k = x.reshape(-1, x.shape[-1]).shape
+    if k % block:
+        raise ConfigError(f"{ggml_type}: rows of {k} are not a multiple of {block}")
+    out = np.zeros((rows, k // block * type_size), dtype=np.uint8)
+    n = ggml_lib().ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, rows, k, None)
+    if n != out.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {out.nbytes}")
+    return out
+
+
+# llama_ftype values (llama.h) of the types the deploy benchmark compares
+FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q6_K": 18}
+
+
+def quantize_file(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], ftype: str, threads: int = 2
+) -> None:
+    """``llama-quantize src dst ftype`` through ``llama_model_quantize`` (no imatrix)."""
+    llama_cpp = _llama_cpp()
+    if ftype not in FTYPES:
+        raise ConfigError(f"ftype {ftype!r}: use one of {', '.join(FTYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise ConfigError(f"llama_model_quantize({src} -> {ftype}) failed with code {rc}")
+
+
+def load_llama(
+    path: str | os.PathLike[str],
+    n_ctx: int = 2048,
+    threads: int | None = None,
+    logits_all: bool = False,
+) -> Any:
+    """A ``llama_cpp.Llama`` on ``path`` (a truncated or foreign file is a one-line error)."""
+    from joules.deploy.gguf_export import check_gguf_file
+
+    check_gguf_file(path)
+    llama_cpp = _llama_cpp()
+    threads = threads or min(os.cpu_count() or 1, 8)
+    try:
+        return llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=min(n_ctx, 512),
+            logits_all=logits_all,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"llama.cpp cannot load {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _window_nll(llm: Any, tokens: list[int], score_from: int) -> tuple[float, int]:
+    """Sum of NLLs (nats) of ``tokens[score_from:]`` given their prefixes, one llama.cpp eval."""
+    llm.reset()
+    llm.eval(tokens)
+    logits = np.asarray(llm.scores[: len(tokens) - 1], dtype=np.float64)  # [T-1, V]
+    tgt = np.asarray(tokens[1:])
+    m = logits.max(axis=1)
+    lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
+    nll = lse - logits[np.arange(len(tgt)), tgt]
+    return float(nll[score_from - 1 :].sum()), len(tokens) - score_from
+
+
+def llamacpp_perplexity(
+    path: str | os.PathLike[str],
+    tokenizer: Any,
+    text: str | Sequence[int],
+    *,
+    window: int = 1024,
+    stride: int | None = None,
+    limit_tokens: int | None = None,
+    add_bos: bool | None = None,
+    dataset: str = "<text>",
+    split: str | None = None,
+    threads: int | None = None,
+) -> Any:
+    """Perplexity of a GGUF file under llama.cpp, on the windows the torch path uses."""
+    from joules.evaluate.perplexity import _decoded_bytes, _unscored, plan_windows, tokenize_stream
+    from joules.evaluate.results import (
+        PerplexityProtocol,
+        PerplexityResult,
+        weighted_mean_stderr,
+    )
+    from joules.evaluate.scoring import bos_default
+
+    stride = window if stride is None else stride
+    if add_bos is None:
+        add_bos = bos_default(tokenizer)
+    ids = (
+        tokenize_stream(tokenizer, text, limit_tokens)
+        if isinstance(text, str)
+        else list(text)[: limit_tokens or None]
+    )
+    if len(ids) < 2:
+        raise ConfigError(f"the text has {len(ids)} token(s): perplexity needs at least 2")
+    windows = plan_windows(len(ids), window, stride, add_bos)
+    llm = load_llama(path, n_ctx=window + 1, threads=threads, logits_all=True)
+    offset = 1 if add_bos else 0
+    sums, counts = [], []
+    t0 = time.perf_counter()
+    for w in windows:
+        toks = ([tokenizer.bos_token_id] if add_bos else []) + ids[w.begin : w.end]
+        s, n = _window_nll(llm, toks, offset + w.score_from - w.begin)
+        sums.append(s)
+        counts.append(n)
+    duration_s = time.perf_counter() - t0
+    text_bytes = _decoded_bytes(tokenizer, ids)
+    unscored = sum(_decoded_bytes(tokenizer, [ids[i]]) for i in _unscored(len(ids), windows))
+    mean, stderr = weighted_mean_stderr(sums, counts)
+    protocol = PerplexityProtocol(
+        model=f"llamacpp:{Path(path).name}",
+        dataset=dataset,
+        split=split,
+        tokenizer=type(tokenizer).__name__,
+        window=window,
+        stride=stride,
+        add_bos=add_bos,
+        limit_tokens=limit_tokens,
+        stream_tokens=len(ids),
+        text_bytes=text_bytes,
+        dtype="gguf",
+        batch_size=1,
+    )
+    return PerplexityResult(
+        protocol=protocol,
+        nll_mean=mean,
+        nll_stderr=stderr,
+        tokens_scored=sum(counts),
+        windows=len(windows),
+        scored_bytes=max(0, text_bytes - unscored),
+        duration_s=duration_s,
+        window_nll_sums=sums,
+        window_tokens=counts,
+    )
+
+
+@dataclass
+class DecodeSpeed:
+    """Greedy decode of ``new_tokens`` after a ``prompt_tokens`` prompt under llama.cpp."""
+
+    path: str
+    prompt_tokens: int
+    new_tokens: int
+    ttft_s: float  # prompt processing + first token
+    tpot_s: float  # mean time per later token
+    decode_tokens_per_s: float
+    threads: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def llamacpp_decode_speed(
+    path: str | os.PathLike[str],
+    prompt: Sequence[int],
+    new_tokens: int = 64,
+    threads: int | None = None,
+    repeats: int = 3,
+) -> DecodeSpeed:
+    """Median-of-``repeats`` TTFT and time per output token of greedy decoding (after a warm-up)."""
+    threads = threads or min(os.cpu_count() or 1, 8)
+    llm = load_llama(path, n_ctx=len(prompt) + new_tokens + 8, threads=threads)
+    prompt = list(prompt)
+
+    def once() -> tuple[float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        tok = int(np.argmax(llm._scores[-1] if llm._scores.ndim == 2 else llm.scores[-1]))
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(llm._scores[-1]))
+        t2 = time.perf_counter()
+        return t1 - t0, (t2 - t1) / max(new_tokens - 1, 1)
+
+    once()  # warm-up: page in the weights, build the graph
+    runs = sorted(once() for _ in range(repeats))
+    ttft = sorted(r[0] for r in runs)[len(runs) // 2]
+    tpot = sorted(r[1] for r in runs)[len(runs) // 2]
+    return DecodeSpeed(
+        str(path), len(prompt), new_tokens, ttft, tpot, 1 / tpot if tpot > 0 else math.inf, threads
+    )

@@ -1,0 +1,294 @@
+"""Evaluation tasks by name: one registered ``@dataclass`` config per task, run on a loaded model.
+
+    >>> from joules.models import tiny_model
+    >>> from joules.evaluate import tasks
+    >>> model, tok, info = tiny_model()
+    >>> r = tasks.run_task("wikitext2", model, tok, info, window=64, limit_tokens=128)
+    >>> r.windows, sorted(tasks.names())
+    (2, ['attention-deviation', 'deviation', 'hellaswag', 'wikitext2'])
+    >>> tasks.get("hellaswag", limit=4).limit
+    4
+
+``run_task(name, model, tokenizer, info, **options)`` builds the task's config from ``options``
+(unknown options raise :class:`~joules.errors.ConfigError` naming the valid ones) and returns
+its typed result (``PerplexityResult``, ``ChoiceResult``, ``DeviationResult``,
+``AttentionDeviationResult``), each with ``to_dict()``. ``get(name, **options)`` returns the
+config alone; ``config.run(model, tokenizer, info)`` runs it. A new task is a dataclass with
+``run`` decorated with ``@register("name")``.
+
+``default_dtype`` says which compute dtype a task wants when the user names none: ``"auto"`` for
+the speed-bound tasks (see :mod:`joules.runtime_dtype`), ``"fp32"`` for ``deviation``, whose
+figure depends on the dtype it measures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from joules.errors import ConfigError
+
+Progress = Callable[[int, int], None]
+_TASKS: dict[str, type[Task]] = {}
+
+
+class Task:
+    """Base of every task config: a registered dataclass with ``run``."""
+
+    name: ClassVar[str] = ""
+    needs_model: ClassVar[bool] = True
+    default_dtype: ClassVar[str] = "auto"
+
+    def run(self, model: Any, tokenizer: Any, info: Any, progress: Progress | None = None) -> Any:
+        raise NotImplementedError
+
+
+def register(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator: register a task config under ``name``."""
+
+    def deco(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        _TASKS[name] = cls
+        return cls
+
+    return deco
+
+
+def names() -> list[str]:
+    """The registered task names, in registration order."""
+    return list(_TASKS)
+
+
+def task_class(name: str) -> type[Task]:
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown task {name!r}: choose one of {', '.join(_TASKS)}") from None
+
+
+def options(name: str) -> list[str]:
+    """The option names task ``name`` accepts (its config's fields)."""
+    return [f.name for f in dataclasses.fields(task_class(name))]
+
+
+def get(name: str, **opts: Any) -> Task:
+    """The config of task ``name`` with ``opts`` set (the rest at their defaults)."""
+    cls = task_class(name)
+    unknown = sorted(set(opts) - set(options(name)))
+    if unknown:
+        raise ConfigError(
+            f"task {name!r} has no option {', '.join(unknown)}: its options are "
+            + ", ".join(options(name))
+        )
+    return cls(**opts)
+
+
+def run_task(
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    info: Any,
+    *,
+    progress: Progress | None = None,
+    **opts: Any,
+) -> Any:
+    """Run task ``name`` on a loaded model and return its typed result (with ``to_dict()``)."""
+    return get(name, **opts).run(model, tokenizer, info, progress=progress)
+
+
+def _spec(info: Any, model: Any) -> str:
+    spec = getattr(info, "spec", None)
+    if spec:
+        return str(spec)
+    return getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
+
+
+def _dtype_name(model: Any) -> str:
+    from joules.evaluate.scoring import model_dtype
+
+    name = str(model_dtype(model)).removeprefix("torch.")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+
+
+def _text(data: str | None, split: str) -> tuple[str, str, str | None]:
+    """(text, dataset name, split) of the shipped WikiText-2 split or a user's file."""
+    from joules.data import load_text
+
+    if data:
+        return load_text(data), data, None
+    return load_text("wikitext2", split), "wikitext2", split
+
+
+@register("wikitext2")
+@dataclass
+class Wikitext2(Task):
+    """Perplexity on WikiText-2 ``split`` (or the text file ``data``); see ``perplexity.py``."""
+
+    data: str | None = None
+    split: str = "test"
+    window: int = 1024
+    stride: int | None = None
+    limit_tokens: int | None = None
+    add_bos: bool | None = None
+    batch_size: int | None = None
+
+    def run(self, model: Any, tokenizer: Any, info: Any, progress: Progress | None = None) -> Any:
+        from joules.evaluate.perplexity import perplexity
+
+        text, dataset, split = _text(self.data, self.split)
+        return perplexity(
+            model,
+            tokenizer,
+            text,
+            window=self.window,
+            stride=self.stride,
+            limit_tokens=self.limit_tokens,
+            add_bos=self.add_bos,
+            batch_size=self.batch_size,
+            dataset=dataset,
+            split=split,
+            model_name=_spec(info, model),
+            progress=progress,
+        )
+
+
+@register("hellaswag")
+@dataclass
+class Hellaswag(Task):
+    """lm-eval's acc / acc_norm / acc_bytes on HellaSwag validation (or a JSONL ``data`` file)."""
+
+    data: str | None = None
+    limit: int | None = None
+    seed: int = 1234
+    add_bos: bool | None = None
+    kv_reuse: bool = True
+
+    def run(self, model: Any, tokenizer: Any, info: Any, progress: Progress | None = None) -> Any:
+        from joules.data import load_choice
+        from joules.evaluate.choice import choice_accuracy
+
+        return choice_accuracy(
+            model,
+            tokenizer,
+            load_choice(self.data or "hellaswag"),
+            limit=self.limit,
+            seed=self.seed,
+            add_bos=self.add_bos,
+            kv_reuse=self.kv_reuse,
+            dataset=self.data or "hellaswag",
+            model_name=_spec(info, model),
+            progress=progress,
+        )
+
+
+@register("deviation")
+@dataclass
+class Deviation(Task):
+    """KL / top-1 / perplexity ratio / layer SQNR of the model against a reference.
+
+    The reference: ``reference`` (a model spec, loaded in fp32, or a model already loaded);
+    without one, the model itself as loaded when ``weights_format`` is set (so only the format
+    differs), else the model's own spec reloaded in fp32 (so the dtype is what differs).
+    """
+
+    default_dtype: ClassVar[str] = "fp32"
+
+    reference: Any = None
+    weights_format: str | None = None
+    data: str | None = None
+    split: str = "test"
+    window: int = 1024
+    limit_tokens: int | None = None
+    add_bos: bool | None = None
+    sqnr: str = "linear"
+
+    def reference_model(self, model: Any, info: Any) -> tuple[Any, str]:
+        """The reference model and its label (spec and dtype)."""
+        import torch
+
+        from joules.models import load_model
+
+        spec, dtype = _spec(info, model), _dtype_name(model)
+        if self.reference is not None and not isinstance(self.reference, str):
+            return self.reference, f"reference ({_dtype_name(self.reference)})"
+        if self.reference:
+            return load_model(self.reference, dtype=torch.float32).model, f"{self.reference} (fp32)"
+        if self.weights_format or dtype == "fp32":
+            return model, f"{spec} ({dtype})"
+        if getattr(info, "spec", None) is None:
+            raise ConfigError(
+                "deviation needs a reference: pass reference=SPEC or a weights_format, or the "
+                "model's ModelInfo so its fp32 copy can be loaded"
+            )
+        return load_model(info.spec, dtype=torch.float32).model, f"{spec} (fp32)"
+
+    def run(self, model: Any, tokenizer: Any, info: Any, progress: Progress | None = None) -> Any:
+        from joules.evaluate.deviation import deviation, format_transform, transformed_copy
+
+        transform = format_transform(self.weights_format) if self.weights_format else None
+        ref, ref_name = self.reference_model(model, info)
+        dtype = _dtype_name(model)
+        if transform is not None:
+            model = transformed_copy(model, transform)
+        text, dataset, _ = _text(self.data, self.split)
+        name = _spec(info, model)
+        if self.weights_format:
+            name += f" ({self.weights_format}, emulated)"
+        return deviation(
+            model,
+            ref,
+            tokenizer,
+            text,
+            window=self.window,
+            limit_tokens=self.limit_tokens,
+            add_bos=self.add_bos,
+            sqnr_modules=self.sqnr,
+            dataset=dataset,
+            model_name=f"{name} ({dtype})",
+            reference_name=ref_name,
+            transform_name=getattr(transform, "__name__", None),
+            progress=progress,
+        )
+
+
+@register("attention-deviation")
+@dataclass
+class AttentionDeviation(Task):
+    """Attention implementations' deviation from fp64 standard attention (no model needed)."""
+
+    needs_model: ClassVar[bool] = False
+
+    seq_lens: Sequence[int] = (128, 256, 512, 1024, 2048, 4096)
+    dtypes: Sequence[str] = ("fp32", "bf16", "fp16")
+    block_sizes: Sequence[int] = (64, 128)
+    weights_format: str | None = None  # comma-separated formats to emulate besides ``dtypes``
+    heads: int = 4
+    seed: int = 1234
+
+    def run(
+        self,
+        model: Any = None,
+        tokenizer: Any = None,
+        info: Any = None,
+        progress: Progress | None = None,
+    ) -> Any:
+        from joules.evaluate.attention import attention_deviation, format_round
+
+        fmts = {}
+        if self.weights_format:
+            specs = [f.strip() for f in self.weights_format.split(",") if f.strip()]
+            fmts = {f: format_round(f) for f in specs}
+        return attention_deviation(
+            list(self.seq_lens),
+            list(self.dtypes),
+            list(self.block_sizes),
+            heads=self.heads,
+            seed=self.seed,
+            formats=fmts,
+            progress=progress,
+        )
+
+
+__all__ = ["Task", "get", "names", "options", "register", "run_task", "task_class"]

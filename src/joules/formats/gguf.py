@@ -1,0 +1,821 @@
+"""GGUF block types, bit for bit: the formats llama.cpp's kernels run, in the formats registry.
+
+    >>> import torch
+    >>> from joules import formats
+    >>> fmt = formats.get("gguf-q4_0")
+    >>> fmt.bits_per_element((4096, 4096))               # 18-byte blocks of 32: 4 + 16/32
+    4.5
+    >>> x = torch.randn(8, 64)
+    >>> q = fmt.quantize(x)
+    >>> q.parts["blocks"].shape                          # the GGUF tensor data, row by row
+    torch.Size([8, 36])
+    >>> torch.equal(fmt.dequantize(q), fmt.fake_quant(x))
+    True
+
+Formats (``gguf-<type>``, bytes per block / elements per block):
+
+=========  =====  =====  ======================================================================
+type       block  bytes  layout (all little-endian)
+=========  =====  =====  ======================================================================
+q8_0        32     34    fp16 d, 32 x int8
+q4_0        32     18    fp16 d, 16 bytes: element j in the low nibble, j+16 in the high one
+q4_1        32     20    fp16 d, fp16 m, nibbles as q4_0
+q5_0        32     22    fp16 d, uint32 of the 5th bits, nibbles as q4_0
+q5_1        32     24    fp16 d, fp16 m, uint32 of the 5th bits, nibbles
+q4_k       256    144    fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 nibble bytes
+q6_k       256    210    128 bytes low nibbles, 64 bytes 2-bit highs, 16 x int8 scales, fp16 d
+mxfp4       32     17    E8M0 exponent, 16 bytes of E2M1 codes (j low, j+16 high)
+tq1_0      256     54    48 + 4 bytes of base-3 digits (5 or 4 per byte), fp16 d
+tq2_0      256     66    64 bytes of 2-bit digits, fp16 d
+=========  =====  =====  ======================================================================
+
+A quantized tensor has one part, ``blocks``: uint8 ``[rows, row_bytes]``, which *is* the GGUF
+tensor data (rows are the leading dimensions flattened), so an exporter writes it as it is and
+``nbytes`` is the GGUF size. Encoding follows llama.cpp's reference quantizers
+(``quantize_row_*_ref`` in ``ggml-quants.c``, mirrored by the ``gguf`` package's numpy
+quantizers for the legacy, TQ and MXFP4 types): the legacy types round with the fp32 scale and
+store it as fp16; Q4_K runs llama.cpp's scale/min search (``make_qkx2_quants``, 21 steps,
+weights ``rms + |x|``) and Q6_K its scale search (``make_qx_quants``, 18 steps, weights ``x**2``),
+both in fp32 with the reference's summation order. Decoding is ``gguf.quants.dequantize``'s
+arithmetic (fp32). ``tests/formats/test_gguf.py`` checks the bytes against ``gguf`` and, where it
+has no quantizer (Q4_K, Q6_K), against llama.cpp's own through llama-cpp-python.
+
+GGUF's MXFP4 is OCP MX's layout for the values (E8M0 scale ``2**(floor(log2 amax) - 2)``,
+E2M1 element codes: sign bit 3, then e2m1), but packs element j with j+16 where joules'
+``mxfp4`` packs 2i with 2i+1, and its rounding is "nearest, first code on ties" where OCP
+rounds ties to even (1.75 -> 1.5 here, 2 in OCP; likewise 0.75 and 3.5) and a small negative
+rounds to +0. Every ``mxfp4`` value is a GGUF MXFP4 value with the same exponent byte, so an
+``mxfp4`` tensor repacks into GGUF losslessly (:func:`mxfp4_to_gguf_blocks`).
+
+Rows must be a multiple of the block (32 or 256); llama.cpp falls back per tensor when they are
+not (:data:`FALLBACK`: Q4_K -> Q5_0, Q6_K -> Q8_0, TQ -> Q4_0), and the error names that type.
+GGUF blocks cannot hold NaN or Inf: such inputs are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from joules.errors import ConfigError
+from joules.formats.base import (
+    Fitted,
+    Format,
+    FormatConfig,
+    QuantizedTensor,
+    check_fit_input,
+    check_input,
+    check_qt,
+    register,
+    register_format,
+)
+
+QK_K = 256
+# llama.cpp's per-tensor fallback when a row is not a multiple of 256 (llama-quant.cpp)
+FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0", "tq1_0": "q4_0", "tq2_0": "q4_0"}
+_GROUP_MAX_EPS = 1e-15
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> fp16 (round to nearest even, overflow to inf), as GGML_FP32_TO_FP16."""
+    return x.to(torch.float16)
+
+
+def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """[n, 1] fp16 -> [n, 2] little-endian bytes."""
+    return x.reshape(-1, 1).contiguous().view(torch.uint8)
+
+
+def _bytes_f16(b: torch.Tensor) -> torch.Tensor:
+    """[n, 2] bytes -> [n, 1] fp32 value of the fp16 they hold."""
+    return b.contiguous().view(torch.float16).float().reshape(-1, 1)
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C roundf: half away from zero (gguf's ``np_roundf``)."""
+    a = x.abs()
+    f = torch.floor(a)
+    return torch.sign(x) * (f + torch.floor(2 * (a - f)))
+
+
+def _inv(d: torch.Tensor) -> torch.Tensor:
+    """``d ? 1/d : 0`` in fp32."""
+    return torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, torch.ones_like(d), d))
+
+
+def _div(k: float, t: torch.Tensor) -> torch.Tensor:
+    """``k / t`` correctly rounded in fp32, as C divides: torch's ``number / tensor`` is
+    ``reciprocal(t) * number``, two roundings, which moves llama.cpp's K-quant searches."""
+    return torch.full_like(t, float(k)) / t
+
+
+def _seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim left to right in fp32, as a C loop does (keepdim)."""
+    tt = t.movedim(-1, 0).contiguous()  # contiguous rows: one fast add per element index
+    acc = tt[0].clone()
+    for i in range(1, tt.shape[0]):
+        acc.add_(tt[i])
+    return acc.unsqueeze(-1)
+
+
+def _seqsum0(t: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 (contiguous rows) in order, as a C loop does: [1, ...]."""
+    acc = t[0].clone()
+    for i in range(1, t.shape[0]):
+        acc.add_(t[i])
+    return acc.unsqueeze(0)
+
+
+def _first_equal(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The first element of each row equal to ``v`` ([n, 1]): the sign of a zero min/max as
+    a C loop ``if (x[i] < min) min = x[i]`` finds it (torch's amin may return either zero)."""
+    i = (x == v).to(torch.uint8).argmax(dim=1, keepdim=True)
+    return torch.gather(x, 1, i)
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[n, 2h] 4-bit codes -> [n, h] bytes: element j low, j+h high."""
+    h = q.shape[1] // 2
+    return q[:, :h] | (q[:, h:] << 4)
+
+
+def _unnibbles(b: torch.Tensor) -> torch.Tensor:
+    return torch.cat([b & 0x0F, b >> 4], dim=1)
+
+
+def _bits_u32(bits: torch.Tensor) -> torch.Tensor:
+    """[n, 32] of 0/1 -> [n, 4] bytes of the little-endian uint32 with bit i = bits[:, i]."""
+    w = (1 << torch.arange(8, dtype=torch.int32)).reshape(1, 1, 8)
+    return (bits.to(torch.int32).reshape(-1, 4, 8) * w).sum(-1).to(torch.uint8)
+
+
+def _u32_bits(b: torch.Tensor) -> torch.Tensor:
+    sh = torch.arange(8, dtype=torch.uint8).reshape(1, 1, 8)
+    return ((b.reshape(-1, 4, 1) >> sh) & 1).reshape(-1, 32)
+
+
+# --------------------------------------------------------------------------------------------
+# Block types: fit (block parameters), codes (rounding with fixed parameters), pack/unpack, decode
+# --------------------------------------------------------------------------------------------
+
+
+class BlockType:
+    """One GGUF block type. ``x`` is fp32 ``[nb, block]``; parameters are ``[nb, k]`` tensors.
+
+    ``fit`` returns the stored parameters plus what the reference quantizer rounds with (the
+    unrounded fp32 scale of the legacy types), and, for the K-quants, ``L``: the codes of its
+    search, kept where a sub-block's stored scale is 0 (the reference leaves them as found).
+    """
+
+    name: str = ""
+    block: int = 32
+    type_size: int = 0
+
+    def fit(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def codes(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, q: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pack(self, q: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unpack(self, b: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class _Sym(BlockType):
+    """Q4_0 / Q5_0: d = (signed max-magnitude element) / -2**(b-1), code trunc(x/d + off + .5)."""
+
+    def __init__(self, name: str, bits: int):
+        self.name, self.bits = name, bits
+        self.half = 1 << (bits - 1)
+        self.type_size = 2 + (4 if bits == 5 else 0) + 16
+
+    def fit(self, x):
+        imax = x.abs().argmax(dim=1, keepdim=True)  # first of equal magnitudes, as the C loop
+        mx = torch.gather(x, 1, imax)
+        mx = torch.where(mx == 0, torch.zeros_like(mx), mx)  # C keeps its initial +0 max
+        d = mx / -self.half
+        return {"d": _f16(d), "id": _inv(d)}
+
+    def codes(self, x, p):
+        q = torch.trunc(x * p["id"] + (self.half + 0.5))
+        return q.clamp_(0, 2 * self.half - 1).to(torch.uint8)
+
+    def decode(self, q, p):
+        return p["d"].float() * (q.to(torch.float32) - self.half)
+
+    def pack(self, q, p):
+        out = [_f16_bytes(p["d"])]
+        if self.bits == 5:
+            out.append(_bits_u32(q >> 4))
+        out.append(_nibbles(q & 0x0F))
+        return torch.cat(out, dim=1)
+
+    def unpack(self, b):
+        d = _bytes_f16(b[:, :2]).half()
+        if self.bits == 5:
+            q = _unnibbles(b[:, 6:]) | (_u32_bits(b[:, 2:6]) << 4)
+        else:
+            q = _unnibbles(b[:, 2:])
+        return q, {"d": d}
+
+
+class _Asym(BlockType):
+    """Q4_1 / Q5_1: d = (max - min) / (2**b - 1), m = min, code trunc((x - min)/d + .5)."""
+
+    def __init__(self, name: str, bits: int):
+        self.name, self.bits = name, bits
+        self.qmax = (1 << bits) - 1
+        self.type_size = 4 + (4 if bits == 5 else 0) + 16
+
+    def fit(self, x):
+        lo, hi = (
+            _first_equal(x, x.amin(dim=1, keepdim=True)),
+            _first_equal(x, x.amax(dim=1, keepdim=True)),
+        )
+        d = (hi - lo) / self.qmax
+        return {"d": _f16(d), "m": _f16(lo), "id": _inv(d), "min": lo}
+
+    def codes(self, x, p):
+        q = torch.trunc((x - p["min"]) * p["id"] + 0.5)
+        return q.clamp_(0, self.qmax).to(torch.uint8)
+
+    def decode(self, q, p):
+        return p["d"].float() * q.to(torch.float32) + p["m"].float()
+
+    def pack(self, q, p):
+        out = [_f16_bytes(p["d"]), _f16_bytes(p["m"])]
+        if self.bits == 5:
+            out.append(_bits_u32(q >> 4))
+        out.append(_nibbles(q & 0x0F))
+        return torch.cat(out, dim=1)
+
+    def unpack(self, b):
+        d, m = _bytes_f16(b[:, :2]).half(), _bytes_f16(b[:, 2:4]).half()
+        if self.bits == 5:
+            q = _unnibbles(b[:, 8:]) | (_u32_bits(b[:, 4:8]) << 4)
+        else:
+            q = _unnibbles(b[:, 4:])
+        return q, {"d": d, "m": m}
+
+
+class _Q8_0(BlockType):
+    """Q8_0: d = amax / 127, code roundf(x / d) (half away from zero) as int8."""
+
+    name, type_size = "q8_0", 34
+
+    def fit(self, x):
+        d = x.abs().amax(dim=1, keepdim=True) / 127
+        return {"d": _f16(d), "id": _inv(d)}
+
+    def codes(self, x, p):  # int8 codes stored as their uint8 bytes
+        return _roundf(x * p["id"]).clamp_(-127, 127).to(torch.int8).view(torch.uint8)
+
+    def decode(self, q, p):
+        return q.view(torch.int8).to(torch.float32) * p["d"].float()
+
+    def pack(self, q, p):
+        return torch.cat([_f16_bytes(p["d"]), q], dim=1)
+
+    def unpack(self, b):
+        return b[:, 2:].contiguous(), {"d": _bytes_f16(b[:, :2]).half()}
+
+
+class _MXFP4(BlockType):
+    """GGUF MXFP4: e = floor(log2 amax) - 2 + 127, element = nearest of the 16 E2M1 codes."""
+
+    name, type_size = "mxfp4", 17
+    KVALUES = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12])
+
+    @staticmethod
+    def half_scale(e: torch.Tensor) -> torch.Tensor:
+        """ggml_e8m0_to_fp32_half: 2**(e - 128) (e < 2 as fp32 subnormals)."""
+        e = e.to(torch.int32)
+        bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)
+        return bits.view(torch.float32)
+
+    def fit(self, x):
+        amax = x.abs().amax(dim=1, keepdim=True)
+        safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+        e = torch.floor(torch.log2(safe)) - 2 + 127
+        # amax < 2**-125 would make e negative: a C float->uint8 cast of it is undefined; use 0
+        e = torch.where(amax > 0, e, torch.zeros_like(e)).clamp_(0, 254)
+        return {"e": e.to(torch.uint8)}
+
+    def codes(self, x, p):
+        d = self.half_scale(p["e"]).unsqueeze(-1)  # [nb, 1, 1]
+        err = (d * self.KVALUES.float() - x.unsqueeze(-1)).abs()
+        return err.argmin(dim=-1).to(torch.uint8)  # first of equal errors, as the C loop
+
+    def decode(self, q, p):
+        return self.half_scale(p["e"]) * self.KVALUES.float()[q.long()]
+
+    def pack(self, q, p):
+        return torch.cat([p["e"], _nibbles(q)], dim=1)
+
+    def unpack(self, b):
+        return _unnibbles(b[:, 1:]), {"e": b[:, :1].contiguous()}
+
+
+class _TQ(BlockType):
+    """TQ1_0 / TQ2_0: ternary, d = amax (fp16), digit roundf(x / d) + 1 in {0, 1, 2}."""
+
+    block = QK_K
+
+    def __init__(self, name: str):
+        self.name = name
+        self.type_size = 54 if name == "tq1_0" else 66
+
+    def fit(self, x):
+        d = x.abs().amax(dim=1, keepdim=True)
+        return {"d": _f16(d), "id": _inv(d)}
+
+    def codes(self, x, p):
+        return (_roundf(x * p["id"]).clamp_(-1, 1) + 1).to(torch.uint8)
+
+    def decode(self, q, p):
+        return p["d"].float() * (q.to(torch.float32) - 1)
+
+    def pack(self, q, p):
+        n = q.shape[0]
+        qi = q.to(torch.int32)
+        if self.name == "tq2_0":
+            qs = qi.reshape(n, 2, 4, 32) << torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)
+            qs = qs.sum(dim=2).reshape(n, 64)
+            return torch.cat([qs.to(torch.uint8), _f16_bytes(p["d"])], dim=1)
+        p5 = torch.tensor([81, 27, 9, 3, 1]).reshape(1, 1, 5, 1)
+        qs0 = (qi[:, :160].reshape(n, 1, 5, 32) * p5).sum(2).reshape(n, 32)
+        qs1 = (qi[:, 160:240].reshape(n, 1, 5, 16) * p5).sum(2).reshape(n, 16)
+        qh = (qi[:, 240:].reshape(n, 1, 4, 4) * p5[:, :, :4]).sum(2).reshape(n, 4)
+        v = torch.cat([qs0, qs1, qh], dim=1)
+        v = (v * 256 + 242) // 243  # base-3 fraction, rounded up into a byte
+        return torch.cat([v.to(torch.uint8), _f16_bytes(p["d"])], dim=1)
+
+    def unpack(self, b):
+        n = b.shape[0]
+        d = _bytes_f16(b[:, -2:]).half()
+        if self.name == "tq2_0":
+            sh = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+            q = (b[:, :64].reshape(n, 2, 1, 32) >> sh) & 3
+            return q.reshape(n, 256), {"d": d}
+        pw = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32).reshape(1, 1, 5, 1)
+        bi = b[:, :52].to(torch.int32)
+        q0 = ((bi[:, :32].reshape(n, 1, 1, 32) * pw) & 0xFF).reshape(n, 160)
+        q1 = ((bi[:, 32:48].reshape(n, 1, 1, 16) * pw) & 0xFF).reshape(n, 80)
+        qh = ((bi[:, 48:52].reshape(n, 1, 1, 4) * pw[:, :, :4]) & 0xFF).reshape(n, 16)
+        v = torch.cat([q0, q1, qh], dim=1)
+        return ((v * 3) >> 8).to(torch.uint8), {"d": d}
+
+
+def _nearest_int(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's nearest_int, its very bit trick: add 1.5 * 2**23 in fp32 and read the low
+    mantissa bits. Round half to even for |x| < 2**22; out of that range (inf from a subnormal
+    range) it returns what the C code returns, not a clamped value."""
+    bits = (x.float() + 12582912.0).view(torch.int32)
+    return ((bits & 0x007FFFFF) - 0x00400000).float()
+
+
+def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """llama.cpp's make_qkx2_quants over sub-blocks x [S, n] with weights w: (scale, -min, L).
+
+    Runs on the transposes [n, S], so each left-to-right sum is n contiguous vector adds."""
+    x, w = x.t().contiguous(), w.t().contiguous()
+    lo = torch.minimum(x.amin(dim=0, keepdim=True), torch.zeros(1))
+    hi = x.amax(dim=0, keepdim=True)
+    flat = hi == lo
+    rng = torch.where(flat, torch.ones_like(hi), hi - lo)
+    sum_w, sum_x = _seqsum0(w), _seqsum0(w * x)
+    iscale = _div(nmax, rng)
+    scale = 1 / iscale
+    L = _nearest_int(iscale * (x - lo)).clamp_(0, nmax)
+    diff = scale * L + lo - x
+    best = _seqsum0(w * (diff * diff))
+    mn = lo.clone()
+    for step in range(nstep + 1):
+        # (rdelta * is + rmin + nmax) in fp32, as C evaluates it
+        # the C loop moves `min` to each better fit's minimum, and later steps use it
+        cur_rng = torch.where(flat, torch.ones_like(hi), hi - mn)
+        iscale = ((torch.tensor(rdelta) * step + rmin) + nmax) / cur_rng
+        la = _nearest_int(iscale * (x - mn)).clamp_(0, nmax)
+        wl = w * la
+        sum_l, sum_l2, sum_xl = _seqsum0(wl), _seqsum0(wl * la), _seqsum0(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        Ds = torch.where(ok, D, torch.ones_like(D))
+        ts = (sum_w * sum_xl - sum_x * sum_l) / Ds
+        tm = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        pos = tm > 0
+        tm = torch.where(pos, torch.zeros_like(tm), tm)
+        ts = torch.where(
+            pos, sum_xl / torch.where(sum_l2 == 0, torch.ones_like(sum_l2), sum_l2), ts
+        )
+        diff = ts * la + tm - x
+        cur = _seqsum0(w * (diff * diff))
+        better = ok & (cur < best) & ~flat
+        L = torch.where(better, la, L)
+        best = torch.where(better, cur, best)
+        scale = torch.where(better, ts, scale)
+        mn = torch.where(better, tm, mn)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    L = torch.where(flat, torch.zeros_like(L), L)
+    return scale.t(), -mn.t(), L.t()
+
+
+def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's make_qx_quants with rmse_type=1 (weights x**2) over x [S, n]: (scale, L)."""
+    x = x.t().contiguous()  # [n, S], as in _make_qkx2
+    imax = x.abs().argmax(dim=0, keepdim=True)
+    mx = torch.gather(x, 0, imax)
+    zero = mx.abs() < _GROUP_MAX_EPS
+    mxs = torch.where(zero, torch.ones_like(mx), mx)
+    w = x * x
+
+    def attempt(iscale):
+        lq = _nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
+        sumlx, suml2 = _seqsum0(w * x * lq), _seqsum0(w * lq * lq)
+        return lq, sumlx, suml2
+
+    L, sumlx, suml2 = attempt(_div(-nmax, mxs))
+    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1.0), 0.0)
+    best = scale * sumlx
+    for step in list(range(-9, 0)) + list(range(1, 10)):
+        iscale = -(nmax + torch.tensor(0.1) * step) / mxs
+        lq, sumlx, suml2 = attempt(iscale)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        L = torch.where(better, lq, L)
+        scale = torch.where(better, sumlx / torch.where(suml2 > 0, suml2, 1.0), scale)
+        best = torch.where(better, scale * sumlx, best)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    L = torch.where(zero, torch.zeros_like(L), L + nmax)
+    return scale.t(), L.t()
+
+
+class _Q4_K(BlockType):
+    """Q4_K: 8 sub-blocks of 32, x = d*sc*q - dmin*m with 6-bit sc, m and fp16 d, dmin."""
+
+    name, block, type_size = "q4_k", QK_K, 144
+
+    def fit(self, x):
+        n = x.shape[0]
+        xs = x.reshape(n * 8, 32)
+        # sqrtf is correctly rounded; torch's fp32 sqrt can be an ulp off: round from fp64
+        av = torch.sqrt((_seqsum(xs * xs) / 32).double()).float()
+        scales, mins, L = _make_qkx2(xs, av + xs.abs(), 15, -1.0, 0.1, 20)
+        scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+        zeros = torch.zeros(n, 1)
+        # C: `if (scale > max_scale)` from +0, so the result is never -0
+        max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
+        max_scale = torch.where(max_scale > 0, max_scale, zeros)
+        max_min = torch.where(max_min > 0, max_min, zeros)
+        inv_s = torch.where(
+            max_scale > 0, _div(63, torch.where(max_scale > 0, max_scale, 1.0)), 0.0
+        )
+        inv_m = torch.where(max_min > 0, _div(63, torch.where(max_min > 0, max_min, 1.0)), 0.0)
+        # uint8 ls = nearest_int(...): the int wraps into a byte, then MIN(63, ls)
+        ls = (_nearest_int(inv_s * scales).to(torch.int64) & 0xFF).clamp_(max=63)
+        lm = (_nearest_int(inv_m * mins).to(torch.int64) & 0xFF).clamp_(max=63)
+        d, dmin = _f16(max_scale / 63), _f16(max_min / 63)
+        return self._params(d, dmin, ls.to(torch.uint8), lm.to(torch.uint8), L.reshape(n, 256))
+
+    @staticmethod
+    def _params(d, dmin, sc, m, L=None):
+        p = {"d": d, "dmin": dmin, "sc": sc, "m": m}
+        # the fp32 values the reference rounds with and gguf decodes with: [n, 8, 1]
+        p["ds"] = (d.float() * sc.float()).unsqueeze(-1)
+        p["dm"] = (dmin.float() * m.float()).unsqueeze(-1)
+        if L is not None:
+            p["L"] = L.to(torch.uint8)
+        return p
+
+    def codes(self, x, p):
+        n = x.shape[0]
+        xs = x.reshape(n, 8, 32)
+        ds = p["ds"]
+        q = _nearest_int((xs + p["dm"]) / torch.where(ds == 0, torch.ones_like(ds), ds))
+        q = q.clamp_(0, 15).to(torch.uint8)
+        keep = p["L"].reshape(n, 8, 32) if "L" in p else torch.zeros_like(q)
+        return torch.where(ds == 0, keep, q).reshape(n, 256)
+
+    def decode(self, q, p):
+        n = q.shape[0]
+        return (p["ds"] * q.reshape(n, 8, 32).float() - p["dm"]).reshape(n, 256)
+
+    def pack(self, q, p):
+        n = q.shape[0]
+        sc, m = p["sc"].to(torch.int32), p["m"].to(torch.int32)
+        s = torch.zeros(n, 12, dtype=torch.int32)
+        s[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+        s[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+        s[:, 8:12] = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
+        qs = q.reshape(n, 4, 2, 32)
+        qs = (qs[:, :, 0] | (qs[:, :, 1] << 4)).reshape(n, 128)
+        return torch.cat([_f16_bytes(p["d"]), _f16_bytes(p["dmin"]), s.to(torch.uint8), qs], dim=1)
+
+    def unpack(self, b):
+        n = b.shape[0]
+        s = b[:, 4:16].reshape(n, 3, 4)
+        a, mm, md = s[:, 0], s[:, 1], s[:, 2]
+        sc = torch.cat([a & 0x3F, (md & 0x0F) | ((a >> 2) & 0x30)], dim=1)
+        m = torch.cat([mm & 0x3F, (md >> 4) | ((mm >> 2) & 0x30)], dim=1)
+        qs = b[:, 16:].reshape(n, 4, 1, 32)
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 256)
+        d, dmin = _bytes_f16(b[:, 0:2]).half(), _bytes_f16(b[:, 2:4]).half()
+        return q, self._params(d, dmin, sc, m)
+
+
+class _Q6_K(BlockType):
+    """Q6_K: 16 sub-blocks of 16, x = d * sc * (q - 32) with int8 sc and fp16 d, no mins."""
+
+    name, block, type_size = "q6_k", QK_K, 210
+
+    def fit(self, x):
+        n = x.shape[0]
+        scales, L = _make_qx(x.reshape(n * 16, 16), 32)
+        scales = scales.reshape(n, 16)
+        imax = scales.abs().argmax(dim=1, keepdim=True)
+        max_scale = torch.gather(scales, 1, imax)
+        zero = max_scale.abs() < _GROUP_MAX_EPS
+        iscale = _div(-128, torch.where(zero, torch.ones_like(max_scale), max_scale))
+        d = torch.where(zero, torch.zeros_like(iscale), _f16(1 / iscale).float()).half()
+        sc = _nearest_int(iscale * scales).clamp_(max=127)
+        sc = torch.where(zero, torch.zeros_like(sc), sc).to(torch.int8)
+        L = torch.where(zero, torch.zeros_like(L.reshape(n, 256)), L.reshape(n, 256))
+        return self._params(d, sc, L)
+
+    @staticmethod
+    def _params(d, sc, L=None):
+        p = {"d": d, "sc": sc, "ds": (d.float() * sc.float()).unsqueeze(-1)}
+        if L is not None:
+            p["L"] = L.to(torch.uint8)
+        return p
+
+    def codes(self, x, p):
+        n = x.shape[0]
+        ds = p["ds"]
+        q = _nearest_int(x.reshape(n, 16, 16) / torch.where(ds == 0, torch.ones_like(ds), ds))
+        q = (q.clamp_(-32, 31) + 32).to(torch.uint8)
+        keep = p["L"].reshape(n, 16, 16) if "L" in p else torch.full_like(q, 32)
+        return torch.where(ds == 0, keep, q).reshape(n, 256)
+
+    def decode(self, q, p):
+        n = q.shape[0]
+        return (p["ds"] * (q.reshape(n, 16, 16).float() - 32)).reshape(n, 256)
+
+    def pack(self, q, p):
+        n = q.shape[0]
+        L = q.reshape(n, 2, 4, 32)  # [half, quarter, l]: element 128*h + 32*k + l
+        lo, hi = L & 0x0F, L >> 4
+        ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], dim=2)
+        qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+        sc = p["sc"].reshape(n, 16).view(torch.uint8)
+        return torch.cat([ql.reshape(n, 128), qh.reshape(n, 64), sc, _f16_bytes(p["d"])], dim=1)
+
+    def unpack(self, b):
+        n = b.shape[0]
+        ql = b[:, :128].reshape(n, 2, 2, 32)  # [half, which 32, l]
+        qh = b[:, 128:192].reshape(n, 2, 1, 32)
+        lo = torch.stack(
+            [ql[:, :, 0] & 0xF, ql[:, :, 1] & 0xF, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], dim=2
+        )
+        hi = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)) & 3
+        q = (lo | (hi << 4)).reshape(n, 256)
+        sc = b[:, 192:208].contiguous().view(torch.int8)
+        return q, self._params(_bytes_f16(b[:, 208:210]).half(), sc)
+
+
+BLOCK_TYPES: dict[str, BlockType] = {
+    t.name: t
+    for t in (
+        _Q8_0(),
+        _Sym("q4_0", 4),
+        _Asym("q4_1", 4),
+        _Sym("q5_0", 5),
+        _Asym("q5_1", 5),
+        _Q4_K(),
+        _Q6_K(),
+        _MXFP4(),
+        _TQ("tq1_0"),
+        _TQ("tq2_0"),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Format
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GGUFConfig(FormatConfig):
+    family = "gguf"
+    qtype: str = "q8_0"
+
+    @property
+    def spec(self) -> str:
+        return f"gguf-{self.qtype}"
+
+
+@register(r"gguf", GGUFConfig, [f"gguf-{t}" for t in BLOCK_TYPES])
+def _parse(m: re.Match[str], tokens: list[str]) -> GGUFConfig:
+    if len(tokens) != 1 or tokens[0] not in BLOCK_TYPES:
+        got = "-".join(tokens) or "nothing"
+        raise ConfigError(
+            f"unknown GGUF type '{got}' in 'gguf-{got}': use one of "
+            + ", ".join(f"gguf-{t}" for t in BLOCK_TYPES)
+        )
+    return GGUFConfig(tokens[0])
+
+
+def fallback_spec(spec: str, shape: tuple[int, ...]) -> str:
+    """The GGUF format llama.cpp would use for a tensor of ``shape``: ``spec`` itself when the
+    rows fit its blocks, else its per-tensor fallback (Q4_K -> Q5_0, Q6_K -> Q8_0, TQ -> Q4_0)."""
+    fmt = get_gguf(spec)
+    k = shape[-1] if shape else 1
+    if k % fmt.bt.block == 0:
+        return fmt.spec
+    nxt = FALLBACK.get(fmt.bt.name)
+    if nxt is None or k % BLOCK_TYPES[nxt].block:
+        raise ConfigError(
+            f"{spec}: rows of {k} are not a multiple of {fmt.bt.block} and GGUF has no fallback "
+            "for it: keep this tensor in F16/F32"
+        )
+    return f"gguf-{nxt}"
+
+
+def get_gguf(spec: str) -> GGUFFormat:
+    from joules.formats.base import get
+
+    fmt = get(spec)
+    if not isinstance(fmt, GGUFFormat):
+        raise ConfigError(f"'{spec}' is not a GGUF block format: use one of {', '.join(PRESETS)}")
+    return fmt
+
+
+PRESETS = [f"gguf-{t}" for t in BLOCK_TYPES]
+
+
+@register_format(GGUFConfig)
+class GGUFFormat(Format):
+    """A GGUF block type; ``quantize`` stores the GGUF tensor bytes as the part ``blocks``."""
+
+    family = "gguf"
+
+    def __init__(self, config: GGUFConfig, name: str | None = None):
+        super().__init__(config, name)
+        self.cfg = config
+        self.bt = BLOCK_TYPES[config.qtype]
+
+    @property
+    def ggml_type(self) -> str:
+        """The ``gguf.GGMLQuantizationType`` member name, e.g. ``Q4_K``."""
+        return self.bt.name.upper()
+
+    @property
+    def description(self) -> str:
+        b = self.bt
+        return f"GGUF {self.ggml_type}: {b.type_size}-byte blocks of {b.block} (llama.cpp layout)"
+
+    def part_bits(self, shape: tuple[int, ...]) -> dict[str, int]:
+        n = math.prod(shape)
+        return {"blocks": -(-n // self.bt.block) * self.bt.type_size * 8}
+
+    def for_shape(self, shape: tuple[int, ...]) -> Format:
+        """llama.cpp's per-tensor fallback (Q4_K -> Q5_0, Q6_K -> Q8_0, TQ -> Q4_0) for rows
+        that are not a multiple of the block; the format itself otherwise."""
+        from joules.formats.base import get
+
+        return get(fallback_spec(self.spec, tuple(shape)))
+
+    # -- helpers -------------------------------------------------------------------------------
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        k = shape[-1] if shape else 1
+        if k % self.bt.block:
+            hint = ""
+            if self.bt.name in FALLBACK:
+                hint = f"; llama.cpp uses gguf-{FALLBACK[self.bt.name]} for such tensors"
+            raise ConfigError(
+                f"{self.spec}: rows of {k} elements are not a multiple of its {self.bt.block}-"
+                f"element blocks (shape {tuple(shape)}){hint}"
+            )
+
+    def blocks_of(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as fp32 [nblocks, block], refusing shapes and values GGUF cannot hold."""
+        check_input(t, self.spec)
+        self.check_shape(tuple(t.shape))
+        x = t.detach().float().reshape(-1, self.bt.block).cpu()
+        if not torch.isfinite(x).all():
+            raise ConfigError(f"{self.spec}: the tensor holds NaN or Inf, which GGUF blocks cannot")
+        return x
+
+    def _finish(self, t: torch.Tensor, raw: torch.Tensor, **meta: Any) -> QuantizedTensor:
+        rows = math.prod(t.shape[:-1]) if t.dim() > 1 else 1
+        return self._qt(t, {"blocks": raw.reshape(rows, -1).contiguous()}, **meta)
+
+    # -- conversion ----------------------------------------------------------------------------
+    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
+        x = self.blocks_of(t)
+        p = self.bt.fit(x)
+        return self._finish(t, self.bt.pack(self.bt.codes(x, p), p))
+
+    def unpack(self, q: QuantizedTensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Codes [nblocks, block] and stored parameters of ``q``."""
+        check_qt(q, self.spec)
+        raw = q.parts["blocks"].cpu().reshape(-1, self.bt.type_size)
+        return self.bt.unpack(raw)
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        codes, p = self.unpack(q)
+        dev = q.parts["blocks"].device
+        return self.bt.decode(codes, p).reshape(q.shape).to(device=dev, dtype=q.dtype)
+
+    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
+        x = self.blocks_of(t)
+        p = self.bt.fit(x)
+        out = self.bt.decode(self.bt.codes(x, p), p)
+        return out.reshape(t.shape).to(device=t.device, dtype=t.dtype)
+
+    def fit(self, w: torch.Tensor) -> GGUFFitted:
+        """Fix every block's parameters (scales, minima, K-quant sub-block scales) from ``w``."""
+        check_fit_input(w, self.spec)
+        return GGUFFitted(self, w)
+
+
+class GGUFFitted(Fitted):
+    """A GGUF block type with the block parameters of one weight [rows, cols] fixed.
+
+    Codes are rounded as the reference quantizer rounds them once its parameters are known
+    (legacy types with the fp32 scale, K-quants with the stored fp16 sub-block scales), so
+    ``fit(w).quantize(w)`` is ``quantize(w)`` byte for byte and GPTQ's rounded columns are the
+    values llama.cpp decodes.
+    """
+
+    def __init__(self, fmt: GGUFFormat, w: torch.Tensor):
+        super().__init__(fmt, (int(w.shape[0]), int(w.shape[1])))
+        self.fmt = fmt
+        self.bt = fmt.bt
+        x = fmt.blocks_of(w)
+        self.per_row = self.shape[1] // self.bt.block
+        # parameters of block j of row r at index r * per_row + j
+        self.p = self.bt.fit(x)
+
+    def _select(self, b0: int, b1: int) -> dict[str, torch.Tensor]:
+        rows = self.shape[0]
+        return {
+            k: v.reshape(rows, self.per_row, *v.shape[1:])[:, b0:b1].reshape(-1, *v.shape[1:])
+            for k, v in self.p.items()
+        }
+
+    def fake_quant_cols(self, cols: torch.Tensor, col0: int) -> torch.Tensor:
+        self._check_cols(cols, col0)
+        rows, n = cols.shape
+        bs = self.bt.block
+        b0, b1 = col0 // bs, -(-(col0 + n) // bs)
+        off = col0 - b0 * bs
+        x = cols.detach().float().cpu()
+        if off or n != (b1 - b0) * bs:
+            buf = torch.zeros(rows, (b1 - b0) * bs)
+            buf[:, off : off + n] = x
+            x = buf
+        p = self._select(b0, b1) if (b0, b1) != (0, self.per_row) else self.p
+        xb = x.reshape(-1, bs)
+        out = self.bt.decode(self.bt.codes(xb, p), p).reshape(rows, -1)[:, off : off + n]
+        return out.to(cols.device)
+
+    def quantize(self, w: torch.Tensor) -> QuantizedTensor:
+        self._check_weight(w)
+        x = self.fmt.blocks_of(w)
+        return self.fmt._finish(w, self.bt.pack(self.bt.codes(x, self.p), self.p))
+
+
+def gguf_blocks(q: QuantizedTensor) -> tuple[str, torch.Tensor]:
+    """(GGML type name, uint8 [rows, row_bytes]) of a tensor in a ``gguf-*`` format."""
+    fmt = get_gguf(q.spec)
+    return fmt.ggml_type, q.parts["blocks"].cpu().contiguous()
+
+
+def mxfp4_to_gguf_blocks(q: QuantizedTensor) -> torch.Tensor:
+    """Repack a joules ``mxfp4`` (OCP MX) tensor as GGUF MXFP4 bytes [rows, row_bytes], lossless:
+    same E8M0 byte and E2M1 codes, only the nibble order changes (a -0 code decodes as +0)."""
+    from joules.formats.base import get
+    from joules.formats.packing import unpack
+
+    if q.spec != "mxfp4":
+        raise ConfigError(f"'{q.spec}' is not OCP mxfp4 (blocks of 32): only 'mxfp4' repacks")
+    k = q.shape[-1] if q.shape else 1
+    if k % 32:
+        raise ConfigError(f"mxfp4: rows of {k} are not a multiple of 32, as GGUF MXFP4 needs")
+    e = q.parts["scales"].cpu().reshape(-1, 1)
+    if (e == 255).any():
+        raise ConfigError("mxfp4: a block holds NaN (E8M0 0xFF), which GGUF MXFP4 cannot")
+    codes = unpack(q.parts["codes"].cpu(), get("mxfp4").elem_bits, q.numel).reshape(-1, 32)
+    rows = math.prod(q.shape[:-1]) if len(q.shape) > 1 else 1
+    return torch.cat([e, _nibbles(codes)], dim=1).reshape(rows, -1).contiguous()

@@ -1,0 +1,361 @@
+"""Fit the roofline's effective peaks, overheads and energy coefficients to measured runs.
+
+    >>> from joules.predict.calibrate import Observation, fit
+    >>> # obs = observations_from_bench(json.load(open("bench/results/decode.json")))
+    >>> # cal = fit(obs, get_hardware("this-machine")); save_calibration(cal)
+
+Latency. For one phase of one run, with each operator classified compute- or memory-bound,
+
+    time = (sum of compute-bound FLOPs / peak) / flops_eff
+         + (sum of memory-bound bytes / bandwidth) / bandwidth_eff
+         + calls x overhead[phase] + dequantised elements x dequant_s
+
+is linear in the unknowns (1/flops_eff, 1/bandwidth_eff, overhead[prefill], overhead[decode],
+dequant_s). They are fitted by bounded least squares on *relative* residuals (each row divided
+by its measurement, so a 10 ms decode step weighs as much as a 2 s prefill), the operators are
+re-classified with the new efficiencies, and the two steps repeat until the classification is
+stable. Decode rows use the mean time per decode step (TPOT).
+
+Energy (where the runs carry energy): ``E = static_w x t + e_flop x FLOPs + e_byte x bytes``
+per phase, by non-negative least squares on relative residuals, ``t`` the measured time.
+
+The band: the 95th percentile of |predicted / measured - 1| over the fitted runs, per phase
+(in-sample; ``bench/predict_validation.py`` reports the leave-one-out error). Calibrations are
+stored per machine under ``$JOULES_CACHE_DIR/predict/<hardware id>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from joules.errors import ConfigError, DataError
+from joules.predict.catalog import HardwareSpec
+from joules.predict.roofline import Coefficients, Workload
+from joules.predict.shape import ModelShape
+
+# Bounds of the fitted unknowns: efficiencies between 0.01 % and 100x the base peak. With a
+# probe the fit stays well below 1; without one the base is a rough share of a catalogued host
+# (see catalog.this_machine), which a real VM may exceed several times.
+_INV_EFF_BOUNDS = (0.01, 1e4)
+
+
+@dataclass
+class Observation:
+    """One measured run: what ran and what the bench saw (seconds, joules)."""
+
+    shape: ModelShape
+    workload: Workload
+    weight_format: str
+    prefill_s: float
+    tpot_s: float | None
+    prefill_energy_j: float | None = None
+    decode_energy_j: float | None = None  # all decode steps
+    manifest: dict[str, Any] | None = None
+    label: str = ""
+
+
+@dataclass
+class Calibration:
+    """Fitted coefficients of one machine, with the runs and residuals behind them."""
+
+    hardware: str
+    coefficients: Coefficients
+    residuals: dict[str, list[float]] = field(default_factory=dict)
+    n_points: int = 0
+    energy_method: str | None = None  # the meter method of the energies fitted
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["coefficients"] = self.coefficients.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        d = dict(d)
+        d["coefficients"] = Coefficients.from_dict(d["coefficients"])
+        return cls(**d)
+
+
+# -- features ------------------------------------------------------------------------------
+
+
+def _phase_rows(obs: Observation, hw: HardwareSpec):
+    """Per phase: a list of steps, each a list of (compute_s0, memory_s0, calls, dq, flops,
+    bytes) of its operators at 100 % efficiency; and the measured target."""
+    from joules.predict.predictor import phase_ops
+
+    dtype = obs.workload.compute_dtype or hw.default_dtype
+    fmt = obs.weight_format if obs.weight_format != "manifest" else dtype
+    pre, steps, *_ = phase_ops(obs.shape, obs.workload, dtype, fmt, obs.manifest)
+
+    def arr(ops) -> np.ndarray:
+        return np.array(
+            [
+                (
+                    o.flops / hw.flops_for(o.dtype),
+                    o.nbytes / hw.bandwidth_bps,
+                    o.calls,
+                    o.dequant_elements,
+                    o.flops,
+                    o.nbytes,
+                )
+                for o in ops
+            ]
+        )
+
+    rows = [("prefill", [arr(pre)], obs.prefill_s, 1)]
+    if steps and obs.tpot_s:
+        rows.append(("decode", [arr(s) for s in steps], obs.tpot_s, len(steps)))
+    return rows
+
+
+def _design(rows, inv_eff: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Design matrix [x_compute, x_memory, calls_prefill, calls_decode, dq] / target."""
+    a_list, y_list = [], []
+    for phase, steps, target, n in rows:
+        x = np.zeros(5)
+        for s in steps:
+            comp = s[:, 0] * inv_eff[0] >= s[:, 1] * inv_eff[1]
+            x[0] += s[comp, 0].sum()
+            x[1] += s[~comp, 1].sum()
+            x[2 if phase == "prefill" else 3] += s[:, 2].sum()
+            x[4] += s[:, 3].sum()
+        a_list.append(x / n / target)
+        y_list.append(1.0)
+    return np.array(a_list), np.array(y_list)
+
+
+def _bounded_lstsq(a: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Least squares with box bounds (active set: clip, fix, re-solve; a handful of unknowns)."""
+    n = a.shape[1]
+    fixed: dict[int, float] = {}
+    # unknowns no row informs are pinned at their lower bound
+    for j in range(n):
+        if not np.any(a[:, j]):
+            fixed[j] = lo[j]
+    for _ in range(2 * n + 1):
+        free = [j for j in range(n) if j not in fixed]
+        rhs = y - sum((a[:, j] * v for j, v in fixed.items()), np.zeros_like(y))
+        x = np.zeros(n)
+        for j, v in fixed.items():
+            x[j] = v
+        if free:
+            sol, *_ = np.linalg.lstsq(a[:, free], rhs, rcond=None)
+            x[free] = sol
+        bad = [j for j in free if x[j] < lo[j] or x[j] > hi[j]]
+        if not bad:
+            return x
+        worst = max(bad, key=lambda j: max(lo[j] - x[j], x[j] - hi[j]) / max(abs(hi[j]), 1e-30))
+        fixed[worst] = lo[worst] if x[worst] < lo[worst] else hi[worst]
+    return np.clip(x, lo, hi)
+
+
+def fit(
+    observations: list[Observation],
+    hw: HardwareSpec,
+    *,
+    max_iter: int = 20,
+    energy_method: str | None = None,
+) -> Calibration:
+    """Calibrate ``hw``'s coefficients on measured runs (see the module docstring)."""
+    if len(observations) < 3:
+        raise ConfigError(f"calibration needs at least 3 measured runs, got {len(observations)}")
+    rows = [r for o in observations for r in _phase_rows(o, hw)]
+    lo = np.array([_INV_EFF_BOUNDS[0], _INV_EFF_BOUNDS[0], 0.0, 0.0, 0.0])
+    hi = np.array([_INV_EFF_BOUNDS[1], _INV_EFF_BOUNDS[1], 1.0, 1.0, 1.0])
+    inv = (1.0, 1.0)
+    theta = np.array([1.0, 1.0, 0.0, 0.0, 0.0])
+    for _ in range(max_iter):
+        a, y = _design(rows, inv)
+        theta = _bounded_lstsq(a, y, lo, hi)
+        new = (float(theta[0]), float(theta[1]))
+        if np.allclose(new, inv, rtol=1e-9):
+            break
+        inv = new
+    a, y = _design(rows, inv)
+    rel = a @ theta - 1.0  # predicted / measured - 1
+    residuals: dict[str, list[float]] = {"prefill": [], "decode": []}
+    for (phase, *_), r in zip(rows, rel, strict=True):
+        residuals[phase].append(float(r))
+    band = {p: _p95(r) for p, r in residuals.items() if r}
+    coef = Coefficients(
+        flops_efficiency=1.0 / theta[0],
+        bandwidth_efficiency=1.0 / theta[1],
+        overhead_s={"prefill": float(theta[2]), "decode": float(theta[3])},
+        dequant_s_per_element=float(theta[4]),
+        static_w=hw.idle_w,
+        e_flop_j=0.0,
+        e_byte_j=0.0,
+        max_power_w=None,
+        calibrated=True,
+        band=band,
+        n_points=len(observations),
+        source=f"calibrated on {len(observations)} measured runs",
+    )
+    coef, e_res = _fit_energy(observations, hw, coef)
+    if e_res:
+        residuals.update({f"energy_{k}": v for k, v in e_res.items()})
+    notes = []
+    if energy_method == "estimated":
+        notes.append(
+            "energy coefficients fitted to *estimated* energy (no RAPL/NVML here): they reproduce "
+            "the estimator, not a meter"
+        )
+    return Calibration(hw.id, coef, residuals, len(observations), energy_method, notes)
+
+
+def _p95(r: list[float]) -> float:
+    return float(np.quantile(np.abs(np.array(r)), 0.95)) if r else float("nan")
+
+
+def _fit_energy(
+    observations: list[Observation], hw: HardwareSpec, coef: Coefficients
+) -> tuple[Coefficients, dict[str, list[float]]]:
+    from joules.predict.predictor import phase_ops
+
+    rows, targets, phases = [], [], []
+    for o in observations:
+        dtype = o.workload.compute_dtype or hw.default_dtype
+        fmt = o.weight_format if o.weight_format != "manifest" else dtype
+        pre, steps, *_ = phase_ops(o.shape, o.workload, dtype, fmt, o.manifest)
+        if o.prefill_energy_j:
+            f, b = sum(x.flops for x in pre), sum(x.nbytes for x in pre)
+            rows.append((o.prefill_s, f, b))
+            targets.append(o.prefill_energy_j)
+            phases.append("prefill")
+        if o.decode_energy_j and o.tpot_s and steps:
+            f = sum(x.flops for s in steps for x in s)
+            b = sum(x.nbytes for s in steps for x in s)
+            rows.append((o.tpot_s * len(steps), f, b))
+            targets.append(o.decode_energy_j)
+            phases.append("decode")
+    if len(rows) < 3:
+        return coef, {}
+    a = np.array(rows, dtype=float) / np.array(targets)[:, None]
+    # scale columns to comparable magnitudes before solving
+    scale = a.max(axis=0)
+    scale[scale == 0] = 1.0
+    x = _bounded_lstsq(a / scale, np.ones(len(rows)), np.zeros(3), np.full(3, np.inf)) / scale
+    rel = a @ x - 1.0
+    res: dict[str, list[float]] = {}
+    for p, r in zip(phases, rel, strict=True):
+        res.setdefault(p, []).append(float(r))
+    coef = replace(
+        coef,
+        static_w=float(x[0]),
+        e_flop_j=float(x[1]),
+        e_byte_j=float(x[2]),
+        energy_band={p: _p95(r) for p, r in res.items()},
+    )
+    return coef, res
+
+
+# -- bench results --------------------------------------------------------------------------
+
+
+def _get(row: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        v = row.get(k)
+        if isinstance(v, dict):  # {"median": x, ...}
+            v = v.get("median", v.get("mean"))
+        if v is not None:
+            return v
+    return None
+
+
+def observations_from_bench(
+    result: dict[str, Any], shape: ModelShape | None = None, weight_format: str | None = None
+) -> tuple[list[Observation], str | None]:
+    """Observations from a ``BenchResult.to_dict()`` (rows with prompt_len, batch, gen_len,
+    ttft_s, tpot_s, per-phase energy) and the energy method found, read defensively."""
+    rows = result.get("rows") or result.get("results") or result.get("points")
+    if not isinstance(rows, list) or not rows:
+        raise DataError("bench results: no 'rows' list: pass the JSON of `joules bench --json`")
+    if shape is None:
+        model = result.get("model") or {}
+        spec = (model.get("path") or model.get("spec")) if isinstance(model, dict) else model
+        if not spec:
+            raise DataError("bench results name no model: pass the model to calibrate against")
+        shape, manifest = ModelShape.load(spec)
+    else:
+        manifest = None
+    fmt = weight_format or str(result.get("weight_format") or result.get("format") or "fp32")
+    dtype = result.get("compute_dtype") or result.get("dtype")
+    method = None
+    out = []
+    for r in rows:
+        p, g, b = _get(r, "prompt_len"), _get(r, "gen_len"), _get(r, "batch") or 1
+        ttft = _get(r, "ttft_s", "prefill_s")
+        tpot = _get(r, "tpot_s", "tpot_mean_s", "decode_s_per_token")
+        if p is None or g is None or ttft is None:
+            raise DataError("bench results: a row lacks prompt_len, gen_len or ttft_s")
+        e_pre = _get(r, "prefill_energy_j", "energy_prefill_j")
+        e_dec = _get(r, "decode_energy_j", "energy_decode_j")
+        method = method or _get(r, "energy_method", "method")
+        # joules bench: {"prefill_energy": {"median_j": ..., "method": ...}, "decode_energy": ...}
+        for key in ("prefill_energy", "decode_energy"):
+            pe = r.get(key)
+            if isinstance(pe, dict) and pe.get("median_j") is not None:
+                if key == "prefill_energy":
+                    e_pre = pe["median_j"]
+                else:
+                    e_dec = pe["median_j"]
+                method = method or pe.get("method")
+        wl = Workload(
+            int(p),
+            int(g),
+            int(b),
+            compute_dtype=dtype if dtype in ("fp32", "bf16", "fp16") else None,
+        )
+        out.append(
+            Observation(
+                shape,
+                wl,
+                str(r.get("weight_format") or fmt),
+                float(ttft),
+                float(tpot) if tpot else None,
+                float(e_pre) if e_pre else None,
+                float(e_dec) if e_dec else None,
+                manifest,
+                label=f"p{p} g{g} b{b}",
+            )
+        )
+    return out, method or result.get("energy_method")
+
+
+# -- storage -------------------------------------------------------------------------------
+
+
+def calibration_path(hardware_id: str) -> Path:
+    from joules.models.loading import cache_dir
+
+    return cache_dir() / "predict" / f"{hardware_id}.json"
+
+
+def save_calibration(cal: Calibration) -> Path:
+    path = calibration_path(cal.hardware)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cal.to_dict(), indent=2, default=_nan_none))
+    return path
+
+
+def _nan_none(x: Any) -> Any:
+    return None if isinstance(x, float) and not math.isfinite(x) else str(x)
+
+
+def load_calibration(hardware_id: str) -> Calibration | None:
+    """The stored calibration of ``hardware_id``, or None (a corrupt file is ignored)."""
+    path = calibration_path(hardware_id)
+    if not path.is_file():
+        return None
+    try:
+        return Calibration.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None

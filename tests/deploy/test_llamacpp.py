@@ -1,0 +1,168 @@
+"""llama.cpp through llama-cpp-python: joules' GGUF block bytes equal llama.cpp's own quantizer
+(every type, Q4_K and Q6_K included, where the gguf package has no quantizer), and llama.cpp's
+perplexity on an exported file matches the torch path's on the same windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from joules import formats
+from joules.formats.gguf import BLOCK_TYPES
+
+pytest.importorskip("llama_cpp")
+from joules.deploy.llamacpp import ggml_quantize
+
+
+def _cases(block: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    n = 2 * block
+    x = rng.standard_normal((8, n)).astype(np.float32)
+    heavy = (rng.standard_t(2, (4, n)) * 0.02).astype(np.float32)
+    zero = np.zeros((2, n), np.float32)
+    signed_zero = np.where(rng.random((3, n)) < 0.5, 0.0, -0.0).astype(np.float32)
+    signed_zero[1, ::5] = 1e-3
+    outlier = (rng.standard_normal((3, n)) * 1e-3).astype(np.float32)
+    outlier[:, 3] = 25.0
+    ties = np.tile(np.linspace(-8, 8, 33, dtype=np.float32)[:32], (2, n // 32))
+    sub = (rng.standard_normal((2, n)) * 1e-6).astype(np.float32)
+    const = np.full((2, n), 0.25, np.float32)
+    half_zero = x[:2].copy()
+    half_zero[:, : n // 2 : 2] = 0  # sub-blocks with many exact zeros
+    return {
+        "random": x,
+        "heavy_tailed": heavy,
+        "zero": zero,
+        "signed_zero": signed_zero,
+        "outlier": outlier,
+        "ties": ties,
+        "subnormal_scale": sub,
+        "constant": const,
+        "half_zero": half_zero,
+    }
+
+
+@pytest.mark.parametrize("t", list(BLOCK_TYPES))
+@pytest.mark.parametrize("case", list(_cases(32)))
+def test_bytes_equal_llamacpp_quantizer(t, case):
+    fmt = formats.get(f"gguf-{t}")
+    x = _cases(fmt.bt.block)[case]
+    ours = fmt.quantize(torch.from_numpy(x)).parts["blocks"].numpy()
+    ref = ggml_quantize(x, fmt.ggml_type)
+    assert ours.shape == ref.shape
+    diff = np.nonzero((ours != ref).any(axis=1))[0]
+    assert diff.size == 0, f"rows {diff[:5]} differ"
+
+
+@pytest.mark.parametrize("t", list(BLOCK_TYPES))
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_bytes_equal_llamacpp_quantizer_random(t, data):
+    fmt = formats.get(f"gguf-{t}")
+    rows, nblk = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 2))
+    scale = data.draw(st.sampled_from([1e-4, 1.0, 100.0]))
+    x = data.draw(
+        arrays(np.float32, (rows, nblk * fmt.bt.block), elements=st.floats(-8, 8, width=32))
+    )
+    x = (x * np.float32(scale)).astype(np.float32)
+    ours = fmt.quantize(torch.from_numpy(x)).parts["blocks"].numpy()
+    assert np.array_equal(ours, ggml_quantize(x, fmt.ggml_type))
+
+
+def test_llamacpp_perplexity_matches_torch_on_exported_file(tmp_path, monkeypatch):
+    from joules.compress import compress
+    from joules.data import load_text
+    from joules.deploy import export_gguf
+    from joules.deploy.llamacpp import llamacpp_decode_speed, llamacpp_perplexity
+    from joules.evaluate.perplexity import perplexity
+    from joules.models import load_model, tiny_model
+
+    monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path / "cache"))
+    text = load_text("wikitext2", "test")
+    for spec in ("gguf-q8_0", "gguf-q4_0"):
+        m, tok, _ = tiny_model("llama", seed=0)
+        cm = compress(m, f"rtn(format={spec})")
+        cm.save(tmp_path / spec, tok)
+        export_gguf(tmp_path / spec, tmp_path / f"{spec}.gguf")
+        a = load_model(tmp_path / spec)
+        ref = perplexity(a.model, a.tokenizer, text, window=128, limit_tokens=768)
+        got = llamacpp_perplexity(
+            tmp_path / f"{spec}.gguf", a.tokenizer, text, window=128, limit_tokens=768, threads=1
+        )
+        assert got.tokens_scored == ref.tokens_scored and got.windows == ref.windows
+        assert abs(got.perplexity / ref.perplexity - 1) < 0.005, (
+            spec,
+            got.perplexity,
+            ref.perplexity,
+        )
+    speed = llamacpp_decode_speed(
+        tmp_path / "gguf-q4_0.gguf", list(range(3, 30)), 8, threads=1, repeats=1
+    )
+    assert speed.new_tokens == 8 and speed.tpot_s > 0 and speed.decode_tokens_per_s > 0
+
+
+def test_llamacpp_on_truncated_or_foreign_file_is_one_line_error(tmp_path):
+    from joules.deploy.llamacpp import load_llama
+    from joules.errors import UnsupportedModelError
+
+    (tmp_path / "foreign.gguf").write_bytes(b"GGML" + b"\0" * 64)
+    with pytest.raises(UnsupportedModelError) as e:
+        load_llama(tmp_path / "foreign.gguf")
+    assert "\n" not in str(e.value) and "not a readable GGUF" in str(e.value)
+
+
+def test_cli_eval_runtime_llamacpp(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from joules.cli import app
+    from joules.compress import compress
+    from joules.deploy import export_gguf
+    from joules.models import tiny_model
+
+    monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path / "cache"))
+    m, tok, _ = tiny_model("llama", seed=0)
+    compress(m, "rtn(format=gguf-q8_0)").save(tmp_path / "c", tok)
+    export_gguf(tmp_path / "c", tmp_path / "m.gguf")
+    runner = CliRunner()
+    args = ["--task", "wikitext2", "--limit-tokens", "300", "--window", "100", "--json"]
+    a = runner.invoke(app, ["eval", str(tmp_path / "m.gguf"), *args, "--runtime", "llamacpp"])
+    b = runner.invoke(app, ["eval", str(tmp_path / "c"), *args])
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    pa, pb = json.loads(a.stdout)["perplexity"], json.loads(b.stdout)["perplexity"]
+    assert abs(pa / pb - 1) < 0.005
+    r = runner.invoke(
+        app, ["eval", str(tmp_path / "c"), "--task", "wikitext2", "--runtime", "llamacpp"]
+    )
+    assert r.exit_code == 2 and "needs a .gguf file" in r.output
+
+
+def test_rtn_export_equals_llamacpp_quantized_file_byte_for_byte(tmp_path, monkeypatch):
+    # the whole path: joules compress rtn(gguf-q4_0) + export == llama-quantize Q4_0 of the
+    # F32 export, tensor for tensor (permuted attn_q/attn_k, the tied embedding as Q6_K)
+    from gguf import GGUFReader
+
+    from joules.compress import compress
+    from joules.deploy import export_gguf
+    from joules.deploy.llamacpp import quantize_file
+    from joules.models import load_model, save_tiny_model
+
+    monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path / "cache"))
+    kw = dict(hidden_size=256, intermediate_size=512, heads=4, kv_heads=2, tie_word_embeddings=True)
+    save_tiny_model(tmp_path / "t", "llama", seed=0, **kw)
+    export_gguf(tmp_path / "t", tmp_path / "f32.gguf")
+    quantize_file(tmp_path / "f32.gguf", tmp_path / "llama-q4_0.gguf", "Q4_0", threads=1)
+    lm = load_model(tmp_path / "t")
+    compress(lm.model, "rtn(format=gguf-q4_0)").save(tmp_path / "c", lm.tokenizer)
+    export_gguf(tmp_path / "c", tmp_path / "joules-q4_0.gguf", embedding="gguf-q6_k")
+    ref = {t.name: t for t in GGUFReader(str(tmp_path / "llama-q4_0.gguf")).tensors}
+    ours = {t.name: t for t in GGUFReader(str(tmp_path / "joules-q4_0.gguf")).tensors}
+    assert ref.keys() == ours.keys()
+    for name, t in ref.items():
+        assert t.tensor_type == ours[name].tensor_type, name
+        assert np.array_equal(np.asarray(t.data), np.asarray(ours[name].data)), name

@@ -1,0 +1,157 @@
+"""Every README table that cites a benchmark's results JSON matches the committed file.
+
+A table is tied to its JSON by a marker comment on the line before it:
+
+    <!-- bench: results/NAME.json rows=PATH key=FIELD cols=HEADER=FIELD; HEADER=FIELD*100 -->
+
+* ``results/NAME.json`` is relative to ``bench/`` (the file a benchmark wrote and we committed);
+* ``rows=PATH``: the dotted path of a list of objects in that JSON, one per table row;
+* ``key=FIELD``: the table's first column holds that field of the row's object, exactly;
+* ``cols=``: every other column's header, ``=``, the field it shows (optionally ``*SCALE``,
+  e.g. a fraction shown in %). A column without a mapping fails the test: no figure goes
+  unchecked.
+
+A cell's leading number is compared with the field rounded to as many decimals as the cell
+shows (``2.57x`` checks the field to 2 decimals; text after the number is commentary); ``-``
+stands for null; any other cell must equal the field as text. Adding a table for another
+benchmark needs only a marker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+MARKER = re.compile(r"<!--\s*bench:\s*(?P<file>\S+)\s+(?P<opts>.*?)\s*-->")
+NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.(\d+))?")
+
+
+def _marked_tables(text: str) -> list[tuple[dict[str, Any], list[str], list[list[str]], int]]:
+    """(marker options, header, rows, line number) of each marked table."""
+    lines = text.splitlines()
+    tables = []
+    for i, line in enumerate(lines):
+        m = MARKER.search(line)
+        if not m:
+            continue
+        opts: dict[str, Any] = {"file": m["file"]}
+        rest = m["opts"]
+        cols_at = rest.find("cols=")
+        if cols_at >= 0:
+            cols = rest[cols_at + len("cols=") :]
+            rest = rest[:cols_at]
+            opts["cols"] = dict(c.strip().split("=", 1) for c in cols.split(";") if c.strip())
+        for tok in rest.split():
+            k, _, v = tok.partition("=")
+            opts[k] = v
+        body = []
+        for row in lines[i + 1 :]:
+            if not row.startswith("|"):
+                break
+            body.append([c.strip() for c in row.strip().strip("|").split("|")])
+        assert len(body) >= 3, f"README line {i + 1}: a bench marker must precede a table"
+        tables.append((opts, body[0], body[2:], i + 1))
+    return tables
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = obj[part]
+    return obj
+
+
+def check_cell(cell: str, value: Any) -> str | None:
+    """None if ``cell`` shows ``value`` (by the module's rule), else what is wrong."""
+    if cell in ("-", "–"):
+        return None if value is None else f"{cell!r} but the JSON has {value!r}"
+    if value is None:
+        return f"{cell!r} but the JSON has null"
+    m = NUMBER.match(cell)
+    if m and isinstance(value, int | float) and not isinstance(value, bool):
+        decimals = len(m.group(1) or "")
+        shown = m.group(0).replace(",", "")
+        expected = f"{value:.{decimals}f}"
+        return None if float(shown) == float(expected) else f"{cell!r}, JSON gives {expected}"
+    return None if cell == str(value) else f"{cell!r} but the JSON has {value!r}"
+
+
+def _field(row: dict[str, Any], spec: str) -> Any:
+    name, _, scale = spec.partition("*")
+    v = _get(row, name.strip())
+    return v * float(scale) if scale and v is not None else v
+
+
+TABLES = _marked_tables(README.read_text())
+
+
+def test_readme_has_bench_tables():
+    assert len(TABLES) >= 4
+
+
+@pytest.mark.parametrize(
+    ("opts", "header", "rows", "line"), TABLES, ids=[f"line{t[3]}" for t in TABLES]
+)
+def test_table_rows_match_the_committed_json(opts, header, rows, line):
+    path = ROOT / "bench" / opts["file"]
+    assert path.is_file(), f"README line {line} cites {path}, which is not committed"
+    data = json.loads(path.read_text())
+    assert "command" in data and "machine" in data, f"{path.name}: no command/machine recorded"
+    assert "cpu_flags" in data["machine"], f"{path.name}: machine has no CPU flags"
+    objs = _get(data, opts["rows"])
+    key = opts["key"]
+    cols = opts.get("cols", {})
+    unmapped = [h for h in header[1:] if h not in cols]
+    assert not unmapped, f"README line {line}: columns {unmapped} map to no JSON field"
+    assert rows
+    problems = []
+    for cells in rows:
+        found = [o for o in objs if str(o.get(key)) == cells[0]]
+        if len(found) != 1:
+            problems.append(f"row {cells[0]!r}: {len(found)} JSON rows with {key} = it")
+            continue
+        for h, cell in zip(header[1:], cells[1:], strict=True):
+            err = check_cell(cell, _field(found[0], cols[h]))
+            if err:
+                problems.append(f"row {cells[0]!r}, column {h!r}: {err}")
+    assert not problems, f"README line {line} vs {opts['file']}:\n" + "\n".join(problems)
+
+
+def test_the_rule_catches_a_wrong_figure():
+    assert check_cell("2.57x", 2.5712) is None
+    assert check_cell("2.58x", 2.5712) is not None
+    assert check_cell("0 (exact)", 0.0004) is None
+    assert check_cell("-", None) is None and check_cell("-", 1.0) is not None
+    assert check_cell("1,445 µs", 1445.3) is None
+    assert check_cell("torch .to(x)", "torch .to(x)") is None
+
+
+def test_nxfp_gain_sentence_matches_the_compare_json():
+    """The prose under the formats table derives from the same JSON as the table."""
+    text = README.read_text()
+    m = re.search(r"gain \+([\d.]+) dB over MXFP4 for ([\d.]+) more bits", text)
+    assert m, "the NxFP sentence is gone: update this test"
+    res = {
+        r["format"]: r
+        for r in json.loads((ROOT / "bench/results/formats_compare.json").read_text())["results"]
+    }
+    gain = res["nxfp4"]["sqnr_db"] - res["mxfp4"]["sqnr_db"]
+    bits = res["nxfp4"]["bits_per_element"] - res["mxfp4"]["bits_per_element"]
+    assert f"{gain:.2f}" == m.group(1) and f"{bits:.3f}" == m.group(2)
+
+
+def test_estimator_constants_quoted_in_the_readme():
+    """±30 %, 0.375 W per GiB and 30 % of TDP at idle are the code's and data's values."""
+    from joules.measure.carbon import hardware_table
+    from joules.measure.estimate import ESTIMATE_RELATIVE_UNCERTAINTY
+
+    text = README.read_text()
+    table = hardware_table()
+    assert ESTIMATE_RELATIVE_UNCERTAINTY == 0.30 and "±30 % band" in text
+    assert table["memory"]["w_per_gib"] == 0.375 and "0.375 W per GiB" in text
+    assert table["cpu_defaults"]["idle_fraction"] == 0.3 and "30 % of TDP at idle" in text
