@@ -3,41 +3,44 @@ import json
 from typer.testing import CliRunner
 
 from joules.cli import app
+from joules.cli.demo import demo_recipes, demo_spec
+from joules.compress import parse_recipe
+from joules.sweep import parse_spec
 
 runner = CliRunner()
 
 
-def test_demo_on_a_tiny_model_prints_computed_figures(tiny_dir):
-    r = runner.invoke(
-        app,
-        ["demo", "--model", str(tiny_dir), "--new-tokens", "6", "--ppl-tokens", "300", "--json"],
+def test_demo_spec_is_a_valid_sweep_of_every_landed_family():
+    spec = parse_spec(demo_spec("smollm2-135m", 2048, 16, 32), "demo.toml")
+    assert spec.recipes == tuple(parse_recipe(r).to_string() for r in demo_recipes())
+    assert spec.recipes[0] == "baseline" and "gptq(format=int4-g64)" in spec.recipes
+    assert any(r.startswith("prune(") for r in spec.recipes)
+    assert spec.eval.limit_tokens == 2048 and spec.calibration.n == 16
+
+
+def test_demo_on_a_tiny_model_runs_the_pipeline_and_reuses_its_store(
+    tiny_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(
+        "joules.cli.demo.demo_recipes",
+        lambda: ["baseline", "rtn(format=int8-ch)", "gptq(format=int4-g32)"],
     )
+    args = ["demo", "--model", str(tiny_dir), "--new-tokens", "4", "--ppl-tokens", "300"]
+    args += ["--calib-n", "2", "--out", str(tmp_path / "o"), "--json"]
+    r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["generation"]["new_tokens"] == 6
-    assert d["generation"]["tokens_per_s"] > 0
-    assert d["info"]["layers"] == 2
-    energy = d["generation_energy"]
+    demo = d["demo"]
+    assert demo["generation"]["new_tokens"] == 4 and demo["info"]["layers"] == 2
+    energy = demo["generation_energy"]
     assert energy["energy_j"] > 0 and energy["method"] in ("counter", "sampled", "estimated")
-    assert energy["uncertainty_j"] > 0
-    assert d["energy_j_per_token"] == energy["energy_j"] / 6
-    fmts = {r["format"]: r for r in d["formats"]}
-    assert set(fmts) == {"int8-ch", "mxfp8-e4m3", "uint4-asym-g32", "int4-g32", "mxfp4", "nxfp4"}
-    # 8-bit formats keep far more signal than 4-bit ones on the same weights.
+    fmts = {f["format"]: f for f in demo["formats"]}
     assert fmts["int8-ch"]["sqnr_db"] > fmts["int4-g32"]["sqnr_db"] + 15
-    ppl = d["perplexity"]
-    assert [p["weights"] for p in ppl] == [
-        "float32 as loaded",
-        "uint4-asym-g32 (emulated)",
-        "int4-g32 (emulated)",
-        "mxfp4 (emulated)",
-    ]
-    assert all(p["tokens_scored"] > 200 and p["perplexity"] > 1 for p in ppl)
-    assert d["perplexity_energy"]["energy_j"] > 0
-    preds = d["predictions"]
-    assert [p["hardware"] for p in preds] == ["this-machine", "nvidia-h100-sxm"]
-    assert all(p["method"] == "predicted" for p in preds)
-    assert preds[0]["workload"]["gen_len"] == 6
+    assert [p["method"] for p in demo["predictions"]] == ["predicted", "predicted"]
+    assert d["sweep"]["ran"] == 3 and d["sweep"]["failed"] == 0
+    assert (tmp_path / "o" / "demo.db").is_file() and (tmp_path / "o" / "demo_sweep.toml").is_file()
+    again = json.loads(runner.invoke(app, args).stdout)
+    assert again["sweep"]["ran"] == 0 and again["sweep"]["skipped"] == 3
 
 
 def test_bad_model_is_one_line_exit_2(tmp_path):

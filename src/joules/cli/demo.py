@@ -1,23 +1,28 @@
-"""``joules demo``: the main job end to end on the embedded default model (what `make demo` runs).
+"""``joules demo``: the whole pipeline end to end on the embedded default model (`make demo`).
 
-Stages so far: load the model and show its ModelInfo; generate from a WikiText-2 prompt inside
-an energy window (tokens/s, joules per token, method and uncertainty); run every linear weight
-through a few number formats (bits/element, SQNR; ``uint4-asym-g32`` must reproduce the Q4_1
-weights of the default model); WikiText-2 test perplexity on a slice for the model as loaded
-(inside an energy window) and for its weights emulated in a few formats. Each later capability
-extends this until it is the whole pipeline. Every number printed here was computed in this run.
+A quick look first: the model's ModelInfo, a greedy generation inside an energy window
+(tokens/s, J/token, method, uncertainty) with its prediction for this machine and an H100, and
+every linear weight through a few number formats (bits/element, SQNR; ``uint4-asym-g32`` must
+reproduce the Q4_1 weights of the default model). Then a sweep (``joules sweep``) of every
+compression family that has landed, on small slices that the output states: each recipe is
+compressed, scored on WikiText-2 test with a paired interval against the baseline, benched
+(prefill/decode, J/token) and predicted for this machine and H100; results go to a resumable
+SQLite store, so a second run re-does nothing. Last, the HTML report and the recommendation.
+Every number printed here was computed in this run or read back from the store it wrote.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from joules.cli._app import JSON_OPTION, app, console, emit
+from joules.cli._app import JSON_OPTION, app, console, err_console, print_json
 
 
 @dataclass
@@ -27,8 +32,6 @@ class DemoResult:
     generation: Any
     generation_energy: Any
     formats: list[Any]
-    perplexity: list[tuple[str, Any]]
-    perplexity_energy: Any
     predictions: list[Any] | None = None  # joules predict: this machine and H100, same workload
 
     @property
@@ -43,8 +46,6 @@ class DemoResult:
             "generation_energy": self.generation_energy,
             "energy_j_per_token": self.energy_j_per_token,
             "formats": self.formats,
-            "perplexity": [{"weights": name, **r.to_dict()} for name, r in self.perplexity],
-            "perplexity_energy": self.perplexity_energy,
             "predictions": self.predictions,
         }
 
@@ -98,7 +99,6 @@ def _render(r: DemoResult) -> None:
     )
     _render_predictions(r)
     _render_formats(r.formats, r.info)
-    _render_perplexity(r)
 
 
 def _render_predictions(r: DemoResult) -> None:
@@ -138,36 +138,6 @@ def _render_formats(rows: list[Any], info: Any) -> None:
         )
 
 
-def _render_perplexity(r: DemoResult) -> None:
-    from joules.cli.measure import measurement_line
-
-    proto = r.perplexity[0][1].protocol
-    t = Table(
-        title=f"WikiText-2 test perplexity, first {r.perplexity[0][1].tokens_scored} tokens "
-        f"scored (window {proto.window}, stride {proto.stride})",
-        title_justify="left",
-    )
-    for col in ("weights", "perplexity", "95 % interval", "bits/byte", "tokens/s"):
-        t.add_column(col, justify="left" if col == "weights" else "right")
-    for name, p in r.perplexity:
-        lo, hi = p.perplexity_ci95
-        t.add_row(
-            name,
-            f"{p.perplexity:.3f}",
-            f"{lo:.2f}-{hi:.2f}",
-            f"{p.bits_per_byte:.4f}",
-            f"{p.tokens_per_s:.0f}",
-        )
-    console.print(t)
-    e = r.perplexity_energy
-    per_tok = e.energy_j / max(r.perplexity[0][1].tokens_scored, 1)
-    console.print(
-        f"energy of the first perplexity run: {measurement_line(e)}; "
-        f"[bold]{per_tok:.3g} J/token scored[/] ({e.method}). Emulated formats run in float, so "
-        "their speed and energy are not those of a real low-bit kernel: only their quality is."
-    )
-
-
 def _wikitext_prompt(words: int = 48) -> str:
     from joules.data import load_text
 
@@ -177,18 +147,6 @@ def _wikitext_prompt(words: int = 48) -> str:
         ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("=")
     ]
     return " ".join(lines[0].split()[:words])
-
-
-# Perplexity variants: the GGUF-exact layout (should match the model as loaded) and two
-# 4-bit formats that are not.
-PPL_FORMATS = ("uint4-asym-g32", "int4-g32", "mxfp4")
-
-
-def _ppl(model: Any, tok: Any, limit_tokens: int) -> Any:
-    from joules.evaluate import wikitext2_perplexity
-
-    # Windows of 512 give 8 windows in the default 4096-token slice: a usable interval.
-    return wikitext2_perplexity(model, tok, split="test", window=512, limit_tokens=limit_tokens)
 
 
 # Cheap formats that tell the story: 8-bit baselines, the GGUF-exact layout, OCP MX and NxFP.
@@ -214,30 +172,78 @@ def _predict(model: Any, gen: Any) -> list[Any] | None:
         return None
 
 
+def demo_recipes() -> list[str]:
+    """The recipes the demo sweeps: every step family that has landed, on small settings."""
+    from joules.compress import step_names
+
+    steps = set(step_names())
+    recipes = ["baseline", "rtn(format=int8-ch)", "rtn(format=int4-g64)", "gptq(format=int4-g64)"]
+    if "awq" in steps:
+        recipes.append("awq(format=int4-g64) | gptq(format=int4-g64)")
+    recipes += ["rtn(format=mxfp4)", "rtn(format=nxfp4)", "gptq(format=gguf-q4_0)"]
+    recipes.append("prune(method=wanda, pattern=2:4) | gptq(format=int4-g64)")
+    if "mixed" in steps:
+        recipes.append("mixed(avg_bits=4.5, candidates=[int3-g64, int4-g64, int8-ch])")
+    return recipes
+
+
+def demo_spec(model: str, ppl_tokens: int, calib_n: int, gen_len: int) -> str:
+    """The demo's sweep spec (TOML), written beside its store so it can be re-run by hand."""
+    recipes = ",\n  ".join(f'"{r}"' for r in demo_recipes())
+    return f"""# joules demo: the whole pipeline on small slices (say so: not the full benchmarks)
+models = ["{model}"]
+recipes = [
+  {recipes},
+]
+
+[eval]
+tasks = ["wikitext2"]
+limit_tokens = {ppl_tokens}
+window = 512
+
+[calibration]
+n = {calib_n}
+length = 256
+
+[bench]
+prompt_len = [64]
+gen_len = {gen_len}
+repeats = 3
+
+[predict]
+hardware = ["this-machine", "h100"]
+"""
+
+
 @app.command()
 def demo(
     model: str = typer.Option("smollm2-135m", help="Model spec (preset, HF dir or .gguf)."),
-    new_tokens: int = typer.Option(64, min=1, help="Tokens to generate."),
+    new_tokens: int = typer.Option(32, min=2, help="Tokens to generate (quick look and bench)."),
     ppl_tokens: int = typer.Option(
-        4096, min=2, help="WikiText-2 test tokens to score (the full split is ~312k: ~17 min)."
+        2048, min=2, help="WikiText-2 test tokens each recipe is scored on (the full split: 312k)."
     ),
+    calib_n: int = typer.Option(16, min=1, help="Calibration sequences of 256 tokens."),
+    out: Path = typer.Option(Path("joules-out"), "--out", help="Store, spec and report go here."),
     json: bool = JSON_OPTION,
 ) -> None:
-    """Run the main job end to end on the embedded default model."""
+    """The whole pipeline on the embedded default model: compress, evaluate, bench, predict,
+    store, report and recommend (a second run re-uses the store and takes seconds)."""
     import time
 
-    from joules.evaluate.deviation import format_transform, transformed_copy
+    from joules.cli.sweep import _render as render_sweep
+    from joules.cli.sweep import _RichProgress
     from joules.formats import compare_formats
     from joules.measure import detect_meter
     from joules.models import load_model
     from joules.models.generate import generate_timed
+    from joules.sweep import Store, parse_spec, recommend, run_sweep
+    from joules.sweep.analyze import Constraints
 
     with console.status(f"loading {model} (the first load converts the GGUF file, ~20 s)"):
         t0 = time.perf_counter()
         m, tok, info = load_model(model)
         load_s = time.perf_counter() - t0
     prompt = _wikitext_prompt()
-    ppl: list[tuple[str, Any]] = []
     meter = detect_meter()
     try:
         with console.status(f"generating {new_tokens} tokens inside an energy window"):
@@ -246,17 +252,67 @@ def demo(
                 gen = generate_timed(m, tok, prompt, new_tokens, warmup=False)
         with console.status("running every linear weight through number formats"):
             fmt_rows = compare_formats(m, DEMO_FORMATS)
-        status = f"WikiText-2 perplexity of the model as loaded ({info.dtype})"
-        with console.status(status), meter.window("perplexity") as pw:
-            ppl.append((f"{info.dtype} as loaded", _ppl(m, tok, ppl_tokens)))
     finally:
         meter.close()
-    for spec in PPL_FORMATS:
-        with console.status(f"WikiText-2 perplexity with weights in {spec} (emulated)"):
-            variant = transformed_copy(m, format_transform(spec))
-            ppl.append((f"{spec} (emulated)", _ppl(variant, tok, ppl_tokens)))
-            del variant
-    result = DemoResult(
-        info, load_s, gen, w.measurement, fmt_rows, ppl, pw.measurement, _predict(m, gen)
+    result = DemoResult(info, load_s, gen, w.measurement, fmt_rows, _predict(m, gen))
+    del m
+    if not json:
+        _render(result)
+
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path = out / "demo_sweep.toml"
+    spec_path.write_text(demo_spec(model, ppl_tokens, calib_n, new_tokens))
+    store = str(out / "demo.db")
+    if not json:
+        console.print(
+            f"\n[bold]sweep[/] of {len(demo_recipes())} recipes ({spec_path}; small slices: "
+            f"{ppl_tokens} WikiText-2 test tokens, calibration {calib_n} x 256 valid tokens, "
+            f"bench 64-token prompt x {new_tokens} tokens)"
+        )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console if json else console,
+        transient=True,
+    ) as bar:
+        summary = run_sweep(
+            parse_spec(spec_path.read_text(), str(spec_path)), store, progress=_RichProgress(bar)
+        )
+    with Store(store) as st:
+        runs = st.runs()
+    rec = recommend(runs, Constraints(max_ppl_increase_pct=10.0), "energy", None, None, None)
+    report = _report(store, out / "report.html")
+    data = {
+        "demo": result,
+        "sweep": summary,
+        "recommendation": rec,
+        "report": str(report) if report else None,
+    }
+    if json:
+        print_json(data)
+        return
+    render_sweep(summary, store)
+    from joules.cli.recommend import _render as render_recommendation
+
+    console.print(
+        "\n[bold]recommendation[/] (perplexity at most +10 % over the baseline, least energy per token):"
     )
-    emit(result, json, _render)
+    render_recommendation(rec)
+    if report:
+        console.print(
+            f"\n[bold]report:[/] {report} - open it in a browser (file://{report.resolve()})"
+        )
+    console.print(
+        f"store: {store} (re-run `make demo` to reuse it; `joules recommend {store} --help`)"
+    )
+
+
+def _report(store: str, path: Path) -> Path | None:
+    """Render the HTML report when the report module is installed."""
+    try:
+        from joules.report import render_report
+    except ImportError:
+        return None
+    return Path(render_report(store, path))
