@@ -1,0 +1,131 @@
+"""The report rendered in a real browser (headless chromium): every plot drew, no script error."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from joules.report import render_report
+from joules.report.fake import write_fake_store
+from joules.report.html import STYLES, style_kind
+from joules.sweep.store import Store
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# CI (.ci/run) installs chromium and sets this, so the browser test fails there instead of skipping.
+_SKIP = CHROMIUM is None and not os.environ.get("JOULES_REQUIRE_BROWSER")
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--virtual-time-budget=5000",
+]  # fmt: skip
+
+
+class _Plots(HTMLParser):
+    """Each ``div.joules-plot`` and whether an ``svg.main-svg`` is inside it; the error node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plots: list[bool] = []
+        self.stack: list[str] = []  # tags, with the open joules-plot div marked
+        self.errors: str | None = None
+        self._in_errors = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        classes = (a.get("class") or "").split()
+        if tag == "div" and "joules-plot" in classes:
+            self.plots.append(False)
+            self.stack.append("PLOT")
+        elif tag not in ("br", "img", "meta", "input", "link", "hr", "path", "rect"):
+            self.stack.append(tag)
+        if tag == "svg" and "main-svg" in classes and "PLOT" in self.stack:
+            self.plots[-1] = True
+        if tag == "pre" and a.get("id") == "joules-errors":
+            self.errors, self._in_errors = "", True
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "pre":
+            self._in_errors = False
+        while self.stack:
+            top = self.stack.pop()
+            if top == tag or (top == "PLOT" and tag == "div"):
+                break
+
+    def handle_data(self, data: str) -> None:
+        if self._in_errors:
+            self.errors = (self.errors or "") + data
+
+
+def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM, "chromium is not installed (apt-get install -y chromium)"
+    return subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+
+
+def _dom(tmp_path: Path, page: Path) -> _Plots:
+    dom = _chromium(tmp_path, "--dump-dom", page.resolve().as_uri()).stdout
+    parsed = _Plots()
+    parsed.feed(dom)
+    return parsed
+
+
+@pytest.mark.skipif(_SKIP, reason="chromium not installed (.ci/run installs it)")
+def test_every_plot_renders_in_a_browser_without_script_errors(tmp_path: Path) -> None:
+    store = write_fake_store(tmp_path / "fake.db")
+    page = render_report(store, tmp_path / "report.html")
+    text = page.read_text()
+    # Self-contained: no external script or stylesheet (plotly.js is inlined).
+    assert not re.search(r"<script[^>]*\bsrc=|<link[^>]*\bhref=", text)
+    n_plots = text.count('class="joules-plot"')
+    assert n_plots >= 5  # two quality plots, per layer, timeline, predicted vs measured
+    dom = _dom(tmp_path, page)
+    assert dom.errors == "", dom.errors
+    assert len(dom.plots) == n_plots and all(dom.plots), dom.plots
+
+
+@pytest.mark.skipif(_SKIP, reason="chromium not installed (.ci/run installs it)")
+def test_a_script_error_reaches_the_error_node(tmp_path: Path) -> None:
+    """The check above can fail: a report whose script throws shows the error in the DOM."""
+    page = render_report(write_fake_store(tmp_path / "fake.db"), tmp_path / "report.html")
+    broken = page.read_text().replace("</body>", "<script>undefinedFunction()</script></body>")
+    page.write_text(broken)
+    assert "undefinedFunction" in (_dom(tmp_path, page).errors or "")
+
+
+def test_an_empty_store_renders_notes_not_plots(tmp_path: Path) -> None:
+    with Store(tmp_path / "empty.db"):
+        pass
+    text = render_report(tmp_path / "empty.db", tmp_path / "r.html").read_text()
+    assert 'class="joules-plot"' not in text
+    assert "No run has both a perplexity and a J/token yet." in text
+
+
+def test_provenance_names_every_run_and_its_versions(tmp_path: Path) -> None:
+    store = write_fake_store(tmp_path / "fake.db")
+    text = render_report(store, tmp_path / "r.html").read_text()
+    prov = text[text.index("<h2>Provenance</h2>") :]
+    with Store(store) as s:
+        for r in s.runs():
+            assert r.key[:16] in prov and r.recipe.replace("|", "|") in prov
+    assert "torch 2.13.0" in prov and "fake failure" in prov
+
+
+def test_methods_get_distinct_styles() -> None:
+    kinds = ["measured", "estimated", "estimated; emulated kernels", "measured; emulated kernels",
+             "predicted"]  # fmt: skip
+    styles = [STYLES[style_kind(k)] for k in kinds]
+    assert len(set(styles)) == len(styles)
+    assert style_kind("estimated; emulated kernels") == "estimated; emulated"
+
+
+def test_hover_names_recipe_and_methods(tmp_path: Path) -> None:
+    text = render_report(write_fake_store(tmp_path / "f.db"), tmp_path / "r.html").read_text()
+    assert re.search(r"methods: awq, gptq", text)
