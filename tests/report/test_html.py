@@ -129,3 +129,42 @@ def test_methods_get_distinct_styles() -> None:
 def test_hover_names_recipe_and_methods(tmp_path: Path) -> None:
     text = render_report(write_fake_store(tmp_path / "f.db"), tmp_path / "r.html").read_text()
     assert re.search(r"methods: awq, gptq", text)
+
+
+@pytest.mark.skipif(_SKIP, reason="chromium not installed (.ci/run installs it)")
+def test_a_store_written_by_the_sweep_runner_renders(tmp_path: Path) -> None:
+    """The sweep's own runner (fake stages on a tiny model) writes the store, not our fixture."""
+    from joules.sweep import run_sweep
+    from joules.sweep.fake import FakeStages, fake_recipe
+    from joules.sweep.spec import parse_spec
+
+    spec = parse_spec(
+        SWEEP_SPEC, check_models=False, recipe_parser=fake_recipe,
+        hardware=("this-machine", "h100"),
+    )  # fmt: skip
+    db = tmp_path / "sweep.db"
+    run_sweep(spec, db, stages=FakeStages().stages(), versions={"joules": "t", "torch": "t"})
+    page = render_report(db, tmp_path / "report.html")
+    text = page.read_text()
+    # quality x2, per-layer bits, timeline, predicted vs measured
+    assert text.count('class="joules-plot"') == 5
+    dom = _dom(tmp_path, page)
+    assert dom.errors == "" and all(dom.plots) and len(dom.plots) == 5
+
+
+SWEEP_SPEC = """\
+models = ["tiny"]
+recipes = ["baseline", "round(bits=8)", "round(bits=4)"]
+
+[eval]
+tasks = ["wikitext2"]
+limit_tokens = 256
+window = 64
+
+[bench]
+prompt_len = [16]
+gen_len = 4
+
+[predict]
+hardware = ["this-machine", "h100"]
+"""
