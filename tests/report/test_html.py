@@ -168,3 +168,26 @@ gen_len = 4
 [predict]
 hardware = ["this-machine", "h100"]
 """
+
+
+def test_pareto_front_and_method_styles_in_the_energy_plot(tmp_path: Path) -> None:
+    from joules.report.data import load_report_data
+    from joules.report.html import _quality_figure
+
+    data = load_report_data(write_fake_store(tmp_path / "f.db"))
+    fig = _quality_figure(data, "j_per_token", "J/token")
+    traces = {t.name: t for t in fig.data}
+    front = traces["Pareto front (this machine)"]
+    # The lowest perplexity and the lowest J/token on this machine are both on the front.
+    here = [(r.metric("j_per_token").value, r.metric("perplexity").value, r) for r in data.done]
+    best_ppl = min(here, key=lambda p: p[1])[2]
+    best_j = min(here, key=lambda p: p[0])[2]
+    assert any(best_ppl.recipe in s for s in front.text)
+    assert any(best_j.recipe in s for s in front.text)
+    assert len(front.x) < len(here)  # the fake store has dominated runs
+    # estimated, estimated+emulated and predicted points look different, and say so in the legend
+    symbols = {n: t.marker.symbol for n, t in traces.items() if n != front.name}
+    assert symbols["this machine · estimated"] == STYLES["estimated"][0]
+    assert symbols["this machine · estimated; emulated"] == STYLES["estimated; emulated"][0]
+    assert symbols["h100 · predicted"] == STYLES["predicted"][0]
+    assert len(set(symbols.values())) == 3
