@@ -191,3 +191,18 @@ def test_pareto_front_and_method_styles_in_the_energy_plot(tmp_path: Path) -> No
     assert symbols["this machine · estimated; emulated"] == STYLES["estimated; emulated"][0]
     assert symbols["h100 · predicted"] == STYLES["predicted"][0]
     assert len(set(symbols.values())) == 3
+
+
+def test_a_deviation_evals_layer_sqnr_is_plotted(tmp_path: Path) -> None:
+    from joules.report.data import load_report_data
+    from joules.report.html import _layer_figures
+    from joules.sweep.results import extract_metrics
+
+    ev = {"deviation": {"result": {"layers": [{"name": "model.layers.0.mlp", "sqnr_db": 21.5}]}}}
+    with Store(tmp_path / "d.db") as s:
+        s.begin_run("k", "m", "rtn(format=int4-g64)", None, {}, {})
+        s.finish_run("k", wall_s=1, timings={}, eval=ev, bench=None, predictions=None,
+                     manifest=None, metrics=extract_metrics(ev, None, None, None))  # fmt: skip
+    figs, _ = _layer_figures(load_report_data(tmp_path / "d.db"))
+    ((title, fig),) = figs
+    assert "SQNR" in title and list(fig.data[0].y) == [21.5]

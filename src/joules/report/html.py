@@ -169,6 +169,22 @@ def _layer_figures(data: ReportData) -> tuple[list[tuple[str, Any]], str]:
                     hovertemplate="%{x}<br>%{text}<br>%{y:.4g}<extra>" + r.recipe + "</extra>",
                 )
             )
+        if field == "sqnr_db":  # a deviation eval's output SQNR per module, against the reference
+            for r in data.done:
+                for task, ev in (r.eval or {}).items():
+                    pts = [
+                        (str(x["name"]), x["sqnr_db"])
+                        for x in (ev.get("result") or {}).get("layers") or []
+                        if isinstance(x, dict) and x.get("sqnr_db") is not None
+                    ]
+                    if pts:
+                        fig.add_trace(
+                            go.Scatter(
+                                x=[n for n, _ in pts], y=[v for _, v in pts], mode="markers",
+                                name=f"{r.recipe} · {task}: output SQNR (upstream error included)",
+                                hovertemplate="%{x}<br>%{y:.4g} dB<extra></extra>",
+                            )
+                        )  # fmt: skip
         if fig.data:
             fig.update_layout(
                 barmode="group", yaxis_title=title, height=420, margin={"t": 30, "b": 160}
