@@ -95,9 +95,12 @@ def test_every_plot_renders_in_a_browser_without_script_errors(tmp_path: Path) -
 def test_a_script_error_reaches_the_error_node(tmp_path: Path) -> None:
     """The check above can fail: a report whose script throws shows the error in the DOM."""
     page = render_report(write_fake_store(tmp_path / "fake.db"), tmp_path / "report.html")
-    broken = page.read_text().replace("</body>", "<script>undefinedFunction()</script></body>")
-    page.write_text(broken)
-    assert "undefinedFunction" in (_dom(tmp_path, page).errors or "")
+    text = page.read_text()
+    text = text.replace("</body>", "<script>undefinedFunction()</script></body>")
+    text = text.replace("</head>", "<script>errorBeforeBody()</script></head>")  # no node yet
+    page.write_text(text)
+    errors = _dom(tmp_path, page).errors or ""
+    assert "undefinedFunction" in errors and "errorBeforeBody" in errors
 
 
 def test_an_empty_store_renders_notes_not_plots(tmp_path: Path) -> None:

@@ -347,12 +347,22 @@ padding:3px 6px;text-align:left;vertical-align:top}th{background:#f3f3f3}
 #joules-errors{color:#b00;white-space:pre-wrap}.note{color:#666}.key span{margin-right:1.5em}
 """
 _ONERROR = """
-window.onerror = function (msg, src, line, col, err) {
+// Any script error is written into #joules-errors (kept until the node exists: plotly.js is
+// parsed in <head>, before <body>); the browser test reads that node.
+var joulesErrors = [];
+function joulesError(text) {
+  joulesErrors.push(text);
   var n = document.getElementById('joules-errors');
-  n.textContent += msg + ' (' + src + ':' + line + ':' + col + ')\\n';
+  if (n) { n.textContent = joulesErrors.join('\\n'); }
+}
+window.onerror = function (msg, src, line, col) {
+  joulesError(msg + ' (' + src + ':' + line + ':' + col + ')');
 };
 window.addEventListener('unhandledrejection', function (e) {
-  document.getElementById('joules-errors').textContent += 'unhandled: ' + e.reason + '\\n';
+  joulesError('unhandled promise rejection: ' + e.reason);
+});
+document.addEventListener('DOMContentLoaded', function () {
+  if (joulesErrors.length) { joulesError('(' + joulesErrors.length + ' errors before load)'); }
 });
 """
 
