@@ -209,3 +209,24 @@ def test_a_deviation_evals_layer_sqnr_is_plotted(tmp_path: Path) -> None:
     figs, _ = _layer_figures(load_report_data(tmp_path / "d.db"))
     ((title, fig),) = figs
     assert "SQNR" in title and list(fig.data[0].y) == [21.5]
+
+
+def test_timeline_sums_domains_and_puts_decode_after_prefill(tmp_path: Path) -> None:
+    from joules.report.data import load_report_data
+    from joules.report.html import _timeline_figure
+
+    def phase(t: list[float], cpu: list[float]) -> dict:
+        tl = {"t_s": t, "power_w": {"cpu": cpu, "dram": [1.0] * len(t)}}  # PowerTimeline shape
+        return {"method": "estimated", "j_per_token": 1.0, "tokens": 1, "timeline": tl}
+
+    bench = {"rows": [{"prefill_energy": phase([0.1, 0.2], [10.0, 20.0]),
+                       "decode_energy": phase([0.5], [5.0])}]}  # fmt: skip
+    with Store(tmp_path / "t.db") as s:
+        s.begin_run("k", "m", "baseline", "w", {}, {})
+        s.finish_run("k", wall_s=1, timings={}, eval=None, bench=bench, predictions=None,
+                     manifest=None, metrics=[])  # fmt: skip
+    fig = _timeline_figure(load_report_data(tmp_path / "t.db"))
+    pre, dec = fig.data
+    assert list(pre.x) == [0.0, 0.1, 0.2] and list(pre.y) == [11.0, 21.0, 21.0]
+    assert list(dec.x) == [0.2, 0.7] and list(dec.y) == [6.0, 6.0]
+    assert pre.line.dash == STYLES["estimated"][1] and "estimated" in pre.name

@@ -240,13 +240,15 @@ def _timeline_figure(data: ReportData) -> Any | None:
             if not t or not p:
                 continue
             kind = style_kind(str(e.get("method") or "estimated"))
+            # t_s[i] ends interval i (average power p[i]): steps from the window's start.
+            n = min(len(t), len(p))
             fig.add_trace(
                 go.Scatter(
-                    x=[offset + x for x in t],
-                    y=p,
-                    mode="lines",
+                    x=[offset + x for x in [0.0, *t[:n]]],
+                    y=[*p[:n], p[n - 1]],
+                    mode="lines+markers" if n < 5 else "lines",
                     name=f"{r.recipe} · {phase} · {kind}",
-                    line={"dash": STYLES[kind][1], "width": width, "shape": "vh"},
+                    line={"dash": STYLES[kind][1], "width": width, "shape": "hv"},
                     hovertemplate=f"{html.escape(r.recipe)} {phase}<br>%{{x:.3g}} s: "
                     "%{y:.3g} W<extra></extra>",
                 )
