@@ -29,9 +29,10 @@ def report_cmd(
 
     if to == "html":
         path = render_report(store, out)
-        console.print(f"report written to {path} — open it in a browser: file://{path.resolve()}")
+        console.print(f"report written to {path}", highlight=False)
+        console.print(f"open it in a browser: {path.resolve().as_uri()}", soft_wrap=True)
     elif to in EXPORTS:
         path = export(store, to, out)
-        console.print(f"{to} written to {path}")
+        console.print(f"{to} written to {path}", highlight=False, soft_wrap=True)
     else:
         raise ConfigError(f"--to {to!r}: choose one of html, {', '.join(EXPORTS)}")
