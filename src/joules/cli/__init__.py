@@ -44,6 +44,7 @@ from joules.cli import (  # noqa: E402, F401
     measure,
     predict,
     recommend,
+    report,
     sweep,
 )
 

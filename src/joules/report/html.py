@@ -1,0 +1,442 @@
+"""The HTML report of a sweep store: one self-contained file (plotly's JavaScript inlined).
+
+    >>> from joules.report import render_report          # doctest: +SKIP
+    >>> render_report("joules.db", "report.html")         # doctest: +SKIP
+    PosixPath('report.html')
+
+Sections: perplexity vs J/token and vs bits/weight (Pareto front highlighted; hover names the
+recipe, its methods and the run key), per-layer formats and bits (plus SQNR / sensitivity when
+the manifest records them), the prefill/decode power timeline of each bench, predicted vs
+measured, and a provenance table. Each figure's *method* sets its marker and line style:
+measured (filled circle, solid), estimated (open circle, dotted), emulated kernels (diamond,
+dash-dot), predicted (open triangle, dashed). Opening the file needs no network; a script error
+is written into ``#joules-errors`` (the browser test reads it).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from joules.errors import ConfigError
+from joules.report.data import ReportData, load_report_data, recipe_methods
+from joules.sweep.analyze import candidates, pareto_front
+from joules.sweep.results import kernel_method
+from joules.sweep.store import Metric, RunRow
+
+# (marker symbol, line dash) per kind of figure; the legend and the key at the top say which.
+STYLES = {
+    "measured": ("circle", "solid"),
+    "estimated": ("circle-open", "dot"),
+    "emulated": ("diamond", "dashdot"),
+    "estimated; emulated": ("diamond-open", "dot"),
+    "predicted": ("triangle-up-open", "dash"),
+}
+_LOCAL = ("this-machine", "local", "cpu")  # predictions of the machine the sweep ran on
+
+
+def style_kind(method: str) -> str:
+    """The style key of a metric's method string ('estimated; emulated kernels' -> ...)."""
+    m = method.lower()
+    if "predicted" in m:
+        return "predicted"
+    if "estimated" in m and "emulated" in m:
+        return "estimated; emulated"
+    if "emulated" in m:
+        return "emulated"
+    if "estimated" in m:
+        return "estimated"
+    return "measured"
+
+
+def _hover(r: RunRow, extra: str = "") -> str:
+    return (
+        f"<b>{html.escape(r.recipe)}</b><br>model: {html.escape(r.model)}"
+        f"<br>methods: {html.escape(', '.join(recipe_methods(r.recipe)))}"
+        f"<br>workload: {html.escape(r.workload or '-')}<br>run: {r.key[:12]}{extra}"
+    )
+
+
+def _err(ms: list[Metric | None], axis: str) -> dict[str, Any] | None:
+    if not any(m is not None and m.lo is not None and m.hi is not None for m in ms):
+        return None
+    plus = [(m.hi - m.value) if m and m.hi is not None else 0 for m in ms]
+    minus = [(m.value - m.lo) if m and m.lo is not None else 0 for m in ms]
+    return {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus, "thickness": 1}
+
+
+def _quality_figure(data: ReportData, x_name: str, x_title: str) -> Any | None:
+    """Perplexity (y) against ``x_name`` (x): one trace per (hardware, method)."""
+    import plotly.graph_objects as go
+
+    groups: dict[tuple[str, str], list[tuple[RunRow, Metric, Metric]]] = defaultdict(list)
+    for r in data.done:
+        ppl = r.metric("perplexity")
+        if ppl is None or ppl.value is None:
+            continue
+        for m in r.metrics:
+            if m.name != x_name or m.value is None:
+                continue
+            kind = style_kind(m.method)
+            if x_name == "bits_per_weight" and kernel_method(r.manifest, r.bench) == "emulated":
+                kind = "emulated"  # the format has no real kernel here: its run was emulated
+            groups[(m.hardware, kind)].append((r, m, ppl))
+    if not groups:
+        return None
+    fig = go.Figure()
+    for (hw, kind), pts in sorted(groups.items()):
+        symbol, _ = STYLES[kind]
+        where = "this machine" if hw == "" else hw
+        fig.add_trace(
+            go.Scatter(
+                x=[m.value for _, m, _ in pts],
+                y=[p.value for _, _, p in pts],
+                error_x=_err([m for _, m, _ in pts], "x"),
+                error_y=_err([p for _, _, p in pts], "y"),
+                mode="markers",
+                name=f"{where} · {kind}",
+                marker={"symbol": symbol, "size": 11, "line": {"width": 2}},
+                text=[_hover(r, f"<br>{x_title}: {m.value:.4g} ({m.method})") for r, m, _ in pts],
+                hovertemplate="%{text}<br>perplexity: %{y:.4g}<extra></extra>",
+            )
+        )
+    front = _front(data, x_name)
+    if len(front) >= 1:
+        front.sort()
+        fig.add_trace(
+            go.Scatter(
+                x=[x for x, _, _ in front],
+                y=[y for _, y, _ in front],
+                mode="lines+markers",
+                name="Pareto front (this machine)",
+                line={"width": 6, "color": "rgba(255,160,0,0.45)", "shape": "hv"},
+                marker={"size": 18, "color": "rgba(255,160,0,0.35)"},
+                text=[label for _, _, label in front],
+                hovertemplate="Pareto: %{text}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        xaxis_title=x_title, yaxis_title="perplexity (WikiText-2 test)", height=480,
+        legend={"title": {"text": "where · method"}}, margin={"t": 30},
+    )  # fmt: skip
+    return fig
+
+
+def _front(data: ReportData, x_name: str) -> list[tuple[float, float, str]]:
+    """This machine's Pareto front of (x, perplexity), both minimised."""
+    cands = candidates(data.done)
+    if x_name == "j_per_token":
+        front = pareto_front(cands, ["ppl", "energy"])
+        pts = [(c.value("j_per_token"), c.value("perplexity"), c.label) for c in front]
+        return [(x, y, s) for x, y, s in pts if x is not None and y is not None]
+    pts = [(c.value(x_name), c.value("perplexity"), c.label) for c in cands]
+    pts = [(x, y, s) for x, y, s in pts if x is not None and y is not None]
+    return [
+        p
+        for p in pts
+        if not any(q[0] <= p[0] and q[1] <= p[1] and (q[0] < p[0] or q[1] < p[1]) for q in pts)
+    ]
+
+
+def _layer_figures(data: ReportData) -> tuple[list[tuple[str, Any]], str]:
+    """Per-layer bits/weight (and SQNR / sensitivity if recorded), and a per-format table."""
+    import plotly.graph_objects as go
+
+    figs: list[tuple[str, Any]] = []
+    per_format: dict[str, dict[str, Any]] = {}
+    for field, title in (
+        ("bits_per_weight", "bits/weight per layer"),
+        ("sqnr_db", "SQNR per layer (dB)"),
+        ("sensitivity", "sensitivity per layer"),
+    ):
+        fig = go.Figure()
+        for r in data.done:
+            layers = (r.manifest or {}).get("layers") or {}
+            names = [n for n, v in layers.items() if isinstance(v, dict) and field in v]
+            if not names:
+                continue
+            emulated = any(layers[n].get("emulated") for n in names)
+            fig.add_trace(
+                go.Bar(
+                    x=names,
+                    y=[layers[n][field] for n in names],
+                    name=f"{r.recipe}" + (" · emulated" if emulated else ""),
+                    marker_pattern_shape="/" if emulated else "",
+                    text=[str(layers[n].get("format", "")) for n in names],
+                    hovertemplate="%{x}<br>%{text}<br>%{y:.4g}<extra>" + r.recipe + "</extra>",
+                )
+            )
+        if field == "sqnr_db":  # a deviation eval's output SQNR per module, against the reference
+            for r in data.done:
+                for task, ev in (r.eval or {}).items():
+                    pts = [
+                        (str(x["name"]), x["sqnr_db"])
+                        for x in (ev.get("result") or {}).get("layers") or []
+                        if isinstance(x, dict) and x.get("sqnr_db") is not None
+                    ]
+                    if pts:
+                        fig.add_trace(
+                            go.Scatter(
+                                x=[n for n, _ in pts], y=[v for _, v in pts], mode="markers",
+                                name=f"{r.recipe} · {task}: output SQNR (upstream error included)",
+                                hovertemplate="%{x}<br>%{y:.4g} dB<extra></extra>",
+                            )
+                        )  # fmt: skip
+        if fig.data:
+            fig.update_layout(
+                barmode="group", yaxis_title=title, height=420, margin={"t": 30, "b": 160}
+            )
+            figs.append((title, fig))
+    for r in data.done:
+        for v in ((r.manifest or {}).get("layers") or {}).values():
+            if not isinstance(v, dict) or not v.get("format"):
+                continue
+            f = per_format.setdefault(
+                str(v["format"]), {"layers": 0, "bits": [], "sqnr": [], "emulated": set()}
+            )
+            f["layers"] += 1
+            if v.get("bits_per_weight") is not None:
+                f["bits"].append(float(v["bits_per_weight"]))
+            if v.get("sqnr_db") is not None:
+                f["sqnr"].append(float(v["sqnr_db"]))
+            if "emulated" in v:
+                f["emulated"].add("emulated" if v["emulated"] else "real kernel")
+    rows = [
+        [name, f["layers"], _mean(f["bits"]), _mean(f["sqnr"]), ", ".join(sorted(f["emulated"]))]
+        for name, f in sorted(per_format.items())
+    ]
+    table = _table(["format", "layers", "mean bits/weight", "mean SQNR (dB)", "kernels"], rows)
+    return figs, table if rows else ""
+
+
+def _mean(xs: list[float]) -> str:
+    return f"{sum(xs) / len(xs):.4g}" if xs else "-"
+
+
+def _power(p: Any) -> list[float]:
+    """A timeline's total power: a list, or {domain: list} summed over domains."""
+    if isinstance(p, dict):
+        cols = [v for v in p.values() if isinstance(v, list)]
+        return [sum(x) for x in zip(*cols, strict=False)] if cols else []
+    return list(p or [])
+
+
+def _timeline_figure(data: ReportData) -> Any | None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for r in data.done:
+        rows = (r.bench or {}).get("rows") or []
+        if not rows:
+            continue
+        offset = 0.0
+        for phase, width in (("prefill", 3), ("decode", 1.5)):
+            e = rows[0].get(f"{phase}_energy") or {}
+            tl = e.get("timeline") or {}
+            t, p = list(tl.get("t_s") or []), _power(tl.get("power_w"))
+            if not t or not p:
+                continue
+            kind = style_kind(str(e.get("method") or "estimated"))
+            # t_s[i] ends interval i (average power p[i]): steps from the window's start.
+            n = min(len(t), len(p))
+            fig.add_trace(
+                go.Scatter(
+                    x=[offset + x for x in [0.0, *t[:n]]],
+                    y=[*p[:n], p[n - 1]],
+                    mode="lines+markers" if n < 5 else "lines",
+                    name=f"{r.recipe} · {phase} · {kind}",
+                    line={"dash": STYLES[kind][1], "width": width, "shape": "hv"},
+                    hovertemplate=f"{html.escape(r.recipe)} {phase}<br>%{{x:.3g}} s: "
+                    "%{y:.3g} W<extra></extra>",
+                )
+            )
+            offset += t[-1]
+    if not fig.data:
+        return None
+    fig.update_layout(
+        xaxis_title="time from the start of prefill (s)", yaxis_title="power (W)", height=420,
+        margin={"t": 30},
+    )  # fmt: skip
+    return fig
+
+
+def _predicted_figure(data: ReportData) -> Any | None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    lo_hi: list[float] = []
+    for name, unit in (("tpot_ms", "ms"), ("ttft_ms", "ms"), ("j_per_token", "J/tok")):
+        xs, ys, texts = [], [], []
+        for r in data.done:
+            meas = r.metric(name)
+            pred = next((r.metric(name, hw) for hw in _LOCAL if r.metric(name, hw)), None)
+            if meas is None or pred is None or meas.value is None or pred.value is None:
+                continue
+            xs.append(meas.value)
+            ys.append(pred.value)
+            texts.append(_hover(r, f"<br>measured: {meas.method}"))
+        if xs:
+            lo_hi += xs + ys
+            fig.add_trace(
+                go.Scatter(
+                    x=xs, y=ys, mode="markers", name=f"{name} ({unit}) · predicted",
+                    marker={"symbol": STYLES["predicted"][0], "size": 11, "line": {"width": 2}},
+                    text=texts,
+                    hovertemplate="%{text}<br>measured %{x:.4g}, predicted %{y:.4g}<extra></extra>",
+                )
+            )  # fmt: skip
+    if not fig.data:
+        return None
+    lo, hi = min(lo_hi), max(lo_hi)
+    fig.add_trace(
+        go.Scatter(
+            x=[lo, hi], y=[lo, hi], mode="lines", name="predicted = measured",
+            line={"dash": "dash", "color": "grey"}, hoverinfo="skip",
+        )
+    )  # fmt: skip
+    fig.update_layout(
+        xaxis={"title": "measured on this machine", "type": "log"},
+        yaxis={"title": "predicted for this machine", "type": "log"},
+        height=440, margin={"t": 30},
+    )  # fmt: skip
+    return fig
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape('' if c is None else str(c))}</td>" for c in row)
+        + "</tr>"
+        for row in rows
+    )  # fmt: skip
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _provenance(data: ReportData) -> str:
+    rows = []
+    machines: dict[str, dict[str, Any]] = {}
+    for r in data.runs:
+        d = data.dates.get(r.key, {})
+        versions = ", ".join(f"{k} {v}" for k, v in sorted((r.versions or {}).items()))
+        energy = r.metric("j_per_token")
+        rows.append(
+            [r.model, r.recipe, ", ".join(recipe_methods(r.recipe)), r.workload or "-", r.status,
+             r.key[:16], energy.method if energy else "-", versions, d.get("host"),
+             d.get("started_at"), d.get("finished_at"), r.error or ""]
+        )  # fmt: skip
+        machine = (r.bench or {}).get("machine")
+        if isinstance(machine, dict) and machine:
+            machines[json.dumps(machine, sort_keys=True, default=str)] = machine
+    head = ["model", "recipe", "methods", "workload", "status", "config hash", "energy method",
+            "versions", "host", "started (UTC)", "finished (UTC)", "error"]  # fmt: skip
+    out = _table(head, rows)
+    meta = [[k, v] for k, v in sorted(data.meta.items())] + [["store", data.path]]
+    out += "<h3>Store</h3>" + _table(["field", "value"], meta)
+    for m in machines.values():
+        flat = [[k, v if isinstance(v, str | int | float) else json.dumps(v, default=str)]
+                for k, v in sorted(m.items())]  # fmt: skip
+        out += "<h3>Hardware (from the bench)</h3>" + _table(["field", "value"], flat)
+    return out
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;
+padding:3px 6px;text-align:left;vertical-align:top}th{background:#f3f3f3}
+#joules-errors{color:#b00;white-space:pre-wrap}.note{color:#666}.key span{margin-right:1.5em}
+"""
+_ONERROR = """
+// Any script error is written into #joules-errors (kept until the node exists: plotly.js is
+// parsed in <head>, before <body>); the browser test reads that node.
+var joulesErrors = [];
+function joulesError(text) {
+  joulesErrors.push(text);
+  var n = document.getElementById('joules-errors');
+  if (n) { n.textContent = joulesErrors.join('\\n'); }
+}
+window.onerror = function (msg, src, line, col) {
+  joulesError(msg + ' (' + src + ':' + line + ':' + col + ')');
+};
+window.addEventListener('unhandledrejection', function (e) {
+  joulesError('unhandled promise rejection: ' + e.reason);
+});
+document.addEventListener('DOMContentLoaded', function () {
+  if (joulesErrors.length) { joulesError('(' + joulesErrors.length + ' errors before load)'); }
+});
+"""
+
+
+def render_html(data: ReportData) -> str:
+    """The report of ``data`` as one HTML string (plotly.js inlined)."""
+    import plotly
+    import plotly.io as pio
+    from plotly.offline import get_plotlyjs
+
+    sections: list[str] = []
+    n = 0
+
+    def plot(title: str, fig: Any | None, missing: str, extra: str = "") -> None:
+        nonlocal n
+        body = extra
+        if fig is not None:
+            n += 1
+            div = pio.to_html(
+                fig, include_plotlyjs=False, full_html=False, div_id=f"plot{n}",
+                config={"displaylogo": False, "responsive": True},
+            )  # fmt: skip
+            body = f'<div class="joules-plot">{div}</div>' + extra
+        elif not extra:
+            body = f'<p class="note">{html.escape(missing)}</p>'
+        sections.append(f"<section><h2>{html.escape(title)}</h2>{body}</section>")
+
+    plot("Perplexity vs energy per token", _quality_figure(data, "j_per_token", "J/token"),
+         "No run has both a perplexity and a J/token yet.")  # fmt: skip
+    plot("Perplexity vs bits per weight", _quality_figure(data, "bits_per_weight", "bits/weight"),
+         "No run has both a perplexity and bits/weight yet.")  # fmt: skip
+    layer_figs, fmt_table = _layer_figures(data)
+    for i, (title, fig) in enumerate(layer_figs):
+        plot(f"Per layer: {title}", fig, "", fmt_table if i == 0 else "")
+    if not layer_figs:
+        plot("Per layer and per format", None, "The store's manifests record no layers.")
+    plot("Power timeline: prefill then decode", _timeline_figure(data),
+         "No bench in the store recorded a power timeline.")  # fmt: skip
+    plot("Predicted vs measured (this machine)", _predicted_figure(data),
+         "No run has both a measurement and a prediction for this machine.")  # fmt: skip
+    sections.append(f"<section><h2>Provenance</h2>{_provenance(data)}</section>")
+    n_failed = sum(r.status == "failed" for r in data.runs)
+    glyphs = {"circle": "●", "circle-open": "○", "diamond": "◆", "diamond-open": "◇",
+              "triangle-up-open": "△"}  # fmt: skip
+    key = "".join(
+        f"<span>{glyphs.get(s, s)} {html.escape(k)} (line: {d})</span>"
+        for k, (s, d) in STYLES.items()
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>joules report</title>
+<style>{_CSS}</style><script>{_ONERROR}</script>
+<script>{get_plotlyjs()}</script></head>
+<body><pre id="joules-errors"></pre>
+<h1>joules report</h1>
+<p>{len(data.done)} finished runs, {n_failed} failed, from <code>{html.escape(data.path)}</code>
+(plotly {plotly.__version__}). Perplexity is measured; energy without hardware counters is
+<b>estimated</b>; a format without a real kernel here runs <b>emulated</b>; figures for other
+hardware are <b>predicted</b>.</p>
+<p class="key">{key}</p>
+{"".join(sections)}
+</body></html>
+"""
+
+
+def render_report(store_path: str | Path, out_path: str | Path) -> Path:
+    """Write the HTML report of the store at ``store_path`` to ``out_path``; returns its path."""
+    out = Path(out_path)
+    if not out.parent.is_dir():
+        raise ConfigError(f"output {str(out)!r}: directory {str(out.parent)!r} does not exist")
+    try:
+        import plotly  # noqa: F401
+    except ImportError:
+        raise ConfigError("the report needs plotly: `pip install plotly`") from None
+    out.write_text(render_html(load_report_data(store_path)), encoding="utf-8")
+    return out

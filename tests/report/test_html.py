@@ -1,0 +1,232 @@
+"""The report rendered in a real browser (headless chromium): every plot drew, no script error."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from joules.report import render_report
+from joules.report.fake import write_fake_store
+from joules.report.html import STYLES, style_kind
+from joules.sweep.store import Store
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# CI (.ci/run) installs chromium and sets this, so the browser test fails there instead of skipping.
+_SKIP = CHROMIUM is None and not os.environ.get("JOULES_REQUIRE_BROWSER")
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--virtual-time-budget=5000",
+]  # fmt: skip
+
+
+class _Plots(HTMLParser):
+    """Each ``div.joules-plot`` and whether an ``svg.main-svg`` is inside it; the error node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plots: list[bool] = []
+        self.stack: list[str] = []  # tags, with the open joules-plot div marked
+        self.errors: str | None = None
+        self._in_errors = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        classes = (a.get("class") or "").split()
+        if tag == "div" and "joules-plot" in classes:
+            self.plots.append(False)
+            self.stack.append("PLOT")
+        elif tag not in ("br", "img", "meta", "input", "link", "hr", "path", "rect"):
+            self.stack.append(tag)
+        if tag == "svg" and "main-svg" in classes and "PLOT" in self.stack:
+            self.plots[-1] = True
+        if tag == "pre" and a.get("id") == "joules-errors":
+            self.errors, self._in_errors = "", True
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "pre":
+            self._in_errors = False
+        while self.stack:
+            top = self.stack.pop()
+            if top == tag or (top == "PLOT" and tag == "div"):
+                break
+
+    def handle_data(self, data: str) -> None:
+        if self._in_errors:
+            self.errors = (self.errors or "") + data
+
+
+def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM, "chromium is not installed (apt-get install -y chromium)"
+    return subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+
+
+def _dom(tmp_path: Path, page: Path) -> _Plots:
+    dom = _chromium(tmp_path, "--dump-dom", page.resolve().as_uri()).stdout
+    parsed = _Plots()
+    parsed.feed(dom)
+    return parsed
+
+
+@pytest.mark.skipif(_SKIP, reason="chromium not installed (.ci/run installs it)")
+def test_every_plot_renders_in_a_browser_without_script_errors(tmp_path: Path) -> None:
+    store = write_fake_store(tmp_path / "fake.db")
+    page = render_report(store, tmp_path / "report.html")
+    text = page.read_text()
+    # Self-contained: no external script or stylesheet (plotly.js is inlined).
+    assert not re.search(r"<script[^>]*\bsrc=|<link[^>]*\bhref=", text)
+    n_plots = text.count('class="joules-plot"')
+    assert n_plots >= 5  # two quality plots, per layer, timeline, predicted vs measured
+    dom = _dom(tmp_path, page)
+    assert dom.errors == "", dom.errors
+    assert len(dom.plots) == n_plots and all(dom.plots), dom.plots
+
+
+@pytest.mark.skipif(_SKIP, reason="chromium not installed (.ci/run installs it)")
+def test_a_script_error_reaches_the_error_node(tmp_path: Path) -> None:
+    """The check above can fail: a report whose script throws shows the error in the DOM."""
+    page = render_report(write_fake_store(tmp_path / "fake.db"), tmp_path / "report.html")
+    text = page.read_text()
+    text = text.replace("</body>", "<script>undefinedFunction()</script></body>")
+    text = text.replace("</head>", "<script>errorBeforeBody()</script></head>")  # no node yet
+    page.write_text(text)
+    errors = _dom(tmp_path, page).errors or ""
+    assert "undefinedFunction" in errors and "errorBeforeBody" in errors
+
+
+def test_an_empty_store_renders_notes_not_plots(tmp_path: Path) -> None:
+    with Store(tmp_path / "empty.db"):
+        pass
+    text = render_report(tmp_path / "empty.db", tmp_path / "r.html").read_text()
+    assert 'class="joules-plot"' not in text
+    assert "No run has both a perplexity and a J/token yet." in text
+
+
+def test_provenance_names_every_run_and_its_versions(tmp_path: Path) -> None:
+    store = write_fake_store(tmp_path / "fake.db")
+    text = render_report(store, tmp_path / "r.html").read_text()
+    prov = text[text.index("<h2>Provenance</h2>") :]
+    with Store(store) as s:
+        for r in s.runs():
+            assert r.key[:16] in prov and r.recipe.replace("|", "|") in prov
+    assert "torch 2.13.0" in prov and "fake failure" in prov
+
+
+def test_methods_get_distinct_styles() -> None:
+    kinds = ["measured", "estimated", "estimated; emulated kernels", "measured; emulated kernels",
+             "predicted"]  # fmt: skip
+    styles = [STYLES[style_kind(k)] for k in kinds]
+    assert len(set(styles)) == len(styles)
+    assert style_kind("estimated; emulated kernels") == "estimated; emulated"
+
+
+def test_hover_names_recipe_and_methods(tmp_path: Path) -> None:
+    text = render_report(write_fake_store(tmp_path / "f.db"), tmp_path / "r.html").read_text()
+    assert re.search(r"methods: awq, gptq", text)
+
+
+@pytest.mark.skipif(_SKIP, reason="chromium not installed (.ci/run installs it)")
+def test_a_store_written_by_the_sweep_runner_renders(tmp_path: Path) -> None:
+    """The sweep's own runner (fake stages on a tiny model) writes the store, not our fixture."""
+    from joules.sweep import run_sweep
+    from joules.sweep.fake import FakeStages, fake_recipe
+    from joules.sweep.spec import parse_spec
+
+    spec = parse_spec(
+        SWEEP_SPEC, check_models=False, recipe_parser=fake_recipe,
+        hardware=("this-machine", "h100"),
+    )  # fmt: skip
+    db = tmp_path / "sweep.db"
+    run_sweep(spec, db, stages=FakeStages().stages(), versions={"joules": "t", "torch": "t"})
+    page = render_report(db, tmp_path / "report.html")
+    text = page.read_text()
+    # quality x2, per-layer bits, timeline, predicted vs measured
+    assert text.count('class="joules-plot"') == 5
+    dom = _dom(tmp_path, page)
+    assert dom.errors == "" and all(dom.plots) and len(dom.plots) == 5
+
+
+SWEEP_SPEC = """\
+models = ["tiny"]
+recipes = ["baseline", "round(bits=8)", "round(bits=4)"]
+
+[eval]
+tasks = ["wikitext2"]
+limit_tokens = 256
+window = 64
+
+[bench]
+prompt_len = [16]
+gen_len = 4
+
+[predict]
+hardware = ["this-machine", "h100"]
+"""
+
+
+def test_pareto_front_and_method_styles_in_the_energy_plot(tmp_path: Path) -> None:
+    from joules.report.data import load_report_data
+    from joules.report.html import _quality_figure
+
+    data = load_report_data(write_fake_store(tmp_path / "f.db"))
+    fig = _quality_figure(data, "j_per_token", "J/token")
+    traces = {t.name: t for t in fig.data}
+    front = traces["Pareto front (this machine)"]
+    # The lowest perplexity and the lowest J/token on this machine are both on the front.
+    here = [(r.metric("j_per_token").value, r.metric("perplexity").value, r) for r in data.done]
+    best_ppl = min(here, key=lambda p: p[1])[2]
+    best_j = min(here, key=lambda p: p[0])[2]
+    assert any(best_ppl.recipe in s for s in front.text)
+    assert any(best_j.recipe in s for s in front.text)
+    assert len(front.x) < len(here)  # the fake store has dominated runs
+    # estimated, estimated+emulated and predicted points look different, and say so in the legend
+    symbols = {n: t.marker.symbol for n, t in traces.items() if n != front.name}
+    assert symbols["this machine · estimated"] == STYLES["estimated"][0]
+    assert symbols["this machine · estimated; emulated"] == STYLES["estimated; emulated"][0]
+    assert symbols["h100 · predicted"] == STYLES["predicted"][0]
+    assert len(set(symbols.values())) == 3
+
+
+def test_a_deviation_evals_layer_sqnr_is_plotted(tmp_path: Path) -> None:
+    from joules.report.data import load_report_data
+    from joules.report.html import _layer_figures
+    from joules.sweep.results import extract_metrics
+
+    ev = {"deviation": {"result": {"layers": [{"name": "model.layers.0.mlp", "sqnr_db": 21.5}]}}}
+    with Store(tmp_path / "d.db") as s:
+        s.begin_run("k", "m", "rtn(format=int4-g64)", None, {}, {})
+        s.finish_run("k", wall_s=1, timings={}, eval=ev, bench=None, predictions=None,
+                     manifest=None, metrics=extract_metrics(ev, None, None, None))  # fmt: skip
+    figs, _ = _layer_figures(load_report_data(tmp_path / "d.db"))
+    ((title, fig),) = figs
+    assert "SQNR" in title and list(fig.data[0].y) == [21.5]
+
+
+def test_timeline_sums_domains_and_puts_decode_after_prefill(tmp_path: Path) -> None:
+    from joules.report.data import load_report_data
+    from joules.report.html import _timeline_figure
+
+    def phase(t: list[float], cpu: list[float]) -> dict:
+        tl = {"t_s": t, "power_w": {"cpu": cpu, "dram": [1.0] * len(t)}}  # PowerTimeline shape
+        return {"method": "estimated", "j_per_token": 1.0, "tokens": 1, "timeline": tl}
+
+    bench = {"rows": [{"prefill_energy": phase([0.1, 0.2], [10.0, 20.0]),
+                       "decode_energy": phase([0.5], [5.0])}]}  # fmt: skip
+    with Store(tmp_path / "t.db") as s:
+        s.begin_run("k", "m", "baseline", "w", {}, {})
+        s.finish_run("k", wall_s=1, timings={}, eval=None, bench=bench, predictions=None,
+                     manifest=None, metrics=[])  # fmt: skip
+    fig = _timeline_figure(load_report_data(tmp_path / "t.db"))
+    pre, dec = fig.data
+    assert list(pre.x) == [0.0, 0.1, 0.2] and list(pre.y) == [11.0, 21.0, 21.0]
+    assert list(dec.x) == [0.2, 0.7] and list(dec.y) == [6.0, 6.0]
+    assert pre.line.dash == STYLES["estimated"][1] and "estimated" in pre.name
