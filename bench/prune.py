@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compress import parser, run, table
+from compress import finish, parser, run, table
 
 OUT = Path(__file__).resolve().parent / "results" / "prune.json"
 ROWS = [
@@ -38,7 +38,12 @@ ROWS = [
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    data = json.loads(OUT.read_text()) if args.table else run(args, OUT, ROWS)
+    if args.table:
+        data = json.loads(OUT.read_text())
+        finish(data)
+        OUT.write_text(json.dumps(data, indent=1))
+    else:
+        data = run(args, OUT, ROWS)
     print(table(data, "prune"))
 
 
