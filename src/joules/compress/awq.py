@@ -18,6 +18,9 @@ gate/up after ``post_attention_layernorm``, down after up, o after v), AutoAWQ's
 group's outputs ``x @ (Q(W * s) / s)^T`` against ``x @ W^T`` (here the linears' own outputs, not
 the whole attention/MLP module as AutoAWQ does: cheaper, and what the layer error measures).
 ``alpha = 0`` is round-to-nearest, so on the search tokens the chosen scales never do worse.
+Both searches read the inputs only through their Gram matrix ``x^T x / T`` and ``mean|x|``
+(:class:`InputStats`): a candidate costs a k x k product whatever the token count, so the
+subsample (``max_tokens``) bounds only the one pass that builds the statistics.
 
 Folding: ``W[:, c] *= s[c]`` for each linear, and the preceding op's output channel ``c`` is
 divided by ``s[c]`` (an RMSNorm's weight, or a linear's row and bias), so the fp model computes
@@ -28,7 +31,7 @@ over those heads), which keeps the fold exact.
 
 Clipping (AutoAWQ's ``_search_best_clip``): per output row and weight group, the range
 ``[-m, m]`` with ``m = amax * (1 - i / n_grid)``, ``i < max_shrink * n_grid``, that minimises the
-group's share of the output error on a token subsample; q/k are not clipped (AutoAWQ: their
+group's share of the output error (from the Gram matrix's diagonal block); q/k are not clipped (AutoAWQ: their
 errors are amplified by the softmax).
 """
 
@@ -64,29 +67,62 @@ def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
+@dataclass
+class InputStats:
+    """What the searches need from a linear's inputs x [T, k]: the Gram matrix ``x^T x / T``
+    (so each candidate costs a k x k product, not a pass over the tokens) and ``mean|x|``."""
+
+    gram: torch.Tensor  # [k, k] fp32
+    abs_mean: torch.Tensor  # [k]
+    tokens: int
+
+    @staticmethod
+    def of(x: torch.Tensor, chunk: int = 4096) -> InputStats:
+        x = x.reshape(-1, x.shape[-1])
+        k = x.shape[1]
+        gram = torch.zeros(k, k, dtype=torch.float64)
+        abs_sum = torch.zeros(k, dtype=torch.float64)
+        for i in range(0, x.shape[0], chunk):
+            xc = x[i : i + chunk].float()
+            gram += (xc.T @ xc).double()
+            abs_sum += xc.abs().sum(dim=0).double()
+        t = max(x.shape[0], 1)
+        return InputStats((gram / t).float(), (abs_sum / t).float(), int(x.shape[0]))
+
+    def scaled(self, s: torch.Tensor) -> InputStats:
+        """Statistics of ``x / s``."""
+        return InputStats(self.gram / s[:, None] / s[None, :], self.abs_mean / s, self.tokens)
+
+
+def output_mse(stats: InputStats, delta: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``(x @ delta^T)^2`` per output row: ``diag(delta H delta^T)``."""
+    return ((delta.float() @ stats.gram) * delta.float()).sum(dim=1)
+
+
 def search_scales(
-    x: torch.Tensor,
+    x: torch.Tensor | InputStats,
     weights: Sequence[torch.Tensor],
     fmt: Format,
     grid: int = 20,
     expand: torch.Tensor | None = None,
 ) -> ScaleSearch:
-    """Grid-search ``alpha`` for the linears ``weights`` ([n_i, k] each) sharing input ``x``.
+    """Grid-search ``alpha`` for the linears ``weights`` ([n_i, k] each) sharing input ``x``
+    (tokens [T, k], or their :class:`InputStats`).
 
     ``expand`` (LongTensor [k]) maps each input channel to its scale slot (GQA v->o: the v row
     it reads); the statistic of a slot is the mean over its channels. Default: identity.
+    Loss: mean over tokens and output channels of the squared output error.
     """
     if grid < 1:
         raise ConfigError(f"awq grid must be >= 1, got {grid}: use e.g. grid=20")
-    x = x.float()
-    x_mean = x.abs().mean(dim=0)  # [k]
+    stats = x if isinstance(x, InputStats) else InputStats.of(x)
+    x_mean = stats.abs_mean
     if expand is not None:
         slots = int(expand.max()) + 1
         per_slot = torch.zeros(slots).index_add_(0, expand, x_mean)
         per_slot /= torch.bincount(expand, minlength=slots).float()
         x_mean = per_slot
-    ref = [x @ w.float().T for w in weights]
-    denom = sum(r.numel() for r in ref)
+    rows = sum(w.shape[0] for w in weights)
     losses: list[float] = []
     best: tuple[float, float, torch.Tensor] | None = None
     for i in range(grid):
@@ -94,10 +130,10 @@ def search_scales(
         s = awq_scales(x_mean, alpha)
         s_k = s[expand] if expand is not None else s
         err = 0.0
-        for w, r in zip(weights, ref, strict=True):
+        for w in weights:
             wq = _fake_quant(fmt, w.float() * s_k) / s_k
-            err += float(((x @ wq.T) - r).pow(2).sum())
-        loss = err / denom
+            err += float(output_mse(stats, wq - w.float()).sum())
+        loss = err / rows
         losses.append(loss)
         if best is None or loss < best[0]:
             best = (loss, alpha, s_k)
@@ -190,40 +226,37 @@ def weight_group(fmt: Format, k: int) -> int:
 
 @torch.no_grad()
 def search_clip(
-    x: torch.Tensor,
+    x: torch.Tensor | InputStats,
     w: torch.Tensor,
     fmt: Format,
     n_grid: int = 20,
     max_shrink: float = 0.5,
-    rows_per_batch: int = 256,
 ) -> torch.Tensor:
-    """Best clipping range per (row, group) of ``w`` [n, k] for inputs ``x`` [T, k].
+    """Best clipping range per (row, group) of ``w`` [n, k] for inputs ``x`` ([T, k] or stats).
 
     Returns ``max_val`` [n, k / G]; :func:`apply_clip` clamps ``w`` to ``[-max_val, max_val]``.
-    Error of a group = mean over tokens of (x_g @ (Q(clamp(w_g)) - w_g))^2, as AutoAWQ.
+    Error of a group (AutoAWQ's): mean over tokens of ``(x_g @ (Q(clamp(w_g)) - w_g))^2``,
+    computed from the group's diagonal block of the Gram matrix.
     """
+    stats = x if isinstance(x, InputStats) else InputStats.of(x)
     n, k = w.shape
     G = weight_group(fmt, k)
-    x = x.float()
-    xg = x.reshape(x.shape[0], k // G, G)  # [T, g, G]
-    out = []
-    for r0 in range(0, n, rows_per_batch):
-        wb = w[r0 : r0 + rows_per_batch].float()  # [b, k]
-        wg = wb.reshape(-1, k // G, G)  # [b, g, G]
-        org_max = wg.abs().amax(dim=2, keepdim=True)  # [b, g, 1]
-        best_max = org_max.clone()
-        best_err = torch.full(org_max.shape, float("inf"))
-        ref = torch.einsum("tgc,bgc->tbg", xg, wg)
-        for i in range(int(max_shrink * n_grid)):
-            m = org_max * (1 - i / n_grid)
-            cur = torch.maximum(torch.minimum(wg, m), -m)
-            q = _fake_quant(fmt, cur.reshape(-1, k)).reshape_as(wg)
-            err = (torch.einsum("tgc,bgc->tbg", xg, q) - ref).pow(2).mean(dim=0)[..., None]
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_max = torch.where(better, m, best_max)
-        out.append(best_max.squeeze(-1))
-    return torch.cat(out)
+    ng = k // G
+    idx = torch.arange(ng)
+    h = stats.gram.reshape(ng, G, ng, G)[idx, :, idx, :]  # [g, G, G] diagonal blocks
+    wg = w.float().reshape(n, ng, G)
+    org_max = wg.abs().amax(dim=2, keepdim=True)  # [n, g, 1]
+    best_max = org_max.clone()
+    best_err = torch.full(org_max.shape, float("inf"))
+    for i in range(int(max_shrink * n_grid)):
+        m = org_max * (1 - i / n_grid)
+        cur = torch.maximum(torch.minimum(wg, m), -m)
+        d = _fake_quant(fmt, cur.reshape(n, k)).reshape(n, ng, G) - wg
+        err = torch.einsum("ngc,gcd,ngd->ng", d, h, d)[..., None]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better, m, best_max)
+    return best_max.squeeze(-1)
 
 
 @torch.no_grad()
@@ -284,8 +317,8 @@ def awq_block(
     targets: set[str],
     grid: int = 20,
     clip: bool = True,
-    max_tokens: int = 4096,
-    clip_tokens: int = 512,
+    max_tokens: int = 8192,
+    clip_tokens: int = 0,
     seed: int = 0,
     pairs: Sequence[Pair] = LLAMA_PAIRS,
 ) -> dict[str, dict]:
@@ -311,8 +344,8 @@ def awq_block(
             continue
         lins = [mods[n] for n in names]
         prev = mods[pair.prev]
-        x_full = inputs[names[0]].float()
-        x = _subsample(x_full, max_tokens, gen)
+        x_full = inputs[names[0]]
+        stats = InputStats.of(_subsample(x_full, max_tokens, gen))
         expand = None
         if pair.kind == "gqa":
             expand = _gqa_map(block, prev, lins[0])
@@ -320,7 +353,7 @@ def awq_block(
                 for n in names:
                     records.setdefault(n, {})["awq_scale"] = "skipped: v/o shapes do not pair up"
                 continue
-        res = search_scales(x, [lin.weight for lin in lins], fmt, grid=grid, expand=expand)
+        res = search_scales(stats, [lin.weight for lin in lins], fmt, grid=grid, expand=expand)
         if pair.kind == "norm":
             fold_into_norm(prev, lins, res.scales)
         elif pair.kind == "gqa":
@@ -333,19 +366,21 @@ def awq_block(
                 awq_alpha=res.alpha,
                 awq_loss=res.loss,
                 awq_rtn_loss=res.losses[0],
-                awq_scale_tokens=int(x.shape[0]),
+                awq_scale_tokens=stats.tokens,
                 awq_prev=pair.prev
                 + (" (one scale per KV-group channel)" if expand is not None else ""),
             )
             if clip and not n.endswith(NO_CLIP):
-                xc = _subsample(x_full, clip_tokens, gen) / res.scales
-                apply_clip(lin, search_clip(xc, lin.weight, fmt))
-                rec["awq_clip_tokens"] = int(xc.shape[0])
+                cs = stats if clip_tokens <= 0 or clip_tokens >= stats.tokens else None
+                cs = cs or InputStats.of(_subsample(x_full, clip_tokens, gen))
+                apply_clip(lin, search_clip(cs.scaled(res.scales), lin.weight, fmt))
+                rec["awq_clip_tokens"] = cs.tokens
     return records
 
 
 __all__ = [
     "LLAMA_PAIRS",
+    "InputStats",
     "Pair",
     "ScaleSearch",
     "apply_clip",
@@ -355,6 +390,7 @@ __all__ = [
     "fold_into_linear",
     "fold_into_norm",
     "gqa_expand",
+    "output_mse",
     "search_clip",
     "search_scales",
     "weight_group",
