@@ -358,14 +358,69 @@ def compute_dtype(kernel_name: str, refresh: bool = False) -> DtypeChoice:
     return _CHOICES[kernel_name]
 
 
+# --------------------------------------------------------------------------------------------
+# CompressedLinear integration: one registry entry per kernel
+# --------------------------------------------------------------------------------------------
+
+
+def activation_dtype(kernel_name: str, x: torch.Tensor) -> torch.dtype:
+    """bf16 inputs stay bf16; fp32/fp16 inputs run in the dtype chosen for this CPU."""
+    if x.dtype == torch.bfloat16:
+        return torch.bfloat16
+    return DTYPES[compute_dtype(kernel_name).dtype]
+
+
+def _layer_entry(kernel: Kernel) -> None:
+    from joules.compress.linear import CompressedLinear, register_kernel
+
+    def supports(layer: CompressedLinear, x: torch.Tensor) -> bool:
+        return x.is_floating_point() and kernel.why_not(layer.qtensor(), x.device.type) is None
+
+    def run(layer: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
+        dt = activation_dtype(kernel.name, x)
+        st = layer.kernel_state
+        if not (
+            isinstance(st, PackedWeight) and st.kernel == kernel.name and st.compute_dtype == dt
+        ):
+            st = layer.kernel_state = kernel.pack(layer.qtensor(), dt)  # once per layer and dtype
+            layer.compute_dtype = dt
+        # the path names the activation dtype: results must say what ran
+        layer.path = f"kernel:{kernel.name}/{_DT_NAMES[dt]}"
+        return kernel.linear(x, st, layer.bias)
+
+    register_kernel(kernel.name, supports)(run)
+
+
+_DT_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def prepack(model: torch.nn.Module, x_dtype: torch.dtype = torch.float32) -> dict[str, int]:
+    """Pack every compressed linear that has a kernel now (at load/convert time), as its first
+    forward with ``x_dtype`` inputs would; returns how many layers took each path."""
+    from joules.compress.linear import compressed_linears, linear_paths
+
+    for m in compressed_linears(model).values():
+        dev = next(iter(m.buffers())).device
+        x = torch.zeros(1, m.in_features, dtype=x_dtype, device=dev)
+        with torch.no_grad():
+            m(x)
+    return linear_paths(model)
+
+
+for _k in list(_KERNELS.values()):
+    _layer_entry(_k)
+
+
 __all__ = [
     "DTYPES",
     "DtypeChoice",
     "Kernel",
     "PackedWeight",
+    "activation_dtype",
     "compute_dtype",
     "find_kernel",
     "kernels",
+    "prepack",
     "probe",
     "register",
     "why_no_kernel",
