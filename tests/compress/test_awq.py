@@ -152,3 +152,63 @@ def test_awq_layer_error_below_rtn(seed: int) -> None:
 def test_bad_grid() -> None:
     with pytest.raises(ConfigError, match="grid"):
         awq.search_scales(torch.randn(4, 32), [torch.randn(4, 32)], formats.get("int4-g32"), grid=0)
+
+
+# -- the recipe step ---------------------------------------------------------------------------
+
+
+def _calib(tok):
+    from joules.compress import calibration_tokens
+
+    return calibration_tokens(tok, n=4, length=32)[0]
+
+
+def test_awq_step_quantizes_and_records() -> None:
+    from joules.compress import compress, compressed_linears
+
+    model, tok, _ = tiny_model("llama", seed=0)
+    cm = compress(model, "awq(format=int4-g32, grid=5, max_tokens=64)", calibration=_calib(tok))
+    assert len(compressed_linears(model)) == 14
+    layers = cm.manifest.layers
+    assert {e["method"] for e in layers.values()} == {"awq"}
+    assert all(e["awq_scale_tokens"] == 64 for e in layers.values())  # 2 of 4 sequences, all
+    assert "KV-group" in layers["model.layers.1.self_attn.o_proj"]["awq_prev"]
+    assert cm.manifest.bits_per_weight == 4.5
+
+
+def test_awq_then_gptq() -> None:
+    from joules.compress import compress
+
+    model, tok, _ = tiny_model("llama", seed=0)
+    cm = compress(
+        model, "awq(format=int4-g32, grid=4) | gptq(format=int4-g32)", calibration=_calib(tok)
+    )
+    entries = cm.manifest.layers.values()
+    assert {e["method"] for e in entries} == {"gptq"}
+    assert all("awq_alpha" in e for e in entries)
+
+
+def test_awq_step_without_clipping_keeps_the_fp_function() -> None:
+    """Followed by a quantizing step (here on lm_head only), awq leaves the block linears in fp:
+    with clip=false only folded scales changed them, so the final hidden states are unchanged."""
+    from joules.compress import compress
+
+    model, tok, _ = tiny_model("llama", seed=0)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model.model(ids).last_hidden_state
+    recipe = "awq(format=int4-g32, grid=6, clip=false) | rtn(format=int8-ch, targets=[lm_head])"
+    cm = compress(model, recipe, calibration=_calib(tok))
+    assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # left for later steps
+    assert any(e.get("awq_alpha", 0) > 0 for e in cm.manifest.layers.values())  # scales moved
+    with torch.no_grad():
+        out = model.model(ids).last_hidden_state
+    assert _rel(out, ref) <= 1e-5
+
+
+def test_awq_rejects_lm_head() -> None:
+    from joules.compress import compress
+
+    model, tok, _ = tiny_model("llama", seed=0)
+    with pytest.raises(ConfigError, match="inside decoder blocks"):
+        compress(model, "awq(format=int4-g32, targets=[lm_head])", calibration=_calib(tok))

@@ -11,6 +11,12 @@ search on the quantized weights.
     >>> res.loss <= res.losses[0]                         # alpha = 0 is plain round-to-nearest
     True
 
+As a recipe step: ``awq(format=int4-g64, grid=20, clip=true, max_tokens=8192)`` quantizes the
+targeted linears to ``format`` after scaling and clipping, unless a later step quantizes them
+(``awq(format=int4-g64) | gptq(format=int4-g64)``: AWQ then only scales and clips). The search
+reads at most ``max_tokens`` calibration tokens (whole sequences from the start of the
+calibration set), recorded per layer as ``awq_scale_tokens``.
+
 For a group of linears sharing one input ``x`` [tokens, k] (q/k/v after ``input_layernorm``,
 gate/up after ``post_attention_layernorm``, down after up, o after v), AutoAWQ's search tries
 ``s = mean|x|^alpha`` (normalised by ``sqrt(max(s) * min(s))``) for ``alpha`` in
@@ -43,6 +49,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from joules import formats
+from joules.compress.context import BlockInputs, CompressContext, install_quantized
+from joules.compress.linear import CompressedLinear
+from joules.compress.recipe import Step, register_step
+from joules.compress.rtn import check_format
 from joules.errors import ConfigError
 from joules.formats.base import Format
 
@@ -378,7 +389,94 @@ def awq_block(
     return records
 
 
+# --------------------------------------------------------------------------------------------
+# The recipe step
+# --------------------------------------------------------------------------------------------
+
+
+def _later_step_quantizes(ctx: CompressContext) -> bool:
+    """True when a step after this one in the recipe takes a ``format`` (rtn, gptq...): AWQ
+    then leaves the scaled and clipped weights in fp for it to quantize (each layer is
+    quantized once)."""
+    done = len(ctx.manifest.steps)  # steps already applied; this one is recipe_steps[done]
+    return any("format" in s for s in ctx.manifest.recipe_steps[done + 1 :])
+
+
+@register_step("awq")
+@dataclass(kw_only=True)
+class AWQ(Step):
+    """``awq(format, grid=20, clip=true, max_tokens=8192)``: scales searched on (at most)
+    ``max_tokens`` calibration tokens (whole sequences from the start of the calibration set),
+    folded into the preceding norm/linear, clipping searched on the same statistics; the layers
+    are then rounded to ``format`` unless a later step quantizes them (``awq | gptq``)."""
+
+    format: str
+    grid: int = 20
+    clip: bool = True
+    max_tokens: int = 8192
+    seed: int = 0
+
+    needs_calibration = True
+
+    def validate(self) -> None:
+        check_format(self.format, "awq")
+        if self.grid < 1:
+            raise ConfigError(f"awq grid={self.grid}: use a positive integer, e.g. 20")
+        if self.max_tokens < 1:
+            raise ConfigError(f"awq max_tokens={self.max_tokens}: use a positive count, e.g. 8192")
+
+    def apply(self, ctx: CompressContext) -> None:
+        fmt = formats.get(self.format)
+        targets = ctx.resolve_targets(self.targets)
+        outside = [n for n in targets if ctx.block_of(n) is None]
+        if outside:
+            raise ConfigError(
+                f"awq scales linears inside decoder blocks, not '{outside[0]}': quantize it "
+                "with its own step, e.g. '... | rtn(format=int8-ch, targets=[lm_head])'"
+            )
+        done = [n for n, m in targets.items() if isinstance(m, CompressedLinear)]
+        if done:
+            raise ConfigError(
+                f"awq needs fp weights but '{done[0]}' is already compressed: put awq first"
+            )
+        quantize = not _later_step_quantizes(ctx)
+        by_block: dict[int, dict[str, nn.Module]] = {}
+        for name, m in targets.items():
+            by_block.setdefault(ctx.block_of(name), {})[name] = m  # type: ignore[index]
+
+        calib = ctx.require_calibration("awq")
+        n_seq = max(1, min(len(calib), -(-self.max_tokens // calib.shape[1])))
+
+        def fn(i: int, block: nn.Module, block_name: str, inputs: BlockInputs) -> None:
+            mods = {n[len(block_name) + 1 :]: m for n, m in by_block.get(i, {}).items()}
+            captured = inputs.capture(block, mods)
+            recs = awq_block(
+                block,
+                captured,
+                fmt,
+                targets=set(mods),
+                grid=self.grid,
+                clip=self.clip,
+                max_tokens=self.max_tokens,
+                seed=self.seed + i,
+            )
+            del captured
+            for rel, m in mods.items():
+                name = f"{block_name}.{rel}"
+                rec = recs.get(rel) or {"awq_scale": "skipped: no preceding op known for it"}
+                if quantize:
+                    install_quantized(ctx, name, m, fmt.quantize(m.weight.detach().float()), "awq")
+                ctx.record(name, awq_format=self.format, **rec)
+
+        ctx.calibration = calib[:n_seq]  # the search's subsample: whole sequences
+        try:
+            ctx.sequential(fn, step="awq", blocks=set(by_block))
+        finally:
+            ctx.calibration = calib
+
+
 __all__ = [
+    "AWQ",
     "LLAMA_PAIRS",
     "InputStats",
     "Pair",
