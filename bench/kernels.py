@@ -98,6 +98,29 @@ def bench_case(spec: str, shape: tuple[int, int], tokens: int, reps: int) -> dic
     }
 
 
+def table(data: dict) -> str:
+    """The README table (markdown) from the JSON: speedups vs fp32 ``F.linear``."""
+    cd = ", ".join(f"{k}: {v['dtype']}" for k, v in data["compute_dtype"].items())
+    lines = [
+        f"<!-- bench: results/kernels.json ({data['system']['cpu_model']}, "
+        f"{data['threads']} thread(s); chosen activation dtype {cd}) -->",
+        "| format (kernel) | out x in | tokens | fp32 F.linear | bf16 F.linear | emulated fp32 "
+        "| emulated bf16 | kernel, fp32 act. | kernel, bf16 act. |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        s = r["speedup_vs_fp32"]
+        cells = " | ".join(
+            f"{s[c]:.2f}x"
+            for c in ("bf16", "emulated-fp32", "emulated-bf16", "kernel-fp32", "kernel-bf16")
+        )
+        lines.append(
+            f"| `{r['format']}` ({r['kernel']}) | {r['out_features']}x{r['in_features']} "
+            f"| {r['tokens']} | {r['median_s']['fp32'] * 1e3:.3f} ms | {cells} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default="int8-ch,int4-g32,int4-g64,uint4-asym-g64")
@@ -105,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results/kernels.json")
+    ap.add_argument("--table", action="store_true", help="print the README table from --out")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     specs = [s for s in args.formats.split(",") if s]
