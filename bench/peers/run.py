@@ -55,7 +55,10 @@ def _targets(model: nn.Module) -> dict[str, nn.Linear]:
 def _tensor_bytes(module: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
+    extra = [
+        v for v in (getattr(module, "meta", None) or {}).values() if isinstance(v, torch.Tensor)
+    ]
+    for t in list(module.parameters()) + list(module.buffers()) + extra:  # HQQ: scale/zero in meta
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
@@ -98,30 +101,16 @@ def hqq_4bit_g64(model: nn.Module, tok: Any, calib: torch.Tensor) -> dict[str, A
 
 def quanto_qint4_g64(model: nn.Module, tok: Any, calib: torch.Tensor) -> dict[str, Any]:
     from optimum.quanto import freeze, qint4, quantize
-    from optimum.quanto.tensor.weights import qbytes  # noqa: F401  (import check)
 
-    group = _quanto_group_size(64)
-    quantize(model, weights=qint4, exclude=["lm_head"])
+    quantize(model, weights=qint4, include=["model.layers.*"])
+    # quanto picks the group size itself (128, or 96 for 576-wide rows): set 64 before freeze
+    n = 0
+    for m in model.modules():
+        if getattr(m, "weight_qtype", None) == qint4:
+            m.weight_group_size = 64
+            n += 1
     freeze(model)
-    return {"config": f"quantize(weights=qint4), group size {group}"}
-
-
-def _quanto_group_size(size: int) -> int:
-    """optimum-quanto's qint4 weights use a module-level default group size: set it to ``size``."""
-    import optimum.quanto.nn.qmodule as qm
-
-    src = Path(qm.__file__).read_text()
-    if "group_size=128" not in src and "group_size = 128" not in src:
-        return -1
-    orig = qm.quantize_weight
-
-    def patched(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("group_size") == 128:
-            kwargs["group_size"] = size
-        return orig(*args, **kwargs)
-
-    qm.quantize_weight = patched
-    return size
+    return {"config": f"quantize(weights=qint4) on model.layers.*, group size 64 on {n} linears"}
 
 
 def llmcompressor_gptq_w4a16_g64(model: nn.Module, tok: Any, calib: torch.Tensor) -> dict[str, Any]:
