@@ -395,11 +395,17 @@ def awq_block(
 
 
 def _later_step_quantizes(ctx: CompressContext) -> bool:
-    """True when a step after this one in the recipe takes a ``format`` (rtn, gptq...): AWQ
-    then leaves the scaled and clipped weights in fp for it to quantize (each layer is
-    quantized once)."""
+    """True when a step after this one in the recipe quantizes weights (``rtn``, ``gptq``, or a
+    step class with ``quantizes_weights = True``): AWQ then leaves the scaled and clipped
+    weights in fp for it (each layer is quantized once)."""
+    from joules.compress.recipe import step_class
+
     done = len(ctx.manifest.steps)  # steps already applied; this one is recipe_steps[done]
-    return any("format" in s for s in ctx.manifest.recipe_steps[done + 1 :])
+    for s in ctx.manifest.recipe_steps[done + 1 :]:
+        cls = step_class(s["name"])
+        if getattr(cls, "quantizes_weights", s["name"] in ("rtn", "gptq")):
+            return True
+    return False
 
 
 @register_step("awq")
@@ -417,6 +423,7 @@ class AWQ(Step):
     seed: int = 0
 
     needs_calibration = True
+    quantizes_weights = True  # unless a later step does (see _later_step_quantizes)
 
     def validate(self) -> None:
         check_format(self.format, "awq")
