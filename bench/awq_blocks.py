@@ -8,8 +8,8 @@ with one thread), so it runs where the full 4-bit table (``bench/compress.py``) 
 The calibration windows (WikiText-2 **valid**, ``calibration_tokens(seed=0)``) are split: the
 first ``--fit`` sequences are what AWQ searches its scales and clipping on, the other
 ``--held`` sequences are where each block's output is compared with the fp block's, for the
-block with every linear rounded to nearest (RTN) and for the block after AWQ then the same
-rounding. Inputs to block i come from the fp blocks 0..i-1 (this isolates each block).
+block with every linear rounded to nearest (RTN), after AWQ then the same rounding, GPTQ-rounded
+(Hessians from the fit sequences) and AWQ then GPTQ. Inputs to block i come from the fp blocks 0..i-1 (this isolates each block).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 from joules import formats
 from joules.compress import awq, calibration_tokens
 from joules.compress.context import BlockInputs, CompressContext
+from joules.compress.hessian import Hessian, gptq_quantize
 from joules.models import load_model
 from joules.system import system_info
 
@@ -37,6 +38,21 @@ def _rounded(block: nn.Module, fmt: formats.Format) -> nn.Module:
         for m in b.modules():
             if isinstance(m, nn.Linear):
                 m.weight.copy_(fmt.fake_quant(m.weight))
+    return b
+
+
+def _gptq(block: nn.Module, fit: BlockInputs, fmt: formats.Format) -> nn.Module:
+    """The block with every linear GPTQ-rounded (Hessians from the fit inputs, as the gptq
+    step computes them: one pass over the block before any of its linears is rounded)."""
+    b = copy.deepcopy(block)
+    mods = {n: m for n, m in b.named_modules() if isinstance(m, nn.Linear)}
+    hs = {n: Hessian(m.in_features) for n, m in mods.items()}
+    for n, x in fit.each_input(b, mods):
+        hs[n].add(x)
+    with torch.no_grad():
+        for n, m in mods.items():
+            fitted = fmt.fit(m.weight.float())
+            m.weight.copy_(gptq_quantize(m.weight, hs[n].matrix(), fitted.fake_quant_cols))
     return b
 
 
@@ -72,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         awq_s = time.perf_counter() - t0
         out = torch.cat(held.run(_rounded(b, fmt)))
+        gptq = torch.cat(held.run(_gptq(block, fit, fmt)))
+        awq_gptq = torch.cat(held.run(_gptq(b, fit, fmt)))
+        b2 = copy.deepcopy(block)
+        mods2 = {n: m for n, m in b2.named_modules() if isinstance(m, nn.Linear)}
+        awq.awq_block(
+            b2, fit.capture(b2, mods2), fmt, targets=set(mods2), grid=args.grid, clip=False
+        )
+        awq_noclip_gptq = torch.cat(held.run(_gptq(b2, fit, fmt)))
 
         def rel(y: torch.Tensor) -> float:
             return float((y - ref).norm() / ref.norm())
@@ -80,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             "rtn_rel_error": rel(rtn),
             "awq_rel_error": rel(out),
             "awq_over_rtn": rel(out) / rel(rtn),
+            "gptq_rel_error": rel(gptq),
+            "awq_gptq_rel_error": rel(awq_gptq),
+            "awq_noclip_gptq_rel_error": rel(awq_noclip_gptq),
             "awq_time_s": awq_s,
             "alpha": {k: v.get("awq_alpha") for k, v in recs.items()},
             "scale_only_loss_over_rtn": {
@@ -90,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         r = rows[i]
         print(
             f"block {i}: RTN {r['rtn_rel_error']:.4f}  AWQ {r['awq_rel_error']:.4f}  "
-            f"({r['awq_over_rtn']:.2f}x)  AWQ {awq_s:.1f} s",
+            f"({r['awq_over_rtn']:.2f}x)  GPTQ {r['gptq_rel_error']:.4f}  "
+            f"AWQ+GPTQ {r['awq_gptq_rel_error']:.4f}  "
+            f"AWQ(no clip)+GPTQ {r['awq_noclip_gptq_rel_error']:.4f}  AWQ {awq_s:.1f} s",
             flush=True,
         )
 
