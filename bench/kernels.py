@@ -118,11 +118,11 @@ def bench_case(spec: str, shape: tuple[int, int], tokens: int, reps: int, copies
     }
 
 
-def table(data: dict) -> str:
+def table(data: dict, source: str = "results/kernels.json") -> str:
     """The README table (markdown) from the JSON: speedups vs fp32 ``F.linear``."""
     cd = ", ".join(f"{k}: {v['dtype']}" for k, v in data["compute_dtype"].items())
     lines = [
-        f"<!-- bench: results/kernels.json ({data['system']['cpu_model']}, "
+        f"<!-- bench: {source} ({data['system']['cpu_model']}, "
         f"{data['threads']} thread(s), {data.get('distinct_weights', 1)} distinct weight(s) "
         f"cycled; chosen activation dtype {cd}) -->",
         "| format (kernel) | out x in | tokens | fp32 F.linear | bf16 F.linear | emulated fp32 "
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table", action="store_true", help="print the README table from --out")
     args = ap.parse_args(argv)
     if args.table:
-        print(table(json.loads(Path(args.out).read_text())))
+        out = Path(args.out)
+        print(table(json.loads(out.read_text()), f"results/{out.name}"))
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
