@@ -35,6 +35,9 @@ ROWS = [
     "rtn(format=int8-ch)",
     "rtn(format=int4-g64)",
     "gptq(format=int4-g64)",
+    # AWQ (issue 12): scales + clipping then RTN; and as GPTQ's pre-step
+    "awq(format=int4-g64)",
+    "awq(format=int4-g64) | gptq(format=int4-g64)",
     "rtn(format=int3-g64)",
     "gptq(format=int3-g64)",
     "rtn(format=mxfp4)",

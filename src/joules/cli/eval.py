@@ -275,6 +275,19 @@ def eval_cmd(
     with _progress(_PROGRESS.get(task, "tokens"), json) as prog:
         r = config.run(m, tok, info, progress=prog)
     emit(r, json, _RENDER[task])
+    if m is not None:
+        _print_paths(m, json)
+
+
+def _print_paths(model: Any, as_json: bool) -> None:
+    """Say how a compressed model's linears ran (real kernel and its activation dtype, or
+    emulated) in the last forward."""
+    from joules.compress import linear_paths
+
+    paths = linear_paths(model)
+    if paths and not as_json:
+        ran = ", ".join(f"{n} x {p}" for p, n in sorted(paths.items()))
+        console.print(f"[dim]compressed linears ran as: {escape(ran)}[/]")
 
 
 def _eval_llamacpp(

@@ -4,7 +4,7 @@
     >>> from joules import formats
     >>> from joules.compress.linear import CompressedLinear
     >>> lin = torch.nn.Linear(64, 32)
-    >>> q = CompressedLinear.from_linear(lin, formats.get("int4-g32").quantize(lin.weight.data))
+    >>> q = CompressedLinear.from_linear(lin, formats.get("nf4").quantize(lin.weight.data))
     >>> y = q(torch.randn(2, 64))
     >>> q.path, q.weight_nbytes < lin.weight.numel() * 4
     ('emulated', True)

@@ -1,0 +1,427 @@
+"""Real CPU weight-only kernels for packed integer weights (torch's own int8/int4 matmuls).
+
+torch ships two CPU weight-only matmuls; this module packs joules' ``QuantizedTensor``s into
+their layouts once (at convert/load time) and runs them:
+
+- ``cpu-int8``: ``aten._weight_int8pack_mm(x, w_int8[n, k], scales[n])`` computes
+  ``x @ (w * scales[:, None]).T``. Serves symmetric ``int8-ch`` and ``int8`` (per tensor): our
+  codes are ``q + 127`` with ``q`` in [-127, 127], so ``w = code - 127``.
+- ``cpu-int4``: ``aten._weight_int4pack_mm_for_cpu(x, packed, G, sz[k/G, n, 2])`` with
+  ``packed = aten._convert_weight_to_int4pack_for_cpu(t[n, k] int32, _)`` decodes each weight as
+  ``(t - 8) * scale + zero`` with one (scale, zero) per run of ``G`` in {32, 64, 128, 256}
+  along a row (N divisible by 16). It serves every integer format of <= 4 bits whose group size
+  (or row, for ``-ch``/per tensor) is a multiple of such a G dividing the row:
+  symmetric ``int{b}`` (codes ``q + qmax``): ``t = code + 8 - qmax``, ``zero = 0``;
+  ``uint{b}-asym`` (``x = code * s + min``): ``t = code``, ``zero = min + 8 * s``;
+  ``uint{b}-asym-zpint`` (``x = (code - z) * s``): ``t = code``, ``zero = (8 - z) * s``.
+  A joules group of N = m * G shares its scale over m kernel groups (scales repeated).
+
+Both kernels want scales in the activation dtype. On an AVX2-only CPU (no AVX512-BF16) they run
+*slower* than fp32 ``F.linear`` with fp32 activations and faster with bf16 ones
+(``bench/kernels.py``), so the compute dtype is chosen per CPU by :func:`compute_dtype`: a
+one-time probe of each kernel at 1536x576, one token, fp32 against bf16 activations
+(``JOULES_KERNEL_DTYPE=fp32|bf16`` overrides it). bf16 rounds the scales (fp16 in storage) and
+the activations to 8 significant bits: compare the kernel with the emulated path run at the
+same activation dtype.
+
+    >>> import torch
+    >>> from joules import formats
+    >>> from joules.compress.kernels import find_kernel
+    >>> q = formats.get("int4-g32").quantize(torch.randn(64, 128))
+    >>> kernel = find_kernel(q)
+    >>> kernel.name
+    'cpu-int4'
+    >>> packed = kernel.pack(q, torch.float32)        # once, cached by the layer
+    >>> x = torch.randn(3, 128)
+    >>> y = kernel.linear(x, packed)                  # [3, 64]
+    >>> bool(torch.allclose(y, x @ q.dequantize().T, atol=1e-4))
+    True
+    >>> find_kernel(formats.get("nf4").quantize(torch.randn(64, 128))) is None
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from joules import formats
+from joules.errors import ConfigError
+from joules.formats.base import QuantizedTensor
+from joules.formats.integer import IntFormat
+from joules.formats.packing import unpack
+
+INT4_GROUPS = (256, 128, 64, 32)  # the group sizes aten._weight_int4pack_mm_for_cpu accepts
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class PackedWeight:
+    """A weight in a kernel's layout, with its scales in the kernel's compute dtype."""
+
+    kernel: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    compute_dtype: torch.dtype
+    tensors: dict[str, torch.Tensor]
+    group_size: int = 0  # kernel group G (int4 only)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def to(self, device: str | torch.device) -> PackedWeight:
+        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        return self
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A real matmul for some formats on some device.
+
+    ``why_not(q, device)`` is None when the kernel serves ``q`` there, else a one-line reason;
+    ``pack(q, dtype)`` builds its layout (once); ``mm(x2d, packed)`` multiplies
+    ``x2d [tokens, k]`` (already in ``packed.compute_dtype``) by the weight's transpose.
+    """
+
+    name: str
+    why_not: Callable[[QuantizedTensor, str], str | None]
+    pack: Callable[[QuantizedTensor, torch.dtype], PackedWeight]
+    mm: Callable[[torch.Tensor, PackedWeight], torch.Tensor]
+    doc: str = ""
+
+    def supports(self, q: QuantizedTensor, device: str | torch.device = "cpu") -> bool:
+        return self.why_not(q, torch.device(device).type) is None
+
+    def linear(
+        self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``F.linear(x, W, bias)`` through the kernel: x [..., k] in any float dtype; the
+        result comes back in x's dtype (activations run in ``packed.compute_dtype``)."""
+        n, k = packed.shape
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k).to(packed.compute_dtype).contiguous()
+        y = self.mm(x2, packed).to(x.dtype)
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        return y.reshape(*lead, n)
+
+
+_KERNELS: dict[str, Kernel] = {}
+
+
+def register(kernel: Kernel) -> Kernel:
+    _KERNELS[kernel.name] = kernel
+    return kernel
+
+
+def kernels() -> list[Kernel]:
+    return list(_KERNELS.values())
+
+
+def find_kernel(q: QuantizedTensor, device: str | torch.device = "cpu") -> Kernel | None:
+    """The first registered kernel that serves ``q`` on ``device``, else None (emulate)."""
+    dev = torch.device(device).type
+    return next((k for k in _KERNELS.values() if k.why_not(q, dev) is None), None)
+
+
+def why_no_kernel(q: QuantizedTensor, device: str | torch.device = "cpu") -> str:
+    """One line per kernel saying why it does not serve ``q`` (for ``layer.path`` reasons)."""
+    dev = torch.device(device).type
+    return "; ".join(f"{k.name}: {k.why_not(q, dev)}" for k in _KERNELS.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Shared decoding of integer formats
+# --------------------------------------------------------------------------------------------
+
+
+def _int_format(q: QuantizedTensor) -> IntFormat | None:
+    fmt = formats.get(q.spec)
+    return fmt if isinstance(fmt, IntFormat) else None
+
+
+def _codes(q: QuantizedTensor, fmt: IntFormat) -> torch.Tensor:
+    """Unsigned codes as int32 [n, k]."""
+    n, k = q.shape
+    return unpack(q.parts["codes"], fmt.cfg.bits, n * k).reshape(n, k).to(torch.int32)
+
+
+def _row_params(q: QuantizedTensor, fmt: IntFormat, key: str) -> torch.Tensor:
+    """A per-group parameter part as fp32 [n, groups_per_row]."""
+    n, k = q.shape
+    g = fmt.cfg.grouping
+    p = q.parts[key]
+    if key == "offsets" and fmt.cfg.int_zero_point:
+        p = unpack(p, fmt.cfg.bits, g.count((n, k)))
+    p = p.float().reshape(-1)
+    if g.kind == "tensor":
+        return p.reshape(1, 1).expand(n, 1)
+    return p.reshape(n, -1)
+
+
+def _common_why_not(q: QuantizedTensor, device: str) -> tuple[IntFormat | None, str | None]:
+    if device != "cpu":
+        return None, f"CPU only (tensor is on {device})"
+    if len(q.shape) != 2:
+        return None, f"needs a 2-D weight, got shape {tuple(q.shape)}"
+    fmt = _int_format(q)
+    if fmt is None:
+        return None, f"'{q.spec}' is not an integer format"
+    return fmt, None
+
+
+# --------------------------------------------------------------------------------------------
+# cpu-int8: aten._weight_int8pack_mm
+# --------------------------------------------------------------------------------------------
+
+
+def _int8_why_not(q: QuantizedTensor, device: str) -> str | None:
+    fmt, why = _common_why_not(q, device)
+    if why:
+        return why
+    c = fmt.cfg
+    if c.bits != 8 or not c.symmetric:
+        return f"'{q.spec}' is not symmetric 8-bit"
+    if c.grouping.kind == "group":
+        return f"'{q.spec}' has group scales; the kernel takes one scale per row"
+    return None
+
+
+def _int8_pack(q: QuantizedTensor, dtype: torch.dtype) -> PackedWeight:
+    fmt = _int_format(q)
+    assert fmt is not None and _int8_why_not(q, "cpu") is None, q.spec
+    n, k = q.shape
+    w = (_codes(q, fmt) - fmt.qmax).to(torch.int8).contiguous()  # [n, k] in [-127, 127]
+    scales = _row_params(q, fmt, "scales").reshape(n).to(dtype).contiguous()
+    return PackedWeight("cpu-int8", (n, k), dtype, {"weight": w, "scales": scales})
+
+
+def _int8_mm(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
+    return torch.ops.aten._weight_int8pack_mm(x, p.tensors["weight"], p.tensors["scales"])
+
+
+register(
+    Kernel(
+        "cpu-int8",
+        _int8_why_not,
+        _int8_pack,
+        _int8_mm,
+        "aten._weight_int8pack_mm: int8 weight, one scale per output row",
+    )
+)
+
+
+# --------------------------------------------------------------------------------------------
+# cpu-int4: aten._weight_int4pack_mm_for_cpu
+# --------------------------------------------------------------------------------------------
+
+
+def int4_group(q: QuantizedTensor, fmt: IntFormat) -> int | None:
+    """The largest kernel group G that divides the row and the format's group (or row)."""
+    k = q.shape[1]
+    g = fmt.cfg.grouping
+    span = g.size if g.kind == "group" else k
+    return next((G for G in INT4_GROUPS if k % G == 0 and span % G == 0), None)
+
+
+def _int4_why_not(q: QuantizedTensor, device: str) -> str | None:
+    fmt, why = _common_why_not(q, device)
+    if why:
+        return why
+    c = fmt.cfg
+    n, k = q.shape
+    if c.bits > 4:
+        return f"'{q.spec}' has {c.bits} bits; the kernel holds 4"
+    if n % 16:
+        return f"out_features {n} is not a multiple of 16"
+    if int4_group(q, fmt) is None:
+        return (
+            f"no group size in {INT4_GROUPS} divides both the row ({k}) and the group of '{q.spec}'"
+        )
+    return None
+
+
+def _int4_pack(q: QuantizedTensor, dtype: torch.dtype) -> PackedWeight:
+    fmt = _int_format(q)
+    assert fmt is not None and _int4_why_not(q, "cpu") is None, q.spec
+    c = fmt.cfg
+    n, k = q.shape
+    G = int4_group(q, fmt)
+    assert G is not None
+    codes = _codes(q, fmt)
+    scales = _row_params(q, fmt, "scales")  # [n, groups per row]
+    if c.symmetric:  # x = (code - qmax) * s = (t - 8) * s with t = code + 8 - qmax
+        t = codes + (8 - fmt.qmax)
+        zeros = torch.zeros_like(scales)
+    elif c.int_zero_point:  # x = (code - z) * s = (code - 8) * s + (8 - z) * s
+        t = codes
+        zeros = (8 - _row_params(q, fmt, "offsets")) * scales
+    else:  # x = code * s + min = (code - 8) * s + (min + 8 s)
+        t = codes
+        zeros = _row_params(q, fmt, "offsets") + 8 * scales
+    # one (scale, zero) per kernel group j: joules group floor(j * G / span)
+    span = c.grouping.size if c.grouping.kind == "group" else k
+    idx = torch.arange(k // G) * G // span
+    sz = torch.stack([scales[:, idx], zeros[:, idx]], dim=2)  # [n, k/G, 2]
+    sz = sz.transpose(0, 1).contiguous().to(dtype)  # [k/G, n, 2]
+    # Uses the CPU layout (inner_k_tiles does not change it there).
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(t.contiguous(), 1)
+    return PackedWeight("cpu-int4", (n, k), dtype, {"weight": packed, "scales_zeros": sz}, G)
+
+
+def _int4_mm(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x, p.tensors["weight"], p.group_size, p.tensors["scales_zeros"]
+    )
+
+
+register(
+    Kernel(
+        "cpu-int4",
+        _int4_why_not,
+        _int4_pack,
+        _int4_mm,
+        "aten._weight_int4pack_mm_for_cpu: 4-bit weight, (scale, zero) per group of 32..256",
+    )
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Compute dtype: fp32 or bf16 activations, chosen per CPU
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The activation dtype a kernel runs in on this machine, and why."""
+
+    kernel: str
+    dtype: str  # "fp32" | "bf16"
+    reason: str
+    fp32_s: float | None = None  # probe: median seconds per call, 1 token at 1536x576
+    bf16_s: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+_CHOICES: dict[str, DtypeChoice] = {}
+
+
+def _time_call(fn: Callable[[], torch.Tensor], reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def probe(kernel_name: str, reps: int = 15) -> DtypeChoice:
+    """Time the kernel at 1536x576 (a SmolLM2-135M MLP shape), one token, fp32 vs bf16."""
+    kernel = _KERNELS[kernel_name]
+    spec = "int8-ch" if kernel_name == "cpu-int8" else "int4-g64"
+    q = formats.get(spec).quantize(
+        torch.randn(1536, 576, generator=torch.Generator().manual_seed(0))
+    )
+    times = {}
+    for name, dt in DTYPES.items():
+        p = kernel.pack(q, dt)
+        x = torch.randn(1, 576).to(dt)
+        times[name] = _time_call(lambda p=p, x=x: kernel.mm(x, p), reps)
+    best = min(times, key=times.get)
+    reason = (
+        f"probe: {kernel_name} at 1536x576, 1 token: bf16 activations "
+        f"{times['fp32'] / times['bf16']:.2f}x the speed of fp32"
+    )
+    return DtypeChoice(kernel_name, best, reason, times["fp32"], times["bf16"])
+
+
+def compute_dtype(kernel_name: str, refresh: bool = False) -> DtypeChoice:
+    """The activation dtype of ``kernel_name`` on this CPU (probe cached per process).
+
+    ``JOULES_KERNEL_DTYPE=fp32|bf16`` fixes it without probing.
+    """
+    env = os.environ.get("JOULES_KERNEL_DTYPE", "").strip().lower()
+    if env:
+        if env not in DTYPES:
+            raise ConfigError(f"JOULES_KERNEL_DTYPE={env!r}: use fp32 or bf16 (or unset it)")
+        return DtypeChoice(kernel_name, env, "set by JOULES_KERNEL_DTYPE")
+    if refresh or kernel_name not in _CHOICES:
+        if kernel_name not in _KERNELS:
+            raise ConfigError(f"unknown kernel {kernel_name!r}: one of {', '.join(_KERNELS)}")
+        _CHOICES[kernel_name] = probe(kernel_name)
+    return _CHOICES[kernel_name]
+
+
+# --------------------------------------------------------------------------------------------
+# CompressedLinear integration: one registry entry per kernel
+# --------------------------------------------------------------------------------------------
+
+
+def activation_dtype(kernel_name: str, x: torch.Tensor) -> torch.dtype:
+    """bf16 inputs stay bf16; fp32/fp16 inputs run in the dtype chosen for this CPU."""
+    if x.dtype == torch.bfloat16:
+        return torch.bfloat16
+    return DTYPES[compute_dtype(kernel_name).dtype]
+
+
+def _layer_entry(kernel: Kernel) -> None:
+    from joules.compress.linear import CompressedLinear, register_kernel
+
+    def supports(layer: CompressedLinear, x: torch.Tensor) -> bool:
+        return x.is_floating_point() and kernel.why_not(layer.qtensor(), x.device.type) is None
+
+    def run(layer: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
+        dt = activation_dtype(kernel.name, x)
+        st = layer.kernel_state
+        if not (
+            isinstance(st, PackedWeight) and st.kernel == kernel.name and st.compute_dtype == dt
+        ):
+            st = layer.kernel_state = kernel.pack(layer.qtensor(), dt)  # once per layer and dtype
+            layer.compute_dtype = dt
+        # the path names the activation dtype: results must say what ran
+        layer.path = f"kernel:{kernel.name}/{_DT_NAMES[dt]}"
+        return kernel.linear(x, st, layer.bias)
+
+    register_kernel(kernel.name, supports)(run)
+
+
+_DT_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def prepack(model: torch.nn.Module, x_dtype: torch.dtype = torch.float32) -> dict[str, int]:
+    """Pack every compressed linear that has a kernel now (at load/convert time), as its first
+    forward with ``x_dtype`` inputs would; returns how many layers took each path."""
+    from joules.compress.linear import compressed_linears, linear_paths
+
+    for m in compressed_linears(model).values():
+        dev = next(iter(m.buffers())).device
+        x = torch.zeros(1, m.in_features, dtype=x_dtype, device=dev)
+        with torch.no_grad():
+            m(x)
+    return linear_paths(model)
+
+
+for _k in list(_KERNELS.values()):
+    _layer_entry(_k)
+
+
+__all__ = [
+    "DTYPES",
+    "DtypeChoice",
+    "Kernel",
+    "PackedWeight",
+    "activation_dtype",
+    "compute_dtype",
+    "find_kernel",
+    "kernels",
+    "prepack",
+    "probe",
+    "register",
+    "why_no_kernel",
+]
