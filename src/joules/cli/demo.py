@@ -150,7 +150,7 @@ def _wikitext_prompt(words: int = 48) -> str:
 
 
 # Cheap formats that tell the story: 8-bit baselines, the GGUF-exact layout, OCP MX and NxFP.
-DEMO_FORMATS = ("int8-ch", "mxfp8-e4m3", "uint4-asym-g32", "int4-g32", "mxfp4", "nxfp4")
+DEMO_FORMATS = ("int8-ch", "uint4-asym-g32", "int4-g32", "mxfp4")
 
 
 def _predict(model: Any, gen: Any) -> list[Any] | None:
