@@ -12,7 +12,15 @@ Steps (``joules compress --help`` lists them): ``rtn``, ``gptq``; later modules 
 registering a ``@dataclass`` step config (see :mod:`joules.compress.recipe`).
 """
 
-from joules.compress import awq, gptq, heads, kernels, prune, rtn  # noqa: F401  (steps, kernels)
+from joules.compress import (  # noqa: F401  (steps, kernels)
+    awq,
+    gptq,
+    heads,
+    kernels,
+    kvcache,
+    prune,
+    rtn,
+)
 from joules.compress.api import (
     CompressedModel,
     compress,

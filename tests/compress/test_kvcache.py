@@ -1,0 +1,157 @@
+"""Tests of the kvcache step: exactness, quantization accounting, sinks, heavy hitters, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from joules.compress import compress, load_compressed, parse_recipe
+from joules.compress.kvcache import (
+    JoulesKVCache,
+    JoulesKVLayer,
+    KVSettings,
+    kv_bytes_per_token,
+)
+from joules.errors import ConfigError
+from joules.models import tiny_model
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 259, (1, n), generator=g)
+
+
+def _decode_logits(model: torch.nn.Module, ids: torch.Tensor, cache=None) -> torch.Tensor:
+    """Token-by-token logits through one cache (the hook supplies it when ``cache`` is None)."""
+    out, past = [], cache
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            r = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
+            past = r.past_key_values
+            out.append(r.logits[:, -1])
+    return torch.stack(out, 1), past
+
+
+def test_full_fp32_is_bit_identical_to_dynamic_cache():
+    model, _, _ = tiny_model("llama", seed=0)
+    ids = _ids(20)
+    ref, ref_past = _decode_logits(model, ids, DynamicCache(config=model.config))
+    compress(model, "kvcache(policy=full)")
+    got, past = _decode_logits(model, ids)
+    assert isinstance(past, JoulesKVCache) and type(ref_past) is DynamicCache
+    assert torch.equal(got, ref)
+
+
+def test_quantized_cache_keeps_residual_and_reports_bytes():
+    model, _, _ = tiny_model("llama", seed=0)
+    ids = _ids(40)
+    ref, _ = _decode_logits(model, ids, DynamicCache(config=model.config))
+    cm = compress(model, "kvcache(format=int2, residual=8, group=8)")
+    got, past = _decode_logits(model, ids)
+    layer = past.layers[0]
+    # 40 tokens, residual 8, group 8: 32 quantized, 8 full precision.
+    assert layer.n_quant == 32 and layer.held() == 40
+    # the first 8 + residual tokens saw no quantized keys: identical logits there
+    assert torch.equal(got[:, :16], ref[:, :16])
+    assert not torch.equal(got[:, 17:], ref[:, 17:])
+    cfg = cm.manifest.runtime["kv_cache"]
+    fp16 = kv_bytes_per_token(KVSettings(), model.config)
+    assert cfg["emulated"] and 0 < cfg["kv_bytes_per_token"] < fp16 / 4
+    assert past.nbytes() < 40 * fp16 * 2  # fp32 cache of 40 tokens costs 2x the fp16 figure
+
+
+def test_kivi_keys_are_per_channel_values_per_token():
+    s = KVSettings(format="int4", residual=0, group=4)
+    layer = JoulesKVLayer(s)
+    k = torch.randn(1, 1, 4, 8)
+    k[..., 3] *= 100  # one outlier channel: per-channel scales keep the others precise
+    layer.update(k, k.clone())
+    err_k = (layer.keys - k).abs()[..., :3].max()
+    err_v = (layer.values - k).abs()[..., :3].max()
+    assert err_k < err_v
+
+
+def test_sinks_bounded_and_matches_full_forward_when_it_fits():
+    model, _, _ = tiny_model("llama", seed=1)
+    ids = _ids(12, seed=1)
+    with torch.no_grad():
+        full = model(ids).logits
+    compress(model, "kvcache(policy=sinks, n_sinks=2, window=10)")
+    got, past = _decode_logits(model, ids)
+    assert torch.allclose(got, full, atol=1e-5)
+    more = _ids(30, seed=2)
+    _, past = _decode_logits(model, more)
+    assert all(layer.held() == 12 for layer in past.layers)
+    assert past.get_seq_length() == 30
+
+
+def test_sinks_positions_after_eviction_one_layer():
+    # With one layer, keys/values depend only on token and position, so decoding through a
+    # sinks cache must equal a full forward of [sinks + window + new token] (RoPE is relative).
+    model, _, _ = tiny_model("llama", seed=2, layers=1)
+    ids = _ids(25, seed=3)
+    n_sinks, window = 3, 6
+    compress(model, f"kvcache(policy=sinks, n_sinks={n_sinks}, window={window})")
+    got, past = _decode_logits(model, ids)
+    assert past.held() == n_sinks + window
+    kept = torch.cat([ids[:, :n_sinks], ids[:, -(window + 1) :]], 1)
+    model._joules_kv_hook.remove()
+    with torch.no_grad():
+        ref = model(kept, use_cache=False).logits[:, -1]
+    assert torch.allclose(got[:, -1], ref, atol=1e-4)
+
+
+def test_heavy_hitters_keep_budget_and_evict_least_attended():
+    s = KVSettings(policy="heavy_hitters", budget=4, window=1)
+    layer = JoulesKVLayer(s)
+    k = torch.arange(6.0).reshape(1, 1, 6, 1).expand(1, 1, 6, 2).contiguous()
+    layer.update(k, k.clone())
+    probs = torch.tensor([0.30, 0.01, 0.25, 0.02, 0.20, 0.22]).reshape(1, 1, 1, 6)
+    layer.observe(probs)
+    assert layer.held() == 4
+    # recent token 5 always kept; then the 3 most attended of 0..4: 0, 2, 4
+    assert layer.keys[0, 0, :, 0].tolist() == [0.0, 2.0, 4.0, 5.0]
+
+
+def test_heavy_hitters_through_model_generate():
+    model, _, _ = tiny_model("llama", seed=0)
+    compress(model, "kvcache(policy=heavy_hitters, budget=8)")
+    ids = _ids(6)
+    out = model.generate(
+        ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True, pad_token_id=0
+    )
+    past = out.past_key_values
+    assert isinstance(past, JoulesKVCache)
+    assert all(layer.held() == 8 for layer in past.layers)
+    assert out.sequences.shape[1] == 16
+
+
+def test_reload_reinstalls_cache(tmp_path):
+    model, tok, _ = tiny_model("llama", seed=0)
+    cm = compress(model, "kvcache(format=int8, policy=sinks, window=8)")
+    cm.save(tmp_path, tok)
+    loaded, _, manifest = load_compressed(tmp_path)
+    assert manifest.runtime["kv_cache"]["policy"] == "sinks"
+    _, past = _decode_logits(loaded, _ids(20))
+    assert isinstance(past, JoulesKVCache) and past.held() == 12
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "kvcache(policy=lru)",
+        "kvcache(policy=sinks)",
+        "kvcache(policy=heavy_hitters)",
+        "kvcache(policy=heavy_hitters, budget=4, window=8)",
+        "kvcache(format=int4, policy=heavy_hitters, budget=4)",
+        "kvcache(format=int77)",
+        "kvcache(group=0)",
+        "kvcache(granularity=row)",
+        "kvcache(budget=3)",
+    ],
+)
+def test_bad_parameters_are_one_line_errors(recipe):
+    with pytest.raises(ConfigError) as e:
+        parse_recipe(recipe).steps[0].validate()
+    assert "\n" not in str(e.value)
