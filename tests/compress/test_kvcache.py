@@ -155,3 +155,12 @@ def test_bad_parameters_are_one_line_errors(recipe):
     with pytest.raises(ConfigError) as e:
         parse_recipe(recipe).steps[0].validate()
     assert "\n" not in str(e.value)
+
+
+def test_module_doctest():
+    import doctest
+
+    import joules.compress.kvcache as mod
+
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0

@@ -51,6 +51,7 @@ padding is not supported with ``sinks``/``heavy_hitters`` (mask offsets assume o
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -75,10 +76,8 @@ def _row_format(spec: str) -> Any:
     fmt = formats.get(spec)
     grouping = getattr(fmt.config, "grouping", None)
     if grouping is not None and grouping.kind == "tensor":
-        try:
+        with contextlib.suppress(ConfigError):
             fmt = formats.get(f"{spec}-ch")
-        except ConfigError:
-            pass
     return fmt
 
 
@@ -247,16 +246,16 @@ class JoulesKVLayer(DynamicLayer):
             return 0.0
         b, h, t, d = self.keys.shape
         full = (t - self.n_quant) * b * h * d * 2 * self.keys.element_size()
+        if self.n_quant == 0:
+            return float(full)
         return full + self.n_quant * b * h * _quant_bytes_per_token_head(self.s, d)
 
 
 def _quant_bytes_per_token_head(s: KVSettings, head_dim: int) -> float:
     fmt = _row_format(s.format)
     v_bits = fmt.total_bits((1, head_dim))
-    if s.granularity == "token":
-        k_bits = v_bits
-    else:
-        k_bits = fmt.total_bits((head_dim, s.group)) / s.group
+    # KIVI keys: one row per channel over `group` tokens; per-token rows otherwise
+    k_bits = v_bits if s.granularity == "token" else fmt.total_bits((head_dim, s.group)) / s.group
     return (k_bits + v_bits) / 8
 
 
