@@ -164,3 +164,22 @@ def test_module_doctest():
 
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_cli_compress_then_load_model_uses_cache(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from joules.cli import app
+    from joules.models import load_model
+
+    out = tmp_path / "kv"
+    recipe = "kvcache(format=int4, policy=sinks, window=8)"
+    r = CliRunner().invoke(app, ["compress", str(tiny_dir), "-r", recipe, "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    model, _, _ = load_model(out)
+    _, past = _decode_logits(model, _ids(16))
+    assert isinstance(past, JoulesKVCache) and past.held() == 12
+    bad = CliRunner().invoke(
+        app, ["compress", str(tiny_dir), "-r", "kvcache(policy=sinks)", "-o", str(out)]
+    )
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
