@@ -183,3 +183,26 @@ def test_cli_compress_then_load_model_uses_cache(tiny_dir, tmp_path):
         app, ["compress", str(tiny_dir), "-r", "kvcache(policy=sinks)", "-o", str(out)]
     )
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+
+
+def test_h2o_attention_matches_sdpa_without_eviction():
+    model, _, _ = tiny_model("llama", seed=0)
+    ids = _ids(10)
+    ref, _ = _decode_logits(model, ids, DynamicCache(config=model.config))
+    compress(model, "kvcache(policy=heavy_hitters, budget=64)")
+    got, past = _decode_logits(model, ids)
+    assert past.held() == 10
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_sinks_with_quantization_keeps_sinks_exact_and_bounded():
+    s = KVSettings(format="int4", policy="sinks", n_sinks=2, window=12, residual=4, group=4)
+    layer = JoulesKVLayer(s, rotate=lambda k, d: k)
+    ks = torch.randn(1, 2, 30, 8)
+    for t in range(30):
+        layer.update(ks[:, :, t : t + 1], ks[:, :, t : t + 1].clone())
+        assert layer.held() <= 14
+        assert layer.n_quant <= layer.held() - 2 - s.residual or layer.n_quant == 0
+    assert torch.equal(layer.values[:, :, :2], ks[:, :, :2])  # sinks never quantized
+    assert torch.equal(layer.values[:, :, -4:], ks[:, :, -4:])  # residual in full precision
+    assert not torch.equal(layer.values[:, :, 2:6], ks[:, :, 18:22])  # older ones quantized
