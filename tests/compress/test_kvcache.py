@@ -206,3 +206,15 @@ def test_sinks_with_quantization_keeps_sinks_exact_and_bounded():
     assert torch.equal(layer.values[:, :, :2], ks[:, :, :2])  # sinks never quantized
     assert torch.equal(layer.values[:, :, -4:], ks[:, :, -4:])  # residual in full precision
     assert not torch.equal(layer.values[:, :, 2:6], ks[:, :, 18:22])  # older ones quantized
+
+
+def test_decoder_alone_gets_cache_and_batch_repeat_keeps_scores():
+    model, _, _ = tiny_model("llama", seed=0)
+    compress(model, "kvcache(policy=heavy_hitters, budget=4)")
+    with torch.no_grad():
+        out = model.model(_ids(6), use_cache=True)
+        past = out.past_key_values
+        assert isinstance(past, JoulesKVCache) and past.held() == 4
+        past.batch_repeat_interleave(3)
+        more = model.model(_ids(6, seed=5)[:, :2].repeat(3, 1), past_key_values=past)
+    assert more.past_key_values.layers[0].scores.shape == (3, 2, 4)

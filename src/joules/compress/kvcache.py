@@ -12,10 +12,10 @@
     'JoulesKVCache'
 
 How it is used: the step stores its settings in ``manifest.runtime["kv_cache"]`` and installs a
-forward pre-hook on the model (re-installed by ``load_model(DIR)`` through the ``kv_cache``
-runtime hook). Whenever the model runs with ``use_cache`` on and no cache, or with an *empty*
-plain ``DynamicCache`` (what ``generate`` creates), the hook substitutes a
-:class:`JoulesKVCache`; ``generate`` then carries that cache from step to step, so
+forward pre-hook on the model's decoder, ``model.model`` (re-installed by ``load_model(DIR)``
+through the ``kv_cache`` runtime hook). Whenever the decoder runs with ``use_cache`` on and no
+cache, or with an *empty* plain ``DynamicCache`` (what ``generate`` creates), the hook
+substitutes a :class:`JoulesKVCache`; ``generate`` then carries that cache from step to step, so
 ``generate``, ``joules bench`` and the evaluator use it unchanged. A cache passed explicitly
 (any other class, or one already holding tokens) is left alone.
 
@@ -159,6 +159,21 @@ class JoulesKVLayer(DynamicLayer):
         super().reset()
         self.cumulative_length = self.n_quant = self.sink_shift = 0
         self.scores = None
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.scores is not None:
+            self.scores = self.scores.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.scores is not None:
+            self.scores = self.scores[indices]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.scores is not None:
+            self.scores = self.scores.index_select(0, beam_idx.to(self.scores.device))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a joules KV cache cannot be cropped (no assisted decoding)")
@@ -357,7 +372,11 @@ def install_kv_cache(model: nn.Module, cfg: dict[str, Any]) -> None:
             kwargs["use_cache"] = True
         return args, kwargs
 
-    model._joules_kv_hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    # On the decoder (``model.model``) when there is one: the LM head's forward passes its cache
+    # down, and callers that run the decoder alone (the evaluator's hidden states) get it too.
+    target = model.get_decoder() if hasattr(model, "get_decoder") else model
+    target = target if isinstance(target, nn.Module) else model
+    model._joules_kv_hook = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
     model._joules_kv_settings = settings
 
 
