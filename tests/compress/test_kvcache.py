@@ -218,3 +218,11 @@ def test_decoder_alone_gets_cache_and_batch_repeat_keeps_scores():
         past.batch_repeat_interleave(3)
         more = model.model(_ids(6, seed=5)[:, :2].repeat(3, 1), past_key_values=past)
     assert more.past_key_values.layers[0].scores.shape == (3, 2, 4)
+
+
+def test_heavy_hitters_without_h2o_attention_is_an_error():
+    model, _, _ = tiny_model("llama", seed=0)
+    compress(model, "kvcache(policy=heavy_hitters, budget=4)")
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ConfigError, match="joules_h2o"):
+        model(_ids(3), use_cache=True)

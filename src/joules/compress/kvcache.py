@@ -138,6 +138,12 @@ class JoulesKVLayer(DynamicLayer):
         if self.s.policy == "heavy_hitters":
             pad = keys.new_zeros(keys.shape[0], keys.shape[1], q, dtype=torch.float32)
             self.scores = pad if self.scores is None else torch.cat([self.scores, pad], dim=-1)
+            if getattr(_PENDING, "layer", None) is not None:
+                _PENDING.layer = None
+                raise ConfigError(
+                    "kvcache(policy=heavy_hitters) saw no attention probabilities: run the model "
+                    "with attn_implementation 'joules_h2o' (load_model sets it)"
+                )
             _PENDING.layer = self  # the attention call right after this observes and evicts
         elif self.s.policy == "sinks":
             self._evict_sinks()
@@ -230,6 +236,8 @@ class JoulesKVLayer(DynamicLayer):
 
     def observe(self, probs: torch.Tensor) -> None:
         """Heavy hitters: add ``probs [B, Hq, q, kv]`` to the per-token totals, then evict."""
+        if getattr(_PENDING, "layer", None) is self:
+            _PENDING.layer = None
         b, hq, _, kv = probs.shape
         h = self.keys.shape[1]
         per_kv = probs.float().sum(2).reshape(b, h, hq // h, kv).sum(2)
