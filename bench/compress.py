@@ -185,6 +185,9 @@ def finish(data: dict[str, Any]) -> None:
     """Paired differences against the baseline, gaps closed, and the README rows."""
     from joules.evaluate.paired import paired_difference
 
+    if "cpu_flags" not in data.get("machine", {}):  # runs begun before joules.system had them
+        data["machine"] = _machine()
+        data["machine"]["recorded"] = "when the table was derived (same VM)"
     rows = data["rows"]
     base = _result_of(rows["baseline"]["perplexity"])
     for entry in rows.values():
