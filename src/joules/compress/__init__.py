@@ -12,7 +12,15 @@ Steps (``joules compress --help`` lists them): ``rtn``, ``gptq``; later modules 
 registering a ``@dataclass`` step config (see :mod:`joules.compress.recipe`).
 """
 
-from joules.compress import actquant, gptq, heads, prune, rtn, smoothquant  # noqa: F401  (registers the built-in steps)
+from joules.compress import (  # noqa: F401  (registers the built-in steps)
+    actquant,
+    gptq,
+    heads,
+    outliers,
+    prune,
+    rtn,
+    smoothquant,
+)
 from joules.compress.api import (
     CompressedModel,
     compress,
