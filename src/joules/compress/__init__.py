@@ -15,16 +15,8 @@ registering a ``@dataclass`` step config (see :mod:`joules.compress.recipe`).
 from joules.compress import (  # noqa: F401  (registers the built-in steps)
     actquant,
     gptq,
-from joules.compress import (  # noqa: F401  (registers the built-in steps)
-    actquant,
-    gptq,
     heads,
     mixed,
-    outliers,
-    prune,
-    rtn,
-    smoothquant,
-)
     outliers,
     prune,
     rtn,
