@@ -104,6 +104,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cache.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
+        # Paired intervals after every row, so an interrupted run leaves a usable table.
+        if "baseline" in rows:
+            ref = base_result(rows["baseline"]["perplexity"])
+            for entry in rows.values():
+                entry["paired_vs_baseline"] = paired_difference(
+                    base_result(entry["perplexity"]), ref
+                ).to_dict()
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps(data, indent=1))
 
@@ -178,11 +185,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **cost,
         }
         save()
-    ref = base_result(rows["baseline"]["perplexity"])
-    for entry in rows.values():
-        entry["paired_vs_baseline"] = paired_difference(
-            base_result(entry["perplexity"]), ref
-        ).to_dict()
     save()
     return data
 
