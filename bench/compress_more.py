@@ -219,10 +219,15 @@ def table(data: dict[str, Any]) -> str:
         )
         t = f"{e['compress_time_s']:.0f} s" if e.get("compress_time_s") is not None else ""
         tag = " (A emulated)" if e.get("activations") else ""
-        lines.append(f"| `{recipe}`{tag} | {bpw} | {p['perplexity']:.3f} | {ratio} | {t} |")
+        name = f"`mixed` family member @ {e['avg_bits']:g}" if e.get("family") else f"`{recipe}`"
+        name = name.replace("|", "\\|")  # a pipe inside a table cell must be escaped
+        lines.append(f"| {name}{tag} | {bpw} | {p['perplexity']:.3f} | {ratio} | {t} |")
     for fam, f in data.get("families", {}).items():
         lines.append("")
-        lines.append(f"Family `{fam}`: store {f['store_bytes'] / 2**20:.1f} MiB; moves:")
+        lines.append(
+            f"Family `{fam}` (RTN candidates, Hessian-weighted errors): one store of "
+            f"{f['store_bytes'] / 2**20:.1f} MiB; moving between neighbouring members rewrites:"
+        )
         lines.append("")
         lines.append("| move (avg bits) | layers rewritten | bytes read |")
         lines.append("|---|---|---|")
