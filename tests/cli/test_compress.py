@@ -81,3 +81,23 @@ def test_bad_recipe_is_one_line_exit_2(tiny_dir, tmp_path):
         ["compress", str(tmp_path / "nope"), "-r", "rtn(format=int8)", "-o", str(tmp_path / "z")],
     )
     assert r.exit_code == 2 and "no model at" in r.output
+
+
+CALIB = ["--calib-n", "4", "--calib-len", "32"]
+
+
+def test_mixed_family_is_one_command_with_members_in_manifest(tiny_dir, tmp_path):
+    out = tmp_path / "fam"
+    recipe = "mixed(avg_bits=[4, 6], candidates=[int3-g32, int4-g32, int8-g32])"
+    r = runner.invoke(
+        app,
+        ["compress", str(tiny_dir), "-r", recipe, "-o", str(out), *CALIB, "--json"],
+    )
+    assert r.exit_code == 0, r.output
+    fam = json.loads((out / "joules.json").read_text())["runtime"]["mixed_family"]
+    assert [m["avg_bits"] for m in fam["members"]] == [4.0, 6.0]
+    assert (out / "family.safetensors").is_file()
+    bad = runner.invoke(
+        app, ["compress", str(tiny_dir), "-r", "smoothquant(alpha=2)", "-o", str(tmp_path / "x")]
+    )
+    assert bad.exit_code == 2 and "[0, 1]" in bad.output

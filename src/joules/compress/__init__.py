@@ -12,14 +12,18 @@ Steps (``joules compress --help`` lists them): ``rtn``, ``gptq``; later modules 
 registering a ``@dataclass`` step config (see :mod:`joules.compress.recipe`).
 """
 
-from joules.compress import (  # noqa: F401  (steps, kernels)
+from joules.compress import (  # noqa: F401  (registers the built-in steps and kernels)
+    actquant,
     awq,
     gptq,
     heads,
     kernels,
     kvcache,
+    mixed,
+    outliers,
     prune,
     rtn,
+    smoothquant,
 )
 from joules.compress.api import (
     CompressedModel,

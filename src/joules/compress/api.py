@@ -34,7 +34,14 @@ from joules.compress.recipe import Recipe, parse_recipe
 from joules.errors import ConfigError, UnsupportedModelError
 
 _RUNTIME_HOOKS: dict[str, Any] = {}
+_SAVE_HOOKS: list[Any] = []
 WEIGHTS_FILE = "model.safetensors"
+
+
+def register_save_hook(fn: Any) -> Any:
+    """Register ``fn(model, directory)``, called after a compressed model is saved (extra files)."""
+    _SAVE_HOOKS.append(fn)
+    return fn
 
 
 def register_runtime_hook(key: str) -> Any:
@@ -231,6 +238,8 @@ def save_compressed(
     (out / MANIFEST_FILE).write_text(json.dumps(data, indent=1, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    for hook in _SAVE_HOOKS:
+        hook(model, out)
     return out
 
 

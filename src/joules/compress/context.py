@@ -120,14 +120,16 @@ class BlockInputs:
         mini-batch is held.
         """
         buf: dict[str, torch.Tensor] = {}
-        seen: dict[int, torch.Tensor] = {}
+        seen: dict[tuple[int, int], torch.Tensor] = {}
 
         def hook(name: str) -> Callable[..., None]:
             def fn(_m: nn.Module, args: tuple[Any, ...]) -> None:
                 x = args[0].detach()
-                key = x.data_ptr()
+                # A linear that quantizes its input (act_quant) sees the quantized input.
+                aq = getattr(_m, "act_quant", None)
+                key = (x.data_ptr(), id(aq))
                 if key not in seen:
-                    seen[key] = x.reshape(-1, x.shape[-1]).float()
+                    seen[key] = (aq(x) if aq is not None else x).reshape(-1, x.shape[-1]).float()
                 buf[name] = seen[key]
 
             return fn
@@ -305,9 +307,18 @@ def weight_mask(module: nn.Module) -> torch.Tensor | None:
 
 
 def install_quantized(
-    ctx: CompressContext, name: str, module: nn.Module, qt: Any, method: str
+    ctx: CompressContext,
+    name: str,
+    module: nn.Module,
+    qt: Any,
+    method: str,
+    sparse: nn.Module | None = None,
 ) -> CompressedLinear:
-    """Replace linear ``name`` by a :class:`CompressedLinear` holding ``qt`` and record it."""
+    """Replace linear ``name`` by a :class:`CompressedLinear` holding ``qt`` and record it.
+
+    ``sparse``: a part stored beside the packed weight (``add_to(w)``, ``nbytes``), counted in
+    the layer's bits/weight. An ``act_quant`` the linear carries moves onto the new layer.
+    """
     from joules import formats
 
     if isinstance(module, CompressedLinear):
@@ -319,11 +330,18 @@ def install_quantized(
     mask = weight_mask(module)
     if mask is not None:
         lin.set_mask(mask)
+    aq = getattr(module, "act_quant", None)
+    if aq is not None:
+        lin.act_quant = aq
+    extra = 0
+    if sparse is not None:
+        lin.sparse = sparse
+        extra = int(sparse.nbytes)
     replace_module(ctx.model, name, lin)
     fmt = formats.get(qt.spec)
     shape = tuple(qt.shape)
-    bits = fmt.bits_per_element(shape)
-    nbytes = int(qt.nbytes)
+    bits = fmt.bits_per_element(shape) + 8 * extra / (shape[0] * shape[1])
+    nbytes = int(qt.nbytes) + extra
     if mask is not None:  # the stored keep-bitmap costs one bit per weight
         bits += 1.0
         nbytes += int(lin.mask_bits.numel())
@@ -336,4 +354,6 @@ def install_quantized(
         nbytes=nbytes,
         emulated=bool(getattr(fmt, "emulated", True)),
     )
+    if sparse is not None:
+        ctx.record(name, sparse_type=sparse.module_type, sparse_nbytes=extra)  # type: ignore[attr-defined]
     return lin

@@ -33,6 +33,7 @@ from joules.compress.context import (
     weight_mask,
 )
 from joules.compress.hessian import Hessian, gptq_quantize, gram
+from joules.compress.plan import fit_weight, sparse_part
 from joules.compress.recipe import Step, register_step
 from joules.compress.rtn import check_format
 from joules.errors import ConfigError
@@ -78,7 +79,7 @@ class GPTQ(Step):
         mask = weight_mask(module)
         fmt = formats.get(self.format)
         use = fmt.for_shape(tuple(w.shape))  # llama.cpp's per-tensor GGUF fallback
-        fitted = use.fit(w * mask if mask is not None else w)
+        fitted = fit_weight(module, use.spec, w * mask if mask is not None else w)
         q = gptq_quantize(
             w,
             h.matrix(),
@@ -88,7 +89,7 @@ class GPTQ(Step):
             act_order=self.act_order,
             mask=mask,
         )
-        install_quantized(ctx, name, module, fitted.quantize(q), "gptq")
+        install_quantized(ctx, name, module, fitted.quantize(q), "gptq", sparse_part(fitted, q))
         if use.spec != fmt.spec:
             ctx.record(name, format_requested=fmt.spec)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from joules import formats
 from joules.compress.context import CompressContext, dense_weight, install_quantized, weight_mask
+from joules.compress.plan import fit_weight, sparse_part
 from joules.compress.recipe import Step, register_step
 
 
@@ -50,7 +51,13 @@ class RTN(Step):
             if mask is not None:
                 w = w * mask  # pruned weights stay zero: the layer re-applies its mask
             use = fmt.for_shape(tuple(w.shape))  # llama.cpp's per-tensor GGUF fallback
-            install_quantized(ctx, name, module, use.quantize(w), "rtn")
+            if getattr(module, "weight_plan", None) is not None:  # outliers / outlier channels
+                fitted = fit_weight(module, use.spec, w)
+                q = fitted.fake_quant(w)
+                qt, sparse = fitted.quantize(q), sparse_part(fitted, q)
+            else:
+                qt, sparse = use.quantize(w), None
+            install_quantized(ctx, name, module, qt, "rtn", sparse)
             if use.spec != fmt.spec:
                 ctx.record(name, format_requested=fmt.spec)
             if ctx.progress:
