@@ -1,7 +1,7 @@
 """Speed of one compressed linear: torch's CPU int8/int4 kernels vs the emulated path vs fp32.
 
-    flock /tmp/joules-heavy.lock python bench/kernels.py                 # writes bench/results/kernels.json
-    python bench/kernels.py --formats int4-g64 --tokens 1 --reps 5 --out /tmp/k.json
+    flock /tmp/joules-heavy.lock python bench/linear_kernels.py                 # writes bench/results/kernels.json
+    python bench/linear_kernels.py --formats int4-g64 --tokens 1 --reps 5 --out /tmp/k.json
 
 For each weight shape of SmolLM2-135M's MLP (out x in = 1536x576: gate/up, 576x1536: down), each
 token count (1: decode, 128: a prefill chunk) and each format with a kernel, it times:
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(
         json.dumps(
             {
-                "command": "python bench/kernels.py " + " ".join(argv or sys.argv[1:]),
+                "command": "python bench/linear_kernels.py " + " ".join(argv or sys.argv[1:]),
                 "system": system_info().to_dict(),
                 "cpu_flags": cpu_flags(),
                 "threads": args.threads,
