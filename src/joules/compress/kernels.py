@@ -18,7 +18,7 @@ their layouts once (at convert/load time) and runs them:
 
 Both kernels want scales in the activation dtype. On an AVX2-only CPU (no AVX512-BF16) they run
 *slower* than fp32 ``F.linear`` with fp32 activations and faster with bf16 ones
-(``bench/kernels.py``), so the compute dtype is chosen per CPU by :func:`compute_dtype`: a
+(``bench/linear_kernels.py``), so the compute dtype is chosen per CPU by :func:`compute_dtype`: a
 one-time probe of each kernel at 1536x576, one token, fp32 against bf16 activations
 (``JOULES_KERNEL_DTYPE=fp32|bf16`` overrides it). bf16 rounds the scales (fp16 in storage) and
 the activations to 8 significant bits: compare the kernel with the emulated path run at the
