@@ -106,10 +106,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def save() -> None:
         # Paired intervals after every row, so an interrupted run leaves a usable table.
         if "baseline" in rows:
-            ref = base_result(rows["baseline"]["perplexity"])
+            ref = base._result_of(rows["baseline"]["perplexity"])
             for entry in rows.values():
                 entry["paired_vs_baseline"] = paired_difference(
-                    base_result(entry["perplexity"]), ref
+                    base._result_of(entry["perplexity"]), ref
                 ).to_dict()
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps(data, indent=1))
@@ -187,16 +187,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save()
     save()
     return data
-
-
-def base_result(d: dict[str, Any]) -> Any:
-    from joules.evaluate.results import PerplexityProtocol, PerplexityResult
-
-    d = dict(d)
-    d["protocol"] = PerplexityProtocol(**d["protocol"])
-    for k in ("perplexity", "perplexity_ci95", "bits_per_byte", "tokens_per_s"):
-        d.pop(k, None)
-    return PerplexityResult(**d)
 
 
 def table(data: dict[str, Any]) -> str:

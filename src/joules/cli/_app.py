@@ -7,12 +7,8 @@ library, get typed results back, and render them as a rich table or, with ``--js
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import json
-import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -20,6 +16,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from joules.errors import JoulesError
+from joules.serialize import to_jsonable
 
 
 class _JoulesGroup(TyperGroup):
@@ -47,27 +44,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON for machines instead of a table.")
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Turn dataclasses, enums, paths and tensors into plain JSON values (NaN/inf become null)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        if hasattr(obj, "to_dict"):
-            return to_jsonable(obj.to_dict())
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set | frozenset):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
-        return to_jsonable(obj.tolist())
-    return obj
 
 
 def print_json(obj: Any) -> None:

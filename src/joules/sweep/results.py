@@ -13,15 +13,13 @@ interval is far narrower than comparing two independent perplexity intervals.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from joules.errors import ConfigError
+from joules.serialize import to_jsonable
 from joules.sweep.store import Metric
 
 
@@ -35,25 +33,7 @@ def t95(df: int) -> float:
     return t_quantile_975(df) if df >= 1 else float("nan")
 
 
-def jsonable(obj: Any) -> Any:
-    """Plain JSON values from dataclasses, tuples, paths, enums, tensors (NaN/inf → None)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        if hasattr(obj, "to_dict"):
-            return jsonable(obj.to_dict())
-        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set | frozenset):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if hasattr(obj, "tolist"):
-        return jsonable(obj.tolist())
-    return obj
+jsonable = to_jsonable  # one rule for the CLI, the store and exports
 
 
 @dataclass(frozen=True)
