@@ -136,15 +136,21 @@ def test_linear_paths_reads_compressed_layers(tiny):
 
 
 def test_compressed_model_reports_paths_and_stored_bytes():
-    from joules.compress import compress
+    from joules.compress import compress, set_kernels
     from joules.models import tiny_model
 
     model, tok, info = tiny_model("llama", seed=0)
     cm = compress(model, "rtn(format=int4-g32)")
     cfg = BenchConfig(prompt_lens=(8,), gen_len=3, repeats=1, energy=False)
     res = run_bench(cm.model, tok, info, cfg, limits=_limits())
-    assert res.linear_paths == {"emulated": 14, "dense": 1}  # the head stays dense
+    # int4-g32 has a real CPU kernel: every compressed linear names it; the head stays dense.
+    (kernel,) = [p for p in res.linear_paths if p != "dense"]
+    assert kernel.startswith("kernel:cpu-int4/") and res.linear_paths == {kernel: 14, "dense": 1}
     assert res.rows[0].model_bytes == cm.manifest.model_bytes
+    set_kernels(cm.model, False)
+    emulated = run_bench(cm.model, tok, info, cfg, limits=_limits())
+    assert emulated.linear_paths == {"emulated": 14, "dense": 1}
+    set_kernels(cm.model, True)
     # Decode streams the packed weights, not an fp32 copy: fewer bytes, a higher speed of light.
     dense_model = tiny_model("llama", seed=0).model  # compress changed `model` in place
     dense = run_bench(dense_model, tok, info, cfg, limits=_limits())
