@@ -8,13 +8,15 @@ library, get typed results back, and render them as a rich table or, with ``--js
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from joules.errors import ConfigError as JoulesConfigError
 from joules.errors import JoulesError
 from joules.serialize import to_jsonable
 
@@ -57,3 +59,41 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
         print_json(result)
     else:
         render(result)
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    """Comma-separated positive integers (``--prompt-len 128,512``), or a one-line error."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise JoulesConfigError(f"{what} must be comma-separated integers, got {text!r}") from exc
+    if not out or min(out) < 1:
+        raise JoulesConfigError(f"{what} must be positive integers, got {text!r}")
+    return out
+
+
+@contextmanager
+def progress_bar(label: str, as_json: bool) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar (on stderr with --json, so stdout stays pure JSON); yields update."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console if as_json else console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update

@@ -11,45 +11,14 @@ the speed of light, peak RSS, KV-cache bytes, and each phase's J/token, power an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from joules.cli._app import JSON_OPTION, app, console, emit, err_console
+from joules.cli._app import JSON_OPTION, app, console, emit, parse_ints, progress_bar
 from joules.errors import ConfigError
-
-
-def _ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as exc:
-        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from exc
-    if not out or min(out) < 1:
-        raise ConfigError(f"{what} must be positive integers, got {text!r}")
-    return out
-
-
-@contextmanager
-def _progress(label: str, as_json: bool) -> Iterator[Callable[[int, int], None]]:
-    with Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console if as_json else console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 def _pct(x: float | None) -> str:
@@ -171,9 +140,9 @@ def bench_cmd(
         emit(lim, as_json, render_limits)
         return
     cfg = BenchConfig(
-        prompt_lens=_ints(prompt_len, "--prompt-len"),
+        prompt_lens=tuple(parse_ints(prompt_len, "--prompt-len")),
         gen_len=gen_len,
-        batch_sizes=_ints(batch, "--batch"),
+        batch_sizes=tuple(parse_ints(batch, "--batch")),
         repeats=repeats,
         warmup=warmup,
         runtime=runtime,
@@ -187,6 +156,6 @@ def bench_cmd(
 
     m, tok, info = load_model(model)
     check_workload(info, cfg)
-    with _progress(f"bench {cfg.runtime}", as_json) as update:
+    with progress_bar(f"bench {cfg.runtime}", as_json) as update:
         res = run_bench(m, tok, info, cfg, progress=update)
     emit(res, as_json, render_bench)

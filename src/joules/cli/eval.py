@@ -13,50 +13,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from joules.cli._app import JSON_OPTION, app, console, emit, err_console
+from joules.cli._app import JSON_OPTION, app, console, emit, err_console, parse_ints, progress_bar
 from joules.errors import ConfigError
 
 # Listed here for --help only (importing joules.evaluate would import torch for every command);
 # the registry in joules.evaluate.tasks is what runs them, and a test keeps the two equal.
 TASKS = ("wikitext2", "hellaswag", "deviation", "attention-deviation")
-
-
-@contextmanager
-def _progress(label: str, as_json: bool) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar (on stderr with --json, so stdout stays pure JSON)."""
-    with Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console if as_json else console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from exc
-    if not out or min(out) < 1:
-        raise ConfigError(f"{what} must be positive integers, got {text!r}")
-    return out
 
 
 def _render_perplexity(r: Any) -> None:
@@ -257,8 +225,8 @@ def eval_cmd(
     }
     accepted = set(eval_tasks.options(task))
     if "seq_lens" in accepted:  # list-valued flags, parsed here so errors name the flag
-        flags["seq_lens"] = _ints(seq_lens, "--seq-lens")
-        flags["block_sizes"] = _ints(block_sizes, "--block-sizes")
+        flags["seq_lens"] = parse_ints(seq_lens, "--seq-lens")
+        flags["block_sizes"] = parse_ints(block_sizes, "--block-sizes")
         flags["dtypes"] = [d.strip() for d in dtypes.split(",") if d.strip()]
     config = eval_tasks.get(
         task, **{k: v for k, v in flags.items() if k in accepted and v is not None}
@@ -272,7 +240,7 @@ def eval_cmd(
             err_console.print(f"[dim]dtype {choice.name} ({escape(choice.reason)})[/]")
         with console.status(f"loading {model}"):
             m, tok, info = load_model(model, dtype=choice.dtype)
-    with _progress(_PROGRESS.get(task, "tokens"), json) as prog:
+    with progress_bar(_PROGRESS.get(task, "tokens"), json) as prog:
         r = config.run(m, tok, info, progress=prog)
     emit(r, json, _RENDER[task])
     if m is not None:
