@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,10 +33,18 @@ from joules.bench.runner import machine_record
 from joules.models import load_model
 
 OUT = Path(__file__).parent / "results" / "decode.json"
-# WikiText-2 test perplexity of the default model as loaded (fp32 copy of Q4_1 weights), full
-# test set, window 1024: the README's evaluation table (`joules eval smollm2-135m --task
-# wikitext2 --window 1024 --stride 1024`).
-BASELINE_PPL = 21.002
+# Every row's perplexity comes from the compress table (one protocol for all rows: WikiText-2
+# test, 16,384 tokens, window 512), looked up by the row's recipe; "baseline" for the fp32 rows.
+COMPRESS_JSON = Path(__file__).parent / "results" / "compress.json"
+
+
+def table_perplexity(recipe: str | None, path: Path = COMPRESS_JSON) -> float | None:
+    """The compress table's perplexity for ``recipe`` (None: not in the table)."""
+    if not path.is_file():
+        return None
+    rows = json.loads(path.read_text()).get("rows", {})
+    r = rows.get(recipe or "baseline")
+    return None if r is None else float(r["perplexity"]["perplexity"])
 
 
 def numpy_bandwidth(buffer_bytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
@@ -80,6 +89,7 @@ def row_summary(name: str, res, ppl: float | None, path: str | None = None) -> d
         + (" (tied embedding)" if res.model_info.get("tied_embeddings") else ""),
         "compute_dtype": res.compute_dtype,
         "linear_paths": res.linear_paths,
+        "linears": ", ".join(f"{k} {v}" for k, v in sorted(res.linear_paths.items())),
         "perplexity": ppl,
         "ttft_ms": 1e3 * r.ttft_s.median,
         "tpot_ms": 1e3 * r.tpot_s.median,
@@ -98,24 +108,33 @@ def row_summary(name: str, res, ppl: float | None, path: str | None = None) -> d
     }
 
 
+MARKER = (
+    "<!-- bench: results/decode.json rows=rows key=row cols=recipe=recipe; lm_head=lm_head; "
+    "compute=compute_dtype; linears=linears; ppl=perplexity; prefill tok/s=prefill_tok_s; "
+    "decode tok/s=decode_tok_s; SoL tok/s=decode_sol_tok_s; % SoL=decode_sol_fraction*100; "
+    "TPOT ms=tpot_ms; ±95 % of TPOT=tpot_rel_ci95*100; J/token decode=decode_j_per_token; "
+    "peak RSS MiB=peak_rss_mib -->"
+)
+
+
 def markdown(path: Path) -> str:
-    """The README table, printed from a written ``decode.json`` (no benchmarking)."""
+    """The README table (with its test marker), printed from a written ``decode.json``."""
     d = json.loads(path.read_text())
     lines = [
+        MARKER,
         "| row | recipe | lm_head | compute | linears | ppl | prefill tok/s | decode tok/s "
-        "| SoL tok/s | % SoL | TPOT ms (±95 %) | J/token decode (method) | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| SoL tok/s | % SoL | TPOT ms | ±95 % of TPOT | J/token decode | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in d["rows"]:
-        paths = ", ".join(f"{k} {v}" for k, v in sorted(r["linear_paths"].items()))
-        ppl = f"{r['perplexity']:.2f}" if r["perplexity"] else "–"
+        ppl = f"{r['perplexity']:.3f}" if r["perplexity"] else "-"
         j = r["decode_j_per_token"]
         lines.append(
-            f"| {r['row']} | {r['recipe'] or '–'} | {r['lm_head']} | {r['compute_dtype']} | "
-            f"{paths} | {ppl} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.2f} | "
-            f"{r['decode_sol_tok_s']:.1f} | {100 * r['decode_sol_fraction']:.0f} % | "
-            f"{r['tpot_ms']:.1f} (±{100 * r['tpot_rel_ci95']:.1f} %) | "
-            + (f"{j:.3f} ({r['energy_method']})" if j else "meter off")
+            f"| {r['row']} | {r['recipe'] or '-'} | {r['lm_head']} | {r['compute_dtype']} | "
+            f"{r['linears']} | {ppl} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.2f} | "
+            f"{r['decode_sol_tok_s']:.1f} | {100 * r['decode_sol_fraction']:.0f} | "
+            f"{r['tpot_ms']:.1f} | {100 * r['tpot_rel_ci95']:.1f} | "
+            + (f"{j:.3f} ({r['energy_method']})" if j else "-")
             + f" | {r['peak_rss_mib']:.0f} |"
         )
     return "\n".join(lines)
@@ -130,16 +149,31 @@ def main() -> None:
     ap.add_argument("--buffer-mib", type=int, default=256, help="bandwidth buffers (MiB)")
     ap.add_argument("--base", default="smollm2-135m", help="the baseline model spec")
     ap.add_argument("--model", action="append", default=[], help="NAME=DIR of a compressed model")
-    ap.add_argument("--ppl", action="append", default=[], help="NAME=perplexity for a --model")
+    ap.add_argument(
+        "--ppl",
+        action="append",
+        default=[],
+        help="NAME=perplexity for a --model (default: its recipe's row in compress.json)",
+    )
+    ap.add_argument(
+        "--kernel-dtype",
+        choices=["bf16", "fp32", "probe"],
+        default="bf16",
+        help="activation dtype of the int8/int4 kernels (bf16: compress part 2's choice on "
+        "AVX2 CPUs; probe: joules' per-CPU probe)",
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--markdown", action="store_true", help="print the README table of --out")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(args.out))
         return
+    if args.kernel_dtype != "probe":
+        os.environ["JOULES_KERNEL_DTYPE"] = args.kernel_dtype
     torch.set_num_threads(args.threads)
     t_start = time.time()
 
+    load_at_start = os.getloadavg()[0]
     probe = probe_machine(args.threads, buffer_bytes=args.buffer_mib << 20)
     npbw = numpy_bandwidth(args.buffer_mib << 20)
     best_bw = max(probe.read_bw_bytes_s, probe.triad_bw_bytes_s, *npbw.values())
@@ -175,7 +209,7 @@ def main() -> None:
             model, tok, info, cfg(runtime, energy), limits=limits, runtime_cache=prepared
         )
         results[name] = res.to_dict()
-        rows.append(row_summary(name, res, BASELINE_PPL))
+        rows.append(row_summary(name, res, table_perplexity("baseline")))
         print(f"{name}: {time.time() - t0:.0f} s, {json.dumps(rows[-1])[:400]}", flush=True)
     ppls = dict(x.split("=", 1) for x in args.ppl)
     for spec in args.model:
@@ -184,8 +218,9 @@ def main() -> None:
         t0 = time.time()
         res = run_bench(m, t, i, cfg("compiled"), limits=limits)
         results[name] = res.to_dict()
-        ppl = float(ppls[name]) if name in ppls else None
-        rows.append(row_summary(name, res, ppl, path))
+        row = row_summary(name, res, None, path)
+        row["perplexity"] = float(ppls[name]) if name in ppls else table_perplexity(row["recipe"])
+        rows.append(row)
         print(f"{name}: {time.time() - t0:.0f} s, {json.dumps(rows[-1])[:400]}", flush=True)
 
     on = results["compiled fp32"]["rows"][0]["tpot_s"]["median"]
@@ -204,6 +239,10 @@ def main() -> None:
     out = {
         "command": " ".join(["python", *sys.argv]),
         "machine": machine_record(),
+        "kernel_dtype": args.kernel_dtype,
+        "perplexity_protocol": "bench/results/compress.json: WikiText-2 test, first 16,384 "
+        "tokens, window 512 (the row's recipe; baseline for the fp32 rows)",
+        "load_avg_1m_at_start": load_at_start,
         "limits_probe": probe.to_dict(),
         "numpy_bandwidth": npbw,
         "bandwidth_used_bytes_s": best_bw,
