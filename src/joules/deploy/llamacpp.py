@@ -218,6 +218,13 @@ def llamacpp_perplexity(
     )
 
 
+def last_token_argmax(llm: Any) -> int:
+    """Greedy next token from the last evaluated position's logits, read from the context
+    (``llm.scores`` keeps no logits unless the model was loaded with ``logits_all``)."""
+    ptr = llm._ctx.get_logits_ith(-1)
+    return int(np.ctypeslib.as_array(ptr, shape=(int(llm.n_vocab()),)).argmax())
+
+
 @dataclass
 class DecodeSpeed:
     """Greedy decode of ``new_tokens`` after a ``prompt_tokens`` prompt under llama.cpp."""
@@ -250,11 +257,11 @@ def llamacpp_decode_speed(
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        tok = int(np.argmax(llm._scores[-1] if llm._scores.ndim == 2 else llm.scores[-1]))
+        tok = last_token_argmax(llm)
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm._scores[-1]))
+            tok = last_token_argmax(llm)
         t2 = time.perf_counter()
         return t1 - t0, (t2 - t1) / max(new_tokens - 1, 1)
 

@@ -27,7 +27,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from joules.bench.roofline import ModelCost
@@ -137,13 +136,12 @@ class LlamaCppRuntime(Runtime):
         super().__init__(str(path), batch=batch, max_len=max_len)
         self.threads = torch.get_num_threads()
         self.llm = load_llama(path, n_ctx=max_len + 8, threads=self.threads)
-        self.n_vocab = int(self.llm.n_vocab())
         self.notes.append(f"llama.cpp ran {path.name} ({self.threads} threads, F16 KV cache)")
 
     def _next(self) -> torch.Tensor:
-        ptr = self.llm._ctx.get_logits_ith(-1)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-        return torch.tensor([int(logits.argmax())])
+        from joules.deploy.llamacpp import last_token_argmax
+
+        return torch.tensor([last_token_argmax(self.llm)])
 
     def reset(self) -> None:
         self.llm.reset()
