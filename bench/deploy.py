@@ -70,9 +70,9 @@ def _joules(*args: str) -> None:
 
 
 def _types(path: Path) -> dict[str, str]:
-    from gguf import GGUFReader
+    from joules.deploy.llamacpp import gguf_tensor_table
 
-    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    return {t[0]: t[1] for t in gguf_tensor_table(path)}
 
 
 def _peer_file(qtype: str, work: Path, args: argparse.Namespace) -> Path:
@@ -165,10 +165,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from gguf import GGUFReader
-
     from joules.data import load_text
-    from joules.deploy.llamacpp import llamacpp_perplexity
+    from joules.deploy.llamacpp import gguf_tensor_table, llamacpp_perplexity
     from joules.evaluate.paired import paired_difference
     from joules.evaluate.perplexity import perplexity
     from joules.models import load_model
@@ -191,12 +189,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         path, recipe = _file(row, work, args)
         build_s = time.perf_counter() - t0
-        tensors = GGUFReader(str(path)).tensors
-        n_bytes = sum(int(t.n_bytes) for t in tensors)
-        n_params = sum(int(t.n_elements) for t in tensors)
+        tensors = gguf_tensor_table(path)  # (name, type, n_elements, n_bytes, n_dims)
+        n_bytes = sum(t[3] for t in tensors)
+        n_params = sum(t[2] for t in tensors)
         types: dict[str, int] = {}
         for t in tensors:
-            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+            types[t[1]] = types.get(t[1], 0) + 1
         ppl = llamacpp_perplexity(path, tok, text, threads=args.threads, **ppl_kw)
         ppls[row] = ppl
         qtype = row.partition("-")[2]
@@ -222,9 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "vs_peer_significant": paired.significant if paired else None,
             "paired": paired.to_dict() if paired else None,
             "types": types,
-            "embedding_type": next(
-                (t.tensor_type.name for t in tensors if t.name == "token_embd.weight"), None
-            ),
+            "embedding_type": next((t[1] for t in tensors if t[0] == "token_embd.weight"), None),
             "build_s": build_s,
             "check_not_result": row.startswith("rtn-") or row == "shipped-q4_1",
             **_speed(res),

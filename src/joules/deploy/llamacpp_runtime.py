@@ -50,19 +50,9 @@ def gguf_path(model: Any) -> Path:
 
 def gguf_tensors(path: str | os.PathLike[str]) -> list[tuple[str, str, int, int, int]]:
     """``(name, type, n_elements, n_bytes, n_dims)`` of every tensor stored in a GGUF file."""
-    from gguf import GGUFReader
+    from joules.deploy.llamacpp import gguf_tensor_table
 
-    from joules.deploy.gguf_export import check_gguf_file
-
-    check_gguf_file(path)
-    return [
-        (t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes), _ndims(t.shape))
-        for t in GGUFReader(str(path)).tensors
-    ]
-
-
-def _ndims(shape: Any) -> int:
-    return len([d for d in shape if int(d) > 1])
+    return gguf_tensor_table(path)
 
 
 def gguf_linear_paths(path: str | os.PathLike[str]) -> dict[str, int]:
