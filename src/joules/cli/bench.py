@@ -122,7 +122,9 @@ def bench_cmd(
     batch: str = typer.Option("1", "--batch", help="Batch sizes, e.g. 1,4."),
     repeats: int = typer.Option(5, "--repeats", help="Measured runs per row."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs per row first."),
-    runtime: str = typer.Option("eager", "--runtime", help="eager, compiled or llamacpp (a .gguf file)."),
+    runtime: str = typer.Option(
+        "eager", "--runtime", help="eager, compiled or llamacpp (a .gguf file)."
+    ),
     threads: int = typer.Option(None, "--threads", help="Torch threads (default: unchanged)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as loaded), fp32 or bf16."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt offsets."),
