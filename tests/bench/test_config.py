@@ -25,7 +25,7 @@ def test_round_trip():
         ({"warmup": -1}, "warmup"),
         ({"threads": 0}, "threads"),
         ({"dtype": "fp8"}, "dtype"),
-        ({"runtime": "llamacpp"}, "runtime"),
+        ({"runtime": "vllm"}, "runtime"),
     ],
 )
 def test_bad_values(kwargs, match):

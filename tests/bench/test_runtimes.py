@@ -26,9 +26,9 @@ def _generate(model, ids, n):
 
 
 def test_registry():
-    assert {"eager", "compiled"} <= set(runtime_names())
-    with pytest.raises(ConfigError, match="unknown runtime 'llamacpp'"):
-        get_runtime("llamacpp")
+    assert {"eager", "compiled", "llamacpp"} <= set(runtime_names())
+    with pytest.raises(ConfigError, match="unknown runtime 'vllm'"):
+        get_runtime("vllm")
 
 
 def test_eager_equals_generate(tiny):

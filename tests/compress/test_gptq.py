@@ -84,3 +84,21 @@ def test_gptq_on_lm_head():
     calib, _ = calibration_tokens(tok, n=4, length=32)
     cm = compress(model, "gptq(format=int8-ch, targets=[lm_head])", calibration=calib)
     assert list(cm.manifest.layers) == ["lm_head"]
+
+
+def test_overrides_give_per_module_formats_in_one_pass():
+    from joules.compress import calibration_tokens, compress, parse_recipe
+    from joules.errors import ConfigError
+    from joules.models import tiny_model
+
+    m, tok, _ = tiny_model("llama", seed=0)
+    calib, _ = calibration_tokens(tok, n=2, length=16)
+    r = 'gptq(format=gguf-q4_0, overrides=["*.mlp.down_proj=gguf-q8_0", "*.layers.0.*=gguf-q5_0"])'
+    assert parse_recipe(parse_recipe(r).to_string()) == parse_recipe(r)
+    layers = compress(m, r, calibration=calib).manifest.layers
+    got = {n: v["format"] for n, v in layers.items()}
+    assert got["model.layers.0.mlp.down_proj"] == "gguf-q8_0"  # first match wins
+    assert got["model.layers.0.self_attn.q_proj"] == "gguf-q5_0"
+    assert got["model.layers.1.self_attn.q_proj"] == "gguf-q4_0"
+    with pytest.raises(ConfigError, match="GLOB=FORMAT"):
+        parse_recipe('gptq(format=gguf-q4_0, overrides=["gguf-q8_0"])').steps[0].validate()

@@ -34,7 +34,7 @@ from joules.bench.config import BenchConfig
 from joules.bench.memory import RssSampler
 from joules.bench.probe import MachineLimits, _threads, load_machine_limits, probe_machine
 from joules.bench.results import BenchResult, BenchRow, Interval, PhaseEnergy, percentile
-from joules.bench.roofline import ModelCost, model_cost
+from joules.bench.roofline import ModelCost
 from joules.bench.runtimes import get_runtime
 from joules.errors import ConfigError
 
@@ -313,6 +313,8 @@ def run_bench(
     """
     check_workload(info, config)
     runtime_cls = get_runtime(config.runtime)
+    # Before any work: a runtime refuses a model it cannot run (one line), casts a torch one.
+    cost, mm_dtype = runtime_cls.model_facts(model, info, config.dtype)
     own_meter = False
     if meter is None and config.energy:
         from joules.measure import detect_meter
@@ -340,9 +342,6 @@ def run_bench(
                     notes.append("machine limits probed at the start of this run")
             if limits is None:
                 notes.append("no machine limits (run `joules bench --probe`): no speed of light")
-            act_dtype = _resolve_dtype(model, config.dtype)
-            cost = model_cost(model, info, act_dtype)
-            mm_dtype = _matmul_dtype(model, act_dtype)
             model_bytes = int(cost.model_bytes)  # as it is now (cast, compressed), not as loaded
             torch.manual_seed(config.seed)
             rows: list[BenchRow] = []
@@ -386,7 +385,7 @@ def run_bench(
         machine=machine_record(),
         limits=limits.to_dict() if limits is not None else None,
         cost=cost.to_dict(),
-        linear_paths=linear_paths(model),
+        linear_paths=runtime_cls.linear_paths(model),
         threads=n_threads,
         meter=meter.describe() if meter is not None else [],
         notes=notes + (list(meter.notes) if meter is not None else []),

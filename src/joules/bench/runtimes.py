@@ -23,10 +23,14 @@ and ignore EOS, so every run generates the same number of tokens.
   decode). Inductor's compiled artefacts are cached on disk under
   ``$JOULES_CACHE_DIR/inductor``, so only the first run of a shape pays the compile.
 
+- ``llamacpp``: a ``.gguf`` file run by llama.cpp (``joules.deploy.llamacpp_runtime``; needs
+  the ``[llamacpp]`` extra only when it runs).
+
 Adding a runtime (the deploy issue adds ``llamacpp``): subclass :class:`Runtime`, implement
 ``prefill``/``decode_step``, decorate with ``@register_runtime("name")``. A runtime that does
-not run a torch module may accept ``model`` as anything it can load (e.g. a GGUF path) and sets
-``linear_path`` to say what computed the matmuls.
+not run a torch module may accept ``model`` as anything it can load (e.g. a GGUF path) and
+overrides the classmethod ``model_facts`` (cost, compute dtype, linear paths: what computed the
+matmuls).
 """
 
 from __future__ import annotations
@@ -82,6 +86,32 @@ class Runtime(ABC):
         self.max_len = max_len
         self.device = _device(model)
         self.notes: list[str] = []  # what the result should say about this runtime's run
+
+    @classmethod
+    def load(cls, spec: Any) -> tuple[Any, Any, Any]:
+        """``(model, tokenizer, ModelInfo)`` of a model spec, as this runtime takes the model."""
+        from joules.models import load_model
+
+        lm = load_model(spec)
+        return lm.model, lm.tokenizer, lm.info
+
+    @classmethod
+    def model_facts(cls, model: Any, info: Any, dtype: str) -> tuple[Any, str]:
+        """``(ModelCost, compute dtype name)`` of ``model`` as this runtime runs it; ``dtype``
+        other than "auto" casts a torch model in place. A runtime that does not run a torch
+        module overrides this and :meth:`linear_paths` (and refuses a model it cannot run)."""
+        from joules.bench.roofline import model_cost
+        from joules.bench.runner import _matmul_dtype, _resolve_dtype
+
+        act_dtype = _resolve_dtype(model, dtype)
+        return model_cost(model, info, act_dtype), _matmul_dtype(model, act_dtype)
+
+    @classmethod
+    def linear_paths(cls, model: Any) -> dict[str, int]:
+        """What computed the matmuls, per path, after the runs (kernels pick their path lazily)."""
+        from joules.bench.runner import linear_paths
+
+        return linear_paths(model)
 
     def prepare(self, ids: torch.Tensor) -> None:  # noqa: B027 - nothing to prepare by default
         """One-time work before timing (allocate caches, compile); ``ids`` shows the shape."""
@@ -232,3 +262,7 @@ class CompiledRuntime(Runtime):
             raise ConfigError(f"static cache of {self.max_len} positions is full")
         tok = self._step(token[:, None], torch.tensor([pos], device=token.device))
         return tok.clone(), pos + 1
+
+
+# Registered last: it subclasses Runtime (llama_cpp itself is imported only when it runs).
+import joules.deploy.llamacpp_runtime  # noqa: E402, F401

@@ -3,6 +3,7 @@
     $ joules bench smollm2-135m
     $ joules bench smollm2-135m --prompt-len 128,512 --batch 1,4 --gen-len 64 --repeats 5
     $ joules bench smollm2-135m --runtime compiled --threads 2 --json
+    $ joules bench out.gguf --runtime llamacpp   # llama.cpp on the file (the [llamacpp] extra)
     $ joules bench --probe                  # this machine's bandwidth and peak FLOP/s (cached)
 
 Each row: TTFT and TPOT (median and 95 % interval), tokens/s of each phase with its fraction of
@@ -121,7 +122,9 @@ def bench_cmd(
     batch: str = typer.Option("1", "--batch", help="Batch sizes, e.g. 1,4."),
     repeats: int = typer.Option(5, "--repeats", help="Measured runs per row."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs per row first."),
-    runtime: str = typer.Option("eager", "--runtime", help="eager or compiled."),
+    runtime: str = typer.Option(
+        "eager", "--runtime", help="eager, compiled or llamacpp (a .gguf file)."
+    ),
     threads: int = typer.Option(None, "--threads", help="Torch threads (default: unchanged)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as loaded), fp32 or bf16."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt offsets."),
@@ -152,9 +155,9 @@ def bench_cmd(
         energy=not no_energy,
     )
     cfg.validate()  # before loading anything
-    from joules.models import load_model
+    from joules.bench import get_runtime
 
-    m, tok, info = load_model(model)
+    m, tok, info = get_runtime(cfg.runtime).load(model)  # llamacpp: the .gguf path itself
     check_workload(info, cfg)
     with progress_bar(f"bench {cfg.runtime}", as_json) as update:
         res = run_bench(m, tok, info, cfg, progress=update)

@@ -60,11 +60,31 @@ class GPTQ(Step):
     act_order: bool = True
     damp: float = 0.01
     block_size: int = 128
+    # "GLOB=FORMAT" per-module formats, first match wins (else ``format``): one sequential pass
+    # for a per-tensor type mix such as llama.cpp's Q4_K_M.
+    overrides: tuple[str, ...] = ()
 
     needs_calibration = True
 
+    def format_for(self, name: str) -> str:
+        """The format of module ``name``: the first matching override's, else ``format``."""
+        import fnmatch
+
+        for o in self.overrides:
+            pat, _, spec = o.rpartition("=")
+            if fnmatch.fnmatchcase(name, pat):
+                return spec
+        return self.format
+
     def validate(self) -> None:
         check_format(self.format, "gptq")
+        for o in self.overrides:
+            pat, _, spec = o.rpartition("=")
+            if not pat or not spec:
+                raise ConfigError(
+                    f"gptq overrides entry {o!r}: write GLOB=FORMAT, e.g. '*.mlp.down_proj=int8-ch'"
+                )
+            check_format(spec, "gptq")
         if not 0 <= self.damp < 1:
             raise ConfigError(f"gptq damp={self.damp}: use a value in [0, 1), e.g. 0.01")
         if self.block_size < 1:
@@ -77,7 +97,7 @@ class GPTQ(Step):
     ) -> None:
         w = dense_weight(module)
         mask = weight_mask(module)
-        fmt = formats.get(self.format)
+        fmt = formats.get(self.format_for(name))
         use = fmt.for_shape(tuple(w.shape))  # llama.cpp's per-tensor GGUF fallback
         fitted = fit_weight(module, use.spec, w * mask if mask is not None else w)
         q = gptq_quantize(

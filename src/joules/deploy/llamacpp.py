@@ -16,6 +16,7 @@ arithmetic of the runtime.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import time
@@ -107,6 +108,39 @@ def quantize_file(
         raise ConfigError(f"llama_model_quantize({src} -> {ftype}) failed with code {rc}")
 
 
+@functools.lru_cache(maxsize=32)
+def _tensor_table(
+    path: str, size: int, mtime_ns: int
+) -> tuple[tuple[str, str, int, int, int], ...]:
+    from joules.deploy.gguf_export import check_gguf_file
+
+    reader = check_gguf_file(path)
+    return tuple(
+        (
+            t.name,
+            t.tensor_type.name,
+            int(t.n_elements),
+            int(t.n_bytes),
+            len([d for d in t.shape if int(d) > 1]),
+        )
+        for t in reader.tensors
+    )
+
+
+def gguf_tensor_table(path: str | os.PathLike[str]) -> list[tuple[str, str, int, int, int]]:
+    """``(name, type, n_elements, n_bytes, n_dims > 1)`` of every tensor of a GGUF file, checked
+    once per file version (gguf's reader parses the tokenizer arrays in Python: seconds)."""
+    from joules.deploy.gguf_export import check_gguf_file
+
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        check_gguf_file(p)  # the one-line error for a missing file
+        raise
+    return list(_tensor_table(str(p.resolve()), st.st_size, st.st_mtime_ns))
+
+
 def load_llama(
     path: str | os.PathLike[str],
     n_ctx: int = 2048,
@@ -114,9 +148,7 @@ def load_llama(
     logits_all: bool = False,
 ) -> Any:
     """A ``llama_cpp.Llama`` on ``path`` (a truncated or foreign file is a one-line error)."""
-    from joules.deploy.gguf_export import check_gguf_file
-
-    check_gguf_file(path)
+    gguf_tensor_table(path)  # a truncated or foreign file: one line, checked once per file
     llama_cpp = _llama_cpp()
     threads = threads or min(os.cpu_count() or 1, 8)
     try:
@@ -218,6 +250,13 @@ def llamacpp_perplexity(
     )
 
 
+def last_token_argmax(llm: Any) -> int:
+    """Greedy next token from the last evaluated position's logits, read from the context
+    (``llm.scores`` keeps no logits unless the model was loaded with ``logits_all``)."""
+    ptr = llm._ctx.get_logits_ith(-1)
+    return int(np.ctypeslib.as_array(ptr, shape=(int(llm.n_vocab()),)).argmax())
+
+
 @dataclass
 class DecodeSpeed:
     """Greedy decode of ``new_tokens`` after a ``prompt_tokens`` prompt under llama.cpp."""
@@ -250,11 +289,11 @@ def llamacpp_decode_speed(
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        tok = int(np.argmax(llm._scores[-1] if llm._scores.ndim == 2 else llm.scores[-1]))
+        tok = last_token_argmax(llm)
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm._scores[-1]))
+            tok = last_token_argmax(llm)
         t2 = time.perf_counter()
         return t1 - t0, (t2 - t1) / max(new_tokens - 1, 1)
 
