@@ -6,7 +6,8 @@ A table is tied to its JSON by a marker comment on the line before it:
 
 * ``results/NAME.json`` is relative to ``bench/`` (the file a benchmark wrote and we committed);
 * ``rows=PATH``: the dotted path of a list of objects in that JSON, one per table row;
-* ``key=FIELD``: the table's first column holds that field of the row's object, exactly;
+* ``key=FIELD``: the table's first column holds that field of the row's object, exactly
+  (a pipe inside a cell is written ``\\|``);
 * ``cols=``: every other column's header, ``=``, the field it shows (optionally ``*SCALE``,
   e.g. a fraction shown in %). A column without a mapping fails the test: no figure goes
   unchecked.
@@ -54,7 +55,8 @@ def _marked_tables(text: str) -> list[tuple[dict[str, Any], list[str], list[list
         for row in lines[i + 1 :]:
             if not row.startswith("|"):
                 break
-            body.append([c.strip() for c in row.strip().strip("|").split("|")])
+            cells = re.split(r"(?<!\\)\|", row.strip().removeprefix("|").removesuffix("|"))
+            body.append([c.strip().replace("\\|", "|") for c in cells])
         assert len(body) >= 3, f"README line {i + 1}: a bench marker must precede a table"
         tables.append((opts, body[0], body[2:], i + 1))
     return tables
