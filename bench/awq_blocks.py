@@ -30,7 +30,7 @@ from joules.compress import awq, calibration_tokens
 from joules.compress.context import BlockInputs, CompressContext
 from joules.compress.hessian import Hessian, gptq_quantize
 from joules.models import load_model
-from joules.system import machine_info, system_info
+from joules.system import backfill_machine, machine_info, system_info
 
 
 def _rounded(block: nn.Module, fmt: formats.Format) -> nn.Module:
@@ -75,10 +75,7 @@ def retable(data: dict) -> dict:
     data["rows"] = [
         {"block": int(i), **{f: b[f] for f in COLUMNS.values()}} for i, b in data["blocks"].items()
     ]
-    if "cpu_flags" not in data.get("machine", {}):
-        data["machine"] = machine_info()
-        data["machine"]["recorded"] = "when the table was derived (same VM)"
-    return data
+    return backfill_machine(data)
 
 
 def table(data: dict, source: str = "results/awq_blocks.json") -> str:

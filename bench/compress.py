@@ -184,10 +184,9 @@ def _result_of(d: dict[str, Any]) -> Any:
 def finish(data: dict[str, Any]) -> None:
     """Paired differences against the baseline, gaps closed, and the README rows."""
     from joules.evaluate.paired import paired_difference
+    from joules.system import backfill_machine
 
-    if "cpu_flags" not in data.get("machine", {}):  # runs begun before joules.system had them
-        data["machine"] = _machine()
-        data["machine"]["recorded"] = "when the table was derived (same VM)"
+    backfill_machine(data)  # runs begun before joules.system had CPU flags
     rows = data["rows"]
     base = _result_of(rows["baseline"]["perplexity"])
     for entry in rows.values():

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from joules import formats
 from joules.compress import kernels as K
-from joules.system import machine_info, system_info
+from joules.system import backfill_machine, machine_info, system_info
 
 SHAPES = [(1536, 576), (576, 1536)]  # (out_features, in_features)
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -151,10 +151,7 @@ def retable(data: dict) -> dict:
     """Add the ``table`` rows (re-derived from the measured ``rows``, nothing re-measured) and,
     for a JSON written before it was recorded, ``machine`` (CPU flags) from this VM."""
     data["table"] = table_rows(data["rows"])
-    if "cpu_flags" not in data.get("machine", {}):
-        data["machine"] = machine_info()
-        data["machine"]["recorded"] = "when the table was derived (same VM)"
-    return data
+    return backfill_machine(data)
 
 
 def table(data: dict, source: str = "results/kernels.json") -> str:
