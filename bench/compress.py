@@ -316,7 +316,11 @@ def parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=lambda s: [r.strip() for r in s.split(";") if r.strip()])
     ap.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
-    ap.add_argument("--table", action="store_true", help="print the table from the JSON only")
+    ap.add_argument(
+        "--table",
+        action="store_true",
+        help="re-derive the JSON's paired figures and table rows (no re-measuring), print the table",
+    )
     ap.add_argument(
         "--results", type=Path, help="with --table: another JSON of this layout (a snapshot)"
     )
