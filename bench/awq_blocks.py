@@ -4,6 +4,7 @@ with one thread), so it runs where the full 4-bit table (``bench/compress.py``) 
 
     python bench/awq_blocks.py                           # -> bench/results/awq_blocks.json
     python bench/awq_blocks.py --format int4-g32 --blocks 0,1,2,3
+    python bench/awq_blocks.py --table                   # re-derive the README rows, print
 
 The calibration windows (WikiText-2 **valid**, ``calibration_tokens(seed=0)``) are split: the
 first ``--fit`` sequences are what AWQ searches its scales and clipping on, the other
@@ -29,7 +30,7 @@ from joules.compress import awq, calibration_tokens
 from joules.compress.context import BlockInputs, CompressContext
 from joules.compress.hessian import Hessian, gptq_quantize
 from joules.models import load_model
-from joules.system import system_info
+from joules.system import backfill_machine, machine_info, system_info
 
 
 def _rounded(block: nn.Module, fmt: formats.Format) -> nn.Module:
@@ -56,6 +57,43 @@ def _gptq(block: nn.Module, fit: BlockInputs, fmt: formats.Format) -> nn.Module:
     return b
 
 
+# README header -> field of a ``rows`` entry (the marker ties each column to its field)
+COLUMNS = {
+    "RTN": "rtn_rel_error",
+    "AWQ": "awq_rel_error",
+    "AWQ / RTN": "awq_over_rtn",
+    "GPTQ": "gptq_rel_error",
+    "AWQ + GPTQ": "awq_gptq_rel_error",
+    "AWQ (no clip) + GPTQ": "awq_noclip_gptq_rel_error",
+    "AWQ time": "awq_time_s",
+}
+
+
+def retable(data: dict) -> dict:
+    """Add ``rows`` (one flat object per block, re-derived from ``blocks``, nothing re-measured)
+    and, for a JSON written before it was recorded, ``machine`` (CPU flags) from this VM."""
+    data["rows"] = [
+        {"block": int(i), **{f: b[f] for f in COLUMNS.values()}} for i, b in data["blocks"].items()
+    ]
+    return backfill_machine(data)
+
+
+def table(data: dict, source: str = "results/awq_blocks.json") -> str:
+    """The README table (markdown) from the JSON's ``rows``."""
+    lines = [
+        f"<!-- bench: {source} rows=rows key=block cols="
+        + "; ".join(f"{h}={f}" for h, f in COLUMNS.items())
+        + " -->",
+        "| block | " + " | ".join(COLUMNS) + " |",
+        "|---" * (1 + len(COLUMNS)) + "|",
+    ]
+    for r in data["rows"]:
+        cells = [f"{r[f]:.{2 if f == 'awq_over_rtn' else 4}f}" for f in list(COLUMNS.values())[:-1]]
+        cells.append(f"{r['awq_time_s']:.1f} s")
+        lines.append(f"| {r['block']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -67,7 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results/awq_blocks.json")
+    ap.add_argument(
+        "--table",
+        action="store_true",
+        help="re-derive --out's README rows from its measured blocks, write it, print the table",
+    )
     args = ap.parse_args(argv)
+    if args.table:
+        out = Path(args.out)
+        data = retable(json.loads(out.read_text()))
+        out.write_text(json.dumps(data, indent=1))
+        print(table(data, f"results/{out.name}"))
+        return 0
     torch.set_num_threads(args.threads)
     fmt = formats.get(args.format)
     model, tok, _info = load_model(args.model)
@@ -125,23 +174,20 @@ def main(argv: list[str] | None = None) -> int:
 
     blocks = {int(b) for b in args.blocks.split(",")}
     ctx.sequential(fn, step="awq_blocks", blocks=blocks)
+    data = {
+        "command": "python bench/awq_blocks.py " + " ".join(argv or sys.argv[1:]),
+        "system": system_info().to_dict(),
+        "machine": machine_info(),
+        "format": args.format,
+        "calibration": calib_info,
+        "fit_sequences": args.fit,
+        "held_sequences": args.held,
+        "threads": args.threads,
+        "note": "model weights were Q4_1 before joules saw them (fp32 copy of Q4_1)",
+        "blocks": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "command": "python bench/awq_blocks.py " + " ".join(argv or sys.argv[1:]),
-                "system": system_info().to_dict(),
-                "format": args.format,
-                "calibration": calib_info,
-                "fit_sequences": args.fit,
-                "held_sequences": args.held,
-                "threads": args.threads,
-                "note": "model weights were Q4_1 before joules saw them (fp32 copy of Q4_1)",
-                "blocks": rows,
-            },
-            indent=1,
-        )
-    )
+    Path(args.out).write_text(json.dumps(retable(data), indent=1))
     print(f"wrote {args.out}")
     return 0
 

@@ -184,10 +184,9 @@ def _result_of(d: dict[str, Any]) -> Any:
 def finish(data: dict[str, Any]) -> None:
     """Paired differences against the baseline, gaps closed, and the README rows."""
     from joules.evaluate.paired import paired_difference
+    from joules.system import backfill_machine
 
-    if "cpu_flags" not in data.get("machine", {}):  # runs begun before joules.system had them
-        data["machine"] = _machine()
-        data["machine"]["recorded"] = "when the table was derived (same VM)"
+    backfill_machine(data)  # runs begun before joules.system had CPU flags
     rows = data["rows"]
     base = _result_of(rows["baseline"]["perplexity"])
     for entry in rows.values():
@@ -248,6 +247,8 @@ def table_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             )
         elif "sparsity" in ex:
             note = f"sparsity {100 * ex['sparsity']:.1f} %"
+        elif e.get("activations"):  # bench/compress_more.py's W8A8 / W4A4 rows
+            note = f"activations {e['activations']}"
         else:
             note = None
         rss = e.get("compress_peak_rss_bytes")
@@ -269,7 +270,8 @@ def table_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def table(data: dict[str, Any], name: str = "compress") -> str:
-    """The README table (its marker ties every column to ``table`` rows in the JSON)."""
+    """The README table of ``bench/results/{name}.json`` (compress, compress_more, prune,
+    compress_awq): its marker ties every column to ``table`` rows in the JSON."""
     s = data["settings"]
     cols = [
         ("bits/weight", "bits_per_weight", 3),
@@ -299,7 +301,8 @@ def table(data: dict[str, Any], name: str = "compress") -> str:
         for _, f, dec in used:
             v = r[f]
             cells.append("-" if v is None else (str(v) if dec is None else f"{v:.{dec}f}"))
-        lines.append(f"| {r['recipe']} | " + " | ".join(cells) + " |")
+        recipe = r["recipe"].replace("|", "\\|")  # a pipe inside a cell is escaped
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -313,19 +316,33 @@ def parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=lambda s: [r.strip() for r in s.split(";") if r.strip()])
     ap.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
-    ap.add_argument("--table", action="store_true", help="print the table from the JSON only")
+    ap.add_argument(
+        "--table",
+        action="store_true",
+        help="re-derive the JSON's paired figures and table rows (no re-measuring), print the table",
+    )
+    ap.add_argument(
+        "--results", type=Path, help="with --table: another JSON of this layout (a snapshot)"
+    )
     return ap
+
+
+def retable(path: Path) -> dict[str, Any]:
+    """Re-derive the paired figures and ``table`` rows of a results JSON from its measured rows
+    (nothing is re-measured) and write it back."""
+    data = json.loads(path.read_text())
+    finish(data)
+    path.write_text(json.dumps(data, indent=1))
+    return data
 
 
 def main() -> None:
     args = parser().parse_args()
     if args.table:  # re-derive the paired figures from what the JSON holds (cheap)
-        data = json.loads(OUT.read_text())
-        finish(data)
-        OUT.write_text(json.dumps(data, indent=1))
+        path = args.results or OUT
+        print(table(retable(path), path.stem))
     else:
-        data = run(args)
-    print(table(data))
+        print(table(run(args)))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python bench/compress_more.py                  # every row, 16,384 test tokens (hours on 2 cores)
     python bench/compress_more.py --tokens 4096 --calib-n 32   # what the README table ran
-    python bench/compress_more.py --table          # reprint the table from the JSON
+    python bench/compress_more.py --table          # re-derive the table rows of the JSON
 
 Same protocol as ``bench/compress.py`` (whose helpers it reuses): each recipe is compressed by the
 real CLI in its own process, loaded back, scored on the first ``--tokens`` WikiText-2 **test**
@@ -82,7 +82,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from joules import __version__
-    from joules.evaluate.paired import paired_difference
     from joules.models.loading import cache_dir
 
     torch.set_num_threads(args.threads)
@@ -104,13 +103,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cache.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        # Paired intervals after every row, so an interrupted run leaves a usable table.
+        # Paired intervals and table rows after every row, so an interrupted run leaves a table.
         if "baseline" in rows:
-            ref = base._result_of(rows["baseline"]["perplexity"])
-            for entry in rows.values():
-                entry["paired_vs_baseline"] = paired_difference(
-                    base._result_of(entry["perplexity"]), ref
-                ).to_dict()
+            base.finish(data)
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps(data, indent=1))
 
@@ -190,28 +185,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(data: dict[str, Any]) -> str:
-    s = data["settings"]
-    lines = [
-        f"<!-- bench: results/compress_more.json ({s['tokens']} WikiText-2 test tokens, window "
-        f"{s['window']}; calibration {s['calib_n']} x {s['calib_len']} valid tokens; "
-        "activations emulated) -->",
-        "| recipe | bits/weight | perplexity | × baseline (95 % paired CI) | compress time |",
-        "|---|---|---|---|---|",
-    ]
-    for recipe, e in data["rows"].items():
-        p = e["perplexity"]
-        pv = e.get("paired_vs_baseline", {})
-        bpw = f"{e['bits_per_weight']:.3f}" if e.get("bits_per_weight") else "32 (fp32)"
-        ratio = (
-            f"{pv['ppl_ratio']:.4f} ({pv['ppl_ratio_ci95'][0]:.4f}–{pv['ppl_ratio_ci95'][1]:.4f})"
-            if pv
-            else ""
-        )
-        t = f"{e['compress_time_s']:.0f} s" if e.get("compress_time_s") is not None else ""
-        tag = " (A emulated)" if e.get("activations") else ""
-        name = f"`mixed` family member @ {e['avg_bits']:g}" if e.get("family") else f"`{recipe}`"
-        name = name.replace("|", "\\|")  # a pipe inside a table cell must be escaped
-        lines.append(f"| {name}{tag} | {bpw} | {p['perplexity']:.3f} | {ratio} | {t} |")
+    """bench/compress.py's table of the rows, then each ``mixed`` family's moves."""
+    lines = [base.table(data, "compress_more")]
     for fam, f in data.get("families", {}).items():
         lines.append("")
         lines.append(
@@ -229,19 +204,8 @@ def table(data: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--calib-n", type=int, default=128)
-    ap.add_argument("--calib-len", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", type=lambda s: [r.strip() for r in s.split(";") if r.strip()])
-    ap.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
-    ap.add_argument("--table", action="store_true", help="print the table from the JSON only")
-    args = ap.parse_args()
-    data = json.loads(OUT.read_text()) if args.table else run(args)
-    print(table(data))
+    args = base.parser(__doc__).parse_args()
+    print(table(base.retable(args.results or OUT) if args.table else run(args)))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from joules import formats
 from joules.compress import kernels as K
-from joules.system import system_info
+from joules.system import backfill_machine, machine_info, system_info
 
 SHAPES = [(1536, 576), (576, 1536)]  # (out_features, in_features)
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -118,27 +118,58 @@ def bench_case(spec: str, shape: tuple[int, int], tokens: int, reps: int, copies
     }
 
 
+SPEEDUPS = ("bf16", "emulated-fp32", "emulated-bf16", "kernel-fp32", "kernel-bf16")
+# README header -> field of a ``table`` row (the marker ties each column to its field)
+COLUMNS = {
+    "fp32 F.linear": "fp32_ms",
+    "bf16 F.linear": "bf16_x",
+    "emulated fp32": "emulated_fp32_x",
+    "emulated bf16": "emulated_bf16_x",
+    "kernel, fp32 act.": "kernel_fp32_x",
+    "kernel, bf16 act.": "kernel_bf16_x",
+}
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """One flat object per README row: exactly the figures the table shows."""
+    out = []
+    for r in rows:
+        s = r["speedup_vs_fp32"]
+        out.append(
+            {
+                "label": f"`{r['format']}` ({r['kernel']})",
+                "shape": f"{r['out_features']}x{r['in_features']}",
+                "tokens": r["tokens"],
+                "fp32_ms": r["median_s"]["fp32"] * 1e3,
+                **{f"{c.replace('-', '_')}_x": s[c] for c in SPEEDUPS},  # COLUMNS' fields
+            }
+        )
+    return out
+
+
+def retable(data: dict) -> dict:
+    """Add the ``table`` rows (re-derived from the measured ``rows``, nothing re-measured) and,
+    for a JSON written before it was recorded, ``machine`` (CPU flags) from this VM."""
+    data["table"] = table_rows(data["rows"])
+    return backfill_machine(data)
+
+
 def table(data: dict, source: str = "results/kernels.json") -> str:
-    """The README table (markdown) from the JSON: speedups vs fp32 ``F.linear``."""
+    """The README table (markdown) from the JSON's ``table`` rows: speedups vs fp32 ``F.linear``."""
     cd = ", ".join(f"{k}: {v['dtype']}" for k, v in data["compute_dtype"].items())
     lines = [
-        f"<!-- bench: {source} ({data['system']['cpu_model']}, "
-        f"{data['threads']} thread(s), {data.get('distinct_weights', 1)} distinct weight(s) "
-        f"cycled; chosen activation dtype {cd}) -->",
-        "| format (kernel) | out x in | tokens | fp32 F.linear | bf16 F.linear | emulated fp32 "
-        "| emulated bf16 | kernel, fp32 act. | kernel, bf16 act. |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"<!-- {data['system']['cpu_model']}, {data['threads']} thread(s), "
+        f"{data.get('distinct_weights', 1)} distinct weight(s) cycled; chosen activation dtype "
+        f"{cd} -->",
+        f"<!-- bench: {source} rows=table key=label,shape,tokens cols="
+        + "; ".join(f"{h}={f}" for h, f in COLUMNS.items())
+        + " -->",
+        "| format (kernel) | out x in | tokens | " + " | ".join(COLUMNS) + " |",
+        "|---" * (3 + len(COLUMNS)) + "|",
     ]
-    for r in data["rows"]:
-        s = r["speedup_vs_fp32"]
-        cells = " | ".join(
-            f"{s[c]:.2f}x"
-            for c in ("bf16", "emulated-fp32", "emulated-bf16", "kernel-fp32", "kernel-bf16")
-        )
-        lines.append(
-            f"| `{r['format']}` ({r['kernel']}) | {r['out_features']}x{r['in_features']} "
-            f"| {r['tokens']} | {r['median_s']['fp32'] * 1e3:.3f} ms | {cells} |"
-        )
+    for r in data.get("table") or table_rows(data["rows"]):
+        cells = [f"{r['fp32_ms']:.3f} ms"] + [f"{r[f]:.2f}x" for f in list(COLUMNS.values())[1:]]
+        lines.append(f"| {r['label']} | {r['shape']} | {r['tokens']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -156,11 +187,17 @@ def main(argv: list[str] | None = None) -> int:
         "set of SmolLM2-135M's 90 MLP matrices, larger than the 32 MiB L3 even at 4 bits)",
     )
     ap.add_argument("--out", default="bench/results/kernels.json")
-    ap.add_argument("--table", action="store_true", help="print the README table from --out")
+    ap.add_argument(
+        "--table",
+        action="store_true",
+        help="re-derive --out's table rows from its measured rows, write it, print the table",
+    )
     args = ap.parse_args(argv)
     if args.table:
         out = Path(args.out)
-        print(table(json.loads(out.read_text()), f"results/{out.name}"))
+        data = retable(json.loads(out.read_text()))
+        out.write_text(json.dumps(data, indent=1))
+        print(table(data, f"results/{out.name}"))
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -182,16 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{spec:16s} {shape[0]:>4d}x{shape[1]:<4d} {tok:>4d} "
                     f"{r['median_s']['fp32'] * 1e3:13.3f} "
-                    + " ".join(
-                        f"{s[c]:13.2f}"
-                        for c in (
-                            "bf16",
-                            "emulated-fp32",
-                            "emulated-bf16",
-                            "kernel-fp32",
-                            "kernel-bf16",
-                        )
-                    )
+                    + " ".join(f"{s[c]:13.2f}" for c in SPEEDUPS)
                 )
     for c in choices.values():
         print(f"{c.kernel}: compute dtype {c.dtype} ({c.reason})")
@@ -216,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                     for name, c in choices.items()
                 },
                 "rows": rows,
+                "machine": machine_info(),
+                "table": table_rows(rows),
             },
             indent=1,
         )

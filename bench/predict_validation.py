@@ -41,6 +41,9 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results" / "predict_validation.json"
 
+# phase -> (measured row key, attribute of a Prediction and an Observation)
+PHASES = {"prefill": ("ttft_s", "prefill_s"), "decode": ("tpot_s", "tpot_s")}
+
 # (prompt_len, gen_len, batch): 24 points, prompts 64-1024, generated 16-128, batch 1-8, sized to
 # finish in about 10 minutes of 2 shared cores with eager fp32.
 GRID = [
@@ -70,70 +73,78 @@ GRID = [
     (96, 96, 2),
 ]
 
-PUBLISHED = [
-    {
-        "source": "torchao README, torchao/quantization/README.md (pytorch/ao, commit 03d01adc): "
-        "'single A100 GPU', batch 1, torchao/_models/llama/generate.py (torch.compile)",
-        "short": "torchao README (A100)",
-        "url": "https://github.com/pytorch/ao/blob/03d01adcbcf8f85b0e61bef84957013b89e6902f/torchao/quantization/README.md",
-        "hardware": "a100",
-        "config": "llama-2-7b",
+TORCHAO = "https://github.com/pytorch/ao/blob/{rev}/torchao/quantization/README.md"
+
+
+def _decode_b1(
+    source: str, short: str, url: str, hardware: str, config: str, rows: list[tuple]
+) -> dict[str, Any]:
+    """A published batch-1 decode figure set: 5-token prompt, 200 generated tokens."""
+    return {
+        "source": source,
+        "short": short,
+        "url": url,
+        "hardware": hardware,
+        "config": config,
         "phase": "decode",
-        "rows": [
+        "rows": rows,
+        "prompt_len": 5,
+        "gen_len": 200,
+    }
+
+
+PUBLISHED = [
+    _decode_b1(
+        "torchao README, torchao/quantization/README.md (pytorch/ao, commit 03d01adc): "
+        "'single A100 GPU', batch 1, torchao/_models/llama/generate.py (torch.compile)",
+        "torchao README (A100)",
+        TORCHAO.format(rev="03d01adcbcf8f85b0e61bef84957013b89e6902f"),
+        "a100",
+        "llama-2-7b",
+        [
             ("bf16", "bf16", 107.38),
             ("int8wo", "int8-ch", 170.83),
             ("int4wo-64", "uint4-asym-g64", 201.14),
         ],
-        "prompt_len": 5,
-        "gen_len": 200,
-    },
-    {
-        "source": "torchao README (same table): Meta-Llama-3-8B on a single A100",
-        "short": "torchao README (A100)",
-        "url": "https://github.com/pytorch/ao/blob/03d01adcbcf8f85b0e61bef84957013b89e6902f/torchao/quantization/README.md",
-        "hardware": "a100",
-        "config": "llama-3-8b",
-        "phase": "decode",
-        "rows": [
+    ),
+    _decode_b1(
+        "torchao README (same table): Meta-Llama-3-8B on a single A100",
+        "torchao README (A100)",
+        TORCHAO.format(rev="03d01adcbcf8f85b0e61bef84957013b89e6902f"),
+        "a100",
+        "llama-3-8b",
+        [
             ("bf16", "bf16", 95.64),
             ("int8wo", "int8-ch", 153.03),
             ("int4wo-64", "uint4-asym-g64", 180.80),
         ],
-        "prompt_len": 5,
-        "gen_len": 200,
-    },
-    {
-        "source": "gpt-fast README (pytorch-labs/gpt-fast, commit 0f925b5d), 'Benchmarks': "
+    ),
+    _decode_b1(
+        "gpt-fast README (pytorch-labs/gpt-fast, commit 0f925b5d), 'Benchmarks': "
         "A100-80GB power-limited to 330 W, batch 1, 5-token prompt",
-        "short": "gpt-fast README (A100 at 330 W)",
-        "url": "https://github.com/pytorch-labs/gpt-fast/blob/0f925b5d4ce457b89a7ca6c9ce50f42bf2576945/README.md",
-        "hardware": "a100",
-        "config": "llama-2-7b",
-        "phase": "decode",
-        "rows": [
+        "gpt-fast README (A100 at 330 W)",
+        "https://github.com/pytorch-labs/gpt-fast/blob/0f925b5d4ce457b89a7ca6c9ce50f42bf2576945/README.md",
+        "a100",
+        "llama-2-7b",
+        [
             ("Base", "bf16", 104.9),
             ("8-bit", "int8-ch", 155.58),
             ("4-bit (G=32)", "uint4-asym-g32", 196.80),
         ],
-        "prompt_len": 5,
-        "gen_len": 200,
-    },
-    {
-        "source": "torchao README, torchao/quantization/README.md (pytorch/ao, 2025), "
+    ),
+    _decode_b1(
+        "torchao README, torchao/quantization/README.md (pytorch/ao, 2025), "
         "'CUDA backend | NVIDIA-H100 GPU': Meta-Llama-3.1-8B (same shape as Llama-3-8B), batch 1",
-        "short": "torchao README (H100)",
-        "url": "https://github.com/pytorch/ao/blob/main/torchao/quantization/README.md",
-        "hardware": "h100",
-        "config": "llama-3-8b",
-        "phase": "decode",
-        "rows": [
+        "torchao README (H100)",
+        TORCHAO.format(rev="main"),
+        "h100",
+        "llama-3-8b",
+        [
             ("bf16", "bf16", 126.90),
             ("int8wo", "int8-ch", 198.85),
             ("int4wo-64", "uint4-asym-g64", 241.39),
         ],
-        "prompt_len": 5,
-        "gen_len": 200,
-    },
+    ),
     {
         "source": "llama.cpp PR #4766 (ggml-backend integration), comment by ggerganov "
         "2024-01-10: llama-bench, codellama-7b, RTX 4090, pp 512 and tg 128",
@@ -311,35 +322,27 @@ def loo(rows: list[dict]) -> dict[str, Any]:
         cal = fit(obs[:i] + obs[i + 1 :], hw)
         p = predict(shape, hw, o.workload, weight_format="fp32", coefficients=cal.coefficients)
         u = predict(shape, hw, o.workload, weight_format="fp32", coefficients=uncal)
-        points.append(
-            {
-                **rows[i],
-                "pred_ttft_s": p.prefill_s,
-                "pred_tpot_s": p.tpot_s,
-                "err_prefill": p.prefill_s / o.prefill_s - 1,
-                "err_decode": p.tpot_s / o.tpot_s - 1,
-                "sol_ttft_s": u.prefill_s,
-                "sol_tpot_s": u.tpot_s,
-                "prefill_bound": p.bound("prefill"),
-                "decode_bound": p.bound("decode"),
-            }
-        )
+        point = dict(rows[i])
+        point |= {f"pred_{key}": getattr(p, attr) for key, attr in PHASES.values()}
+        point |= {f"err_{ph}": getattr(p, a) / getattr(o, a) - 1 for ph, (_, a) in PHASES.items()}
+        point |= {f"sol_{key}": getattr(u, attr) for key, attr in PHASES.values()}
+        point |= {f"{ph}_bound": p.bound(ph) for ph in PHASES}
+        points.append(point)
     full = fit(obs, hw)
 
-    def mape(key: str) -> float:
-        return 100 * statistics.fmean(abs(x[key]) for x in points)
+    def per_phase(f: Any) -> dict[str, float]:
+        return {ph: f(ph, key) for ph, (key, _) in PHASES.items()}
 
     return {
         "hardware": hw.to_dict(),
         "points": points,
-        "loo_mape_pct": {"prefill": mape("err_prefill"), "decode": mape("err_decode")},
-        "loo_max_abs_pct": {
-            ph: 100 * max(abs(x[f"err_{ph}"]) for x in points) for ph in ("prefill", "decode")
-        },
-        "sol_fraction_median": {
-            "prefill": statistics.median(x["sol_ttft_s"] / x["ttft_s"] for x in points),
-            "decode": statistics.median(x["sol_tpot_s"] / x["tpot_s"] for x in points),
-        },
+        "loo_mape_pct": per_phase(
+            lambda ph, _: 100 * statistics.fmean(abs(x[f"err_{ph}"]) for x in points)
+        ),
+        "loo_max_abs_pct": per_phase(lambda ph, _: 100 * max(abs(x[f"err_{ph}"]) for x in points)),
+        "sol_fraction_median": per_phase(
+            lambda _, key: statistics.median(x[f"sol_{key}"] / x[key] for x in points)
+        ),
         "fit_all_points": full.coefficients.to_dict(),
     }
 
@@ -364,7 +367,7 @@ def markdown(out: dict[str, Any]) -> str:
             "| phase | points | leave-one-out MAPE | max abs. error | uncalibrated SoL / measured |",
             "|---|---|---|---|---|",
         ]
-        for ph in ("prefill", "decode"):
+        for ph in PHASES:
             lines.append(
                 f"| {ph} | {len(tm['points'])} | {m[ph]:.1f} % | {mx[ph]:.1f} % "
                 f"| {tm['sol_fraction_median'][ph]:.2f} |"
@@ -423,19 +426,18 @@ def main() -> None:
             "not scored: energy on this machine is estimated (no RAPL, no GPU); "
             "scoring a prediction against the estimator would be circular"
         )
-        m = res["loo_mape_pct"]
+
+        def by_phase(d: dict[str, float], fmt: str = "{:.1f} %") -> str:
+            return ", ".join(f"{ph} {fmt.format(d[ph])}" for ph in PHASES)
+
         print(
-            f"\nleave-one-out MAPE over {len(rows)} points: prefill {m['prefill']:.1f} %, "
-            f"decode {m['decode']:.1f} % (goal <= 15 %)"
+            f"\nleave-one-out MAPE over {len(rows)} points: "
+            f"{by_phase(res['loo_mape_pct'])} (goal <= 15 %)"
         )
+        print(f"max |error|: {by_phase(res['loo_max_abs_pct'])}")
         print(
-            f"max |error|: prefill {res['loo_max_abs_pct']['prefill']:.1f} %, decode "
-            f"{res['loo_max_abs_pct']['decode']:.1f} %"
-        )
-        s = res["sol_fraction_median"]
-        print(
-            f"uncalibrated speed of light / measured time (median): prefill {s['prefill']:.2f}, "
-            f"decode {s['decode']:.2f}"
+            "uncalibrated speed of light / measured time (median): "
+            + by_phase(res["sol_fraction_median"], "{:.2f}")
         )
         print("energy: " + out["energy"])
     elif RESULTS.is_file():  # keep the last measured part

@@ -11,12 +11,11 @@ table reports quality and the bits an n:m layout would take.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compress import finish, parser, run, table
+from compress import parser, retable, run, table
 
 OUT = Path(__file__).resolve().parent / "results" / "prune.json"
 ROWS = [
@@ -38,13 +37,9 @@ ROWS = [
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    if args.table:
-        data = json.loads(OUT.read_text())
-        finish(data)
-        OUT.write_text(json.dumps(data, indent=1))
-    else:
-        data = run(args, OUT, ROWS)
-    print(table(data, "prune"))
+    path = args.results or OUT
+    data = retable(path) if args.table else run(args, OUT, ROWS)
+    print(table(data, path.stem))
 
 
 if __name__ == "__main__":

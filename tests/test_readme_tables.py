@@ -6,7 +6,9 @@ A table is tied to its JSON by a marker comment on the line before it:
 
 * ``results/NAME.json`` is relative to ``bench/`` (the file a benchmark wrote and we committed);
 * ``rows=PATH``: the dotted path of a list of objects in that JSON, one per table row;
-* ``key=FIELD``: the table's first column holds that field of the row's object, exactly;
+* ``key=FIELD``: the table's first column holds that field of the row's object, exactly
+  (a pipe inside a cell is written ``\\|``); ``key=F1,F2``: the first two columns hold those
+  fields and together name one row;
 * ``cols=``: every other column's header, ``=``, the field it shows (optionally ``*SCALE``,
   e.g. a fraction shown in %). A column without a mapping fails the test: no figure goes
   unchecked.
@@ -54,7 +56,8 @@ def _marked_tables(text: str) -> list[tuple[dict[str, Any], list[str], list[list
         for row in lines[i + 1 :]:
             if not row.startswith("|"):
                 break
-            body.append([c.strip() for c in row.strip().strip("|").split("|")])
+            cells = re.split(r"(?<!\\)\|", row.strip().removeprefix("|").removesuffix("|"))
+            body.append([c.strip().replace("\\|", "|") for c in cells])
         assert len(body) >= 3, f"README line {i + 1}: a bench marker must precede a table"
         tables.append((opts, body[0], body[2:], i + 1))
     return tables
@@ -104,18 +107,19 @@ def test_table_rows_match_the_committed_json(opts, header, rows, line):
     assert "command" in data and "machine" in data, f"{path.name}: no command/machine recorded"
     assert "cpu_flags" in data["machine"], f"{path.name}: machine has no CPU flags"
     objs = _get(data, opts["rows"])
-    key = opts["key"]
+    keys = opts["key"].split(",")
+    nk = len(keys)
     cols = opts.get("cols", {})
-    unmapped = [h for h in header[1:] if h not in cols]
+    unmapped = [h for h in header[nk:] if h not in cols]
     assert not unmapped, f"README line {line}: columns {unmapped} map to no JSON field"
     assert rows
     problems = []
     for cells in rows:
-        found = [o for o in objs if str(o.get(key)) == cells[0]]
+        found = [o for o in objs if [str(o.get(k)) for k in keys] == cells[:nk]]
         if len(found) != 1:
-            problems.append(f"row {cells[0]!r}: {len(found)} JSON rows with {key} = it")
+            problems.append(f"row {cells[:nk]!r}: {len(found)} JSON rows with {keys} = it")
             continue
-        for h, cell in zip(header[1:], cells[1:], strict=True):
+        for h, cell in zip(header[nk:], cells[nk:], strict=True):
             err = check_cell(cell, _field(found[0], cols[h]))
             if err:
                 problems.append(f"row {cells[0]!r}, column {h!r}: {err}")

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from joules.system import ISA_FLAGS, cpu_flags, machine_info
+from joules.system import ISA_FLAGS, backfill_machine, cpu_flags, machine_info
 
 X86 = """processor\t: 0
 model name\t: AMD EPYC 9B14
@@ -46,3 +46,10 @@ def test_machine_info_does_not_import_torch():
     code = "import sys, joules.system as s; s.machine_info(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_backfill_machine_adds_flags_only_where_missing():
+    old = backfill_machine({"machine": {"platform": "x"}})
+    assert "cpu_flags" in old["machine"] and old["machine"]["recorded"]
+    kept = {"cpu_flags": {"avx2": True}}
+    assert backfill_machine({"machine": kept})["machine"] is kept

@@ -162,6 +162,15 @@ def results_header(script: str, argv: list[str] | None = None) -> dict[str, obje
     }
 
 
+def backfill_machine(data: dict[str, object]) -> dict[str, object]:
+    """Give a results JSON written before :func:`machine_info` was recorded (no ``cpu_flags``)
+    this machine's, labelled as recorded when its table was re-derived; ``data`` is returned."""
+    machine = data.get("machine")
+    if not (isinstance(machine, dict) and "cpu_flags" in machine):
+        data["machine"] = machine_info() | {"recorded": "when the table was derived (same VM)"}
+    return data
+
+
 def _packages() -> dict[str, str]:
     return {
         name: _pkg_version(name)

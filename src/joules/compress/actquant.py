@@ -238,17 +238,12 @@ class ActQuantStep(Step):
             for name, m in targets.items():
                 self._attach(ctx, name, m, None)
             return
-        by_block: dict[int, dict[str, nn.Module]] = {}
-        for name, m in targets.items():
-            b = ctx.block_of(name)
-            if b is None:
-                raise ConfigError(
-                    f"act_quant with calibration targets decoder-block linears only, not '{name}'"
-                )
-            by_block.setdefault(b, {})[name] = m
+        by_block = ctx.by_block(
+            targets, "act_quant with calibration targets decoder-block linears only, not '{name}'"
+        )
 
         def fn(i: int, block: nn.Module, block_name: str, inputs: BlockInputs) -> None:
-            mods = {n[len(block_name) + 1 :]: m for n, m in by_block.get(i, {}).items()}
+            mods = by_block.get(i, {})
             amax: dict[str, torch.Tensor] = {}
             lo: dict[str, float] = {}
             hi: dict[str, float] = {}

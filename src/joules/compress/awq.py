@@ -447,15 +447,13 @@ class AWQ(Step):
                 f"awq needs fp weights but '{done[0]}' is already compressed: put awq first"
             )
         quantize = not _later_step_quantizes(ctx)
-        by_block: dict[int, dict[str, nn.Module]] = {}
-        for name, m in targets.items():
-            by_block.setdefault(ctx.block_of(name), {})[name] = m  # type: ignore[index]
+        by_block = ctx.by_block(targets, "awq targets decoder-block linears only, not '{name}'")
 
         calib = ctx.require_calibration("awq")
         n_seq = max(1, min(len(calib), -(-self.max_tokens // calib.shape[1])))
 
         def fn(i: int, block: nn.Module, block_name: str, inputs: BlockInputs) -> None:
-            mods = {n[len(block_name) + 1 :]: m for n, m in by_block.get(i, {}).items()}
+            mods = by_block.get(i, {})
             captured = inputs.capture(block, mods)
             recs = awq_block(
                 block,

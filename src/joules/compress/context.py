@@ -222,6 +222,32 @@ class CompressContext:
             return None
         return int(name[len(prefix) :].split(".", 1)[0])
 
+    def split_by_block(
+        self, targets: dict[str, nn.Module]
+    ) -> tuple[dict[int, dict[str, nn.Module]], dict[str, nn.Module]]:
+        """(``targets`` inside decoder blocks, grouped by block index and keyed by their name
+        inside the block, e.g. ``mlp.up_proj``: the names :meth:`sequential`'s ``fn`` sees under
+        its ``block_name``; the targets outside every block, by full name)."""
+        groups: dict[int, dict[str, nn.Module]] = {}
+        outside: dict[str, nn.Module] = {}
+        for name, m in targets.items():
+            b = self.block_of(name)
+            if b is None:
+                outside[name] = m
+            else:
+                groups.setdefault(b, {})[name[len(f"{self.layers_name}.{b}.") :]] = m
+        return groups, outside
+
+    def by_block(
+        self, targets: dict[str, nn.Module], outside: str
+    ) -> dict[int, dict[str, nn.Module]]:
+        """:meth:`split_by_block`'s groups, for a step that calibrates block by block: a target
+        outside every block raises ConfigError(``outside`` formatted with its ``name``)."""
+        groups, out = self.split_by_block(targets)
+        if out:
+            raise ConfigError(outside.format(name=next(iter(out))))
+        return groups
+
     # -- calibration -------------------------------------------------------------------------------
     def require_calibration(self, step: str) -> torch.Tensor:
         if self.calibration is None:

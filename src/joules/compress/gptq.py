@@ -115,17 +115,10 @@ class GPTQ(Step):
 
     def apply(self, ctx: CompressContext) -> None:
         targets = ctx.resolve_targets(self.targets)
-        by_block: dict[int, dict[str, nn.Module]] = {}
-        outside = {}
-        for name, m in targets.items():
-            b = ctx.block_of(name)
-            if b is None:
-                outside[name] = m
-            else:
-                by_block.setdefault(b, {})[name] = m
+        by_block, outside = ctx.split_by_block(targets)
 
         def fn(i: int, block: nn.Module, block_name: str, inputs: BlockInputs) -> None:
-            mods = {n[len(block_name) + 1 :]: m for n, m in by_block.get(i, {}).items()}
+            mods = by_block.get(i, {})
             for rel, h in hessians(inputs, block, mods).items():
                 self.quantize_layer(ctx, f"{block_name}.{rel}", mods[rel], h)
 

@@ -138,15 +138,12 @@ class Mixed(Step):
         layers: dict[str, _Layer] = {}
         fisher = fisher_diagonals(ctx, targets) if self.sensitivity == "fisher" else {}
         if self.sensitivity == "hessian" or self.quantizer == "gptq":
-            by_block: dict[int, dict[str, nn.Module]] = {}
-            for name, m in targets.items():
-                b = ctx.block_of(name)
-                if b is None:
-                    raise ConfigError(f"mixed targets decoder-block linears only, not '{name}'")
-                by_block.setdefault(b, {})[name] = m
+            by_block = ctx.by_block(
+                targets, "mixed targets decoder-block linears only, not '{name}'"
+            )
 
             def fn(i: int, block: nn.Module, block_name: str, inputs: BlockInputs) -> None:
-                mods = {n[len(block_name) + 1 :]: m for n, m in by_block[i].items()}
+                mods = by_block[i]
                 for rel, h in hessians(inputs, block, mods).items():
                     name = f"{block_name}.{rel}"
                     layers[name] = self._layer(name, mods[rel], h.matrix(), fisher.get(name))

@@ -146,18 +146,13 @@ def hessian_diagonals(
     ctx: CompressContext, targets: dict[str, nn.Module]
 ) -> dict[str, torch.Tensor]:
     """``2/n sum_t x_tj^2`` per input column of each target (calibration inputs, in order)."""
-    by_block: dict[int, dict[str, nn.Module]] = {}
-    for name, m in targets.items():
-        b = ctx.block_of(name)
-        if b is None:
-            raise ConfigError(
-                f"outliers(criterion=sensitivity) targets block linears, not '{name}'"
-            )
-        by_block.setdefault(b, {})[name] = m
+    by_block = ctx.by_block(
+        targets, "outliers(criterion=sensitivity) targets block linears, not '{name}'"
+    )
     out: dict[str, torch.Tensor] = {}
 
     def fn(i: int, block: nn.Module, block_name: str, inputs: BlockInputs) -> None:
-        mods = {n[len(block_name) + 1 :]: m for n, m in by_block[i].items()}
+        mods = by_block[i]
         sums: dict[str, torch.Tensor] = {}
         n = 0
         for batch in inputs.batches(block, mods):

@@ -164,18 +164,14 @@ class Prune(Step):
                 keep = select_mask(w.abs(), self.sparsity, n, m, per_row=False)
                 self._install(ctx, name, mod, w * keep, keep)
             return
-        by_block: dict[int, dict[str, nn.Module]] = {}
-        for name, mod in targets.items():
-            b = ctx.block_of(name)
-            if b is None:
-                raise ConfigError(
-                    f"prune(method={self.method}) calibrates block by block: '{name}' is outside "
-                    "the decoder blocks (use method=magnitude for it)"
-                )
-            by_block.setdefault(b, {})[name] = mod
+        by_block = ctx.by_block(
+            targets,
+            f"prune(method={self.method}) calibrates block by block: '{{name}}' is outside "
+            "the decoder blocks (use method=magnitude for it)",
+        )
 
         def fn(i: int, block: nn.Module, block_name: str, inputs: BlockInputs) -> None:
-            mods = {k[len(block_name) + 1 :]: v for k, v in by_block.get(i, {}).items()}
+            mods = by_block.get(i, {})
             if self.method == "wanda":
                 sq = {k: torch.zeros(v.in_features, dtype=torch.float64) for k, v in mods.items()}
                 for batch in inputs.batches(block, mods):

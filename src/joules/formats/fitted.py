@@ -9,9 +9,10 @@
     >>> torch.equal(torch.cat(cols, dim=1), fmt.fake_quant(w))
     True
 
-A group-wise format (int, minifloat, nf4, mx, nxfp, ternary) splits a tensor into groups with its
-:class:`~joules.formats.base.Grouping` and implements three methods, which both its own
-``quantize``/``fake_quant`` and :class:`GroupFitted` call, so the rounding logic exists once:
+A group-wise format (int, minifloat, nf4, mx, nxfp, ternary) subclasses :class:`GroupFormat`,
+splits a tensor into groups with its :class:`~joules.formats.base.Grouping` and implements three
+methods, which both :class:`GroupFormat`'s ``quantize``/``fake_quant`` and :class:`GroupFitted`
+(its ``fit``) call, so the rounding logic exists once:
 
 * ``_params(g)``: the parameters of each group of ``g`` [G, n] as [G, 1] tensors -- the stored
   ones under their part names (``scales``, ``offsets``...) plus any derived ones the rounding
@@ -30,7 +31,7 @@ GPTQ's single-column call is a dict lookup plus the format's few elementwise ops
 
 from __future__ import annotations
 
-from typing import Protocol
+from abc import abstractmethod
 
 import torch
 
@@ -40,23 +41,8 @@ from joules.formats.base import (
     Grouping,
     QuantizedTensor,
     check_fit_input,
+    check_input,
 )
-
-
-class Groupwise(Protocol):
-    """What :class:`GroupFitted` needs of a format (see the module docstring)."""
-
-    spec: str
-    grouping: Grouping
-
-    def _params(self, g: torch.Tensor) -> dict[str, torch.Tensor]: ...
-
-    def _values(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor: ...
-
-    def _pack(
-        self, t: torch.Tensor, g: torch.Tensor, p: dict[str, torch.Tensor]
-    ) -> QuantizedTensor: ...
-
 
 # dtypes a parameter grid keeps (table offsets, masks); others become fp32 once, at fit
 _KEEP = (torch.int32, torch.int64, torch.bool)
@@ -104,9 +90,8 @@ class GroupParams:
 class GroupFitted(Fitted):
     """A group-wise format's parameters fixed from a 2-D weight (``Format.fit``)."""
 
-    def __init__(self, fmt: Groupwise, w: torch.Tensor):
+    def __init__(self, fmt: GroupFormat, w: torch.Tensor):
         check_fit_input(w, fmt.spec)
-        assert isinstance(fmt, Format)
         super().__init__(fmt, (int(w.shape[0]), int(w.shape[1])))
         self._fmt = fmt
         self.params = fmt._params(fmt.grouping.split(w))
@@ -119,3 +104,38 @@ class GroupFitted(Fitted):
     def quantize(self, w: torch.Tensor) -> QuantizedTensor:
         self._check_weight(w)
         return self._fmt._pack(w, self._fmt.grouping.split(w), self.params)
+
+
+class GroupFormat(Format):
+    """A group-wise format: ``fake_quant``, ``quantize`` and ``fit`` from its three methods."""
+
+    grouping: Grouping
+
+    @abstractmethod
+    def _params(self, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameters of each group of ``g`` [G, n] as [G, 1] tensors."""
+
+    @abstractmethod
+    def _values(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``x`` rounded to the format with parameters ``p`` broadcast against it (fp32)."""
+
+    @abstractmethod
+    def _pack(
+        self, t: torch.Tensor, g: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> QuantizedTensor:
+        """The packed tensor of ``t`` whose groups are ``g``, with parameters ``p``."""
+
+    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
+        check_input(t, self.spec)
+        g = self.grouping.split(t)
+        out = self._values(g, self._params(g))
+        return self.grouping.merge(out, tuple(t.shape)).to(t.dtype)
+
+    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
+        check_input(t, self.spec)
+        g = self.grouping.split(t)
+        return self._pack(t, g, self._params(g))
+
+    def fit(self, w: torch.Tensor) -> GroupFitted:
+        """Every per-group parameter (``_params``) fixed per tensor, row or group of ``w``."""
+        return GroupFitted(self, w)

@@ -37,12 +37,10 @@ from joules.errors import ConfigError
 from joules.formats.base import (
     SCALE_BITS,
     BlockModel,
-    Format,
     FormatConfig,
     Grouping,
     Options,
     QuantizedTensor,
-    check_input,
     check_qt,
     default_scale_dtype,
     join_spec,
@@ -52,7 +50,7 @@ from joules.formats.base import (
     scale_token,
     store_scale,
 )
-from joules.formats.fitted import GroupFitted
+from joules.formats.fitted import GroupFormat
 from joules.formats.packing import pack, unpack
 
 
@@ -113,7 +111,7 @@ def _parse(m: re.Match[str], tokens: list[str]) -> IntConfig:
 
 
 @register_format(IntConfig)
-class IntFormat(Format):
+class IntFormat(GroupFormat):
     family = "int"
 
     def __init__(self, config: IntConfig, name: str | None = None):
@@ -186,21 +184,6 @@ class IntFormat(Format):
             off = p["offsets"].reshape(-1)
             parts["offsets"] = pack(off, self.cfg.bits) if self.cfg.int_zero_point else off
         return self._qt(t, parts)
-
-    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
-        check_input(t, self.spec)
-        g = self.grouping.split(t)
-        out = self._values(g, self._params(g))
-        return self.grouping.merge(out, tuple(t.shape)).to(t.dtype)
-
-    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
-        check_input(t, self.spec)
-        g = self.grouping.split(t)
-        return self._pack(t, g, self._params(g))
-
-    def fit(self, w: torch.Tensor) -> GroupFitted:
-        """Scales (and minima / zero-points) fixed per tensor, row or group of ``w``."""
-        return GroupFitted(self, w)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)

@@ -40,7 +40,6 @@ from joules.errors import ConfigError
 from joules.formats.base import (
     SCALE_BITS,
     BlockModel,
-    Format,
     FormatConfig,
     Grouping,
     Options,
@@ -55,7 +54,7 @@ from joules.formats.base import (
     scale_token,
     store_scale,
 )
-from joules.formats.fitted import GroupFitted
+from joules.formats.fitted import GroupFormat
 from joules.formats.packing import pack, unpack
 
 
@@ -358,7 +357,7 @@ def _parse(m: re.Match[str], tokens: list[str]) -> MinifloatConfig:
 
 
 @register_format(MinifloatConfig)
-class MinifloatFormat(Format):
+class MinifloatFormat(GroupFormat):
     family = "minifloat"
 
     def __init__(self, config: MinifloatConfig, name: str | None = None):
@@ -421,21 +420,16 @@ class MinifloatFormat(Format):
         return self._qt(t, {"codes": pack(codes, self.el.bits), "scales": p["scales"].reshape(-1)})
 
     def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.raw:
+            return super().fake_quant(t)
         check_input(t, self.spec)
-        if self.cfg.raw:
-            return self._raw_cast(t.float()).to(t.dtype)
-        g = self.grouping.split(t)
-        r = self._values(g, self._params(g))
-        return self.grouping.merge(r, tuple(t.shape)).to(t.dtype)
+        return self._raw_cast(t.float()).to(t.dtype)
 
     def quantize(self, t: torch.Tensor) -> QuantizedTensor:
+        if not self.cfg.raw:
+            return super().quantize(t)
         check_input(t, self.spec)
-        g = t if self.cfg.raw else self.grouping.split(t)
-        return self._pack(t, g, self._params(g))
-
-    def fit(self, w: torch.Tensor) -> GroupFitted:
-        """Absmax scale fixed per tensor, row or group of ``w`` (nothing to fix if raw)."""
-        return GroupFitted(self, w)
+        return self._pack(t, t, {})
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)

@@ -37,18 +37,16 @@ import torch
 from joules.errors import ConfigError
 from joules.formats.base import (
     BlockModel,
-    Format,
     FormatConfig,
     Grouping,
     Options,
     QuantizedTensor,
-    check_input,
     check_qt,
     join_spec,
     register,
     register_format,
 )
-from joules.formats.fitted import GroupFitted
+from joules.formats.fitted import GroupFormat
 from joules.formats.minifloat import (
     ELEMENTS,
     Element,
@@ -131,7 +129,7 @@ def _parse(m: re.Match[str], tokens: list[str]) -> MXConfig:
 
 
 @register_format(MXConfig)
-class MXFormat(Format):
+class MXFormat(GroupFormat):
     family = "mx"
 
     def __init__(self, config: MXConfig, name: str | None = None):
@@ -193,21 +191,6 @@ class MXFormat(Format):
         codes = self.grouping.strip_codes(codes, tuple(t.shape))
         scales = p["scales"].reshape(-1).to(torch.uint8)
         return self._qt(t, {"codes": pack(codes, self.elem_bits), "scales": scales})
-
-    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
-        check_input(t, self.spec)
-        g = self.grouping.split(t)
-        out = self._values(g, self._params(g))
-        return self.grouping.merge(out, tuple(t.shape)).to(t.dtype)
-
-    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
-        check_input(t, self.spec)
-        g = self.grouping.split(t)
-        return self._pack(t, g, self._params(g))
-
-    def fit(self, w: torch.Tensor) -> GroupFitted:
-        """E8M0 shared exponent fixed per block of ``w``."""
-        return GroupFitted(self, w)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)

@@ -25,12 +25,10 @@ import torch
 
 from joules.formats.base import (
     SCALE_BITS,
-    Format,
     FormatConfig,
     Grouping,
     Options,
     QuantizedTensor,
-    check_input,
     check_qt,
     join_spec,
     register,
@@ -38,7 +36,7 @@ from joules.formats.base import (
     safe_divisor,
     store_scale,
 )
-from joules.formats.fitted import GroupFitted
+from joules.formats.fitted import GroupFormat
 from joules.formats.packing import pack, unpack
 
 NF4_LEVELS = (
@@ -113,7 +111,7 @@ def _parse(m: re.Match[str], tokens: list[str]) -> NF4Config:
 
 
 @register_format(NF4Config)
-class NF4Format(Format):
+class NF4Format(GroupFormat):
     family = "nf4"
 
     def __init__(self, config: NF4Config, name: str | None = None):
@@ -147,21 +145,6 @@ class NF4Format(Format):
     ) -> QuantizedTensor:
         codes = self.grouping.strip_codes(self._codes(g, p), tuple(t.shape))
         return self._qt(t, {"codes": pack(codes, 4), "scales": p["scales"].reshape(-1)})
-
-    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
-        check_input(t, self.spec)
-        g = self.grouping.split(t)
-        out = self._values(g, self._params(g))
-        return self.grouping.merge(out, tuple(t.shape)).to(t.dtype)
-
-    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
-        check_input(t, self.spec)
-        g = self.grouping.split(t)
-        return self._pack(t, g, self._params(g))
-
-    def fit(self, w: torch.Tensor) -> GroupFitted:
-        """Absmax fixed per block of ``w``."""
-        return GroupFitted(self, w)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)

@@ -46,7 +46,6 @@ import torch
 
 from joules.errors import ConfigError
 from joules.formats.base import (
-    Format,
     FormatConfig,
     Grouping,
     Options,
@@ -57,7 +56,7 @@ from joules.formats.base import (
     register,
     register_format,
 )
-from joules.formats.fitted import GroupFitted
+from joules.formats.fitted import GroupFormat
 from joules.formats.minifloat import (
     ELEMENTS,
     Element,
@@ -177,7 +176,9 @@ class _Candidate:
 
 
 @register_format(NxFPConfig)
-class NxFPFormat(Format):
+class NxFPFormat(GroupFormat):
+    # fit (GroupFormat's) fixes per block the element encoding (adaptive microexponent), the
+    # E8M0 exponent and the nano-mantissa; code recycling applies to every column as in quantize.
     family = "nxfp"
 
     def __init__(self, config: NxFPConfig, name: str | None = None):
@@ -391,11 +392,6 @@ class NxFPFormat(Format):
         e = self._encode(t, want_codes=True)
         p = {"scales": e["code"], "nano_mantissa": e["j"], "selector": e["sel"]}
         return self._parts(t, e["codes"], p)  # type: ignore[arg-type]
-
-    def fit(self, w: torch.Tensor) -> GroupFitted:
-        """Per block of ``w``: the element encoding (adaptive microexponent), the E8M0 exponent
-        and the nano-mantissa fixed; code recycling applies to every column as in quantize."""
-        return GroupFitted(self, w)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)

@@ -23,12 +23,10 @@ import torch
 
 from joules.formats.base import (
     SCALE_BITS,
-    Format,
     FormatConfig,
     Grouping,
     Options,
     QuantizedTensor,
-    check_input,
     check_qt,
     default_scale_dtype,
     join_spec,
@@ -38,7 +36,7 @@ from joules.formats.base import (
     scale_token,
     store_scale,
 )
-from joules.formats.fitted import GroupFitted
+from joules.formats.fitted import GroupFormat
 from joules.formats.packing import pack_trits, trit_nbytes, unpack_trits
 
 
@@ -65,7 +63,7 @@ def _parse(m: re.Match[str], tokens: list[str]) -> TernaryConfig:
 
 
 @register_format(TernaryConfig)
-class TernaryFormat(Format):
+class TernaryFormat(GroupFormat):
     family = "ternary"
 
     def __init__(self, config: TernaryConfig, name: str | None = None):
@@ -105,20 +103,6 @@ class TernaryFormat(Format):
         q = self._trits(g, p)
         codes = self.grouping.strip_codes((q + 1).to(torch.uint8), tuple(t.shape))
         return self._qt(t, {"codes": pack_trits(codes), "scales": p["scales"].reshape(-1)})
-
-    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
-        check_input(t, self.spec)
-        g = self.grouping.split(t)
-        return self.grouping.merge(self._values(g, self._params(g)), tuple(t.shape)).to(t.dtype)
-
-    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
-        check_input(t, self.spec)
-        g = self.grouping.split(t)
-        return self._pack(t, g, self._params(g))
-
-    def fit(self, w: torch.Tensor) -> GroupFitted:
-        """Absmean scale fixed per tensor, row or group of ``w``."""
-        return GroupFitted(self, w)
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         check_qt(q, self.spec)
