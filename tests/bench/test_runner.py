@@ -146,6 +146,8 @@ def test_compressed_model_reports_paths_and_stored_bytes():
     # int4-g32 has a real CPU kernel: every compressed linear names it; the head stays dense.
     (kernel,) = [p for p in res.linear_paths if p != "dense"]
     assert kernel.startswith("kernel:cpu-int4/") and res.linear_paths == {kernel: 14, "dense": 1}
+    # the result's compute dtype is the one the kernels ran in (decided before the runs)
+    assert res.compute_dtype == kernel.rsplit("/", 1)[1]
     assert res.rows[0].model_bytes == cm.manifest.model_bytes
     set_kernels(cm.model, False)
     emulated = run_bench(cm.model, tok, info, cfg, limits=_limits())
