@@ -158,6 +158,22 @@ def _peer_rows(peers: dict[str, Any], base: PerplexityResult) -> tuple[list[dict
         row.setdefault("time_s", None)
         row.setdefault("peak_rss_gib", None)
         table.append(row)
+    for name in peers.get("planned", []):
+        if name not in prow:
+            table.append(
+                {
+                    "row": name,
+                    "recipe": name,
+                    "by": LIBRARY.get(name.split("-", 1)[0], name),
+                    "bits_per_weight": None,
+                    "perplexity": None,
+                    **_paired_fields(None),
+                    "gap_closed_pct": None,
+                    "time_s": None,
+                    "peak_rss_gib": None,
+                    "note": "not measured yet: bench/peers/run.py resumes",
+                }
+            )
     for name, why in peers.get("not_runnable", {}).items():
         table.append(
             {

@@ -371,7 +371,9 @@ def main() -> int:
         ),
         not_runnable=NOT_RUNNABLE,
     )
-    for name in [p for p in args.peers.split(",") if p]:
+    names = [p for p in args.peers.split(",") if p]
+    data["planned"] = sorted(set(data.get("planned", [])) | set(names))
+    for name in names:
         if name in rows and "error" not in rows[name] and not args.force:
             print(f"-- {name}: in {out.name} already", flush=True)
             continue
