@@ -159,7 +159,7 @@ def _peer_rows(peers: dict[str, Any], base: PerplexityResult) -> tuple[list[dict
         row.setdefault("peak_rss_gib", None)
         table.append(row)
     for name in peers.get("planned", []):
-        if name not in prow:
+        if name not in prow and name != "baseline":
             table.append(
                 {
                     "row": name,
