@@ -414,7 +414,7 @@ def prose(out: dict[str, Any]) -> str:
 
 README_BLOCK_HEAD = """**The 4-bit table against the peers** (`python bench/compress4.py --readme`; JSON in
 `bench/results/compress4.json`). joules' rows are those of `bench/results/compress.json` (4-bit
-formats, and int8 beside torchao's int8); the peers ran from their own venv
+formats, and int8 beside torchao's int8); the peers run from their own venv
 (`bench/peers/run.py`; exact versions in `bench/peers/requirements-lock.txt`) on the same fp32
 copy of the Q4_1 baseline, the same 210 linears (every `nn.Linear` in `model.layers`; the tied
 embedding stays fp32), the same WikiText-2 test windows and, for llm-compressor's GPTQ, joules'
