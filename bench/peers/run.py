@@ -265,14 +265,9 @@ def run_peer(name: str, args: argparse.Namespace) -> dict[str, Any]:
         entry.update(notes)
         if name.startswith("llmcompressor"):
             entry["calibration"] = calib_info
-    if saved:
-        stored, entry["saved_dtypes"] = _saved_bits(model, set(targets))
-    else:
+    if not saved:
         mods = dict(model.named_modules())
         stored = sum(_tensor_bytes(mods[n]) for n in targets)
-    entry["bits_per_weight_held"] = 8 * stored / numel
-    entry["targeted_parameters"] = numel
-    entry["targeted_linears"] = len(targets)
     if "scored_under" in entry:
         _no_grad_scoring()
     t0 = time.perf_counter()
@@ -283,6 +278,11 @@ def run_peer(name: str, args: argparse.Namespace) -> dict[str, Any]:
     r = wikitext2_perplexity(model, tok, limit_tokens=args.tokens, window=args.window)
     entry["eval_time_s"] = time.perf_counter() - t0
     entry["perplexity"] = r.to_dict()
+    if saved:  # after scoring: save_pretrained compresses and decompresses the model in place
+        stored, entry["saved_dtypes"] = _saved_bits(model, set(targets))
+    entry["bits_per_weight_held"] = 8 * stored / numel
+    entry["targeted_parameters"] = numel
+    entry["targeted_linears"] = len(targets)
     return entry
 
 
