@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate docs/report.png: the report of a store of FAKE results (joules.report.fake, no model
+# Regenerate docs/report.png: the report of STORE (default: a store of FAKE results, joules.report.fake, no model
 # runs), screenshotted by headless chromium. Usage: docs/screenshot.sh [STORE]  (default: fake)
 set -euo pipefail
 cd "$(dirname "$0")/.."
