@@ -104,12 +104,11 @@ class Runtime(ABC):
         from joules.bench.runner import _matmul_dtype, _resolve_dtype
 
         act_dtype = _resolve_dtype(model, dtype)
-        if any(type(m).__name__ == "CompressedLinear" for m in model.modules()):
-            from joules.compress.kernels import prepack
+        from joules.compress.kernels import prepack
 
-            # kernels pick their activation dtype on first use: pick it now, so the compute
-            # dtype (and the prefill's compute limit) is the one the kernels will run in
-            prepack(model, act_dtype)
+        # compressed layers' kernels pick their activation dtype on first use: pick it now, so
+        # the compute dtype (and the prefill's compute limit) is the one they will run in
+        prepack(model, act_dtype)
         return model_cost(model, info, act_dtype), _matmul_dtype(model, act_dtype)
 
     @classmethod
