@@ -87,6 +87,22 @@ def _wanted(recipe: str) -> bool:
     return recipe == "baseline" or _format_of(recipe) in FAMILIES
 
 
+def _unmeasured(name: str, note: str) -> dict[str, Any]:
+    """A peer row with no figures (planned or not runnable), saying why in ``note``."""
+    return {
+        "row": name,
+        "recipe": name,
+        "by": LIBRARY.get(name.split("-", 1)[0], name),
+        "bits_per_weight": None,
+        "perplexity": None,
+        **_paired_fields(None),
+        "gap_closed_pct": None,
+        "time_s": None,
+        "peak_rss_gib": None,
+        "note": note,
+    }
+
+
 def _paired_fields(pv: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "ppl_ratio": pv["ppl_ratio"] if pv else None,
@@ -167,36 +183,10 @@ def _peer_rows(peers: dict[str, Any], base: PerplexityResult) -> tuple[list[dict
         table.append(row)
     for name in peers.get("planned") or PLANNED_PEERS:
         if name not in prow and name != "baseline":
-            table.append(
-                {
-                    "row": name,
-                    "recipe": name,
-                    "by": LIBRARY.get(name.split("-", 1)[0], name),
-                    "bits_per_weight": None,
-                    "perplexity": None,
-                    **_paired_fields(None),
-                    "gap_closed_pct": None,
-                    "time_s": None,
-                    "peak_rss_gib": None,
-                    "note": "not measured yet: bench/peers/run.py resumes",
-                }
-            )
+            table.append(_unmeasured(name, "not measured yet: bench/peers/run.py resumes"))
     for name, why in peers.get("not_runnable", {}).items():
-        table.append(
-            {
-                "row": name,
-                "recipe": name,
-                "by": LIBRARY.get(name.split("-", 1)[0], name),
-                "bits_per_weight": None,
-                "perplexity": None,
-                **_paired_fields(None),
-                "gap_closed_pct": None,
-                "time_s": None,
-                "peak_rss_gib": None,
-                "note": "not runnable here: needs torch>=2.14.1, transformers>=5.20.2",
-                "reason": why,
-            }
-        )
+        note = "not runnable here: needs torch>=2.14.1, transformers>=5.20.2"
+        table.append({**_unmeasured(name, note), "reason": why})
     info = {
         "versions": peers.get("versions"),
         "settings": peers.get("settings"),
