@@ -3,15 +3,16 @@
     flock /tmp/joules-heavy.lock python bench/predict_validation.py            # full run
     python bench/predict_validation.py --published-only                        # GPU part only
 
-Part 1 (this machine). The default model (SmolLM2-135M, fp32 — an fp32 copy of weights that were
-Q4_1 before joules saw them) is measured over a grid of (prompt length, generated length, batch)
-points: time to first token (prefill) and mean time per decode step (TPOT). For each point the
-predictor is calibrated on the *other* points and predicts the held-out one (leave-one-out); the
-script prints the mean absolute percentage error (MAPE) per phase, and the error of the
-uncalibrated speed of light for reference. Measurements come from ``joules.bench.run_bench``
-(eager transformers) when that module is installed; otherwise from the fallback timer below (one
-prefill forward, then one forward per generated token with the KV cache, greedy), which times
-the same phases.
+Part 1 (this machine). The default model (SmolLM2-135M; fp32 is an fp32 copy of weights that were
+Q4_1 before joules saw them) is measured in three weight formats — fp32 (eager), and RTN int8-ch
+and int4-g64 through torch's CPU weight-only kernels with bf16 activations — over a grid of
+(prompt length, generated length, batch) points: time to first token (prefill) and median time
+per decode step (TPOT), through ``joules.bench.run_bench``. For each point the predictor is
+calibrated on *all the other* points (every format: one set of coefficients per machine, as
+``joules predict calibrate`` stores it) and predicts the held-out one (leave-one-out); the script
+prints the mean absolute percentage error (MAPE) per phase, overall and per format, and the error
+of the uncalibrated speed of light for reference. Each measured point is cached under
+``$JOULES_CACHE_DIR/bench-predict``: a stopped run resumes.
 
 Energy: this VM has neither RAPL nor a GPU, so energy is *estimated* (CPU time x watts from the
 hardware table). Fitting the energy model to the estimator and scoring it against the same
@@ -225,103 +226,101 @@ def published_comparison() -> list[dict[str, Any]]:
 # -- part 1: this machine --------------------------------------------------------------------
 
 
-def _measure_fallback(model: Any, ids: Any, gen_len: int, repeats: int) -> tuple[float, float]:
-    """(median TTFT s, median TPOT s): one prefill forward, then one forward per token."""
-    import torch
-
-    ttfts, tpots = [], []
-    with torch.inference_mode():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            nxt = out.logits[:, -1:].argmax(-1)
-            t1 = time.perf_counter()
-            past = out.past_key_values
-            for _ in range(gen_len - 1):
-                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                nxt = out.logits[:, -1:].argmax(-1)
-            t2 = time.perf_counter()
-            ttfts.append(t1 - t0)
-            tpots.append((t2 - t1) / max(gen_len - 1, 1))
-    return statistics.median(ttfts), statistics.median(tpots)
+# Formats of part 1: dense fp32 (eager), and RTN int8 / int4 through torch's CPU weight-only
+# kernels with bf16 activations (the kernel path of `joules.compress.kernels`). RTN is enough:
+# speed depends on the format's layout, not on how its values were chosen.
+FORMATS = ("fp32", "int8-ch", "int4-g64")
+POINT_CACHE = Path(os.environ.get("JOULES_CACHE_DIR") or Path.home() / ".cache" / "joules")
 
 
-def measure_grid(grid: list[tuple[int, int, int]], repeats: int) -> tuple[list[dict], str]:
-    import torch
+def _point_file(fmt: str, p: int, g: int, b: int, repeats: int) -> Path:
+    return POINT_CACHE / "bench-predict" / f"{fmt}-p{p}-g{g}-b{b}-r{repeats}.json"
 
-    from joules.data import load_text
+
+def _load_format(fmt: str) -> tuple[Any, Any, Any]:
     from joules.models import load_model
 
     model, tok, info = load_model("smollm2-135m")
-    try:
-        from joules.bench.config import BenchConfig  # type: ignore[import-not-found]
-        from joules.bench.runner import run_bench  # type: ignore[import-not-found]
-    except ImportError:
-        run_bench = None
-    text = load_text("wikitext2", "test")
-    stream = tok(text[:200_000], return_tensors="pt").input_ids[0]
+    if fmt != "fp32":
+        from joules.compress import compress
+
+        os.environ["JOULES_KERNEL_DTYPE"] = "bf16"  # the kernels' fast activation dtype here
+        compress(model, f"rtn(format={fmt})")
+    return model, tok, info
+
+
+def measure_grid(
+    grid: list[tuple[int, int, int]], repeats: int, formats: tuple[str, ...] = FORMATS
+) -> tuple[list[dict], str]:
+    """Measure every (format, grid point) with ``joules.bench.run_bench`` (eager); each point is
+    written under ``$JOULES_CACHE_DIR/bench-predict`` as it finishes, so a stopped run resumes."""
+    from joules.bench.config import BenchConfig
+    from joules.bench.runner import run_bench
+
     rows = []
-    if run_bench is not None:
-        method = "joules.bench.run_bench (eager)"
+    for fmt in formats:
+        todo = [pt for pt in grid if not _point_file(fmt, *pt, repeats).is_file()]
+        model = tok = info = None
+        if todo:
+            model, tok, info = _load_format(fmt)
         for p, g, b in grid:
-            res = run_bench(
-                model,
-                tok,
-                info,
-                BenchConfig(prompt_lens=(p,), gen_len=g, batch_sizes=(b,), repeats=repeats),
-            )
-            r = res.to_dict()["rows"][0]
-            rows.append(
-                {
+            f = _point_file(fmt, p, g, b, repeats)
+            if not f.is_file():
+                res = run_bench(
+                    model,
+                    tok,
+                    info,
+                    BenchConfig(prompt_lens=(p,), gen_len=g, batch_sizes=(b,), repeats=repeats),
+                )
+                r = res.to_dict()["rows"][0]
+                row = {
+                    "format": fmt,
+                    "compute_dtype": r["compute_dtype"],
+                    "linear_paths": r.get("linear_paths"),
                     "prompt_len": p,
                     "gen_len": g,
                     "batch": b,
                     "ttft_s": r["ttft_s"]["median"],
                     "tpot_s": r["tpot_s"]["median"],
                 }
-            )
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_text(json.dumps(row))
+            row = json.loads(f.read_text())
+            rows.append(row)
             print(
-                f"  p={p:5d} g={g:4d} b={b}: TTFT {rows[-1]['ttft_s']:.3f} s, "
-                f"TPOT {rows[-1]['tpot_s'] * 1e3:.1f} ms",
+                f"  {fmt:<9} p={p:5d} g={g:4d} b={b}: TTFT {row['ttft_s']:.3f} s, "
+                f"TPOT {row['tpot_s'] * 1e3:.1f} ms ({row['compute_dtype']})",
                 flush=True,
             )
-        return rows, method
-    method = "fallback timer of this script (joules.bench not installed): eager forwards"
-    _measure_fallback(model, stream[:32].unsqueeze(0), 4, 1)  # warm-up
-    for i, (p, g, b) in enumerate(grid):
-        ids = torch.stack([stream[(i * 7 + j) * 97 : (i * 7 + j) * 97 + p] for j in range(b)])
-        ttft, tpot = _measure_fallback(model, ids, g, repeats)
-        rows.append({"prompt_len": p, "gen_len": g, "batch": b, "ttft_s": ttft, "tpot_s": tpot})
-        print(f"  p={p:5d} g={g:4d} b={b}: TTFT {ttft:.3f} s, TPOT {tpot * 1e3:.1f} ms", flush=True)
-    return rows, method
+        del model
+    return rows, "joules.bench.run_bench (eager transformers; int formats via CPU kernels)"
+
+
+def _observation(r: dict, shape: Any, label: str) -> Any:
+    from joules.predict import Workload
+    from joules.predict.calibrate import Observation
+
+    wl = Workload(r["prompt_len"], r["gen_len"], r["batch"], compute_dtype=r["compute_dtype"])
+    return Observation(shape, wl, r["format"], r["ttft_s"], r["tpot_s"], label=label)
 
 
 def loo(rows: list[dict]) -> dict[str, Any]:
-    from joules.predict import ModelShape, Workload, predict
-    from joules.predict.calibrate import Observation, fit
+    """Leave one point out, calibrate on all the others (every format), predict it."""
+    from joules.predict import ModelShape, predict
+    from joules.predict.calibrate import fit
     from joules.predict.catalog import this_machine
     from joules.predict.roofline import Coefficients
 
     shape, _ = ModelShape.load("smollm2-135m")
     hw = this_machine()
-    obs = [
-        Observation(
-            shape,
-            Workload(r["prompt_len"], r["gen_len"], r["batch"]),
-            "fp32",
-            r["ttft_s"],
-            r["tpot_s"],
-            label=str(i),
-        )
-        for i, r in enumerate(rows)
-    ]
+    obs = [_observation(r, shape, str(i)) for i, r in enumerate(rows)]
     uncal = Coefficients.uncalibrated(hw)
     points = []
     for i, o in enumerate(obs):
         cal = fit(obs[:i] + obs[i + 1 :], hw)
-        p = predict(shape, hw, o.workload, weight_format="fp32", coefficients=cal.coefficients)
-        u = predict(shape, hw, o.workload, weight_format="fp32", coefficients=uncal)
+        kw = {"weight_format": o.weight_format}
+        p = predict(shape, hw, o.workload, coefficients=cal.coefficients, **kw)
+        u = predict(shape, hw, o.workload, coefficients=uncal, **kw)
         point = dict(rows[i])
         point |= {f"pred_{key}": getattr(p, attr) for key, attr in PHASES.values()}
         point |= {f"err_{ph}": getattr(p, a) / getattr(o, a) - 1 for ph, (_, a) in PHASES.items()}
@@ -330,19 +329,27 @@ def loo(rows: list[dict]) -> dict[str, Any]:
         points.append(point)
     full = fit(obs, hw)
 
-    def per_phase(f: Any) -> dict[str, float]:
-        return {ph: f(ph, key) for ph, (key, _) in PHASES.items()}
+    def summary(pts: list[dict]) -> dict[str, Any]:
+        return {
+            "points": len(pts),
+            "loo_mape_pct": {
+                ph: 100 * statistics.fmean(abs(x[f"err_{ph}"]) for x in pts) for ph in PHASES
+            },
+            "loo_max_abs_pct": {
+                ph: 100 * max(abs(x[f"err_{ph}"]) for x in pts) for ph in PHASES
+            },
+            "sol_fraction_median": {
+                ph: statistics.median(x[f"sol_{key}"] / x[key] for x in pts)
+                for ph, (key, _) in PHASES.items()
+            },
+        }
 
+    fmts = list(dict.fromkeys(r["format"] for r in rows))
     return {
         "hardware": hw.to_dict(),
         "points": points,
-        "loo_mape_pct": per_phase(
-            lambda ph, _: 100 * statistics.fmean(abs(x[f"err_{ph}"]) for x in points)
-        ),
-        "loo_max_abs_pct": per_phase(lambda ph, _: 100 * max(abs(x[f"err_{ph}"]) for x in points)),
-        "sol_fraction_median": per_phase(
-            lambda _, key: statistics.median(x[f"sol_{key}"] / x[key] for x in points)
-        ),
+        **summary(points),
+        "per_format": {f: summary([x for x in points if x["format"] == f]) for f in fmts},
         "fit_all_points": full.coefficients.to_dict(),
     }
 
@@ -361,17 +368,22 @@ def markdown(out: dict[str, Any]) -> str:
         )
     tm = out.get("this_machine")
     if tm:
-        m, mx = tm["loo_mape_pct"], tm["loo_max_abs_pct"]
         lines += [
             "",
-            "| phase | points | leave-one-out MAPE | max abs. error | uncalibrated SoL / measured |",
-            "|---|---|---|---|---|",
+            "| weights (compute) | phase | points | leave-one-out MAPE | max abs. error "
+            "| uncalibrated SoL / measured |",
+            "|---|---|---|---|---|---|",
         ]
-        for ph in PHASES:
-            lines.append(
-                f"| {ph} | {len(tm['points'])} | {m[ph]:.1f} % | {mx[ph]:.1f} % "
-                f"| {tm['sol_fraction_median'][ph]:.2f} |"
-            )
+        groups = dict(tm.get("per_format") or {})
+        groups["all"] = tm
+        for name, g in groups.items():
+            dt = {x["format"]: x.get("compute_dtype") for x in tm["points"]}.get(name)
+            label = f"{name} ({dt})" if dt else "all formats"
+            for ph in PHASES:
+                lines.append(
+                    f"| {label} | {ph} | {g['points']} | {g['loo_mape_pct'][ph]:.1f} % "
+                    f"| {g['loo_max_abs_pct'][ph]:.1f} % | {g['sol_fraction_median'][ph]:.2f} |"
+                )
     return "\n".join(lines)
 
 
@@ -381,6 +393,9 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="print the README tables from the JSON")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--points", type=int, default=len(GRID), help="first N grid points")
+    ap.add_argument(
+        "--formats", default=",".join(FORMATS), help="weights to measure (fp32, int8-ch, int4-g64)"
+    )
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(RESULTS.read_text())))
@@ -411,14 +426,16 @@ def main() -> None:
         )
     if not args.published_only:
         grid = GRID[: args.points]
-        print(f"\nMeasuring {len(grid)} points of smollm2-135m (fp32) on this machine...")
+        fmts = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+        print(f"\nMeasuring {len(grid)} points x {fmts} of smollm2-135m on this machine...")
         t0 = time.perf_counter()
-        rows, method = measure_grid(grid, args.repeats)
+        rows, method = measure_grid(grid, args.repeats, fmts)
         out["measurement"] = {
             "method": method,
             "wall_s": time.perf_counter() - t0,
             "repeats": args.repeats,
-            "model": "smollm2-135m (fp32 copy of Q4_1 weights)",
+            "model": "smollm2-135m (fp32 copy of Q4_1 weights; int8/int4: RTN of that copy)",
+            "formats": list(fmts),
         }
         res = loo(rows)
         out["this_machine"] = res
@@ -439,6 +456,8 @@ def main() -> None:
             "uncalibrated speed of light / measured time (median): "
             + by_phase(res["sol_fraction_median"], "{:.2f}")
         )
+        for f, g in res["per_format"].items():
+            print(f"  {f}: MAPE {by_phase(g['loo_mape_pct'])}; max {by_phase(g['loo_max_abs_pct'])}")
         print("energy: " + out["energy"])
     elif RESULTS.is_file():  # keep the last measured part
         old = json.loads(RESULTS.read_text())

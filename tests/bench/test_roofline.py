@@ -29,6 +29,22 @@ def test_tied_head_is_streamed():
     )
 
 
+def test_emulated_layers_decoded_once_stream_their_dense_copy():
+    from joules.compress import compress, compressed_linears
+    from joules.compress.kernels import prepack
+
+    model, _, info = tiny_model("llama", seed=0)
+    compress(model, "rtn(format=nf4)")
+    packed = model_cost(model, info, torch.float32)
+    prepack(model, decode_emulated=True)
+    decoded = model_cost(model, info, torch.float32)
+    lins = compressed_linears(model).values()
+    dense = sum(m.in_features * m.out_features * 4 for m in lins)
+    own = sum(b.numel() * b.element_size() for m in lins for b in m.buffers(recurse=False))
+    assert decoded.streamed_bytes == packed.streamed_bytes - own + dense
+    assert decoded.model_bytes == packed.model_bytes  # what is stored does not change
+
+
 def test_speed_of_light_formulas():
     c = ModelCost(1e9, 1e8, 1e7, layers=2, heads=4, kv_heads=2, head_dim=8, kv_element_bytes=2)
     assert c.kv_bytes(3, 10) == 2 * 2 * 2 * 8 * 10 * 3 * 2

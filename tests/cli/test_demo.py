@@ -39,8 +39,19 @@ def test_demo_on_a_tiny_model_runs_the_pipeline_and_reuses_its_store(
     assert [p["method"] for p in demo["predictions"]] == ["predicted", "predicted"]
     assert d["sweep"]["ran"] == 3 and d["sweep"]["failed"] == 0
     assert (tmp_path / "o" / "demo.db").is_file() and (tmp_path / "o" / "demo_sweep.toml").is_file()
+    report = tmp_path / "o" / "report.html"
+    rendered_at = report.stat().st_mtime_ns
     again = json.loads(runner.invoke(app, args).stdout)
     assert again["sweep"]["ran"] == 0 and again["sweep"]["skipped"] == 3
+    # the second run re-measures nothing: the quick look and the report are read back
+    assert again["demo"]["measured_at"] == demo["measured_at"] is not None
+    assert again["demo"]["generation"] == demo["generation"]
+    assert report.stat().st_mtime_ns == rendered_at
+    # other settings measure the quick look again
+    r3 = runner.invoke(app, [*args[:4], "5", *args[5:]])
+    assert r3.exit_code == 0, r3.output
+    third = json.loads(r3.stdout)
+    assert third["demo"]["generation"]["new_tokens"] == 5
 
 
 def test_bad_model_is_one_line_exit_2(tmp_path):

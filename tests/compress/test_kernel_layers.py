@@ -71,3 +71,43 @@ def test_packed_once_and_after_load(tmp_path, monkeypatch) -> None:
     after = _logits(loaded, kernels=True)
     assert linear_paths(loaded) == {"kernel:cpu-int4/fp32": 14}
     assert torch.equal(before, after)
+
+
+def test_pruned_then_quantized_runs_the_kernel(monkeypatch) -> None:
+    """2:4-pruned then int4: the codes already decode pruned weights to zero, so the kernel
+    (which reads only the codes) computes the masked product: same logits, kernel path."""
+    monkeypatch.setenv("JOULES_KERNEL_DTYPE", "fp32")
+    model, _, _ = tiny_model("llama", seed=0)
+    compress(model, "prune(method=magnitude, pattern=2:4) | rtn(format=int4-g32)")
+    assert all(m.weight_mask is not None for m in compressed_linears(model).values())
+    emulated = _logits(model, kernels=False)
+    fast = _logits(model, kernels=True)
+    assert linear_paths(model) == {"kernel:cpu-int4/fp32": 14}
+    assert _rel(fast, emulated) <= 1e-5
+
+
+def test_mask_not_implied_by_codes_stays_emulated(monkeypatch) -> None:
+    """A keep-mask that the codes do not reproduce (set after quantization) forbids the kernel."""
+    monkeypatch.setenv("JOULES_KERNEL_DTYPE", "fp32")
+    model, _, _ = tiny_model("llama", seed=0)
+    compress(model, "rtn(format=int4-g32)")
+    _logits(model, kernels=True)
+    lin = next(iter(compressed_linears(model).values()))
+    mask = torch.ones(lin.out_features, lin.in_features, dtype=torch.bool)
+    mask[:, ::2] = False
+    lin.set_mask(mask)
+    _logits(model, kernels=True)
+    assert lin.path == "emulated"
+    assert linear_paths(model) == {"kernel:cpu-int4/fp32": 13, "emulated": 1}
+
+
+def test_prepack_decodes_emulated_layers_once() -> None:
+    model, _, _ = tiny_model("llama", seed=0)
+    compress(model, "rtn(format=nf4)")
+    before = _logits(model, kernels=True)
+    assert prepack(model, decode_emulated=True) == {"emulated": 14}
+    lin = next(iter(compressed_linears(model).values()))
+    dense = lin.dequantize_weight()
+    assert lin.dequantize_weight() is dense  # decoded once, reused by every forward
+    assert torch.equal(_logits(model, kernels=True), before)
+    assert linear_paths(model) == {"emulated": 14}

@@ -16,8 +16,8 @@
   FLOP/s of the compute dtype ÷ those FLOPs.
 
 For compressed weights ``streamed_bytes`` is their stored size: a kernel that reads packed int4
-weights needs to move only those bytes. An emulated layer dequantizes to a full-precision copy
-first, so it moves more than its speed of light assumes (its fraction is lower for that reason).
+weights needs to move only those bytes. An emulated layer that the bench decoded once (see
+``compress.kernels.prepack(decode_emulated=True)``) streams its dense copy instead, and counts it.
 """
 
 from __future__ import annotations
@@ -99,6 +99,11 @@ def model_cost(model: Any, info: Any, kv_dtype: torch.dtype) -> ModelCost:
     head_w = getattr(head, "_parameters", {}).get("weight")
     tied = embed_w is not None and head_w is not None and embed_w.data_ptr() == head_w.data_ptr()
     streamed = total - (_tensor_bytes(embed_w) if embed_w is not None and not tied else 0)
+    for mod in model.modules():  # an emulated layer decoded once streams its dense copy instead
+        dense = getattr(mod, "_w_cache", None)
+        if isinstance(dense, torch.Tensor):
+            own = [b for n, b in mod.named_buffers(recurse=False) if b.numel()]
+            streamed += _tensor_bytes(dense) - sum(_tensor_bytes(b) for b in own)
     head_params = float(info.vocab_size * info.hidden_size)
     layers_params = 0.0
     for name, mod in model.named_modules():

@@ -107,8 +107,10 @@ class Runtime(ABC):
         from joules.compress.kernels import prepack
 
         # compressed layers' kernels pick their activation dtype on first use: pick it now, so
-        # the compute dtype (and the prefill's compute limit) is the one they will run in
-        prepack(model, act_dtype)
+        # the compute dtype (and the prefill's compute limit) is the one they will run in; a
+        # layer with no kernel decodes its weight once (timed forwards then time the model, not
+        # the format's decoder; the layer still reports `emulated`)
+        prepack(model, act_dtype, decode_emulated=True)
         return model_cost(model, info, act_dtype), _matmul_dtype(model, act_dtype)
 
     @classmethod

@@ -33,6 +33,7 @@ class DemoResult:
     generation_energy: Any
     formats: list[Any]
     predictions: list[Any] | None = None  # joules predict: this machine and H100, same workload
+    measured_at: str | None = None  # when the quick look ran (a second demo reads it back)
 
     @property
     def energy_j_per_token(self) -> float:
@@ -47,6 +48,7 @@ class DemoResult:
             "energy_j_per_token": self.energy_j_per_token,
             "formats": self.formats,
             "predictions": self.predictions,
+            "measured_at": self.measured_at,
         }
 
 
@@ -172,6 +174,63 @@ def _predict(model: Any, gen: Any) -> list[Any] | None:
         return None
 
 
+def _quick_look(model: str, new_tokens: int) -> DemoResult:
+    """Load, generate inside an energy window, predict, and run the weights through formats."""
+    import time
+
+    from joules.formats import compare_formats
+    from joules.measure import detect_meter
+    from joules.models import load_model
+    from joules.models.generate import generate_timed
+
+    with console.status(f"loading {model} (the first load converts the GGUF file, ~20 s)"):
+        t0 = time.perf_counter()
+        m, tok, info = load_model(model)
+        load_s = time.perf_counter() - t0
+    prompt = _wikitext_prompt()
+    meter = detect_meter()
+    try:
+        with console.status(f"generating {new_tokens} tokens inside an energy window"):
+            generate_timed(m, tok, prompt, new_tokens=1)  # warm-up, outside the window
+            with meter.window("generate") as w:
+                gen = generate_timed(m, tok, prompt, new_tokens, warmup=False)
+        with console.status("running every linear weight through number formats"):
+            fmt_rows = compare_formats(m, DEMO_FORMATS)
+    finally:
+        meter.close()
+    return DemoResult(info, load_s, gen, w.measurement, fmt_rows, _predict(m, gen))
+
+
+def _look_key(model: str, new_tokens: int) -> tuple[Any, ...]:
+    import joules
+
+    return (joules.__version__, model, new_tokens, DEMO_FORMATS)
+
+
+def _stored_quick_look(path: Path, model: str, new_tokens: int) -> DemoResult | None:
+    """The quick look a previous demo measured with the same settings, or None.
+
+    A pickle of our own dataclasses, written by this command into its own output folder; any
+    mismatch (other settings or version, unreadable file) means measure again."""
+    import pickle
+
+    if not path.is_file():
+        return None
+    try:
+        key, result = pickle.loads(path.read_bytes())
+    except Exception:  # a file from another version of joules: measure again
+        return None
+    return result if key == _look_key(model, new_tokens) else None
+
+
+def _store_quick_look(path: Path, model: str, new_tokens: int, result: DemoResult) -> None:
+    import pickle
+    from datetime import UTC, datetime
+
+    result.measured_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    path.write_bytes(pickle.dumps((_look_key(model, new_tokens), result)))
+
+
 def demo_recipes() -> list[str]:
     """The recipes the demo sweeps: every step family that has landed, on small settings."""
     from joules.compress import step_names
@@ -228,38 +287,26 @@ def demo(
 ) -> None:
     """The whole pipeline on the embedded default model: compress, evaluate, bench, predict,
     store, report and recommend (a second run re-uses the store and takes seconds)."""
-    import time
-
     from joules.cli.sweep import _render as render_sweep
     from joules.cli.sweep import _RichProgress
-    from joules.formats import compare_formats
-    from joules.measure import detect_meter
-    from joules.models import load_model
-    from joules.models.generate import generate_timed
     from joules.sweep import Store, parse_spec, recommend, run_sweep
+    from joules.sweep.runner import workload_label
     from joules.sweep.analyze import Constraints
 
-    with console.status(f"loading {model} (the first load converts the GGUF file, ~20 s)"):
-        t0 = time.perf_counter()
-        m, tok, info = load_model(model)
-        load_s = time.perf_counter() - t0
-    prompt = _wikitext_prompt()
-    meter = detect_meter()
-    try:
-        with console.status(f"generating {new_tokens} tokens inside an energy window"):
-            generate_timed(m, tok, prompt, new_tokens=1)  # warm-up, outside the window
-            with meter.window("generate") as w:
-                gen = generate_timed(m, tok, prompt, new_tokens, warmup=False)
-        with console.status("running every linear weight through number formats"):
-            fmt_rows = compare_formats(m, DEMO_FORMATS)
-    finally:
-        meter.close()
-    result = DemoResult(info, load_s, gen, w.measurement, fmt_rows, _predict(m, gen))
-    del m
+    out.mkdir(parents=True, exist_ok=True)
+    look_path = out / "quick_look.pkl"
+    result = _stored_quick_look(look_path, model, new_tokens)
+    if result is None:
+        result = _quick_look(model, new_tokens)
+        _store_quick_look(look_path, model, new_tokens, result)
+    elif not json:
+        console.print(
+            f"[dim]quick look read back from {look_path} (measured {result.measured_at}; "
+            "delete the file to measure it again)[/]"
+        )
     if not json:
         _render(result)
 
-    out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "demo_sweep.toml"
     spec_path.write_text(demo_spec(model, ppl_tokens, calib_n, new_tokens))
     store = str(out / "demo.db")
@@ -269,6 +316,7 @@ def demo(
             f"{ppl_tokens} WikiText-2 test tokens, calibration {calib_n} x 256 valid tokens, "
             f"bench 64-token prompt x {new_tokens} tokens)"
         )
+    spec = parse_spec(spec_path.read_text(), str(spec_path))
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -277,12 +325,12 @@ def demo(
         console=err_console if json else console,
         transient=True,
     ) as bar:
-        summary = run_sweep(
-            parse_spec(spec_path.read_text(), str(spec_path)), store, progress=_RichProgress(bar)
-        )
+        summary = run_sweep(spec, store, progress=_RichProgress(bar))
     with Store(store) as st:
         runs = st.runs()
-    rec = recommend(runs, Constraints(max_ppl_increase_pct=10.0), "energy", None, None, None)
+    # this demo's workload: an earlier demo with other settings may have left runs of another
+    workload = workload_label(spec.runs()[0])
+    rec = recommend(runs, Constraints(max_ppl_increase_pct=10.0), "energy", None, workload, None)
     report = _report(store, out / "report.html")
     data = {
         "demo": result,
@@ -310,9 +358,14 @@ def demo(
 
 
 def _report(store: str, path: Path) -> Path | None:
-    """Render the HTML report when the report module is installed."""
+    """Render the HTML report when the report module is installed; a report newer than every
+    file of the store (nothing was written since it was rendered) is kept as it is."""
     try:
         from joules.report import render_report
     except ImportError:
         return None
+    written = [Path(store), Path(store + "-wal")]
+    newest = max((f.stat().st_mtime for f in written if f.is_file()), default=float("inf"))
+    if path.is_file() and path.stat().st_mtime > newest:
+        return path
     return Path(render_report(store, path))

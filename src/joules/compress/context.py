@@ -45,6 +45,23 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
+@contextlib.contextmanager
+def decoded_once(block: nn.Module) -> Iterator[None]:
+    """Inside, the block's compressed linears compute with their weight decoded once, in the
+    activations' dtype as given (fp32), instead of a kernel: calibration pushes thousands of
+    tokens per forward, where a dense matmul beats the weight-only kernels (which also round
+    activations to bf16) and per-forward decoding; the numbers are exactly the format's."""
+    layers = [m for m in block.modules() if isinstance(m, CompressedLinear)]
+    saved = [(m.use_kernels, m.cache_dequantized, m._w_cache) for m in layers]
+    for m in layers:
+        m.use_kernels, m.cache_dequantized, m._kernel_key = False, True, None
+    try:
+        yield
+    finally:
+        for m, (kern, cache, w) in zip(layers, saved, strict=True):
+            m.use_kernels, m.cache_dequantized, m._w_cache, m._kernel_key = kern, cache, w, None
+
+
 def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear | CompressedLinear)
 
@@ -103,7 +120,7 @@ class BlockInputs:
     def run(self, block: nn.Module) -> list[torch.Tensor]:
         """Run ``block`` on every mini-batch; returns the outputs (same shapes)."""
         outs = []
-        with torch.no_grad():
+        with torch.no_grad(), decoded_once(block):
             for h, kw in zip(self.hidden, self.kwargs, strict=True):
                 out = block(h, **kw)
                 outs.append(out[0] if isinstance(out, tuple) else out)
@@ -136,7 +153,7 @@ class BlockInputs:
 
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), decoded_once(block):
                 for h, kw in zip(self.hidden, self.kwargs, strict=True):
                     block(h, **kw)
                     yield dict(buf)

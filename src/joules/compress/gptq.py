@@ -43,14 +43,18 @@ def hessians(
     inputs: BlockInputs, block: nn.Module, modules: dict[str, nn.Module]
 ) -> dict[str, Hessian]:
     """Input Hessians of ``modules`` (names relative to ``block``) over the calibration inputs."""
-    hs = {n: Hessian(m.in_features) for n, m in modules.items()}
+    hs: dict[str, Hessian] = {}
     for batch in inputs.batches(block, modules):
-        grams: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) share one input: one product
+        shared: dict[int, Hessian] = {}  # q/k/v (and gate/up) share one input: one Hessian
+        if not hs:
+            for name, x in batch.items():
+                hs[name] = shared.setdefault(id(x), Hessian(x.shape[-1]))
+        done: set[int] = set()
         for name, x in batch.items():
-            if id(x) not in grams:
-                grams[id(x)] = gram(x)
-            hs[name].add(x, grams[id(x)])
-    return hs
+            if id(hs[name]) not in done:
+                done.add(id(hs[name]))
+                hs[name].add(x, gram(x))
+    return {n: hs.get(n, Hessian(m.in_features)) for n, m in modules.items()}
 
 
 @register_step("gptq")
@@ -102,7 +106,7 @@ class GPTQ(Step):
         fitted = fit_weight(module, use.spec, w * mask if mask is not None else w)
         q = gptq_quantize(
             w,
-            h.matrix(),
+            h.factor(self.damp, self.act_order),  # shared by layers fed the same input
             fitted.fake_quant_cols,
             block_size=self.block_size,
             damp=self.damp,

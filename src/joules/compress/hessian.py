@@ -55,6 +55,38 @@ class Hessian:
             raise ConfigError("no calibration tokens reached this layer: cannot build its Hessian")
         return (2.0 / self.n * self.sum).float()
 
+    def factor(self, damp: float, act_order: bool) -> Factor:
+        """:func:`factorize` of this Hessian, computed once per ``(damp, act_order)``: layers fed
+        the same input (q/k/v, gate/up) share one Hessian and so one inverse Cholesky."""
+        key = (damp, act_order, self.n)
+        cache = self.__dict__.setdefault("_factors", {})
+        if key not in cache:
+            cache[key] = factorize(self.matrix(), damp, act_order)
+        return cache[key]
+
+
+@dataclass(frozen=True)
+class Factor:
+    """What the column solver needs from a Hessian: its dead inputs (never seen non-zero), the
+    column order (``perm``: descending diagonal with ``act_order``, else None) and the upper
+    Cholesky factor of the damped inverse in that order."""
+
+    dead: torch.Tensor  # bool [cols]
+    perm: torch.Tensor | None
+    hinv: torch.Tensor  # [cols, cols] upper, in ``perm`` order
+
+
+def factorize(h: torch.Tensor, damp: float, act_order: bool) -> Factor:
+    with single_thread():
+        h = h.detach().float().clone()
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1.0
+        perm = None
+        if act_order:
+            perm = torch.argsort(torch.diag(h), descending=True)
+            h = h[perm][:, perm]
+        return Factor(dead, perm, inverse_cholesky(h, damp))
+
 
 @contextmanager
 def single_thread() -> Iterator[None]:
@@ -82,13 +114,19 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     n = h.shape[0]
     mean_diag = float(torch.diag(h).mean())
     d = damp
+    # With J the reversal permutation and J H J = L L^T, U = J L^-1 J is upper triangular with a
+    # positive diagonal and U^T U = H^-1: the Cholesky factor of the inverse from one
+    # factorisation and one triangular inverse (half the work of inverting, then factoring).
+    # fp32, as the GPTQ reference: the damping keeps it well conditioned, and a failure (or a
+    # non-finite factor) raises the damping below.
+    eye = torch.eye(n, dtype=torch.float32)
+    flipped = h.float().flip(0, 1)
     for _ in range(6):
-        hd = h + d * max(mean_diag, 1e-8) * torch.eye(n, dtype=h.dtype)
-        chol, info = torch.linalg.cholesky_ex(hd.double())
+        chol, info = torch.linalg.cholesky_ex(flipped + d * max(mean_diag, 1e-8) * eye)
         if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
-            up, info2 = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info2) == 0:
+            linv = torch.linalg.solve_triangular(chol, eye, upper=False)
+            up = linv.flip(0, 1)
+            if bool(torch.isfinite(up).all()):
                 return up.float()
         d *= 10
     raise ConfigError(
@@ -109,7 +147,7 @@ class PruneRule:
 
 def gptq_quantize(
     w: torch.Tensor,
-    h: torch.Tensor,
+    h: torch.Tensor | Factor,
     round_col: RoundFn,
     *,
     block_size: int = 128,
@@ -117,7 +155,8 @@ def gptq_quantize(
     act_order: bool = True,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GPTQ-round ``w`` ``[rows, cols]`` given input Hessian ``h`` ``[cols, cols]``.
+    """GPTQ-round ``w`` ``[rows, cols]`` given input Hessian ``h`` ``[cols, cols]`` (or its
+    :class:`Factor`, e.g. ``Hessian.factor(damp, act_order)``, shared between layers).
 
     ``mask`` (bool ``[rows, cols]``, True = keep): pruned weights are forced to zero and their
     error is spread like a rounding error (SparseGPT's reconstruction with a fixed mask). Returns
@@ -131,7 +170,7 @@ def gptq_quantize(
 
 def obs_solve(
     w: torch.Tensor,
-    h: torch.Tensor,
+    h: torch.Tensor | Factor,
     round_col: RoundFn | None,
     *,
     block_size: int = 128,
@@ -145,41 +184,38 @@ def obs_solve(
     Each column is rounded (``round_col``; None keeps its value) and/or pruned (a fixed ``mask``,
     or masks chosen as the solve goes by ``prune``: at each block, or each ``m`` columns for
     n:m, the weights with the least ``w^2 / [H^-1]_jj^2`` are dropped), and its error is spread
-    over the columns not yet visited. Returns ``(weight, keep-mask or None)``.
+    over the columns not yet visited. Returns ``(weight, keep-mask or None)``. A precomputed
+    :class:`Factor` must have been made with the same ``damp`` and ``act_order``.
     """
     if prune is not None and (act_order or mask is not None):
         raise ConfigError("adaptive pruning needs act_order=false and no fixed mask")
+    f = h if isinstance(h, Factor) else factorize(h, damp, act_order)
+    if (f.perm is not None) != act_order:
+        raise ValueError("the Hessian factor was made with another act_order")
     with single_thread():
-        return _obs_solve(w, h, round_col, block_size, damp, act_order, mask, prune)
+        return _obs_solve(w, f, round_col, block_size, mask, prune)
 
 
 def _obs_solve(
     w: torch.Tensor,
-    h: torch.Tensor,
+    f: Factor,
     round_col: RoundFn | None,
     block_size: int,
-    damp: float,
-    act_order: bool,
     mask: torch.Tensor | None,
     prune: PruneRule | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = w.detach().float().clone()
-    h = h.detach().float().clone()
     rows, cols = w.shape
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
+    w[:, f.dead] = 0.0
+    perm = f.perm
+    if perm is not None:
         w = w[:, perm]
-        h = h[perm][:, perm]
         if mask is not None:
             mask = mask[:, perm]
     if prune is not None:
         mask = torch.ones(rows, cols, dtype=torch.bool)
     order = perm.tolist() if perm is not None else list(range(cols))
-    hinv = inverse_cholesky(h, damp)  # [cols, cols], upper
+    hinv = f.hinv  # [cols, cols], upper
     q = torch.zeros_like(w)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)

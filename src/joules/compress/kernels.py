@@ -394,9 +394,17 @@ def _layer_entry(kernel: Kernel) -> None:
 _DT_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def prepack(model: torch.nn.Module, x_dtype: torch.dtype = torch.float32) -> dict[str, int]:
+def prepack(
+    model: torch.nn.Module, x_dtype: torch.dtype = torch.float32, *, decode_emulated: bool = False
+) -> dict[str, int]:
     """Pack every compressed linear that has a kernel now (at load/convert time), as its first
-    forward with ``x_dtype`` inputs would; returns how many layers took each path."""
+    forward with ``x_dtype`` inputs would; returns how many layers took each path.
+
+    ``decode_emulated``: a layer without a kernel decodes its weight once here and keeps the
+    dense copy (as a dequantize-at-load runtime does), instead of decoding it at every forward.
+    Its path stays ``emulated``: its speed is then the dense matmul's and its memory holds the
+    packed weight plus the dense copy; without this, a timed forward would mostly time the
+    format's decoder (for block formats such as nxfp4, ~10x the matmul)."""
     from joules.compress.linear import compressed_linears, linear_paths
 
     for m in compressed_linears(model).values():
@@ -404,6 +412,9 @@ def prepack(model: torch.nn.Module, x_dtype: torch.dtype = torch.float32) -> dic
         x = torch.zeros(1, m.in_features, dtype=x_dtype, device=dev)
         with torch.no_grad():
             m(x)
+            if decode_emulated and m.path == "emulated":
+                m.cache_dequantized = True
+                m.dequantize_weight()
     return linear_paths(model)
 
 

@@ -154,6 +154,9 @@ class MaskedMixin:
     def set_mask(self, mask: torch.Tensor) -> None:
         self.register_buffer("mask_bits", pack_mask(mask))  # type: ignore[attr-defined]
         self._mask_cache = None
+        invalidate = getattr(self, "invalidate", None)
+        if invalidate is not None:  # a compressed layer re-checks its kernel against the mask
+            invalidate()
 
     @property
     def weight_mask(self) -> torch.Tensor | None:
@@ -255,6 +258,7 @@ class CompressedLinear(MaskedMixin, nn.Module):
         self._kernel: Kernel | None = None
         self._kernel_key: Any = None
         self._w_cache: torch.Tensor | None = None
+        self._mask_implied: bool | None = None
         self.path = "emulated"
 
     # -- construction ----------------------------------------------------------------------------
@@ -380,6 +384,7 @@ class CompressedLinear(MaskedMixin, nn.Module):
     def invalidate(self) -> None:
         """Forget cached dequantized weights and kernel packings (after editing the parts)."""
         self._w_cache = None
+        self._mask_implied = None
         self.kernel_state = None
         self._kernel = None
         self._kernel_key = None
@@ -390,7 +395,7 @@ class CompressedLinear(MaskedMixin, nn.Module):
         if key == self._kernel_key:
             return self._kernel
         chosen = None
-        if key[2] and self.sparse is None and self.weight_mask is None:
+        if key[2] and self.sparse is None and self._mask_is_implied():
             for k in _KERNELS:
                 if k.supports(self, x):
                     chosen = k
@@ -400,6 +405,18 @@ class CompressedLinear(MaskedMixin, nn.Module):
         self._kernel, self._kernel_key = chosen, key
         self.path = f"kernel:{chosen.name}" if chosen else "emulated"
         return chosen
+
+    def _mask_is_implied(self) -> bool:
+        """True when there is no keep-mask, or when the codes already decode every pruned weight
+        to exactly zero (a prune-then-quantize recipe on a grid with an exact zero): a kernel
+        that reads only the codes then computes the masked product exactly."""
+        mask = self.weight_mask
+        if mask is None:
+            return True
+        if self._mask_implied is None:
+            w = self.format.dequantize(self.qtensor())
+            self._mask_implied = bool((w[~mask] == 0).all())
+        return self._mask_implied
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         if self.act_quant is not None:
