@@ -335,9 +335,7 @@ def loo(rows: list[dict]) -> dict[str, Any]:
             "loo_mape_pct": {
                 ph: 100 * statistics.fmean(abs(x[f"err_{ph}"]) for x in pts) for ph in PHASES
             },
-            "loo_max_abs_pct": {
-                ph: 100 * max(abs(x[f"err_{ph}"]) for x in pts) for ph in PHASES
-            },
+            "loo_max_abs_pct": {ph: 100 * max(abs(x[f"err_{ph}"]) for x in pts) for ph in PHASES},
             "sol_fraction_median": {
                 ph: statistics.median(x[f"sol_{key}"] / x[key] for x in pts)
                 for ph, (key, _) in PHASES.items()
@@ -457,7 +455,9 @@ def main() -> None:
             + by_phase(res["sol_fraction_median"], "{:.2f}")
         )
         for f, g in res["per_format"].items():
-            print(f"  {f}: MAPE {by_phase(g['loo_mape_pct'])}; max {by_phase(g['loo_max_abs_pct'])}")
+            print(
+                f"  {f}: MAPE {by_phase(g['loo_mape_pct'])}; max {by_phase(g['loo_max_abs_pct'])}"
+            )
         print("energy: " + out["energy"])
     elif RESULTS.is_file():  # keep the last measured part
         old = json.loads(RESULTS.read_text())

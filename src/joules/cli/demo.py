@@ -290,8 +290,8 @@ def demo(
     from joules.cli.sweep import _render as render_sweep
     from joules.cli.sweep import _RichProgress
     from joules.sweep import Store, parse_spec, recommend, run_sweep
-    from joules.sweep.runner import workload_label
     from joules.sweep.analyze import Constraints
+    from joules.sweep.runner import workload_label
 
     out.mkdir(parents=True, exist_ok=True)
     look_path = out / "quick_look.pkl"
