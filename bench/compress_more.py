@@ -29,6 +29,7 @@ import compress as base  # bench/compress.py: the shared protocol
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "compress_more.json"
+COMPRESS = HERE / "results" / "compress.json"
 
 FAMILY_BITS = [3.5, 4, 4.25, 4.5, 5, 6]
 FAMILY = (
@@ -86,11 +87,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     settings = base._settings(args)
+    out = args.results or OUT  # a second lane writes its own file; --merge joins them
     data: dict[str, Any] = {}
-    if OUT.is_file():
-        data = json.loads(OUT.read_text())
+    if out.is_file():
+        data = json.loads(out.read_text())
         if data.get("settings") != settings:
             data = {}
+    # Rows bench/compress.py measured under the same settings (same tokens, windows, calibration
+    # and threads) are the same measurement: copied, and marked so, instead of run twice.
+    shared: dict[str, Any] = {}
+    if COMPRESS.is_file():
+        c = json.loads(COMPRESS.read_text())
+        if c.get("settings") == settings:
+            shared = c.get("rows", {})
     data.update(
         settings=settings,
         command="python bench/compress_more.py " + " ".join(sys.argv[1:]),
@@ -106,14 +115,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Paired intervals and table rows after every row, so an interrupted run leaves a table.
         if "baseline" in rows:
             base.finish(data)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(data, indent=1))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
 
     wanted = args.rows or ROWS
     if "baseline" not in wanted:
         wanted = ["baseline", *wanted]
     for recipe in wanted:
         print(f"-- {recipe}", flush=True)
+        if recipe in shared and (recipe not in rows or args.force):
+            rows[recipe] = {
+                **shared[recipe],
+                "source": "bench/results/compress.json (same settings)",
+            }
+            save()
+            continue
         if recipe == "baseline":
             if recipe not in rows or args.force:
                 r, info, paths = base._score(args.model, args)
@@ -203,8 +219,30 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """Join the rows of lanes run with ``--results`` into ``compress_more.json`` (same settings
+    required), then re-derive the table."""
+    data = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    for p in paths:
+        lane = json.loads(p.read_text())
+        if data and data.get("settings") != lane.get("settings"):
+            raise SystemExit(f"{p}: settings {lane.get('settings')} differ from {OUT}'s")
+        rows = {**data.get("rows", {}), **lane.get("rows", {})}
+        fams = {**data.get("families", {}), **lane.get("families", {})}
+        data = {**lane, **{k: v for k, v in data.items() if k not in ("rows", "families")}}
+        data["rows"], data["families"] = rows, fams
+    base.finish(data)
+    OUT.write_text(json.dumps(data, indent=1))
+    return data
+
+
 def main() -> None:
-    args = base.parser(__doc__).parse_args()
+    ap = base.parser(__doc__)
+    ap.add_argument("--merge", type=Path, nargs="+", help="lane JSONs to join into the results")
+    args = ap.parse_args()
+    if args.merge:
+        print(table(merge(args.merge)))
+        return
     print(table(base.retable(args.results or OUT) if args.table else run(args)))
 
 

@@ -1,22 +1,34 @@
 """Perplexity through the KV cache, token by token: quantized (KIVI), sinks, window, heavy hitters.
 
-    $ python bench/kvcache.py                                  # 2 streams x 512 tokens
-    $ python bench/kvcache.py --streams 8 --length 2048        # the issue's full setting (slow)
+    $ python bench/kvcache.py                                  # 2 streams x 512 tokens (smoke)
+    $ python bench/kvcache.py --streams 8 --length 2048        # the issue's setting (~45 min)
+    $ python bench/kvcache.py --streams 8 --length 2048 --bench  # + decode speed at 2,048 context
+    $ python bench/kvcache.py --markdown                       # the README table from the JSON
 
 Every configuration decodes the same ``--streams`` non-overlapping WikiText-2 *test* streams of
 ``--length`` tokens one token at a time (batched across streams) through its cache, scoring each
 next token, so eviction and quantization act exactly as in generation (not a masked full
 forward). Baseline: transformers' ``DynamicCache`` with SDPA. Quantized caches are emulated
-(fake-quant values in fp32; KV bytes are what packed storage of the format would take). The
-default model's weights were Q4_1 before we saw them: every figure is relative to that model.
-Writes ``bench/results/kvcache.json``.
+(fake-quant values in fp32; KV bytes are what packed storage of the format would take). Each
+finished configuration is kept under ``$JOULES_CACHE_DIR/bench-kvcache`` (a stopped run resumes).
+The default model's weights were Q4_1 before we saw them: every figure is relative to that model.
+Writes ``bench/results/kvcache.json`` and the per-position NLL plot ``docs/kvcache_nll.html``
+(``docs/kvcache_nll.png`` when headless chromium is present).
+
+``--bench``: decode tokens/s and peak RSS of each cache through ``joules.bench`` (eager runtime,
+batch 1, a 2,048-token prompt, 32 generated tokens, 3 repeats) on the same process: a timed run,
+so run it on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -29,18 +41,33 @@ from joules.evaluate.perplexity import tokenize_stream
 from joules.models import load_model
 from joules.system import results_header
 
+OUT = Path("bench/results/kvcache.json")
+PLOT = Path("docs/kvcache_nll.html")
+CACHE = Path(os.environ.get("JOULES_CACHE_DIR") or Path.home() / ".cache" / "joules")
+
 
 def configs(length: int) -> dict[str, KVSettings | None]:
+    """The issue's comparisons: KIVI at 8/4/2 bits; sinks 4 + 256 vs a plain window of 260;
+    heavy hitters at a 25 % budget vs sinks holding the same number of tokens."""
     keep = length // 4  # 25 % of the stream
     return {
         "dynamic (baseline)": None,
         "int8 kivi r128": KVSettings(format="int8", residual=128, group=32),
         "int4 kivi r128": KVSettings(format="int4", residual=128, group=32),
         "int2 kivi r128": KVSettings(format="int2", residual=128, group=32),
-        f"sinks 4 + window {keep - 4}": KVSettings(policy="sinks", n_sinks=4, window=keep - 4),
-        f"window {keep}": KVSettings(policy="sinks", n_sinks=0, window=keep),
+        "sinks 4 + window 256": KVSettings(policy="sinks", n_sinks=4, window=256),
+        "window 260": KVSettings(policy="sinks", n_sinks=0, window=260),
         f"heavy hitters budget {keep}": KVSettings(policy="heavy_hitters", budget=keep),
+        f"sinks 4 + window {keep - 4}": KVSettings(policy="sinks", n_sinks=4, window=keep - 4),
     }
+
+
+def recipe_of(s: KVSettings) -> str:
+    """The ``kvcache(...)`` recipe step of a configuration (for ``joules compress``)."""
+    keys = ("format", "granularity", "residual", "group", "policy", "window", "n_sinks", "budget")
+    default = KVSettings()
+    args = [f"{k}={getattr(s, k)}" for k in keys if getattr(s, k) != getattr(default, k)]
+    return f"kvcache({', '.join(args)})"
 
 
 def stream_nll(model, ids: torch.Tensor, settings: KVSettings | None) -> tuple[list[float], float]:
@@ -63,36 +90,158 @@ def stream_nll(model, ids: torch.Tensor, settings: KVSettings | None) -> tuple[l
     return nll, float(past.nbytes()) if settings is not None else float("nan")
 
 
+def _row_file(name: str, streams: int, length: int, s: KVSettings | None) -> Path:
+    key = json.dumps([name, streams, length, None if s is None else s.__dict__], sort_keys=True)
+    return CACHE / "bench-kvcache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def bench_cache(spec: str, s: KVSettings | None, prompt_len: int) -> dict:
+    """Decode speed and peak RSS with this cache through ``joules.bench`` (eager runtime)."""
+    from joules.bench.config import BenchConfig
+    from joules.bench.runner import run_bench
+    from joules.compress import compress
+
+    model, tok, info = load_model(spec)
+    if s is not None:
+        compress(model, recipe_of(s))
+        if s.policy == "heavy_hitters":
+            model.set_attn_implementation("joules_h2o")
+    res = run_bench(
+        model, tok, info, BenchConfig(prompt_lens=(prompt_len,), gen_len=32, repeats=3)
+    ).to_dict()
+    r = res["rows"][0]
+    return {
+        "decode_tok_s": r["decode_tok_s"],
+        "tpot_ms": 1e3 * r["tpot_s"]["median"],
+        "ttft_s": r["ttft_s"]["median"],
+        "peak_rss_mib": r["peak_rss_bytes"] / 2**20,
+        "bench_prompt_len": prompt_len,
+    }
+
+
+def plot(out: dict) -> None:
+    """Per-position NLL (smoothed over 64 positions) of every cache: an offline HTML file."""
+    import plotly.graph_objects as go
+    from plotly.offline import get_plotlyjs
+
+    fig = go.Figure()
+    for r in out["rows"]:
+        y = r["nll_per_position"]
+        k = 64
+        smooth = [
+            sum(y[max(0, i - k + 1) : i + 1]) / len(y[max(0, i - k + 1) : i + 1])
+            for i in range(len(y))
+        ]
+        fig.add_trace(go.Scatter(y=smooth, mode="lines", name=f"{r['cache']} (ppl {r['ppl']:.2f})"))
+    fig.update_layout(
+        title=f"NLL per position through the cache ({out['streams']} streams x {out['length']} "
+        "WikiText-2 test tokens, mean over streams, 64-position moving average)",
+        xaxis_title="position (token predicted)",
+        yaxis_title="NLL (nats)",
+        width=1100,
+        height=600,
+    )
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    PLOT.write_text(
+        "<html><head><meta charset='utf-8'><script>"
+        + get_plotlyjs()
+        + "</script></head><body>"
+        + fig.to_html(full_html=False, include_plotlyjs=False)
+        + "</body></html>"
+    )
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser:
+        png = PLOT.with_suffix(".png")
+        subprocess.run(
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                f"--screenshot={png.resolve()}",
+                "--window-size=1120,620",
+                "--virtual-time-budget=5000",
+                PLOT.resolve().as_uri(),
+            ],
+            check=False,
+            capture_output=True,
+            timeout=120,
+        )
+
+
+def markdown(out: dict) -> str:
+    lines = [
+        "| cache | recipe | ppl | vs dynamic | KV bytes/token (packed) | tokens held at the end "
+        "| decode tok/s @2,048 | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in out["rows"]:
+        b = r.get("bench") or {}
+        held = r.get("tokens_held_end")
+        lines.append(
+            f"| {r['cache']} | `{r['recipe'] or '-'}` | {r['ppl']:.3f} | {r['ppl_change_pct']:+.2f} % "
+            f"| {r['kv_bytes_per_token_quantized']:,.0f} | {held if held is not None else '-'} "
+            f"| {b.get('decode_tok_s', float('nan')):.2f} | {b.get('peak_rss_mib', float('nan')):.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--streams", type=int, default=2)
     ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--out", default="bench/results/kvcache.json")
+    ap.add_argument("--only", default="", help="comma-separated cache names (default: all)")
+    ap.add_argument("--bench", action="store_true", help="also time decode at a long context")
+    ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args()
-    loaded = load_model("smollm2-135m")
+    if a.markdown:
+        print(markdown(json.loads(OUT.read_text())))
+        return
+    spec = "smollm2-135m"
+    loaded = load_model(spec)
     model, tok = loaded.model, loaded.tokenizer
     model.eval()
     ids = tokenize_stream(tok, load_text("wikitext2", "test"), limit_tokens=a.streams * a.length)
     x = torch.tensor(ids[: a.streams * a.length]).reshape(a.streams, a.length)
+    only = {n.strip() for n in a.only.split(",") if n.strip()}
     rows = []
     for name, s in configs(a.length).items():
-        t0 = time.perf_counter()
-        nll, nbytes = stream_nll(model, x, s)
-        dt = time.perf_counter() - t0
-        bpt = kv_bytes_per_token(s or KVSettings(), model.config)
-        rows.append(
-            {
+        if only and name not in only:
+            continue
+        f = _row_file(name, a.streams, a.length, s)
+        if f.is_file():
+            row = json.loads(f.read_text())
+        else:
+            t0 = time.perf_counter()
+            nll, nbytes = stream_nll(model, x, s)
+            dt = time.perf_counter() - t0
+            row = {
                 "cache": name,
+                "recipe": None if s is None else recipe_of(s),
                 "settings": None if s is None else s.__dict__,
                 "ppl": math.exp(sum(nll) / len(nll)),
-                "kv_bytes_per_token_quantized": bpt,
-                "kv_bytes_held_end_emulated_fp32": nbytes,
+                "kv_bytes_per_token_quantized": kv_bytes_per_token(s or KVSettings(), model.config),
+                "kv_bytes_held_end_packed": nbytes,
+                "tokens_held_end": None
+                if s is None or s.policy == "full"
+                else (s.budget if s.policy == "heavy_hitters" else s.n_sinks + s.window),
                 "decode_s": dt,
+                "threads": torch.get_num_threads(),
                 "nll_per_position": nll,
             }
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(row))
+        if a.bench and "bench" not in row:
+            row["bench"] = bench_cache(spec, s, min(2048, a.length))
+            f.write_text(json.dumps(row))
+        rows.append(row)
+        print(
+            f"{name:28s} ppl {row['ppl']:8.3f}  KV B/token {row['kv_bytes_per_token_quantized']:8.0f}"
+            f"  {row['decode_s']:6.1f}s",
+            flush=True,
         )
-        print(f"{name:28s} ppl {rows[-1]['ppl']:8.3f}  KV B/token {bpt:8.0f}  {dt:6.1f}s")
-    base = rows[0]["ppl"]
+    base = next((r["ppl"] for r in rows if r["settings"] is None), rows[0]["ppl"])
     for r in rows:
         r["ppl_change_pct"] = 100 * (r["ppl"] / base - 1)
     out = {
@@ -100,11 +249,14 @@ def main() -> None:
         "streams": a.streams,
         "length": a.length,
         "scored_tokens": a.streams * (a.length - 1),
-        "note": "weights Q4_1 before we saw them; quantized KV emulated (fake-quant)",
+        "note": "weights Q4_1 before we saw them; quantized KV emulated (fake-quant), bytes as "
+        "packed storage would take",
         "rows": rows,
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(out, indent=1))
+    plot(out)
+    print(markdown(out))
 
 
 if __name__ == "__main__":

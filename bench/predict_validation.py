@@ -8,8 +8,7 @@ Q4_1 before joules saw them) is measured in three weight formats — fp32 (eager
 and int4-g64 through torch's CPU weight-only kernels with bf16 activations — over a grid of
 (prompt length, generated length, batch) points: time to first token (prefill) and median time
 per decode step (TPOT), through ``joules.bench.run_bench``. For each point the predictor is
-calibrated on *all the other* points (every format: one set of coefficients per machine, as
-``joules predict calibrate`` stores it) and predicts the held-out one (leave-one-out); the script
+calibrated on the other points *of the same format* (see ``loo``) and predicts the held-out one (leave-one-out); the script
 prints the mean absolute percentage error (MAPE) per phase, overall and per format, and the error
 of the uncalibrated speed of light for reference. Each measured point is cached under
 ``$JOULES_CACHE_DIR/bench-predict``: a stopped run resumes.
@@ -272,11 +271,12 @@ def measure_grid(
                     info,
                     BenchConfig(prompt_lens=(p,), gen_len=g, batch_sizes=(b,), repeats=repeats),
                 )
-                r = res.to_dict()["rows"][0]
+                d = res.to_dict()
+                r = d["rows"][0]
                 row = {
                     "format": fmt,
-                    "compute_dtype": r["compute_dtype"],
-                    "linear_paths": r.get("linear_paths"),
+                    "compute_dtype": d["compute_dtype"],
+                    "linear_paths": d["linear_paths"],
                     "prompt_len": p,
                     "gen_len": g,
                     "batch": b,
@@ -305,7 +305,12 @@ def _observation(r: dict, shape: Any, label: str) -> Any:
 
 
 def loo(rows: list[dict]) -> dict[str, Any]:
-    """Leave one point out, calibrate on all the others (every format), predict it."""
+    """Leave one point out, calibrate on the other points *of its format*, predict it.
+
+    Per format, because one set of efficiencies cannot describe both: on this CPU (no bf16
+    arithmetic) the weight-only kernels take bf16 activations but compute at several times the
+    probed bf16 matmul peak, while fp32 runs below the fp32 peak; a calibration is made for the
+    configuration a user will run (``joules predict calibrate --from`` its bench runs)."""
     from joules.predict import ModelShape, predict
     from joules.predict.calibrate import fit
     from joules.predict.catalog import this_machine
@@ -317,7 +322,9 @@ def loo(rows: list[dict]) -> dict[str, Any]:
     uncal = Coefficients.uncalibrated(hw)
     points = []
     for i, o in enumerate(obs):
-        cal = fit(obs[:i] + obs[i + 1 :], hw)
+        cal = fit(
+            [x for j, x in enumerate(obs) if j != i and x.weight_format == o.weight_format], hw
+        )
         kw = {"weight_format": o.weight_format}
         p = predict(shape, hw, o.workload, coefficients=cal.coefficients, **kw)
         u = predict(shape, hw, o.workload, coefficients=uncal, **kw)
@@ -327,11 +334,13 @@ def loo(rows: list[dict]) -> dict[str, Any]:
         point |= {f"sol_{key}": getattr(u, attr) for key, attr in PHASES.values()}
         point |= {f"{ph}_bound": p.bound(ph) for ph in PHASES}
         points.append(point)
-    full = fit(obs, hw)
+    full = {
+        f: fit([x for x in obs if x.weight_format == f], hw) for f in {x.weight_format for x in obs}
+    }
 
     def summary(pts: list[dict]) -> dict[str, Any]:
         return {
-            "points": len(pts),
+            "n_points": len(pts),
             "loo_mape_pct": {
                 ph: 100 * statistics.fmean(abs(x[f"err_{ph}"]) for x in pts) for ph in PHASES
             },
@@ -348,7 +357,7 @@ def loo(rows: list[dict]) -> dict[str, Any]:
         "points": points,
         **summary(points),
         "per_format": {f: summary([x for x in points if x["format"] == f]) for f in fmts},
-        "fit_all_points": full.coefficients.to_dict(),
+        "fit_all_points": {f: c.coefficients.to_dict() for f, c in full.items()},
     }
 
 
@@ -379,7 +388,7 @@ def markdown(out: dict[str, Any]) -> str:
             label = f"{name} ({dt})" if dt else "all formats"
             for ph in PHASES:
                 lines.append(
-                    f"| {label} | {ph} | {g['points']} | {g['loo_mape_pct'][ph]:.1f} % "
+                    f"| {label} | {ph} | {g['n_points']} | {g['loo_mape_pct'][ph]:.1f} % "
                     f"| {g['loo_max_abs_pct'][ph]:.1f} % | {g['sol_fraction_median'][ph]:.2f} |"
                 )
     return "\n".join(lines)

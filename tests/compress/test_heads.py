@@ -70,3 +70,34 @@ def test_bad_heads_parameters():
     calib, _ = calibration_tokens(tok, n=2, length=16)
     with pytest.raises(ConfigError, match="only 4 heads"):
         compress(model, "heads(keep=9)", calibration=calib)
+
+
+def test_min_similarity_stops_merging_and_records_each_merge():
+    corr = torch.tensor(
+        [[1.0, 0.5, 0.99, 0.1], [0.5, 1.0, 0.1, 0.2], [0.99, 0.1, 1.0, 0.6], [0.1, 0.2, 0.6, 1.0]]
+    )
+    merges: list[float] = []
+    # floor 1, but only pairs correlating >= 0.55 merge: just (2, 3) at 0.6
+    assert cluster_heads(corr, [0, 0, 1, 1], 1, 0.55, merges) == [[0], [1], [2, 3]]
+    assert merges == [pytest.approx(0.6)]
+
+
+def test_first_layers_stay_whole_and_threshold_is_per_layer():
+    model, tok, _ = tiny_model("llama", seed=0)
+    calib, _ = calibration_tokens(tok, n=4, length=32)
+    cm = compress(model, "heads(keep=1, first_layer=1)", calibration=calib)
+    first, second = (cm.manifest.layers[f"model.layers.{i}.self_attn"] for i in (0, 1))
+    assert first["score_patterns"] == 4 and first["merge_similarities"] == []
+    assert second["score_patterns"] == 1 and len(second["merge_similarities"]) == 3
+    model, tok, _ = tiny_model("llama", seed=0)
+    cm = compress(model, "heads(keep=1, min_similarity=1.0)", calibration=calib)
+    assert all(e["score_patterns"] == 4 for e in cm.manifest.layers.values())  # none identical
+
+
+def test_bad_threshold_and_first_layer():
+    with pytest.raises(ConfigError, match=r"in \[-1, 1\]"):
+        parse_recipe("heads(min_similarity=1.5)")
+    model, tok, _ = tiny_model("llama", seed=0)
+    calib, _ = calibration_tokens(tok, n=2, length=16)
+    with pytest.raises(ConfigError, match="has 2 layers"):
+        compress(model, "heads(keep=2, first_layer=2)", calibration=calib)

@@ -147,3 +147,30 @@ def test_observations_from_a_joules_bench_result_layout(small_shape):
     (o,), method = observations_from_bench(result, small_shape)
     assert (o.prefill_s, o.tpot_s, o.prefill_energy_j, o.decode_energy_j) == (0.5, 0.09, 4.0, 30.0)
     assert method == "estimated" and o.workload.compute_dtype == "fp32"
+
+
+def test_decode_flops_efficiency_is_fitted_apart_when_decode_is_compute_bound(small_shape):
+    """Decode matmuls with few rows run far below prefill's efficiency: with batch-16 decode
+    steps compute-bound, the fit recovers both efficiencies exactly (no noise)."""
+    from dataclasses import replace
+
+    hw = synthetic_hw(flops=2e10, bw=4e9)
+    true = replace(TRUE, decode_flops_efficiency=0.02)
+    obs = []
+    for p in (16, 64, 256):
+        for g in (4, 12):
+            for b in (1, 16):
+                wl = Workload(p, g, b)
+                t = predict(small_shape, hw, wl, coefficients=true)
+                obs.append(Observation(small_shape, wl, "fp32", t.prefill_s, t.tpot_s))
+    assert any(
+        predict(small_shape, hw, o.workload, coefficients=true).bound("decode") == "compute"
+        for o in obs
+    )
+    c = fit(obs, hw).coefficients
+    assert c.flops_efficiency == pytest.approx(0.35, rel=1e-2)
+    # with decode's efficiency the same as prefill's, none is fitted apart
+    assert (
+        fit(_synthetic(small_shape, hw, noise=0.0), hw).coefficients.decode_flops_efficiency is None
+    )
+    assert c.decode_flops_efficiency == pytest.approx(0.02, rel=1e-2)

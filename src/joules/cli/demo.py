@@ -239,7 +239,9 @@ def demo_recipes() -> list[str]:
     recipes = ["baseline", "rtn(format=int8-ch)", "rtn(format=int4-g64)", "gptq(format=int4-g64)"]
     if "awq" in steps:
         recipes.append("awq(format=int4-g64) | gptq(format=int4-g64)")
-    recipes += ["rtn(format=mxfp4)", "rtn(format=nxfp4)", "gptq(format=gguf-q4_0)"]
+    # llama.cpp's Q4_0 blocks as `llama-quantize` makes them (round to nearest): exportable to
+    # GGUF (`joules export`); GPTQ into the same blocks is in bench/deploy.py (it costs a minute)
+    recipes += ["rtn(format=mxfp4)", "rtn(format=nxfp4)", "rtn(format=gguf-q4_0)"]
     recipes.append("prune(method=wanda, pattern=2:4) | gptq(format=int4-g64)")
     if "mixed" in steps:
         recipes.append("mixed(avg_bits=4.5, candidates=[int3-g64, int4-g64, int8-ch])")

@@ -221,7 +221,9 @@ def calibrate_cmd(
         t = Table(title=f"calibration of {hw.id} on {cal.n_points} runs (stored in {path})")
         t.add_column("coefficient")
         t.add_column("value", justify="right")
-        t.add_row("FLOP/s efficiency (of the peak)", f"{c.flops_efficiency:.3g}")
+        t.add_row("FLOP/s efficiency (of the peak), prefill", f"{c.flops_efficiency:.3g}")
+        dec = c.decode_flops_efficiency
+        t.add_row("FLOP/s efficiency, decode", f"{dec:.3g}" if dec is not None else "as prefill")
         t.add_row("bandwidth efficiency", f"{c.bandwidth_efficiency:.3g}")
         for ph, v in c.overhead_s.items():
             t.add_row(f"overhead per operator call, {ph}", f"{v * 1e6:.3g} µs")

@@ -16,7 +16,9 @@ heads share 3 KV heads) scores can be shared only between heads that also share 
 clusters form inside a KV group, and two clusters of different groups merge only when each is a
 *whole* group, in which case those groups share one key projection too and the K cache of all but
 one of them becomes redundant. Agglomerative clustering (average linkage on 1 - correlation)
-merges the most alike allowed pair until ``keep`` score patterns remain per layer.
+merges the most alike allowed pair until ``keep`` score patterns remain per layer, or (with
+``min_similarity``) until no allowed pair correlates that much — a per-layer count, as CHAI sizes
+its clusters per layer; ``first_layer`` leaves the layers before it whole.
 
 What it saves is reported per layer (``score_flops_saving``, ``k_cache_saving``) as the saving a
 kernel that computes shared scores once would realise: here the weights are duplicated rows and
@@ -48,8 +50,16 @@ def head_correlation(probs: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bin,bjn->bij", x, x).mean(0).float()
 
 
-def cluster_heads(corr: torch.Tensor, group_of: list[int], keep: int) -> list[list[int]]:
-    """Average-linkage clusters of heads under the GQA rule (see module doc), ``keep`` of them."""
+def cluster_heads(
+    corr: torch.Tensor,
+    group_of: list[int],
+    keep: int,
+    min_similarity: float = -1.0,
+    merges: list[float] | None = None,
+) -> list[list[int]]:
+    """Average-linkage clusters of heads under the GQA rule (see module doc): merge the most alike
+    allowed pair while more than ``keep`` clusters remain and that pair's mean correlation is at
+    least ``min_similarity``; each merge's correlation is appended to ``merges`` if given."""
     h = corr.shape[0]
     members_of_group: dict[int, set[int]] = {}
     for i, g in enumerate(group_of):
@@ -72,8 +82,10 @@ def cluster_heads(corr: torch.Tensor, group_of: list[int], keep: int) -> list[li
                 sim = float(corr[ca][:, cb].mean())
                 if sim > best:
                     best, pair = sim, (a, b)
-        if pair is None:
-            break  # no allowed merge left
+        if pair is None or best < min_similarity:
+            break  # no allowed merge left, or none alike enough
+        if merges is not None:
+            merges.append(best)
         a, b = pair
         clusters[a] = sorted(clusters[a] + clusters[b])
         del clusters[b]
@@ -102,6 +114,10 @@ class Heads(Step):
     method: str = "chai"
     keep: int = 6
     max_sequences: int = 16
+    # A per-layer, data-driven reduction: merge only heads whose score patterns correlate at
+    # least this much (``keep`` is then a floor), as CHAI sizes its clusters per layer.
+    min_similarity: float = -1.0
+    first_layer: int = 0  # layers before it stay whole
 
     needs_calibration = True
 
@@ -112,6 +128,12 @@ class Heads(Step):
             raise ConfigError(f"heads keep={self.keep}: keep at least 1 score pattern per layer")
         if self.max_sequences < 1:
             raise ConfigError(f"heads max_sequences={self.max_sequences}: use a positive integer")
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ConfigError(
+                f"heads min_similarity={self.min_similarity}: a correlation in [-1, 1], e.g. 0.9"
+            )
+        if self.first_layer < 0:
+            raise ConfigError(f"heads first_layer={self.first_layer}: use 0 or more")
 
     def apply(self, ctx: CompressContext) -> None:
         heads = getattr(ctx.model.config, "num_attention_heads", 0)
@@ -147,7 +169,9 @@ class Heads(Step):
             n_heads = probs.shape[1]
             groups = attn.num_key_value_groups
             group_of = [j // groups for j in range(n_heads)]
-            clusters = cluster_heads(corr, group_of, self.keep)
+            merges: list[float] = []
+            floor = self.keep if i >= self.first_layer else n_heads
+            clusters = cluster_heads(corr, group_of, floor, self.min_similarity, merges)
             self._merge(attn, clusters, group_of, attn.head_dim)
             kv_heads = n_heads // groups
             # A cluster spanning several KV groups makes all of them share one key head.
@@ -157,12 +181,18 @@ class Heads(Step):
                 method="heads-chai",
                 clusters=clusters,
                 score_patterns=len(clusters),
+                merge_similarities=[round(m, 4) for m in merges],
                 score_flops_saving=1 - len(clusters) / n_heads,
                 k_heads=k_heads,
                 k_cache_saving=1 - k_heads / kv_heads,
                 membership="fixed from calibration (CHAI decides it per request)",
             )
 
+        layers = len(ctx.layers)
+        if self.first_layer >= layers:
+            raise ConfigError(
+                f"heads first_layer={self.first_layer}: the model has {layers} layers (0-{layers - 1})"
+            )
         ctx.sequential(fn, step="heads")
         ctx.manifest.notes.append(
             "heads(chai): savings are what a kernel computing shared scores once would realise; "

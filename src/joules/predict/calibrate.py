@@ -6,12 +6,15 @@
 
 Latency. For one phase of one run, with each operator classified compute- or memory-bound,
 
-    time = (sum of compute-bound FLOPs / peak) / flops_eff
+    time = (sum of compute-bound FLOPs / peak) / flops_eff[phase]
          + (sum of memory-bound bytes / bandwidth) / bandwidth_eff
          + calls x overhead[phase] + dequantised elements x dequant_s
 
-is linear in the unknowns (1/flops_eff, 1/bandwidth_eff, overhead[prefill], overhead[decode],
-dequant_s). They are fitted by bounded least squares on *relative* residuals (each row divided
+is linear in the unknowns (1/flops_eff[prefill], 1/flops_eff[decode], 1/bandwidth_eff,
+overhead[prefill], overhead[decode], dequant_s). Decode has its own FLOP efficiency because its
+matmuls have only batch-many rows and run far below prefill's large ones (on this CPU a batch-8
+decode step takes ~1.7x a batch-1 step although both read the same weights); when no decode step
+is compute-bound it is not identifiable and takes prefill's. They are fitted by bounded least squares on *relative* residuals (each row divided
 by its measurement, so a 10 ms decode step weighs as much as a 2 s prefill), the operators are
 re-classified with the new efficiencies, and the two steps repeat until the classification is
 stable. Decode rows use the mean time per decode step (TPOT).
@@ -116,14 +119,58 @@ def _phase_rows(obs: Observation, hw: HardwareSpec):
     return rows
 
 
-def _design(rows, inv_eff: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Design matrix [x_compute, x_memory, calls_prefill, calls_decode, dq] / target."""
+def _fit_latency(rows, max_iter: int, separate_decode: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(theta, relative residuals)``; theta = [1/flops_eff prefill, 1/bw_eff, overhead
+    prefill, overhead decode, dequant_s, 1/flops_eff decode]. Without ``separate_decode``
+    decode's FLOP efficiency is prefill's; with it, it is at most prefill's (matmuls with fewer
+    rows do not run faster)."""
+    lo = np.array([_INV_EFF_BOUNDS[0], _INV_EFF_BOUNDS[0], 0.0, 0.0, 0.0])
+    hi = np.array([_INV_EFF_BOUNDS[1], _INV_EFF_BOUNDS[1], 1.0, 1.0, 1.0])
+    inv = (1.0, 1.0, 1.0)
+    theta = np.array([1.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    seen: set[tuple[float, ...]] = set()
+    for _ in range(max_iter):
+        a, y = _design(rows, inv)
+        theta = _solve(a, y, lo, hi, separate_decode)
+        new = (float(theta[0]), float(theta[1]), float(theta[5]))
+        if np.allclose(new, inv, rtol=1e-9) or new in seen:
+            break
+        seen.add(new)
+        inv = new
+    a, y = _design(rows, inv)
+    return theta, a @ theta - 1.0  # predicted / measured - 1
+
+
+def _solve(a: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, separate: bool):
+    if separate and np.any(a[:, 5]):
+        # decode's 1/eff = prefill's 1/eff + a non-negative excess
+        b = np.column_stack([a[:, 0] + a[:, 5], a[:, 1:5], a[:, 5]])
+        t = _bounded_lstsq(b, y, np.append(lo, 0.0), np.append(hi, _INV_EFF_BOUNDS[1]))
+        return np.append(t[:5], t[0] + t[5])
+    t = _bounded_lstsq(np.column_stack([a[:, 0] + a[:, 5], a[:, 1:5]]), y, lo, hi)
+    return np.append(t, t[0])
+
+
+def _cached_phase_rows(obs: Observation, hw: HardwareSpec):
+    """:func:`_phase_rows`, computed once per observation and hardware (a leave-one-out
+    validation fits the same runs dozens of times)."""
+    cache = obs.__dict__.setdefault("_phase_rows_cache", {})
+    if hw.id not in cache:
+        cache[hw.id] = _phase_rows(obs, hw)
+    return cache[hw.id]
+
+
+def _design(rows, inv_eff: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Design matrix [x_compute prefill, x_memory, calls_prefill, calls_decode, dq,
+    x_compute decode] / target; ``inv_eff`` = (1/flops_eff prefill, 1/bw_eff, 1/flops_eff
+    decode) classifies each operator."""
     a_list, y_list = [], []
     for phase, steps, target, n in rows:
-        x = np.zeros(5)
+        x = np.zeros(6)
+        inv_c = inv_eff[0] if phase == "prefill" else inv_eff[2]
         for s in steps:
-            comp = s[:, 0] * inv_eff[0] >= s[:, 1] * inv_eff[1]
-            x[0] += s[comp, 0].sum()
+            comp = s[:, 0] * inv_c >= s[:, 1] * inv_eff[1]
+            x[0 if phase == "prefill" else 5] += s[comp, 0].sum()
             x[1] += s[~comp, 1].sum()
             x[2 if phase == "prefill" else 3] += s[:, 2].sum()
             x[4] += s[:, 3].sum()
@@ -167,26 +214,21 @@ def fit(
     """Calibrate ``hw``'s coefficients on measured runs (see the module docstring)."""
     if len(observations) < 3:
         raise ConfigError(f"calibration needs at least 3 measured runs, got {len(observations)}")
-    rows = [r for o in observations for r in _phase_rows(o, hw)]
-    lo = np.array([_INV_EFF_BOUNDS[0], _INV_EFF_BOUNDS[0], 0.0, 0.0, 0.0])
-    hi = np.array([_INV_EFF_BOUNDS[1], _INV_EFF_BOUNDS[1], 1.0, 1.0, 1.0])
-    inv = (1.0, 1.0)
-    theta = np.array([1.0, 1.0, 0.0, 0.0, 0.0])
-    for _ in range(max_iter):
-        a, y = _design(rows, inv)
-        theta = _bounded_lstsq(a, y, lo, hi)
-        new = (float(theta[0]), float(theta[1]))
-        if np.allclose(new, inv, rtol=1e-9):
-            break
-        inv = new
-    a, y = _design(rows, inv)
-    rel = a @ theta - 1.0  # predicted / measured - 1
+    rows = [r for o in observations for r in _cached_phase_rows(o, hw)]
+    theta, rel = _fit_latency(rows, max_iter, separate_decode=False)
+    # Decode's own FLOP efficiency is kept only when it explains the runs clearly better (a
+    # quarter less RMS error): with decode memory-bound it is not identifiable and would trade
+    # off against the bandwidth efficiency.
+    theta2, rel2 = _fit_latency(rows, max_iter, separate_decode=True)
+    if np.sqrt(np.mean(rel2**2)) < 0.75 * np.sqrt(np.mean(rel**2)):
+        theta, rel = theta2, rel2
     residuals: dict[str, list[float]] = {"prefill": [], "decode": []}
     for (phase, *_), r in zip(rows, rel, strict=True):
         residuals[phase].append(float(r))
     band = {p: _p95(r) for p, r in residuals.items() if r}
     coef = Coefficients(
         flops_efficiency=1.0 / theta[0],
+        decode_flops_efficiency=None if theta[5] == theta[0] else 1.0 / theta[5],
         bandwidth_efficiency=1.0 / theta[1],
         overhead_s={"prefill": float(theta[2]), "decode": float(theta[3])},
         dequant_s_per_element=float(theta[4]),

@@ -30,7 +30,7 @@ last position of each sequence, fp32 logits written). RoPE and residual adds are
 (elementwise, well under 1 % of the bytes). This is a speed-of-light count: attention is taken
 as fused (flash-style), every weight is read once per forward.
 
-Time of an operator = max(FLOPs / (peak x flops_efficiency), bytes / (bandwidth x
+Time of an operator = max(FLOPs / (peak x flops_efficiency[phase]), bytes / (bandwidth x
 bandwidth_efficiency)) + overhead per operator call + dequantised elements x dequant_s.
 Energy = static_w x time + e_flop_j x FLOPs + e_byte_j x bytes (capped at ``max_power_w`` x
 time when uncalibrated).
@@ -85,6 +85,9 @@ class Coefficients:
     """The knobs of the model for one machine: efficiencies, overheads, energy per unit."""
 
     flops_efficiency: float = 1.0  # achieved / peak FLOP/s
+    # decode's matmuls have few rows (batch x 1 token): their achieved FLOP/s is fitted apart
+    # from prefill's large ones when a calibration has compute-bound decode steps (None: same)
+    decode_flops_efficiency: float | None = None
     bandwidth_efficiency: float = 1.0  # achieved / peak bytes/s
     overhead_s: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
     dequant_s_per_element: float = 0.0
@@ -240,7 +243,10 @@ class OpCost:
 
 def op_cost(op: Op, phase: str, hw: HardwareSpec, c: Coefficients) -> OpCost:
     """Time and energy of one operator on ``hw`` with coefficients ``c``."""
-    compute_s = op.flops / (hw.flops_for(op.dtype) * c.flops_efficiency)
+    eff = c.flops_efficiency
+    if phase == "decode" and c.decode_flops_efficiency is not None:
+        eff = c.decode_flops_efficiency
+    compute_s = op.flops / (hw.flops_for(op.dtype) * eff)
     memory_s = op.nbytes / (hw.bandwidth_bps * c.bandwidth_efficiency)
     overhead = op.calls * c.overhead_s.get(phase, 0.0)
     dq = op.dequant_elements * c.dequant_s_per_element
