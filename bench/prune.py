@@ -32,6 +32,11 @@ ROWS = [
     "heads(keep=7)",
     "heads(keep=6)",
     "heads(keep=3)",
+    # Per layer (min_similarity): merge only heads whose score patterns correlate at least this
+    # much on calibration text; layers 0-2, 10, 11 and 29 keep (nearly) all their heads.
+    "heads(keep=1, min_similarity=0.995)",
+    "heads(keep=1, min_similarity=0.99)",
+    "heads(keep=1, min_similarity=0.97)",
 ]
 
 

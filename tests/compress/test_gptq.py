@@ -102,3 +102,37 @@ def test_overrides_give_per_module_formats_in_one_pass():
     assert got["model.layers.1.self_attn.q_proj"] == "gguf-q4_0"
     with pytest.raises(ConfigError, match="GLOB=FORMAT"):
         parse_recipe('gptq(format=gguf-q4_0, overrides=["gguf-q8_0"])').steps[0].validate()
+
+
+def test_inverse_cholesky_is_the_factor_of_the_damped_inverse():
+    from joules.compress.hessian import inverse_cholesky
+
+    x = _inputs(0, tokens=512, cols=96)
+    h = (x.T @ x / len(x)).float()
+    u = inverse_cholesky(h, 0.01)
+    hd = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(96, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
+    assert torch.equal(u, u.triu()) and bool((torch.diag(u) > 0).all())
+    assert float((u.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_layers_fed_one_input_share_one_hessian_and_factor():
+    from joules.compress.context import CompressContext
+    from joules.compress.gptq import hessians
+
+    model, tok, _ = tiny_model("llama", seed=0)
+    calib, _ = calibration_tokens(tok, n=4, length=32)
+    ctx = CompressContext(model, tok, calib)
+    block = ctx.layers[0]
+    mods = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    inputs = ctx._first_block_inputs("test")
+    hs = hessians(inputs, block, mods)
+    attn = "self_attn."
+    assert hs[attn + "q_proj"] is hs[attn + "k_proj"] is hs[attn + "v_proj"]
+    assert hs["mlp.gate_proj"] is hs["mlp.up_proj"] and hs["mlp.up_proj"] is not hs["mlp.down_proj"]
+    assert hs[attn + "q_proj"].factor(0.01, True) is hs[attn + "k_proj"].factor(0.01, True)
+    # the shared sums equal each module's own accumulation
+    own = Hessian(64)
+    for batch in inputs.batches(block, {"q": mods[attn + "q_proj"]}):
+        own.add(batch["q"])
+    assert torch.allclose(own.matrix(), hs[attn + "q_proj"].matrix())
