@@ -35,6 +35,7 @@ ROWS = [
     # Per layer (min_similarity): merge only heads whose score patterns correlate at least this
     # much on calibration text (measured on the intact model: no pair reaches 0.99; at 0.9 a tenth
     # of the score patterns would merge, at 0.85 a fifth, none in layers 0-2 and 9-13).
+    "heads(keep=1, min_similarity=0.95)",
     "heads(keep=1, min_similarity=0.9)",
     "heads(keep=1, min_similarity=0.85)",
 ]
