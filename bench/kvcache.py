@@ -14,8 +14,8 @@ forward). Baseline: transformers' ``DynamicCache`` with SDPA. Quantized caches a
 (fake-quant values in fp32; KV bytes are what packed storage of the format would take). Each
 finished configuration is kept under ``$JOULES_CACHE_DIR/bench-kvcache`` (a stopped run resumes).
 The default model's weights were Q4_1 before we saw them: every figure is relative to that model.
-Writes ``bench/results/kvcache.json`` and the per-position NLL plot ``docs/kvcache_nll.html``
-(``docs/kvcache_nll.png`` when headless chromium is present).
+Writes ``bench/results/kvcache.json`` and the per-position NLL plot ``docs/kvcache_nll.png``
+(drawn by plotly, screenshotted by headless chromium when present).
 
 ``--bench``: decode tokens/s and peak RSS of each cache through ``joules.bench`` (eager runtime,
 batch 1, a 2,048-token prompt, 32 generated tokens, 3 repeats) on the same process: a timed run,
@@ -44,7 +44,7 @@ from joules.models import load_model
 from joules.system import results_header
 
 OUT = Path("bench/results/kvcache.json")
-PLOT = Path("docs/kvcache_nll.html")
+PNG = Path("docs/kvcache_nll.png")  # the HTML (plotly inlined, ~5 MB) stays out of the repo
 CACHE = Path(os.environ.get("JOULES_CACHE_DIR") or Path.home() / ".cache" / "joules")
 
 
@@ -144,8 +144,10 @@ def plot(out: dict) -> None:
         width=1100,
         height=600,
     )
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    PLOT.write_text(
+    import tempfile
+
+    plot_html = Path(tempfile.mkdtemp()) / "kvcache_nll.html"
+    plot_html.write_text(
         "<html><head><meta charset='utf-8'><script>"
         + get_plotlyjs()
         + "</script></head><body>"
@@ -154,7 +156,8 @@ def plot(out: dict) -> None:
     )
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser:
-        png = PLOT.with_suffix(".png")
+        png = PNG
+        png.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [
                 browser,
@@ -165,7 +168,7 @@ def plot(out: dict) -> None:
                 f"--screenshot={png.resolve()}",
                 "--window-size=1120,620",
                 "--virtual-time-budget=5000",
-                PLOT.resolve().as_uri(),
+                plot_html.resolve().as_uri(),
             ],
             check=False,
             capture_output=True,
@@ -182,10 +185,11 @@ def markdown(out: dict) -> str:
     for r in out["rows"]:
         b = r.get("bench") or {}
         held = r.get("tokens_held_end")
+        speed = f"{b['decode_tok_s']:.2f} | {b['peak_rss_mib']:.0f}" if b else "- | -"
         lines.append(
             f"| {r['cache']} | `{r['recipe'] or '-'}` | {r['ppl']:.3f} | {r['ppl_change_pct']:+.2f} % "
             f"| {r['kv_bytes_per_token_quantized']:,.0f} | {held if held is not None else '-'} "
-            f"| {b.get('decode_tok_s', float('nan')):.2f} | {b.get('peak_rss_mib', float('nan')):.0f} |"
+            f"| {speed} |"
         )
     return "\n".join(lines)
 
