@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--only", default="", help="comma-separated cache names (default: all)")
     ap.add_argument("--bench", action="store_true", help="also time decode at a long context")
+    ap.add_argument("--bench-prompt", type=int, default=2048, help="prompt tokens of --bench")
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args()
     if a.markdown:
@@ -240,7 +241,7 @@ def main() -> None:
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(json.dumps(row))
         if a.bench and "bench" not in row:
-            row["bench"] = bench_cache(spec, s, min(2048, a.length))
+            row["bench"] = bench_cache(spec, s, a.bench_prompt)
             f.write_text(json.dumps(row))
         rows.append(row)
         print(
