@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import time
@@ -41,11 +40,11 @@ from joules.compress.kvcache import JoulesKVCache, KVSettings, kv_bytes_per_toke
 from joules.data import load_text
 from joules.evaluate.perplexity import tokenize_stream
 from joules.models import load_model
+from joules.models.loading import cache_dir
 from joules.system import results_header
 
 OUT = Path("bench/results/kvcache.json")
 PNG = Path("docs/kvcache_nll.png")  # the HTML (plotly inlined, ~5 MB) stays out of the repo
-CACHE = Path(os.environ.get("JOULES_CACHE_DIR") or Path.home() / ".cache" / "joules")
 
 
 def configs(length: int) -> dict[str, KVSettings | None]:
@@ -95,7 +94,7 @@ def stream_nll(model, ids: torch.Tensor, settings: KVSettings | None) -> tuple[l
 
 def _row_file(name: str, streams: int, length: int, s: KVSettings | None) -> Path:
     key = json.dumps([name, streams, length, None if s is None else s.__dict__], sort_keys=True)
-    return CACHE / "bench-kvcache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return cache_dir() / "bench-kvcache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def bench_cache(spec: str, s: KVSettings | None, prompt_len: int) -> dict:

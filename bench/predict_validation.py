@@ -229,11 +229,12 @@ def published_comparison() -> list[dict[str, Any]]:
 # kernels with bf16 activations (the kernel path of `joules.compress.kernels`). RTN is enough:
 # speed depends on the format's layout, not on how its values were chosen.
 FORMATS = ("fp32", "int8-ch", "int4-g64")
-POINT_CACHE = Path(os.environ.get("JOULES_CACHE_DIR") or Path.home() / ".cache" / "joules")
 
 
 def _point_file(fmt: str, p: int, g: int, b: int, repeats: int) -> Path:
-    return POINT_CACHE / "bench-predict" / f"{fmt}-p{p}-g{g}-b{b}-r{repeats}.json"
+    from joules.models.loading import cache_dir
+
+    return cache_dir() / "bench-predict" / f"{fmt}-p{p}-g{g}-b{b}-r{repeats}.json"
 
 
 def _load_format(fmt: str) -> tuple[Any, Any, Any]:

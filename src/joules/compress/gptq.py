@@ -32,7 +32,7 @@ from joules.compress.context import (
     install_quantized,
     weight_mask,
 )
-from joules.compress.hessian import Hessian, gptq_quantize, gram
+from joules.compress.hessian import Hessian, gptq_quantize
 from joules.compress.plan import fit_weight, sparse_part
 from joules.compress.recipe import Step, register_step
 from joules.compress.rtn import check_format
@@ -45,15 +45,11 @@ def hessians(
     """Input Hessians of ``modules`` (names relative to ``block``) over the calibration inputs."""
     hs: dict[str, Hessian] = {}
     for batch in inputs.batches(block, modules):
-        shared: dict[int, Hessian] = {}  # q/k/v (and gate/up) share one input: one Hessian
-        if not hs:
-            for name, x in batch.items():
-                hs[name] = shared.setdefault(id(x), Hessian(x.shape[-1]))
-        done: set[int] = set()
-        for name, x in batch.items():
-            if id(hs[name]) not in done:
-                done.add(id(hs[name]))
-                hs[name].add(x, gram(x))
+        if not hs:  # modules fed the same tensor (q/k/v, gate/up) share one Hessian
+            by_input: dict[int, Hessian] = {}
+            hs = {n: by_input.setdefault(id(x), Hessian(x.shape[-1])) for n, x in batch.items()}
+        for h, x in {id(hs[n]): (hs[n], x) for n, x in batch.items()}.values():
+            h.add(x)  # once per distinct input
     return {n: hs.get(n, Hessian(m.in_features)) for n, m in modules.items()}
 
 

@@ -37,6 +37,7 @@ class Hessian:
     def __init__(self, cols: int) -> None:
         self.sum = torch.zeros(cols, cols, dtype=torch.float64)
         self.n = 0
+        self._factors: dict[tuple[float, bool, int], Factor] = {}
 
     def add(self, x: torch.Tensor, xtx: torch.Tensor | None = None) -> None:
         """Add a batch of inputs ``x`` ``[tokens, cols]``; ``xtx`` is its ``x^T x`` if known.
@@ -59,10 +60,9 @@ class Hessian:
         """:func:`factorize` of this Hessian, computed once per ``(damp, act_order)``: layers fed
         the same input (q/k/v, gate/up) share one Hessian and so one inverse Cholesky."""
         key = (damp, act_order, self.n)
-        cache = self.__dict__.setdefault("_factors", {})
-        if key not in cache:
-            cache[key] = factorize(self.matrix(), damp, act_order)
-        return cache[key]
+        if key not in self._factors:
+            self._factors[key] = factorize(self.matrix(), damp, act_order)
+        return self._factors[key]
 
 
 @dataclass(frozen=True)

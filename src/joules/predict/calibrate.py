@@ -14,8 +14,8 @@ is linear in the unknowns (1/flops_eff[prefill], 1/flops_eff[decode], 1/bandwidt
 overhead[prefill], overhead[decode], dequant_s). Decode has its own FLOP efficiency because its
 matmuls have only batch-many rows and run far below prefill's large ones (on this CPU a batch-8
 decode step takes ~1.7x a batch-1 step although both read the same weights); when no decode step
-is compute-bound it is not identifiable and takes prefill's. They are fitted by bounded least squares on *relative* residuals (each row divided
-by its measurement, so a 10 ms decode step weighs as much as a 2 s prefill), the operators are
+is compute-bound it is not identifiable and takes prefill's. They are fitted by bounded least
+squares on *relative* residuals (each row divided by its measurement, so a 10 ms decode step weighs as much as a 2 s prefill), the operators are
 re-classified with the new efficiencies, and the two steps repeat until the classification is
 stable. Decode rows use the mean time per decode step (TPOT).
 
