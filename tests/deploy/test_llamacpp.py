@@ -31,6 +31,13 @@ def _cases(block: int) -> dict[str, np.ndarray]:
     ties = np.tile(np.linspace(-8, 8, 33, dtype=np.float32)[:32], (2, n // 32))
     sub = (rng.standard_normal((2, n)) * 1e-6).astype(np.float32)
     const = np.full((2, n), 0.25, np.float32)
+    # blocks so small that 1/d overflows to inf: llama.cpp's float->int casts of inf/NaN
+    tiny = np.float32(1.1754944e-42)
+    underflow = np.full((4, n), tiny, np.float32)
+    underflow[0, ::32] = 0
+    underflow[1, ::3] = -tiny
+    underflow[2] = np.float32(1.034e-42)
+    underflow[3, ::2] = np.float32(-3e-39)
     half_zero = x[:2].copy()
     half_zero[:, : n // 2 : 2] = 0  # sub-blocks with many exact zeros
     return {
@@ -42,6 +49,7 @@ def _cases(block: int) -> dict[str, np.ndarray]:
         "ties": ties,
         "subnormal_scale": sub,
         "constant": const,
+        "underflow": underflow,
         "half_zero": half_zero,
     }
 

@@ -102,6 +102,15 @@ def _roundf(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * (f + torch.floor(2 * (a - f)))
 
 
+def _trunc_code(v: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``MIN(qmax, (int8_t)v)`` as llama.cpp's Q4/Q5 quantizers compute it, clamped to
+    ``[0, qmax]`` (values outside only come from a fitted grid, which clips). x86-64 converts
+    NaN and +-inf through ``cvttss2si`` to INT_MIN, whose low byte is 0: code 0. They arise when
+    a block's range is so small (subnormal) that ``1/d`` overflows to inf."""
+    q = torch.where(torch.isfinite(v), torch.trunc(v).clamp(0, qmax), torch.zeros_like(v))
+    return q.to(torch.uint8)
+
+
 def _inv(d: torch.Tensor) -> torch.Tensor:
     """``d ? 1/d : 0`` in fp32."""
     return torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, torch.ones_like(d), d))
@@ -207,8 +216,7 @@ class _Sym(BlockType):
         return {"d": _f16(d), "id": _inv(d)}
 
     def codes(self, x, p):
-        q = torch.trunc(x * p["id"] + (self.half + 0.5))
-        return q.clamp_(0, 2 * self.half - 1).to(torch.uint8)
+        return _trunc_code(x * p["id"] + (self.half + 0.5), 2 * self.half - 1)
 
     def decode(self, q, p):
         return p["d"].float() * (q.to(torch.float32) - self.half)
@@ -246,8 +254,7 @@ class _Asym(BlockType):
         return {"d": _f16(d), "m": _f16(lo), "id": _inv(d), "min": lo}
 
     def codes(self, x, p):
-        q = torch.trunc((x - p["min"]) * p["id"] + 0.5)
-        return q.clamp_(0, self.qmax).to(torch.uint8)
+        return _trunc_code((x - p["min"]) * p["id"] + 0.5, self.qmax)
 
     def decode(self, q, p):
         return p["d"].float() * q.to(torch.float32) + p["m"].float()
@@ -306,9 +313,10 @@ class _MXFP4(BlockType):
     def fit(self, x):
         amax = x.abs().amax(dim=1, keepdim=True)
         safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-        e = torch.floor(torch.log2(safe)) - 2 + 127
-        # amax < 2**-125 would make e negative: a C float->uint8 cast of it is undefined; use 0
-        e = torch.where(amax > 0, e, torch.zeros_like(e)).clamp_(0, 254)
+        e = (torch.floor(torch.log2(safe)) - 2 + 127).to(torch.int64)
+        # amax < 2**-125 makes e negative; llama.cpp's (uint8_t) cast keeps its low byte on
+        # x86-64 (e.g. 241 for -15): a huge scale, so every code is 0 and the block decodes to 0
+        e = torch.where(amax > 0, e & 0xFF, torch.zeros_like(e))
         return {"e": e.to(torch.uint8)}
 
     def codes(self, x, p):
@@ -340,7 +348,11 @@ class _TQ(BlockType):
         return {"d": _f16(d), "id": _inv(d)}
 
     def codes(self, x, p):
-        return (_roundf(x * p["id"]).clamp_(-1, 1) + 1).to(torch.uint8)
+        v = x * p["id"]
+        # lroundf(+-inf or NaN) is LONG_MIN on x86-64 glibc, and (int)(LONG_MIN + 1) is 1: the
+        # zero digit (only when 1/d overflows, i.e. subnormal blocks)
+        q = torch.where(torch.isfinite(v), _roundf(v).clamp(-1, 1) + 1, torch.ones_like(v))
+        return q.to(torch.uint8)
 
     def decode(self, q, p):
         return p["d"].float() * (q.to(torch.float32) - 1)
