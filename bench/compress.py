@@ -67,7 +67,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _compress(recipe: str, args: argparse.Namespace, cache: Path) -> tuple[Path, dict[str, Any]]:
-    key = hashlib.sha256(json.dumps([recipe, _settings(args)]).encode()).hexdigest()[:16]
+    # The compressed model depends on the calibration and threads, not on how many test tokens
+    # score it: a run with more tokens re-scores the models a shorter run compressed.
+    calib = {k: v for k, v in _settings(args).items() if k not in ("tokens", "window")}
+    key = hashlib.sha256(json.dumps([recipe, calib]).encode()).hexdigest()[:16]
     out = cache / key
     if not (out / "joules.json").is_file():
         cmd = [*_joules_cmd(), "compress", args.model, "--recipe", recipe, "-o", str(out)]

@@ -32,10 +32,15 @@ OUT = HERE / "results" / "compress_more.json"
 COMPRESS = HERE / "results" / "compress.json"
 
 FAMILY_BITS = [3.5, 4, 4.25, 4.5, 5, 6]
-FAMILY = (
-    f"mixed(avg_bits=[{', '.join(f'{b:g}' for b in FAMILY_BITS)}], "
-    "candidates=[int3-g64, int4-g64, int5-g64, int6-g64, int8-g64])"
-)
+INT3_CANDIDATES = "candidates=[int3-g64, int4-g64, int5-g64, int6-g64, int8-g64]"
+# the budgets with int3 among the candidates, under both additive sensitivities
+FAMILIES_INT3 = [
+    f"mixed(avg_bits=[{', '.join(f'{b:g}' for b in FAMILY_BITS)}], {INT3_CANDIDATES}, "
+    f"sensitivity={sens})"
+    for sens in ("hessian", "fisher")
+]
+# the default candidates (int4 at g128/g64/g32, int5, int6, int8) and sensitivity (fisher)
+FAMILY = "mixed(avg_bits=[4.25, 4.5, 5, 6])"
 
 ROWS = [
     "baseline",
@@ -62,9 +67,12 @@ ROWS = [
     "outliers(fraction=0, criterion=sensitivity) | rtn(format=codebook4)",
     "outliers(fraction=0.005, criterion=sensitivity) | rtn(format=codebook4)",
     # uniform references for the mixed family
+    "rtn(format=int4-g128)",
+    "rtn(format=int4-g32)",
     "rtn(format=int5-g64)",
     "rtn(format=int6-g64)",
     FAMILY,
+    *FAMILIES_INT3,
 ]
 
 

@@ -244,7 +244,8 @@ def demo_recipes() -> list[str]:
     recipes += ["rtn(format=mxfp4)", "rtn(format=nxfp4)", "rtn(format=gguf-q4_0)"]
     recipes.append("prune(method=wanda, pattern=2:4) | gptq(format=int4-g64)")
     if "mixed" in steps:
-        recipes.append("mixed(avg_bits=4.5, candidates=[int3-g64, int4-g64, int8-ch])")
+        # int4 at g128/g64/g32, int5, int6, int8 per layer at uniform int4-g64's 4.25 bits
+        recipes.append("mixed(avg_bits=4.25)")
     return recipes
 
 

@@ -1,4 +1,4 @@
-"""``mixed(avg_bits, candidates, sensitivity=hessian)``: one format per layer under a bit budget.
+"""``mixed(avg_bits, candidates, sensitivity=fisher)``: one format per layer under a bit budget.
 
     >>> from joules.models import tiny_model
     >>> from joules.compress import compress, calibration_tokens
@@ -13,9 +13,10 @@
 Every targeted linear is quantized once per candidate format (``quantizer=rtn``, or
 ``gptq`` with Hessians of the *unquantized* model's inputs -- an approximation: sequential GPTQ
 would depend on which member the earlier blocks took); each option's error is weighted by a
-sensitivity: ``hessian`` ``tr(D H D^T)`` with ``D = W - Q`` and ``H`` the layer's input Hessian
-(the output error on calibration tokens), ``fisher`` ``sum F * D^2`` with ``F`` the mean squared
-gradient of the calibration loss, or ``probe`` the calibration loss increase when only that layer
+sensitivity: ``fisher`` (default) ``sum F * D^2`` with ``D = W - Q`` and ``F`` the empirical
+Fisher diagonal (squared gradients of each calibration sequence's loss), ``hessian``
+``tr(D H D^T)`` with ``H`` the layer's input Hessian (the layer's output error on calibration
+tokens, blind to how much that output matters to the loss), or ``probe`` the calibration loss increase when only that layer
 is quantized (slow: layers x candidates forward passes). The choice minimises the summed error
 with the targeted linears' average bits/weight (scales included) at most ``avg_bits``
 (:mod:`joules.compress.knapsack`: exact, or stated approximate, then no affordable single-layer
@@ -78,8 +79,20 @@ class Mixed(Step):
     """Choose a candidate format per targeted linear under an average bits/weight budget."""
 
     avg_bits: tuple[float, ...]
-    candidates: tuple[str, ...] = ("int3-g64", "int4-g64", "int5-g64", "int6-g64", "int8-g64")
-    sensitivity: Literal["hessian", "fisher", "probe"] = "hessian"
+    # int4 at three group sizes lets a layer give up a little (g128) so another gets more; int3
+    # is left out by default: on SmolLM2-135M every additive sensitivity tried underrates it,
+    # and a member with int3 layers lost to uniform int4-g64 at the same bits (README)
+    candidates: tuple[str, ...] = (
+        "int4-g128",
+        "int4-g64",
+        "int4-g32",
+        "int5-g128",
+        "int5-g64",
+        "int6-g64",
+        "int8-g64",
+    )
+    # fisher: measured closer to the perplexity than hessian's output error (README)
+    sensitivity: Literal["hessian", "fisher", "probe"] = "fisher"
     quantizer: Literal["rtn", "gptq"] = "rtn"
 
     needs_calibration = True

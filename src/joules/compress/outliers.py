@@ -170,7 +170,9 @@ def hessian_diagonals(
 def fisher_diagonals(
     ctx: CompressContext, targets: dict[str, nn.Module]
 ) -> dict[str, torch.Tensor]:
-    """Mean squared gradient of the calibration LM loss for each target weight (per element)."""
+    """Empirical Fisher diagonal of each target weight: the mean over calibration *sequences* of
+    the squared gradient of that sequence's LM loss (as SqueezeLLM; the square of a batch-mean
+    gradient would cancel most of it and leave a handful of noisy samples)."""
     calib = ctx.require_calibration("outliers")
     params = [p for p in ctx.model.parameters()]
     was = [p.requires_grad for p in params]
@@ -180,18 +182,16 @@ def fisher_diagonals(
     for m in targets.values():
         m.weight.requires_grad_(True)
     try:
-        batches = 0
-        for b in range(0, len(calib), ctx.batch_size):
-            ids = calib[b : b + ctx.batch_size]
+        for i in range(len(calib)):
+            ids = calib[i : i + 1]
             loss = ctx.model(input_ids=ids, labels=ids, use_cache=False).loss
             grads = torch.autograd.grad(loss, [m.weight for m in targets.values()])
             for n, g in zip(targets, grads, strict=True):
                 acc[n] += g.float().pow(2)
-            batches += 1
     finally:
         for p, w in zip(params, was, strict=True):
             p.requires_grad_(w)
-    return {n: a / max(batches, 1) for n, a in acc.items()}
+    return {n: a / max(len(calib), 1) for n, a in acc.items()}
 
 
 @register_step("outliers")
