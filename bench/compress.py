@@ -175,13 +175,9 @@ def run(
 
 
 def _result_of(d: dict[str, Any]) -> Any:
-    from joules.evaluate.results import PerplexityProtocol, PerplexityResult
+    from joules.evaluate.results import PerplexityResult
 
-    d = dict(d)
-    d["protocol"] = PerplexityProtocol(**d["protocol"])
-    for k in ("perplexity", "perplexity_ci95", "bits_per_byte", "tokens_per_s"):
-        d.pop(k, None)
-    return PerplexityResult(**d)
+    return PerplexityResult.from_dict(d)
 
 
 def finish(data: dict[str, Any]) -> None:

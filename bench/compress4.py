@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from joules.evaluate.paired import paired_difference
-from joules.evaluate.results import PerplexityProtocol, PerplexityResult
+from joules.evaluate.results import PerplexityResult
 
 HERE = Path(__file__).resolve().parent
 FAMILIES = (
@@ -57,11 +57,7 @@ LIBRARY = {
 
 
 def result_of(d: dict[str, Any]) -> PerplexityResult:
-    d = dict(d)
-    d["protocol"] = PerplexityProtocol(**d["protocol"])
-    for k in ("perplexity", "perplexity_ci95", "bits_per_byte", "tokens_per_s"):
-        d.pop(k, None)
-    return PerplexityResult(**d)
+    return PerplexityResult.from_dict(d)
 
 
 def _same_windows(a: PerplexityResult, b: PerplexityResult, tol: float = 1e-3) -> bool:

@@ -119,6 +119,15 @@ class PerplexityResult:
         )
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PerplexityResult:
+        """The inverse of :meth:`to_dict` (derived fields are recomputed, not read)."""
+        derived = {"perplexity", "perplexity_ci95", "bits_per_byte", "tokens_per_s", "protocol"}
+        return cls(
+            protocol=PerplexityProtocol(**d["protocol"]),
+            **{k: v for k, v in d.items() if k not in derived},
+        )
+
 
 @dataclass(frozen=True)
 class ChoiceProtocol:
