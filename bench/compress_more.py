@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 save()
             data.setdefault("families", {})[recipe] = {
+                "sensitivity": fam["sensitivity"],
+                "quantizer": fam["quantizer"],
+                "candidates": fam["candidates"],
                 "moves": fam["moves"],
                 "store_bytes": fam["store_bytes"],
                 "members": [
@@ -204,8 +208,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **cost,
         }
         save()
+    vs_uniform(data)
     save()
     return data
+
+
+UNIFORM = re.compile(r"^rtn\(format=int\d-g\d+\)$")
+
+
+def vs_uniform(data: dict[str, Any]) -> None:
+    """Each family member paired against the uniform RTN row of the nearest bits/weight (the one
+    with more bits on a tie): the same windows, so the ratio's interval is tight."""
+    from joules.evaluate.paired import paired_difference
+
+    rows = data["rows"]
+    uniform = [r for r in rows if UNIFORM.match(r) and rows[r].get("bits_per_weight")]
+    out = []
+    for key, row in rows.items():
+        if "family" not in row or not uniform:
+            continue
+        bits = row["bits_per_weight"]
+        ref = min(
+            uniform,
+            key=lambda u: (abs(rows[u]["bits_per_weight"] - bits), -rows[u]["bits_per_weight"]),
+        )
+        pv = paired_difference(
+            base._result_of(row["perplexity"]), base._result_of(rows[ref]["perplexity"])
+        )
+        out.append(
+            {
+                "member": key,
+                "bits_per_weight": bits,
+                "uniform": ref,
+                "uniform_bits_per_weight": rows[ref]["bits_per_weight"],
+                "ppl_ratio": pv.ppl_ratio,
+                "ppl_ratio_ci95": list(pv.ppl_ratio_ci95),
+                "significant": pv.significant,
+            }
+        )
+    data["vs_uniform"] = out
 
 
 def table(data: dict[str, Any]) -> str:
@@ -214,7 +255,8 @@ def table(data: dict[str, Any]) -> str:
     for fam, f in data.get("families", {}).items():
         lines.append("")
         lines.append(
-            f"Family `{fam}` (RTN candidates, Hessian-weighted errors): one store of "
+            f"Family `{fam}` ({f.get('quantizer', 'rtn').upper()} candidates, "
+            f"{f.get('sensitivity', 'hessian')}-weighted errors): one store of "
             f"{f['store_bytes'] / 2**20:.1f} MiB; moving between neighbouring members rewrites:"
         )
         lines.append("")
@@ -223,6 +265,18 @@ def table(data: dict[str, Any]) -> str:
         for mv in f["moves"]:
             lines.append(
                 f"| {mv['from']:g} → {mv['to']:g} | {mv['layers']} | {mv['bytes'] / 2**20:.2f} MiB |"
+            )
+    if data.get("vs_uniform"):
+        lines += ["", "Each member against the uniform RTN format nearest in bits, paired:", ""]
+        lines.append(
+            "| member | bits/weight | uniform | its bits/weight | x uniform | 95 % lo | 95 % hi |"
+        )
+        lines.append("|---|---|---|---|---|---|---|")
+        for v in data["vs_uniform"]:
+            lo, hi = v["ppl_ratio_ci95"]
+            lines.append(
+                f"| {v['member']} | {v['bits_per_weight']:.3f} | {v['uniform']} | "
+                f"{v['uniform_bits_per_weight']:.3f} | {v['ppl_ratio']:.4f} | {lo:.4f} | {hi:.4f} |"
             )
     return "\n".join(lines)
 
@@ -240,6 +294,7 @@ def merge(paths: list[Path]) -> dict[str, Any]:
         data = {**lane, **{k: v for k, v in data.items() if k not in ("rows", "families")}}
         data["rows"], data["families"] = rows, fams
     base.finish(data)
+    vs_uniform(data)
     OUT.write_text(json.dumps(data, indent=1))
     return data
 
@@ -251,7 +306,14 @@ def main() -> None:
     if args.merge:
         print(table(merge(args.merge)))
         return
-    print(table(base.retable(args.results or OUT) if args.table else run(args)))
+    if args.table:
+        path = args.results or OUT
+        data = base.retable(path)
+        vs_uniform(data)
+        path.write_text(json.dumps(data, indent=1))
+        print(table(data))
+        return
+    print(table(run(args)))
 
 
 if __name__ == "__main__":
