@@ -242,7 +242,8 @@ def vs_uniform(data: dict[str, Any]) -> None:
                 "uniform": ref,
                 "uniform_bits_per_weight": rows[ref]["bits_per_weight"],
                 "ppl_ratio": pv.ppl_ratio,
-                "ppl_ratio_ci95": list(pv.ppl_ratio_ci95),
+                "ppl_ratio_lo": pv.ppl_ratio_ci95[0],
+                "ppl_ratio_hi": pv.ppl_ratio_ci95[1],
                 "significant": pv.significant,
             }
         )
@@ -269,14 +270,21 @@ def table(data: dict[str, Any]) -> str:
     if data.get("vs_uniform"):
         lines += ["", "Each member against the uniform RTN format nearest in bits, paired:", ""]
         lines.append(
+            "<!-- bench: results/compress_more.json rows=vs_uniform key=member "
+            "cols=bits/weight=bits_per_weight; uniform=uniform; "
+            "its bits/weight=uniform_bits_per_weight; x uniform=ppl_ratio; "
+            "95 % lo=ppl_ratio_lo; 95 % hi=ppl_ratio_hi -->"
+        )
+        lines.append(
             "| member | bits/weight | uniform | its bits/weight | x uniform | 95 % lo | 95 % hi |"
         )
         lines.append("|---|---|---|---|---|---|---|")
         for v in data["vs_uniform"]:
-            lo, hi = v["ppl_ratio_ci95"]
+            member = v["member"].replace("|", "\\|")
             lines.append(
-                f"| {v['member']} | {v['bits_per_weight']:.3f} | {v['uniform']} | "
-                f"{v['uniform_bits_per_weight']:.3f} | {v['ppl_ratio']:.4f} | {lo:.4f} | {hi:.4f} |"
+                f"| {member} | {v['bits_per_weight']:.3f} | {v['uniform']} | "
+                f"{v['uniform_bits_per_weight']:.3f} | {v['ppl_ratio']:.4f} | "
+                f"{v['ppl_ratio_lo']:.4f} | {v['ppl_ratio_hi']:.4f} |"
             )
     return "\n".join(lines)
 
