@@ -74,6 +74,8 @@ ROWS = [
     "rtn(format=int6-g64)",
     FAMILY,
     *FAMILIES_INT3,
+    # GPTQ-rounded candidates (on the unquantized model's Hessians) against sequential GPTQ
+    "mixed(avg_bits=[4.25, 4.5, 5, 6], quantizer=gptq)",
 ]
 
 
@@ -213,21 +215,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
-UNIFORM = re.compile(r"^rtn\(format=int\d-g\d+\)$")
+UNIFORM = re.compile(r"^(?P<quantizer>rtn|gptq)\(format=int\d-g\d+\)$")
 
 
 def vs_uniform(data: dict[str, Any]) -> None:
-    """Each family member paired against the uniform RTN row of the nearest bits/weight (the one
-    with more bits on a tie): the same windows, so the ratio's interval is tight."""
+    """Each family member paired against the uniform row of the same quantizer (RTN or GPTQ) at
+    the nearest bits/weight, within a quarter bit (the one with more bits on a tie): the same
+    windows, so the ratio's interval is tight. Members with no uniform row that near are left
+    out."""
     from joules.evaluate.paired import paired_difference
 
     rows = data["rows"]
-    uniform = [r for r in rows if UNIFORM.match(r) and rows[r].get("bits_per_weight")]
+    fams = data.get("families", {})
     out = []
     for key, row in rows.items():
-        if "family" not in row or not uniform:
+        if "family" not in row:
             continue
+        quantizer = fams.get(row["family"], {}).get("quantizer", "rtn")
         bits = row["bits_per_weight"]
+        uniform = [
+            r
+            for r in rows
+            if (m := UNIFORM.match(r))
+            and m["quantizer"] == quantizer
+            and abs(rows[r]["bits_per_weight"] - bits) <= 0.25 + 1e-9
+        ]
+        if not uniform:
+            continue
         ref = min(
             uniform,
             key=lambda u: (abs(rows[u]["bits_per_weight"] - bits), -rows[u]["bits_per_weight"]),
@@ -268,7 +282,12 @@ def table(data: dict[str, Any]) -> str:
                 f"| {mv['from']:g} → {mv['to']:g} | {mv['layers']} | {mv['bytes'] / 2**20:.2f} MiB |"
             )
     if data.get("vs_uniform"):
-        lines += ["", "Each member against the uniform RTN format nearest in bits, paired:", ""]
+        lines += [
+            "",
+            "Each member against the uniform format of its quantizer nearest in bits (within a "
+            "quarter bit), paired:",
+            "",
+        ]
         lines.append(
             "<!-- bench: results/compress_more.json rows=vs_uniform key=member "
             "cols=bits/weight=bits_per_weight; uniform=uniform; "
