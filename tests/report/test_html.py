@@ -230,3 +230,24 @@ def test_timeline_sums_domains_and_puts_decode_after_prefill(tmp_path: Path) -> 
     assert list(pre.x) == [0.0, 0.1, 0.2] and list(pre.y) == [11.0, 21.0, 21.0]
     assert list(dec.x) == [0.2, 0.7] and list(dec.y) == [6.0, 6.0]
     assert pre.line.dash == STYLES["estimated"][1] and "estimated" in pre.name
+
+
+def test_per_format_table_says_which_path_the_bench_ran(tmp_path: Path) -> None:
+    """The kernels column comes from the paths the timed forwards took, not from the format
+    lab's per-layer ``emulated`` flag (true of every format)."""
+    from joules.report.data import load_report_data
+    from joules.report.fake import FAKE_RECIPES
+    from joules.report.html import _layer_figures, _layer_path
+
+    write_fake_store(tmp_path / "f.db", failed=False)
+    _, table = _layer_figures(load_report_data(tmp_path / "f.db"))
+    for _, _, fmt, real, _ in FAKE_RECIPES:
+        if fmt:
+            row = table[table.index(f"<td>{fmt}</td>") :].split("</tr>")[0]
+            assert ("kernel:fake/bf16" in row) == real and ("emulated" in row) == (not real)
+    layer = "model.layers.0.mlp.up_proj"
+    assert (
+        _layer_path({"linear_paths": {"kernel:cpu-int4/bf16": 3}}, layer) == "kernel:cpu-int4/bf16"
+    )
+    assert _layer_path({"linear_paths": {"emulated": 1, "kernel:x": 2}}, layer) is None
+    assert _layer_path({"layers": {layer: {"emulated": True}}}, layer) is None

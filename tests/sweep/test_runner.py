@@ -60,6 +60,9 @@ def test_results_pair_with_the_baseline(tmp_path, spec):
         assert r.metric("tpot_ms", "h100").method == "predicted"
         assert r.metric("j_per_token").method == "estimated; emulated kernels"
         assert r.manifest["calibration"]["sha256"]
+        # which path each layer's timed forwards took, per layer (the report's kernels column)
+        assert set(r.manifest["layer_paths"]) == set(r.manifest["layers"])
+        assert set(r.manifest["layer_paths"].values()) == {"emulated"}
         assert set(r.timings) >= {"compress", "eval wikitext2", "bench"}
     assert runs["baseline"].metric("ppl_increase_pct").value == 0.0
     assert (

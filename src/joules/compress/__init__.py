@@ -38,6 +38,7 @@ from joules.compress.context import CompressContext, calibration_tokens
 from joules.compress.linear import (
     CompressedLinear,
     compressed_linears,
+    layer_paths,
     linear_paths,
     register_kernel,
     register_module,
@@ -57,6 +58,7 @@ __all__ = [
     "compress",
     "compressed_linears",
     "is_compressed_dir",
+    "layer_paths",
     "linear_paths",
     "load_compressed",
     "parse_recipe",

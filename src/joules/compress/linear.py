@@ -450,6 +450,12 @@ def linear_paths(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def layer_paths(model: nn.Module) -> dict[str, str]:
+    """The path each compressed linear ran in its last forward (``kernel:<name>/<dtype>`` or
+    ``emulated``), by module name."""
+    return {n: m.path for n, m in compressed_linears(model).items()}
+
+
 def set_kernels(model: nn.Module, enabled: bool) -> None:
     """Allow or forbid real kernels on every compressed linear (emulated when forbidden)."""
     for m in compressed_linears(model).values():

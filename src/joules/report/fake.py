@@ -70,7 +70,9 @@ def write_fake_store(path: str | Path, seed: int = 0, failed: bool = True) -> Pa
                 for n in LAYERS
             } if fmt else {}  # fmt: skip
             manifest = {"recipe": recipe, "bits_per_weight": bits, "model_bytes": nbytes,
-                        "layers": layers}  # fmt: skip
+                        "layers": layers,
+                        "layer_paths": {n: "kernel:fake/bf16" if real else "emulated"
+                                        for n in layers}}  # fmt: skip
             ppl = base_ppl * factor * (1 + 0.002 * rng.random())
             ev = {
                 "wikitext2": {

@@ -158,7 +158,7 @@ def _layer_figures(data: ReportData) -> tuple[list[tuple[str, Any]], str]:
             names = [n for n, v in layers.items() if isinstance(v, dict) and field in v]
             if not names:
                 continue
-            emulated = any(layers[n].get("emulated") for n in names)
+            emulated = any(_layer_path(r.manifest, n) == "emulated" for n in names)
             fig.add_trace(
                 go.Bar(
                     x=names,
@@ -191,7 +191,7 @@ def _layer_figures(data: ReportData) -> tuple[list[tuple[str, Any]], str]:
             )
             figs.append((title, fig))
     for r in data.done:
-        for v in ((r.manifest or {}).get("layers") or {}).values():
+        for name, v in ((r.manifest or {}).get("layers") or {}).items():
             if not isinstance(v, dict) or not v.get("format"):
                 continue
             f = per_format.setdefault(
@@ -202,14 +202,28 @@ def _layer_figures(data: ReportData) -> tuple[list[tuple[str, Any]], str]:
                 f["bits"].append(float(v["bits_per_weight"]))
             if v.get("sqnr_db") is not None:
                 f["sqnr"].append(float(v["sqnr_db"]))
-            if "emulated" in v:
-                f["emulated"].add("emulated" if v["emulated"] else "real kernel")
+            path = _layer_path(r.manifest, name)
+            if path is not None:
+                f["emulated"].add(path)
     rows = [
         [name, f["layers"], _mean(f["bits"]), _mean(f["sqnr"]), ", ".join(sorted(f["emulated"]))]
         for name, f in sorted(per_format.items())
     ]
     table = _table(["format", "layers", "mean bits/weight", "mean SQNR (dB)", "kernels"], rows)
     return figs, table if rows else ""
+
+
+def _layer_path(manifest: dict[str, Any] | None, name: str) -> str | None:
+    """What a layer ran in the run's timed forwards, as the bench recorded it: its kernel path
+    (``kernel:cpu-int4/bf16``) or ``emulated``; from the run's path counts when every layer took
+    the same path; else unknown (the manifest's per-layer ``emulated`` is the format lab's flag,
+    true of every format, and says nothing about kernels)."""
+    m = manifest or {}
+    paths = m.get("layer_paths") or {}
+    if name in paths:
+        return str(paths[name])
+    counts = m.get("linear_paths") or {}
+    return str(next(iter(counts))) if len(counts) == 1 else None
 
 
 def _mean(xs: list[float]) -> str:

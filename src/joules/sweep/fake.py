@@ -206,6 +206,9 @@ class FakeStages:
         n = len(getattr(model, "fake_layers", ()))
         return {"emulated": n} if n else {}
 
+    def layer_paths(self, model: Any) -> dict[str, str]:
+        return {n: "emulated" for n in getattr(model, "fake_layers", ())}
+
     def stages(self) -> Stages:
         return Stages(
             load=self.load,
@@ -216,6 +219,7 @@ class FakeStages:
             predict=self.predict,
             baseline_manifest=baseline_manifest,
             linear_paths=self.linear_paths,
+            layer_paths=self.layer_paths,
         )
 
 

@@ -299,6 +299,8 @@ def execute_run(
             if stages.linear_paths is not None and cfg.recipe != BASELINE:
                 # Which kernels the timed forwards ran: speed of emulated layers is labelled so.
                 manifest = {**manifest, "linear_paths": stages.linear_paths(model)}
+                if stages.layer_paths is not None:  # per layer: the report's per-format table
+                    manifest["layer_paths"] = stages.layer_paths(model)
         predictions = None
         if cfg.hardware:
             predictions = {}

@@ -31,6 +31,7 @@ class Stages:
     calibration(tokenizer, CalibrationSpec) -> (LongTensor [n, length], {sha256, ...})
     compress(model, recipe, (tokens, calib info), tokenizer, info, progress) -> (model', manifest)
     linear_paths(model) -> {"emulated" | "kernel:<name>": count} after a forward
+    layer_paths(model) -> {layer name: "emulated" | "kernel:<name>"} after a forward
     evaluate(task, model, tokenizer, info, EvalSpec, progress) -> {result, window_nll, window_tokens}
     bench(model, tokenizer, info, BenchSpec, progress) -> BenchResult dict
     predict(model, info, manifest, hardware, BenchSpec | None) -> Prediction dict
@@ -45,6 +46,7 @@ class Stages:
     predict: Callable[[Any, Any, dict[str, Any], str, BenchSpec | None], dict[str, Any]] | None
     baseline_manifest: Callable[[Any, Any], dict[str, Any]]
     linear_paths: Callable[[Any], dict[str, int]] | None = None
+    layer_paths: Callable[[Any], dict[str, str]] | None = None
     missing: dict[str, str] = field(default_factory=dict)
 
     def need(self, name: str) -> Callable[..., Any]:
@@ -101,6 +103,13 @@ def compress(
 def linear_paths(model: Any) -> dict[str, int]:
     """How many compressed linears ran through each kernel path in their last forward."""
     from joules.compress import linear_paths as paths
+
+    return paths(model)
+
+
+def layer_paths(model: Any) -> dict[str, str]:
+    """The kernel path each compressed linear ran in its last forward, by name."""
+    from joules.compress import layer_paths as paths
 
     return paths(model)
 
@@ -212,5 +221,6 @@ def default_stages() -> Stages:
         predict=predict if have("predict", "joules.predict", "predict") else None,
         baseline_manifest=baseline_manifest,
         linear_paths=linear_paths if has_compress else None,
+        layer_paths=layer_paths if has_compress else None,
         missing=missing,
     )
