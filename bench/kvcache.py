@@ -61,6 +61,8 @@ def configs(length: int) -> dict[str, KVSettings | None]:
         f"heavy hitters budget {keep}": KVSettings(policy="heavy_hitters", budget=keep),
         f"sinks 4 + window {keep - 4}": KVSettings(policy="sinks", n_sinks=4, window=keep - 4),
         "int8 kivi r128": KVSettings(format="int8", residual=128, group=32),
+        # KIVI's value grouping: per token, in groups of 32 of the head's 64 channels
+        "int4-g32 kivi r128": KVSettings(format="int4-g32", residual=128, group=32),
     }
 
 
