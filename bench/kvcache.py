@@ -63,6 +63,8 @@ def configs(length: int) -> dict[str, KVSettings | None]:
         "int8 kivi r128": KVSettings(format="int8", residual=128, group=32),
         # KIVI's value grouping: per token, in groups of 32 of the head's 64 channels
         "int4-g32 kivi r128": KVSettings(format="int4-g32", residual=128, group=32),
+        # finer still: values in groups of 16 channels, keys per channel over 16-token halves
+        "int4-g16 kivi r128": KVSettings(format="int4-g16", residual=128, group=32),
     }
 
 
