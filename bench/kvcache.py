@@ -252,6 +252,10 @@ def main() -> None:
             f"  {row['decode_s']:6.1f}s",
             flush=True,
         )
+    if only and OUT.is_file():  # a partial run updates its rows and keeps the others
+        new = {r["cache"]: r for r in rows}
+        old = json.loads(OUT.read_text())["rows"]
+        rows = [new.pop(r["cache"], r) for r in old] + list(new.values())
     base = next((r["ppl"] for r in rows if r["settings"] is None), rows[0]["ppl"])
     for r in rows:
         r["ppl_change_pct"] = 100 * (r["ppl"] / base - 1)
