@@ -1,14 +1,14 @@
 """Quality of activation quantization, dense-and-sparse outliers and mixed precision (issue 13).
 
-    python bench/compress_more.py                  # every row, 16,384 test tokens (hours on 2 cores)
-    python bench/compress_more.py --tokens 4096 --calib-n 32   # what the README table ran
+    python bench/compress_more.py                  # every row, 128 x 256 calibration (hours on 2 cores)
+    python bench/compress_more.py --calib-n 32     # what the README table ran (16,384 tokens)
     python bench/compress_more.py --table          # re-derive the table rows of the JSON
 
 Same protocol as ``bench/compress.py`` (whose helpers it reuses): each recipe is compressed by the
 real CLI in its own process, loaded back, scored on the first ``--tokens`` WikiText-2 **test**
 tokens (calibration: WikiText-2 valid) and compared with the baseline by the paired per-window
 NLL difference (95 % interval); rows already in ``bench/results/compress_more.json`` with the same
-settings are kept, so an interrupted run resumes. The ``mixed`` family is compressed once; each
+settings are kept, so an interrupted run resumes. Each ``mixed`` family is compressed once; each
 member is scored by moving the loaded model to it with ``switch_member`` (the bytes each move
 reads are in the JSON). **Activation quantization is emulated on this CPU** (inputs rounded to
 the format in fp32, matmul in fp32): the W8A8/W4A4 rows measure accuracy, not speed or energy.
@@ -233,7 +233,8 @@ def vs_uniform(data: dict[str, Any]) -> None:
     for key, row in rows.items():
         if "family" not in row:
             continue
-        quantizer = fams.get(row["family"], {}).get("quantizer", "rtn")
+        fam = fams.get(row["family"]) or {}
+        quantizer = fam.get("quantizer") or ("gptq" if "quantizer=gptq" in row["family"] else "rtn")
         bits = row["bits_per_weight"]
         uniform = [
             r

@@ -16,11 +16,11 @@ would depend on which member the earlier blocks took); each option's error is we
 sensitivity: ``fisher`` (default) ``sum F * D^2`` with ``D = W - Q`` and ``F`` the empirical
 Fisher diagonal (squared gradients of each calibration sequence's loss), ``hessian``
 ``tr(D H D^T)`` with ``H`` the layer's input Hessian (the layer's output error on calibration
-tokens, blind to how much that output matters to the loss), or ``probe`` the calibration loss increase when only that layer
-is quantized (slow: layers x candidates forward passes). The choice minimises the summed error
-with the targeted linears' average bits/weight (scales included) at most ``avg_bits``
-(:mod:`joules.compress.knapsack`: exact, or stated approximate, then no affordable single-layer
-upgrade left).
+tokens, blind to how much that output matters to the loss), or ``probe`` the calibration loss
+increase when only that layer is quantized (slow: layers x candidates forward passes). The choice
+minimises the summed error with the targeted linears' average bits/weight (scales included) at
+most ``avg_bits`` (:mod:`joules.compress.knapsack`: exact, or stated approximate, then no
+affordable single-layer upgrade left).
 
 A list of budgets yields a FlexQuant-like *family* in one pass: calibration, sensitivities and
 every candidate's packed weight are shared; the model holds the member of the first budget
@@ -102,7 +102,7 @@ class Mixed(Step):
             raise ConfigError("mixed needs avg_bits, e.g. mixed(avg_bits=4.5) or [3.5, 4, 4.5]")
         if len(self.candidates) < 2:
             raise ConfigError(
-                "mixed needs at least two candidates, e.g. candidates=[int3-g64, int4-g64, int8-g64]"
+                "mixed needs at least two candidates, e.g. candidates=[int4-g128, int4-g64, int8-ch]"
             )
         for c in self.candidates:
             check_format(c, "mixed")
@@ -111,7 +111,9 @@ class Mixed(Step):
             if b < least - 1e-9:
                 raise ConfigError(
                     f"mixed avg_bits={b:g} is below the smallest candidate's {least:g} bits/weight: "
-                    f"use avg_bits >= {least:g} or add a smaller candidate"
+                    f"use avg_bits >= {least:g}, or list candidates that include a smaller format "
+                    "(candidates= replaces the defaults), e.g. candidates=[int3-g64, int4-g64, "
+                    "int5-g64, int8-g64]"
                 )
 
     # -- candidates and their errors -----------------------------------------------------------
@@ -199,9 +201,11 @@ class Mixed(Step):
         members = []
         for b in self.avg_bits:
             budget = int(b * numel)
-            if budget < sum(min(lay.costs) for lay in layers):
+            cheapest = sum(min(lay.costs) for lay in layers)
+            if budget < cheapest:
                 raise ConfigError(
-                    f"mixed avg_bits={b:g} is below the cheapest choice for these layers: raise it"
+                    f"mixed avg_bits={b:g} is below the cheapest choice for these layers "
+                    f"({cheapest / numel:.4g} bits/weight with their shapes): raise it to that"
                 )
             sol = solve([lay.costs for lay in layers], [lay.errors for lay in layers], budget)
             members.append(

@@ -285,7 +285,9 @@ class _Q8_0(BlockType):
         return {"d": _f16(d), "id": _inv(d)}
 
     def codes(self, x, p):  # int8 codes stored as their uint8 bytes
-        return _roundf(x * p["id"]).clamp_(-127, 127).to(torch.int8).view(torch.uint8)
+        v = x * p["id"]  # inf/NaN when 1/d overflows: (int8_t) of them is 0 on x86-64
+        q = torch.where(torch.isfinite(v), _roundf(v).clamp(-127, 127), torch.zeros_like(v))
+        return q.to(torch.int8).view(torch.uint8)
 
     def decode(self, q, p):
         return q.view(torch.int8).to(torch.float32) * p["d"].float()

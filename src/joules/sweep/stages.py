@@ -30,8 +30,8 @@ class Stages:
     load(model_spec, dtype) -> (model, tokenizer, info)
     calibration(tokenizer, CalibrationSpec) -> (LongTensor [n, length], {sha256, ...})
     compress(model, recipe, (tokens, calib info), tokenizer, info, progress) -> (model', manifest)
-    linear_paths(model) -> {"emulated" | "kernel:<name>": count} after a forward
-    layer_paths(model) -> {layer name: "emulated" | "kernel:<name>"} after a forward
+    linear_paths(model) -> {"emulated" | "kernel:<name>/<dtype>": count} after a forward
+    layer_paths(model) -> {layer name: "emulated" | "kernel:<name>/<dtype>"} after a forward
     evaluate(task, model, tokenizer, info, EvalSpec, progress) -> {result, window_nll, window_tokens}
     bench(model, tokenizer, info, BenchSpec, progress) -> BenchResult dict
     predict(model, info, manifest, hardware, BenchSpec | None) -> Prediction dict
