@@ -25,6 +25,7 @@ loading rebuilds the structure before reading the state dict.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -442,18 +443,15 @@ def compressed_linears(model: nn.Module) -> dict[str, CompressedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
 
 
-def linear_paths(model: nn.Module) -> dict[str, int]:
-    """How many compressed linears ran through each path in their last forward."""
-    out: dict[str, int] = {}
-    for m in compressed_linears(model).values():
-        out[m.path] = out.get(m.path, 0) + 1
-    return out
-
-
 def layer_paths(model: nn.Module) -> dict[str, str]:
     """The path each compressed linear ran in its last forward (``kernel:<name>/<dtype>`` or
     ``emulated``), by module name."""
     return {n: m.path for n, m in compressed_linears(model).items()}
+
+
+def linear_paths(model: nn.Module) -> dict[str, int]:
+    """How many compressed linears ran through each path in their last forward."""
+    return dict(Counter(layer_paths(model).values()))
 
 
 def set_kernels(model: nn.Module, enabled: bool) -> None:

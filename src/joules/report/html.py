@@ -195,7 +195,7 @@ def _layer_figures(data: ReportData) -> tuple[list[tuple[str, Any]], str]:
             if not isinstance(v, dict) or not v.get("format"):
                 continue
             f = per_format.setdefault(
-                str(v["format"]), {"layers": 0, "bits": [], "sqnr": [], "emulated": set()}
+                str(v["format"]), {"layers": 0, "bits": [], "sqnr": [], "paths": set()}
             )
             f["layers"] += 1
             if v.get("bits_per_weight") is not None:
@@ -204,9 +204,9 @@ def _layer_figures(data: ReportData) -> tuple[list[tuple[str, Any]], str]:
                 f["sqnr"].append(float(v["sqnr_db"]))
             path = _layer_path(r.manifest, name)
             if path is not None:
-                f["emulated"].add(path)
+                f["paths"].add(path)
     rows = [
-        [name, f["layers"], _mean(f["bits"]), _mean(f["sqnr"]), ", ".join(sorted(f["emulated"]))]
+        [name, f["layers"], _mean(f["bits"]), _mean(f["sqnr"]), ", ".join(sorted(f["paths"]))]
         for name, f in sorted(per_format.items())
     ]
     table = _table(["format", "layers", "mean bits/weight", "mean SQNR (dB)", "kernels"], rows)

@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,7 +183,7 @@ class FakeStages:
                     "decode_energy": energy(tpot * max(decoded, 1), max(decoded, 1)),
                 }
             ],
-            "linear_paths": self.linear_paths(model),
+            "linear_paths": dict(Counter(self.layer_paths(model).values())),
         }
 
     def predict(
@@ -202,10 +203,6 @@ class FakeStages:
             "energy_band": {},
         }
 
-    def linear_paths(self, model: Any) -> dict[str, int]:
-        n = len(getattr(model, "fake_layers", ()))
-        return {"emulated": n} if n else {}
-
     def layer_paths(self, model: Any) -> dict[str, str]:
         return {n: "emulated" for n in getattr(model, "fake_layers", ())}
 
@@ -218,7 +215,6 @@ class FakeStages:
             bench=self.bench,
             predict=self.predict,
             baseline_manifest=baseline_manifest,
-            linear_paths=self.linear_paths,
             layer_paths=self.layer_paths,
         )
 

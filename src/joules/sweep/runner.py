@@ -31,6 +31,7 @@ import json
 import platform
 import time
 import traceback as tb
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -296,11 +297,15 @@ def execute_run(
                 bench = stages.need("bench")(
                     model, tok, info, cfg.bench, lambda d, t: progress.phase("bench", d, t)
                 )
-            if stages.linear_paths is not None and cfg.recipe != BASELINE:
-                # Which kernels the timed forwards ran: speed of emulated layers is labelled so.
-                manifest = {**manifest, "linear_paths": stages.linear_paths(model)}
-                if stages.layer_paths is not None:  # per layer: the report's per-format table
-                    manifest["layer_paths"] = stages.layer_paths(model)
+            if stages.layer_paths is not None and cfg.recipe != BASELINE:
+                # Which kernels the timed forwards ran: speed of emulated layers is labelled so
+                # (counts), and per layer for the report's per-format table.
+                paths = stages.layer_paths(model)
+                manifest = {
+                    **manifest,
+                    "linear_paths": dict(Counter(paths.values())),
+                    "layer_paths": paths,
+                }
         predictions = None
         if cfg.hardware:
             predictions = {}

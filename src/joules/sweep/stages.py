@@ -30,7 +30,6 @@ class Stages:
     load(model_spec, dtype) -> (model, tokenizer, info)
     calibration(tokenizer, CalibrationSpec) -> (LongTensor [n, length], {sha256, ...})
     compress(model, recipe, (tokens, calib info), tokenizer, info, progress) -> (model', manifest)
-    linear_paths(model) -> {"emulated" | "kernel:<name>/<dtype>": count} after a forward
     layer_paths(model) -> {layer name: "emulated" | "kernel:<name>/<dtype>"} after a forward
     evaluate(task, model, tokenizer, info, EvalSpec, progress) -> {result, window_nll, window_tokens}
     bench(model, tokenizer, info, BenchSpec, progress) -> BenchResult dict
@@ -45,7 +44,6 @@ class Stages:
     bench: Callable[[Any, Any, Any, BenchSpec, Progress | None], dict[str, Any]] | None
     predict: Callable[[Any, Any, dict[str, Any], str, BenchSpec | None], dict[str, Any]] | None
     baseline_manifest: Callable[[Any, Any], dict[str, Any]]
-    linear_paths: Callable[[Any], dict[str, int]] | None = None
     layer_paths: Callable[[Any], dict[str, str]] | None = None
     missing: dict[str, str] = field(default_factory=dict)
 
@@ -98,13 +96,6 @@ def compress(
         progress=(lambda what, done, total: progress(done, total)) if progress else None,
     )
     return cm.model, cm.manifest.to_dict()
-
-
-def linear_paths(model: Any) -> dict[str, int]:
-    """How many compressed linears ran through each kernel path in their last forward."""
-    from joules.compress import linear_paths as paths
-
-    return paths(model)
 
 
 def layer_paths(model: Any) -> dict[str, str]:
@@ -220,7 +211,6 @@ def default_stages() -> Stages:
         bench=bench if have("bench", "joules.bench", "BenchConfig", "run_bench") else None,
         predict=predict if have("predict", "joules.predict", "predict") else None,
         baseline_manifest=baseline_manifest,
-        linear_paths=linear_paths if has_compress else None,
         layer_paths=layer_paths if has_compress else None,
         missing=missing,
     )
