@@ -102,13 +102,18 @@ def _roundf(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * (f + torch.floor(2 * (a - f)))
 
 
+def _finite_or(v: torch.Tensor, q: torch.Tensor, fill: float) -> torch.Tensor:
+    """``q`` where the scaled value ``v`` is finite, else the code llama.cpp's float->int cast of
+    inf/NaN gives on x86-64 (``fill``). They arise only when a block's range is so small
+    (subnormal) that ``1/d`` overflows to inf."""
+    return torch.where(torch.isfinite(v), q, torch.full_like(v, fill))
+
+
 def _trunc_code(v: torch.Tensor, qmax: int) -> torch.Tensor:
     """``MIN(qmax, (int8_t)v)`` as llama.cpp's Q4/Q5 quantizers compute it, clamped to
-    ``[0, qmax]`` (values outside only come from a fitted grid, which clips). x86-64 converts
-    NaN and +-inf through ``cvttss2si`` to INT_MIN, whose low byte is 0: code 0. They arise when
-    a block's range is so small (subnormal) that ``1/d`` overflows to inf."""
-    q = torch.where(torch.isfinite(v), torch.trunc(v).clamp(0, qmax), torch.zeros_like(v))
-    return q.to(torch.uint8)
+    ``[0, qmax]`` (values outside only come from a fitted grid, which clips); inf/NaN go through
+    ``cvttss2si`` to INT_MIN, whose low byte is 0: code 0."""
+    return _finite_or(v, torch.trunc(v).clamp(0, qmax), 0).to(torch.uint8)
 
 
 def _inv(d: torch.Tensor) -> torch.Tensor:
@@ -285,9 +290,8 @@ class _Q8_0(BlockType):
         return {"d": _f16(d), "id": _inv(d)}
 
     def codes(self, x, p):  # int8 codes stored as their uint8 bytes
-        v = x * p["id"]  # inf/NaN when 1/d overflows: (int8_t) of them is 0 on x86-64
-        q = torch.where(torch.isfinite(v), _roundf(v).clamp(-127, 127), torch.zeros_like(v))
-        return q.to(torch.int8).view(torch.uint8)
+        v = x * p["id"]  # (int8_t) of inf/NaN: 0
+        return _finite_or(v, _roundf(v).clamp(-127, 127), 0).to(torch.int8).view(torch.uint8)
 
     def decode(self, q, p):
         return q.view(torch.int8).to(torch.float32) * p["d"].float()
@@ -350,11 +354,8 @@ class _TQ(BlockType):
         return {"d": _f16(d), "id": _inv(d)}
 
     def codes(self, x, p):
-        v = x * p["id"]
-        # lroundf(+-inf or NaN) is LONG_MIN on x86-64 glibc, and (int)(LONG_MIN + 1) is 1: the
-        # zero digit (only when 1/d overflows, i.e. subnormal blocks)
-        q = torch.where(torch.isfinite(v), _roundf(v).clamp(-1, 1) + 1, torch.ones_like(v))
-        return q.to(torch.uint8)
+        v = x * p["id"]  # lroundf(inf/NaN) is LONG_MIN on glibc; (int)(LONG_MIN + 1) is digit 1
+        return _finite_or(v, _roundf(v).clamp(-1, 1) + 1, 1).to(torch.uint8)
 
     def decode(self, q, p):
         return p["d"].float() * (q.to(torch.float32) - 1)
