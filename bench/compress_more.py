@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def save() -> None:
         # Paired intervals and table rows after every row, so an interrupted run leaves a table.
         if "baseline" in rows:
-            base.finish(data)
+            finish(data)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=1))
 
@@ -212,7 +212,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **cost,
         }
         save()
-    vs_uniform(data)
     save()
     return data
 
@@ -220,21 +219,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 UNIFORM = re.compile(r"^(?P<quantizer>rtn|gptq)\(format=int\d-g\d+\)$")
 
 
+def finish(data: dict[str, Any]) -> None:
+    """bench/compress.py's paired figures and table rows, then :func:`vs_uniform`."""
+    base.finish(data)
+    vs_uniform(data)
+
+
 def vs_uniform(data: dict[str, Any]) -> None:
     """Each family member paired against the uniform row of the same quantizer (RTN or GPTQ) at
     the nearest bits/weight, within a quarter bit (the one with more bits on a tie): the same
     windows, so the ratio's interval is tight. Members with no uniform row that near are left
     out."""
+    from joules.compress import parse_recipe
     from joules.evaluate.paired import paired_difference
 
     rows = data["rows"]
-    fams = data.get("families", {})
     out = []
     for key, row in rows.items():
         if "family" not in row:
             continue
-        fam = fams.get(row["family"]) or {}
-        quantizer = fam.get("quantizer") or ("gptq" if "quantizer=gptq" in row["family"] else "rtn")
+        quantizer = parse_recipe(row["family"]).steps[0].quantizer
         bits = row["bits_per_weight"]
         uniform = [
             r
@@ -323,8 +327,7 @@ def merge(paths: list[Path]) -> dict[str, Any]:
         fams = {**data.get("families", {}), **lane.get("families", {})}
         data = {**lane, **{k: v for k, v in data.items() if k not in ("rows", "families")}}
         data["rows"], data["families"] = rows, fams
-    base.finish(data)
-    vs_uniform(data)
+    finish(data)
     OUT.write_text(json.dumps(data, indent=1))
     return data
 
@@ -336,10 +339,10 @@ def main() -> None:
     if args.merge:
         print(table(merge(args.merge)))
         return
-    if args.table:
+    if args.table:  # re-derive the paired figures from what the JSON holds (cheap)
         path = args.results or OUT
-        data = base.retable(path)
-        vs_uniform(data)
+        data = json.loads(path.read_text())
+        finish(data)
         path.write_text(json.dumps(data, indent=1))
         print(table(data))
         return
