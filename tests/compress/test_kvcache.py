@@ -15,6 +15,7 @@ from joules.compress.kvcache import (
 )
 from joules.errors import ConfigError
 from joules.models import tiny_model
+from joules.models.hf_cache import cache_kwarg, given_cache, output_cache
 
 
 def _ids(n: int, seed: int = 0) -> torch.Tensor:
@@ -27,8 +28,8 @@ def _decode_logits(model: torch.nn.Module, ids: torch.Tensor, cache=None) -> tor
     out, past = [], cache
     with torch.no_grad():
         for t in range(ids.shape[1]):
-            r = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
-            past = r.past_key_values
+            r = model(ids[:, t : t + 1], **{cache_kwarg(model): past}, use_cache=True)
+            past = output_cache(r)
             out.append(r.logits[:, -1])
     return torch.stack(out, 1), past
 
@@ -96,7 +97,8 @@ def test_sinks_positions_after_eviction_one_layer():
     got, past = _decode_logits(model, ids)
     assert past.held() == n_sinks + window
     kept = torch.cat([ids[:, :n_sinks], ids[:, -(window + 1) :]], 1)
-    model._joules_kv_hook.remove()
+    for hook in model._joules_kv_hook:
+        hook.remove()
     with torch.no_grad():
         ref = model(kept, use_cache=False).logits[:, -1]
     assert torch.allclose(got[:, -1], ref, atol=1e-4)
@@ -121,7 +123,7 @@ def test_heavy_hitters_through_model_generate():
     out = model.generate(
         ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True, pad_token_id=0
     )
-    past = out.past_key_values
+    past = output_cache(out)
     assert isinstance(past, JoulesKVCache)
     assert all(layer.held() == 8 for layer in past.layers)
     assert out.sequences.shape[1] == 16
@@ -213,11 +215,11 @@ def test_decoder_alone_gets_cache_and_batch_repeat_keeps_scores():
     compress(model, "kvcache(policy=heavy_hitters, budget=4)")
     with torch.no_grad():
         out = model.model(_ids(6), use_cache=True)
-        past = out.past_key_values
+        past = output_cache(out)
         assert isinstance(past, JoulesKVCache) and past.held() == 4
         past.batch_repeat_interleave(3)
-        more = model.model(_ids(6, seed=5)[:, :2].repeat(3, 1), past_key_values=past)
-    assert more.past_key_values.layers[0].scores.shape == (3, 2, 4)
+        more = model.model(_ids(6, seed=5)[:, :2].repeat(3, 1), **{cache_kwarg(model.model): past})
+    assert output_cache(more).layers[0].scores.shape == (3, 2, 4)
 
 
 def test_heavy_hitters_without_h2o_attention_is_an_error():
@@ -226,3 +228,83 @@ def test_heavy_hitters_without_h2o_attention_is_an_error():
     model.set_attn_implementation("sdpa")
     with pytest.raises(ConfigError, match="joules_h2o"):
         model(_ids(3), use_cache=True)
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "kvcache(format=int4, residual=8, group=8)",
+        "kvcache(format=int8, granularity=token, residual=8, group=8)",
+        "kvcache(policy=sinks, n_sinks=2, window=8)",
+        "kvcache(policy=heavy_hitters, budget=8)",
+        "kvcache(format=int4, policy=sinks, n_sinks=2, window=12, residual=4, group=4)",
+    ],
+)
+def test_generate_uses_joules_cache_and_it_is_smaller(recipe):
+    """What ``generate`` really ran with: every decoder call got the one JoulesKVCache, and it
+    holds fewer bytes than the plain cache of the same tokens (the policy did something)."""
+    model, _, _ = tiny_model("llama", seed=0)
+    ids = _ids(12)
+    plain = model.generate(
+        ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True, pad_token_id=0
+    )
+    plain_cache = output_cache(plain)
+    assert type(plain_cache) is DynamicCache
+    plain_bytes = sum(
+        t.numel() * t.element_size()
+        for layer in plain_cache.layers
+        for t in (layer.keys, layer.values)
+    )
+    compress(model, recipe)
+    seen: list[object] = []
+
+    def spy(_m, _args, kwargs):
+        seen.append(given_cache(kwargs)[1])
+
+    handle = model.get_decoder().register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        out = model.generate(
+            ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True, pad_token_id=0
+        )
+    finally:
+        handle.remove()
+    used = output_cache(out)
+    assert isinstance(used, JoulesKVCache)
+    assert len(seen) == 20 and all(c is used for c in seen)
+    assert used.nbytes() < plain_bytes
+
+
+def test_a_forward_that_bypasses_the_cache_fails_loudly():
+    """A transformers release that ignores the cache the hook hands over must not pass silently."""
+    from joules.compress.kvcache import KVCacheBypassedError
+
+    model, _, _ = tiny_model("llama", seed=0)
+    compress(model, "kvcache(format=int4)")
+    decoder = model.get_decoder()
+
+    def swap(_m, _args, kwargs):  # stands in for a forward that builds its own cache
+        name, _ = given_cache(kwargs)
+        kwargs[name] = DynamicCache(config=model.config)
+        return _args, kwargs
+
+    handle = decoder.register_forward_pre_hook(swap, with_kwargs=True)
+    try:
+        with pytest.raises(KVCacheBypassedError, match="JoulesKVCache"):
+            model(_ids(4), use_cache=True)
+    finally:
+        handle.remove()
+
+
+def test_load_refuses_a_runtime_setting_it_cannot_install(tmp_path):
+    import json
+
+    from joules.errors import UnsupportedModelError
+
+    model, tok, _ = tiny_model("llama", seed=0)
+    compress(model, "kvcache(format=int8)").save(tmp_path, tok)
+    manifest = tmp_path / "joules.json"
+    raw = json.loads(manifest.read_text())
+    raw["runtime"]["kv_cache_v9"] = raw["runtime"].pop("kv_cache")
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(UnsupportedModelError, match="kv_cache_v9"):
+        load_compressed(tmp_path)

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from joules.errors import ConfigError
+from joules.models.hf_cache import cache_kwarg, output_cache
 
 _RUNTIMES: dict[str, type[Runtime]] = {}
 
@@ -159,13 +160,15 @@ class EagerRuntime(Runtime):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].argmax(-1), out.past_key_values
+        kw = {cache_kwarg(self.model): cache}
+        out = self.model(input_ids=ids, **kw, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].argmax(-1), output_cache(out)
 
     @torch.inference_mode()
     def decode_step(self, token: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
-        out = self.model(input_ids=token[:, None], past_key_values=state, use_cache=True)
-        return out.logits[:, -1].argmax(-1), out.past_key_values
+        kw = {cache_kwarg(self.model): state}
+        out = self.model(input_ids=token[:, None], **kw, use_cache=True)
+        return out.logits[:, -1].argmax(-1), output_cache(out)
 
 
 def inductor_cache_dir() -> str:
@@ -205,12 +208,13 @@ class CompiledRuntime(Runtime):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
         model, cache = self.model, self.cache
+        cache_kw = cache_kwarg(model)  # a constant string inside the compiled step
 
         def step(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             # ids: [B, S], positions: [S] -> next token [B]
             out = model(
                 input_ids=ids,
-                past_key_values=cache,
+                **{cache_kw: cache},
                 cache_position=positions,
                 use_cache=True,
                 logits_to_keep=1,

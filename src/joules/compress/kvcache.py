@@ -3,12 +3,13 @@
     >>> import torch
     >>> from joules.models import tiny_model
     >>> from joules.compress import compress
+    >>> from joules.models.hf_cache import output_cache
     >>> model, tok, _ = tiny_model()
     >>> cm = compress(model, "kvcache(format=int4, residual=32, group=32)")
     >>> cm.manifest.runtime["kv_cache"]["policy"]
     'full'
     >>> out = model(torch.tensor([[1, 2, 3]]), use_cache=True)
-    >>> type(out.past_key_values).__name__
+    >>> type(output_cache(out)).__name__
     'JoulesKVCache'
 
 How it is used: the step stores its settings in ``manifest.runtime["kv_cache"]`` and installs a
@@ -64,6 +65,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from joules.compress.api import register_runtime_hook
 from joules.compress.recipe import Step, register_step
 from joules.errors import ConfigError
+from joules.models.hf_cache import cache_kwarg, given_cache, output_cache
 
 _POLICIES = ("full", "sinks", "heavy_hitters")
 _PENDING = threading.local()  # the layer whose attention probabilities the next call observes
@@ -359,33 +361,62 @@ def _rotator(model: nn.Module) -> Any:
 
 
 def install_kv_cache(model: nn.Module, cfg: dict[str, Any]) -> None:
-    """Make ``model`` build a :class:`JoulesKVCache` whenever it would start a fresh cache."""
+    """Make ``model`` build a :class:`JoulesKVCache` whenever it would start a fresh cache.
+
+    Fails loudly, never silently: installing raises :class:`UnsupportedModelError` when the
+    decoder's ``forward`` takes no cache argument, and a forward that ran with ``use_cache`` but
+    returned another cache than the one the hook gave it (a transformers release that builds its
+    cache where the hook cannot see it) raises :class:`KVCacheBypassedError`.
+    """
     fields = KVSettings.__dataclass_fields__
     settings = KVSettings(**{k: v for k, v in cfg.items() if k in fields})
     rotate = _rotator(model)
-    old = getattr(model, "_joules_kv_hook", None)
-    if old is not None:
+    for old in getattr(model, "_joules_kv_hook", ()) or ():
         old.remove()
     if settings.policy == "heavy_hitters":
         model.set_attn_implementation("joules_h2o")
+    # On the decoder (``model.model``) when there is one: the LM head's forward passes its cache
+    # down, and callers that run the decoder alone (the evaluator's hidden states) get it too.
+    target = model.get_decoder() if hasattr(model, "get_decoder") else model
+    target = target if isinstance(target, nn.Module) else model
+    accepted = cache_kwarg(target)  # raises when the decoder takes no cache at all
+    given: list[Any] = []  # the cache the pre-hook handed to the forward that is running
 
     def pre_hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(mod.config, "use_cache", True)
-        past = kwargs.get("past_key_values")
+        name, past = given_cache(kwargs)
         fresh = past is None or (type(past) is DynamicCache and past.get_seq_length() == 0)
         if use_cache and fresh:
-            kwargs["past_key_values"] = JoulesKVCache(settings, mod.config, rotate)
+            past = JoulesKVCache(settings, mod.config, rotate)
+            kwargs[name or accepted] = past
             kwargs["use_cache"] = True
+        given.append(past if isinstance(past, JoulesKVCache) else None)
         return args, kwargs
 
-    # On the decoder (``model.model``) when there is one: the LM head's forward passes its cache
-    # down, and callers that run the decoder alone (the evaluator's hidden states) get it too.
-    target = model.get_decoder() if hasattr(model, "get_decoder") else model
-    target = target if isinstance(target, nn.Module) else model
-    model._joules_kv_hook = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    def post_hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any], out: Any) -> None:
+        mine = given.pop() if given else None
+        if mine is None:
+            return
+        used = output_cache(out)
+        if used is not mine:
+            raise KVCacheBypassedError(
+                f"the kv_cache policy was installed on {type(mod).__name__} but its forward "
+                f"returned a {type(used).__name__}, not the JoulesKVCache it was given: this "
+                "transformers release passes the cache another way; pin the locked transformers "
+                "(make install) or report it"
+            )
+
+    model._joules_kv_hook = (
+        target.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        target.register_forward_hook(post_hook, with_kwargs=True),
+    )
     model._joules_kv_settings = settings
+
+
+class KVCacheBypassedError(RuntimeError):
+    """A forward ran past the installed KV-cache policy (its figures would be an fp16 cache's)."""
 
 
 register_runtime_hook("kv_cache")(install_kv_cache)
