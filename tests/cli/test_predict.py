@@ -113,3 +113,27 @@ def test_calibrate_from_results(tmp_path, monkeypatch):
     assert (tmp_path / "predict" / "nvidia-h100-sxm.json").is_file()
     r = runner.invoke(app, ["predict", "calibrate", "--from", str(tmp_path / "none.json")])
     assert r.exit_code == 2 and "cannot read bench results" in r.output
+
+
+def test_calibrate_says_which_coefficients_are_fitted(tmp_path, monkeypatch):
+    """Latency-only runs: the table names each coefficient's origin and the energy ones are
+    the catalog's, with the reason printed."""
+    monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path))
+    cfg = _cfg(tmp_path)
+    rows = [
+        {"prompt_len": p, "gen_len": 8, "batch": 1, "ttft_s": 0.01 + p * 1e-4, "tpot_s": 0.004}
+        for p in (16, 32, 64, 128, 256)
+    ]
+    res = tmp_path / "bench.json"
+    res.write_text(json.dumps({"rows": rows}))
+    args = ["predict", "calibrate", "--from", str(res), "--model", cfg, "--hardware", "h100"]
+    r = runner.invoke(app, args, terminal_width=200)
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.stdout.split())
+    assert "from" in out and "catalog" in out and "fitted" in out
+    assert "energy coefficients from the catalog" in out
+    d = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    status = d["coefficients"]["status"]
+    assert status["e_flop_j"] == status["static_w"] == "catalog"
+    assert status["bandwidth_efficiency"] == "fitted"
+    assert d["coefficients"]["e_flop_j"] > 0 and d["n_energy_runs"] == 0

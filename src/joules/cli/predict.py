@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -108,7 +109,8 @@ def _render(preds: list[Any], operators: bool) -> None:
     )
     t.add_column("")
     for p in preds:
-        t.add_column(p.hardware + ("" if p.calibrated else " (uncal.)"), justify="right")
+        tag = " (uncal.)" if not p.calibrated else " (degenerate fit)" if p.degenerate_fit else ""
+        t.add_column(p.hardware + tag, justify="right")
 
     def band(p: Any, phase: str) -> str:
         r = p.band.get(phase)
@@ -164,7 +166,7 @@ def hardware_cmd(catalog: list[Path] | None = CATALOG_OPTION, as_json: bool = JS
     try:
         specs.insert(0, this_machine())
     except ConfigError as exc:
-        console.print(f"[dim]this-machine: {exc}[/]")
+        console.print(f"[dim]this-machine: {escape(str(exc))}[/]")
 
     def render(_: Any) -> None:
         t = Table(title="hardware catalog of joules predict", title_justify="left")
@@ -221,20 +223,55 @@ def calibrate_cmd(
         t = Table(title=f"calibration of {hw.id} on {cal.n_points} runs (stored in {path})")
         t.add_column("coefficient")
         t.add_column("value", justify="right")
-        t.add_row("FLOP/s efficiency (of the peak), prefill", f"{c.flops_efficiency:.3g}")
+        t.add_column("from")
+
+        def source(name: str) -> str:
+            d = c.degenerate.get(name)
+            if d:
+                return f"fitted, DEGENERATE: at its {d['bound']} bound {d['limit']:g}"
+            return c.status.get(name, "–")
+
+        t.add_row(
+            "FLOP/s efficiency (of the peak), prefill",
+            f"{c.flops_efficiency:.3g}",
+            source("flops_efficiency"),
+        )
         dec = c.decode_flops_efficiency
-        t.add_row("FLOP/s efficiency, decode", f"{dec:.3g}" if dec is not None else "as prefill")
-        t.add_row("bandwidth efficiency", f"{c.bandwidth_efficiency:.3g}")
+        t.add_row(
+            "FLOP/s efficiency, decode",
+            f"{dec:.3g}" if dec is not None else "as prefill",
+            source("decode_flops_efficiency"),
+        )
+        t.add_row(
+            "bandwidth efficiency",
+            f"{c.bandwidth_efficiency:.3g}",
+            source("bandwidth_efficiency"),
+        )
         for ph, v in c.overhead_s.items():
-            t.add_row(f"overhead per operator call, {ph}", f"{v * 1e6:.3g} µs")
-        t.add_row("dequantisation per weight element", f"{c.dequant_s_per_element * 1e9:.3g} ns")
-        t.add_row("static power", f"{c.static_w:.3g} W")
-        t.add_row("energy per FLOP", f"{c.e_flop_j * 1e12:.3g} pJ")
-        t.add_row("energy per byte", f"{c.e_byte_j * 1e12:.3g} pJ")
+            t.add_row(
+                f"overhead per operator call, {ph}", f"{v * 1e6:.3g} µs", source(f"overhead_s.{ph}")
+            )
+        t.add_row(
+            "dequantisation per weight element",
+            f"{c.dequant_s_per_element * 1e9:.3g} ns",
+            source("dequant_s_per_element"),
+        )
+        t.add_row("static power", f"{c.static_w:.3g} W", source("static_w"))
+        t.add_row("energy per FLOP", f"{c.e_flop_j * 1e12:.3g} pJ", source("e_flop_j"))
+        t.add_row("energy per byte", f"{c.e_byte_j * 1e12:.3g} pJ", source("e_byte_j"))
+        cap = c.max_power_w
+        t.add_row("power cap", f"{cap:.3g} W" if cap is not None else "none", source("max_power_w"))
         for ph, r in c.band.items():
-            t.add_row(f"latency band (95 % of |rel. residual|), {ph}", f"±{r:.1%}")
+            t.add_row(f"latency band (95 % of |rel. residual|), {ph}", f"±{r:.1%}", "fitted")
         console.print(t)
+        verdict = (
+            f"DEGENERATE fit ({c.degenerate_summary()}): not a validated roofline"
+            if c.degenerate
+            else "fit inside its bounds"
+        )
+        console.print(verdict, markup=False, highlight=False)
         for n in cal.notes:
-            console.print(f"[dim]{n}[/]")
+            if not n.startswith("degenerate fit:"):  # said by the verdict above
+                console.print(n, style="dim", markup=False, highlight=False)
 
     emit(cal, as_json, render)

@@ -148,6 +148,11 @@ def predict(
             "uncalibrated: datasheet peaks at 100 % efficiency (a speed of light; real runs are "
             "slower), energy from TDP and idle power"
         )
+    method = "predicted"
+    if coef.calibrated:
+        notes += _calibration_notes(coef)
+        if coef.degenerate:
+            method = f"predicted (degenerate fit: {coef.degenerate_summary()})"
     if manifest:
         notes.append("weights per layer from the manifest (joules.json)")
     if policy:
@@ -180,4 +185,33 @@ def predict(
         band=dict(coef.band),
         energy_band=dict(coef.energy_band),
         notes=notes,
+        method=method,
     )
+
+
+def _calibration_notes(coef: Coefficients) -> list[str]:
+    """What a calibrated prediction must say about its coefficients: a degenerate fit, and
+    coefficients the calibration kept from the catalog."""
+    notes = []
+    if coef.degenerate:
+        notes.append(
+            f"degenerate fit: {coef.degenerate_summary()}; the bound, not the measured runs, set "
+            "it, so this is a curve fitted through those runs, not a validated roofline"
+        )
+    if not coef.status:
+        notes.append(
+            "calibration stored before joules recorded which coefficients were fitted: re-run "
+            "`joules predict calibrate` (its energy may be idle power only)"
+        )
+        return notes
+    kept = [k for k, v in coef.status.items() if v == "catalog"]
+    energy = ("static_w", "e_flop_j", "e_byte_j")
+    if all(coef.status.get(k) == "catalog" for k in energy):
+        notes.append(
+            "energy from the catalog (idle power, TDP, datasheet peaks over the calibrated "
+            "time): the calibration had no measured energy to fit"
+        )
+        kept = [k for k in kept if k not in (*energy, "max_power_w")]
+    if kept:
+        notes.append(f"kept from the catalog (no calibration run informs them): {', '.join(kept)}")
+    return notes

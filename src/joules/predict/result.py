@@ -53,7 +53,14 @@ class Prediction:
     band: dict[str, float] = field(default_factory=dict)
     energy_band: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # "predicted"; "predicted (degenerate fit: <coefficient> at its <upper|lower> bound <x>)"
+    # when a calibrated coefficient sits at a bound of its fit (not a validated roofline)
     method: str = "predicted"
+
+    @property
+    def degenerate_fit(self) -> bool:
+        """Whether the calibration behind this prediction is degenerate (see ``method``)."""
+        return self.method.startswith("predicted (degenerate fit")
 
     @property
     def total_s(self) -> float:

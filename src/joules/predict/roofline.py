@@ -101,6 +101,25 @@ class Coefficients:
     energy_band: dict[str, float] = field(default_factory=dict)
     n_points: int = 0
     source: str = "uncalibrated: datasheet peaks (speed of light)"
+    # Where each coefficient came from, by name (``overhead_s.prefill`` for a phase's entry):
+    # "fitted" (estimated from measured runs) or "catalog" (the datasheet default of
+    # :meth:`uncalibrated`, kept because the runs could not inform it; ``max_power_w``, the
+    # TDP cap, is listed only then). Empty: uncalibrated, or a calibration stored before
+    # joules recorded it.
+    status: dict[str, str] = field(default_factory=dict)
+    # Fitted coefficients that sit at an arbitrary bound of the fit (an efficiency of 100x the
+    # peak, say): by name, {"bound": "upper" | "lower", "limit": the bound, "value": the fit}.
+    # Such a fit is not a roofline the runs validate (the bound, not the data, set that
+    # coefficient), and predictions made with it say so.
+    degenerate: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def degenerate_summary(self) -> str:
+        """``"bandwidth_efficiency at its upper bound 100"`` (one clause per coefficient), or
+        "" when no fitted coefficient sits at a bound."""
+        return "; ".join(
+            f"{name} at its {d['bound']} bound {d['limit']:g}"
+            for name, d in sorted(self.degenerate.items())
+        )
 
     @classmethod
     def uncalibrated(cls, hw: HardwareSpec) -> Coefficients:

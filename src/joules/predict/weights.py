@@ -5,7 +5,7 @@
     >>> s = ModelShape("t", "llama", 2, 64, 4, 2, 16, 128, 384)
     >>> dense, int4 = weight_plan(s, "fp32", "fp32"), weight_plan(s, "int4-g32", "fp32")
     >>> dense.layers[0]["qkv_proj"].nbytes, int4.layers[0]["qkv_proj"].nbytes   # 128 x 64
-    (32768, 4608.0)
+    (32768.0, 4608.0)
 
 Bits per weight come from ``joules.formats.get(spec).bits_per_element(shape)`` (scales,
 zero-points and codebooks included); ``fp32``, ``bf16`` and ``fp16`` are dense. The format
