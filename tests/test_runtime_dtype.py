@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from joules.errors import ConfigError
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path))
+    _load(monkeypatch, 0.0)  # a quiet machine unless a test says otherwise
     return tmp_path
 
 
@@ -60,3 +63,63 @@ def test_explicit_dtypes_and_bad_names():
 def test_the_real_probe_times_both_dtypes():
     fp32_s, bf16_s = rd.probe(repeats=1)
     assert fp32_s > 0 and bf16_s > 0
+
+
+# -- speed probes and the machine's load ----------------------------------------------------
+
+
+def _load(monkeypatch, load_1m, own_1m=0.0, cores=2):
+    monkeypatch.setattr(rd, "machine_load", lambda: rd.MachineLoad(load_1m, own_1m, cores))
+
+
+def test_the_probe_keeps_the_best_time_of_its_repeats(monkeypatch):
+    ticks = iter([0.0, 5.0, 10.0, 10.5, 20.0, 23.0])  # repeats of 5 s, 0.5 s, 3 s
+    monkeypatch.setattr(rd, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w: None)
+    assert rd._time_matmul(torch.float32, repeats=3) == 0.5
+
+
+def test_machine_load_reads_the_load_average_and_discounts_this_process(monkeypatch):
+    monkeypatch.setattr(
+        rd, "os", SimpleNamespace(getloadavg=lambda: (3.0, 2.0, 1.0), cpu_count=lambda: 4)
+    )
+    load = rd.machine_load()
+    assert load.load_1m == 3.0 and load.own_1m >= 0
+    assert rd.MachineLoad(3.0, 0.0, 4).busy  # 0.75 other threads per core
+    assert not rd.MachineLoad(3.0, 2.0, 4).busy  # this process's own work is not a competitor
+    assert not rd.MachineLoad(2.0, 0.0, 4).busy  # 0.5 per core: the limit itself is quiet
+
+
+def test_a_probe_taken_on_a_busy_machine_is_probed_again(cache, monkeypatch):
+    calls = _fake_probe(monkeypatch, 1.0, 2.0)  # busy: bf16 looked slow
+    _load(monkeypatch, 1.8)
+    first = rd.auto_dtype()
+    assert first.name == "fp32" and first.load["busy"] and "busy" in first.reason
+    calls = _fake_probe(monkeypatch, 3.0, 0.5)  # still busy, other timings: best of each kept
+    second = rd.auto_dtype()
+    assert len(calls) == 1 and (second.fp32_s, second.bf16_s) == (1.0, 0.5)
+    assert second.name == "bf16" and "best of 2 busy probes" in second.reason
+    _load(monkeypatch, 0.1)  # quiet now: a fresh probe replaces the busy ones
+    calls = _fake_probe(monkeypatch, 1.0, 0.95)
+    third = rd.auto_dtype()
+    assert len(calls) == 1 and third.name == "fp32" and not third.load["busy"]
+    assert rd.auto_dtype().reason.endswith("(cached probe; bf16 needs >= 1.10x)")
+    assert len(calls) == 1  # a quiet probe is the machine's truth
+
+
+def test_busy_probes_are_used_after_max_busy_probes(cache, monkeypatch):
+    _load(monkeypatch, 1.8)
+    calls = _fake_probe(monkeypatch, 1.0, 0.5)
+    for _ in range(rd.MAX_BUSY_PROBES + 2):
+        choice = rd.auto_dtype()
+    assert len(calls) == rd.MAX_BUSY_PROBES and choice.load["busy"]
+    assert "cached probe on a busy machine" in choice.reason
+
+
+def test_a_cached_probe_without_a_load_is_probed_again(cache, monkeypatch):
+    _load(monkeypatch, 0.0)
+    path = cache / "dtype_probe" / f"{rd.probe_key()}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"fp32_s": 1.0, "bf16_s": 0.1, "torch": "x"}')  # written before loads
+    calls = _fake_probe(monkeypatch, 1.0, 2.0)
+    assert rd.auto_dtype().name == "fp32" and len(calls) == 1

@@ -29,6 +29,8 @@ def test_wikitext2_json_matches_the_library(tiny_dir):
     assert d["perplexity"] == pytest.approx(lib.perplexity, rel=1e-6)
     assert d["protocol"]["window"] == 64 and d["protocol"]["stride"] == 32
     assert d["protocol"]["dataset"] == "wikitext2" and d["protocol"]["split"] == "test"
+    assert d["protocol"]["dtype"] == lib.protocol.dtype == "float32"
+    assert d["protocol"]["compute_path"] == lib.protocol.compute_path
     table = runner.invoke(app, [*args, "--window", "64"])
     assert table.exit_code == 0 and "perplexity" in table.stdout and "window 64" in table.stdout
 
@@ -164,12 +166,28 @@ def test_deviation_bf16_with_a_format_labels_its_reference_bf16(tiny_dir):
     assert "(fp32)" not in d["protocol"]["reference"]
 
 
-@pytest.mark.parametrize(("bf16_s", "want"), [(0.5, "bfloat16"), (4.0, "float32")])
-def test_default_dtype_is_auto_from_the_probe(tiny_dir, tmp_path, monkeypatch, bf16_s, want):
+@pytest.mark.parametrize("bf16_s", [0.5, 4.0])
+def test_default_dtype_is_fp32_whatever_the_probe_says(tiny_dir, tmp_path, monkeypatch, bf16_s):
+    # quality figures never depend on a speed probe: bf16 fast (0.5 s) or slow (4 s), fp32 ran
     import joules.runtime_dtype as rd
 
     monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(rd, "probe", lambda repeats=7: (1.0, bf16_s))
     args = ["eval", str(tiny_dir), "--task", "wikitext2", "--limit-tokens", "64", "--window", "32"]
     d = _json(runner.invoke(app, [*args, "--json"]))
+    assert d["protocol"]["dtype"] == "float32"
+    assert d["protocol"]["dtype_choice"] == "fp32 (default)"
+    assert d["protocol"]["compute_path"] == "dense/fp32 x15"
+
+
+@pytest.mark.parametrize(("bf16_s", "want"), [(0.5, "bfloat16"), (4.0, "float32")])
+def test_explicit_auto_follows_the_probe_and_says_so(tiny_dir, tmp_path, monkeypatch, bf16_s, want):
+    import joules.runtime_dtype as rd
+
+    monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(rd, "probe", lambda repeats=7: (1.0, bf16_s))
+    monkeypatch.setattr(rd, "machine_load", lambda: rd.MachineLoad(0.0, 0.0, 2))
+    args = ["eval", str(tiny_dir), "--task", "wikitext2", "--limit-tokens", "64", "--window", "32"]
+    d = _json(runner.invoke(app, [*args, "--dtype", "auto", "--json"]))
     assert d["protocol"]["dtype"] == want
+    assert d["protocol"]["dtype_choice"].startswith("auto: bf16 matmul is")

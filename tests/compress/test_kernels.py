@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,3 +140,75 @@ def test_compute_dtype_env_and_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choice.dtype == ("bf16" if choice.bf16_s < choice.fp32_s else "fp32")
     with pytest.raises(ConfigError, match="unknown kernel"):
         K.compute_dtype("cuda-magic")
+
+
+# -- the speed probe: best of its repeats, the machine's load, pinned for quality work ---------
+
+
+def _fake_probe(monkeypatch: pytest.MonkeyPatch, fp32_s: float, bf16_s: float, busy: bool):
+    calls: list[str] = []
+
+    def probe(kernel_name: str, reps: int = 15) -> K.DtypeChoice:
+        calls.append(kernel_name)
+        return K._verdict(kernel_name, fp32_s, bf16_s, {"busy": busy}, 1)
+
+    monkeypatch.delenv("JOULES_KERNEL_DTYPE", raising=False)
+    monkeypatch.setattr(K, "probe", probe)
+    return calls
+
+
+def test_time_call_keeps_the_best_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    ticks = iter([0.0, 4.0, 10.0, 10.25, 20.0, 22.0])  # repeats of 4 s, 0.25 s, 2 s
+    monkeypatch.setattr(K, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    assert K._time_call(lambda: torch.zeros(1), reps=3) == 0.25
+
+
+def test_the_probe_records_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    from joules.runtime_dtype import MachineLoad
+
+    monkeypatch.setattr(K, "machine_load", lambda: MachineLoad(7.0, 0.0, 2))
+    choice = K.probe("cpu-int8", reps=1)
+    assert choice.load == {"load_1m": 7.0, "own_1m": 0.0, "cores": 2, "busy": True}
+    assert choice.busy and "busy machine" in choice.reason
+
+
+def test_a_busy_verdict_is_probed_again_at_prepack_not_per_forward(monkeypatch) -> None:
+    from joules.compress import compress
+    from joules.models import tiny_model
+
+    monkeypatch.setattr(K, "_CHOICES", {})
+    calls = _fake_probe(monkeypatch, 1.0, 3.0, busy=True)  # busy: bf16 looked slow
+    model, _, _ = tiny_model("llama", seed=0)
+    compress(model, "rtn(format=int4-g32)")
+    x = torch.randint(3, 300, (1, 8))
+    with torch.no_grad():
+        model(x)
+        model(x)
+    assert calls == ["cpu-int4"]  # every forward reads the cached verdict
+    assert K.compute_dtype("cpu-int4").dtype == "fp32"
+    calls = _fake_probe(monkeypatch, 2.0, 0.5, busy=True)  # busy again: best of each is kept
+    assert K.prepack(model) == {"kernel:cpu-int4/bf16": 14}
+    choice = K.compute_dtype("cpu-int4")
+    assert calls == ["cpu-int4"] and (choice.fp32_s, choice.bf16_s, choice.probes) == (1.0, 0.5, 2)
+    calls = _fake_probe(monkeypatch, 1.0, 3.0, busy=False)  # quiet: replaces the busy verdict
+    K.prepack(model)
+    assert calls == ["cpu-int4"] and K.compute_dtype("cpu-int4").dtype == "fp32"
+    K.prepack(model)
+    assert calls == ["cpu-int4"]  # a quiet verdict stays
+
+
+def test_pinned_activations_ignore_the_probe_but_not_an_explicit_request(monkeypatch) -> None:
+    x = torch.zeros(1, 4)
+    monkeypatch.setattr(K, "_CHOICES", {})
+    calls = _fake_probe(monkeypatch, 1.0, 0.1, busy=False)  # the probe says bf16
+    assert K.activation_dtype("cpu-int4", x) == torch.bfloat16
+    with K.pinned_activations("fp32"):
+        assert K.activation_dtype("cpu-int4", x) == torch.float32
+        assert K.activation_dtype("cpu-int4", x.bfloat16()) == torch.bfloat16  # bf16 stays
+        assert K.pinned_choice() == ("fp32", "pinned for quality work, no speed probe")
+        monkeypatch.setenv("JOULES_KERNEL_DTYPE", "bf16")
+        assert K.activation_dtype("cpu-int4", x) == torch.bfloat16
+        assert K.pinned_choice() == ("bf16", "set by JOULES_KERNEL_DTYPE")
+    assert calls == ["cpu-int4"]
+    with pytest.raises(ConfigError, match="pinned activation dtype"), K.pinned_activations("fp8"):
+        pass

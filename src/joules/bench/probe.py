@@ -17,18 +17,28 @@
 
 Best-of-N is the achievable rate, the right denominator for a "fraction of the speed of light".
 
+A probe beside other jobs can be off several times over. Each probe records the machine's load
+(``load``: :func:`joules.runtime_dtype.machine_load`, 1-minute load average, this process's
+share, cores, ``busy``). A busy probe never replaces a quiet cached one, and is merged with a
+busy cached one by the best of each rate (both are achievable rates; other jobs only lower
+them); :func:`load_machine_limits` does not return a busy entry until ``MAX_BUSY_PROBES`` busy
+probes have been merged, so the next bench probes again instead of taking it as the machine's
+truth.
+
 Cache file (read by ``joules predict`` through :func:`load_machine_limits`):
 ``$JOULES_CACHE_DIR/machine_limits.json`` =
 ``{"version": 1, "entries": {"<cpu model>|<threads>": MachineLimits.to_dict()}}`` where
 ``to_dict()`` is ``{"cpu_model": str, "threads": int, "read_bw_bytes_s": float,
 "triad_bw_bytes_s": float, "peak_flops": {"fp32": float, "bf16": float}, "buffer_bytes": int,
-"matmul_n": int, "repeats": int, "device": "cpu", "torch": str, "probed_unix_s": float}``.
+"matmul_n": int, "repeats": int, "device": "cpu", "torch": str, "probed_unix_s": float,
+"load": {"load_1m": float, "own_1m": float, "cores": int, "busy": bool} | null, "probes": int}``
+(entries written before loads were recorded have no ``load`` and are used as they are).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +49,8 @@ from typing import Any
 import torch
 
 from joules.errors import ConfigError
+from joules.runtime_dtype import MAX_BUSY_PROBES, machine_load
+from joules.serialize import atomic_write_json
 
 CACHE_FILE = "machine_limits.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -59,6 +71,13 @@ class MachineLimits:
     device: str = "cpu"
     torch: str = ""
     probed_unix_s: float = 0.0
+    load: dict[str, Any] | None = None  # MachineLoad.to_dict() of the (last) probe
+    probes: int = 1  # busy probes merged into these figures (best of each rate)
+
+    @property
+    def busy(self) -> bool:
+        """Probed beside other jobs (the figures may be low)."""
+        return bool(self.load and self.load.get("busy"))
 
     @property
     def key(self) -> str:
@@ -122,6 +141,7 @@ def probe_machine(
         raise ConfigError("probe needs buffer_bytes >= 1 MiB, matmul_n >= 16 and repeats >= 1")
     from joules.system import cpu_model
 
+    load = machine_load()
     with _threads(threads) as n_threads, torch.inference_mode():
         n = buffer_bytes // 4
         read_s, triad_s = _bandwidth_times(n, repeats)
@@ -142,6 +162,7 @@ def probe_machine(
         repeats=repeats,
         torch=torch.__version__,
         probed_unix_s=time.time(),
+        load=load.to_dict(),
     )
     if save:
         save_machine_limits(limits)
@@ -165,23 +186,57 @@ def _read_cache() -> dict[str, Any]:
     return data
 
 
+def merge_limits(old: MachineLimits | None, new: MachineLimits) -> MachineLimits:
+    """What the cache keeps when ``new`` is probed over ``old`` (same CPU and threads): ``new``
+    unless it is busy; a busy probe keeps a quiet ``old`` (from the same torch), and merges with
+    a busy one by the best of each rate."""
+    if old is None or not new.busy or old.torch != new.torch:
+        return new
+    if not old.busy:
+        return old
+    peak = {k: max(v, old.peak_flops.get(k, 0.0)) for k, v in new.peak_flops.items()}
+    return dataclasses.replace(
+        new,
+        read_bw_bytes_s=max(new.read_bw_bytes_s, old.read_bw_bytes_s),
+        triad_bw_bytes_s=max(new.triad_bw_bytes_s, old.triad_bw_bytes_s),
+        peak_flops=peak,
+        probes=old.probes + 1,
+    )
+
+
 def save_machine_limits(limits: MachineLimits) -> Path:
-    """Store ``limits`` in the cache file (atomic replace), keyed by CPU model and threads."""
+    """Store ``limits`` in the cache file (atomic replace), keyed by CPU model and threads, merged
+    with the cached entry by :func:`merge_limits`."""
     data = _read_cache()
-    data.setdefault("entries", {})[limits.key] = limits.to_dict()
+    entries = data.setdefault("entries", {})
+    old = entries.get(limits.key)
+    try:
+        cached = MachineLimits.from_dict(old) if old else None
+    except TypeError:  # an entry of another layout: replaced
+        cached = None
+    entries[limits.key] = merge_limits(cached, limits).to_dict()
     path = limits_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, data, indent=2)
     return path
 
 
-def load_machine_limits(threads: int | None = None) -> MachineLimits | None:
+def load_machine_limits(
+    threads: int | None = None, *, accept_busy: bool = False
+) -> MachineLimits | None:
     """The cached limits of this CPU for ``threads`` (None: torch's current count), or None when
-    ``joules bench --probe`` has not measured them yet."""
+    ``joules bench --probe`` has not measured them yet, or when they were probed on a busy
+    machine fewer than ``MAX_BUSY_PROBES`` times (probe again; ``accept_busy`` takes them)."""
     from joules.system import cpu_model
 
     n = threads if threads is not None else torch.get_num_threads()
     entry = _read_cache().get("entries", {}).get(f"{cpu_model()}|{n}")
-    return MachineLimits.from_dict(entry) if entry else None
+    if not entry:
+        return None
+    try:
+        limits = MachineLimits.from_dict(entry)
+    except TypeError:
+        return None
+    if limits.busy and limits.probes < MAX_BUSY_PROBES and not accept_busy:
+        return None
+    return limits

@@ -9,10 +9,17 @@
 
 ``--data`` replaces the shipped set (a UTF-8 text file for wikitext2/deviation, a JSONL file of
 ``{"context", "endings", "label"}`` for hellaswag). Every result prints its protocol.
+
+The compute path is fixed, never a speed probe's: the model runs in fp32 unless ``--dtype`` says
+otherwise (``--dtype auto`` picks by a speed probe and says so in ``protocol.dtype_choice``), and
+compressed linears take fp32 activations (``protocol.activation_dtype``, ``compute_path``), so
+a figure is the same on an idle and a loaded machine and matches the library's
+``load_model(spec, dtype=torch.float32)`` + ``joules.evaluate``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import typer
@@ -48,6 +55,15 @@ def _render_perplexity(r: Any) -> None:
         f"{p.stream_tokens:,} stream tokens in {r.windows} windows · {p.dtype} · "
         f"batch {p.batch_size} · tokenizer {p.tokenizer}[/]"
     )
+    _print_compute(p)
+
+
+def _print_compute(p: Any) -> None:
+    if p.compute_path:
+        console.print(
+            f"[dim]compute: {escape(p.compute_path)} · activations {escape(p.activation_dtype)}"
+            f" · dtype {escape(p.dtype_choice or p.dtype)}[/]"
+        )
 
 
 def _render_choice(r: Any) -> None:
@@ -68,6 +84,7 @@ def _render_choice(r: Any) -> None:
         f"KV reuse {'yes' if p.kv_reuse else 'no'} · {r.items_per_s:.2f} items/s[/]"
     )
     console.print(f"[dim]text: {escape(p.text)}[/]")
+    _print_compute(p)
 
 
 def _render_deviation(r: Any) -> None:
@@ -98,6 +115,7 @@ def _render_deviation(r: Any) -> None:
         f"[dim]protocol: {p.dataset} · window {p.window} · limit {p.limit_tokens or 'none'} · "
         f"transform {p.transform or 'none'} · {p.kl}[/]"
     )
+    _print_compute(p)
 
 
 def _render_attention(r: Any) -> None:
@@ -171,8 +189,9 @@ def eval_cmd(
     batch_size: int = typer.Option(None, "--batch-size", help="Windows per forward pass."),
     dtype: str = typer.Option(
         None,
-        help="Compute dtype: auto, fp32 or bf16. Default: auto (bf16 only where a cached probe "
-        "finds it faster on this CPU) for wikitext2/hellaswag, fp32 for deviation.",
+        help="Compute dtype: fp32 (default: quality figures never depend on a speed probe), "
+        "bf16, or auto (bf16 where a speed probe finds it faster here; recorded in the "
+        "protocol's dtype_choice).",
     ),
     bos: bool = typer.Option(None, "--bos/--no-bos", help="Prepend BOS (default: tokenizer's)."),
     seed: int = typer.Option(1234, help="hellaswag --limit sampling / attention inputs seed."),
@@ -231,7 +250,7 @@ def eval_cmd(
     config = eval_tasks.get(
         task, **{k: v for k, v in flags.items() if k in accepted and v is not None}
     )
-    m = tok = info = None
+    m = tok = info = choice = None
     if cls.needs_model:
         from joules.models import load_model
 
@@ -242,9 +261,20 @@ def eval_cmd(
             m, tok, info = load_model(model, dtype=choice.dtype)
     with progress_bar(_PROGRESS.get(task, "tokens"), json) as prog:
         r = config.run(m, tok, info, progress=prog)
+    if choice is not None:
+        r = _with_dtype_choice(r, choice, default=dtype is None)
     emit(r, json, _RENDER[task])
     if m is not None:
         _print_paths(m, json)
+
+
+def _with_dtype_choice(r: Any, choice: Any, default: bool) -> Any:
+    """``r`` with its protocol saying how the model's dtype was chosen."""
+    if choice.requested == "auto":
+        how = choice.reason
+    else:
+        how = f"{choice.name} ({'default' if default else 'requested'})"
+    return dataclasses.replace(r, protocol=dataclasses.replace(r.protocol, dtype_choice=how))
 
 
 def _print_paths(model: Any, as_json: bool) -> None:

@@ -18,11 +18,19 @@ their layouts once (at convert/load time) and runs them:
 
 Both kernels want scales in the activation dtype. On an AVX2-only CPU (no AVX512-BF16) they run
 *slower* than fp32 ``F.linear`` with fp32 activations and faster with bf16 ones
-(``bench/linear_kernels.py``), so the compute dtype is chosen per CPU by :func:`compute_dtype`: a
-one-time probe of each kernel at 1536x576, one token, fp32 against bf16 activations
-(``JOULES_KERNEL_DTYPE=fp32|bf16`` overrides it). bf16 rounds the scales (fp16 in storage) and
+(``bench/linear_kernels.py``), so for speed the compute dtype is chosen per CPU by
+:func:`compute_dtype`: a one-time probe of each kernel at 1536x576, one token, fp32 against bf16
+activations, best of its repeats, with the machine's load recorded (a verdict taken on a busy
+machine is probed again at the next :func:`prepack`, never in the middle of a run;
+``JOULES_KERNEL_DTYPE=fp32|bf16`` overrides it). bf16 rounds the scales (fp16 in storage) and
 the activations to 8 significant bits: compare the kernel with the emulated path run at the
 same activation dtype.
+
+A quality figure must not depend on a timing probe. Inside :func:`pinned_activations` (every
+evaluation and every compression runs there) fp32/fp16 activations run in the pinned dtype
+(fp32) whatever the probe says; only an explicit ``JOULES_KERNEL_DTYPE`` overrides it, and the
+evaluation records that (:func:`pinned_choice`). bf16 inputs always stay bf16: a bf16 model
+computes in bf16 everywhere.
 
     >>> import torch
     >>> from joules import formats
@@ -44,7 +52,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +64,7 @@ from joules.errors import ConfigError
 from joules.formats.base import QuantizedTensor
 from joules.formats.integer import IntFormat
 from joules.formats.packing import unpack
+from joules.runtime_dtype import machine_load
 
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes aten._weight_int4pack_mm_for_cpu accepts
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -302,23 +313,31 @@ class DtypeChoice:
     kernel: str
     dtype: str  # "fp32" | "bf16"
     reason: str
-    fp32_s: float | None = None  # probe: median seconds per call, 1 token at 1536x576
+    fp32_s: float | None = None  # probe: best seconds per call, 1 token at 1536x576
     bf16_s: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    load: dict[str, object] | None = None  # runtime_dtype.MachineLoad.to_dict() when probed
+    probes: int = 1  # busy probes merged into this verdict (best time per dtype)
+
+    @property
+    def busy(self) -> bool:
+        """The probe ran beside other jobs (its verdict is probed again at the next prepack)."""
+        return bool(self.load and self.load.get("busy"))
 
 
 _CHOICES: dict[str, DtypeChoice] = {}
+MAX_BUSY_PROBES = 3  # busy probes merged before a verdict is kept for the process
 
 
 def _time_call(fn: Callable[[], torch.Tensor], reps: int) -> float:
+    """Best seconds of ``reps`` calls after a warm-up: other jobs only ever add time."""
     fn()
-    ts = []
+    best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def probe(kernel_name: str, reps: int = 15) -> DtypeChoice:
@@ -328,34 +347,95 @@ def probe(kernel_name: str, reps: int = 15) -> DtypeChoice:
     q = formats.get(spec).quantize(
         torch.randn(1536, 576, generator=torch.Generator().manual_seed(0))
     )
+    load = machine_load()
     times = {}
     for name, dt in DTYPES.items():
         p = kernel.pack(q, dt)
         x = torch.randn(1, 576).to(dt)
         times[name] = _time_call(lambda p=p, x=x: kernel.mm(x, p), reps)
-    best = min(times, key=times.get)
+    return _verdict(kernel_name, times["fp32"], times["bf16"], load.to_dict(), 1)
+
+
+def _verdict(
+    kernel_name: str, fp32_s: float, bf16_s: float, load: dict[str, object], probes: int
+) -> DtypeChoice:
+    best = "bf16" if bf16_s < fp32_s else "fp32"
+    busy = f", best of {probes} probes on a busy machine" if load.get("busy") else ""
     reason = (
         f"probe: {kernel_name} at 1536x576, 1 token: bf16 activations "
-        f"{times['fp32'] / times['bf16']:.2f}x the speed of fp32"
+        f"{fp32_s / bf16_s:.2f}x the speed of fp32{busy}"
     )
-    return DtypeChoice(kernel_name, best, reason, times["fp32"], times["bf16"])
+    return DtypeChoice(kernel_name, best, reason, fp32_s, bf16_s, load=load, probes=probes)
 
 
-def compute_dtype(kernel_name: str, refresh: bool = False) -> DtypeChoice:
-    """The activation dtype of ``kernel_name`` on this CPU (probe cached per process).
+def _reprobe(old: DtypeChoice) -> DtypeChoice:
+    """Probe again a verdict taken on a busy machine: a quiet probe replaces it, a busy one is
+    merged into it (best time per dtype)."""
+    new = probe(old.kernel)
+    if not new.busy or old.fp32_s is None or old.bf16_s is None:
+        return new
+    return _verdict(
+        old.kernel,
+        min(new.fp32_s or float("inf"), old.fp32_s),
+        min(new.bf16_s or float("inf"), old.bf16_s),
+        new.load or {},
+        old.probes + 1,
+    )
 
-    ``JOULES_KERNEL_DTYPE=fp32|bf16`` fixes it without probing.
-    """
+
+def _env_dtype() -> str | None:
     env = os.environ.get("JOULES_KERNEL_DTYPE", "").strip().lower()
+    if env and env not in DTYPES:
+        raise ConfigError(f"JOULES_KERNEL_DTYPE={env!r}: use fp32 or bf16 (or unset it)")
+    return env or None
+
+
+def compute_dtype(
+    kernel_name: str, refresh: bool = False, *, reprobe_busy: bool = False
+) -> DtypeChoice:
+    """The activation dtype of ``kernel_name`` on this CPU for speed (probe cached per process).
+
+    ``JOULES_KERNEL_DTYPE=fp32|bf16`` fixes it without probing. ``reprobe_busy`` probes again a
+    cached verdict taken on a busy machine (up to ``MAX_BUSY_PROBES`` probes); the per-forward
+    lookup never does, so a layer's path does not change in the middle of a run.
+    """
+    env = _env_dtype()
     if env:
-        if env not in DTYPES:
-            raise ConfigError(f"JOULES_KERNEL_DTYPE={env!r}: use fp32 or bf16 (or unset it)")
         return DtypeChoice(kernel_name, env, "set by JOULES_KERNEL_DTYPE")
-    if refresh or kernel_name not in _CHOICES:
-        if kernel_name not in _KERNELS:
-            raise ConfigError(f"unknown kernel {kernel_name!r}: one of {', '.join(_KERNELS)}")
+    if kernel_name not in _KERNELS:
+        raise ConfigError(f"unknown kernel {kernel_name!r}: one of {', '.join(_KERNELS)}")
+    cached = _CHOICES.get(kernel_name)
+    if refresh or cached is None:
         _CHOICES[kernel_name] = probe(kernel_name)
+    elif reprobe_busy and cached.busy and cached.probes < MAX_BUSY_PROBES:
+        _CHOICES[kernel_name] = _reprobe(cached)
     return _CHOICES[kernel_name]
+
+
+# The activation dtype pinned for quality work (None: speed work, the probe decides).
+_PINNED: ContextVar[str | None] = ContextVar("joules_pinned_activations", default=None)
+
+
+@contextmanager
+def pinned_activations(dtype: str = "fp32") -> Iterator[None]:
+    """Within: every kernel runs fp32/fp16 activations in ``dtype``, never in a probe's choice
+    (an explicit ``JOULES_KERNEL_DTYPE`` still wins). Evaluation and compression run here, so
+    their figures are the same on an idle and a loaded machine, and on any CPU's probe."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"pinned activation dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    token = _PINNED.set(dtype)
+    try:
+        yield
+    finally:
+        _PINNED.reset(token)
+
+
+def pinned_choice(dtype: str = "fp32") -> tuple[str, str]:
+    """``(dtype, why)`` that fp32/fp16 activations run in under ``pinned_activations(dtype)``."""
+    env = _env_dtype()
+    if env:
+        return env, "set by JOULES_KERNEL_DTYPE"
+    return dtype, "pinned for quality work, no speed probe"
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,9 +444,13 @@ def compute_dtype(kernel_name: str, refresh: bool = False) -> DtypeChoice:
 
 
 def activation_dtype(kernel_name: str, x: torch.Tensor) -> torch.dtype:
-    """bf16 inputs stay bf16; fp32/fp16 inputs run in the dtype chosen for this CPU."""
+    """bf16 inputs stay bf16; fp32/fp16 inputs run in the pinned dtype inside
+    :func:`pinned_activations`, else in the dtype chosen for speed on this CPU."""
     if x.dtype == torch.bfloat16:
         return torch.bfloat16
+    pinned = _PINNED.get()
+    if pinned is not None:
+        return DTYPES[pinned_choice(pinned)[0]]
     return DTYPES[compute_dtype(kernel_name).dtype]
 
 
@@ -404,9 +488,16 @@ def prepack(
     dense copy (as a dequantize-at-load runtime does), instead of decoding it at every forward.
     Its path stays ``emulated``: its speed is then the dense matmul's and its memory holds the
     packed weight plus the dense copy; without this, a timed forward would mostly time the
-    format's decoder (for block formats such as nxfp4, ~10x the matmul)."""
+    format's decoder (for block formats such as nxfp4, ~10x the matmul).
+
+    A kernel verdict probed on a busy machine is probed again here (at load time, before any
+    timed run), not in the middle of a run."""
     from joules.compress.linear import compressed_linears, linear_paths
 
+    if _PINNED.get() is None:
+        for name, choice in list(_CHOICES.items()):
+            if choice.busy:
+                compute_dtype(name, reprobe_busy=True)
     for m in compressed_linears(model).values():
         dev = next(iter(m.buffers())).device
         x = torch.zeros(1, m.in_features, dtype=x_dtype, device=dev)
@@ -431,6 +522,8 @@ __all__ = [
     "compute_dtype",
     "find_kernel",
     "kernels",
+    "pinned_activations",
+    "pinned_choice",
     "prepack",
     "probe",
     "register",

@@ -40,6 +40,7 @@ from joules.data import ChoiceItem
 from joules.errors import ConfigError
 from joules.evaluate.results import ChoiceProtocol, ChoiceResult
 from joules.evaluate.scoring import Scorer, bos_default, encode, model_dtype
+from joules.models.hf_cache import cache_kwarg
 
 DEFAULT_SEED = 1234  # the fixed seed that picks the --limit items
 HELLASWAG_TEXT = (
@@ -145,7 +146,8 @@ class ChoiceScorer:
         ids = torch.full((len(conts), width), self.pad_id, dtype=torch.long)  # [E, L]
         for row, cont in enumerate(conts):
             ids[row, : len(cont)] = torch.tensor(cont)
-        h_cont, _ = s.hidden(ids.to(dev), past_key_values=cache, use_cache=True)  # [E, L, D]
+        kw = {cache_kwarg(s.decoder if s.decoder is not None else s.model): cache}
+        h_cont, _ = s.hidden(ids.to(dev), **kw, use_cache=True)  # [E, L, D]
         rows = [torch.cat([last, h_cont[e, : len(c) - 1]]) for e, c in enumerate(conts)]
         nll = s.rows_nll(torch.cat(rows), torch.tensor([t for c in conts for t in c], device=dev))
         out, pos = [], 0
@@ -203,6 +205,8 @@ def choice_accuracy(
         dtype=str(model_dtype(model)).removeprefix("torch."),
         kv_reuse=scorer.kv_reuse,
         text=HELLASWAG_TEXT if dataset == "hellaswag" else "the file's text, as given",
+        activation_dtype=scorer.scorer.activations(),
+        compute_path=scorer.scorer.compute_path(),
     )
     return ChoiceResult(
         protocol=protocol,

@@ -277,6 +277,9 @@ def deviation(
         limit_tokens=limit_tokens,
         add_bos=add_bos,
         sqnr_modules=sqnr_modules,
+        activation_dtype=s_test.activations(),
+        compute_path=s_test.compute_path(),
+        reference_compute_path=s_ref.compute_path(),
     )
     return DeviationResult(
         protocol=protocol,

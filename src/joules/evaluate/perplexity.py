@@ -21,6 +21,9 @@ Protocol (what every :class:`PerplexityResult` records):
   scored too; without, the first token of the stream (and of each window when ``stride ==
   window``) is context only. The default follows the tokenizer: SmolLM2's GGUF tokenizer does
   not add BOS (``add_bos_token`` is false), so neither do we, as llama.cpp would not.
+* Compute: every forward runs on one stated path (:func:`joules.evaluate.scoring.evaluation_path`:
+  compressed linears take fp32 activations, never a speed probe's choice); the protocol records
+  it (``activation_dtype``, ``compute_path``).
 * Reported: mean NLL in nats per scored token, perplexity = exp(mean NLL), a 95 % interval from
   the standard error across windows, and bits per byte = total NLL / ln 2 / UTF-8 bytes of the
   scored tokens' text.
@@ -201,6 +204,8 @@ def perplexity(
         text_bytes=text_bytes,
         dtype=str(model_dtype(model)).removeprefix("torch."),
         batch_size=batch_size,
+        activation_dtype=scorer.activations(),
+        compute_path=scorer.compute_path(),
     )
     return PerplexityResult(
         protocol=protocol,

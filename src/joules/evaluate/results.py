@@ -65,6 +65,12 @@ class PerplexityProtocol:
     text_bytes: int  # UTF-8 bytes of that stream's text
     dtype: str
     batch_size: int
+    # How the numbers were computed (see joules.evaluate.scoring): the activation dtype of
+    # compressed linears (pinned for evaluation, never a speed probe's choice), how every linear
+    # ran, and how the model's dtype was chosen. "" in results written before they were recorded.
+    activation_dtype: str = ""
+    compute_path: str = ""
+    dtype_choice: str = ""
     scoring: str = (
         "windows of `window` positions start every `stride` stream tokens; each window scores "
         "only tokens no earlier window scored; without BOS the first token of the stream (and "
@@ -142,6 +148,12 @@ class ChoiceProtocol:
     dtype: str
     kv_reuse: bool
     text: str = ""  # where the text came from and how it was preprocessed
+    # How the numbers were computed (see joules.evaluate.scoring): the activation dtype of
+    # compressed linears (pinned for evaluation, never a speed probe's choice), how every linear
+    # ran, and how the model's dtype was chosen. "" in results written before they were recorded.
+    activation_dtype: str = ""
+    compute_path: str = ""
+    dtype_choice: str = ""
     scoring: str = (
         "score(ending) = sum of log p(token | context, earlier ending tokens) over the tokens of "
         "' ' + ending (lm-eval's target delimiter); acc = argmax score; acc_norm = argmax "
@@ -229,6 +241,13 @@ class DeviationProtocol:
     add_bos: bool
     sqnr_modules: str
     kl: str = "KL(reference || model) per scored token, natural log (nats), as llama.cpp"
+    # How the numbers were computed (see joules.evaluate.scoring): the activation dtype of
+    # compressed linears (pinned for evaluation, never a speed probe's choice), how every linear
+    # ran, and how the model's dtype was chosen. "" in results written before they were recorded.
+    activation_dtype: str = ""
+    compute_path: str = ""
+    dtype_choice: str = ""
+    reference_compute_path: str = ""
 
 
 @dataclass(frozen=True)

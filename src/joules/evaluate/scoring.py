@@ -15,17 +15,71 @@ of 1024 tokens is 800 MB. The scorer runs the decoder, keeps the hidden states o
 whose next token is scored, and projects those in chunks; log-softmax is always taken in float32
 whatever the model's dtype. Models without a separable decoder / output head (or with logit
 soft-capping) fall back to the full forward.
+
+One compute path per protocol: every forward of the scorer runs inside
+:func:`evaluation_path`, where compressed linears' kernels take their activations in
+``EVAL_ACTIVATIONS`` (fp32; a bf16 model stays bf16) instead of the dtype a speed probe picked
+for this CPU. So a quality figure is the same on an idle and a loaded machine and whatever the
+probe found; an explicit ``JOULES_KERNEL_DTYPE`` still wins, and every result records what ran
+(:func:`activations_of`, :func:`compute_path`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 
+from joules.models.hf_cache import output_cache
+
 _CHUNK_ROWS = 512  # positions projected to the vocabulary at once: 512 x 49,152 fp32 = 100 MB
+EVAL_ACTIVATIONS = "fp32"  # compressed linears' activation dtype in every evaluation
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _kernels() -> Any:
+    """``joules.compress.kernels`` if imported, else None: a compressed linear can only take a
+    kernel path once that module has registered its kernels, so without it nothing to pin."""
+    return sys.modules.get("joules.compress.kernels")
+
+
+def evaluation_path() -> AbstractContextManager[Any]:
+    """The context every evaluation forward runs in: kernels' activations pinned to
+    ``EVAL_ACTIVATIONS``, whatever the speed probe chose."""
+    kernels = _kernels()
+    return kernels.pinned_activations(EVAL_ACTIVATIONS) if kernels else nullcontext()
+
+
+def activations_of(model: Any) -> str:
+    """The activation dtype ``model``'s compressed linears run in under
+    :func:`evaluation_path`, and why (for a result's protocol)."""
+    dt = model_dtype(model)
+    if dt == torch.bfloat16:
+        return "bf16 (the model's dtype)"
+    kernels = _kernels()
+    if kernels is None:
+        return f"{EVAL_ACTIVATIONS} (pinned for quality work, no speed probe)"
+    name, why = kernels.pinned_choice(EVAL_ACTIVATIONS)
+    return f"{name} ({why})"
+
+
+def compute_path(model: Any) -> str:
+    """How ``model``'s linears ran in their last forward, e.g. ``"dense/fp32 x1,
+    kernel:cpu-int4/fp32 x14"`` (compressed linears report their own path)."""
+    linear = sys.modules.get("joules.compress.linear")
+    compressed = linear.CompressedLinear if linear is not None else ()
+    counts: Counter[str] = Counter()
+    for m in model.modules():
+        if compressed and isinstance(m, compressed):
+            counts[m.path] += 1
+        elif isinstance(m, torch.nn.Linear):
+            counts[f"dense/{_SHORT.get(m.weight.dtype, str(m.weight.dtype))}"] += 1
+    return ", ".join(f"{p} x{n}" for p, n in sorted(counts.items())) or "no linear layers"
 
 
 def set_threads(threads: int | None = None) -> int:
@@ -80,22 +134,32 @@ class Scorer:
     # -- hidden states and logits -------------------------------------------------------------
     def hidden(self, input_ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         """Final hidden states ``[B, T, D]`` (or logits ``[B, T, V]`` on the fallback path)."""
-        if self._split:
-            out = self.decoder(input_ids=input_ids, **kwargs)
-            return out.last_hidden_state, getattr(out, "past_key_values", None)
-        out = self.model(input_ids=input_ids, **kwargs)
-        return out.logits, getattr(out, "past_key_values", None)
+        with evaluation_path():
+            if self._split:
+                out = self.decoder(input_ids=input_ids, **kwargs)
+                return out.last_hidden_state, output_cache(out)
+            out = self.model(input_ids=input_ids, **kwargs)
+        return out.logits, output_cache(out)
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[N, V]`` of hidden rows ``[N, D]`` (identity on the fallback path)."""
         if self._split:
-            return self.head(rows).float()
+            with evaluation_path():
+                return self.head(rows).float()
         return rows.float()
 
     def logprob_chunks(self, rows: torch.Tensor) -> Iterator[torch.Tensor]:
         """Float32 log-softmax ``[n, V]`` of ``rows`` ``[N, D]``, chunk by chunk."""
         for start in range(0, rows.shape[0], _CHUNK_ROWS):
             yield torch.log_softmax(self.logits(rows[start : start + _CHUNK_ROWS]), dim=-1)
+
+    def compute_path(self) -> str:
+        """How the model's linears ran in the scorer's last forward (see :func:`compute_path`)."""
+        return compute_path(self.model)
+
+    def activations(self) -> str:
+        """The activation dtype of the model's compressed linears here, and why."""
+        return activations_of(self.model)
 
     # -- token scores -------------------------------------------------------------------------
     def rows_nll(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,12 @@ its typed result (``PerplexityResult``, ``ChoiceResult``, ``DeviationResult``,
 config alone; ``config.run(model, tokenizer, info)`` runs it. A new task is a dataclass with
 ``run`` decorated with ``@register("name")``.
 
-``default_dtype`` says which compute dtype a task wants when the user names none: ``"auto"`` for
-the speed-bound tasks (see :mod:`joules.runtime_dtype`), ``"fp32"`` for ``deviation``, whose
-figure depends on the dtype it measures.
+``default_dtype`` says which compute dtype a task wants when the user names none: ``"fp32"`` for
+every task. A quality figure must not depend on a timing probe, so ``joules eval`` never picks
+the dtype by speed unless asked (``--dtype auto``, recorded in the protocol's ``dtype_choice``).
+fp32 is also what the sweep (``dtype = "float32"``) and the lm-eval adapter default to, and what
+every committed table used; a bf16 checkpoint upcast to fp32 is exact, so the figure measures
+the weights, not the CPU's bf16 arithmetic (and on an AVX2-only CPU fp32 is the fast path too).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class Task:
 
     name: ClassVar[str] = ""
     needs_model: ClassVar[bool] = True
-    default_dtype: ClassVar[str] = "auto"
+    default_dtype: ClassVar[str] = "fp32"
 
     def run(self, model: Any, tokenizer: Any, info: Any, progress: Progress | None = None) -> Any:
         raise NotImplementedError
@@ -192,8 +195,6 @@ class Deviation(Task):
     without one, the model itself as loaded when ``weights_format`` is set (so only the format
     differs), else the model's own spec reloaded in fp32 (so the dtype is what differs).
     """
-
-    default_dtype: ClassVar[str] = "fp32"
 
     reference: Any = None
     weights_format: str | None = None
