@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from typer.core import TyperGroup
 
 from joules.errors import ConfigError as JoulesConfigError
@@ -28,7 +29,7 @@ class _JoulesGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except JoulesError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            print_error(str(exc))
             raise typer.Exit(2) from None
 
 
@@ -46,6 +47,17 @@ console = Console()
 err_console = Console(stderr=True)
 
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON for machines instead of a table.")
+
+
+def print_error(message: str) -> None:
+    """``error: MESSAGE`` on stderr, the message exactly as written.
+
+    Messages name TOML tables (``[bench]``), recipes and paths; rich would read their brackets
+    as markup and drop them, so the message is a plain :class:`~rich.text.Text`, never markup.
+    """
+    err_console.print(
+        Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True
+    )
 
 
 def print_json(obj: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from joules.cli._app import JSON_OPTION, app, console, emit
@@ -87,13 +88,13 @@ def _render(r: DoctorReport) -> None:
     else:
         t.add_row("energy meters", "none")
     for note in r.meter_notes:
-        t.add_row("meter note", f"[dim]{note}[/]")
+        t.add_row("meter note", f"[dim]{escape(note)}[/]")
     dm = r.default_model
     if dm["found"]:
         cached = "converted copy cached" if dm["converted_cache"] else "not yet converted"
         t.add_row("default model", f"{dm['spec']}: {dm['path']} ({cached})")
     else:
-        t.add_row("default model", f"[red]missing[/]: {dm['problem']}")
+        t.add_row("default model", f"[red]missing[/]: {escape(dm['problem'])}")
     sets = [f"{n} ({', '.join(sp)})" for kind in r.data.values() for n, sp in kind.items()]
     t.add_row("data", "; ".join(sets))
     console.print(t)

@@ -15,7 +15,6 @@ process tree.
 
 from __future__ import annotations
 
-import json as _json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,12 @@ from joules.cli._app import (
     app,
     console,
     emit,
-    err_console,
+    print_error,
     print_json,
     to_jsonable,
 )
 from joules.errors import ConfigError
+from joules.serialize import atomic_write_json
 
 
 def _make_meter(**kwargs: Any) -> Any:
@@ -172,13 +172,11 @@ def measure(
     emit(m, json, lambda r: render_measurement(r, f"energy of `{' '.join(cmd)}`"))
     if output is not None:
         try:
-            output.write_text(_json.dumps(to_jsonable(m), indent=2))
+            atomic_write_json(output, to_jsonable(m), indent=2)
         except OSError as exc:
-            err_console.print(
-                f"[bold red]error:[/] could not write --output {str(output)!r}: "
-                f"{exc.strerror or exc} (the measurement is printed above; pick a writable path)",
-                highlight=False,
-                soft_wrap=True,
+            print_error(
+                f"could not write --output {str(output)!r}: "
+                f"{exc.strerror or exc} (the measurement is printed above; pick a writable path)"
             )
             # the command's own failure wins; a command that succeeded exits 2 (bad input)
             raise typer.Exit(rc or 2) from None

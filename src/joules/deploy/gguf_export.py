@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from joules.errors import ConfigError, UnsupportedModelError
+from joules.serialize import atomic_path
 
 # Hugging Face names of llama-family modules -> GGUF names (llama.cpp's convention).
 _BLOCK = {
@@ -406,46 +407,47 @@ def export_gguf(
 
     # -- write ---------------------------------------------------------------------------------
     src_gguf = _source_gguf(str(model), Path(path), manifest)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    writer = GGUFWriter(str(tmp), "llama")
-    try:
-        writer.add_name(getattr(config, "_name_or_path", "") or Path(str(model)).name)
-        _hparams(writer, config)
-        counts = Counter(e[3].name for e in entries)
-        writer.add_file_type(_file_type(counts))
-        writer.add_quantization_version(2)
-        if src_gguf is not None:
-            _copy_tokenizer_kv(writer, src_gguf)
-            tok_from = f"gguf:{src_gguf.name}"
-        else:
-            _hf_tokenizer_kv(writer, tokenizer, int(config.vocab_size))
-            tok_from = "tokenizer.json"
-        result = ExportResult(
-            path=str(out),
-            source=str(model),
-            recipe=getattr(manifest, "recipe", None),
-            tokenizer_from=tok_from,
-            float_type=float_type,
-        )
-        for name, hf, arr, raw, exact, spec, permuted, shape in entries:
-            writer.add_tensor(name, arr, raw_dtype=raw)
-            result.tensors.append(
-                ExportedTensor(name, hf, raw.name, shape, int(arr.nbytes), exact, spec, permuted)
+    # A kill mid-export leaves the previous file (or none), never a truncated GGUF.
+    with atomic_path(out) as tmp:
+        writer = GGUFWriter(str(tmp), "llama")
+        try:
+            writer.add_name(getattr(config, "_name_or_path", "") or Path(str(model)).name)
+            _hparams(writer, config)
+            counts = Counter(e[3].name for e in entries)
+            writer.add_file_type(_file_type(counts))
+            writer.add_quantization_version(2)
+            if src_gguf is not None:
+                _copy_tokenizer_kv(writer, src_gguf)
+                tok_from = f"gguf:{src_gguf.name}"
+            else:
+                _hf_tokenizer_kv(writer, tokenizer, int(config.vocab_size))
+                tok_from = "tokenizer.json"
+            result = ExportResult(
+                path=str(out),
+                source=str(model),
+                recipe=getattr(manifest, "recipe", None),
+                tokenizer_from=tok_from,
+                float_type=float_type,
             )
-        summary = {
-            "source": result.source,
-            "recipe": result.recipe,
-            "exact": result.exact,
-            "types": result.type_counts(),
-        }
-        writer.add_string("joules.export", json.dumps(summary))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    tmp.replace(out)
+            for name, hf, arr, raw, exact, spec, permuted, shape in entries:
+                writer.add_tensor(name, arr, raw_dtype=raw)
+                result.tensors.append(
+                    ExportedTensor(
+                        name, hf, raw.name, shape, int(arr.nbytes), exact, spec, permuted
+                    )
+                )
+            summary = {
+                "source": result.source,
+                "recipe": result.recipe,
+                "exact": result.exact,
+                "types": result.type_counts(),
+            }
+            writer.add_string("joules.export", json.dumps(summary))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     result.file_nbytes = out.stat().st_size
     return result
 

@@ -58,6 +58,10 @@ class FormatError:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FormatError:
+        return cls(**d)
+
 
 @dataclass
 class _Acc:

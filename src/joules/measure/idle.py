@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from joules.errors import ConfigError, MeterError
+from joules.serialize import atomic_write_json
 
 
 def cache_dir() -> Path:
@@ -130,9 +131,7 @@ def save_idle(baseline: IdleBaseline, path: Path | None = None) -> IdleBaseline:
             "measured_at": baseline.measured_at,
         }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic_write_json(path, data, indent=1)
     return baseline
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,6 +43,11 @@ class GenerationResult:
             "latency_s": self.latency_s,
             "tokens_per_s": self.tokens_per_s,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationResult:
+        """Inverse of :meth:`to_dict` (``tokens_per_s`` is derived, so it is not read back)."""
+        return cls(d["prompt"], d["text"], d["prompt_tokens"], d["new_tokens"], d["latency_s"])
 
 
 @torch.inference_mode()

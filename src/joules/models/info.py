@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -67,6 +67,13 @@ class ModelInfo:
         d["gguf_type_counts"] = self.gguf_type_counts
         d["prequantized"] = self.prequantized
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
+        """Inverse of :meth:`to_dict` (the derived ``gguf_type_counts``/``prequantized`` are
+        recomputed, not read back)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def describe(
