@@ -174,3 +174,30 @@ def test_rtn_export_equals_llamacpp_quantized_file_byte_for_byte(tmp_path, monke
     for name, t in ref.items():
         assert t.tensor_type == ours[name].tensor_type, name
         assert np.array_equal(np.asarray(t.data), np.asarray(ours[name].data)), name
+
+
+def test_extra_buffers_are_off_exactly_on_amx_cpus(monkeypatch):
+    """llama.cpp's AMX repack crashes llama_decode (seen on a Sapphire Rapids VM): joules keeps
+    plain CPU buffers there, and the default (repacked) path everywhere else."""
+    import joules.deploy.llamacpp as mod
+
+    monkeypatch.setattr(mod, "cpu_flags", lambda: ["avx2", "avx512f", "amx_tile", "amx_int8"])
+    assert not mod.extra_buffers_safe() and "off" in mod.llama_runtime_note()
+    monkeypatch.setattr(mod, "cpu_flags", lambda: ["avx", "avx2", "fma", "f16c"])
+    assert mod.extra_buffers_safe()
+
+
+def test_llama_model_params_reach_the_loaded_model(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from joules.deploy.llamacpp import llama_model_params, load_llama
+    from joules.models import smollm2_gguf_path
+
+    with llama_model_params(use_extra_bufts=False):
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=str(smollm2_gguf_path()), n_ctx=64, verbose=False)
+    assert llm.model_params.use_extra_bufts is False
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True  # restored
+    del llm
+    llm = load_llama(smollm2_gguf_path(), n_ctx=64, threads=1)
+    llm.eval([1, 2, 3])  # segfaulted on AMX CPUs before extra buffers were turned off there

@@ -15,12 +15,13 @@ arithmetic of the runtime.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from joules.errors import ConfigError
+from joules.system import cpu_flags
 
 INSTALL_HINT = "install the llamacpp extra: pip install 'joules[llamacpp]' (compiles ~10 min)"
 
@@ -141,6 +143,48 @@ def gguf_tensor_table(path: str | os.PathLike[str]) -> list[tuple[str, str, int,
     return list(_tensor_table(str(p.resolve()), st.st_size, st.st_mtime_ns))
 
 
+def extra_buffers_safe() -> bool:
+    """Whether llama.cpp may repack weights into its "extra" CPU buffer types on this machine.
+
+    On CPUs with AMX (Sapphire Rapids and later) the vendored llama.cpp repacks Q4/Q8 weights
+    into its AMX buffer, and ``llama_decode`` then segfaults (seen with llama-cpp-python 0.3.36
+    on SmolLM2's shipped Q4_1 file and on tiny exports, at 1 and 2 threads): a crash, not a
+    slower path. There the weights stay in plain CPU buffers (llama.cpp's ``--no-extra-bufts``),
+    which is what :func:`llama_runtime_note` reports. Elsewhere the default (repacked) path runs.
+    """
+    return not any(f.startswith("amx") for f in cpu_flags())
+
+
+def llama_runtime_note() -> str:
+    """How llama.cpp holds the weights here, for protocols and bench notes."""
+    if extra_buffers_safe():
+        return "llama.cpp default buffers (repacked where llama.cpp repacks)"
+    return "llama.cpp plain CPU buffers (extra/AMX buffers off: they crash llama_decode here)"
+
+
+@contextlib.contextmanager
+def llama_model_params(**fields: Any) -> Iterator[None]:
+    """Inside, ``llama_cpp.Llama(...)`` loads with these ``llama_model_params`` fields set.
+
+    llama-cpp-python's constructor exposes only some of llama.cpp's model parameters; it builds
+    the rest from ``llama_model_default_params()``, which this wraps for the duration.
+    """
+    low = _llama_cpp().llama_cpp
+    orig = low.llama_model_default_params
+
+    def patched() -> Any:
+        params = orig()
+        for k, v in fields.items():
+            setattr(params, k, v)
+        return params
+
+    low.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = orig
+
+
 def load_llama(
     path: str | os.PathLike[str],
     n_ctx: int = 2048,
@@ -152,15 +196,16 @@ def load_llama(
     llama_cpp = _llama_cpp()
     threads = threads or min(os.cpu_count() or 1, 8)
     try:
-        return llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_batch=min(n_ctx, 512),
-            logits_all=logits_all,
-            verbose=False,
-        )
+        with llama_model_params(use_extra_bufts=extra_buffers_safe()):
+            return llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_batch=min(n_ctx, 512),
+                logits_all=logits_all,
+                verbose=False,
+            )
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"llama.cpp cannot load {path}: {str(exc).splitlines()[0]}") from None
 
@@ -236,6 +281,8 @@ def llamacpp_perplexity(
         text_bytes=text_bytes,
         dtype="gguf",
         batch_size=1,
+        # llama.cpp's own CPU kernels for each tensor's GGUF type; not a speed probe's choice.
+        compute_path="llamacpp:" + ("default-buffers" if extra_buffers_safe() else "cpu-buffers"),
     )
     return PerplexityResult(
         protocol=protocol,
