@@ -29,7 +29,8 @@ from torch import nn
 
 from joules.compress.linear import CompressedLinear
 from joules.compress.manifest import Manifest
-from joules.errors import ConfigError
+from joules.errors import ConfigError, UnsupportedModelError
+from joules.models.hf_cache import CACHE_KWARGS
 
 ProgressFn = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -106,6 +107,50 @@ def calibration_tokens(
     return tokens, desc
 
 
+@dataclass(frozen=True, eq=False)
+class _Captured:
+    """One distinct linear input of a mini-batch, and what keeps its key unambiguous.
+
+    ``source`` and ``act_quant`` are held only so that they stay alive while the entry exists:
+    then no later tensor of the block can be given the same storage address, and no other
+    quantizer the same ``id``. Without this, in bf16/fp16 (where ``.float()`` copies and the
+    source is freed) the allocator handed ``o_proj``'s or the post-attention norm's output the
+    address of an earlier input, and gate/up were given the q/k/v input (issue 25).
+    """
+
+    source: torch.Tensor
+    act_quant: Any
+    x2d: torch.Tensor  # [tokens, in_features] fp32, shared by every module fed ``source``
+    version: int  # ``source._version`` when captured
+    name: str  # the first module fed it (for the error below)
+
+    def check_unchanged(self) -> None:
+        """In fp32 ``x2d`` is a view of ``source`` (no copy): an in-place write to it later in
+        the block would change what consumers read. No supported block does that; fail loudly
+        rather than calibrate on other values if one ever does."""
+        aliased = self.x2d.untyped_storage().data_ptr() == self.source.untyped_storage().data_ptr()
+        if aliased and self.source._version != self.version:
+            raise UnsupportedModelError(
+                f"the input of '{self.name}' is modified in place later in its decoder block: "
+                "joules cannot capture this architecture's calibration inputs"
+            )
+
+
+def _input_key(x: torch.Tensor, act_quant: Any) -> tuple[Any, ...]:
+    """What identifies the same input while its source is alive: the same memory, read the same
+    way (address, dtype, shape, strides: one storage can hold several views), not written in
+    place since (the version counter, shared by views), through the same quantizer."""
+    return (
+        x.device,
+        x.data_ptr(),
+        x.dtype,
+        tuple(x.shape),
+        x.stride(),
+        x._version,
+        id(act_quant),
+    )
+
+
 @dataclass
 class BlockInputs:
     """The calibration hidden states entering one decoder block, in mini-batches."""
@@ -132,22 +177,25 @@ class BlockInputs:
         """Run ``block`` once per mini-batch; yield ``{name: x2d}``, each module's input.
 
         ``x2d`` is ``[tokens, in_features]`` in fp32. Modules fed the same tensor (q/k/v,
-        gate/up) get the same object, so consumers can share work between them. Consumers
-        accumulate statistics (Hessians, means) as batches stream by: nothing larger than one
-        mini-batch is held.
+        gate/up) get the same object within a mini-batch, so consumers can share work between
+        them (and only then: distinct inputs are distinct objects). Consumers accumulate
+        statistics (Hessians, means) as batches stream by: nothing larger than one mini-batch
+        is held.
         """
         buf: dict[str, torch.Tensor] = {}
-        seen: dict[tuple[int, int], torch.Tensor] = {}
+        seen: dict[tuple[Any, ...], _Captured] = {}
 
         def hook(name: str) -> Callable[..., None]:
             def fn(_m: nn.Module, args: tuple[Any, ...]) -> None:
                 x = args[0].detach()
                 # A linear that quantizes its input (act_quant) sees the quantized input.
                 aq = getattr(_m, "act_quant", None)
-                key = (x.data_ptr(), id(aq))
-                if key not in seen:
-                    seen[key] = (aq(x) if aq is not None else x).reshape(-1, x.shape[-1]).float()
-                buf[name] = seen[key]
+                key = _input_key(x, aq)
+                entry = seen.get(key)
+                if entry is None:
+                    x2d = (aq(x) if aq is not None else x).reshape(-1, x.shape[-1]).float()
+                    entry = seen[key] = _Captured(x, aq, x2d, x._version, name)
+                buf[name] = entry.x2d
 
             return fn
 
@@ -156,6 +204,8 @@ class BlockInputs:
             with torch.no_grad(), decoded_once(block):
                 for h, kw in zip(self.hidden, self.kwargs, strict=True):
                     block(h, **kw)
+                    for entry in seen.values():
+                        entry.check_unchanged()
                     yield dict(buf)
                     buf.clear()
                     seen.clear()
@@ -284,8 +334,8 @@ class CompressContext:
             hidden.append(args[0].detach() if args else kw.pop("hidden_states").detach())
             kw = {k: v for k, v in kw.items() if k != "hidden_states"}
             kw["use_cache"] = False
-            kw.pop("past_key_values", None)
-            kw.pop("past_key_value", None)
+            for name in (*CACHE_KWARGS, "past_key_value"):  # no cache during calibration
+                kw.pop(name, None)
             kwargs.append(kw)
             raise _Stop
 
@@ -399,4 +449,6 @@ def install_quantized(
     )
     if sparse is not None:
         ctx.record(name, sparse_type=sparse.module_type, sparse_nbytes=extra)  # type: ignore[attr-defined]
+    # Every quantizing step passes here: its layers' weight SQNR is recorded once, for all.
+    ctx.manifest.record_weight_error(name, dense_weight(module), lin.dequantize_weight())
     return lin

@@ -36,7 +36,7 @@ from joules.compress.hessian import Hessian, gptq_quantize
 from joules.compress.plan import fit_weight, sparse_part
 from joules.compress.recipe import Step, register_step
 from joules.compress.rtn import check_format
-from joules.errors import ConfigError
+from joules.errors import ConfigError, UnsupportedModelError
 
 
 def hessians(
@@ -48,7 +48,16 @@ def hessians(
         if not hs:  # modules fed the same tensor (q/k/v, gate/up) share one Hessian
             by_input: dict[int, Hessian] = {}
             hs = {n: by_input.setdefault(id(x), Hessian(x.shape[-1])) for n, x in batch.items()}
-        for h, x in {id(hs[n]): (hs[n], x) for n, x in batch.items()}.values():
+        fed: dict[int, tuple[Hessian, torch.Tensor, str]] = {}
+        for n, x in batch.items():
+            h = hs[n]
+            first = fed.setdefault(id(h), (h, x, n))
+            if first[1] is not x:  # the sharing was fixed from the first mini-batch
+                raise UnsupportedModelError(
+                    f"'{first[2]}' and '{n}' shared one input in the first calibration "
+                    "mini-batch but not in a later one: their Hessians cannot be shared"
+                )
+        for h, x, _ in fed.values():
             h.add(x)  # once per distinct input
     return {n: hs.get(n, Hessian(m.in_features)) for n, m in modules.items()}
 
