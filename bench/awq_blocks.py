@@ -30,6 +30,7 @@ from joules.compress import awq, calibration_tokens
 from joules.compress.context import BlockInputs, CompressContext
 from joules.compress.hessian import Hessian, gptq_quantize
 from joules.models import load_model
+from joules.serialize import atomic_write_json
 from joules.system import backfill_machine, machine_info, system_info
 
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         out = Path(args.out)
         data = retable(json.loads(out.read_text()))
-        out.write_text(json.dumps(data, indent=1))
+        atomic_write_json(out, data, indent=1)
         print(table(data, f"results/{out.name}"))
         return 0
     torch.set_num_threads(args.threads)
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "blocks": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(retable(data), indent=1))
+    atomic_write_json(Path(args.out), retable(data), indent=1)
     print(f"wrote {args.out}")
     return 0
 

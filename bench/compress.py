@@ -17,7 +17,6 @@ check of the path, not a result.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -25,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from joules.serialize import atomic_write_json, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "compress.json"
@@ -70,7 +71,12 @@ def _compress(recipe: str, args: argparse.Namespace, cache: Path) -> tuple[Path,
     # The compressed model depends on the calibration and threads, not on how many test tokens
     # score it: a run with more tokens re-scores the models a shorter run compressed.
     calib = {k: v for k, v in _settings(args).items() if k not in ("tokens", "window")}
-    key = hashlib.sha256(json.dumps([recipe, calib]).encode()).hexdigest()[:16]
+    # every default of the recipe, the model's content, the joules code, versions, compute path
+    from joules.compress.recipe import expand_recipe
+    from joules.fingerprint import cache_key
+    from joules.models.loading import model_identity
+
+    key = cache_key([expand_recipe(recipe), calib, model_identity(args.model)["sha256"]])
     out = cache / key
     if not (out / "joules.json").is_file():
         cmd = [*_joules_cmd(), "compress", args.model, "--recipe", recipe, "-o", str(out)]
@@ -81,7 +87,7 @@ def _compress(recipe: str, args: argparse.Namespace, cache: Path) -> tuple[Path,
         if proc.returncode != 0:
             raise RuntimeError(f"{recipe}: joules compress failed: {proc.stderr.strip()[-400:]}")
         wall = time.perf_counter() - t0
-        (out / "bench_wall_s.txt").write_text(f"{wall:.3f}\n")
+        atomic_write_text(out / "bench_wall_s.txt", f"{wall:.3f}\n")
     manifest = json.loads((out / "joules.json").read_text())
     wall = (
         float((out / "bench_wall_s.txt").read_text())
@@ -110,7 +116,7 @@ def run(
 ) -> dict[str, Any]:
     import torch
 
-    from joules import __version__
+    from joules.fingerprint import library_versions
     from joules.models.loading import cache_dir
 
     torch.set_num_threads(args.threads)
@@ -123,7 +129,7 @@ def run(
     data.update(
         settings=settings,
         command=f"python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]),
-        versions={"joules": __version__, "torch": torch.__version__},
+        versions=library_versions(),  # joules_code: the fingerprint of the code that ran
         machine=_machine(),
     )
     rows: dict[str, Any] = data.setdefault("rows", {})
@@ -168,9 +174,9 @@ def run(
         entry["perplexity"] = r.to_dict()
         rows[recipe] = entry
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data, indent=1))
+        atomic_write_json(out, data, indent=1)
     finish(data)
-    out.write_text(json.dumps(data, indent=1))
+    atomic_write_json(out, data, indent=1)
     return data
 
 
@@ -331,7 +337,7 @@ def retable(path: Path) -> dict[str, Any]:
     (nothing is re-measured) and write it back."""
     data = json.loads(path.read_text())
     finish(data)
-    path.write_text(json.dumps(data, indent=1))
+    atomic_write_json(path, data, indent=1)
     return data
 
 

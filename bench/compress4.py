@@ -26,6 +26,7 @@ from typing import Any
 
 from joules.evaluate.paired import paired_difference
 from joules.evaluate.results import PerplexityResult
+from joules.serialize import atomic_write_json, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 FAMILIES = (
@@ -427,7 +428,7 @@ def update_readme(readme: Path, block: str) -> bool:
         return False
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}\n{block}\n{README_END}{tail}")
+    atomic_write_text(readme, f"{head}{README_START}\n{block}\n{README_END}{tail}")
     return True
 
 
@@ -439,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", action="store_true", help="rewrite README's compress4 block")
     args = ap.parse_args(argv)
     out = build(Path(args.rows_json), Path(args.peers_json), argv)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    atomic_write_json(Path(args.out), out, indent=1)
     block = markdown(out) + "\n\n" + prose(out)
     print(block)
     if args.readme and not update_readme(HERE.parent / "README.md", README_BLOCK_HEAD + block):

@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compress as base  # bench/compress.py: the shared protocol
+from joules.serialize import atomic_write_json
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "compress_more.json"
@@ -95,7 +96,7 @@ def _score_member(path: Path, bits: float, args: argparse.Namespace) -> tuple[An
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from joules import __version__
+    from joules.fingerprint import library_versions
     from joules.models.loading import cache_dir
 
     torch.set_num_threads(args.threads)
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data.update(
         settings=settings,
         command="python bench/compress_more.py " + " ".join(sys.argv[1:]),
-        versions={"joules": __version__, "torch": torch.__version__},
+        versions=library_versions(),  # joules_code: the fingerprint of the code that ran
         machine=base._machine(),
         emulated="activation quantization is emulated (fake-quant in fp32) on this CPU",
     )
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "baseline" in rows:
             finish(data)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data, indent=1))
+        atomic_write_json(out, data, indent=1)
 
     wanted = args.rows or ROWS
     if "baseline" not in wanted:
@@ -328,7 +329,7 @@ def merge(paths: list[Path]) -> dict[str, Any]:
         data = {**lane, **{k: v for k, v in data.items() if k not in ("rows", "families")}}
         data["rows"], data["families"] = rows, fams
     finish(data)
-    OUT.write_text(json.dumps(data, indent=1))
+    atomic_write_json(OUT, data, indent=1)
     return data
 
 
@@ -343,7 +344,7 @@ def main() -> None:
         path = args.results or OUT
         data = json.loads(path.read_text())
         finish(data)
-        path.write_text(json.dumps(data, indent=1))
+        atomic_write_json(path, data, indent=1)
         print(table(data))
         return
     print(table(run(args)))

@@ -31,6 +31,7 @@ from joules.bench import BenchConfig, probe_machine, run_bench
 from joules.bench.probe import MachineLimits
 from joules.bench.runner import machine_record
 from joules.models import load_model
+from joules.serialize import atomic_write_json
 
 OUT = Path(__file__).parent / "results" / "decode.json"
 # Every row's perplexity comes from the compress table (one protocol for all rows: WikiText-2
@@ -254,7 +255,7 @@ def main() -> None:
         "wall_s": time.time() - t_start,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1, default=str))
+    atomic_write_json(args.out, out, indent=1, default=str)
     print()
     print(
         f"{'row':28s} {'decode tok/s':>12s} {'SoL %':>6s} {'TPOT ms':>8s} {'±%':>5s} "

@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from joules.serialize import atomic_write_json
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "deploy.json"
 ROWS = [
@@ -169,10 +171,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from joules.deploy.llamacpp import gguf_tensor_table, llamacpp_perplexity
     from joules.evaluate.paired import paired_difference
     from joules.evaluate.perplexity import perplexity
+    from joules.fingerprint import cache_key
     from joules.models import load_model
+    from joules.models.loading import model_identity
     from joules.system import results_header
 
-    work = Path(args.work)
+    # files built under --work are reused only for the same model content, calibration, joules
+    # code, library versions (llama.cpp's included) and compute path
+    inputs = [model_identity(args.model)["sha256"], args.calib_n, args.calib_len]
+    work = Path(args.work) / cache_key(inputs)
     work.mkdir(parents=True, exist_ok=True)
     base = load_model(args.model)  # fp32 (the GGUF dequantized): the eager row, tokenizer, info
     tok, info = base.tokenizer, base.info
@@ -398,7 +405,7 @@ def main() -> None:
         sys.exit(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
     data = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(data, indent=1, default=str))
+    atomic_write_json(Path(args.out), data, indent=1, default=str)
     print(f"wrote {args.out}")
 
 

@@ -22,7 +22,6 @@ both.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -38,6 +37,7 @@ from joules.evaluate.perplexity import perplexity, plan_windows, tokenize_stream
 from joules.evaluate.scoring import set_threads
 from joules.models import load_model, smollm2_gguf_path
 from joules.runtime_dtype import auto_dtype
+from joules.serialize import atomic_write_json
 
 
 def machine() -> dict:
@@ -75,16 +75,19 @@ def bench_joules(dtype: torch.dtype, ids: list[int], window: int, batch: int | N
 def bench_llama_cpp(ids: list[int], window: int, threads: int) -> dict:
     from llama_cpp import Llama
 
-    llm = Llama(
-        model_path=str(smollm2_gguf_path()),
-        n_ctx=window,
-        n_batch=window,
-        n_ubatch=window,
-        logits_all=True,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
+    from joules.deploy.llamacpp import extra_buffers_safe, llama_model_params
+
+    with llama_model_params(use_extra_bufts=extra_buffers_safe()):
+        llm = Llama(
+            model_path=str(smollm2_gguf_path()),
+            n_ctx=window,
+            n_batch=window,
+            n_ubatch=window,
+            logits_all=True,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
     windows = plan_windows(len(ids), window, window, add_bos=False)
 
     def run(ws) -> tuple[float, int, float]:
@@ -174,21 +177,20 @@ def main() -> None:
     print(f"cpu: {info.get('cpu_model')}; flags: {', '.join(info.get('cpu_flags', []))}")
     print(f"--dtype auto picks {auto.name} here ({auto.reason})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "command": "python bench/eval_speed.py " + " ".join(sys.argv[1:]),
-                "model": "smollm2-135m (SmolLM2-135M-Instruct; weights Q4_1 in its GGUF file)",
-                "tokens": len(ids),
-                "window": args.window,
-                "threads": threads,
-                "versions": {p: _version(p) for p in ("torch", "transformers", "llama_cpp_python")},
-                "machine": info,
-                "dtype_auto": auto.to_dict(),
-                "rows": rows,
-            },
-            indent=2,
-        )
+    atomic_write_json(
+        args.out,
+        {
+            "command": "python bench/eval_speed.py " + " ".join(sys.argv[1:]),
+            "model": "smollm2-135m (SmolLM2-135M-Instruct; weights Q4_1 in its GGUF file)",
+            "tokens": len(ids),
+            "window": args.window,
+            "threads": threads,
+            "versions": {p: _version(p) for p in ("torch", "transformers", "llama_cpp_python")},
+            "machine": info,
+            "dtype_auto": auto.to_dict(),
+            "rows": rows,
+        },
+        indent=2,
     )
     print(f"wrote {args.out}")
 

@@ -16,7 +16,6 @@ anyway). Threads: 1 by default (a shared machine); read ratios, not absolutes.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,8 @@ from pathlib import Path
 import torch
 
 from joules import formats
-from joules.system import system_info
+from joules.serialize import atomic_write_json
+from joules.system import results_header
 
 DEFAULT = "int4-g64,uint4-asym-g64,int8-ch,fp8-e4m3,nf4,mxfp4,nxfp4,ternary-g64,codebook4"
 
@@ -59,6 +59,7 @@ def bench_format(spec: str, w: torch.Tensor) -> dict:
     return {
         "format": spec,
         "fit_s": fit_s,
+        "fit_ms": fit_s * 1e3,
         "column_us": col_s * 1e6,
         "whole_fake_quant_per_column_us": whole_s / cols * 1e6,
         "column_vs_amortized": col_s / (whole_s / cols),
@@ -103,14 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "command": "python bench/fit_columns.py " + " ".join(argv or sys.argv[1:]),
-        "system": system_info().to_dict(),
+        **results_header("bench/fit_columns.py", argv),
+        "note": (
+            "synthetic N(0, 0.02) weight, seed 0; medians over every column after a burn-in"
+            " pass; read ratios to the peers timed in this run (whole fake_quant / columns,"
+            " GPTQ's rank-1 update), not absolutes, on a shared machine"
+        ),
         "threads": args.threads,
         "shape": [args.rows, args.cols],
         "formats": rows,
         "peer_rank1_update_us": rank1_us,
     }
-    out.write_text(json.dumps(result, indent=1))
+    atomic_write_json(out, result, indent=1)
     print(f"wrote {out}")
     return 0
 

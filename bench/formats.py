@@ -17,7 +17,6 @@ On a shared machine timings are noisy: read ratios, not absolutes.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from joules import formats
+from joules.serialize import atomic_write_json
 from joules.system import results_header
 
 SHAPE = (4096, 4096)
@@ -154,20 +154,19 @@ def main(argv: list[str] | None = None) -> int:
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                **results_header("bench/formats.py", argv),
-                "shape": SHAPE,
-                "threads": torch.get_num_threads(),
-                "reps": args.reps,
-                "formats": rows,
-                "peers_melem_s": peers,
-                "model": args.model,
-                "model_fake_quant": model_rows,
-            },
-            indent=1,
-        )
+    atomic_write_json(
+        out,
+        {
+            **results_header("bench/formats.py", argv),
+            "shape": SHAPE,
+            "threads": torch.get_num_threads(),
+            "reps": args.reps,
+            "formats": rows,
+            "peers_melem_s": peers,
+            "model": args.model,
+            "model_fake_quant": model_rows,
+        },
+        indent=1,
     )
     print(f"\nwrote {out}")
     return 0

@@ -12,13 +12,13 @@ The default model's weights were Q4_1 (projections) and Q8_0 (tied lm_head) befo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from joules import formats
 from joules.formats.error import compare_formats, linear_weights
 from joules.models import load_model
+from joules.serialize import atomic_write_json
 from joules.system import results_header
 
 README_FORMATS = (
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         "numel": sum(t.numel() for t in tensors.values()),
         "results": [e.to_dict() for e in results],
     }
-    out.write_text(json.dumps(record, indent=1))
+    atomic_write_json(out, record, indent=1)
     print(f"wrote {out}")
     return 0
 

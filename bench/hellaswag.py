@@ -13,7 +13,6 @@ checked item by item. The default model's weights were Q4_1 (GGUF) before joules
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from joules.evaluate.scoring import set_threads
 from joules.evaluate.tasks import run_task
 from joules.models import load_model
 from joules.runtime_dtype import resolve_dtype
+from joules.serialize import atomic_write_json
 
 
 def machine() -> dict:
@@ -62,18 +62,17 @@ def main() -> None:
         lo, hi = d[f"{name}_ci95"]
         print(f"  {name:<10}{100 * d[name]:6.2f} %   ({100 * lo:.2f} - {100 * hi:.2f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "command": "python bench/hellaswag.py " + " ".join(sys.argv[1:]),
-                "model": "smollm2-135m (SmolLM2-135M-Instruct; weights Q4_1 in its GGUF file)",
-                "dtype": choice.to_dict(),
-                "threads": threads,
-                "machine": machine(),
-                "result": d,
-            },
-            indent=1,
-        )
+    atomic_write_json(
+        args.out,
+        {
+            "command": "python bench/hellaswag.py " + " ".join(sys.argv[1:]),
+            "model": "smollm2-135m (SmolLM2-135M-Instruct; weights Q4_1 in its GGUF file)",
+            "dtype": choice.to_dict(),
+            "threads": threads,
+            "machine": machine(),
+            "result": d,
+        },
+        indent=1,
     )
     print(f"wrote {args.out}")
 

@@ -25,7 +25,6 @@ so run it on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
@@ -39,8 +38,10 @@ from transformers import DynamicCache
 from joules.compress.kvcache import JoulesKVCache, KVSettings, kv_bytes_per_token
 from joules.data import load_text
 from joules.evaluate.perplexity import tokenize_stream
+from joules.fingerprint import cache_key
 from joules.models import load_model
-from joules.models.loading import cache_dir
+from joules.models.loading import cache_dir, model_identity
+from joules.serialize import atomic_write_json
 from joules.system import results_header
 
 OUT = Path("bench/results/kvcache.json")
@@ -97,8 +98,10 @@ def stream_nll(model, ids: torch.Tensor, settings: KVSettings | None) -> tuple[l
 
 
 def _row_file(name: str, streams: int, length: int, s: KVSettings | None) -> Path:
-    key = json.dumps([name, streams, length, None if s is None else s.__dict__], sort_keys=True)
-    return cache_dir() / "bench-kvcache" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    # joules code, library versions, compute path and the model's content are in the key too
+    inputs = [name, streams, length, None if s is None else s.__dict__]
+    key = cache_key([inputs, model_identity("smollm2-135m")["sha256"]])
+    return cache_dir() / "bench-kvcache" / f"{key}.json"
 
 
 def bench_cache(spec: str, s: KVSettings | None, prompt_len: int) -> dict:
@@ -242,10 +245,10 @@ def main() -> None:
                 "nll_per_position": nll,
             }
             f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text(json.dumps(row))
+            atomic_write_json(f, row, indent=None)
         if a.bench and "bench" not in row:
             row["bench"] = bench_cache(spec, s, a.bench_prompt)
-            f.write_text(json.dumps(row))
+            atomic_write_json(f, row, indent=None)
         rows.append(row)
         print(
             f"{name:28s} ppl {row['ppl']:8.3f}  KV B/token {row['kv_bytes_per_token_quantized']:8.0f}"
@@ -269,7 +272,7 @@ def main() -> None:
         "rows": rows,
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(out, indent=1))
+    atomic_write_json(OUT, out, indent=1)
     plot(out)
     print(markdown(out))
 

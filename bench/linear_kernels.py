@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from joules import formats
 from joules.compress import kernels as K
+from joules.serialize import atomic_write_json
 from joules.system import backfill_machine, machine_info, system_info
 
 SHAPES = [(1536, 576), (576, 1536)]  # (out_features, in_features)
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         out = Path(args.out)
         data = retable(json.loads(out.read_text()))
-        out.write_text(json.dumps(data, indent=1))
+        atomic_write_json(out, data, indent=1)
         print(table(data, f"results/{out.name}"))
         return 0
     torch.set_num_threads(args.threads)
@@ -225,30 +226,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c.kernel}: compute dtype {c.dtype} ({c.reason})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "command": "python bench/linear_kernels.py " + " ".join(argv or sys.argv[1:]),
-                "system": system_info().to_dict(),
-                "cpu_flags": cpu_flags(),
-                "threads": args.threads,
-                "reps": args.reps,
-                "distinct_weights": args.copies,
-                "compute_dtype": {
-                    name: {
-                        "dtype": c.dtype,
-                        "reason": c.reason,
-                        "fp32_s": c.fp32_s,
-                        "bf16_s": c.bf16_s,
-                    }
-                    for name, c in choices.items()
-                },
-                "rows": rows,
-                "machine": machine_info(),
-                "table": table_rows(rows),
+    atomic_write_json(
+        out,
+        {
+            "command": "python bench/linear_kernels.py " + " ".join(argv or sys.argv[1:]),
+            "system": system_info().to_dict(),
+            "cpu_flags": cpu_flags(),
+            "threads": args.threads,
+            "reps": args.reps,
+            "distinct_weights": args.copies,
+            "compute_dtype": {
+                name: {
+                    "dtype": c.dtype,
+                    "reason": c.reason,
+                    "fp32_s": c.fp32_s,
+                    "bf16_s": c.bf16_s,
+                }
+                for name, c in choices.items()
             },
-            indent=1,
-        )
+            "rows": rows,
+            "machine": machine_info(),
+            "table": table_rows(rows),
+        },
+        indent=1,
     )
     print(f"\nwrote {out}")
     return 0

@@ -20,7 +20,6 @@ the README's table (tests/test_readme_tables.py checks one against the other).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from rich.table import Table
 
 from joules.measure import Meter, detect_meter
 from joules.measure.fake import FakeBackend
+from joules.serialize import atomic_write_json
 from joules.system import results_header
 
 
@@ -173,7 +173,7 @@ def main() -> None:
     )
     Console().print(t)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    atomic_write_json(args.out, result, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -2,6 +2,7 @@
 
     flock /tmp/joules-heavy.lock python bench/predict_validation.py            # full run
     python bench/predict_validation.py --published-only                        # GPU part only
+    python bench/predict_validation.py --refit     # refit the committed points (no measuring)
 
 Part 1 (this machine). The default model (SmolLM2-135M; fp32 is an fp32 copy of weights that were
 Q4_1 before joules saw them) is measured in three weight formats — fp32 (eager), and RTN int8-ch
@@ -11,7 +12,15 @@ per decode step (TPOT), through ``joules.bench.run_bench``. For each point the p
 calibrated on the other points *of the same format* (see ``loo``) and predicts the held-out one (leave-one-out); the script
 prints the mean absolute percentage error (MAPE) per phase, overall and per format, and the error
 of the uncalibrated speed of light for reference. Each measured point is cached under
-``$JOULES_CACHE_DIR/bench-predict``: a stopped run resumes.
+``$JOULES_CACHE_DIR/bench-predict``: a stopped run resumes. ``--refit`` re-derives part 1 from the
+measured points and the machine description committed in the JSON (a minute of CPU, nothing
+timed): what the current calibration code makes of the same measurements.
+
+What a fit is. Every calibration records, per coefficient, whether it was ``fitted`` or kept
+from the ``catalog``, and which fitted coefficients sit at a bound of the fit (``degenerate``:
+an efficiency of 100x the probed peak, say). A degenerate fit is a curve through the points,
+not a roofline they validate: its leave-one-out error says how well it interpolates this grid,
+not that the model's roofs hold. The JSON and the README table say which fits are degenerate.
 
 Energy: this VM has neither RAPL nor a GPU, so energy is *estimated* (CPU time x watts from the
 hardware table). Fitting the energy model to the estimator and scoring it against the same
@@ -38,6 +47,8 @@ import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from joules.serialize import atomic_write_json
 
 RESULTS = Path(__file__).parent / "results" / "predict_validation.json"
 
@@ -232,9 +243,12 @@ FORMATS = ("fp32", "int8-ch", "int4-g64")
 
 
 def _point_file(fmt: str, p: int, g: int, b: int, repeats: int) -> Path:
-    from joules.models.loading import cache_dir
+    from joules.fingerprint import cache_key
+    from joules.models.loading import cache_dir, model_identity
 
-    return cache_dir() / "bench-predict" / f"{fmt}-p{p}-g{g}-b{b}-r{repeats}.json"
+    # joules code, library versions, compute path and the model's content are in the key too
+    key = cache_key(model_identity("smollm2-135m")["sha256"], 12)
+    return cache_dir() / "bench-predict" / f"{fmt}-p{p}-g{g}-b{b}-r{repeats}-{key}.json"
 
 
 def _load_format(fmt: str) -> tuple[Any, Any, Any]:
@@ -285,7 +299,7 @@ def measure_grid(
                     "tpot_s": r["tpot_s"]["median"],
                 }
                 f.parent.mkdir(parents=True, exist_ok=True)
-                f.write_text(json.dumps(row))
+                atomic_write_json(f, row, indent=None)
             row = json.loads(f.read_text())
             rows.append(row)
             print(
@@ -305,20 +319,22 @@ def _observation(r: dict, shape: Any, label: str) -> Any:
     return Observation(shape, wl, r["format"], r["ttft_s"], r["tpot_s"], label=label)
 
 
-def loo(rows: list[dict]) -> dict[str, Any]:
+def loo(rows: list[dict], hw: Any = None) -> dict[str, Any]:
     """Leave one point out, calibrate on the other points *of its format*, predict it.
 
     Per format, because one set of efficiencies cannot describe both: on this CPU (no bf16
     arithmetic) the weight-only kernels take bf16 activations but compute at several times the
     probed bf16 matmul peak, while fp32 runs below the fp32 peak; a calibration is made for the
-    configuration a user will run (``joules predict calibrate --from`` its bench runs)."""
+    configuration a user will run (``joules predict calibrate --from`` its bench runs).
+
+    ``hw``: the machine the rows were measured on (default: this one, probed now)."""
     from joules.predict import ModelShape, predict
     from joules.predict.calibrate import fit
     from joules.predict.catalog import this_machine
     from joules.predict.roofline import Coefficients
 
     shape, _ = ModelShape.load("smollm2-135m")
-    hw = this_machine()
+    hw = hw or this_machine()
     obs = [_observation(r, shape, str(i)) for i, r in enumerate(rows)]
     uncal = Coefficients.uncalibrated(hw)
     points = []
@@ -334,10 +350,10 @@ def loo(rows: list[dict]) -> dict[str, Any]:
         point |= {f"err_{ph}": getattr(p, a) / getattr(o, a) - 1 for ph, (_, a) in PHASES.items()}
         point |= {f"sol_{key}": getattr(u, attr) for key, attr in PHASES.values()}
         point |= {f"{ph}_bound": p.bound(ph) for ph in PHASES}
+        point["loo_fit_degenerate"] = cal.coefficients.degenerate_summary() or None
         points.append(point)
-    full = {
-        f: fit([x for x in obs if x.weight_format == f], hw) for f in {x.weight_format for x in obs}
-    }
+    fmts = list(dict.fromkeys(r["format"] for r in rows))
+    full = {f: fit([x for x in obs if x.weight_format == f], hw) for f in fmts}
 
     def summary(pts: list[dict]) -> dict[str, Any]:
         return {
@@ -350,16 +366,77 @@ def loo(rows: list[dict]) -> dict[str, Any]:
                 ph: statistics.median(x[f"sol_{key}"] / x[key] for x in pts)
                 for ph, (key, _) in PHASES.items()
             },
+            "loo_fits_degenerate": f"{sum(bool(x['loo_fit_degenerate']) for x in pts)}/{len(pts)}",
         }
 
-    fmts = list(dict.fromkeys(r["format"] for r in rows))
-    return {
+    def verdict(c: Any) -> str:
+        d = c.coefficients.degenerate_summary()
+        return f"degenerate: {d}" if d else "inside its bounds"
+
+    per_format = {f: summary([x for x in points if x["format"] == f]) for f in fmts}
+    for f, g in per_format.items():
+        g["fit"] = verdict(full[f])
+        g["roofs_decode_b1"] = _roofs(shape, hw, [r for r in rows if r["format"] == f])
+    out = {
         "hardware": hw.to_dict(),
         "points": points,
         **summary(points),
-        "per_format": {f: summary([x for x in points if x["format"] == f]) for f in fmts},
+        "per_format": per_format,
         "fit_all_points": {f: c.coefficients.to_dict() for f, c in full.items()},
+        "fit_all_points_notes": {f: c.notes for f, c in full.items()},
     }
+    n_deg = sum(bool(full[f].coefficients.degenerate) for f in fmts)
+    out["fit"] = f"{n_deg} of {len(fmts)} per-format fits degenerate"
+    out["readme_rows"] = readme_rows(out)
+    return out
+
+
+def _roofs(shape: Any, hw: Any, rows: list[dict]) -> dict[str, Any] | None:
+    """At the first batch-1 point: measured time per decode step against its two roofs at
+    100 % of the probed peaks (memory: bytes moved / bandwidth; compute: FLOPs / peak), in ms.
+    A kernel far slower than both is limited by neither, which is why a fit can degenerate."""
+    from joules.predict import Workload, predict
+    from joules.predict.roofline import Coefficients
+
+    r = next((r for r in rows if r["batch"] == 1 and r["gen_len"] > 1), None)
+    if r is None:
+        return None
+    wl = Workload(r["prompt_len"], r["gen_len"], 1, compute_dtype=r["compute_dtype"])
+    p = predict(shape, hw, wl, weight_format=r["format"], coefficients=Coefficients())
+    steps = r["gen_len"] - 1
+    dec = [o for o in p.operators if o.phase == "decode"]
+    return {
+        "prompt_len": r["prompt_len"],
+        "gen_len": r["gen_len"],
+        "measured_tpot_ms": 1e3 * r["tpot_s"],
+        "memory_roof_ms": 1e3 * sum(o.memory_s for o in dec) / steps,
+        "compute_roof_ms": 1e3 * sum(o.compute_s for o in dec) / steps,
+    }
+
+
+def readme_rows(tm: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the README's leave-one-out table (``tests/test_readme_tables.py`` checks
+    the README against them)."""
+    groups = dict(tm.get("per_format") or {})
+    groups["all"] = tm
+    dtypes = {x["format"]: x.get("compute_dtype") for x in tm["points"]}
+    out = []
+    for name, g in groups.items():
+        dt = dtypes.get(name)
+        for ph in PHASES:
+            out.append(
+                {
+                    "weights": f"{name} ({dt})" if dt else "all formats",
+                    "phase": ph,
+                    "n_points": g["n_points"],
+                    "loo_mape_pct": g["loo_mape_pct"][ph],
+                    "loo_max_abs_pct": g["loo_max_abs_pct"][ph],
+                    "sol_fraction_median": g["sol_fraction_median"][ph],
+                    "fit": g.get("fit", "?"),
+                    "loo_fits_degenerate": g["loo_fits_degenerate"],
+                }
+            )
+    return out
 
 
 def markdown(out: dict[str, Any]) -> str:
@@ -378,27 +455,63 @@ def markdown(out: dict[str, Any]) -> str:
     if tm:
         lines += [
             "",
+            README_MARKER,
             "| weights (compute) | phase | points | leave-one-out MAPE | max abs. error "
-            "| uncalibrated SoL / measured |",
-            "|---|---|---|---|---|---|",
+            "| uncalibrated SoL / measured | fit on all points | degenerate LOO fits |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        groups = dict(tm.get("per_format") or {})
-        groups["all"] = tm
-        for name, g in groups.items():
-            dt = {x["format"]: x.get("compute_dtype") for x in tm["points"]}.get(name)
-            label = f"{name} ({dt})" if dt else "all formats"
-            for ph in PHASES:
-                lines.append(
-                    f"| {label} | {ph} | {g['n_points']} | {g['loo_mape_pct'][ph]:.1f} % "
-                    f"| {g['loo_max_abs_pct'][ph]:.1f} % | {g['sol_fraction_median'][ph]:.2f} |"
-                )
+        for r in tm.get("readme_rows") or readme_rows(tm):
+            lines.append(
+                f"| {r['weights']} | {r['phase']} | {r['n_points']} | {r['loo_mape_pct']:.1f} % "
+                f"| {r['loo_max_abs_pct']:.1f} % | {r['sol_fraction_median']:.2f} | {r['fit']} "
+                f"| {r['loo_fits_degenerate']} |"
+            )
     return "\n".join(lines)
+
+
+README_MARKER = (
+    "<!-- bench: results/predict_validation.json rows=this_machine.readme_rows key=weights,phase "
+    "cols=points=n_points; leave-one-out MAPE=loo_mape_pct; max abs. error=loo_max_abs_pct; "
+    "uncalibrated SoL / measured=sol_fraction_median; fit on all points=fit; "
+    "degenerate LOO fits=loo_fits_degenerate -->"
+)
+
+
+# the measured fields of a part-1 point (what ``measure_grid`` wrote); the rest is derived
+MEASURED_KEYS = (
+    "format",
+    "compute_dtype",
+    "linear_paths",
+    "prompt_len",
+    "gen_len",
+    "batch",
+    "ttft_s",
+    "tpot_s",
+)
+
+
+def refit(old: dict[str, Any]) -> dict[str, Any]:
+    """Part 1 re-derived from a results JSON's measured points and machine description: the
+    same measurements through the current calibration code, nothing re-timed."""
+    from joules.predict.catalog import HardwareSpec
+
+    tm = old.get("this_machine")
+    if not tm or not tm.get("points"):
+        raise SystemExit(f"{RESULTS}: no measured points to refit (run without --refit)")
+    rows = [{k: x[k] for k in MEASURED_KEYS if k in x} for x in tm["points"]]
+    hw = HardwareSpec.from_dict(tm["hardware"])
+    return loo(rows, hw)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--published-only", action="store_true")
     ap.add_argument("--markdown", action="store_true", help="print the README tables from the JSON")
+    ap.add_argument(
+        "--refit",
+        action="store_true",
+        help="refit part 1 from the points and machine committed in the JSON (no measuring)",
+    )
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--points", type=int, default=len(GRID), help="first N grid points")
     ap.add_argument(
@@ -407,6 +520,22 @@ def main() -> None:
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(RESULTS.read_text())))
+        return
+    if args.refit:
+        old = json.loads(RESULTS.read_text())
+        t0 = time.perf_counter()
+        old["this_machine"] = refit(old)
+        old["refit"] = {
+            "command": "python " + " ".join(sys.argv),
+            "versions": _versions(),
+            "wall_s": time.perf_counter() - t0,
+            "note": "part 1 refitted from the committed measured points and machine "
+            "description (the measurement's command, versions and machine are above); "
+            "nothing re-timed",
+        }
+        atomic_write_json(RESULTS, old, indent=2, default=str)
+        print(markdown(old))
+        print(f"\nwrote {RESULTS}")
         return
     out: dict[str, Any] = {
         "command": "python " + " ".join(sys.argv),
@@ -466,7 +595,8 @@ def main() -> None:
         )
         for f, g in res["per_format"].items():
             print(
-                f"  {f}: MAPE {by_phase(g['loo_mape_pct'])}; max {by_phase(g['loo_max_abs_pct'])}"
+                f"  {f}: MAPE {by_phase(g['loo_mape_pct'])}; max {by_phase(g['loo_max_abs_pct'])}; "
+                f"fit {g['fit']}"
             )
         print("energy: " + out["energy"])
     elif RESULTS.is_file():  # keep the last measured part
@@ -475,7 +605,7 @@ def main() -> None:
             if k in old:
                 out[k] = old[k]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2, default=str))
+    atomic_write_json(RESULTS, out, indent=2, default=str)
     print(f"\nwrote {RESULTS}")
 
 

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from joules.serialize import atomic_write_json
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "results" / "peers.json"
 PEER_PACKAGES = (
@@ -311,7 +313,7 @@ def _child(args: argparse.Namespace) -> int:
     except Exception as exc:  # a peer failing is a result too: record why
         traceback.print_exc()
         row = {"peer": args.child, "error": f"{type(exc).__name__}: {exc}"[:800]}
-    Path(args.row_out).write_text(json.dumps(row))
+    atomic_write_json(Path(args.row_out), row, indent=None)
     return 0
 
 
@@ -402,7 +404,7 @@ def main() -> int:
                 flush=True,
             )
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data, indent=1))
+        atomic_write_json(out, data, indent=1)
     print(f"wrote {out}")
     return 0
 

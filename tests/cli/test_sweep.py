@@ -100,3 +100,10 @@ def test_spec_errors_name_the_line(tmp_path):
     spec.write_text('models = ["smollm2-135m"]\nrecipes = [\n  "rtn(formt=int8)"\n]\n[eval]\n')
     r = runner.invoke(app, ["sweep", str(spec)])
     assert r.exit_code == 2 and "bad.toml:3" in r.output and "recipes" in r.output
+
+
+def test_recommend_on_an_eval_only_store_names_the_bench_table_intact(swept):
+    # rich markup once swallowed the "[bench]", leaving "add a  table to the spec"
+    _, store, _ = swept
+    r = runner.invoke(app, ["recommend", str(store), "--objective", "energy"])
+    assert r.exit_code == 2 and "add a [bench] table to the spec" in r.stderr, r.output

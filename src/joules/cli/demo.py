@@ -13,16 +13,19 @@ Every number printed here was computed in this run or read back from the store i
 
 from __future__ import annotations
 
+import json as _json  # the command's --json flag is named `json`
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from joules.cli._app import JSON_OPTION, app, console, err_console, print_json
+from joules.serialize import atomic_write_json, atomic_write_text, to_jsonable
 
 
 @dataclass
@@ -50,6 +53,28 @@ class DemoResult:
             "predictions": self.predictions,
             "measured_at": self.measured_at,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DemoResult:
+        """Inverse of :meth:`to_dict` once made plain JSON (``energy_j_per_token`` is derived)."""
+        from joules.formats.error import FormatError
+        from joules.measure.base import Measurement
+        from joules.models.generate import GenerationResult
+        from joules.models.info import ModelInfo
+        from joules.predict.result import Prediction
+
+        predictions = d.get("predictions")
+        return cls(
+            info=ModelInfo.from_dict(d["info"]),
+            load_s=d["load_s"],
+            generation=GenerationResult.from_dict(d["generation"]),
+            generation_energy=Measurement.from_dict(d["generation_energy"]),
+            formats=[FormatError.from_dict(f) for f in d["formats"]],
+            predictions=None
+            if predictions is None
+            else [Prediction.from_dict(p) for p in predictions],
+            measured_at=d.get("measured_at"),
+        )
 
 
 def render_info(info: Any) -> Table:
@@ -86,7 +111,7 @@ def _render(r: DemoResult) -> None:
     g = r.generation
     console.print(
         Panel(
-            f"[dim]{g.prompt}[/][bold]{g.text}[/]",
+            f"[dim]{escape(g.prompt)}[/][bold]{escape(g.text)}[/]",
             title=f"greedy generation: {g.new_tokens} new tokens after {g.prompt_tokens} prompt tokens",
         )
     )
@@ -170,7 +195,7 @@ def _predict(model: Any, gen: Any) -> list[Any] | None:
             predict(shape, "h100", wl, weight_format="bf16"),
         ]
     except JoulesError as exc:  # e.g. no probe and an uncatalogued CPU: the demo goes on
-        console.print(f"[dim]no prediction: {exc}[/]")
+        console.print(f"[dim]no prediction: {escape(str(exc))}[/]")
         return None
 
 
@@ -201,34 +226,43 @@ def _quick_look(model: str, new_tokens: int) -> DemoResult:
     return DemoResult(info, load_s, gen, w.measurement, fmt_rows, _predict(m, gen))
 
 
-def _look_key(model: str, new_tokens: int) -> tuple[Any, ...]:
-    import joules
+def _look_key(model: str, new_tokens: int) -> str:
+    """What the quick look's figures depend on: the model's content, the settings, and the
+    joules code, library versions and compute path (:func:`joules.fingerprint.cache_key`)."""
+    from joules.fingerprint import cache_key
+    from joules.models.loading import model_identity
 
-    return (joules.__version__, model, new_tokens, DEMO_FORMATS)
+    return cache_key([model_identity(model)["sha256"], new_tokens, list(DEMO_FORMATS)])
 
 
 def _stored_quick_look(path: Path, model: str, new_tokens: int) -> DemoResult | None:
     """The quick look a previous demo measured with the same settings, or None.
 
-    A pickle of our own dataclasses, written by this command into its own output folder; any
-    mismatch (other settings or version, unreadable file) means measure again."""
-    import pickle
-
+    Plain JSON (the result types' ``to_dict``/``from_dict``), never pickle: the file sits in the
+    working directory, and reading it must not be able to run code. Any mismatch (other
+    settings or version, a file this version cannot read) means measure again."""
     if not path.is_file():
         return None
     try:
-        key, result = pickle.loads(path.read_bytes())
-    except Exception:  # a file from another version of joules: measure again
+        data = _json.loads(path.read_text())
+        if data["key"] != _plain(_look_key(model, new_tokens)):
+            return None
+        return DemoResult.from_dict(data["result"])
+    except (OSError, ValueError, KeyError, TypeError):  # another version's file: measure again
         return None
-    return result if key == _look_key(model, new_tokens) else None
 
 
 def _store_quick_look(path: Path, model: str, new_tokens: int, result: DemoResult) -> None:
-    import pickle
     from datetime import UTC, datetime
 
     result.measured_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    path.write_bytes(pickle.dumps((_look_key(model, new_tokens), result)))
+    data = {"key": _plain(_look_key(model, new_tokens)), "result": _plain(result)}
+    atomic_write_json(path, data)
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as the JSON values it reads back as (tuples become lists; NaN is kept)."""
+    return _json.loads(_json.dumps(to_jsonable(obj, finite=False)))
 
 
 def demo_recipes() -> list[str]:
@@ -297,7 +331,7 @@ def demo(
     from joules.sweep.runner import workload_label
 
     out.mkdir(parents=True, exist_ok=True)
-    look_path = out / "quick_look.pkl"
+    look_path = out / "quick_look.json"
     result = _stored_quick_look(look_path, model, new_tokens)
     if result is None:
         result = _quick_look(model, new_tokens)
@@ -311,7 +345,7 @@ def demo(
         _render(result)
 
     spec_path = out / "demo_sweep.toml"
-    spec_path.write_text(demo_spec(model, ppl_tokens, calib_n, new_tokens))
+    atomic_write_text(spec_path, demo_spec(model, ppl_tokens, calib_n, new_tokens))
     store = str(out / "demo.db")
     if not json:
         console.print(
@@ -371,4 +405,7 @@ def _report(store: str, path: Path) -> Path | None:
     newest = max((f.stat().st_mtime for f in written if f.is_file()), default=float("inf"))
     if path.is_file() and path.stat().st_mtime > newest:
         return path
-    return Path(render_report(store, path))
+    from joules.sweep.analyze import Constraints
+
+    # the run marked ★ is the one the demo recommends (perplexity at most +10 %, least J/token)
+    return Path(render_report(store, path, Constraints(max_ppl_increase_pct=10.0)))

@@ -5,6 +5,9 @@
     $ joules sweep sweep.toml --executor ray --address ray://head:10001
 
 A second invocation skips finished runs; failed runs are re-tried only with ``--retry-failed``.
+A finished run whose key no longer matches (the joules code, a library, the model's content, a
+recipe default or the compute path changed) is stale: it is listed with what changed and re-run,
+or, with ``--reuse-stale``, kept and marked stale in the store.
 See ``joules.sweep.spec`` for the spec and ``joules.sweep.store`` for the store's schema.
 """
 
@@ -70,6 +73,22 @@ def _render(summary: Any, store: str) -> None:
         console.print(f"[red]failed[/] {escape(label)}: {escape(error)}", soft_wrap=True)
     if summary.failed_before:
         console.print("[dim]re-try failed runs with --retry-failed[/]")
+    for label, reasons in summary.stale_rerun:
+        console.print(
+            f"[yellow]stale, re-run[/] {escape(label)}: {escape('; '.join(reasons))}",
+            soft_wrap=True,
+        )
+    for label, reasons in summary.stale_reused:
+        console.print(
+            f"[yellow]stale, reused (--reuse-stale)[/] {escape(label)}: "
+            f"{escape('; '.join(reasons))}",
+            soft_wrap=True,
+        )
+    if summary.stale_reused:
+        console.print(
+            "[dim]reused stale results are marked so in the store; run without --reuse-stale "
+            "to re-run them[/]"
+        )
     console.print(
         f"[dim]next: joules recommend {store} --max-ppl-increase 2% --objective energy[/]"
     )
@@ -85,6 +104,12 @@ def sweep_cmd(
     ),
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="Re-run runs stored as failed."
+    ),
+    reuse_stale: bool = typer.Option(
+        False,
+        "--reuse-stale",
+        help="Keep finished runs whose key is stale (code, libraries, model content, recipe "
+        "defaults or compute path changed) instead of re-running them; they are marked stale.",
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -107,6 +132,7 @@ def sweep_cmd(
             executor=executor,
             address=address,
             retry_failed=retry_failed,
+            reuse_stale=reuse_stale,
             progress=_RichProgress(bar),
         )
     if as_json:

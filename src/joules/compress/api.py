@@ -28,14 +28,18 @@ import torch
 from torch import nn
 
 from joules.compress.context import CompressContext, ProgressFn, replace_module
+from joules.compress.kernels import pinned_activations
 from joules.compress.linear import CompressedLinear, module_class
 from joules.compress.manifest import MANIFEST_FILE, Manifest
 from joules.compress.recipe import Recipe, parse_recipe
 from joules.errors import ConfigError, UnsupportedModelError
+from joules.fingerprint import compute_label, library_versions
+from joules.serialize import atomic_directory, atomic_write_json
 
 _RUNTIME_HOOKS: dict[str, Any] = {}
 _SAVE_HOOKS: list[Any] = []
 WEIGHTS_FILE = "model.safetensors"
+FILES_KEY = "files"  # manifest entry: bytes of every file the save wrote, checked at load
 
 
 def register_save_hook(fn: Any) -> Any:
@@ -90,15 +94,10 @@ class CompressedModel:
 
 
 def _versions() -> dict[str, str]:
-    import transformers
-
-    from joules import __version__
-
-    return {
-        "joules": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
+    """What the compressed weights depend on beside the recipe (every field of every step is in
+    ``recipe_steps``) and the calibration: library versions, the joules code fingerprint
+    (``joules_code``) and the compute identity (``compute``), as keys hash them."""
+    return {**library_versions(), "compute": compute_label()}
 
 
 def model_bytes(model: nn.Module) -> tuple[int, int]:
@@ -189,7 +188,9 @@ def compress(
     ctx = CompressContext(model, tokenizer, calibration, manifest, progress)
     for step in recipe.steps:
         t0 = time.perf_counter()
-        with PeakRSS() as mem:
+        # calibration forwards through already-compressed layers take fp32 activations, never a
+        # speed probe's choice: the compressed weights must not depend on timing
+        with PeakRSS() as mem, pinned_activations("fp32"):
             step.apply(ctx)
         manifest.steps.append(
             {
@@ -210,18 +211,30 @@ def compress(
 def save_compressed(
     model: nn.Module, manifest: Manifest, directory: str | Path, tokenizer: Any = None
 ) -> Path:
-    """Write a compressed directory: safetensors + ``joules.json`` + config + tokenizer."""
+    """Write a compressed directory: safetensors + config + tokenizer, then ``joules.json``.
+
+    Everything is written into a staging directory beside ``directory`` that is renamed into
+    place at the end (:func:`~joules.serialize.atomic_directory`), and the manifest is written
+    last with the size of every other file: a save killed at any point leaves the previous
+    directory (or none), never a half one that loads. An existing ``directory`` is replaced
+    only when it is empty or a joules compressed directory, so no other files are deleted.
+    """
     from safetensors.torch import save_file
 
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and not is_compressed_dir(out) and any(out.iterdir()):
+        raise ConfigError(
+            f"'{out}' exists and is not a joules compressed directory (no {MANIFEST_FILE}): "
+            "saving there would replace its files; pick a new or empty output directory"
+        )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"'{out}' exists and is not a directory: pick another output")
     _finish_manifest(model, manifest)
     config = model.config
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, CompressedLinear) and getattr(config, "tie_word_embeddings", False):
         # The head is no longer the embedding: never re-tie it at load.
         config.tie_word_embeddings = False
-    config.save_pretrained(out)
     state: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     shared: dict[str, str] = {}
@@ -232,15 +245,44 @@ def save_compressed(
             continue
         seen[hash(key)] = k
         state[k] = v.detach().contiguous().cpu()
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "joules": "1"})
-    data = manifest.to_dict()
-    data["shared_tensors"] = shared
-    (out / MANIFEST_FILE).write_text(json.dumps(data, indent=1, default=str))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    for hook in _SAVE_HOOKS:
-        hook(model, out)
+    with atomic_directory(out) as tmp:
+        config.save_pretrained(tmp)
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "joules": "1"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for hook in _SAVE_HOOKS:
+            hook(model, tmp)
+        data = manifest.to_dict()
+        data["shared_tensors"] = shared
+        data[FILES_KEY] = _file_sizes(tmp)
+        atomic_write_json(tmp / MANIFEST_FILE, data, default=str)
     return out
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    """Bytes of every file under ``directory`` but the manifest, by relative POSIX path."""
+    return {
+        p.relative_to(directory).as_posix(): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
+
+
+def _check_complete(path: Path, raw: dict[str, Any]) -> None:
+    """Refuse a directory whose files differ from what its manifest says was written."""
+    files = raw.get(FILES_KEY)
+    if files is None:  # written before joules recorded its files: the weights' header decides
+        return
+    wrong = [
+        name
+        for name, size_bytes in files.items()
+        if not (path / name).is_file() or (path / name).stat().st_size != size_bytes
+    ]
+    if wrong:
+        raise UnsupportedModelError(
+            f"'{path}' is incomplete: {', '.join(wrong[:3])} missing or not the size its "
+            f"{MANIFEST_FILE} records (an interrupted copy?): re-run `joules compress` to write it"
+        )
 
 
 def is_compressed_dir(path: str | Path) -> bool:
@@ -249,6 +291,11 @@ def is_compressed_dir(path: str | Path) -> bool:
 
 def read_manifest(path: str | Path) -> Manifest:
     p = Path(path) / MANIFEST_FILE
+    if not p.is_file():
+        raise UnsupportedModelError(
+            f"'{path}' has no {MANIFEST_FILE}: not a complete joules compressed directory "
+            "(an interrupted save writes its manifest last): re-run `joules compress`"
+        )
     try:
         return Manifest.from_dict(json.loads(p.read_text()))
     except (json.JSONDecodeError, TypeError) as exc:
@@ -261,42 +308,67 @@ def load_compressed(
     """Rebuild a compressed model from its directory: ``(model, tokenizer, manifest)``."""
     import warnings
 
+    from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(directory)
     manifest = read_manifest(path)
     raw = json.loads((path / MANIFEST_FILE).read_text())
+    _check_complete(path, raw)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise UnsupportedModelError(
             f"'{path}' has a joules.json but no {WEIGHTS_FILE}: re-run `joules compress ... -o {path}`"
         )
     config = AutoConfig.from_pretrained(path)
-    with warnings.catch_warnings():
+    # The skeleton's parameters live on the meta device: materialising (and randomly
+    # initialising) the dense model only to overwrite it would put a full-precision copy of
+    # every weight in this process's peak memory, which a bench of the compressed model would
+    # then report as its own. Buffers (rotary tables) are built for real, as transformers does.
+    with warnings.catch_warnings(), init_empty_weights(include_buffers=False):
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config)
     for name, entry in manifest.modules.items():
         cls = module_class(entry["type"])
         replace_module(model, name, cls.from_config(entry["config"]))
+    # The dtype each skeleton parameter would have had: tensors load in it, as a copy into a
+    # materialised model would have converted them.
+    want = {k: t.dtype for k, t in [*model.named_buffers(), *model.named_parameters()]}
     state = load_file(str(weights))
     for k, src in raw.get("shared_tensors", {}).items():
         state[k] = state[src]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    for k, t in state.items():
+        if k in want and t.dtype != want[k]:
+            state[k] = t.to(want[k])
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not _tied(model, k)]
     if missing or unexpected:
         raise UnsupportedModelError(
             f"'{path}' does not match its manifest: missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}: re-run `joules compress` to write it again"
         )
+    model.tie_weights()  # assign=True replaced the tied parameter objects: tie them again
+    still_meta = [k for k, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise UnsupportedModelError(
+            f"'{path}' has no weights for {still_meta[:3]}: re-run `joules compress` to write it again"
+        )
     if dtype is not None:
         for m in model.modules():
             if isinstance(m, CompressedLinear):
                 m.weight_dtype = dtype
         model.to(dtype)
+    unknown = sorted(set(manifest.runtime) - set(_RUNTIME_HOOKS))
+    if unknown:
+        # A runtime setting nobody re-applies would leave the model running without it (a KV
+        # policy, say) while its figures claim it: refuse instead.
+        raise UnsupportedModelError(
+            f"'{path}' asks for runtime settings {unknown} that this joules cannot install "
+            f"(known: {sorted(_RUNTIME_HOOKS)}): load it with the joules version that wrote it"
+        )
     for key, cfg in manifest.runtime.items():
-        if key in _RUNTIME_HOOKS:
-            _RUNTIME_HOOKS[key](model, cfg)
+        _RUNTIME_HOOKS[key](model, cfg)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, manifest

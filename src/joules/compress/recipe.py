@@ -122,6 +122,20 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {"steps": [s.to_dict() for s in self.steps]}
 
+    def expanded(self) -> list[dict[str, Any]]:
+        """Every step with every field of its config and its value, defaults included.
+
+        What keys hash (:func:`expand_recipe`): :meth:`to_string` drops defaults, so a changed
+        default (``mixed``'s ``sensitivity``) would leave the string, and a key made from it,
+        as they were while the numbers change."""
+        out = []
+        for step in self.steps:
+            d: dict[str, Any] = {"name": step.name}
+            for f in dataclasses.fields(step):
+                d[f.name] = _plain(getattr(step, f.name))
+            out.append(d)
+        return out
+
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Recipe:
         return Recipe(
@@ -134,6 +148,27 @@ class Recipe:
 
     def __str__(self) -> str:
         return self.to_string()
+
+
+def _plain(v: Any) -> Any:
+    """A field value as plain JSON (tuples as lists, nested dataclasses as dicts)."""
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    return v
+
+
+def expand_recipe(text: str | Path | Recipe) -> list[dict[str, Any]]:
+    """The canonical form keys use: every step, every field, defaults expanded (``[]`` for the
+    baseline).
+
+    >>> expand_recipe("rtn(format=int8-ch)")
+    [{'name': 'rtn', 'targets': [], 'format': 'int8-ch'}]
+    """
+    return parse_recipe(text).expanded()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,13 +8,16 @@
 A spec is a preset name, a Hugging Face model directory, or a ``.gguf`` file. transformers
 dequantizes a GGUF file to float on every load (about 20 s for the 135M default on 2 cores), so
 the first load converts it once into a safetensors directory under the joules cache
-(``$JOULES_CACHE_DIR``, default ``~/.cache/joules``), keyed by the file's path, size and mtime;
-later loads read that directory in well under a second. The tensors are bit-identical.
+(``$JOULES_CACHE_DIR``, default ``~/.cache/joules``), keyed by the file's content (sha256, hashed
+once per path, size and mtime) and the transformers version that dequantized it; later loads
+read that directory in well under a second. The tensors are bit-identical.
+
+:func:`model_identity` names a model by content for run and cache keys (a preset by the file
+that ships it), so new weights at the same path never reuse old results.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -27,8 +30,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from joules import fingerprint
 from joules.errors import ModelNotFoundError, UnsupportedModelError
 from joules.models.info import ModelInfo, describe
+from joules.paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,11 +50,6 @@ class LoadedModel(NamedTuple):
     model: Any
     tokenizer: Any
     info: ModelInfo
-
-
-def cache_dir() -> Path:
-    """The joules cache root (``$JOULES_CACHE_DIR`` or ``~/.cache/joules``)."""
-    return Path(os.environ.get("JOULES_CACHE_DIR", Path.home() / ".cache" / "joules"))
 
 
 def smollm2_gguf_path() -> Path:
@@ -168,11 +168,25 @@ def _load_hf_dir(path: Path, dtype: torch.dtype | None) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def model_identity(spec: str | os.PathLike[str]) -> dict[str, Any]:
+    """The model a spec names, by content (:func:`joules.fingerprint.model_identity` of the
+    file or directory it resolves to): ``{"kind", "sha256", "bytes", "files"}``."""
+    kind, path = resolve(spec)
+    return {"kind": kind, **fingerprint.model_identity(path)}
+
+
 def converted_gguf_dir(path: Path) -> Path:
-    """Where the safetensors conversion of a GGUF file lives (keyed by path, size and mtime)."""
-    st = path.stat()
-    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode())
-    return cache_dir() / "models" / f"{path.stem}-{h.hexdigest()[:12]}"
+    """Where the safetensors conversion of a GGUF file lives: keyed by the file's content and
+    the transformers version (transformers does the dequantizing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tf = version("transformers")
+    except PackageNotFoundError:  # pragma: no cover - a dependency of joules
+        tf = "none"
+    _, digest = fingerprint.file_sha256(path)
+    key = fingerprint.sha([digest, tf], 12)
+    return cache_dir() / "models" / f"{path.stem}-{key}"
 
 
 def _convert_gguf(path: Path, target: Path) -> None:

@@ -25,12 +25,12 @@ from joules.sweep.runner import (
     RunOutcome,
     SweepProgress,
     baseline_evals,
+    begin,
     eval_cache_key,
     execute_run,
     record,
-    workload_label,
 )
-from joules.sweep.spec import BASELINE, RunConfig
+from joules.sweep.spec import BASELINE, KeyEnv, RunConfig
 from joules.sweep.stages import Stages
 from joules.sweep.store import Store
 
@@ -45,18 +45,18 @@ def _worker_pool() -> Pool:
 
 
 def _baseline_task(
-    cfg: dict[str, Any], stages: Stages, cache: dict[tuple[str, str], Any], versions: dict[str, str]
+    cfg: dict[str, Any], stages: Stages, cache: dict[tuple[str, str], Any], env: KeyEnv
 ) -> dict[tuple[str, str], Any]:
     dc = DictCache(cache)
-    baseline_evals(RunConfig.from_dict(cfg), stages, dc, _worker_pool(), versions, SweepProgress())
+    baseline_evals(RunConfig.from_dict(cfg), stages, dc, _worker_pool(), env, SweepProgress())
     return dc.puts
 
 
 def _run_task(
-    cfg: dict[str, Any], stages: Stages, cache: dict[tuple[str, str], Any], versions: dict[str, str]
+    cfg: dict[str, Any], stages: Stages, cache: dict[tuple[str, str], Any], env: KeyEnv
 ) -> tuple[RunOutcome, dict[tuple[str, str], Any]]:
     dc = DictCache(cache)
-    outcome = execute_run(RunConfig.from_dict(cfg), stages, dc, _worker_pool(), versions)
+    outcome = execute_run(RunConfig.from_dict(cfg), stages, dc, _worker_pool(), env)
     return outcome, dc.puts
 
 
@@ -82,12 +82,15 @@ def run_ray(
     todo: Sequence[tuple[str, RunConfig]],
     store: Store,
     stages: Stages,
-    versions: dict[str, str],
+    env: KeyEnv,
     progress: SweepProgress,
     address: str | None,
     resources: dict[str, Any],
     skipped: int,
+    supersedes: dict[str, list[str]] | None = None,
 ) -> list[tuple[tuple[str, RunConfig], RunOutcome]]:
+    """Run ``todo`` on a Ray cluster; keys (``env``) are made here, on the driver, so the
+    compute identity in them is the driver's (a cluster of unlike CPUs is keyed as the driver)."""
     try:
         import ray
     except ImportError:
@@ -121,15 +124,13 @@ def run_ray(
         need: dict[str, RunConfig] = {}
         for _, cfg in todo:
             if cfg.model not in need and any(
-                ("eval", eval_cache_key(cfg, BASELINE, t, versions)) not in cache
-                for t in cfg.eval.tasks
+                ("eval", eval_cache_key(cfg, BASELINE, t, env)) not in cache for t in cfg.eval.tasks
             ):
                 need[cfg.model] = cfg
         if need:
             progress.run_start(f"baseline evaluation of {len(need)} model(s) on ray")
             refs = [
-                baseline_remote.remote(cfg.to_dict(), stages, cache, versions)
-                for cfg in need.values()
+                baseline_remote.remote(cfg.to_dict(), stages, cache, env) for cfg in need.values()
             ]
             pending = list(refs)
             while pending:
@@ -145,10 +146,8 @@ def run_ray(
         # Wave 2: every run, results stored as they finish.
         by_ref = {}
         for key, cfg in todo:
-            store.begin_run(
-                key, cfg.model, cfg.recipe, workload_label(cfg), cfg.to_dict(), versions
-            )
-            by_ref[run_remote.remote(cfg.to_dict(), stages, cache, versions)] = (key, cfg)
+            begin(store, key, cfg, env, supersedes or {})
+            by_ref[run_remote.remote(cfg.to_dict(), stages, cache, env)] = (key, cfg)
         progress.run_start(f"{len(by_ref)} run(s) on ray")
         pending = list(by_ref)
         t0 = time.perf_counter()

@@ -26,26 +26,29 @@ Every validation error names the key, its line in the file and the valid values,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from joules.errors import ConfigError
+from joules.fingerprint import sha
 
 BASELINE = "baseline"  # the recipe that leaves the model as loaded
 
-# Tasks the sweep can store and compare. wikitext2 gives per-window NLLs, so a compressed
-# model's perplexity increase is decided on the paired difference against its baseline.
-KNOWN_TASKS = ("wikitext2",)
 
+def known_tasks() -> tuple[str, ...]:
+    """Tasks a sweep can run: every task registered in :mod:`joules.evaluate.tasks`.
 
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    wikitext2 gives per-window NLLs and hellaswag per-item correctness, so a compressed
+    model's perplexity increase and accuracy drop are decided on the paired difference against
+    its baseline."""
+    from joules.evaluate import tasks
+
+    return tuple(tasks.names())
 
 
 class SpecText:
@@ -103,6 +106,7 @@ class EvalSpec:
     window: int = 512
     stride: int | None = None
     split: str = "test"  # evaluate on test; calibration uses valid, never the reverse
+    limit: int | None = None  # items of a multiple-choice task (hellaswag), drawn seeded; None: all
 
 
 @dataclass(frozen=True)
@@ -127,8 +131,33 @@ class CalibrationSpec:
 
 
 @dataclass(frozen=True)
+class KeyEnv:
+    """What a run's key holds beside its config (see :mod:`joules.fingerprint`).
+
+    ``versions``: library versions with ``joules_code``, the code fingerprint; ``compute``: the
+    compute identity (CPU flags, forced paths); ``models``: model spec -> content identity;
+    ``recipes``: recipe string -> every step with every field (defaults expanded). A spec or
+    recipe missing from the maps keys by its text alone (fakes in tests; the real stages
+    resolve both before a run).
+    """
+
+    versions: Mapping[str, str]
+    compute: Mapping[str, Any] = field(default_factory=dict)
+    models: Mapping[str, Any] = field(default_factory=dict)
+    recipes: Mapping[str, Any] = field(default_factory=dict)
+
+    def model(self, spec: str) -> Any:
+        return self.models.get(spec, {"unresolved": spec})
+
+    def recipe(self, text: str) -> Any:
+        if text == BASELINE:
+            return []
+        return self.recipes.get(text, text)
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """Everything that decides one run's results (its key hashes this and library versions)."""
+    """Everything that decides one run's results (its key hashes this with a :class:`KeyEnv`)."""
 
     model: str
     recipe: str
@@ -155,9 +184,28 @@ class RunConfig:
             dtype=d.get("dtype", "float32"),
         )
 
-    def key(self, versions: dict[str, str]) -> str:
-        """Hash of the full configuration and the library versions (hex, 20 characters)."""
-        return _sha({"config": self.to_dict(), "versions": versions})[:20]
+    def config_id(self) -> str:
+        """Hash of the configuration alone: two keys of one config_id are the same run under
+        other code, libraries, machine or model content (one of them is stale)."""
+        return sha(self.to_dict(), 20)
+
+    def key_parts(self, env: KeyEnv | Mapping[str, str]) -> dict[str, Any]:
+        """The components the key hashes, stored beside it so a later sweep can say which one
+        changed: config, recipe with every default expanded, model content, library versions
+        (code fingerprint included), compute identity."""
+        if not isinstance(env, KeyEnv):
+            env = KeyEnv(versions=env)
+        return {
+            "config": self.to_dict(),
+            "recipe": env.recipe(self.recipe),
+            "model": env.model(self.model),
+            "versions": dict(env.versions),
+            "compute": dict(env.compute),
+        }
+
+    def key(self, env: KeyEnv | Mapping[str, str]) -> str:
+        """Hash of :meth:`key_parts` (hex, 20 characters); a bare mapping is the versions."""
+        return sha(self.key_parts(env), 20)
 
     @property
     def label(self) -> str:
@@ -201,7 +249,7 @@ class SweepSpec:
 
 
 _TOP = {"models", "recipes", "dtype", "eval", "bench", "predict", "calibration", "ray"}
-_EVAL = {"tasks", "limit_tokens", "window", "stride", "split"}
+_EVAL = {"tasks", "limit_tokens", "window", "stride", "split", "limit"}
 _BENCH = {"prompt_len", "gen_len", "batch", "repeats", "warmup", "runtime"}
 _PREDICT = {"hardware"}
 _CALIB = {"n", "length", "seed"}
@@ -338,12 +386,11 @@ def parse_spec(
     if not isinstance(ev_raw, dict):
         raise ConfigError(f'{path}: missing [eval] table; e.g. [eval] tasks = ["wikitext2"]')
     _known(ev_raw, _EVAL, "eval", st)
-    tasks = _str_list(
-        ev_raw.get("tasks", ["wikitext2"]), "eval", "tasks", st, ", ".join(KNOWN_TASKS)
-    )
+    known = known_tasks()
+    tasks = _str_list(ev_raw.get("tasks", ["wikitext2"]), "eval", "tasks", st, ", ".join(known))
     for t in tasks:
-        if t not in KNOWN_TASKS:
-            raise st.error("eval", "tasks", f"unknown task {t!r}", ", ".join(KNOWN_TASKS), t)
+        if t not in known:
+            raise st.error("eval", "tasks", f"unknown task {t!r}", ", ".join(known), t)
     split = ev_raw.get("split", "test")
     if split != "test":
         raise st.error(
@@ -359,6 +406,7 @@ def parse_spec(
         window=window,  # type: ignore[arg-type]
         stride=stride,
         split=split,
+        limit=_int(ev_raw.get("limit"), "eval", "limit", st, allow_none=True),
     )
 
     benches: list[BenchSpec] = []
@@ -432,7 +480,7 @@ def load_spec(path: str | Path, **kwargs: Any) -> SweepSpec:
 
 
 def iter_keys(
-    runs: Sequence[RunConfig], versions: dict[str, str]
+    runs: Sequence[RunConfig], env: KeyEnv | Mapping[str, str]
 ) -> Iterator[tuple[str, RunConfig]]:
     for r in runs:
-        yield r.key(versions), r
+        yield r.key(env), r

@@ -3,14 +3,14 @@
     >>> from joules.sweep.store import Store
     >>> with Store(":memory:") as store:
     ...     store.schema_version()
-    2
+    3
 
 Durability: WAL journal, ``synchronous=FULL``, and one transaction per result (a run's start,
 its finish or failure, one cache entry), so a process killed at any instant leaves every
 finished run and cache entry intact and at most the run in progress marked ``running``, which
 the next sweep re-does.
 
-Schema (version 2; ``PRAGMA user_version`` holds the version, :data:`MIGRATIONS` upgrades an
+Schema (version 3; ``PRAGMA user_version`` holds the version, :data:`MIGRATIONS` upgrades an
 older file in place and a newer file is refused):
 
 ``runs`` — one row per run key:
@@ -23,7 +23,11 @@ older file in place and a newer file is refused):
     bits_per_weight, model_bytes, layers...); and scalar columns copied from this machine's
     figures: ppl, ppl_lo, ppl_hi, ppl_increase_pct, ppl_increase_lo, ppl_increase_hi,
     bits_per_weight, model_bytes, j_per_token, j_per_token_lo, j_per_token_hi, energy_method,
-    ttft_ms, tpot_ms, tpot_lo_ms, tpot_hi_ms, tokens_per_s, peak_rss_bytes.
+    ttft_ms, tpot_ms, tpot_lo_ms, tpot_hi_ms, tokens_per_s, peak_rss_bytes; and, from version
+    3, key_parts_json (what the key hashes: config, expanded recipe, model content, versions
+    with the code fingerprint, compute identity; a later sweep diffs it to say why a run is
+    stale), superseded_by (the key of the run that re-did this one under a newer key; analyses
+    skip such rows) and stale_json (the reasons, when a sweep reused this run while stale).
 ``metrics`` — every figure of every run in long form: (run_key, name, hardware, value, lo, hi,
     unit, method); hardware '' is this machine (measured), else a predicted target; method is
     measured / estimated / predicted / emulated (or a combination such as 'estimated; emulated').
@@ -127,9 +131,16 @@ def _v1(conn: sqlite3.Connection) -> None:
             conn.execute(stmt)
 
 
+def _v3(conn: sqlite3.Connection) -> None:
+    """Version 3: a run's key components, the run that superseded it, why it was reused stale."""
+    for name in ("key_parts_json", "superseded_by", "stale_json"):
+        conn.execute(f"ALTER TABLE runs ADD COLUMN {name} TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v1,
     _v2,
+    _v3,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -192,6 +203,9 @@ class RunRow:
     predictions: dict[str, Any] | None
     manifest: dict[str, Any] | None
     metrics: list[Metric] = field(default_factory=list)
+    key_parts: dict[str, Any] | None = None  # what the key hashes (None: stored before v3)
+    superseded_by: str | None = None  # re-done under this key (code, versions... changed)
+    stale: list[str] | None = None  # reused while stale (--reuse-stale): what had changed
 
     def metric(self, name: str, hardware: str = "") -> Metric | None:
         for m in self.metrics:
@@ -272,19 +286,62 @@ class Store:
         workload: str | None,
         config: dict[str, Any],
         versions: dict[str, str],
+        key_parts: dict[str, Any] | None = None,
     ) -> None:
         """Mark a run as running (a new row, or a failed/interrupted one being re-done)."""
         with self.transaction() as conn:
             conn.execute(
                 """INSERT INTO runs (key, model, recipe, workload, config_json, versions_json,
-                       status, attempts, host, started_at)
-                   VALUES (?, ?, ?, ?, ?, ?, 'running', 1, ?, ?)
+                       key_parts_json, status, attempts, host, started_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, 'running', 1, ?, ?)
                    ON CONFLICT(key) DO UPDATE SET status='running', error=NULL, traceback=NULL,
                        attempts=attempts + 1, host=excluded.host, started_at=excluded.started_at,
-                       finished_at=NULL""",
+                       finished_at=NULL, superseded_by=NULL, stale_json=NULL,
+                       key_parts_json=COALESCE(excluded.key_parts_json, key_parts_json)""",
                 (key, model, recipe, workload, _dumps(config), _dumps(versions),
-                 socket.gethostname(), _now()),
+                 _dumps(key_parts), socket.gethostname(), _now()),
             )  # fmt: skip
+
+    def key_records(self) -> list[dict[str, Any]]:
+        """Every run's key, status, config, versions and key components (decoded), in insertion
+        order: what a sweep needs to find stale runs without reading results."""
+        cur = self.conn.execute(
+            "SELECT key, status, config_json, versions_json, key_parts_json, superseded_by, "
+            "stale_json FROM runs ORDER BY rowid"
+        )
+        return [
+            {
+                "key": k,
+                "status": status,
+                "config": json.loads(c) if c else None,
+                "versions": json.loads(v) if v else {},
+                "key_parts": json.loads(p) if p else None,
+                "superseded_by": sup,
+                "stale": json.loads(st) if st else None,
+            }
+            for k, status, c, v, p, sup, st in cur
+        ]
+
+    def supersede(self, keys: Sequence[str], by: str) -> None:
+        """Mark runs ``keys`` as re-done under key ``by`` (analyses then read ``by`` instead)."""
+        if not keys:
+            return
+        with self.transaction() as conn:
+            conn.executemany("UPDATE runs SET superseded_by=? WHERE key=?", [(by, k) for k in keys])
+
+    def mark_stale(self, key: str, reasons: Sequence[str]) -> None:
+        """Record that run ``key`` was reused while stale, and why: it is the run analyses read
+        again, even if an interrupted re-run had superseded it."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE runs SET stale_json=?, superseded_by=NULL WHERE key=?",
+                (_dumps(list(reasons)), key),
+            )
+
+    def make_current(self, key: str) -> None:
+        """Run ``key`` matches the current key again: neither stale nor superseded."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE runs SET stale_json=NULL, superseded_by=NULL WHERE key=?", (key,))
 
     def finish_run(
         self,
@@ -345,9 +402,16 @@ class Store:
                 (error, traceback, _now(), wall_s, _dumps(timings), key),
             )
 
-    def runs(self, status: str | None = None) -> list[RunRow]:
-        """Every run (or those with ``status``), figures included, in insertion order."""
-        q = "SELECT * FROM runs" + (" WHERE status=?" if status else "") + " ORDER BY rowid"
+    def runs(self, status: str | None = None, *, include_superseded: bool = False) -> list[RunRow]:
+        """Every current run (or those with ``status``), figures included, in insertion order.
+
+        A run re-done under a newer key (other code, versions, model content...) is left out
+        unless ``include_superseded``: its figures are not those of the code that runs now."""
+        where = [] if include_superseded else ["superseded_by IS NULL"]
+        if status:
+            where.append("status=?")
+        q = "SELECT * FROM runs"
+        q += (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY rowid"
         cur = self.conn.execute(q, (status,) if status else ())
         names = [d[0] for d in cur.description]
         rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
@@ -382,6 +446,9 @@ class Store:
                 predictions=load(r["predictions_json"]),
                 manifest=load(r["manifest_json"]),
                 metrics=metrics.get(r["key"], []),
+                key_parts=load(r["key_parts_json"]),
+                superseded_by=r["superseded_by"],
+                stale=load(r["stale_json"]),
             )
             for r in rows
         ]

@@ -1,0 +1,122 @@
+"""Time the README's set-up commands as a new user meets them: a fresh clone, an empty pip cache.
+
+    .venv/bin/python bench/fresh_clone.py                       # clones this checkout's HEAD
+    .venv/bin/python bench/fresh_clone.py --steps install,test  # skip the demo
+
+Clones HEAD of this repository into a temporary directory, points ``PIP_CACHE_DIR`` and
+``JOULES_CACHE_DIR`` at new empty directories, and times ``make install`` (the venv from the
+committed lock, llama-cpp-python compiled from source), ``make test`` and ``make demo`` one after
+the other, each as its own wall-clock figure. Writes ``bench/results/fresh_clone.json``
+atomically with the commit, the machine (CPU model and flags, cores), the load average before
+and after each step, and the tail of each step's output; the README's set-up times are checked
+against that file. Run it with nothing else on the machine: every figure is a wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from joules.serialize import atomic_write_json
+from joules.system import cpu_flags, cpu_model
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "fresh_clone.json"
+STEPS = ("install", "test", "demo")
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def _machine() -> dict[str, object]:
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _run_step(step: str, clone: Path, env: dict[str, str]) -> dict[str, object]:
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        ["make", step], cwd=clone, env=env, capture_output=True, text=True, check=False
+    )
+    wall_s = time.perf_counter() - t0
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    return {
+        "command": f"make {step}",
+        "wall_s": round(wall_s, 1),
+        "returncode": proc.returncode,
+        "load_avg_1m_before": round(load_before[0], 2),
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        "output_tail": tail,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join(STEPS)
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
+    args = ap.parse_args(argv)
+    steps = [s for s in args.steps.split(",") if s]
+    bad = sorted(set(steps) - set(STEPS))
+    if bad:
+        print(f"unknown steps {bad}: choose from {', '.join(STEPS)}", file=sys.stderr)
+        return 2
+
+    commit = _git("rev-parse", "HEAD")
+    work = Path(tempfile.mkdtemp(prefix="joules-fresh-"))
+    clone = work / "joules"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "JOULES_"))}
+    env["PIP_CACHE_DIR"] = str(work / "pip-cache")
+    env["JOULES_CACHE_DIR"] = str(work / "joules-cache")
+
+    results: dict[str, object] = {}
+    for step in steps:
+        print(f"make {step} ...", flush=True)
+        results[step] = r = _run_step(step, clone, env)
+        print(f"  {r['wall_s']} s, exit {r['returncode']}", flush=True)
+        if r["returncode"] != 0:
+            break
+
+    record = {
+        "what": "README set-up commands from a fresh clone with an empty pip cache and joules cache",
+        "command": "python bench/fresh_clone.py --steps " + ",".join(steps),
+        "commit": commit,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "steps": results,
+        "notes": (
+            "make install includes compiling llama-cpp-python from source (pip's cache was empty); "
+            "make test and make demo reuse the venv make install built."
+        ),
+    }
+    atomic_write_json(OUT, record)
+    print(f"wrote {OUT.relative_to(ROOT)}")
+    if args.keep:
+        print(f"clone kept at {clone}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r["returncode"] == 0 for r in results.values()) else 1  # type: ignore[index]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
