@@ -149,10 +149,11 @@ def test_a_store_written_by_the_sweep_runner_renders(tmp_path: Path) -> None:
     run_sweep(spec, db, stages=FakeStages().stages(), versions={"joules": "t", "torch": "t"})
     page = render_report(db, tmp_path / "report.html")
     text = page.read_text()
-    # quality x2, per-layer bits, timeline, predicted vs measured
-    assert text.count('class="joules-plot"') == 5
+    # quality x2, per-layer bits and weight SQNR (the fake step records it as every real step
+    # does), timeline, predicted vs measured
+    assert text.count('class="joules-plot"') == 6
     dom = _dom(tmp_path, page)
-    assert dom.errors == "" and all(dom.plots) and len(dom.plots) == 5
+    assert dom.errors == "" and all(dom.plots) and len(dom.plots) == 6
 
 
 SWEEP_SPEC = """\
@@ -189,7 +190,7 @@ def test_pareto_front_and_method_styles_in_the_energy_plot(tmp_path: Path) -> No
     assert any(best_j.recipe in s for s in front.text)
     assert len(front.x) < len(here)  # the fake store has dominated runs
     # estimated, estimated+emulated and predicted points look different, and say so in the legend
-    symbols = {n: t.marker.symbol for n, t in traces.items() if n != front.name}
+    symbols = {n: t.marker.symbol for n, t in traces.items() if n != front.name and "★" not in n}
     assert symbols["this machine · estimated"] == STYLES["estimated"][0]
     assert symbols["this machine · estimated; emulated"] == STYLES["estimated; emulated"][0]
     assert symbols["h100 · predicted"] == STYLES["predicted"][0]
@@ -208,7 +209,8 @@ def test_a_deviation_evals_layer_sqnr_is_plotted(tmp_path: Path) -> None:
                      manifest=None, metrics=extract_metrics(ev, None, None, None))  # fmt: skip
     figs, _ = _layer_figures(load_report_data(tmp_path / "d.db"))
     ((title, fig),) = figs
-    assert "SQNR" in title and list(fig.data[0].y) == [21.5]
+    assert "SQNR" in title and [list(r) for r in fig.data[0].z] == [[21.5]]
+    assert list(fig.data[0].x) == ["0"] and list(fig.data[0].y) == ["mlp"]
 
 
 def test_timeline_sums_domains_and_puts_decode_after_prefill(tmp_path: Path) -> None:
@@ -251,3 +253,88 @@ def test_per_format_table_says_which_path_the_bench_ran(tmp_path: Path) -> None:
     )
     assert _layer_path({"linear_paths": {"emulated": 1, "kernel:x": 2}}, layer) is None
     assert _layer_path({"layers": {layer: {"emulated": True}}}, layer) is None
+
+
+def test_the_recommended_run_is_starred_in_every_plot(tmp_path: Path) -> None:
+    from joules.report.data import load_report_data
+    from joules.report.html import (
+        _layer_figures,
+        _predicted_figure,
+        _quality_figure,
+        _timeline_figure,
+        recommended_runs,
+    )  # fmt: skip
+    from joules.sweep.analyze import Constraints, recommend
+
+    data = load_report_data(write_fake_store(tmp_path / "f.db"))
+    rec = recommended_runs(data, Constraints(max_model_bytes=200e6))
+    chosen = recommend(data.done, Constraints(max_model_bytes=200e6), "energy").chosen
+    assert list(rec) == [chosen.key]
+    run = next(r for r in data.done if r.key == chosen.key)
+    for x in ("j_per_token", "bits_per_weight"):
+        fig = _quality_figure(data, x, x, rec)
+        (star,) = [t for t in fig.data if t.name == "★ recommended"]
+        assert list(star.x) == [run.metric(x).value]
+        assert list(star.y) == [run.metric("perplexity").value]
+    pred = _predicted_figure(data, rec)
+    assert any(t.name == "★ recommended" for t in pred.data)
+    timeline = _timeline_figure(data, rec)
+    assert [t.name for t in timeline.data if t.name.startswith("★")] == [
+        f"★ recommended · {run.recipe} · {p} · estimated" for p in ("prefill", "decode")
+    ]
+    figs, _ = _layer_figures(data, rec)
+    assert len(figs) == 2  # bits and weight SQNR
+    for _, fig in figs:
+        shown = [t for t in fig.data if t.visible]
+        assert len(shown) == 1 and shown[0].name.startswith(f"★ {run.recipe}")
+        menu = fig.layout.updatemenus[0]
+        assert menu.buttons[menu.active].label == shown[0].name
+    text = render_report(tmp_path / "f.db", tmp_path / "r.html",
+                         Constraints(max_model_bytes=200e6)).read_text()  # fmt: skip
+    assert 'id="joules-recommended"' in text and run.key[:12] in text
+
+
+def test_pareto_fronts_are_per_model_never_across(tmp_path: Path) -> None:
+    from joules.report.data import load_report_data
+    from joules.report.html import _fronts, _quality_figure
+    from joules.sweep.analyze import candidates, pareto_front
+
+    db = tmp_path / "two.db"
+    write_fake_store(db, model="a")
+    write_fake_store(db, seed=1, model="b", failed=False, ppl_scale=3.0)  # dominated by a's
+    data = load_report_data(db)
+    fronts = _fronts(data, "j_per_token")
+    W = "p128/g32/b1/eager"
+    assert set(fronts) == {("a", W), ("b", W)}
+    for (model, _), pts in fronts.items():
+        assert pts and all(label.startswith(f"{model} · ") for _, _, label in pts)
+    # b's best perplexity (its baseline) is on b's front, though a's runs beat it everywhere
+    b_base = next(r for r in data.done if r.model == "b" and r.recipe == "baseline")
+    assert b_base.metric("perplexity").value in [y for _, y, _ in fronts[("b", W)]]
+    pooled = pareto_front(candidates(data.done), ["ppl", "energy"])  # what must not be drawn
+    assert b_base.key not in {c.key for c in pooled}
+    fig = _quality_figure(data, "j_per_token", "J/token")
+    assert len([t for t in fig.data if t.name.startswith("Pareto front")]) == 2
+
+
+def test_the_heatmap_of_a_real_sweep_is_in_model_order(tmp_path: Path) -> None:
+    from joules.report.data import load_report_data
+    from joules.report.html import _layer_figures
+    from joules.sweep import run_sweep
+    from joules.sweep.fake import FakeStages, fake_recipe
+    from joules.sweep.spec import parse_spec
+
+    spec = parse_spec(SWEEP_SPEC.split("[bench]")[0], check_models=False,
+                      recipe_parser=fake_recipe)  # fmt: skip
+    run_sweep(spec, tmp_path / "s.db", stages=FakeStages().stages(), versions={"t": "t"})
+    figs, table = _layer_figures(load_report_data(tmp_path / "s.db"))
+    titles = [t for t, _ in figs]
+    assert titles == ["bits/weight per layer", "weight SQNR per layer (dB)"]
+    hm = figs[1][1].data[0]
+    assert list(hm.x) == ["0", "1"]
+    assert list(hm.y) == [
+        f"{p}.{k}_proj" for p, ks in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+        for k in ks
+    ]  # fmt: skip
+    assert all(v is not None and v > 10 for row in hm.z for v in row)
+    assert "mean SQNR (dB)" in table and "<td>-</td>" not in table.split("mean SQNR")[1][:200]

@@ -4,6 +4,7 @@
     $ joules recommend joules.db --max-ppl-increase 1% --max-model-bytes 80MB --objective bytes
     $ joules recommend joules.db --max-ppl-increase 2% --max-tpot-ms 50 --objective latency \\
           --hardware h100 --json
+    $ joules recommend joules.db --max-accuracy-drop 1 --min-accuracy 0.40   # hellaswag in [eval]
 
 Every figure is printed with its method (measured / estimated / predicted / emulated) and its
 95 % interval where it has one; the decision rules are printed with the answer.
@@ -26,8 +27,10 @@ from joules.sweep.analyze import (
     Candidate,
     Constraints,
     human_bytes,
+    parse_accuracy,
     parse_bytes,
     parse_percent,
+    parse_points,
 )
 from joules.sweep.store import Metric
 
@@ -35,6 +38,7 @@ _LABELS = {
     "perplexity": "perplexity",
     "ppl_increase_pct": "perplexity increase",
     "acc_norm": "acc_norm",
+    "accuracy_drop_pts": "acc_norm drop",
     "j_per_token": "energy / token",
     "tpot_ms": "TPOT",
     "ttft_ms": "TTFT",
@@ -56,6 +60,8 @@ def _num(m: Metric, v: float | None) -> str:
         return f"{v * 1000:.3g} mJ" if abs(v) < 1 else f"{v:.3g} J"
     if m.unit == "ms":
         return f"{v:.3g} ms"
+    if m.unit == "pt":
+        return f"{v:+.2f} pt"
     return f"{v:.4g}{(' ' + m.unit) if m.unit else ''}"
 
 
@@ -75,6 +81,8 @@ _SHORT = {
     "--max-model-bytes": "bytes",
     "--max-peak-rss": "rss",
     "--max-tpot-ms": "tpot",
+    "--min-accuracy": "acc",
+    "--max-accuracy-drop": "acc drop",
 }
 
 
@@ -90,6 +98,10 @@ def _short(m: Metric | None) -> str:
 def _limit(flag: str, limit: float) -> str:
     if flag in ("--max-model-bytes", "--max-peak-rss"):
         return human_bytes(limit)
+    if flag == "--min-accuracy":
+        return f"{limit:g}"
+    if flag == "--max-accuracy-drop":
+        return f"{limit:g} pt"
     return f"{limit:g} %" if flag == "--max-ppl-increase" else f"{limit:g} ms"
 
 
@@ -174,6 +186,8 @@ def _render(r: Any) -> None:
 
     t = Table(title="every finished run", title_justify="left")
     cols = ["ppl_increase_pct", r.metric] + (["model_bytes"] if r.metric != "model_bytes" else [])
+    if any("accuracy_drop_pts" in c.figures for c in r.candidates):
+        cols.insert(1, "accuracy_drop_pts")
     t.add_column("run")
     for m in cols:
         t.add_column(_LABELS[m] + " [95 %]", justify="right")
@@ -210,6 +224,14 @@ def recommend_cmd(
     max_model_bytes: str = typer.Option(None, "--max-model-bytes", help="e.g. 80MB."),
     max_peak_rss: str = typer.Option(None, "--max-peak-rss", help="e.g. 1GB."),
     max_tpot_ms: float = typer.Option(None, "--max-tpot-ms", help="Time per output token, ms."),
+    min_accuracy: str = typer.Option(
+        None, "--min-accuracy", help="e.g. 0.40 or 40%: acc_norm of a multiple-choice task."
+    ),
+    max_accuracy_drop: str = typer.Option(
+        None,
+        "--max-accuracy-drop",
+        help="e.g. 1: acc_norm drop below the baseline, in percentage points.",
+    ),
     objective: str = typer.Option(
         "energy", "--objective", help="What to minimise: " + "|".join(OBJECTIVES) + "."
     ),
@@ -246,6 +268,10 @@ def recommend_cmd(
         if max_peak_rss is None
         else parse_bytes(max_peak_rss, "--max-peak-rss"),
         max_tpot_ms=max_tpot_ms,
+        min_accuracy=None if min_accuracy is None else parse_accuracy(min_accuracy),
+        max_accuracy_drop_pts=None
+        if max_accuracy_drop is None
+        else parse_points(max_accuracy_drop),
     )
     with Store(store) as st:
         runs = st.runs()

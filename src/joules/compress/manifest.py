@@ -14,11 +14,19 @@ policy); ``steps`` the time and peak memory of each step.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 MANIFEST_FILE = "joules.json"
 MANIFEST_VERSION = 1
+
+
+def sqnr_db(signal_sq: float, noise_sq: float) -> float | None:
+    """10·log10(signal / noise) in dB; None when there is no noise (or no signal)."""
+    if noise_sq <= 0 or signal_sq <= 0:
+        return None
+    return 10.0 * math.log10(signal_sq / noise_sq)
 
 
 @dataclass
@@ -44,6 +52,32 @@ class Manifest:
     def record(self, layer: str, **fields: Any) -> None:
         """Merge ``fields`` into the manifest entry of ``layer``."""
         self.layers.setdefault(layer, {}).update(fields)
+
+    def record_weight_error(self, layer: str, reference: Any, stored: Any) -> None:
+        """Record the weight SQNR of ``layer``: the dense weight a step received (``reference``)
+        against the weight it stores now (``stored``, as the layer decodes it), both tensors.
+
+        Writes ``sqnr_db`` = 10·log10(‖W‖² / ‖W − Ŵ‖²) (None when Ŵ = W exactly) and the two
+        sums it comes from (``weight_signal_sq``, ``weight_noise_sq``). A second step on the same
+        layer (prune, then quantize) adds its noise to the first's and keeps the first
+        reference, so ``sqnr_db`` stays against the weight as loaded; this is exact when the
+        errors do not overlap (quantization keeps pruned weights at zero), an approximation
+        otherwise. Steps that rescale weights exactly (smoothing, AWQ's scales folded into the
+        previous layer) record nothing: a later quantization is measured on the scaled weight.
+        """
+        import torch  # lazy: reading a manifest needs no torch
+
+        ref = reference.detach().float()
+        # float64 sums: a 4096×11008 layer's squares summed in fp32 lose digits.
+        signal = float(ref.pow(2).sum(dtype=torch.float64))
+        noise = float((stored.detach().float() - ref).pow(2).sum(dtype=torch.float64))
+        entry = self.layers.setdefault(layer, {})
+        if "weight_signal_sq" in entry:
+            signal = float(entry["weight_signal_sq"])
+            noise += float(entry["weight_noise_sq"])
+        entry["weight_signal_sq"] = signal
+        entry["weight_noise_sq"] = noise
+        entry["sqnr_db"] = sqnr_db(signal, noise)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

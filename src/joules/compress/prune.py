@@ -133,6 +133,7 @@ class Prune(Step):
         w: torch.Tensor,
         keep: torch.Tensor,
     ) -> None:
+        ctx.manifest.record_weight_error(name, dense_weight(module), w.to(module.weight.dtype))
         with torch.no_grad():
             module.weight.copy_(w.to(module.weight.dtype))
         pruned = PrunedLinear.from_linear(module, keep)

@@ -14,13 +14,13 @@ each run's config, versions, manifest summary and dates.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from joules.errors import ConfigError
+from joules.serialize import atomic_open, atomic_path, atomic_write_json
 from joules.sweep.store import RunRow, Store
 
 EXPORTS = ("csv", "parquet", "json")
@@ -125,9 +125,9 @@ def export(store_path: str | Path, to: str, out_path: str | Path) -> Path:
         raise ConfigError(f"output {str(out)!r}: directory {str(out.parent)!r} does not exist")
     rows = data.metric_rows()
     if to == "json":
-        out.write_text(json.dumps(data.to_json(), indent=1, sort_keys=True, allow_nan=False))
+        atomic_write_json(out, data.to_json(), indent=1, sort_keys=True, allow_nan=False)
     elif to == "csv":
-        with out.open("w", newline="") as f:
+        with atomic_open(out, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
             w.writeheader()
             w.writerows(rows)
@@ -142,5 +142,6 @@ def export(store_path: str | Path, to: str, out_path: str | Path) -> Path:
         types = {"value": pa.float64(), "lo": pa.float64(), "hi": pa.float64()}
         schema = pa.schema([(c, types.get(c, pa.string())) for c in METRIC_COLUMNS])
         table = pa.Table.from_pylist(rows, schema=schema)
-        pq.write_table(table, out)
+        with atomic_path(out) as tmp:
+            pq.write_table(table, tmp)
     return out

@@ -52,15 +52,23 @@ def _phase(rng: random.Random, seconds: float, tokens: int, watts: float) -> dic
     }  # fmt: skip
 
 
-def write_fake_store(path: str | Path, seed: int = 0, failed: bool = True) -> Path:
-    """Write a store of fake finished runs (and one failed run if ``failed``) at ``path``."""
+def write_fake_store(
+    path: str | Path,
+    seed: int = 0,
+    failed: bool = True,
+    model: str = "fake-135m",
+    ppl_scale: float = 1.0,
+) -> Path:
+    """Write a store of fake finished runs (and one failed run if ``failed``) at ``path``;
+    ``model`` names them (so several fake models can share a store), ``ppl_scale`` scales every
+    perplexity of that model."""
     rng = random.Random(seed)
-    base_ppl, base_bytes = 18.0 + rng.random(), 270_000_000
+    base_ppl, base_bytes = ppl_scale * (18.0 + rng.random()), 270_000_000
     versions = {"joules": "0.0.0-fake", "torch": "2.13.0", "python": "3.11"}
     with Store(path) as store:
         for recipe, bits, fmt, real, factor in FAKE_RECIPES:
-            key = "fake-" + hashlib.sha256(f"{recipe}/{seed}".encode()).hexdigest()[:16]
-            store.begin_run(key, "fake-135m", recipe, "p128/g32/b1/eager", {"recipe": recipe},
+            key = "fake-" + hashlib.sha256(f"{model}/{recipe}/{seed}".encode()).hexdigest()[:16]
+            store.begin_run(key, model, recipe, "p128/g32/b1/eager", {"recipe": recipe},
                             versions)  # fmt: skip
             nbytes = int(base_bytes * bits / 16)
             tpot = nbytes / 20e9 * (1.0 if real else 1.8)
@@ -105,7 +113,7 @@ def write_fake_store(path: str | Path, seed: int = 0, failed: bool = True) -> Pa
                 metrics=extract_metrics(ev, bench, preds, manifest),
             )  # fmt: skip
         if failed:
-            store.begin_run("fake-failed", "fake-135m", "rtn(format=int2-g64)", None, {}, versions)
+            store.begin_run("fake-failed", model, "rtn(format=int2-g64)", None, {}, versions)
             store.fail_run("fake-failed", error="fake failure", traceback=None, wall_s=0.1,
                            timings={})  # fmt: skip
     return Path(path)

@@ -4,10 +4,12 @@
     >>> render_report("joules.db", "report.html")         # doctest: +SKIP
     PosixPath('report.html')
 
-Sections: perplexity vs J/token and vs bits/weight (Pareto front highlighted; hover names the
-recipe, its methods and the run key), per-layer formats and bits (plus SQNR / sensitivity when
-the manifest records them), the prefill/decode power timeline of each bench, predicted vs
-measured, and a provenance table. Each figure's *method* sets its marker and line style:
+Sections: perplexity vs J/token and vs bits/weight (the Pareto front of each model and
+workload highlighted, never one across them; hover names the recipe, its methods and the run
+key), per-layer bits and weight SQNR (a heatmap of decoder block × layer kind per run, in model
+order, one run at a time from a menu), the prefill/decode power timeline of each bench,
+predicted vs measured, and a provenance table. The recommended run (``recommend`` with the
+given constraints and objective, per workload) is marked ★ in every plot. Each figure's *method* sets its marker and line style:
 measured (filled circle, solid), estimated (open circle, dotted), emulated kernels (diamond,
 dash-dot), predicted (open triangle, dashed). Opening the file needs no network; a script error
 is written into ``#joules-errors`` (the browser test reads it).
@@ -23,7 +25,8 @@ from typing import Any
 
 from joules.errors import ConfigError
 from joules.report.data import ReportData, load_report_data, recipe_methods
-from joules.sweep.analyze import candidates, pareto_front
+from joules.serialize import atomic_write_text
+from joules.sweep.analyze import Constraints, candidates, pareto_fronts, recommend
 from joules.sweep.results import kernel_method
 from joules.sweep.store import Metric, RunRow
 
@@ -68,8 +71,11 @@ def _err(ms: list[Metric | None], axis: str) -> dict[str, Any] | None:
     return {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus, "thickness": 1}
 
 
-def _quality_figure(data: ReportData, x_name: str, x_title: str) -> Any | None:
-    """Perplexity (y) against ``x_name`` (x): one trace per (hardware, method)."""
+def _quality_figure(
+    data: ReportData, x_name: str, x_title: str, recommended: dict[str, str] | None = None
+) -> Any | None:
+    """Perplexity (y) against ``x_name`` (x): one trace per (hardware, method), the Pareto
+    front of each (model, workload) on this machine, and the recommended runs starred."""
     import plotly.graph_objects as go
 
     groups: dict[tuple[str, str], list[tuple[RunRow, Metric, Metric]]] = defaultdict(list)
@@ -103,21 +109,32 @@ def _quality_figure(data: ReportData, x_name: str, x_title: str) -> Any | None:
                 hovertemplate="%{text}<br>perplexity: %{y:.4g}<extra></extra>",
             )
         )
-    front = _front(data, x_name)
-    if len(front) >= 1:
+    fronts = _fronts(data, x_name)
+    for (model, workload), front in sorted(fronts.items(), key=lambda kv: str(kv[0])):
         front.sort()
+        group = model + (f" · {workload}" if workload and len(fronts) > 1 else "")
         fig.add_trace(
             go.Scatter(
                 x=[x for x, _, _ in front],
                 y=[y for _, y, _ in front],
                 mode="lines+markers",
-                name="Pareto front (this machine)",
+                name="Pareto front (this machine)" + (f" · {group}" if len(fronts) > 1 else ""),
                 line={"width": 6, "color": "rgba(255,160,0,0.45)", "shape": "hv"},
                 marker={"size": 18, "color": "rgba(255,160,0,0.35)"},
                 text=[label for _, _, label in front],
                 hovertemplate="Pareto: %{text}<extra></extra>",
             )
         )
+    stars = [
+        (r, m, ppl)
+        for (hw, _), pts in groups.items()
+        if hw == ""
+        for r, m, ppl in pts
+        if r.key in (recommended or {})
+    ]
+    if stars:
+        fig.add_trace(_star([m.value for _, m, _ in stars], [p.value for _, _, p in stars],
+                            [r for r, _, _ in stars], recommended or {}))  # fmt: skip
     fig.update_layout(
         xaxis_title=x_title, yaxis_title="perplexity (WikiText-2 test)", height=480,
         legend={"title": {"text": "where · method"}}, margin={"t": 30},
@@ -125,70 +142,158 @@ def _quality_figure(data: ReportData, x_name: str, x_title: str) -> Any | None:
     return fig
 
 
-def _front(data: ReportData, x_name: str) -> list[tuple[float, float, str]]:
-    """This machine's Pareto front of (x, perplexity), both minimised."""
-    cands = candidates(data.done)
-    if x_name == "j_per_token":
-        front = pareto_front(cands, ["ppl", "energy"])
-        pts = [(c.value("j_per_token"), c.value("perplexity"), c.label) for c in front]
-        return [(x, y, s) for x, y, s in pts if x is not None and y is not None]
-    pts = [(c.value(x_name), c.value("perplexity"), c.label) for c in cands]
-    pts = [(x, y, s) for x, y, s in pts if x is not None and y is not None]
-    return [
-        p
-        for p in pts
-        if not any(q[0] <= p[0] and q[1] <= p[1] and (q[0] < p[0] or q[1] < p[1]) for q in pts)
-    ]
+STAR = {"symbol": "star", "size": 22, "color": "rgba(220,20,60,0.9)",
+        "line": {"width": 1, "color": "black"}}  # fmt: skip
 
 
-def _layer_figures(data: ReportData) -> tuple[list[tuple[str, Any]], str]:
-    """Per-layer bits/weight (and SQNR / sensitivity if recorded), and a per-format table."""
+def _star(xs: list[Any], ys: list[Any], runs: list[RunRow], why: dict[str, str]) -> Any:
+    """The trace that marks the recommended runs (★) in a scatter plot."""
     import plotly.graph_objects as go
 
+    return go.Scatter(
+        x=xs, y=ys, mode="markers", name="★ recommended", marker=STAR,
+        text=[_hover(r, f"<br>recommended: {html.escape(why.get(r.key, ''))}") for r in runs],
+        hovertemplate="%{text}<extra></extra>",
+    )  # fmt: skip
+
+
+def _fronts(
+    data: ReportData, x_name: str
+) -> dict[tuple[str, str | None], list[tuple[float, float, str]]]:
+    """This machine's Pareto front of (x, perplexity), both minimised, per (model, workload)."""
+    figure = {"j_per_token": "energy", "bits_per_weight": "bits"}.get(x_name, x_name)
+    out = {}
+    for group, front in pareto_fronts(candidates(data.done), ["ppl", figure]).items():
+        pts = [(c.value(x_name), c.value("perplexity"), c.label) for c in front]
+        pts = [(x, y, lab) for x, y, lab in pts if x is not None and y is not None]
+        if pts:
+            out[group] = pts
+    return out
+
+
+LAYER_FIELDS = (
+    ("bits_per_weight", "bits/weight per layer", "bits"),
+    ("sqnr_db", "weight SQNR per layer (dB)", "dB"),
+    ("sensitivity", "sensitivity per layer", ""),
+)
+
+
+# A layer kind's place inside a decoder block, by the last part of its name: the store keeps JSON
+# with sorted keys, so the manifest's own order is lost and is rebuilt from the names.
+_KIND_ORDER = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "o_proj", "out_proj",
+               "dense", "gate_proj", "up_proj", "gate_up_proj", "fc1", "down_proj", "fc2")  # fmt: skip
+
+
+def _kind_rank(kind: str) -> tuple[int, int, str]:
+    part = kind.rsplit(".", 1)[-1]
+    attn = 0 if "attn" in kind or "attention" in kind else 1
+    return (attn, _KIND_ORDER.index(part) if part in _KIND_ORDER else len(_KIND_ORDER), kind)
+
+
+def layer_grid(names: list[str]) -> tuple[list[str], list[str], dict[str, tuple[str, str]]]:
+    """(block labels in order, layer kinds in model order, name -> (block, kind)).
+
+    ``model.layers.3.self_attn.q_proj`` is block ``3``, kind ``self_attn.q_proj``; a layer
+    outside the decoder blocks (``lm_head``) is block ``other``. Blocks are sorted numerically;
+    kinds in a block's order (attention q, k, v, o, then the MLP's gate, up, down; others
+    after them by name), the layers outside the blocks last."""
+    import re
+
+    where: dict[str, tuple[str, str]] = {}
+    for n in names:
+        m = re.match(r"^(?:.*\.)?layers\.(\d+)\.(.+)$", n)
+        where[n] = (m.group(1), m.group(2)) if m else ("other", n)
+    blocks = sorted({b for b, _ in where.values() if b != "other"}, key=int)
+    outside = sorted({k for b, k in where.values() if b == "other"})
+    if outside:
+        blocks.append("other")
+    inside = sorted({k for b, k in where.values() if b != "other"}, key=_kind_rank)
+    return blocks, inside + outside, where
+
+
+def _heatmap(values: dict[str, float], text: dict[str, str], title: str, unit: str,
+             name: str, visible: bool) -> Any:  # fmt: skip
+    """One run's per-layer figure as a heatmap: decoder block (x) × layer kind (y)."""
+    import plotly.graph_objects as go
+
+    blocks, kinds, where = layer_grid(list(values))
+    z: list[list[float | None]] = [[None] * len(blocks) for _ in kinds]
+    t: list[list[str]] = [[""] * len(blocks) for _ in kinds]
+    for n, v in values.items():
+        b, k = where[n]
+        z[kinds.index(k)][blocks.index(b)] = v
+        t[kinds.index(k)][blocks.index(b)] = f"{n}<br>{text.get(n, '')}"
+    return go.Heatmap(
+        x=blocks, y=kinds, z=z, text=t, name=name, visible=visible, colorscale="Viridis",
+        colorbar={"title": {"text": unit}}, xgap=1, ygap=1,
+        hovertemplate="%{text}<br>%{z:.4g} " + unit + "<extra>" + html.escape(name) + "</extra>",
+    )  # fmt: skip
+
+
+def _run_menu(fig: Any, labels: list[str], chosen: int) -> None:
+    """A menu that shows one run's heatmap at a time (the recommended one first)."""
+    n = len(labels)
+    buttons = [
+        {"label": lab, "method": "update", "args": [{"visible": [j == i for j in range(n)]}]}
+        for i, lab in enumerate(labels)
+    ]
+    fig.update_layout(
+        updatemenus=[{"buttons": buttons, "active": chosen, "x": 0, "xanchor": "left", "y": 1.18,
+                      "yanchor": "top", "direction": "down", "showactive": True}]
+    )  # fmt: skip
+
+
+def _layer_figures(
+    data: ReportData, recommended: dict[str, str] | None = None
+) -> tuple[list[tuple[str, Any]], str]:
+    """Per-layer bits/weight and weight SQNR (and sensitivity if recorded) as heatmaps of
+    decoder block × layer kind, one run at a time (★ = recommended); a per-format table."""
+    import plotly.graph_objects as go
+
+    recommended = recommended or {}
     figs: list[tuple[str, Any]] = []
     per_format: dict[str, dict[str, Any]] = {}
-    for field, title in (
-        ("bits_per_weight", "bits/weight per layer"),
-        ("sqnr_db", "SQNR per layer (dB)"),
-        ("sensitivity", "sensitivity per layer"),
-    ):
+    for field, title, unit in LAYER_FIELDS:
         fig = go.Figure()
+        labels: list[str] = []
+        chosen = 0
+        sources: list[tuple[RunRow, str, dict[str, float], dict[str, str]]] = []
         for r in data.done:
             layers = (r.manifest or {}).get("layers") or {}
-            names = [n for n, v in layers.items() if isinstance(v, dict) and field in v]
-            if not names:
-                continue
-            emulated = any(_layer_path(r.manifest, n) == "emulated" for n in names)
-            fig.add_trace(
-                go.Bar(
-                    x=names,
-                    y=[layers[n][field] for n in names],
-                    name=f"{r.recipe}" + (" · emulated" if emulated else ""),
-                    marker_pattern_shape="/" if emulated else "",
-                    text=[str(layers[n].get("format", "")) for n in names],
-                    hovertemplate="%{x}<br>%{text}<br>%{y:.4g}<extra>" + r.recipe + "</extra>",
-                )
-            )
+            vals = {n: float(v[field]) for n, v in layers.items()
+                    if isinstance(v, dict) and v.get(field) is not None}  # fmt: skip
+            if vals:
+                emulated = any(_layer_path(r.manifest, n) == "emulated" for n in vals)
+                text = {n: str(layers[n].get("format") or layers[n].get("method") or "")
+                        for n in vals}  # fmt: skip
+                sources.append((r, r.recipe + (" · emulated" if emulated else ""), vals, text))
         if field == "sqnr_db":  # a deviation eval's output SQNR per module, against the reference
             for r in data.done:
                 for task, ev in (r.eval or {}).items():
-                    pts = [
-                        (str(x["name"]), x["sqnr_db"])
+                    vals = {
+                        str(x["name"]): float(x["sqnr_db"])
                         for x in (ev.get("result") or {}).get("layers") or []
                         if isinstance(x, dict) and x.get("sqnr_db") is not None
-                    ]
-                    if pts:
-                        fig.add_trace(
-                            go.Scatter(
-                                x=[n for n, _ in pts], y=[v for _, v in pts], mode="markers",
-                                name=f"{r.recipe} · {task}: output SQNR (upstream error included)",
-                                hovertemplate="%{x}<br>%{y:.4g} dB<extra></extra>",
-                            )
-                        )  # fmt: skip
+                    }
+                    if vals:
+                        label = f"{r.recipe} · {task}: output SQNR (upstream error included)"
+                        sources.append((r, label, vals, {}))
+        for r, label, _vals, _text in sources:
+            if r.key in recommended and not any(lab.startswith("★") for lab in labels):
+                chosen = len(labels)
+                label = "★ " + label
+            labels.append(f"{label} · {r.model}" if len({x[0].model for x in sources}) > 1
+                          else label)  # fmt: skip
+        for i, (_r, _label, vals, text) in enumerate(sources):
+            fig.add_trace(_heatmap(vals, text, title, unit, labels[i], i == chosen))
         if fig.data:
+            if len(labels) > 1:
+                _run_menu(fig, labels, chosen)
             fig.update_layout(
-                barmode="group", yaxis_title=title, height=420, margin={"t": 30, "b": 160}
-            )
+                xaxis={"title": "decoder block", "type": "category"},
+                yaxis={"title": "layer", "type": "category", "autorange": "reversed"},
+                height=max(320, 60 + 34 * len(fig.data[chosen].y)), margin={"t": 70},
+            )  # fmt: skip
             figs.append((title, fig))
     for r in data.done:
         for name, v in ((r.manifest or {}).get("layers") or {}).items():
@@ -238,11 +343,13 @@ def _power(p: Any) -> list[float]:
     return list(p or [])
 
 
-def _timeline_figure(data: ReportData) -> Any | None:
+def _timeline_figure(data: ReportData, recommended: dict[str, str] | None = None) -> Any | None:
+    """Power of each bench, prefill then decode; the recommended run's lines are ★ and wide."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     for r in data.done:
+        star = r.key in (recommended or {})
         rows = (r.bench or {}).get("rows") or []
         if not rows:
             continue
@@ -261,8 +368,12 @@ def _timeline_figure(data: ReportData) -> Any | None:
                     x=[offset + x for x in [0.0, *t[:n]]],
                     y=[*p[:n], p[n - 1]],
                     mode="lines+markers" if n < 5 else "lines",
-                    name=f"{r.recipe} · {phase} · {kind}",
-                    line={"dash": STYLES[kind][1], "width": width, "shape": "hv"},
+                    name=("★ recommended · " if star else "") + f"{r.recipe} · {phase} · {kind}",
+                    line={
+                        "dash": STYLES[kind][1],
+                        "width": width * (2.5 if star else 1),
+                        "shape": "hv",
+                    },
                     hovertemplate=f"{html.escape(r.recipe)} {phase}<br>%{{x:.3g}} s: "
                     "%{y:.3g} W<extra></extra>",
                 )
@@ -277,11 +388,12 @@ def _timeline_figure(data: ReportData) -> Any | None:
     return fig
 
 
-def _predicted_figure(data: ReportData) -> Any | None:
+def _predicted_figure(data: ReportData, recommended: dict[str, str] | None = None) -> Any | None:
     import plotly.graph_objects as go
 
     fig = go.Figure()
     lo_hi: list[float] = []
+    stars: tuple[list[float], list[float], list[RunRow]] = ([], [], [])
     for name, unit in (("tpot_ms", "ms"), ("ttft_ms", "ms"), ("j_per_token", "J/tok")):
         xs, ys, texts = [], [], []
         for r in data.done:
@@ -292,6 +404,10 @@ def _predicted_figure(data: ReportData) -> Any | None:
             xs.append(meas.value)
             ys.append(pred.value)
             texts.append(_hover(r, f"<br>measured: {meas.method}"))
+            if r.key in (recommended or {}):
+                stars[0].append(meas.value)
+                stars[1].append(pred.value)
+                stars[2].append(r)
         if xs:
             lo_hi += xs + ys
             fig.add_trace(
@@ -304,6 +420,8 @@ def _predicted_figure(data: ReportData) -> Any | None:
             )  # fmt: skip
     if not fig.data:
         return None
+    if stars[0]:
+        fig.add_trace(_star(*stars, recommended or {}))
     lo, hi = min(lo_hi), max(lo_hi)
     fig.add_trace(
         go.Scatter(
@@ -383,14 +501,42 @@ document.addEventListener('DOMContentLoaded', function () {
 """
 
 
-def render_html(data: ReportData) -> str:
-    """The report of ``data`` as one HTML string (plotly.js inlined)."""
+def recommended_runs(
+    data: ReportData, constraints: Constraints | None = None, objective: str = "energy"
+) -> dict[str, str]:
+    """The run :func:`joules.sweep.analyze.recommend` chooses for each workload of the store
+    (least ``objective`` under ``constraints``; least model bytes where no run has the
+    objective's figure), as ``{run key: why}``."""
+    constraints = constraints or Constraints()
+    out: dict[str, str] = {}
+    rule = "; ".join(constraints.describe()) or "no constraint"
+    for w in sorted({r.workload for r in data.done}, key=str):
+        runs = [r for r in data.done if r.workload == w]
+        for obj in dict.fromkeys((objective, "bytes")):
+            try:
+                rec = recommend(runs, constraints, obj, None, w, None)
+            except ConfigError:
+                continue
+            if rec.chosen is not None:
+                out[rec.chosen.key] = f"least {rec.metric} with {rule}" + (
+                    f" (workload {w})" if w else ""
+                )
+            break
+    return out
+
+
+def render_html(
+    data: ReportData, constraints: Constraints | None = None, objective: str = "energy"
+) -> str:
+    """The report of ``data`` as one HTML string (plotly.js inlined); the run
+    :func:`recommended_runs` chooses is marked ★ in every plot."""
     import plotly
     import plotly.io as pio
     from plotly.offline import get_plotlyjs
 
     sections: list[str] = []
     n = 0
+    rec = recommended_runs(data, constraints, objective)
 
     def plot(title: str, fig: Any | None, missing: str, extra: str = "") -> None:
         nonlocal n
@@ -406,18 +552,19 @@ def render_html(data: ReportData) -> str:
             body = f'<p class="note">{html.escape(missing)}</p>'
         sections.append(f"<section><h2>{html.escape(title)}</h2>{body}</section>")
 
-    plot("Perplexity vs energy per token", _quality_figure(data, "j_per_token", "J/token"),
+    plot("Perplexity vs energy per token", _quality_figure(data, "j_per_token", "J/token", rec),
          "No run has both a perplexity and a J/token yet.")  # fmt: skip
-    plot("Perplexity vs bits per weight", _quality_figure(data, "bits_per_weight", "bits/weight"),
+    plot("Perplexity vs bits per weight",
+         _quality_figure(data, "bits_per_weight", "bits/weight", rec),
          "No run has both a perplexity and bits/weight yet.")  # fmt: skip
-    layer_figs, fmt_table = _layer_figures(data)
+    layer_figs, fmt_table = _layer_figures(data, rec)
     for i, (title, fig) in enumerate(layer_figs):
         plot(f"Per layer: {title}", fig, "", fmt_table if i == 0 else "")
     if not layer_figs:
         plot("Per layer and per format", None, "The store's manifests record no layers.")
-    plot("Power timeline: prefill then decode", _timeline_figure(data),
+    plot("Power timeline: prefill then decode", _timeline_figure(data, rec),
          "No bench in the store recorded a power timeline.")  # fmt: skip
-    plot("Predicted vs measured (this machine)", _predicted_figure(data),
+    plot("Predicted vs measured (this machine)", _predicted_figure(data, rec),
          "No run has both a measurement and a prediction for this machine.")  # fmt: skip
     sections.append(f"<section><h2>Provenance</h2>{_provenance(data)}</section>")
     n_failed = sum(r.status == "failed" for r in data.runs)
@@ -438,13 +585,34 @@ def render_html(data: ReportData) -> str:
 <b>estimated</b>; a format without a real kernel here runs <b>emulated</b>; figures for other
 hardware are <b>predicted</b>.</p>
 <p class="key">{key}</p>
+{_recommended_note(data, rec)}
 {"".join(sections)}
 </body></html>
 """
 
 
-def render_report(store_path: str | Path, out_path: str | Path) -> Path:
-    """Write the HTML report of the store at ``store_path`` to ``out_path``; returns its path."""
+def _recommended_note(data: ReportData, rec: dict[str, str]) -> str:
+    if not rec:
+        return (
+            '<p class="note">No run could be recommended (see <code>joules recommend</code>).</p>'
+        )
+    items = "".join(
+        f"<li><b>{html.escape(r.model)} · {html.escape(r.recipe)}</b> (run {r.key[:12]}): "
+        f"{html.escape(rec[r.key])}</li>"
+        for r in data.done
+        if r.key in rec
+    )
+    return f'<p id="joules-recommended">★ recommended, marked in every plot:</p><ul>{items}</ul>'
+
+
+def render_report(
+    store_path: str | Path,
+    out_path: str | Path,
+    constraints: Constraints | None = None,
+    objective: str = "energy",
+) -> Path:
+    """Write the HTML report of the store at ``store_path`` to ``out_path``; returns its path.
+    ``constraints`` and ``objective`` choose the run marked ★ (as ``joules recommend``)."""
     out = Path(out_path)
     if not out.parent.is_dir():
         raise ConfigError(f"output {str(out)!r}: directory {str(out.parent)!r} does not exist")
@@ -452,5 +620,5 @@ def render_report(store_path: str | Path, out_path: str | Path) -> Path:
         import plotly  # noqa: F401
     except ImportError:
         raise ConfigError("the report needs plotly: `pip install plotly`") from None
-    out.write_text(render_html(load_report_data(store_path)), encoding="utf-8")
+    atomic_write_text(out, render_html(load_report_data(store_path), constraints, objective))
     return out

@@ -15,6 +15,10 @@ Decision rules (stated in every answer):
   95 % interval of its paired per-window increase over the same model's baseline (same text,
   windows and tokenizer) is within the limit; a candidate whose interval straddles the limit is
   "undecided" and does not meet it (evaluate more tokens to decide);
+* accuracy drop: a candidate meets ``--max-accuracy-drop`` when the upper end of the 95 %
+  interval of its paired per-item drop of acc_norm (same items as the baseline) is within the
+  limit (percentage points); ``--min-accuracy`` is met when the lower end of its acc_norm's
+  95 % interval is at least the limit; an interval straddling the limit is "undecided";
 * bytes, peak memory and TPOT: the point value (median of the bench repetitions, or the
   prediction) against the limit;
 * the objective (energy = J/token, latency = TPOT, bytes = model bytes) is minimised; ties go
@@ -38,10 +42,12 @@ FIGURES = {
     "ppl": ("perplexity", True),
     "ppl_increase": ("ppl_increase_pct", True),
     "accuracy": ("acc_norm", False),
+    "accuracy_drop": ("accuracy_drop_pts", True),
     "energy": ("j_per_token", True),
     "latency": ("tpot_ms", True),
     "ttft": ("ttft_ms", True),
     "bytes": ("model_bytes", True),
+    "bits": ("bits_per_weight", True),
     "memory": ("peak_rss_bytes", True),
 }
 # Figures that do not depend on the hardware (always read from this machine's rows).
@@ -49,6 +55,7 @@ _HARDWARE_FREE = {
     "perplexity",
     "ppl_increase_pct",
     "acc_norm",
+    "accuracy_drop_pts",
     "model_bytes",
     "bits_per_weight",
     "bits_per_byte",
@@ -68,6 +75,23 @@ def parse_bytes(text: str, what: str = "size") -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def parse_accuracy(text: str, what: str = "--min-accuracy") -> float:
+    """'0.45' or '45%' → 0.45 (a fraction, as acc_norm is)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%?)\s*", str(text))
+    v = None if not m else float(m.group(1)) / (100 if m.group(2) else 1)
+    if v is None or v > 1:
+        raise ConfigError(f"{what} {text!r} is not an accuracy: write e.g. 0.45 or 45%")
+    return v
+
+
+def parse_points(text: str, what: str = "--max-accuracy-drop") -> float:
+    """'1', '1pt' or '1%' → 1.0 (percentage points of accuracy, not a relative change)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|pts?|pp)?\s*", str(text))
+    if not m:
+        raise ConfigError(f"{what} {text!r} is not a number of points: write e.g. 1 or 0.5pt")
+    return float(m.group(1))
+
+
 def parse_percent(text: str, what: str = "--max-ppl-increase") -> float:
     """'2%' or '2' → 2.0 (percent)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%?\s*", str(text))
@@ -82,6 +106,8 @@ class Constraints:
     max_model_bytes: int | None = None
     max_peak_rss_bytes: int | None = None
     max_tpot_ms: float | None = None
+    min_accuracy: float | None = None  # acc_norm, a fraction
+    max_accuracy_drop_pts: float | None = None  # percentage points of acc_norm
 
     def items(self) -> list[tuple[str, str, float]]:
         """(flag, metric name, limit) of each constraint set."""
@@ -91,6 +117,8 @@ class Constraints:
             ("--max-model-bytes", "model_bytes", self.max_model_bytes),
             ("--max-peak-rss", "peak_rss_bytes", self.max_peak_rss_bytes),
             ("--max-tpot-ms", "tpot_ms", self.max_tpot_ms),
+            ("--min-accuracy", "acc_norm", self.min_accuracy),
+            ("--max-accuracy-drop", "accuracy_drop_pts", self.max_accuracy_drop_pts),
         ):
             if limit is not None:
                 out.append((flag, metric, float(limit)))
@@ -105,6 +133,15 @@ class Constraints:
                 )
             elif flag == "--max-tpot-ms":
                 out.append(f"TPOT ≤ {limit:g} ms")
+            elif flag == "--min-accuracy":
+                out.append(
+                    f"acc_norm ≥ {limit:g} (lower end of its 95 % interval; add hellaswag to "
+                    "[eval] tasks)"
+                )
+            elif flag == "--max-accuracy-drop":
+                out.append(
+                    f"acc_norm drop ≤ {limit:g} points (upper end of the paired 95 % interval)"
+                )
             else:
                 out.append(
                     f"{'model bytes' if 'model' in flag else 'peak RSS'} ≤ {human_bytes(limit)}"
@@ -199,7 +236,13 @@ def _check(c: Candidate, flag: str, metric: str, limit: float) -> Check:
     if m is None or m.value is None:
         return Check(flag, limit, "unknown", m)
     scale = abs(limit) if limit else 1.0
-    if metric == "ppl_increase_pct":
+    if metric == "acc_norm":  # a floor: the lower end of the interval decides
+        lo = m.lo if m.lo is not None else m.value
+        if lo >= limit:
+            return Check(flag, limit, "met", m)
+        status = "violated" if (m.hi if m.hi is not None else m.value) < limit else "undecided"
+        return Check(flag, limit, status, m, (limit - lo) / max(scale, 1e-9))
+    if metric in ("ppl_increase_pct", "accuracy_drop_pts"):
         hi = m.hi if m.hi is not None else math.inf
         if hi <= limit:
             return Check(flag, limit, "met", m)
@@ -212,10 +255,22 @@ def _check(c: Candidate, flag: str, metric: str, limit: float) -> Check:
     return Check(flag, limit, "violated", m, (m.value - limit) / scale)
 
 
+def pareto_fronts(
+    cands: Sequence[Candidate], figures: Sequence[str]
+) -> dict[tuple[str, str | None], list[Candidate]]:
+    """The Pareto front of each (model, workload), never across them: a perplexity or a
+    perplexity increase compares versions of one model, and J/token or TPOT one workload."""
+    groups: dict[tuple[str, str | None], list[Candidate]] = {}
+    for c in cands:
+        groups.setdefault((c.model, c.workload), []).append(c)
+    return {k: pareto_front(v, figures) for k, v in groups.items()}
+
+
 def pareto_front(cands: Sequence[Candidate], figures: Sequence[str]) -> list[Candidate]:
     """Candidates no other candidate beats on every figure (``figures`` are keys of FIGURES,
     ``name@hardware`` for that hardware's prediction, e.g. ``latency@h100``); a candidate
-    missing one of the figures is left out."""
+    missing one of the figures is left out. The candidates should share a model and a
+    workload (see :func:`pareto_fronts`)."""
     specs = []
     for f in figures:
         name, _, hw = f.partition("@")
@@ -294,8 +349,12 @@ class Recommendation:
 RULES = [
     "perplexity increase: paired per-window difference against the same model's baseline under "
     "the same protocol; meets the limit when the upper end of its 95 % interval does",
+    "accuracy drop: paired per-item difference of acc_norm against the same model's baseline "
+    "on the same items; meets the limit when the upper end of its 95 % interval does; minimum "
+    "accuracy: met when the lower end of acc_norm's 95 % interval is at least the limit",
     "bytes, peak memory, TPOT: point value (median of repetitions, or the prediction) against "
     "the limit",
+    "Pareto front: per model and workload, never across them",
     "objective minimised; ties broken by the smaller perplexity increase",
 ]
 
@@ -385,7 +444,7 @@ def recommend(
     else:
         closest = min(with_objective, key=lambda c: (c.violation, rank(c)))
     pareto_figures = list(pareto or ["ppl_increase", objective])
-    front = pareto_front(cands, pareto_figures)
+    front = [c for f in pareto_fronts(cands, pareto_figures).values() for c in f]
     return Recommendation(
         objective=objective,
         metric=metric,

@@ -23,10 +23,12 @@ import hashlib
 import os
 import re
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from joules.compress.manifest import Manifest
 from joules.errors import ConfigError
 from joules.sweep.spec import BenchSpec, CalibrationSpec, EvalSpec
 from joules.sweep.stages import Progress, Stages, baseline_manifest
@@ -94,7 +96,10 @@ class FakeStages:
         if recipe in self.fail_recipes:
             raise RuntimeError(f"fake failure compressing {recipe}")
         bits = int(_RECIPE.match(recipe).group(1))  # type: ignore[union-attr]
+        source = model
         model = copy.deepcopy(model)
+        model.joules_reference = weakref.ref(source)  # what a deviation task compares it with
+        record = Manifest()
         layers = {}
         qmax = 2 ** (bits - 1) - 1
         names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -103,11 +108,14 @@ class FakeStages:
             lin = model.get_submodule(name)
             with torch.no_grad():
                 w = lin.weight
+                before = w.clone()
                 scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
                 w.copy_((w / scale).round().clamp(-qmax, qmax) * scale)
+            record.record_weight_error(name, before, w)  # as every real step does
             layers[name] = {
                 "format": f"int{bits}-ch",
                 "bits_per_weight": bits + 16 / w.shape[1],
+                **record.layers[name],
             }
             if progress:
                 progress(i + 1, len(names))

@@ -81,6 +81,46 @@ def paired_increase(
     )
 
 
+@dataclass(frozen=True)
+class PairedAccuracyDrop:
+    """Accuracy drop (baseline - model) in percentage points on the same items, 95 % interval."""
+
+    pts: float
+    lo: float
+    hi: float
+    items: int
+    metric: str = "acc_norm"
+    rule: str = (
+        "paired per-item difference of correctness (baseline - model) over the same items; "
+        "mean with a Student t interval, items - 1 degrees of freedom"
+    )
+
+
+def paired_accuracy_drop(
+    correct: Sequence[int],
+    items: Sequence[int],
+    base_correct: Sequence[int],
+    base_items: Sequence[int],
+) -> PairedAccuracyDrop:
+    """Paired accuracy drop of a model against its baseline on the same multiple-choice items.
+
+    Both models answer the same items, so the items' difficulty cancels: only the items where
+    they disagree contribute, and the interval is far narrower than two independent ones."""
+    if list(items) != list(base_items) or not items:
+        raise ConfigError(
+            "a paired accuracy drop needs the same items for the model and its baseline: "
+            "evaluate both under the same protocol"
+        )
+    from joules.measure.stats import summarize
+
+    d = [float(b) - float(a) for a, b in zip(correct, base_correct, strict=True)]
+    mean = sum(d) / len(d)
+    half = summarize(d).ci95_half_width if len(d) >= 2 else float("nan")
+    return PairedAccuracyDrop(
+        pts=100 * mean, lo=100 * (mean - half), hi=100 * (mean + half), items=len(d)
+    )
+
+
 def _interval(v: Any) -> tuple[float | None, float | None]:
     if isinstance(v, list | tuple) and len(v) == 2:
         return (v[0], v[1])
@@ -142,6 +182,11 @@ def extract_metrics(
         if "acc_norm" in res:
             lo, hi = _interval(res.get("acc_norm_ci95"))
             out.append(Metric("acc_norm", res["acc_norm"], "", "measured", lo, hi))
+        drop = ev.get("paired_accuracy")
+        if drop:
+            out.append(
+                Metric("accuracy_drop_pts", drop["pts"], "pt", "measured", drop["lo"], drop["hi"])
+            )
     if bench:
         out.extend(_bench_metrics(bench, kernels))
     for hw, pred in (predictions or {}).items():

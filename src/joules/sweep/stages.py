@@ -9,11 +9,31 @@ The runner only sees a :class:`Stages` value, so tests pass tiny fakes (``joules
 and a stage whose module is not installed is recorded in ``missing``: a run that needs it fails
 with that reason (stored, re-tried with ``--retry-failed`` once the stage exists), it is never
 skipped silently nor reported as done.
+
+The timed bench runs in a fresh Python process (:func:`bench`): the sweep's own process holds
+the base model of every run, its compressed copy and the evaluation's buffers, so its resident
+memory says nothing about a model's; the child loads only the model it benches (the baseline
+from its spec, a compressed model from a directory :func:`joules.compress.save_compressed`
+wrote), so ``peak_rss_bytes`` is that model's, and no other work of the sweep shares its CPU
+caches. It costs a model load per bench (plus one save per compressed model), recorded in the
+result's ``isolation`` entry. :func:`bench_in_process` is the old behaviour, for callers that
+want speed over honest memory figures (the fakes run in process too).
+
+Evaluation runs any registered task (:mod:`joules.evaluate.tasks`): the sweep's protocol
+(``split``, ``window``, ``stride``, ``limit_tokens``, ``limit``) goes to every task that has an
+option of that name.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,49 +115,79 @@ def compress(
         prequantized=getattr(info, "prequantized", None),
         progress=(lambda what, done, total: progress(done, total)) if progress else None,
     )
+    # What the bench subprocess needs to save it (its manifest), and what a deviation task
+    # compares it with (the model it was compressed from, as loaded).
+    # (A weak reference: a module assigned to a module's attribute becomes its submodule.)
+    cm.model.joules_manifest = cm.manifest
+    cm.model.joules_reference = weakref.ref(model)
     return cm.model, cm.manifest.to_dict()
 
 
 def layer_paths(model: Any) -> dict[str, str]:
-    """The kernel path each compressed linear ran in its last forward, by name."""
+    """The kernel path each compressed linear ran in the timed forwards, by name: as the bench
+    subprocess reported it when the model was benched in one, else its last forward here."""
     from joules.compress import layer_paths as paths
 
-    return paths(model)
+    benched = getattr(model, "joules_bench_layer_paths", None)
+    return dict(benched) if benched is not None else paths(model)
+
+
+# The sweep's evaluation protocol, passed to every task that has an option of that name.
+PROTOCOL_OPTIONS = ("split", "window", "stride", "limit_tokens", "limit")
+
+
+def task_options(task: str, ev: EvalSpec) -> dict[str, Any]:
+    """The options task ``task`` gets from the sweep's protocol ``ev`` (those it accepts)."""
+    from joules.evaluate import tasks
+
+    accepted = set(tasks.options(task))
+    return {k: getattr(ev, k) for k in PROTOCOL_OPTIONS if k in accepted and hasattr(ev, k)}
 
 
 def evaluate(
     task: str, model: Any, tokenizer: Any, info: Any, ev: EvalSpec, progress: Progress | None
 ) -> dict[str, Any]:
-    from joules.evaluate.perplexity import wikitext2_perplexity
+    """Run registered task ``task`` (see :mod:`joules.evaluate.tasks`) under the protocol ``ev``.
 
-    if task != "wikitext2":  # the spec validates tasks; this guards direct API use
-        from joules.errors import ConfigError
+    Returns ``{"result": ..., plus what pairing with the baseline needs}``: a perplexity's
+    per-window NLL sums and tokens (``window_nll``, ``window_tokens``), a multiple-choice task's
+    per-item correctness of ``acc_norm`` (``items``, ``item_correct``). A deviation compares a
+    compressed model with the model it was compressed from (the baseline with itself).
+    """
+    from joules.evaluate import tasks
+    from joules.evaluate.results import ChoiceResult, PerplexityResult
 
-        raise ConfigError(f"the sweep cannot evaluate task {task!r}: use wikitext2")
-    r = wikitext2_perplexity(
-        model,
-        tokenizer,
-        split=ev.split,
-        window=ev.window,
-        stride=ev.stride,
-        limit_tokens=ev.limit_tokens,
-        model_name=getattr(info, "spec", None),
-        progress=progress,
-    )
-    d = r.to_dict()
-    return {
-        "result": d,
-        "window_nll": list(d.pop("window_nll_sums")),
-        "window_tokens": list(d.pop("window_tokens")),
-    }
+    opts = task_options(task, ev)
+    if "reference" in tasks.options(task):
+        ref = getattr(model, "joules_reference", None)
+        if ref is not None and ref() is not None:
+            opts["reference"] = ref()
+    r = tasks.run_task(task, model, tokenizer, info, progress=progress, **opts)
+    if isinstance(r, PerplexityResult):
+        d = r.to_dict()
+        return {
+            "result": d,
+            "window_nll": list(d.pop("window_nll_sums")),
+            "window_tokens": list(d.pop("window_tokens")),
+        }
+    if isinstance(r, ChoiceResult):
+        from joules.data import load_choice
+
+        data = load_choice(getattr(tasks.get(task, **opts), "data", None) or "hellaswag")
+        return {
+            "result": r.to_dict(),
+            "items": list(r.items),
+            "item_correct": [
+                int(p == data[i].label) for i, p in zip(r.items, r.predictions_norm, strict=True)
+            ],
+        }
+    return {"result": r.to_dict()}
 
 
-def bench(
-    model: Any, tokenizer: Any, info: Any, b: BenchSpec, progress: Progress | None
-) -> dict[str, Any]:
-    from joules.bench import BenchConfig, run_bench
+def bench_config(b: BenchSpec) -> Any:
+    from joules.bench import BenchConfig
 
-    cfg = BenchConfig(
+    return BenchConfig(
         prompt_lens=(b.prompt_len,),
         gen_len=b.gen_len,
         batch_sizes=(b.batch,),
@@ -145,7 +195,172 @@ def bench(
         warmup=b.warmup,
         runtime=b.runtime,
     )
-    return run_bench(model, tokenizer, info, cfg, progress=progress).to_dict()
+
+
+def bench_in_process(
+    model: Any, tokenizer: Any, info: Any, b: BenchSpec, progress: Progress | None
+) -> dict[str, Any]:
+    """Bench ``model`` in this process: its peak RSS includes whatever else this process holds."""
+    from joules.bench import run_bench
+
+    out = run_bench(model, tokenizer, info, bench_config(b), progress=progress).to_dict()
+    out["isolation"] = {"mode": "in-process"}
+    return out
+
+
+def _model_dtype(model: Any) -> str:
+    """The dtype the model was loaded in (its input embedding's), as a torch attribute name."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dt = emb.weight.dtype if emb is not None else next(model.parameters()).dtype
+    return str(dt).removeprefix("torch.")
+
+
+def _saved_dir(model: Any, tokenizer: Any) -> tuple[str, float]:
+    """A directory holding compressed ``model`` (saved once per model object; removed with it)."""
+    held = getattr(model, "joules_saved_dir", None)
+    if held is not None:
+        return str(held[1]), 0.0
+    from joules.compress import save_compressed
+
+    t0 = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory(prefix="joules-bench-")
+    out = os.path.join(tmp.name, "model")
+    save_compressed(model, copy.deepcopy(model.joules_manifest), out, tokenizer)
+    model.joules_saved_dir = (tmp, out)  # the TemporaryDirectory is removed when model is freed
+    return out, time.perf_counter() - t0
+
+
+def bench(
+    model: Any,
+    tokenizer: Any,
+    info: Any,
+    b: BenchSpec,
+    progress: Progress | None,
+    *,
+    probe_if_missing: bool = True,
+) -> dict[str, Any]:
+    """Bench ``model`` in a fresh Python process that loads only it (see the module doc).
+
+    The baseline is loaded from its spec (``info.spec``) in the dtype it was loaded here; a
+    compressed model (one :func:`compress` returned) is saved to a temporary directory and
+    loaded from there. The result's ``isolation`` records the child's load time, its resident
+    memory once loaded and the save time; the kernel path of each layer in the child's timed
+    forwards is kept on ``model`` for :func:`layer_paths`. ``probe_if_missing``: as
+    :func:`joules.bench.run_bench` (probe the machine's limits when none are cached).
+    """
+    from joules.errors import ConfigError
+
+    save_s = 0.0
+    if getattr(model, "joules_manifest", None) is not None:
+        source, save_s = _saved_dir(model, tokenizer)
+    elif getattr(info, "spec", None):
+        source = str(info.spec)
+    else:
+        raise ConfigError("the bench subprocess needs the model's spec: load it with load_model")
+    job = {
+        "source": source,
+        "dtype": _model_dtype(model),
+        "bench": bench_config(b).to_dict(),
+        "spec": str(getattr(info, "spec", "") or source),
+        "probe_if_missing": probe_if_missing,
+    }
+    with tempfile.TemporaryDirectory(prefix="joules-bench-io-") as io_dir:
+        job_path, out_path = os.path.join(io_dir, "job.json"), os.path.join(io_dir, "out.json")
+        with open(job_path, "w") as f:
+            json.dump(job, f)
+        _run_child(job_path, out_path, progress)
+        with open(out_path) as f:
+            out = json.load(f)
+    out["isolation"]["save_s"] = save_s
+    model.joules_bench_layer_paths = out.pop("layer_paths", None)
+    return out
+
+
+def _run_child(job_path: str, out_path: str, progress: Progress | None) -> None:
+    """Run :func:`bench_child` in a fresh interpreter; its progress lines drive ``progress``."""
+    import joules
+
+    env = dict(os.environ)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(joules.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from joules.sweep.stages import bench_child; bench_child(*sys.argv[1:])",
+        job_path,
+        out_path,
+    ]
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "joules-progress" and progress is not None:
+                progress(int(parts[1]), int(parts[2]))
+        rc = proc.wait()
+        if rc != 0:
+            err.seek(0)
+            lines = [x for x in err.read().strip().splitlines() if x.strip()]
+            last = lines[-1] if lines else f"exit status {rc}"
+            raise RuntimeError(f"bench subprocess failed: {last}")
+
+
+def _release_free_memory() -> None:
+    """Give the heap memory that loading freed back to the OS (glibc ``malloc_trim``).
+
+    Loading builds the dense model before compressed layers replace its linears; glibc keeps
+    the freed blocks in the process, so without this the RSS of a compressed model would
+    include the dense weights it no longer holds. A no-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def bench_child(job_path: str, out_path: str) -> None:
+    """The bench subprocess: load the job's model alone, bench it, write the result as JSON."""
+    import psutil
+    import torch
+
+    from joules.bench import BenchConfig, run_bench
+    from joules.compress import layer_paths as paths
+    from joules.models import load_model
+
+    with open(job_path) as f:
+        job = json.load(f)
+    t0 = time.perf_counter()
+    model, tokenizer, info = load_model(job["source"], dtype=getattr(torch, job["dtype"]))
+    load_s = time.perf_counter() - t0
+    rss_load_peak = psutil.Process().memory_info().rss
+    _release_free_memory()
+    rss_loaded = psutil.Process().memory_info().rss
+    cfg = BenchConfig.from_dict(job["bench"])
+
+    def progress(done: int, total: int) -> None:
+        print(f"joules-progress {done} {total}", flush=True)
+
+    out = run_bench(
+        model, tokenizer, info, cfg, progress=progress, probe_if_missing=job["probe_if_missing"]
+    ).to_dict()
+    out["model"] = job["spec"]
+    out["isolation"] = {
+        "mode": "subprocess",
+        "load_s": load_s,
+        "rss_after_load_bytes": rss_loaded,
+        "rss_before_trim_bytes": rss_load_peak,
+        "note": "benched in a fresh process holding only this model; load_s is its load time",
+    }
+    out["layer_paths"] = paths(model)
+    from joules.serialize import to_jsonable
+
+    with open(out_path, "w") as f:
+        json.dump(to_jsonable(out), f)
 
 
 def predict(
@@ -180,8 +395,11 @@ def baseline_manifest(model: Any, info: Any) -> dict[str, Any]:
     }
 
 
-def default_stages() -> Stages:
-    """Stages over the installed joules library; absent modules are listed in ``missing``."""
+def default_stages(isolate_bench: bool = True) -> Stages:
+    """Stages over the installed joules library; absent modules are listed in ``missing``.
+
+    ``isolate_bench`` False benches in this process (:func:`bench_in_process`): faster, but
+    a run's peak RSS then includes the sweep's base model and everything else it holds."""
     import importlib
 
     missing: dict[str, str] = {}
@@ -208,7 +426,9 @@ def default_stages() -> Stages:
         calibration=calibration if has_compress else None,
         compress=compress if has_compress else None,
         evaluate=evaluate,
-        bench=bench if have("bench", "joules.bench", "BenchConfig", "run_bench") else None,
+        bench=(bench if isolate_bench else bench_in_process)
+        if have("bench", "joules.bench", "BenchConfig", "run_bench")
+        else None,
         predict=predict if have("predict", "joules.predict", "predict") else None,
         baseline_manifest=baseline_manifest,
         layer_paths=layer_paths if has_compress else None,
