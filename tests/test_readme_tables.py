@@ -15,8 +15,12 @@ A table is tied to its JSON by a marker comment on the line before it:
 
 A cell's leading number is compared with the field rounded to as many decimals as the cell
 shows (``2.57x`` checks the field to 2 decimals; text after the number is commentary); ``-``
-stands for null; any other cell must equal the field as text. Adding a table for another
+stands for null; any other cell must equal the field as text. A cell written as code
+(```kvcache(format=int4)```) is compared without its backticks. Adding a table for another
 benchmark needs only a marker.
+
+Figures in prose next to a table (a peer's time, a ratio range) have their own tests below, each
+reading the same JSON as the table.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ def _get(obj: Any, path: str) -> Any:
 
 def check_cell(cell: str, value: Any) -> str | None:
     """None if ``cell`` shows ``value`` (by the module's rule), else what is wrong."""
+    if len(cell) > 2 and cell.startswith("`") and cell.endswith("`"):
+        cell = cell[1:-1]
     if cell in ("-", "–"):
         return None if value is None else f"{cell!r} but the JSON has {value!r}"
     if value is None:
@@ -133,6 +139,8 @@ def test_the_rule_catches_a_wrong_figure():
     assert check_cell("-", None) is None and check_cell("-", 1.0) is not None
     assert check_cell("1,445 µs", 1445.3) is None
     assert check_cell("torch .to(x)", "torch .to(x)") is None
+    assert check_cell("`-`", None) is None and check_cell("`rtn(x)`", "rtn(x)") is None
+    assert check_cell("`rtn(x)`", "rtn(y)") is not None
 
 
 def test_nxfp_gain_sentence_matches_the_compare_json():
@@ -159,3 +167,98 @@ def test_estimator_constants_quoted_in_the_readme():
     assert ESTIMATE_RELATIVE_UNCERTAINTY == 0.30 and "±30 % band" in text
     assert table["memory"]["w_per_gib"] == 0.375 and "0.375 W per GiB" in text
     assert table["cpu_defaults"]["idle_fraction"] == 0.3 and "30 % of TDP at idle" in text
+
+
+def _results(name: str) -> dict[str, Any]:
+    return json.loads((ROOT / "bench" / "results" / name).read_text())
+
+
+def test_fit_columns_peer_sentence_matches_its_json():
+    """The rank-1 update time quoted above the fit-columns table is the same run's peer."""
+    text = README.read_text()
+    m = re.search(r"128-column block \((\d+) µs in the same run\)", text)
+    assert m, "the fit-columns peer sentence is gone: update this test"
+    assert int(m.group(1)) == round(_results("fit_columns.json")["peer_rank1_update_us"])
+
+
+def _attention_cell(row: dict[str, Any]) -> str:
+    return f"{row['max_abs_dev']:.1e} / {row['mean_abs_dev']:.1e}"
+
+
+def test_attention_readme_rows_are_the_library_rows():
+    """``readme_rows`` (what the README table is checked against) restate the raw rows."""
+    data = _results("attention_deviation.json")
+    bs, dtype = data["block_size"], data["readme_dtype"]
+    impl_of = {
+        "standard": ("standard", None),
+        "sdpa-math": ("sdpa-math", None),
+        "sdpa-flash": ("sdpa-flash", None),
+        f"flash-style, block {bs}": ("flash-style", bs),
+        "flash-style, bf16 running state": ("flash-style-lowacc", bs),
+    }
+    raw = {(r["impl"], r["dtype"], r["seq_len"], r["block_size"]): r for r in data["rows"]}
+    assert data["readme_rows"]
+    for row in data["readme_rows"]:
+        for header, (impl, block) in impl_of.items():
+            assert row[header] == _attention_cell(raw[(impl, dtype, row["seq_len"], block)])
+
+
+def test_attention_ratio_prose_matches_its_json():
+    """The flash-style / standard ratios quoted under the attention table."""
+    text = README.read_text()
+    data = _results("attention_deviation.json")
+    fl = [r["mean_ratio"] for r in data["ratios_bf16"]]
+    low = [r["mean_ratio"] for r in data["ratios_bf16_lowacc"]]
+    m = re.search(r"mean deviation at bf16 is (\d+\.\d+)–(\d+\.\d+) \((\d+) → (\d+) tokens\)", text)
+    assert m, "the attention ratio sentence is gone: update this test"
+    assert (m.group(1), m.group(2)) == (f"{min(fl):.2f}", f"{max(fl):.2f}")
+    lens = [r["seq_len"] for r in data["ratios_bf16"]]
+    assert (int(m.group(3)), int(m.group(4))) == (min(lens), max(lens))
+    m = re.search(
+        r"the ratio (?:grows|shrinks|goes) with length from (\d+\.\d+) to (\d+\.\d+)", text
+    )
+    assert m, "the bf16-running-state ratio sentence is gone: update this test"
+    assert (m.group(1), m.group(2)) == (f"{low[0]:.2f}", f"{low[-1]:.2f}")
+    fp32 = [r for r in data["rows"] if r["dtype"] == "fp32"]
+    m = re.search(r"At fp32 the mean deviation is (\S+) to (\S+) \(every max below (\S+)\)", text)
+    assert m and fp32, "the fp32 sentence (or the fp32 rows) is gone: update this test"
+    means = [r["mean_abs_dev"] for r in fp32]
+    assert (m.group(1), m.group(2)) == (f"{min(means):.1e}", f"{max(means):.1e}")
+    assert max(r["max_abs_dev"] for r in fp32) < float(m.group(3))
+
+
+def test_mixed_family_move_tables_match_the_json():
+    """Each family's store size and move table under the compress_more table."""
+    text = README.read_text()
+    families = _results("compress_more.json")["families"]
+    mib = 2**20
+
+    def bits(x: float) -> str:
+        return f"{x:g}"
+
+    for name, fam in families.items():
+        head = re.search(rf"Family `{re.escape(name)}` \([^)]*\): one store of ([\d.]+) MiB", text)
+        assert head, f"README has no move table for family {name!r}"
+        assert head.group(1) == f"{fam['store_bytes'] / mib:.1f}"
+        table = text[head.end() :].split("\n\n", 2)[1]
+        rows = [r for r in table.splitlines()[2:] if r.startswith("|")]
+        want = [
+            f"| {bits(mv['from'])} → {bits(mv['to'])} | {mv['layers']} | {mv['bytes'] / mib:.2f} MiB |"
+            for mv in fam["moves"]
+        ]
+        assert rows == want, f"family {name!r}: README rows differ from compress_more.json"
+
+
+def test_kernel_prose_matches_the_kernels_json():
+    """The slow-down with fp32 activations and the probes' bf16 speed-ups quoted above the table."""
+    text = README.read_text()
+    data = _results("kernels.json")
+    fp32_x = [r["kernel_fp32_x"] for r in data["table"]]
+    m = re.search(r"are (\d+)–(\d+)x \*slower\* than fp32 `F.linear` with fp32 activations", text)
+    assert m, "the kernels' fp32-activation sentence is gone: update this test"
+    assert (int(m.group(1)), int(m.group(2))) == (round(1 / max(fp32_x)), round(1 / min(fp32_x)))
+    for kernel in ("cpu-int8", "cpu-int4"):
+        probe = data["compute_dtype"][kernel]
+        m = re.search(rf"{kernel} ([\d.]+)x", text)
+        assert m and probe["dtype"] == "bf16", f"no probe figure for {kernel} in the README"
+        assert m.group(1) == f"{probe['fp32_s'] / probe['bf16_s']:.1f}"
