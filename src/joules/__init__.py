@@ -36,7 +36,12 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 def __getattr__(name: str):
     # Lazy re-exports: `import joules` stays fast (no torch/transformers import) so that
     # `joules --version` and `joules measure -- CMD` start in well under a second.
-    if name in {"load_model", "tiny_model", "ModelInfo", "LoadedModel"}:
+    if name == "load_model":
+        # compress registers the loader of compressed directories (models sits below it)
+        from joules import compress, models  # noqa: F401
+
+        return models.load_model
+    if name in {"tiny_model", "ModelInfo", "LoadedModel"}:
         from joules import models
 
         return getattr(models, name)

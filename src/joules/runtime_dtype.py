@@ -39,25 +39,13 @@ from pathlib import Path
 import psutil
 import torch
 
+from joules import dtypes
 from joules.errors import ConfigError
+from joules.paths import cache_dir
 from joules.serialize import atomic_write_json
+from joules.system import cpu_flags, cpu_model
 
-try:
-    from joules.system import cpu_flags
-except ImportError:  # pragma: no cover - until joules.system.cpu_flags lands on main
-    _ISA = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16", "sve")
-
-    def cpu_flags() -> list[str]:
-        path = Path("/proc/cpuinfo")
-        text = path.read_text(errors="replace") if path.is_file() else ""
-        found = set()
-        for line in text.splitlines():
-            if line.lower().startswith(("flags", "features")):
-                found |= set(line.split(":", 1)[1].split())
-        return [f for f in _ISA if f in found]
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = dtypes.choices("fp32", "bf16")
 CHOICES = ("auto", *DTYPES)
 MARGIN = 1.10  # bf16 must beat fp32 by 10 % to be picked: a tie is not worth its rounding
 _PROBE_SHAPE = (512, 576, 1536)  # rows x in -> out: SmolLM2-135M's MLP up-projection
@@ -131,16 +119,12 @@ class DtypeChoice:
         return asdict(self)
 
 
-def _cache_dir() -> Path:
-    from joules.models.loading import cache_dir
-
+def _probe_dir() -> Path:
     return cache_dir() / "dtype_probe"
 
 
 def probe_key() -> str:
     """What the probe's verdict depends on: CPU model and flags, torch version, threads."""
-    from joules.system import cpu_model
-
     text = "|".join(
         [cpu_model(), ",".join(cpu_flags()), torch.__version__, str(torch.get_num_threads())]
     )
@@ -192,7 +176,7 @@ def auto_dtype(refresh: bool = False) -> DtypeChoice:
 
     A cached probe taken on a busy machine is probed again (see the module docstring).
     """
-    path = _cache_dir() / f"{probe_key()}.json"
+    path = _probe_dir() / f"{probe_key()}.json"
     cached = None if refresh else _read_probe(path)
     if cached is not None and _trusted(cached):
         fp32_s, bf16_s = float(cached["fp32_s"]), float(cached["bf16_s"])

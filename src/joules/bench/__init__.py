@@ -10,11 +10,13 @@ against this machine's speed of light.
     True
 
 Modules: ``config.py`` (:class:`BenchConfig`), ``runtimes.py`` (eager / compiled behind one seam),
+``llamacpp_runtime.py`` (a GGUF file run by llama.cpp, registered here),
 ``runner.py`` (:func:`run_bench`, :func:`quick_bench` for the demo), ``results.py``
 (:class:`BenchResult`, :class:`BenchRow`), ``probe.py`` (``joules bench --probe``: bandwidth and
 peak FLOP/s, cached), ``roofline.py`` (speed of light), ``memory.py`` (sampled peak RSS).
 """
 
+from joules.bench import llamacpp_runtime  # noqa: F401  (registers the llamacpp runtime)
 from joules.bench.config import BenchConfig
 from joules.bench.probe import MachineLimits, load_machine_limits, probe_machine
 from joules.bench.results import BenchResult, BenchRow, Interval, PhaseEnergy

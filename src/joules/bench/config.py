@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from joules.bench.runtimes import RUNTIMES
 from joules.errors import ConfigError
 
 DTYPES = ("auto", "fp32", "bf16")
@@ -65,12 +66,8 @@ class BenchConfig:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        from joules.bench.runtimes import runtime_names
-
-        if self.runtime not in runtime_names():
-            raise ConfigError(
-                f"unknown runtime {self.runtime!r}: choose one of {', '.join(runtime_names())}"
-            )
+        if self.runtime not in RUNTIMES:
+            raise RUNTIMES.unknown(self.runtime)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

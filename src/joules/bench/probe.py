@@ -48,12 +48,15 @@ from typing import Any
 
 import torch
 
+from joules import dtypes
 from joules.errors import ConfigError
+from joules.paths import cache_dir
 from joules.runtime_dtype import MAX_BUSY_PROBES, machine_load
 from joules.serialize import atomic_write_json
+from joules.system import cpu_model
 
 CACHE_FILE = "machine_limits.json"
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPES = dtypes.choices("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class MachineLimits:
 
     def flops(self, dtype: str) -> float:
         """Peak FLOP/s for a compute dtype ("fp32", "bf16"; torch names accepted)."""
-        name = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
+        name = dtypes.short_name(dtypes.to_torch(dtype)) if dtypes.is_known(dtype) else dtype
         return self.peak_flops.get(name, self.peak_flops.get("fp32", float("nan")))
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,8 +142,6 @@ def probe_machine(
         raise ConfigError(f"threads must be >= 1, got {threads}")
     if buffer_bytes < 1 << 20 or matmul_n < 16 or repeats < 1:
         raise ConfigError("probe needs buffer_bytes >= 1 MiB, matmul_n >= 16 and repeats >= 1")
-    from joules.system import cpu_model
-
     load = machine_load()
     with _threads(threads) as n_threads, torch.inference_mode():
         n = buffer_bytes // 4
@@ -170,8 +171,6 @@ def probe_machine(
 
 
 def limits_path() -> Path:
-    from joules.models.loading import cache_dir
-
     return cache_dir() / CACHE_FILE
 
 
@@ -227,8 +226,6 @@ def load_machine_limits(
     """The cached limits of this CPU for ``threads`` (None: torch's current count), or None when
     ``joules bench --probe`` has not measured them yet, or when they were probed on a busy
     machine fewer than ``MAX_BUSY_PROBES`` times (probe again; ``accept_busy`` takes them)."""
-    from joules.system import cpu_model
-
     n = threads if threads is not None else torch.get_num_threads()
     entry = _read_cache().get("entries", {}).get(f"{cpu_model()}|{n}")
     if not entry:

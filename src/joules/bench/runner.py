@@ -24,7 +24,6 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -36,56 +35,21 @@ from joules.bench.probe import MachineLimits, _threads, load_machine_limits, pro
 from joules.bench.results import BenchResult, BenchRow, Interval, PhaseEnergy, percentile
 from joules.bench.roofline import ModelCost
 from joules.bench.runtimes import get_runtime
+from joules.data import load_text
 from joules.errors import ConfigError
-
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-# CPU features that decide which kernels can run fast (recorded with every result).
-_FLAGS = (
-    "avx",
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512_bf16",
-    "avx512_vnni",
-    "amx_bf16",
-    "amx_int8",
-)
-
-
-def cpu_flags() -> list[str]:
-    """The recorded subset of /proc/cpuinfo flags (``joules.system.cpu_flags`` when present)."""
-    try:
-        from joules.system import cpu_flags as system_flags  # type: ignore[attr-defined]
-
-        return sorted(system_flags())
-    except ImportError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [x for x in _FLAGS if x in have]
-    except OSError:
-        pass
-    return []
+from joules.measure import detect_meter
+from joules.system import cpu_flags, system_info
 
 
 def machine_record() -> dict[str, Any]:
     """Versions, CPU, memory, GPUs and CPU flags: what every bench result carries."""
-    from joules.system import system_info
-
     d = system_info().to_dict()
-    d["cpu_flags"] = cpu_flags()
+    d["cpu_flags"] = sorted(cpu_flags())  # sorted, as every committed bench result has them
     return d
 
 
 def bench_prompts(tokenizer: Any, prompt_len: int, batch: int, seed: int = 0) -> torch.Tensor:
     """``batch`` distinct slices of ``prompt_len`` tokens of WikiText-2 test -> LongTensor [B, P]."""
-    from joules.data import load_text
-
     text = load_text("wikitext2", "test")
     need = prompt_len * batch
     offset = random.Random(seed).randrange(0, 1024)
@@ -138,42 +102,6 @@ def check_workload(info: Any, config: BenchConfig, available_bytes: int | None =
                     f"weights but only {available_bytes / 2**30:.1f} GiB is available: "
                     f"use a smaller --batch or --prompt-len"
                 )
-
-
-def _resolve_dtype(model: Any, dtype: str) -> torch.dtype:
-    current = next(model.parameters()).dtype
-    if dtype == "auto":
-        return current
-    target = _TORCH_DTYPES[dtype]
-    if current != target:
-        model.to(target)
-    return target
-
-
-def linear_paths(model: Any) -> dict[str, int]:
-    """How many linears ran through each path: ``kernel:<name>``, ``emulated`` (compressed
-    layers report ``.path``) or ``dense`` (plain ``nn.Linear``)."""
-    counts: Counter[str] = Counter()
-    for mod in model.modules():
-        path = getattr(mod, "path", None)
-        if isinstance(path, str):
-            counts[path] += 1
-        elif isinstance(mod, torch.nn.Linear):
-            counts["dense"] += 1
-    return dict(counts)
-
-
-def _matmul_dtype(model: Any, act_dtype: torch.dtype) -> str:
-    """The dtype the matmuls compute in: compressed layers' ``compute_dtype`` if any say so."""
-    seen = Counter(
-        _DTYPE_NAMES.get(getattr(m, "compute_dtype", None))
-        for m in model.modules()
-        if getattr(m, "compute_dtype", None) is not None
-    )
-    seen.pop(None, None)
-    if seen:
-        return seen.most_common(1)[0][0]
-    return _DTYPE_NAMES.get(act_dtype, str(act_dtype))
 
 
 def _phase(ms: list[Any], tokens: int) -> PhaseEnergy:
@@ -317,8 +245,6 @@ def run_bench(
     cost, mm_dtype = runtime_cls.model_facts(model, info, config.dtype)
     own_meter = False
     if meter is None and config.energy:
-        from joules.measure import detect_meter
-
         meter, own_meter = detect_meter(), True
     if not config.energy:
         meter = None

@@ -23,8 +23,8 @@ and ignore EOS, so every run generates the same number of tokens.
   decode). Inductor's compiled artefacts are cached on disk under
   ``$JOULES_CACHE_DIR/inductor``, so only the first run of a shape pays the compile.
 
-- ``llamacpp``: a ``.gguf`` file run by llama.cpp (``joules.deploy.llamacpp_runtime``; needs
-  the ``[llamacpp]`` extra only when it runs).
+- ``llamacpp``: a ``.gguf`` file run by llama.cpp (``joules.bench.llamacpp_runtime``, registered
+  by ``joules.bench``'s ``__init__``; needs the ``[llamacpp]`` extra only when it runs).
 
 Adding a runtime (the deploy issue adds ``llamacpp``): subclass :class:`Runtime`, implement
 ``prefill``/``decode_step``, decorate with ``@register_runtime("name")``. A runtime that does
@@ -37,36 +37,71 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from joules import dtypes
+from joules.bench.roofline import model_cost
+from joules.compress.linear import linear_paths, prepack
 from joules.errors import ConfigError
+from joules.models import load_model
 from joules.models.hf_cache import cache_kwarg, output_cache
+from joules.paths import cache_dir
+from joules.registry import Registry
 
-_RUNTIMES: dict[str, type[Runtime]] = {}
+RUNTIMES: Registry[type[Runtime]] = Registry("runtime")
+_TORCH_DTYPES = dtypes.choices("fp32", "bf16")  # the dtypes `--dtype` may cast a model to
 
 
 def register_runtime(name: str) -> Callable[[type[Runtime]], type[Runtime]]:
     """Class decorator: make a :class:`Runtime` available by ``name``."""
 
     def deco(cls: type[Runtime]) -> type[Runtime]:
+        RUNTIMES.register(name, cls)
         cls.name = name
-        _RUNTIMES[name] = cls
         return cls
 
     return deco
 
 
 def runtime_names() -> list[str]:
-    return sorted(_RUNTIMES)
+    """The registered runtime names, sorted."""
+    return RUNTIMES.names(sort=True)
 
 
 def get_runtime(name: str) -> type[Runtime]:
-    if name not in _RUNTIMES:
-        raise ConfigError(f"unknown runtime {name!r}: choose one of {', '.join(runtime_names())}")
-    return _RUNTIMES[name]
+    return RUNTIMES.get(name)
+
+
+def _resolve_dtype(model: Any, dtype: str) -> torch.dtype:
+    current = next(model.parameters()).dtype
+    if dtype == "auto":
+        return current
+    target = _TORCH_DTYPES[dtype]
+    if current != target:
+        model.to(target)
+    return target
+
+
+def _short(dt: torch.dtype | None) -> str | None:
+    """fp32/bf16/fp16 for those dtypes, else None (only they name a matmul's dtype here)."""
+    return dtypes.short_name(dt) if dt in (torch.float32, torch.bfloat16, torch.float16) else None
+
+
+def _matmul_dtype(model: Any, act_dtype: torch.dtype) -> str:
+    """The dtype the matmuls compute in: compressed layers' ``compute_dtype`` if any say so."""
+    seen = Counter(
+        _short(getattr(m, "compute_dtype", None))
+        for m in model.modules()
+        if getattr(m, "compute_dtype", None) is not None
+    )
+    seen.pop(None, None)
+    if seen:
+        return seen.most_common(1)[0][0]
+    return _short(act_dtype) or str(act_dtype)
 
 
 def _device(model: Any) -> torch.device:
@@ -91,8 +126,6 @@ class Runtime(ABC):
     @classmethod
     def load(cls, spec: Any) -> tuple[Any, Any, Any]:
         """``(model, tokenizer, ModelInfo)`` of a model spec, as this runtime takes the model."""
-        from joules.models import load_model
-
         lm = load_model(spec)
         return lm.model, lm.tokenizer, lm.info
 
@@ -101,12 +134,7 @@ class Runtime(ABC):
         """``(ModelCost, compute dtype name)`` of ``model`` as this runtime runs it; ``dtype``
         other than "auto" casts a torch model in place. A runtime that does not run a torch
         module overrides this and :meth:`linear_paths` (and refuses a model it cannot run)."""
-        from joules.bench.roofline import model_cost
-        from joules.bench.runner import _matmul_dtype, _resolve_dtype
-
         act_dtype = _resolve_dtype(model, dtype)
-        from joules.compress.kernels import prepack
-
         # compressed layers' kernels pick their activation dtype on first use: pick it now, so
         # the compute dtype (and the prefill's compute limit) is the one they will run in; a
         # layer with no kernel decodes its weight once (timed forwards then time the model, not
@@ -117,9 +145,7 @@ class Runtime(ABC):
     @classmethod
     def linear_paths(cls, model: Any) -> dict[str, int]:
         """What computed the matmuls, per path, after the runs (kernels pick their path lazily)."""
-        from joules.bench.runner import linear_paths
-
-        return linear_paths(model)
+        return linear_paths(model, dense=True)
 
     def prepare(self, ids: torch.Tensor) -> None:  # noqa: B027 - nothing to prepare by default
         """One-time work before timing (allocate caches, compile); ``ids`` shows the shape."""
@@ -174,8 +200,6 @@ class EagerRuntime(Runtime):
 def inductor_cache_dir() -> str:
     """Where inductor keeps compiled kernels: ``$JOULES_CACHE_DIR/inductor`` (set before the
     first compile; an explicit ``TORCHINDUCTOR_CACHE_DIR`` wins)."""
-    from joules.models.loading import cache_dir
-
     path = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
     os.makedirs(path, exist_ok=True)
     return path
@@ -273,7 +297,3 @@ class CompiledRuntime(Runtime):
             raise ConfigError(f"static cache of {self.max_len} positions is full")
         tok = self._step(token[:, None], torch.tensor([pos], device=token.device))
         return tok.clone(), pos + 1
-
-
-# Registered last: it subclasses Runtime (llama_cpp itself is imported only when it runs).
-import joules.deploy.llamacpp_runtime  # noqa: E402, F401

@@ -328,7 +328,7 @@ def demo(
     from joules.cli.sweep import _RichProgress
     from joules.sweep import Store, parse_spec, recommend, run_sweep
     from joules.sweep.analyze import Constraints
-    from joules.sweep.runner import workload_label
+    from joules.sweep.execute import workload_label
 
     out.mkdir(parents=True, exist_ok=True)
     look_path = out / "quick_look.json"
@@ -395,12 +395,10 @@ def demo(
 
 
 def _report(store: str, path: Path) -> Path | None:
-    """Render the HTML report when the report module is installed; a report newer than every
-    file of the store (nothing was written since it was rendered) is kept as it is."""
-    try:
-        from joules.report import render_report
-    except ImportError:
-        return None
+    """Render the HTML report; a report newer than every file of the store (nothing was written
+    since it was rendered) is kept as it is."""
+    from joules.report import render_report
+
     written = [Path(store), Path(store + "-wal")]
     newest = max((f.stat().st_mtime for f in written if f.is_file()), default=float("inf"))
     if path.is_file() and path.stat().st_mtime > newest:

@@ -34,7 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from joules import formats
+from joules.compress import read_manifest
+from joules.compress.linear import CompressedLinear
 from joules.errors import ConfigError, UnsupportedModelError
+from joules.formats.gguf import PRESETS, get_gguf, mxfp4_to_gguf_blocks
+from joules.models import load_model
+from joules.models.loading import resolve
 from joules.serialize import atomic_path
 
 # Hugging Face names of llama-family modules -> GGUF names (llama.cpp's convention).
@@ -130,15 +136,11 @@ class ExportResult:
 
 def exact_gguf_specs() -> list[str]:
     """Formats whose tensors GGUF holds exactly."""
-    from joules.formats.gguf import PRESETS
-
     return [*PRESETS, "mxfp4"]
 
 
 def _quantized_blocks(lin: Any) -> tuple[str, torch.Tensor] | None:
     """(GGML type, block bytes [rows, row_bytes]) of a CompressedLinear, or None if not exact."""
-    from joules.formats.gguf import get_gguf, mxfp4_to_gguf_blocks
-
     if lin.sparse is not None or lin.act_quant is not None:
         return None
     if getattr(lin, "weight_mask", None) is not None:
@@ -164,8 +166,6 @@ def _float_array(t: torch.Tensor, float_type: str) -> tuple[np.ndarray, Any]:
 
 def _source_gguf(spec: str, path: Path, manifest: Any) -> Path | None:
     """The GGUF file the model came from, if any (the source model of a compressed dir)."""
-    from joules.models.loading import resolve
-
     if path.suffix == ".gguf" and path.is_file():
         return path
     src = getattr(manifest, "source_model", "") if manifest is not None else ""
@@ -307,10 +307,6 @@ def export_gguf(
     a joules file and a llama.cpp file can share the embedding's type. Recorded as not exact."""
     from gguf import GGMLQuantizationType, GGUFWriter
 
-    from joules.compress.linear import CompressedLinear
-    from joules.models import load_model
-    from joules.models.loading import resolve
-
     if float_type not in FLOAT_TYPES:
         raise ConfigError(f"float type {float_type!r}: use one of {', '.join(FLOAT_TYPES)}")
     if dequantize is not None and dequantize not in FLOAT_TYPES:
@@ -321,8 +317,6 @@ def export_gguf(
     kind, path = resolve(model)
     manifest = None
     if kind == "joules":
-        from joules.compress import read_manifest
-
         manifest = read_manifest(path)
     m, tokenizer, _ = load_model(model)
     config = m.config
@@ -391,8 +385,6 @@ def export_gguf(
             raise ConfigError(f"GGUF export: no GGUF name for parameter '{hf}'")
         is_norm = "norm" in name
         if embedding is not None and name == "token_embd.weight":
-            from joules import formats
-
             efmt = formats.get(embedding).for_shape(tuple(p.shape))
             if efmt.family != "gguf":
                 raise ConfigError(f"--embedding {embedding!r}: use a gguf-* type, e.g. gguf-q8_0")

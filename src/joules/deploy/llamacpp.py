@@ -28,7 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from joules.data.tokens import tokenize_stream
+from joules.deploy.gguf_export import check_gguf_file
 from joules.errors import ConfigError
+from joules.evaluate.perplexity import _decoded_bytes, _unscored, plan_windows
+from joules.evaluate.results import PerplexityProtocol, PerplexityResult, weighted_mean_stderr
+from joules.evaluate.scoring import bos_default
 from joules.system import cpu_flags
 
 INSTALL_HINT = "install the llamacpp extra: pip install 'joules[llamacpp]' (compiles ~10 min)"
@@ -114,8 +119,6 @@ def quantize_file(
 def _tensor_table(
     path: str, size: int, mtime_ns: int
 ) -> tuple[tuple[str, str, int, int, int], ...]:
-    from joules.deploy.gguf_export import check_gguf_file
-
     reader = check_gguf_file(path)
     return tuple(
         (
@@ -132,8 +135,6 @@ def _tensor_table(
 def gguf_tensor_table(path: str | os.PathLike[str]) -> list[tuple[str, str, int, int, int]]:
     """``(name, type, n_elements, n_bytes, n_dims > 1)`` of every tensor of a GGUF file, checked
     once per file version (gguf's reader parses the tokenizer arrays in Python: seconds)."""
-    from joules.deploy.gguf_export import check_gguf_file
-
     p = Path(path)
     try:
         st = p.stat()
@@ -236,14 +237,6 @@ def llamacpp_perplexity(
     threads: int | None = None,
 ) -> Any:
     """Perplexity of a GGUF file under llama.cpp, on the windows the torch path uses."""
-    from joules.evaluate.perplexity import _decoded_bytes, _unscored, plan_windows, tokenize_stream
-    from joules.evaluate.results import (
-        PerplexityProtocol,
-        PerplexityResult,
-        weighted_mean_stderr,
-    )
-    from joules.evaluate.scoring import bos_default
-
     stride = window if stride is None else stride
     if add_bos is None:
         add_bos = bos_default(tokenizer)

@@ -11,6 +11,9 @@ Every result carries the protocol that produced it (``result.protocol``); see
 ``perplexity.py``, ``choice.py``, ``deviation.py`` and ``attention.py`` for each protocol.
 """
 
+# compress registers the loader of compressed directories: a task that loads a model by spec
+# (a deviation reference, lm-eval's model) can then load one (models sits below compress).
+import joules.compress  # noqa: F401
 from joules.evaluate.choice import choice_accuracy
 from joules.evaluate.perplexity import perplexity, wikitext2_perplexity
 from joules.evaluate.results import (

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from joules.errors import MeterError
 from joules.measure.base import Backend, DomainEnergy, DomainInfo, Reading
+from joules.measure.carbon import embodied_g_per_hour, match_device
 
 
 class CounterUnavailable(Exception):
@@ -99,8 +100,6 @@ class GpuBackend(Backend):
         return _GpuState(i, domain, device, True, last_raw_j=raw)
 
     def domains(self) -> list[DomainInfo]:
-        from joules.measure.carbon import embodied_g_per_hour, match_device
-
         return [
             DomainInfo(
                 g.domain,

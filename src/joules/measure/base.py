@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from joules.errors import MeterError
+from joules.measure.carbon import CarbonConfig
+from joules.measure.idle import load_idle_with_uncertainty
 
 METHODS = ("counter", "sampled", "estimated")
 # A window's overall method is its least direct domain's: one estimated domain makes the total
@@ -327,8 +329,6 @@ class Meter:
         self.clock = clock
         self.notes = list(notes or []) + [n for b in backends for n in b.notes]
         if carbon is None:
-            from joules.measure.carbon import CarbonConfig
-
             carbon = CarbonConfig()
         self.carbon = carbon
         self._lock = threading.RLock()
@@ -366,8 +366,6 @@ class Meter:
             return
         if idle != "auto":
             raise MeterError(f"idle_power_w must be a dict, 'auto' or None, got {idle!r}")
-        from joules.measure.idle import load_idle_with_uncertainty
-
         found: dict[str, float] = {}
         sources = set()
         for b in self.backends:

@@ -22,7 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from joules.errors import MeterError
+from joules.measure.amd import AmdSmiBackend
 from joules.measure.base import Backend, DomainInfo, Meter, Reading
+from joules.measure.estimate import EstimateBackend
+from joules.measure.nvml import NvmlBackend
+from joules.measure.rapl import RaplBackend
 
 
 class _EstimatedDram(Backend):
@@ -63,21 +67,14 @@ def detect_backends(
 
     ``cpu``: "auto" (RAPL, else estimate), "rapl" (RAPL or an error), "estimate", or "none".
     """
-    from joules.measure.estimate import EstimateBackend
-    from joules.measure.rapl import RaplBackend
-
     backends: list[Backend] = []
     notes: list[str] = []
     if gpus:
-        from joules.measure.nvml import NvmlBackend
-
         try:
             backends.append(NvmlBackend(lib=nvml_lib))
         except MeterError as exc:
             notes.append(f"nvml: {exc}")
         try:
-            from joules.measure.amd import AmdSmiBackend
-
             backends.append(AmdSmiBackend(lib=amdsmi_lib))
         except MeterError as exc:
             if amdsmi_lib is not None or "not installed" not in str(exc):

@@ -44,6 +44,8 @@ import psutil
 
 from joules.errors import ConfigError
 from joules.measure.base import Backend, DomainInfo, Reading
+from joules.measure.carbon import embodied_g_per_hour, hardware_table, match_device
+from joules.system import cpu_model as detect_cpu_model
 
 SCOPES = ("process", "children", "system")
 ESTIMATE_RELATIVE_UNCERTAINTY = 0.30
@@ -99,9 +101,6 @@ def cpu_power_model(
     cpu_model: str | None = None, cpu_tdp_w: float | None = None, logical_cpus: int | None = None
 ) -> CpuPowerModel:
     """The estimator's watts for this machine (or the named CPU / given TDP)."""
-    from joules.measure.carbon import hardware_table, match_device
-    from joules.system import cpu_model as detect_cpu_model
-
     name = cpu_model or detect_cpu_model()
     n = logical_cpus or os.cpu_count() or 1
     table = hardware_table()
@@ -260,8 +259,6 @@ class EstimateBackend(Backend):
 
     # -- Backend ------------------------------------------------------------------------------
     def domains(self) -> list[DomainInfo]:
-        from joules.measure.carbon import embodied_g_per_hour, hardware_table
-
         dev = None
         if self.model.hardware_id:
             dev = next(d for d in hardware_table()["devices"] if d["id"] == self.model.hardware_id)

@@ -20,7 +20,6 @@ Measure idle with nothing else running: whatever runs is counted as idle.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -30,12 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from joules.errors import ConfigError, MeterError
+from joules.paths import cache_dir
 from joules.serialize import atomic_write_json
-
-
-def cache_dir() -> Path:
-    # Same rule as joules.models.loading.cache_dir, repeated so that measuring never imports torch.
-    return Path(os.environ.get("JOULES_CACHE_DIR", Path.home() / ".cache" / "joules"))
 
 
 def idle_cache_path() -> Path:

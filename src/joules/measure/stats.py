@@ -20,6 +20,7 @@ from typing import Any
 
 from joules.errors import ConfigError
 from joules.measure.base import Measurement
+from joules.measure.detect import detect_meter
 
 # Two-sided 95 % quantiles of Student's t, t(0.975, df), for df = 1..30 (standard tables).
 _T975 = [
@@ -123,8 +124,6 @@ def measure_repeated(
         raise ConfigError(f"warmup must be >= 0, got {warmup}")
     own = meter is None
     if own:
-        from joules.measure.detect import detect_meter
-
         meter = detect_meter()
     label = name or getattr(fn, "__name__", "run")
     try:

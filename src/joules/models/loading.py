@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,8 +33,10 @@ import torch
 
 from joules import fingerprint
 from joules.errors import ModelNotFoundError, UnsupportedModelError
+from joules.models.gguf import gguf_tensor_types
 from joules.models.info import ModelInfo, describe
 from joules.paths import cache_dir
+from joules.registry import Registry
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,6 +45,18 @@ ACCEPTED = (
     f"'{DEFAULT_MODEL}' (the embedded default), a Hugging Face model directory "
     "(config.json + *.safetensors), or a .gguf file"
 )
+
+
+# A directory kind that a higher layer knows how to load: ``loader(path, dtype) -> (model,
+# tokenizer, compression summary)``. joules.compress registers "joules" (a compressed directory
+# with joules.json) when it is imported, so models never imports compress (layers point down).
+DirectoryLoader = Callable[[Path, "torch.dtype | None"], tuple[Any, Any, dict[str, Any] | None]]
+LOADERS: Registry[DirectoryLoader] = Registry("model loader")
+
+
+def register_loader(kind: str, loader: DirectoryLoader) -> DirectoryLoader:
+    """Let :func:`load_model` load directories of ``kind`` (as :func:`resolve` names them)."""
+    return LOADERS.register(kind, loader)
 
 
 class LoadedModel(NamedTuple):
@@ -193,8 +208,6 @@ def _convert_gguf(path: Path, target: Path) -> None:
     """Dequantize a GGUF file once (transformers) and save it as a safetensors directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from joules.models.gguf import gguf_tensor_types
-
     types = gguf_tensor_types(path)
     try:
         import functools
@@ -258,11 +271,13 @@ def load_model(
         meta = json.loads((converted / "joules_gguf.json").read_text())
         gguf_file, gguf_types = meta["gguf_file"], meta["gguf_types"]
         model, tokenizer = _load_hf_dir(converted, dtype)
+    elif kind in LOADERS:
+        model, tokenizer, compression = LOADERS.get(kind)(path, dtype)
     elif kind == "joules":
-        from joules.compress import load_compressed
-
-        model, tokenizer, manifest = load_compressed(path, dtype)
-        compression = manifest.summary()
+        raise UnsupportedModelError(
+            f"'{path}' is a compressed joules directory: import joules.compress to load it "
+            "(it registers the loader)"
+        )
     else:
         model, tokenizer = _load_hf_dir(path, dtype)
     model.eval().to(device)

@@ -53,8 +53,9 @@ from typing import Any
 import numpy as np
 
 from joules.errors import ConfigError, DataError
+from joules.paths import cache_dir
 from joules.predict.catalog import HardwareSpec
-from joules.predict.roofline import Coefficients, Workload
+from joules.predict.roofline import Coefficients, Workload, phase_ops
 from joules.predict.shape import ModelShape
 from joules.serialize import atomic_write_json
 
@@ -136,8 +137,6 @@ class Calibration:
 def _phase_rows(obs: Observation, hw: HardwareSpec):
     """Per phase: a list of steps, each a list of (compute_s0, memory_s0, calls, dq, flops,
     bytes) of its operators at 100 % efficiency; and the measured target."""
-    from joules.predict.predictor import phase_ops
-
     dtype = obs.workload.compute_dtype or hw.default_dtype
     fmt = obs.weight_format if obs.weight_format != "manifest" else dtype
     pre, steps, *_ = phase_ops(obs.shape, obs.workload, dtype, fmt, obs.manifest)
@@ -402,8 +401,6 @@ def _fit_energy(
     """Fit static W, J/FLOP and J/byte on the runs whose energy a meter measured; with fewer
     than ``MIN_ENERGY_RUNS`` of them ``coef`` keeps its (catalog) energy coefficients. Returns
     the coefficients, the energy residuals per phase and ``{"n_runs", "method", "notes"}``."""
-    from joules.predict.predictor import phase_ops
-
     rows, targets, phases = [], [], []
     n_runs, n_estimated, n_unknown = 0, 0, 0
     methods: set[str] = set()
@@ -566,8 +563,6 @@ def observations_from_bench(
 
 
 def calibration_path(hardware_id: str) -> Path:
-    from joules.models.loading import cache_dir
-
     return cache_dir() / "predict" / f"{hardware_id}.json"
 
 

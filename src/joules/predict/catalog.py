@@ -29,6 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from joules.errors import ConfigError
+from joules.measure.carbon import hardware_table, match_device
+from joules.measure.estimate import cpu_power_model
+from joules.paths import cache_dir
+from joules.system import cpu_model
 
 THIS_MACHINE = "this-machine"
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
@@ -165,8 +169,6 @@ def _spec(d: dict[str, Any]) -> HardwareSpec:
 
 
 def _entries(catalog_files: tuple[str | Path, ...]) -> list[dict[str, Any]]:
-    from joules.measure.carbon import hardware_table
-
     out = [d for d in hardware_table()["devices"] if "perf" in d]
     for f in catalog_files:
         try:
@@ -218,8 +220,6 @@ def get_hardware(name: str, catalog_files: tuple[str | Path, ...] = ()) -> Hardw
 
 
 def _probe_cache_files() -> list[Path]:
-    from joules.models.loading import cache_dir
-
     root = cache_dir()
     found = []
     for pat in ("probe*.json", "*machine_limits*.json", "bench/probe*.json", "bench/*limits*.json"):
@@ -240,20 +240,17 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 def machine_limits() -> dict[str, Any] | None:
     """The bench probe's limits of this machine as a plain dict, or None if none was measured.
 
-    Reads ``joules.bench.probe.load_machine_limits()`` when that module exists, else the
-    probe's cache file; both are read defensively (key names normalised by
-    :func:`_normalise_limits`)."""
+    Reads ``joules.bench.probe.load_machine_limits()``, else the probe's cache file; both are
+    read defensively (key names normalised by :func:`_normalise_limits`)."""
+    # lazy: bench.probe imports torch, and `joules predict` never needs it
+    from joules.bench.probe import load_machine_limits
+
     try:
-        from joules.bench.probe import load_machine_limits  # type: ignore[import-not-found]
-    except ImportError:
-        load_machine_limits = None
-    if load_machine_limits is not None:
-        try:
-            lim = _normalise_limits(_as_dict(load_machine_limits()))
-        except Exception:
-            lim = None
-        if lim:
-            return lim
+        lim = _normalise_limits(_as_dict(load_machine_limits()))
+    except Exception:
+        lim = None
+    if lim:
+        return lim
     for f in _probe_cache_files():
         try:
             data = json.loads(f.read_text())
@@ -275,8 +272,6 @@ def _cache_entries(data: Any) -> list[dict[str, Any]]:
     entries = data.get("entries")
     if not isinstance(entries, dict):
         return [data]
-    from joules.system import cpu_model
-
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     want = f"{cpu_model()}|{threads}"
     mine = [v for k, v in entries.items() if k.split("|")[0] == cpu_model()]
@@ -343,9 +338,6 @@ def _normalise_limits(raw: dict[str, Any]) -> dict[str, Any] | None:
 def this_machine() -> HardwareSpec:
     """This machine: bench-probe limits (else the catalog CPU's share) and estimator watts."""
     import psutil
-
-    from joules.measure.carbon import hardware_table, match_device
-    from joules.measure.estimate import cpu_power_model
 
     pm = cpu_power_model()
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or pm.logical_cpus

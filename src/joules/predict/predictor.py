@@ -19,26 +19,22 @@ from __future__ import annotations
 from typing import Any
 
 from joules.errors import ConfigError
+from joules.predict.calibrate import load_calibration
 from joules.predict.catalog import DTYPE_BYTES, HardwareSpec, get_hardware
 from joules.predict.result import Prediction
 from joules.predict.roofline import (
     Coefficients,
-    Forward,
     OpCost,
     Workload,
     attend_limit,
-    forward_ops,
-    kv_bytes_per_element,
     op_cost,
+    phase_ops,
 )
 from joules.predict.shape import ModelShape
-from joules.predict.weights import kv_policy, weight_plan
 
 
 def coefficients_for(hw: HardwareSpec) -> Coefficients:
     """Calibrated coefficients stored for ``hw`` (this machine), else datasheet defaults."""
-    from joules.predict.calibrate import load_calibration
-
     cal = load_calibration(hw.id)
     return cal.coefficients if cal is not None else Coefficients.uncalibrated(hw)
 
@@ -64,28 +60,6 @@ def _sum(costs: list[OpCost], phase: str) -> list[OpCost]:
             setattr(a, k, getattr(a, k) + getattr(c, k))
         a.bound = "compute" if a.compute_s >= a.memory_s else "memory"
     return list(acc.values())
-
-
-def phase_ops(
-    shape: ModelShape,
-    workload: Workload,
-    dtype: str,
-    weight_format: str,
-    manifest: dict[str, Any] | None = None,
-    head_format: str | None = None,
-) -> tuple[list[Any], list[list[Any]], Any, float, dict[str, Any]]:
-    """(prefill ops, decode ops per step, weight plan, KV bytes/element, KV policy)."""
-    plan = weight_plan(shape, weight_format, dtype, head_format=head_format, manifest=manifest)
-    policy = kv_policy(manifest)
-    kv_b = kv_bytes_per_element(workload.kv_dtype or dtype, policy, shape.head_dim)
-    b, p = workload.batch, workload.prompt_len
-    pre = forward_ops(shape, plan, Forward(b, p, p), dtype, kv_b, attend=attend_limit(policy, p))
-    steps = []
-    for i in range(1, workload.gen_len):
-        ctx = p + i
-        fw = Forward(b, 1, ctx)
-        steps.append(forward_ops(shape, plan, fw, dtype, kv_b, attend=attend_limit(policy, ctx)))
-    return pre, steps, plan, kv_b, policy
 
 
 def predict(

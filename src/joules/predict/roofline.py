@@ -44,7 +44,7 @@ from typing import Any
 from joules.errors import ConfigError
 from joules.predict.catalog import DTYPE_BYTES, HardwareSpec
 from joules.predict.shape import ModelShape
-from joules.predict.weights import DENSE_BITS, WeightPlan
+from joules.predict.weights import DENSE_BITS, WeightPlan, kv_policy, weight_plan
 
 # Dequantising one weight element: unpack, subtract zero, scale, convert (~4 vector ops).
 DEQUANT_OPS_PER_ELEMENT = 4.0
@@ -302,3 +302,25 @@ def attend_limit(policy: dict[str, Any], context: int) -> int | None:
         budget = float(policy.get("budget") or 1.0)
         return max(1, int(budget * context) if budget <= 1.0 else int(budget))
     return None
+
+
+def phase_ops(
+    shape: ModelShape,
+    workload: Workload,
+    dtype: str,
+    weight_format: str,
+    manifest: dict[str, Any] | None = None,
+    head_format: str | None = None,
+) -> tuple[list[Any], list[list[Any]], Any, float, dict[str, Any]]:
+    """(prefill ops, decode ops per step, weight plan, KV bytes/element, KV policy)."""
+    plan = weight_plan(shape, weight_format, dtype, head_format=head_format, manifest=manifest)
+    policy = kv_policy(manifest)
+    kv_b = kv_bytes_per_element(workload.kv_dtype or dtype, policy, shape.head_dim)
+    b, p = workload.batch, workload.prompt_len
+    pre = forward_ops(shape, plan, Forward(b, p, p), dtype, kv_b, attend=attend_limit(policy, p))
+    steps = []
+    for i in range(1, workload.gen_len):
+        ctx = p + i
+        fw = Forward(b, 1, ctx)
+        steps.append(forward_ops(shape, plan, fw, dtype, kv_b, attend=attend_limit(policy, ctx)))
+    return pre, steps, plan, kv_b, policy

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from joules.errors import ConfigError
-from joules.sweep.runner import (
+from joules.sweep.execute import (
     DictCache,
     Pool,
     RunOutcome,

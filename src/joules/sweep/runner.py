@@ -35,72 +35,27 @@ GPTQ's Hessians (per recipe prefix) belong to ``joules.compress``; the sweep doe
 
 from __future__ import annotations
 
-import json
 import time
-import traceback as tb
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
 from joules.errors import ConfigError, JoulesError
-from joules.fingerprint import compute_identity, library_versions, sha
-from joules.sweep.results import (
-    extract_metrics,
-    jsonable,
-    paired_accuracy_drop,
-    paired_increase,
+from joules.fingerprint import compute_identity, library_versions
+from joules.sweep.execute import (
+    Pool,
+    RunOutcome,
+    StoreCache,
+    SweepProgress,
+    _as_env,
+    begin,
+    execute_run,
+    record,
 )
+from joules.sweep.ray_executor import run_ray
 from joules.sweep.spec import BASELINE, KeyEnv, RunConfig, SweepSpec
 from joules.sweep.stages import Stages, default_stages
-from joules.sweep.store import Metric, Store
-
-
-class SweepProgress:
-    """Progress callbacks (no-ops here; the CLI draws rich bars)."""
-
-    def sweep(self, done: int, total: int) -> None: ...
-
-    def run_start(self, label: str) -> None: ...
-
-    def phase(self, name: str, done: int | None = None, total: int | None = None) -> None: ...
-
-    def run_end(self, label: str, status: str) -> None: ...
-
-
-class Cache(Protocol):
-    def get(self, kind: str, key: str) -> Any | None: ...
-
-    def put(self, kind: str, key: str, value: Any) -> None: ...
-
-
-class StoreCache:
-    """The cache table of a store (local executor: every entry is its own transaction)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def get(self, kind: str, key: str) -> Any | None:
-        return self.store.cache_get(kind, key)
-
-    def put(self, kind: str, key: str, value: Any) -> None:
-        self.store.cache_put(kind, key, value)
-
-
-class DictCache:
-    """A copy of the cache shipped to a remote worker; new entries come back in ``puts``."""
-
-    def __init__(self, items: dict[tuple[str, str], Any]) -> None:
-        self.items = dict(items)
-        self.puts: dict[tuple[str, str], Any] = {}
-
-    def get(self, kind: str, key: str) -> Any | None:
-        return self.items.get((kind, key))
-
-    def put(self, kind: str, key: str, value: Any) -> None:
-        value = json.loads(json.dumps(jsonable(value)))
-        self.items[(kind, key)] = value
-        self.puts[(kind, key)] = value
+from joules.sweep.store import Store
 
 
 def default_model_identity(spec: str) -> Any:
@@ -146,291 +101,6 @@ def key_env(
         models={m: identify(m) for m in spec.models},
         recipes={r: expanded_recipe(r) for r in spec.recipes},
     )
-
-
-def _as_env(env: KeyEnv | dict[str, str]) -> KeyEnv:
-    return env if isinstance(env, KeyEnv) else KeyEnv(versions=env)
-
-
-def eval_cache_key(cfg: RunConfig, recipe: str, task: str, env: KeyEnv | dict[str, str]) -> str:
-    """Key of one evaluation: model content, dtype, expanded recipe, calibration (compressed
-    models only), task, eval protocol, library versions, compute identity."""
-    env = _as_env(env)
-    calib = None if recipe == BASELINE else asdict(cfg.calibration)
-    return sha(
-        [env.model(cfg.model), cfg.dtype, env.recipe(recipe), calib, task, asdict(cfg.eval),
-         dict(env.versions), dict(env.compute)],
-        24,
-    )  # fmt: skip
-
-
-def manifest_cache_key(cfg: RunConfig, env: KeyEnv | dict[str, str]) -> str:
-    """Key of one compress manifest: model content, dtype, expanded recipe, calibration,
-    library versions, compute identity."""
-    env = _as_env(env)
-    calib = None if cfg.recipe == BASELINE else asdict(cfg.calibration)
-    return sha(
-        [env.model(cfg.model), cfg.dtype, env.recipe(cfg.recipe), calib, dict(env.versions),
-         dict(env.compute)],
-        24,
-    )  # fmt: skip
-
-
-class Pool:
-    """Per-process shared work: loaded models, calibration tokens, the last compressed model."""
-
-    def __init__(self) -> None:
-        self.models: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
-        self.calib: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
-        self.compressed: tuple[tuple[Any, ...], tuple[Any, dict[str, Any]]] | None = None
-
-    def model(self, stages: Stages, cfg: RunConfig) -> tuple[Any, Any, Any]:
-        k = (cfg.model, cfg.dtype)
-        if k not in self.models:
-            self.models.clear()  # one base model in memory at a time (runs are grouped by model)
-            self.compressed = None
-            self.models[k] = stages.load(cfg.model, cfg.dtype)
-        return self.models[k]
-
-    def calibration(
-        self, stages: Stages, cfg: RunConfig, tokenizer: Any
-    ) -> tuple[Any, dict[str, Any]]:
-        k = (cfg.model, json.dumps(asdict(cfg.calibration), sort_keys=True))
-        if k not in self.calib:
-            self.calib[k] = stages.need("calibration")(tokenizer, cfg.calibration)
-        return self.calib[k]
-
-
-@dataclass
-class RunOutcome:
-    status: str  # "done" | "failed"
-    wall_s: float
-    timings: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-    traceback: str | None = None
-    eval: dict[str, Any] | None = None
-    bench: dict[str, Any] | None = None
-    predictions: dict[str, Any] | None = None
-    manifest: dict[str, Any] | None = None
-    metrics: list[Metric] = field(default_factory=list)
-
-
-class _Timer:
-    def __init__(self, timings: dict[str, float], progress: SweepProgress) -> None:
-        self.timings, self.progress, self.current = timings, progress, "setup"
-
-    def __call__(self, name: str) -> _Phase:
-        self.current = name
-        self.progress.phase(name)
-        return _Phase(self.timings, name)
-
-
-class _Phase:
-    def __init__(self, timings: dict[str, float], name: str) -> None:
-        self.timings, self.name = timings, name
-
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
-
-
-def baseline_evals(
-    cfg: RunConfig,
-    stages: Stages,
-    cache: Cache,
-    pool: Pool,
-    env: KeyEnv | dict[str, str],
-    progress: SweepProgress,
-    timer: _Timer | None = None,
-) -> dict[str, dict[str, Any]]:
-    """The model's baseline evaluation of every task (from the cache, else computed and cached)."""
-    out: dict[str, dict[str, Any]] = {}
-    for task in cfg.eval.tasks:
-        key = eval_cache_key(cfg, BASELINE, task, env)
-        hit = cache.get("eval", key)
-        if hit is None:
-            model, tok, info = pool.model(stages, cfg)
-            name = f"baseline {task}"
-            phase = timer(name) if timer else _Phase({}, name)
-            with phase:
-                hit = stages.need("evaluate")(
-                    task, model, tok, info, cfg.eval, lambda d, t, n=name: progress.phase(n, d, t)
-                )
-            cache.put("eval", key, hit)
-        out[task] = hit
-    return out
-
-
-def execute_run(
-    cfg: RunConfig,
-    stages: Stages,
-    cache: Cache,
-    pool: Pool,
-    env: KeyEnv | dict[str, str],
-    progress: SweepProgress | None = None,
-) -> RunOutcome:
-    """Run one configuration; any error becomes a failed outcome with a one-line message."""
-    progress = progress or SweepProgress()
-    timings: dict[str, float] = {}
-    timer = _Timer(timings, progress)
-    t0 = time.perf_counter()
-    try:
-        with timer("load"):
-            base, tok, info = pool.model(stages, cfg)
-        compressed: tuple[Any, dict[str, Any]] | None = None
-
-        def compressed_model() -> tuple[Any, dict[str, Any]]:
-            nonlocal compressed
-            if cfg.recipe == BASELINE:
-                return base, stages.baseline_manifest(base, info)
-            ck = (cfg.model, cfg.dtype, cfg.recipe, cfg.calibration)
-            if pool.compressed is not None and pool.compressed[0] == ck:
-                return pool.compressed[1]
-            if compressed is None:
-                with timer("calibration"):
-                    calib = pool.calibration(stages, cfg, tok)
-                pool.compressed = None  # free the previous compressed model first
-                with timer("compress"):
-                    compressed = stages.need("compress")(
-                        base,
-                        cfg.recipe,
-                        calib,
-                        tok,
-                        info,
-                        lambda d, t: progress.phase("compress", d, t),
-                    )
-                pool.compressed = (ck, compressed)
-            return compressed
-
-        mkey = manifest_cache_key(cfg, env)
-        manifest = cache.get("manifest", mkey)
-        if manifest is None:
-            manifest = compressed_model()[1]
-            cache.put("manifest", mkey, manifest)
-
-        base_evals = baseline_evals(cfg, stages, cache, pool, env, progress, timer)
-        evals: dict[str, Any] = {}
-        for task in cfg.eval.tasks:
-            if cfg.recipe == BASELINE:
-                ev = dict(base_evals[task])
-            else:
-                key = eval_cache_key(cfg, cfg.recipe, task, env)
-                ev = cache.get("eval", key)
-                if ev is None:
-                    model = compressed_model()[0]
-                    name = f"eval {task}"
-                    with timer(name):
-                        ev = stages.need("evaluate")(
-                            task, model, tok, info, cfg.eval,
-                            lambda d, t, n=name: progress.phase(n, d, t),
-                        )  # fmt: skip
-                    cache.put("eval", key, ev)
-                ev = dict(ev)
-                b = base_evals[task]
-                if ev.get("window_nll") and b.get("window_nll"):
-                    ev["paired"] = asdict(
-                        paired_increase(
-                            ev["window_nll"], ev["window_tokens"],
-                            b["window_nll"], b["window_tokens"],
-                        )
-                    )  # fmt: skip
-                if ev.get("item_correct") and b.get("item_correct"):
-                    ev["paired_accuracy"] = asdict(
-                        paired_accuracy_drop(
-                            ev["item_correct"], ev["items"], b["item_correct"], b["items"]
-                        )
-                    )
-            evals[task] = ev
-        if cfg.recipe == BASELINE:
-            for ev in evals.values():
-                if ev.get("item_correct"):
-                    c, items = ev["item_correct"], ev["items"]
-                    ev["paired_accuracy"] = asdict(paired_accuracy_drop(c, items, c, items))
-                if ev.get("window_nll"):
-                    n = len(ev["window_nll"])
-                    ev["paired"] = asdict(
-                        paired_increase(
-                            [0.0] * n, ev["window_tokens"], [0.0] * n, ev["window_tokens"]
-                        )
-                    )
-
-        bench = None
-        if cfg.bench is not None:
-            model = compressed_model()[0]
-            # Timed phase: the local executor runs one run at a time, so nothing else of the
-            # sweep runs while this measures.
-            with timer("bench"):
-                bench = stages.need("bench")(
-                    model, tok, info, cfg.bench, lambda d, t: progress.phase("bench", d, t)
-                )
-            if stages.layer_paths is not None and cfg.recipe != BASELINE:
-                # Which kernels the timed forwards ran: speed of emulated layers is labelled so
-                # (counts), and per layer for the report's per-format table.
-                paths = stages.layer_paths(model)
-                manifest = {
-                    **manifest,
-                    "linear_paths": dict(Counter(paths.values())),
-                    "layer_paths": paths,
-                }
-        predictions = None
-        if cfg.hardware:
-            predictions = {}
-            for hw in cfg.hardware:
-                with timer(f"predict {hw}"):
-                    predictions[hw] = stages.need("predict")(base, info, manifest, hw, cfg.bench)
-        result = RunOutcome(
-            status="done",
-            wall_s=time.perf_counter() - t0,
-            timings=timings,
-            eval=jsonable(evals),
-            bench=jsonable(bench),
-            predictions=jsonable(predictions),
-            manifest=jsonable(manifest),
-        )
-        result.metrics = extract_metrics(
-            result.eval, result.bench, result.predictions, result.manifest
-        )
-        return result
-    except Exception as exc:  # stored with the run; re-tried with --retry-failed
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        error = f"{timer.current}: {type(exc).__name__}: {msg}"[:500]
-        return RunOutcome(
-            status="failed",
-            wall_s=time.perf_counter() - t0,
-            timings=timings,
-            error=error,
-            traceback=tb.format_exc(),
-        )
-
-
-def record(store: Store, key: str, outcome: RunOutcome) -> None:
-    """Write one outcome in one transaction."""
-    if outcome.status == "done":
-        store.finish_run(
-            key,
-            wall_s=outcome.wall_s,
-            timings=outcome.timings,
-            eval=outcome.eval,
-            bench=outcome.bench,
-            predictions=outcome.predictions,
-            manifest=outcome.manifest,
-            metrics=outcome.metrics,
-        )
-    else:
-        store.fail_run(
-            key,
-            error=outcome.error or "unknown error",
-            traceback=outcome.traceback,
-            wall_s=outcome.wall_s,
-            timings=outcome.timings,
-        )
-
-
-def workload_label(cfg: RunConfig) -> str | None:
-    b = cfg.bench
-    return None if b is None else f"p{b.prompt_len}/g{b.gen_len}/b{b.batch}/{b.runtime}"
 
 
 @dataclass
@@ -628,8 +298,6 @@ def run_sweep(
         todo, skipped, failed_before = p.todo, p.done, p.failed
         total = skipped + len(todo)
         if executor == "ray":
-            from joules.sweep.ray_executor import run_ray
-
             outcomes = run_ray(
                 todo, st, stages, env, progress, address, spec.ray, skipped, p.supersedes
             )
@@ -670,18 +338,6 @@ def _writer_lock(path: str) -> Any:
             f"another sweep is writing {path!r}: wait for it to finish, or use another --store"
         ) from None
     return f
-
-
-def begin(
-    store: Store, key: str, cfg: RunConfig, env: KeyEnv, supersedes: dict[str, list[str]]
-) -> None:
-    """Mark a run as running with its key components, and the stored runs it re-does as
-    superseded by it (they are stale: analyses read this one from now on)."""
-    store.begin_run(
-        key, cfg.model, cfg.recipe, workload_label(cfg), cfg.to_dict(), dict(env.versions),
-        key_parts=cfg.key_parts(env),
-    )  # fmt: skip
-    store.supersede(supersedes.get(key, []), key)
 
 
 def _run_local(

@@ -38,7 +38,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from joules.data import load_choice
+from joules.errors import ConfigError
+from joules.serialize import to_jsonable
 from joules.sweep.spec import BASELINE, BenchSpec, CalibrationSpec, EvalSpec
+
+# Each stage imports the torch layers it drives (models, compress, evaluate, bench, predict)
+# inside its function: the sweep package (spec, store, analyze) is read by `joules report` and
+# `joules recommend`, which must not pay for importing torch.
 
 Progress = Callable[[int, int], None]  # (done, total) of the current phase
 
@@ -69,8 +76,6 @@ class Stages:
 
     def need(self, name: str) -> Callable[..., Any]:
         """The stage ``name``, or a one-line error saying why it is not available."""
-        from joules.errors import ConfigError
-
         fn = getattr(self, name)
         if fn is None:
             raise ConfigError(
@@ -85,6 +90,7 @@ class Stages:
 def load(spec: str, dtype: str) -> tuple[Any, Any, Any]:
     import torch
 
+    import joules.compress  # noqa: F401  (registers the loader of compressed directories)
     from joules.models import load_model
 
     return tuple(load_model(spec, dtype=getattr(torch, dtype)))  # type: ignore[return-value]
@@ -171,8 +177,6 @@ def evaluate(
             "window_tokens": list(d.pop("window_tokens")),
         }
     if isinstance(r, ChoiceResult):
-        from joules.data import load_choice
-
         data = load_choice(getattr(tasks.get(task, **opts), "data", None) or "hellaswag")
         return {
             "result": r.to_dict(),
@@ -248,8 +252,6 @@ def bench(
     forwards is kept on ``model`` for :func:`layer_paths`. ``probe_if_missing``: as
     :func:`joules.bench.run_bench` (probe the machine's limits when none are cached).
     """
-    from joules.errors import ConfigError
-
     save_s = 0.0
     if getattr(model, "joules_manifest", None) is not None:
         source, save_s = _saved_dir(model, tokenizer)
@@ -357,8 +359,6 @@ def bench_child(job_path: str, out_path: str) -> None:
         "note": "benched in a fresh process holding only this model; load_s is its load time",
     }
     out["layer_paths"] = paths(model)
-    from joules.serialize import to_jsonable
-
     with open(out_path, "w") as f:
         json.dump(to_jsonable(out), f)
 

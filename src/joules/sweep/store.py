@@ -47,7 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from joules import __version__
 from joules.errors import ConfigError
+from joules.serialize import to_jsonable
 
 _V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -165,9 +167,7 @@ def _now() -> str:
 def _dumps(obj: Any) -> str | None:
     if obj is None:
         return None
-    from joules.sweep.results import jsonable
-
-    return json.dumps(jsonable(obj), sort_keys=True, allow_nan=False)
+    return json.dumps(to_jsonable(obj), sort_keys=True, allow_nan=False)
 
 
 @dataclass(frozen=True)
@@ -268,8 +268,6 @@ class Store:
                 MIGRATIONS[v](conn)
                 conn.execute(f"PRAGMA user_version = {v + 1}")
                 if v == 0:
-                    from joules import __version__
-
                     conn.execute("INSERT INTO meta VALUES ('created_at', ?)", (_now(),))
                     conn.execute("INSERT INTO meta VALUES ('created_by', ?)", (__version__,))
 

@@ -31,7 +31,10 @@ import torch
 
 from joules.bench.roofline import ModelCost
 from joules.bench.runtimes import Runtime, register_runtime
+from joules.deploy.llamacpp import gguf_tensor_table, last_token_argmax, load_llama
 from joules.errors import ConfigError
+from joules.models import load_model
+from joules.models.loading import resolve
 
 KV_ELEMENT_BYTES = 2  # llama.cpp's default cache types are F16 (type_k = type_v = f16)
 _EXPORT_HINT = "export it first: joules export DIR --to gguf -o model.gguf"
@@ -50,8 +53,6 @@ def gguf_path(model: Any) -> Path:
 
 def gguf_tensors(path: str | os.PathLike[str]) -> list[tuple[str, str, int, int, int]]:
     """``(name, type, n_elements, n_bytes, n_dims)`` of every tensor stored in a GGUF file."""
-    from joules.deploy.llamacpp import gguf_tensor_table
-
     return gguf_tensor_table(path)
 
 
@@ -94,9 +95,6 @@ class LlamaCppRuntime(Runtime):
     def load(cls, spec: Any) -> tuple[Any, Any, Any]:
         """The GGUF path itself, with the tokenizer and ModelInfo of the file (loaded once by
         transformers for the tokenizer; its dequantized copy is dropped, never run)."""
-        from joules.models import load_model
-        from joules.models.loading import resolve
-
         kind, path = resolve(spec)
         if kind != "gguf":
             raise ConfigError(f"--runtime llamacpp runs a .gguf file, got {spec}: {_EXPORT_HINT}")
@@ -118,8 +116,6 @@ class LlamaCppRuntime(Runtime):
         return gguf_linear_paths(gguf_path(model))
 
     def __init__(self, model: Any, *, batch: int, max_len: int) -> None:
-        from joules.deploy.llamacpp import load_llama
-
         path = gguf_path(model)
         if batch != 1:
             raise ConfigError(f"the llamacpp runtime benches batch 1, got --batch {batch}")
@@ -129,8 +125,6 @@ class LlamaCppRuntime(Runtime):
         self.notes.append(f"llama.cpp ran {path.name} ({self.threads} threads, F16 KV cache)")
 
     def _next(self) -> torch.Tensor:
-        from joules.deploy.llamacpp import last_token_argmax
-
         return torch.tensor([last_token_argmax(self.llm)])
 
     def reset(self) -> None:
