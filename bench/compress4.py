@@ -437,14 +437,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows-json", default=str(HERE / "results" / "compress.json"))
     ap.add_argument("--peers-json", default=str(HERE / "results" / "peers.json"))
     ap.add_argument("--out", default=str(HERE / "results" / "compress4.json"))
-    ap.add_argument("--readme", action="store_true", help="rewrite README's compress4 block")
+    ap.add_argument(
+        "--readme",
+        action="store_true",
+        help="rewrite the compress4 block of docs/results/compress.md",
+    )
     args = ap.parse_args(argv)
     out = build(Path(args.rows_json), Path(args.peers_json), argv)
     atomic_write_json(Path(args.out), out, indent=1)
     block = markdown(out) + "\n\n" + prose(out)
     print(block)
-    if args.readme and not update_readme(HERE.parent / "README.md", README_BLOCK_HEAD + block):
-        print(f"README.md has no {README_START} ... {README_END} block: nothing replaced")
+    page = HERE.parent / "docs" / "results" / "compress.md"  # the results page holds the table
+    if args.readme and not update_readme(page, README_BLOCK_HEAD + block):
+        print(f"{page} has no {README_START} ... {README_END} block: nothing replaced")
     return 0
 
 

@@ -38,16 +38,10 @@ from joules.evaluate.scoring import set_threads
 from joules.models import load_model, smollm2_gguf_path
 from joules.runtime_dtype import auto_dtype
 from joules.serialize import atomic_write_json
+from joules.system import machine_info
 
 
 def machine() -> dict:
-    try:
-        from joules.system import machine_info
-    except ImportError:  # until joules.system.machine_info lands on main
-        from joules.runtime_dtype import cpu_flags
-        from joules.system import system_info
-
-        return {**system_info().to_dict(), "cpu_flags": cpu_flags()}
     return machine_info()
 
 

@@ -15,6 +15,7 @@ against that file. Run it with nothing else on the machine: every figure is a wa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -67,13 +68,39 @@ def _run_step(step: str, clone: Path, env: dict[str, str]) -> dict[str, object]:
     }
 
 
+def table_rows(steps: dict[str, dict[str, object]]) -> list[dict[str, object]]:
+    """One row per timed step, for the README table (its marker reads ``rows``)."""
+    rows = []
+    for r in steps.values():
+        wall_s = float(r["wall_s"])  # type: ignore[arg-type]
+        minutes, seconds = divmod(round(wall_s), 60)
+        rows.append(
+            {
+                "command": r["command"],
+                "wall_s": wall_s,
+                "wall": f"{minutes} min {seconds:02d} s",
+                "exit": r["returncode"],
+                "load_avg_1m_before": r["load_avg_1m_before"],
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join(STEPS)
     )
     ap.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
+    ap.add_argument(
+        "--table", action="store_true", help="re-derive the table rows of the existing JSON only"
+    )
     args = ap.parse_args(argv)
+    if args.table:
+        record = json.loads(OUT.read_text())
+        record["rows"] = table_rows(record["steps"])
+        atomic_write_json(OUT, record)
+        return 0
     steps = [s for s in args.steps.split(",") if s]
     bad = sorted(set(steps) - set(STEPS))
     if bad:
@@ -104,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": _machine(),
         "steps": results,
+        "rows": table_rows(results),  # type: ignore[arg-type]
         "notes": (
             "make install includes compiling llama-cpp-python from source (pip's cache was empty); "
             "make test and make demo reuse the venv make install built."

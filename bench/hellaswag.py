@@ -22,16 +22,10 @@ from joules.evaluate.tasks import run_task
 from joules.models import load_model
 from joules.runtime_dtype import resolve_dtype
 from joules.serialize import atomic_write_json
+from joules.system import machine_info
 
 
 def machine() -> dict:
-    try:
-        from joules.system import machine_info
-    except ImportError:  # until joules.system.machine_info lands on main
-        from joules.runtime_dtype import cpu_flags
-        from joules.system import system_info
-
-        return {**system_info().to_dict(), "cpu_flags": cpu_flags()}
     return machine_info()
 
 

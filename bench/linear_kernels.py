@@ -36,6 +36,7 @@ from joules import formats
 from joules.compress import kernels as K
 from joules.serialize import atomic_write_json
 from joules.system import backfill_machine, machine_info, system_info
+from joules.system import cpu_flags as system_cpu_flags
 
 SHAPES = [(1536, 576), (576, 1536)]  # (out_features, in_features)
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -52,14 +53,11 @@ def timeit(fn: Callable[[], object], reps: int) -> float:
 
 
 def cpu_flags() -> dict[str, bool]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(
-        next(
-            (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
-        )
-    )
+    """The kernels' flags as the results JSON records them (present or not), from
+    ``joules.system.cpu_flags``."""
+    have = set(system_cpu_flags())
     return {
-        f: f in flags
+        f: f in have
         for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "avx_vnni")
     }
 

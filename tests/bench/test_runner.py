@@ -7,7 +7,8 @@ import torch
 
 from joules.bench import BenchConfig, BenchResult, MachineLimits, run_bench
 from joules.bench import runtimes as rts
-from joules.bench.runner import bench_prompts, check_workload, linear_paths
+from joules.bench.runner import bench_prompts, check_workload
+from joules.compress.linear import linear_paths
 from joules.errors import ConfigError
 from joules.measure import Meter
 from joules.measure.fake import FakeBackend, FakeClock
@@ -41,7 +42,7 @@ def scripted():
     _Scripted.clock, _Scripted.backend = clock, backend
     rts.register_runtime("scripted-test")(_Scripted)
     yield meter
-    del rts._RUNTIMES["scripted-test"]
+    rts.RUNTIMES.unregister("scripted-test")
 
 
 def _limits() -> MachineLimits:
@@ -132,7 +133,8 @@ def test_linear_paths_reads_compressed_layers(tiny):
     m = torch.nn.Sequential(
         Fake("kernel:int8pack"), Fake("kernel:int8pack"), Fake("emulated"), torch.nn.Linear(2, 2)
     )
-    assert linear_paths(m) == {"kernel:int8pack": 2, "emulated": 1, "dense": 1}
+    assert linear_paths(m, dense=True) == {"kernel:int8pack": 2, "emulated": 1, "dense": 1}
+    assert linear_paths(m) == {"kernel:int8pack": 2, "emulated": 1}
 
 
 def test_compressed_model_reports_paths_and_stored_bytes():

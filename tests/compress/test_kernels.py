@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from joules import formats
 from joules.compress import kernels as K
+from joules.compress.linear import prepack
 from joules.errors import ConfigError
 
 U_BF16 = 2.0**-8  # bf16 unit roundoff
@@ -187,13 +188,13 @@ def test_a_busy_verdict_is_probed_again_at_prepack_not_per_forward(monkeypatch) 
     assert calls == ["cpu-int4"]  # every forward reads the cached verdict
     assert K.compute_dtype("cpu-int4").dtype == "fp32"
     calls = _fake_probe(monkeypatch, 2.0, 0.5, busy=True)  # busy again: best of each is kept
-    assert K.prepack(model) == {"kernel:cpu-int4/bf16": 14}
+    assert prepack(model) == {"kernel:cpu-int4/bf16": 14}
     choice = K.compute_dtype("cpu-int4")
     assert calls == ["cpu-int4"] and (choice.fp32_s, choice.bf16_s, choice.probes) == (1.0, 0.5, 2)
     calls = _fake_probe(monkeypatch, 1.0, 3.0, busy=False)  # quiet: replaces the busy verdict
-    K.prepack(model)
+    prepack(model)
     assert calls == ["cpu-int4"] and K.compute_dtype("cpu-int4").dtype == "fp32"
-    K.prepack(model)
+    prepack(model)
     assert calls == ["cpu-int4"]  # a quiet verdict stays
 
 

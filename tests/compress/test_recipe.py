@@ -58,7 +58,7 @@ def test_toml_round_trip(tmp_path):
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ("foo(format=int4)", "unknown compression step 'foo': valid steps are"),
+        ("foo(format=int4)", "unknown compression step 'foo': valid compression steps are"),
         ("gptq(fromat=int4-g64)", "gptq has no key 'fromat': valid keys are"),
         ("gptq(int4-g64)", "keyword arguments only"),
         ("gptq()", "gptq needs 'format'"),

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from joules.data import load_text
+from joules.data.tokens import encode
 from joules.errors import ConfigError
 from joules.evaluate.perplexity import perplexity, plan_windows, tokenize_stream
-from joules.evaluate.scoring import encode
 
 
 class UniformLM(torch.nn.Module):

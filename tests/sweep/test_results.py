@@ -7,7 +7,8 @@ import math
 import pytest
 
 from joules.errors import ConfigError
-from joules.sweep.results import extract_metrics, paired_increase, t95
+from joules.evaluate.paired import t95
+from joules.sweep.results import extract_metrics, paired_increase
 
 
 def test_paired_increase_by_hand():

@@ -64,7 +64,7 @@ def test_the_sweep_takes_its_tasks_from_the_registry():
             spec = parse_spec(text.format(name), check_models=False, check_recipes=False)
             assert spec.eval.tasks == (name,) and spec.eval.limit == 4
     finally:
-        tasks._TASKS.pop("joules-test-task")
+        tasks.TASKS.unregister("joules-test-task")
 
 
 def test_every_task_gets_the_protocol_options_it_accepts():

@@ -105,7 +105,7 @@ def _mixed_with_default(monkeypatch, default: str) -> None:
         sensitivity: Literal["hessian", "fisher", "probe"] = default  # type: ignore[assignment]
 
     OldMixed.name = "mixed"
-    monkeypatch.setitem(recipe_mod._STEPS, "mixed", OldMixed)
+    monkeypatch.setitem(recipe_mod.STEPS._entries, "mixed", OldMixed)
 
 
 def test_changing_a_step_default_changes_the_key_but_not_the_recipe_text(monkeypatch):

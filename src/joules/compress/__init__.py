@@ -35,12 +35,14 @@ from joules.compress.api import (
     save_compressed,
 )
 from joules.compress.context import CompressContext, calibration_tokens
+from joules.compress.kernels import Kernel
+from joules.compress.kernels import register as register_kernel
 from joules.compress.linear import (
     CompressedLinear,
     compressed_linears,
     layer_paths,
     linear_paths,
-    register_kernel,
+    prepack,
     register_module,
     set_kernels,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "CompressContext",
     "CompressedLinear",
     "CompressedModel",
+    "Kernel",
     "Manifest",
     "Recipe",
     "Step",
@@ -62,6 +65,7 @@ __all__ = [
     "linear_paths",
     "load_compressed",
     "parse_recipe",
+    "prepack",
     "read_manifest",
     "register_kernel",
     "register_module",

@@ -34,28 +34,27 @@ from joules.compress.manifest import MANIFEST_FILE, Manifest
 from joules.compress.recipe import Recipe, parse_recipe
 from joules.errors import ConfigError, UnsupportedModelError
 from joules.fingerprint import compute_label, library_versions
+from joules.models.loading import register_loader
+from joules.registry import Registry
 from joules.serialize import atomic_directory, atomic_write_json
 
-_RUNTIME_HOOKS: dict[str, Any] = {}
-_SAVE_HOOKS: list[Any] = []
+# ``fn(model, cfg)`` re-applying manifest ``runtime[key]`` at load, by key.
+RUNTIME_HOOKS: Registry[Any] = Registry("runtime hook")
+# ``fn(model, directory)`` writing extra files into a save, by the function's qualified name.
+SAVE_HOOKS: Registry[Any] = Registry("save hook")
 WEIGHTS_FILE = "model.safetensors"
 FILES_KEY = "files"  # manifest entry: bytes of every file the save wrote, checked at load
 
 
 def register_save_hook(fn: Any) -> Any:
     """Register ``fn(model, directory)``, called after a compressed model is saved (extra files)."""
-    _SAVE_HOOKS.append(fn)
-    return fn
+    return SAVE_HOOKS.register(f"{fn.__module__}.{fn.__qualname__}", fn)
 
 
 def register_runtime_hook(key: str) -> Any:
     """Register ``fn(model, cfg)`` that re-applies manifest ``runtime[key]`` at load."""
 
-    def deco(fn: Any) -> Any:
-        _RUNTIME_HOOKS[key] = fn
-        return fn
-
-    return deco
+    return RUNTIME_HOOKS.register(key)
 
 
 class PeakRSS:
@@ -250,7 +249,7 @@ def save_compressed(
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "joules": "1"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for hook in _SAVE_HOOKS:
+        for hook in SAVE_HOOKS.values():
             hook(model, tmp)
         data = manifest.to_dict()
         data["shared_tensors"] = shared
@@ -359,19 +358,32 @@ def load_compressed(
             if isinstance(m, CompressedLinear):
                 m.weight_dtype = dtype
         model.to(dtype)
-    unknown = sorted(set(manifest.runtime) - set(_RUNTIME_HOOKS))
+    unknown = sorted(set(manifest.runtime) - set(RUNTIME_HOOKS.names()))
     if unknown:
         # A runtime setting nobody re-applies would leave the model running without it (a KV
         # policy, say) while its figures claim it: refuse instead.
         raise UnsupportedModelError(
             f"'{path}' asks for runtime settings {unknown} that this joules cannot install "
-            f"(known: {sorted(_RUNTIME_HOOKS)}): load it with the joules version that wrote it"
+            f"(known: {RUNTIME_HOOKS.names(sort=True)}): load it with the joules version that wrote it"
         )
     for key, cfg in manifest.runtime.items():
-        _RUNTIME_HOOKS[key](model, cfg)
+        RUNTIME_HOOKS.get(key)(model, cfg)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, manifest
+
+
+def _load_for_models(
+    path: Path, dtype: torch.dtype | None
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """:func:`joules.models.load_model`'s loader for a compressed directory (see below)."""
+    model, tokenizer, manifest = load_compressed(path, dtype)
+    return model, tokenizer, manifest.summary()
+
+
+# models sits below compress and cannot import it: it loads a compressed directory through this
+# hook (registered whenever joules.compress is imported).
+register_loader("joules", _load_for_models)
 
 
 def _tied(model: nn.Module, key: str) -> bool:

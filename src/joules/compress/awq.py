@@ -52,7 +52,7 @@ from torch import nn
 from joules import formats
 from joules.compress.context import BlockInputs, CompressContext, install_quantized
 from joules.compress.linear import CompressedLinear
-from joules.compress.recipe import Step, register_step
+from joules.compress.recipe import Step, register_step, step_class
 from joules.compress.rtn import check_format
 from joules.errors import ConfigError
 from joules.formats.base import Format
@@ -398,8 +398,6 @@ def _later_step_quantizes(ctx: CompressContext) -> bool:
     """True when a step after this one in the recipe quantizes weights (``rtn``, ``gptq``, or a
     step class with ``quantizes_weights = True``): AWQ then leaves the scaled and clipped
     weights in fp for it (each layer is quantized once)."""
-    from joules.compress.recipe import step_class
-
     done = len(ctx.manifest.steps)  # steps already applied; this one is recipe_steps[done]
     for s in ctx.manifest.recipe_steps[done + 1 :]:
         cls = step_class(s["name"])

@@ -27,8 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from joules import formats
 from joules.compress.linear import CompressedLinear
 from joules.compress.manifest import Manifest
+from joules.data import load_text
+from joules.data.tokens import tokenize_stream
 from joules.errors import ConfigError, UnsupportedModelError
 from joules.models.hf_cache import CACHE_KWARGS
 
@@ -83,9 +86,6 @@ def calibration_tokens(
     Returns the tokens ``[n, length]`` and a description with its sha256 (for manifests and
     caches).
     """
-    from joules.data import load_text
-    from joules.evaluate.perplexity import tokenize_stream
-
     if n < 1 or length < 2:
         raise ConfigError(f"calibration needs n >= 1 and length >= 2, got n={n}, length={length}")
     if max_length is not None and length > max_length:
@@ -412,8 +412,6 @@ def install_quantized(
     ``sparse``: a part stored beside the packed weight (``add_to(w)``, ``nbytes``), counted in
     the layer's bits/weight. An ``act_quant`` the linear carries moves onto the new layer.
     """
-    from joules import formats
-
     if isinstance(module, CompressedLinear):
         raise ConfigError(
             f"'{name}' is already compressed ({module.spec}) by an earlier step: a recipe "

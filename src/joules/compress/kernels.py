@@ -21,7 +21,8 @@ Both kernels want scales in the activation dtype. On an AVX2-only CPU (no AVX512
 (``bench/linear_kernels.py``), so for speed the compute dtype is chosen per CPU by
 :func:`compute_dtype`: a one-time probe of each kernel at 1536x576, one token, fp32 against bf16
 activations, best of its repeats, with the machine's load recorded (a verdict taken on a busy
-machine is probed again at the next :func:`prepack`, never in the middle of a run;
+machine is probed again at the next
+:func:`joules.compress.linear.prepack`, never in the middle of a run;
 ``JOULES_KERNEL_DTYPE=fp32|bf16`` overrides it). bf16 rounds the scales (fp16 in storage) and
 the activations to 8 significant bits: compare the kernel with the emulated path run at the
 same activation dtype.
@@ -56,18 +57,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from joules import formats
+from joules import dtypes, formats
 from joules.errors import ConfigError
 from joules.formats.base import QuantizedTensor
 from joules.formats.integer import IntFormat
 from joules.formats.packing import unpack
+from joules.registry import Registry
 from joules.runtime_dtype import machine_load
 
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes aten._weight_int4pack_mm_for_cpu accepts
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = dtypes.choices("fp32", "bf16")  # the activation dtypes the kernels run in
 
 
 @dataclass
@@ -91,11 +94,13 @@ class PackedWeight:
 
 @dataclass(frozen=True)
 class Kernel:
-    """A real matmul for some formats on some device.
+    """A real matmul for some formats on some device: the one kernel type, in one registry.
 
     ``why_not(q, device)`` is None when the kernel serves ``q`` there, else a one-line reason;
     ``pack(q, dtype)`` builds its layout (once); ``mm(x2d, packed)`` multiplies
     ``x2d [tokens, k]`` (already in ``packed.compute_dtype``) by the weight's transpose.
+    A ``CompressedLinear`` asks :meth:`serves` and calls :meth:`run` (the first registered
+    kernel that serves it wins).
     """
 
     name: str
@@ -120,29 +125,47 @@ class Kernel:
             y = y + bias.to(x.dtype)
         return y.reshape(*lead, n)
 
+    # -- a compressed linear's matmul (``layer`` is a joules.compress.linear.CompressedLinear) --
+    def serves(self, layer: Any, x: torch.Tensor) -> bool:
+        """True when this kernel can compute ``layer(x)``: a floating-point input, and a weight
+        the kernel serves on ``x``'s device."""
+        return x.is_floating_point() and self.why_not(layer.qtensor(), x.device.type) is None
 
-_KERNELS: dict[str, Kernel] = {}
+    def run(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)`` through the kernel: packs the weight once per layer and activation dtype
+        (kept in ``layer.kernel_state``) and records ``layer.path``."""
+        dt = activation_dtype(self.name, x)
+        st = layer.kernel_state
+        if not (isinstance(st, PackedWeight) and st.kernel == self.name and st.compute_dtype == dt):
+            st = layer.kernel_state = self.pack(layer.qtensor(), dt)  # once per layer and dtype
+            layer.compute_dtype = dt
+        # the path names the activation dtype: results must say what ran
+        layer.path = f"kernel:{self.name}/{dtypes.short_name(dt)}"
+        return self.linear(x, st, layer.bias)
+
+
+KERNELS: Registry[Kernel] = Registry("kernel")
 
 
 def register(kernel: Kernel) -> Kernel:
-    _KERNELS[kernel.name] = kernel
-    return kernel
+    """Add ``kernel`` to the one kernel registry (tried in registration order)."""
+    return KERNELS.register(kernel.name, kernel)
 
 
 def kernels() -> list[Kernel]:
-    return list(_KERNELS.values())
+    return KERNELS.values()
 
 
 def find_kernel(q: QuantizedTensor, device: str | torch.device = "cpu") -> Kernel | None:
     """The first registered kernel that serves ``q`` on ``device``, else None (emulate)."""
     dev = torch.device(device).type
-    return next((k for k in _KERNELS.values() if k.why_not(q, dev) is None), None)
+    return next((k for k in KERNELS.values() if k.why_not(q, dev) is None), None)
 
 
 def why_no_kernel(q: QuantizedTensor, device: str | torch.device = "cpu") -> str:
     """One line per kernel saying why it does not serve ``q`` (for ``layer.path`` reasons)."""
     dev = torch.device(device).type
-    return "; ".join(f"{k.name}: {k.why_not(q, dev)}" for k in _KERNELS.values())
+    return "; ".join(f"{k.name}: {k.why_not(q, dev)}" for k in KERNELS.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +365,7 @@ def _time_call(fn: Callable[[], torch.Tensor], reps: int) -> float:
 
 def probe(kernel_name: str, reps: int = 15) -> DtypeChoice:
     """Time the kernel at 1536x576 (a SmolLM2-135M MLP shape), one token, fp32 vs bf16."""
-    kernel = _KERNELS[kernel_name]
+    kernel = KERNELS.get(kernel_name)
     spec = "int8-ch" if kernel_name == "cpu-int8" else "int4-g64"
     q = formats.get(spec).quantize(
         torch.randn(1536, 576, generator=torch.Generator().manual_seed(0))
@@ -402,8 +425,7 @@ def compute_dtype(
     env = _env_dtype()
     if env:
         return DtypeChoice(kernel_name, env, "set by JOULES_KERNEL_DTYPE")
-    if kernel_name not in _KERNELS:
-        raise ConfigError(f"unknown kernel {kernel_name!r}: one of {', '.join(_KERNELS)}")
+    KERNELS.get(kernel_name)  # an unknown name raises the registry's error
     cached = _CHOICES.get(kernel_name)
     if refresh or cached is None:
         _CHOICES[kernel_name] = probe(kernel_name)
@@ -438,8 +460,18 @@ def pinned_choice(dtype: str = "fp32") -> tuple[str, str]:
     return dtype, "pinned for quality work, no speed probe"
 
 
+def reprobe_busy() -> None:
+    """Probe again every verdict taken on a busy machine (not under :func:`pinned_activations`).
+    :func:`joules.compress.linear.prepack` calls it at load time, before any timed run, so a
+    layer's path never changes in the middle of one."""
+    if _PINNED.get() is None:
+        for name, choice in list(_CHOICES.items()):
+            if choice.busy:
+                compute_dtype(name, reprobe_busy=True)
+
+
 # --------------------------------------------------------------------------------------------
-# CompressedLinear integration: one registry entry per kernel
+# Activation dtype of a compressed linear's kernel call
 # --------------------------------------------------------------------------------------------
 
 
@@ -454,67 +486,9 @@ def activation_dtype(kernel_name: str, x: torch.Tensor) -> torch.dtype:
     return DTYPES[compute_dtype(kernel_name).dtype]
 
 
-def _layer_entry(kernel: Kernel) -> None:
-    from joules.compress.linear import CompressedLinear, register_kernel
-
-    def supports(layer: CompressedLinear, x: torch.Tensor) -> bool:
-        return x.is_floating_point() and kernel.why_not(layer.qtensor(), x.device.type) is None
-
-    def run(layer: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
-        dt = activation_dtype(kernel.name, x)
-        st = layer.kernel_state
-        if not (
-            isinstance(st, PackedWeight) and st.kernel == kernel.name and st.compute_dtype == dt
-        ):
-            st = layer.kernel_state = kernel.pack(layer.qtensor(), dt)  # once per layer and dtype
-            layer.compute_dtype = dt
-        # the path names the activation dtype: results must say what ran
-        layer.path = f"kernel:{kernel.name}/{_DT_NAMES[dt]}"
-        return kernel.linear(x, st, layer.bias)
-
-    register_kernel(kernel.name, supports)(run)
-
-
-_DT_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def prepack(
-    model: torch.nn.Module, x_dtype: torch.dtype = torch.float32, *, decode_emulated: bool = False
-) -> dict[str, int]:
-    """Pack every compressed linear that has a kernel now (at load/convert time), as its first
-    forward with ``x_dtype`` inputs would; returns how many layers took each path.
-
-    ``decode_emulated``: a layer without a kernel decodes its weight once here and keeps the
-    dense copy (as a dequantize-at-load runtime does), instead of decoding it at every forward.
-    Its path stays ``emulated``: its speed is then the dense matmul's and its memory holds the
-    packed weight plus the dense copy; without this, a timed forward would mostly time the
-    format's decoder (for block formats such as nxfp4, ~10x the matmul).
-
-    A kernel verdict probed on a busy machine is probed again here (at load time, before any
-    timed run), not in the middle of a run."""
-    from joules.compress.linear import compressed_linears, linear_paths
-
-    if _PINNED.get() is None:
-        for name, choice in list(_CHOICES.items()):
-            if choice.busy:
-                compute_dtype(name, reprobe_busy=True)
-    for m in compressed_linears(model).values():
-        dev = next(iter(m.buffers())).device
-        x = torch.zeros(1, m.in_features, dtype=x_dtype, device=dev)
-        with torch.no_grad():
-            m(x)
-            if decode_emulated and m.path == "emulated":
-                m.cache_dequantized = True
-                m.dequantize_weight()
-    return linear_paths(model)
-
-
-for _k in list(_KERNELS.values()):
-    _layer_entry(_k)
-
-
 __all__ = [
     "DTYPES",
+    "KERNELS",
     "DtypeChoice",
     "Kernel",
     "PackedWeight",
@@ -524,8 +498,8 @@ __all__ = [
     "kernels",
     "pinned_activations",
     "pinned_choice",
-    "prepack",
     "probe",
     "register",
+    "reprobe_busy",
     "why_no_kernel",
 ]

@@ -62,6 +62,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from joules import formats
 from joules.compress.api import register_runtime_hook
 from joules.compress.recipe import Step, register_step
 from joules.errors import ConfigError
@@ -73,8 +74,6 @@ _PENDING = threading.local()  # the layer whose attention probabilities the next
 
 def _row_format(spec: str) -> Any:
     """The lab format for ``spec``, used per row (``-ch``) when ``spec`` has one scale per tensor."""
-    from joules import formats
-
     fmt = formats.get(spec)
     grouping = getattr(fmt.config, "grouping", None)
     if grouping is not None and grouping.kind == "tensor":

@@ -12,10 +12,10 @@
 The packed parts (codes, scales, minima, codebooks...) are buffers named ``qweight_<part>``, so
 ``state_dict`` and safetensors carry them as they are: the model's bytes really shrink.
 
-``forward`` picks its matmul from a small registry keyed by format and device: a registered
-kernel that supports this layer and input runs it (``path == "kernel:<name>"``); otherwise the
-weight is dequantized and multiplied (``path == "emulated"``). Kernels are registered with
-:func:`register_kernel` (see :mod:`joules.compress.kernels`).
+``forward`` picks its matmul from the one kernel registry
+(:data:`joules.compress.kernels.KERNELS`, keyed by format and device): the first registered
+kernel that serves this layer and input runs it (``path == "kernel:<name>/<dtype>"``);
+otherwise the weight is dequantized and multiplied (``path == "emulated"``).
 
 Every module type a step puts into a model registers itself with :func:`register_module`, with
 ``export_config()`` and ``from_config(cfg)``: a saved directory lists them in its manifest, and
@@ -27,98 +27,50 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from joules import formats
+from joules import dtypes, formats
+from joules.compress.kernels import KERNELS, Kernel, reprobe_busy
 from joules.formats.base import QuantizedTensor
+from joules.formats.packing import pack, unpack
+from joules.registry import Registry
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
-_DTYPES.update({str(d).removeprefix("torch."): d for d in (torch.uint8, torch.int8, torch.int16)})
-_DTYPES.update({str(d).removeprefix("torch."): d for d in (torch.int32, torch.int64, torch.bool)})
-
-
-def dtype_name(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    return _DTYPES[name]
+# Manifests spell dtypes by their torch names ("bfloat16", "uint8"): joules.dtypes maps them.
+dtype_name = dtypes.torch_name
+dtype_from_name = dtypes.to_torch
 
 
 # ----------------------------------------------------------------------------------------------
 # Module registry (save/load rebuilds structure from the manifest)
 # ----------------------------------------------------------------------------------------------
 
-_MODULES: dict[str, type[nn.Module]] = {}
+MODULES: Registry[type[nn.Module]] = Registry(
+    "compressed module type", hint="a manifest written by a newer joules? upgrade joules"
+)
 
 
 def register_module(type_name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Register a module type that compression steps put into models (for save/load)."""
 
     def deco(cls: type[nn.Module]) -> type[nn.Module]:
+        MODULES.register(type_name, cls)
         cls.module_type = type_name  # type: ignore[attr-defined]
-        _MODULES[type_name] = cls
         return cls
 
     return deco
 
 
 def module_class(type_name: str) -> type[nn.Module]:
-    if type_name not in _MODULES:
-        from joules.errors import ConfigError
-
-        raise ConfigError(
-            f"the manifest names a module type '{type_name}' this joules does not know: "
-            f"known types are {', '.join(sorted(_MODULES))} (upgrade joules?)"
-        )
-    return _MODULES[type_name]
+    return MODULES.get(type_name)
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel registry
+# Kernels (the registry lives in joules.compress.kernels)
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """A real matmul for some formats: ``supports(layer, x)`` decides, ``run(layer, x)`` computes.
-
-    ``prepare(layer)`` (optional) builds the kernel's own packed weight once; its result is
-    cached on the layer (``layer.kernel_state``), not recomputed per call.
-    """
-
-    name: str
-    supports: Callable[[CompressedLinear, torch.Tensor], bool]
-    run: Callable[[CompressedLinear, torch.Tensor], torch.Tensor]
-    prepare: Callable[[CompressedLinear], Any] | None = None
-
-
-_KERNELS: list[Kernel] = []
-
-
-def register_kernel(
-    name: str,
-    supports: Callable[[CompressedLinear, torch.Tensor], bool],
-    prepare: Callable[[CompressedLinear], Any] | None = None,
-) -> Callable[[Callable[[CompressedLinear, torch.Tensor], torch.Tensor]], Any]:
-    """Register ``run(layer, x) -> y`` as kernel ``name`` (first registered that supports wins)."""
-
-    def deco(run: Callable[[CompressedLinear, torch.Tensor], torch.Tensor]) -> Any:
-        global _KERNELS
-        _KERNELS = [k for k in _KERNELS if k.name != name]
-        _KERNELS.append(Kernel(name, supports, run, prepare))
-        return run
-
-    return deco
-
-
-def kernels() -> list[Kernel]:
-    return list(_KERNELS)
 
 
 def kernels_enabled() -> bool:
@@ -133,14 +85,10 @@ def kernels_enabled() -> bool:
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """A bool keep-mask as a flat uint8 bitmap (1 bit per weight)."""
-    from joules.formats.packing import pack
-
     return pack(mask.reshape(-1).to(torch.uint8), 1)
 
 
 def unpack_mask(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    from joules.formats.packing import unpack
-
     n = 1
     for d in shape:
         n *= d
@@ -397,12 +345,7 @@ class CompressedLinear(MaskedMixin, nn.Module):
             return self._kernel
         chosen = None
         if key[2] and self.sparse is None and self._mask_is_implied():
-            for k in _KERNELS:
-                if k.supports(self, x):
-                    chosen = k
-                    break
-        if chosen is not None and chosen.prepare is not None:
-            self.kernel_state = chosen.prepare(self)
+            chosen = next((k for k in KERNELS.values() if k.serves(self, x)), None)
         self._kernel, self._kernel_key = chosen, key
         self.path = f"kernel:{chosen.name}" if chosen else "emulated"
         return chosen
@@ -449,9 +392,18 @@ def layer_paths(model: nn.Module) -> dict[str, str]:
     return {n: m.path for n, m in compressed_linears(model).items()}
 
 
-def linear_paths(model: nn.Module) -> dict[str, int]:
-    """How many compressed linears ran through each path in their last forward."""
-    return dict(Counter(layer_paths(model).values()))
+def linear_paths(model: nn.Module, *, dense: bool = False) -> dict[str, int]:
+    """How many linears ran through each path in their last forward: a compressed linear (any
+    module with a ``path``) reports its own (``kernel:<name>/<dtype>`` or ``emulated``);
+    ``dense=True`` also counts plain ``nn.Linear`` layers as ``dense`` (what a bench records)."""
+    counts: Counter[str] = Counter()
+    for m in model.modules():
+        path = getattr(m, "path", None)
+        if isinstance(path, str):
+            counts[path] += 1
+        elif dense and isinstance(m, nn.Linear):
+            counts["dense"] += 1
+    return dict(counts)
 
 
 def set_kernels(model: nn.Module, enabled: bool) -> None:
@@ -459,3 +411,29 @@ def set_kernels(model: nn.Module, enabled: bool) -> None:
     for m in compressed_linears(model).values():
         m.use_kernels = enabled
         m._kernel_key = None
+
+
+def prepack(
+    model: nn.Module, x_dtype: torch.dtype = torch.float32, *, decode_emulated: bool = False
+) -> dict[str, int]:
+    """Pack every compressed linear that has a kernel now (at load/convert time), as its first
+    forward with ``x_dtype`` inputs would; returns how many layers took each path.
+
+    ``decode_emulated``: a layer without a kernel decodes its weight once here and keeps the
+    dense copy (as a dequantize-at-load runtime does), instead of decoding it at every forward.
+    Its path stays ``emulated``: its speed is then the dense matmul's and its memory holds the
+    packed weight plus the dense copy; without this, a timed forward would mostly time the
+    format's decoder (for block formats such as nxfp4, ~10x the matmul).
+
+    A kernel verdict probed on a busy machine is probed again here (at load time, before any
+    timed run), not in the middle of a run."""
+    reprobe_busy()
+    for m in compressed_linears(model).values():
+        dev = next(iter(m.buffers())).device
+        x = torch.zeros(1, m.in_features, dtype=x_dtype, device=dev)
+        with torch.no_grad():
+            m(x)
+            if decode_emulated and m.path == "emulated":
+                m.cache_dequantized = True
+                m.dequantize_weight()
+    return linear_paths(model)

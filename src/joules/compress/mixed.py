@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from joules import formats
-from joules.compress.api import register_runtime_hook, register_save_hook
+from joules.compress.api import read_manifest, register_runtime_hook, register_save_hook
 from joules.compress.context import (
     BlockInputs,
     CompressContext,
@@ -297,8 +297,6 @@ def switch_member(model: nn.Module, directory: str | Path, avg_bits: float) -> d
     read from ``family.safetensors`` for them.
     """
     from safetensors import safe_open
-
-    from joules.compress.api import read_manifest
 
     directory = Path(directory)
     fam = read_manifest(directory).runtime.get(FAMILY_KEY)

@@ -31,8 +31,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from joules.errors import ConfigError
+from joules.registry import Registry
 
-_STEPS: dict[str, type[Step]] = {}
+
+def _load_builtin_steps() -> None:
+    # Importing the package registers every built-in step.
+    import joules.compress  # noqa: F401
+
+
+STEPS: Registry[type[Step]] = Registry("compression step", load=_load_builtin_steps)
 
 
 @dataclass(kw_only=True)
@@ -81,10 +88,8 @@ def register_step(name: str) -> Callable[[type[Step]], type[Step]]:
     """Register a step config class under ``name`` (the word used in recipes)."""
 
     def deco(cls: type[Step]) -> type[Step]:
-        if name in _STEPS and _STEPS[name] is not cls:
-            raise ValueError(f"compression step {name!r} is registered twice")
+        STEPS.register(name, cls)
         cls.name = name
-        _STEPS[name] = cls
         return cls
 
     return deco
@@ -92,22 +97,11 @@ def register_step(name: str) -> Callable[[type[Step]], type[Step]]:
 
 def step_names() -> list[str]:
     """Every registered step name, sorted."""
-    _load_builtin_steps()
-    return sorted(_STEPS)
+    return STEPS.names(sort=True)
 
 
 def step_class(name: str) -> type[Step]:
-    _load_builtin_steps()
-    if name not in _STEPS:
-        raise ConfigError(
-            f"unknown compression step '{name}': valid steps are {', '.join(sorted(_STEPS))}"
-        )
-    return _STEPS[name]
-
-
-def _load_builtin_steps() -> None:
-    # Importing the package registers every built-in step.
-    import joules.compress  # noqa: F401
+    return STEPS.get(name)
 
 
 @dataclass

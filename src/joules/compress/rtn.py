@@ -20,12 +20,11 @@ from joules import formats
 from joules.compress.context import CompressContext, dense_weight, install_quantized, weight_mask
 from joules.compress.plan import fit_weight, sparse_part
 from joules.compress.recipe import Step, register_step
+from joules.errors import ConfigError
 
 
 def check_format(spec: str, step: str) -> None:
     """Fail early, with the format registry's own one-line error, on an unknown format."""
-    from joules.errors import ConfigError
-
     try:
         formats.get(spec)
     except ConfigError as exc:

@@ -37,28 +37,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from joules import dtypes
 from joules.errors import ConfigError
+from joules.evaluate.deviation import format_transform
 
-DTYPES = {
-    "fp64": torch.float64,
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
+DTYPES = dtypes.SHORT
 DEFAULT_SEQ_LENS = (128, 256, 512, 1024, 2048, 4096)
 DEFAULT_BLOCK_SIZES = (64, 128)
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    key = name.lower().replace("float", "fp").replace("bfloat16", "bf16").replace("fp16", "fp16")
-    key = {"bfp16": "bf16", "half": "fp16", "double": "fp64"}.get(key, key)
-    if key not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}: choose from {', '.join(DTYPES)}")
-    return DTYPES[key]
+    """A floating-point dtype by short (``bf16``), torch (``bfloat16``) or alias (``half``) name."""
+    return dtypes.float_dtype(name)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)
+_dtype_name = dtypes.short_name
 
 
 def _causal_mask(s_q: int, s_k: int, q_offset: int, k_offset: int, device) -> torch.Tensor:
@@ -156,8 +149,6 @@ def format_round(spec: str) -> Round:
     Group-wise formats group along the last dimension (the head dimension for Q, K, V and the
     key dimension for scores and probabilities).
     """
-    from joules.evaluate.deviation import format_transform
-
     fq = format_transform(spec)
 
     def rnd(t: torch.Tensor) -> torch.Tensor:

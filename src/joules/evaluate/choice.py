@@ -36,10 +36,12 @@ from typing import Any
 
 import torch
 
+from joules import dtypes
 from joules.data import ChoiceItem
+from joules.data.tokens import encode
 from joules.errors import ConfigError
 from joules.evaluate.results import ChoiceProtocol, ChoiceResult
-from joules.evaluate.scoring import Scorer, bos_default, encode, model_dtype
+from joules.evaluate.scoring import Scorer, bos_default, model_dtype
 from joules.models.hf_cache import cache_kwarg
 
 DEFAULT_SEED = 1234  # the fixed seed that picks the --limit items
@@ -202,7 +204,7 @@ def choice_accuracy(
         limit=limit,
         seed=seed,
         add_bos=scorer.add_bos,
-        dtype=str(model_dtype(model)).removeprefix("torch."),
+        dtype=dtypes.torch_name(model_dtype(model)),
         kv_reuse=scorer.kv_reuse,
         text=HELLASWAG_TEXT if dataset == "hellaswag" else "the file's text, as given",
         activation_dtype=scorer.scorer.activations(),

@@ -39,8 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from joules import dtypes
+from joules.data.tokens import tokenize_stream
 from joules.errors import ConfigError
-from joules.evaluate.perplexity import plan_windows, tokenize_stream
+from joules.evaluate.perplexity import plan_windows
 from joules.evaluate.results import (
     DeviationProtocol,
     DeviationResult,
@@ -58,7 +60,7 @@ def round_to(dtype: torch.dtype) -> WeightTransform:
     def transform(w: torch.Tensor) -> torch.Tensor:
         return w.to(dtype).to(w.dtype)
 
-    transform.__name__ = f"round-{str(dtype).removeprefix('torch.')}"
+    transform.__name__ = f"round-{dtypes.torch_name(dtype)}"
     return transform
 
 

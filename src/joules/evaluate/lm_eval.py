@@ -23,21 +23,24 @@ from typing import Any
 
 import torch
 
+from joules.errors import ConfigError
+
 try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    from joules.errors import ConfigError
-
     raise ConfigError(
         "joules.evaluate.lm_eval needs lm-evaluation-harness: pip install 'joules[lmeval]'"
     ) from exc
 
+from joules import dtypes
+from joules.data.tokens import encode
 from joules.evaluate.choice import encode_pair
-from joules.evaluate.scoring import Scorer, encode
+from joules.evaluate.scoring import Scorer
+from joules.models import load_model
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = dtypes.choices("fp32", "bf16", "fp16")
 
 
 @register_model("joules")
@@ -57,11 +60,7 @@ class JoulesLM(LM):
         if _loaded is not None:
             self.model, self.tokenizer = _loaded
         else:
-            from joules.models import load_model
-
             if dtype not in _DTYPES:
-                from joules.errors import ConfigError
-
                 raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
             self.model, self.tokenizer, _info = load_model(model, dtype=_DTYPES[dtype])
         self.spec = model

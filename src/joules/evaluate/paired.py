@@ -1,23 +1,38 @@
-"""Paired comparison of two perplexity results on the same windows.
+"""Paired comparison of two perplexity results on the same windows: the one paired statistic.
 
-    >>> from joules.evaluate.paired import paired_difference
+    >>> from joules.evaluate.paired import paired_nll
+    >>> d = paired_nll([10.0, 12.0, 11.0], [5, 5, 5], [9.9, 11.9, 10.95], [5, 5, 5])
+    >>> round(d.delta_nll, 4), d.windows, round(d.ppl_ratio, 5)
+    (0.0167, 3, 1.01681)
     >>> d = paired_difference(candidate, baseline)        # doctest: +SKIP
-    >>> d.ppl_ratio, d.ppl_ratio_ci95, d.significant       # doctest: +SKIP
 
 Two perplexities each with its own interval overlap long before the difference between them is
 uncertain: windows that are hard for one model are hard for the other. Pairing the windows and
 taking the interval of the *difference* of mean NLL (the same cluster standard error across
 windows as a single result) is what decides whether a compressed model is worse, and by how much.
+
+The interval is Student t with ``windows - 1`` degrees of freedom, not the normal 1.96: a
+few windows (8 at the default 4,096 tokens) make 1.96 visibly optimistic. The tables (the bench
+scripts), the sweep (:func:`joules.sweep.results.paired_increase`), ``joules recommend`` and the
+report all take their paired perplexity intervals from :func:`paired_nll`, so one comparison
+prints one interval everywhere.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from joules.errors import ConfigError
-from joules.evaluate.results import Z95, PerplexityResult, weighted_mean_stderr
+from joules.evaluate.results import PerplexityResult, weighted_mean_stderr
+from joules.measure.stats import t_quantile_975
+
+
+def t95(df: int) -> float:
+    """Two-sided 95 % quantile of Student's t (NaN below 1 degree of freedom)."""
+    return t_quantile_975(df) if df >= 1 else float("nan")
 
 
 @dataclass(frozen=True)
@@ -31,7 +46,8 @@ class PairedDifference:
 
     @property
     def delta_nll_ci95(self) -> tuple[float, float]:
-        half = Z95 * self.delta_nll_stderr
+        """Student t interval, ``windows - 1`` degrees of freedom (windows are the samples)."""
+        half = t95(self.windows - 1) * self.delta_nll_stderr
         return (self.delta_nll - half, self.delta_nll + half)
 
     @property
@@ -61,14 +77,29 @@ class PairedDifference:
         return d
 
 
-def paired_difference(candidate: PerplexityResult, baseline: PerplexityResult) -> PairedDifference:
-    """The paired per-window NLL difference; both results must come from the same windows."""
-    a, b = candidate, baseline
-    if not a.window_tokens or a.window_tokens != b.window_tokens:
+def paired_nll(
+    nll: Sequence[float],
+    tokens: Sequence[int],
+    base_nll: Sequence[float],
+    base_tokens: Sequence[int],
+) -> PairedDifference:
+    """The paired per-window difference of NLL sums ``nll - base_nll`` (``tokens`` scored per
+    window); both must come from the same windows."""
+    if not tokens or list(tokens) != list(base_tokens):
         raise ConfigError(
-            "paired comparison needs two perplexity results over the same windows (same text, "
-            "limit, window, stride and BOS): re-run both with one protocol"
+            "a paired perplexity comparison needs the same windows for both models (same text, "
+            "limit, window, stride and BOS): evaluate both under one protocol"
         )
-    diffs = [x - y for x, y in zip(a.window_nll_sums, b.window_nll_sums, strict=True)]
-    mean, stderr = weighted_mean_stderr(diffs, a.window_tokens)
-    return PairedDifference(mean, stderr, len(diffs), sum(a.window_tokens))
+    diffs = [x - y for x, y in zip(nll, base_nll, strict=True)]
+    mean, stderr = weighted_mean_stderr(diffs, list(tokens))
+    return PairedDifference(mean, stderr, len(diffs), sum(tokens))
+
+
+def paired_difference(candidate: PerplexityResult, baseline: PerplexityResult) -> PairedDifference:
+    """:func:`paired_nll` of two perplexity results over the same windows."""
+    return paired_nll(
+        candidate.window_nll_sums,
+        candidate.window_tokens,
+        baseline.window_nll_sums,
+        baseline.window_tokens,
+    )

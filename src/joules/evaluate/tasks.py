@@ -31,10 +31,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from joules import dtypes
 from joules.errors import ConfigError
+from joules.registry import Registry
 
 Progress = Callable[[int, int], None]
-_TASKS: dict[str, type[Task]] = {}
+TASKS: Registry[type[Task]] = Registry("task")
 
 
 class Task:
@@ -52,8 +54,8 @@ def register(name: str) -> Callable[[type[Task]], type[Task]]:
     """Class decorator: register a task config under ``name``."""
 
     def deco(cls: type[Task]) -> type[Task]:
+        TASKS.register(name, cls)
         cls.name = name
-        _TASKS[name] = cls
         return cls
 
     return deco
@@ -61,14 +63,11 @@ def register(name: str) -> Callable[[type[Task]], type[Task]]:
 
 def names() -> list[str]:
     """The registered task names, in registration order."""
-    return list(_TASKS)
+    return TASKS.names()
 
 
 def task_class(name: str) -> type[Task]:
-    try:
-        return _TASKS[name]
-    except KeyError:
-        raise ConfigError(f"unknown task {name!r}: choose one of {', '.join(_TASKS)}") from None
+    return TASKS.get(name)
 
 
 def options(name: str) -> list[str]:
@@ -111,8 +110,7 @@ def _spec(info: Any, model: Any) -> str:
 def _dtype_name(model: Any) -> str:
     from joules.evaluate.scoring import model_dtype
 
-    name = str(model_dtype(model)).removeprefix("torch.")
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+    return dtypes.short_name(model_dtype(model))
 
 
 def _text(data: str | None, split: str) -> tuple[str, str, str | None]:

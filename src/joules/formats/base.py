@@ -31,17 +31,15 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from joules import dtypes
 from joules.errors import ConfigError
+from joules.registry import Registry
 
 # --------------------------------------------------------------------------------------------
 # Scales
 # --------------------------------------------------------------------------------------------
 
-SCALE_DTYPES: dict[str, torch.dtype] = {
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-    "fp32": torch.float32,
-}
+SCALE_DTYPES: dict[str, torch.dtype] = dtypes.choices("fp16", "bf16", "fp32")
 SCALE_BITS = {"fp16": 16, "bf16": 16, "fp32": 32}
 
 
@@ -219,7 +217,7 @@ class FormatConfig:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> FormatConfig:
-        cls = _CONFIGS[d["family"]]
+        cls = CONFIGS.get(d["family"])
         kw = {}
         for f in dataclasses.fields(cls):
             if f.name not in d:
@@ -412,13 +410,19 @@ def check_qt(q: QuantizedTensor, spec: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 Parser = Callable[[re.Match[str], builtins.list[str]], FormatConfig]
-_FAMILIES: builtins.list[tuple[re.Pattern[str], Parser]] = []
-_CONFIGS: dict[str, type[FormatConfig]] = {}
-_FORMATS: dict[type[FormatConfig], type[Format]] = {}
 _CACHE: dict[str, Format] = {}
 
 # The presets `formats.list()` shows, in display order.
 PRESETS: builtins.list[str] = []
+
+# A spec's first token (``int4`` of ``int4-g64``) names its family: one pattern entry per family,
+# whose parser reads the match and the remaining option tokens. Specs are a family each, so the
+# unknown-spec error lists presets, not patterns.
+FAMILIES: Registry[Parser] = Registry(
+    "format", shown=lambda: [*PRESETS[:8], "..."], hint="see `joules formats list`"
+)
+CONFIGS: Registry[type[FormatConfig]] = Registry("format family", "format families")
+FORMAT_CLASSES: Registry[type[Format]] = Registry("format family", "format families")
 
 
 def register(
@@ -427,9 +431,9 @@ def register(
     """Register a family: ``head`` is a regex for the first spec token."""
 
     def deco(parser: Parser) -> Parser:
-        _FAMILIES.append((re.compile(head), parser))
-        _CONFIGS[config_cls.family] = config_cls
-        PRESETS.extend(presets)
+        FAMILIES.register_pattern(re.compile(head), parser, label=config_cls.family)
+        CONFIGS.register(config_cls.family, config_cls)
+        PRESETS.extend(p for p in presets if p not in PRESETS)
         return parser
 
     return deco
@@ -437,8 +441,7 @@ def register(
 
 def register_format(config_cls: type[FormatConfig]) -> Callable[[type[Format]], type[Format]]:
     def deco(fmt_cls: type[Format]) -> type[Format]:
-        _FORMATS[config_cls] = fmt_cls
-        return fmt_cls
+        return FORMAT_CLASSES.register(config_cls.family, fmt_cls)
 
     return deco
 
@@ -450,13 +453,11 @@ def parse_spec(spec: str) -> FormatConfig:
             "empty format spec: pass e.g. 'int4-g128', 'mxfp4' (see `joules formats list`)"
         )
     tokens = spec.strip().lower().split("-")
-    for pat, parser in _FAMILIES:
-        m = pat.fullmatch(tokens[0])
-        if m:
-            return parser(m, tokens[1:])
-    raise ConfigError(
-        f"unknown format '{spec}': pass one of {', '.join(PRESETS[:8])}, ... (see `joules formats list`)"
-    )
+    hit = FAMILIES.match(tokens[0])
+    if hit is None:
+        raise FAMILIES.unknown(spec)
+    parser, m = hit
+    return parser(m, tokens[1:])
 
 
 def get(spec: str | FormatConfig) -> Format:
@@ -468,7 +469,7 @@ def get(spec: str | FormatConfig) -> Format:
         if key in _CACHE:
             return _CACHE[key]
         config, name = parse_spec(spec), key
-    fmt = _FORMATS[type(config)](config, name=name)
+    fmt = FORMAT_CLASSES.get(config.family)(config, name=name)
     if isinstance(spec, str):
         _CACHE[name] = fmt
     return fmt

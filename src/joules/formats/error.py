@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from joules.formats.base import Format, get
+from joules.formats.base import Format, Grouping, get
+from joules.formats.minifloat import exp2i
 
 
 @dataclass
@@ -205,9 +206,6 @@ def bfp_bound(x: torch.Tensor, block_size: int, mantissa_bits: int) -> BFPBound:
     """Theory for BFP on ``x``: blocks of ``block_size`` along the last dim share
     ``e_b = floor(log2 amax_b)``; elements are sign + ``mantissa_bits`` magnitude bits with the
     top bit worth ``2**e_b``, i.e. step ``2**(e_b + 1 - mantissa_bits)``. MXINT8 is p = 7."""
-    from joules.formats.base import Grouping
-    from joules.formats.minifloat import exp2i
-
     g = Grouping("group", block_size).split(x)
     amax = g.abs().amax(dim=1)
     e = ((amax.view(torch.int32) >> 23) & 0xFF) - 127

@@ -70,9 +70,11 @@ from joules.formats.base import (
     check_fit_input,
     check_input,
     check_qt,
+    get,
     register,
     register_format,
 )
+from joules.formats.packing import unpack
 
 QK_K = 256
 # llama.cpp's per-tensor fallback when a row is not a multiple of 256 (llama-quant.cpp)
@@ -667,8 +669,6 @@ def fallback_spec(spec: str, shape: tuple[int, ...]) -> str:
 
 
 def get_gguf(spec: str) -> GGUFFormat:
-    from joules.formats.base import get
-
     fmt = get(spec)
     if not isinstance(fmt, GGUFFormat):
         raise ConfigError(f"'{spec}' is not a GGUF block format: use one of {', '.join(PRESETS)}")
@@ -706,8 +706,6 @@ class GGUFFormat(Format):
     def for_shape(self, shape: tuple[int, ...]) -> Format:
         """llama.cpp's per-tensor fallback (Q4_K -> Q5_0, Q6_K -> Q8_0, TQ -> Q4_0) for rows
         that are not a multiple of the block; the format itself otherwise."""
-        from joules.formats.base import get
-
         return get(fallback_spec(self.spec, tuple(shape)))
 
     # -- helpers -------------------------------------------------------------------------------
@@ -820,9 +818,6 @@ def gguf_blocks(q: QuantizedTensor) -> tuple[str, torch.Tensor]:
 def mxfp4_to_gguf_blocks(q: QuantizedTensor) -> torch.Tensor:
     """Repack a joules ``mxfp4`` (OCP MX) tensor as GGUF MXFP4 bytes [rows, row_bytes], lossless:
     same E8M0 byte and E2M1 codes, only the nibble order changes (a -0 code decodes as +0)."""
-    from joules.formats.base import get
-    from joules.formats.packing import unpack
-
     if q.spec != "mxfp4":
         raise ConfigError(f"'{q.spec}' is not OCP mxfp4 (blocks of 32): only 'mxfp4' repacks")
     k = q.shape[-1] if q.shape else 1

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from joules.errors import ConfigError
 from joules.formats.base import (
     SCALE_BITS,
     FormatConfig,
@@ -104,8 +105,6 @@ def _parse(m: re.Match[str], tokens: list[str]) -> NF4Config:
     sd = o.scale_dtype("fp32")
     o.done()
     if g.kind != "group":
-        from joules.errors import ConfigError
-
         raise ConfigError("nf4 uses absmax blocks along the last dim: use g<N>, not ch")
     return NF4Config(g.size, sd)
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from joules import dtypes
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -115,7 +117,7 @@ def describe(
         vocab_size=int(getattr(cfg, "vocab_size", 0) or 0),
         max_position_embeddings=int(getattr(cfg, "max_position_embeddings", 0) or 0),
         tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        dtype=dtypes.torch_name(next(model.parameters()).dtype),
         bytes=n_bytes,
         gguf_file=gguf_file,
         gguf_types=dict(gguf_types or {}),

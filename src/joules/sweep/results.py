@@ -19,19 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from joules.errors import ConfigError
+from joules.measure.stats import summarize
 from joules.serialize import to_jsonable
 from joules.sweep.store import Metric
-
-
-def t95(df: int) -> float:
-    """Two-sided 95 % quantile of Student's t (NaN below 1 degree of freedom).
-
-    Few windows (8 at the default 4,096 tokens) make the normal 1.96 visibly optimistic.
-    """
-    from joules.measure.stats import t_quantile_975
-
-    return t_quantile_975(df) if df >= 1 else float("nan")
-
 
 jsonable = to_jsonable  # one rule for the CLI, the store and exports
 
@@ -59,25 +49,21 @@ def paired_increase(
     base_nll: Sequence[float],
     base_tokens: Sequence[int],
 ) -> PairedIncrease:
-    """Paired perplexity increase of a model over its baseline on the same windows."""
-    if list(tokens) != list(base_tokens) or not tokens:
-        raise ConfigError(
-            "paired perplexity needs the same windows for the model and its baseline: "
-            "evaluate both under the same protocol"
-        )
-    from joules.evaluate.results import weighted_mean_stderr
+    """Paired perplexity increase of a model over its baseline on the same windows: the
+    statistic of :func:`joules.evaluate.paired.paired_nll` (Student t), as a percentage."""
+    # lazy: the joules.evaluate package imports torch; recommend and report read this module
+    # and stay torch-free (tests/cli/test_lazy_imports.py)
+    from joules.evaluate.paired import paired_nll
 
-    d = [a - b for a, b in zip(nll, base_nll, strict=True)]
-    mean, se = weighted_mean_stderr(d, list(tokens))
-    w = len(d)
-    half = t95(w - 1) * se
+    d = paired_nll(nll, tokens, base_nll, base_tokens)
+    lo, hi = d.delta_nll_ci95
     return PairedIncrease(
-        pct=100 * math.expm1(mean),
-        lo=100 * math.expm1(mean - half),
-        hi=100 * math.expm1(mean + half),
-        delta_nll=mean,
-        delta_nll_stderr=se,
-        windows=w,
+        pct=100 * math.expm1(d.delta_nll),
+        lo=100 * math.expm1(lo),
+        hi=100 * math.expm1(hi),
+        delta_nll=d.delta_nll,
+        delta_nll_stderr=d.delta_nll_stderr,
+        windows=d.windows,
     )
 
 
@@ -111,8 +97,6 @@ def paired_accuracy_drop(
             "a paired accuracy drop needs the same items for the model and its baseline: "
             "evaluate both under the same protocol"
         )
-    from joules.measure.stats import summarize
-
     d = [float(b) - float(a) for a, b in zip(correct, base_correct, strict=True)]
     mean = sum(d) / len(d)
     half = summarize(d).ci95_half_width if len(d) >= 2 else float("nan")
@@ -208,8 +192,6 @@ def _interval_of(d: dict[str, Any] | None) -> tuple[float | None, float | None, 
 def _energy_per_token(e: dict[str, Any]) -> tuple[float, float | None, float | None]:
     """J/token of a bench phase, with a 95 % interval combining the spread across repeats
     (t interval of per-repeat J/token) and the meter's own uncertainty, in quadrature."""
-    from joules.measure.stats import summarize
-
     tokens = e.get("tokens") or 0
     jpt = float(e["j_per_token"])
     per = [x / tokens for x in e.get("energy_j", [])] if tokens else []

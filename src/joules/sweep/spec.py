@@ -26,7 +26,6 @@ Every validation error names the key, its line in the file and the valid values,
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -301,21 +300,10 @@ def _canonical_recipe(text: str) -> str:
 
 
 def known_hardware() -> tuple[str, ...]:
-    """Hardware names the predictor knows (this-machine included), or the shipped catalog's."""
-    try:
-        from joules.predict import hardware_names  # type: ignore[attr-defined]
+    """Hardware names the predictor knows (this-machine included)."""
+    from joules.predict import hardware_names  # lazy: the predictor's catalog loads on demand
 
-        return tuple(hardware_names())
-    except ImportError:
-        from importlib.resources import files
-
-        data = json.loads((files("joules.data") / "hardware.json").read_text())
-        ids = [d["id"] for d in data.get("devices", []) if "id" in d]
-        # Short names as the predict CLI spells them (nvidia-h100-sxm -> h100).
-        short = [
-            re.sub(r"^(nvidia|amd|intel)-", "", i).split("-sxm")[0].split("-pcie")[0] for i in ids
-        ]
-        return tuple(dict.fromkeys(["this-machine", *short, *ids]))
+    return tuple(hardware_names())
 
 
 def parse_spec(
@@ -363,14 +351,6 @@ def parse_spec(
             continue
         try:
             recipes.append(parse(r))
-        except ImportError:
-            raise st.error(
-                None,
-                "recipes",
-                f"{r!r} needs joules.compress, which is not installed here",
-                "baseline",
-                r,
-            ) from None
         except ConfigError as exc:
             raise st.error(
                 None, "recipes", f"{r!r}: {exc}", "baseline or e.g. rtn(format=int8-ch)", r
