@@ -1,4 +1,4 @@
-"""`joules compress` with AWQ then GPTQ, then `joules eval` says the linears ran on the kernel."""
+"""`joules compress` with AWQ then GPTQ, then `joules eval`: the int4 weights are decoded for quality work."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from joules.cli import app
 runner = CliRunner()
 
 
-def test_awq_gptq_then_eval_runs_on_the_int4_kernel(tiny_dir, tmp_path, monkeypatch):
+def test_awq_gptq_then_eval_decodes_the_int4_weights(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("JOULES_KERNEL_DTYPE", "bf16")
     out = tmp_path / "q"
     recipe = "awq(format=int4-g32, grid=4) | gptq(format=int4-g32)"
@@ -21,4 +21,5 @@ def test_awq_gptq_then_eval_runs_on_the_int4_kernel(tiny_dir, tmp_path, monkeypa
         ["eval", str(out), "--task", "wikitext2", "--limit-tokens", "128", "--window", "64"],
     )
     assert e.exit_code == 0, e.output
-    assert "14 x kernel:cpu-int4/bf16" in " ".join(e.stdout.split())
+    # evaluation decodes and multiplies densely, whatever kernel dtype is asked for speed work
+    assert "14 x emulated" in " ".join(e.stdout.split())

@@ -22,8 +22,8 @@ Protocol (what every :class:`PerplexityResult` records):
   window``) is context only. The default follows the tokenizer: SmolLM2's GGUF tokenizer does
   not add BOS (``add_bos_token`` is false), so neither do we, as llama.cpp would not.
 * Compute: every forward runs on one stated path (:func:`joules.evaluate.scoring.evaluation_path`:
-  compressed linears take fp32 activations, never a speed probe's choice); the protocol records
-  it (``activation_dtype``, ``compute_path``).
+  compressed linears decode their weight into the model's dtype and multiply densely, never on a
+  speed probe's choice); the protocol records it (``activation_dtype``, ``compute_path``).
 * Reported: mean NLL in nats per scored token, perplexity = exp(mean NLL), a 95 % interval from
   the standard error across windows, and bits per byte = total NLL / ln 2 / UTF-8 bytes of the
   scored tokens' text.
@@ -38,9 +38,12 @@ from typing import Any
 
 import torch
 
+from joules import dtypes
+from joules.data import load_text
+from joules.data.tokens import tokenize_stream
 from joules.errors import ConfigError
 from joules.evaluate.results import PerplexityProtocol, PerplexityResult, weighted_mean_stderr
-from joules.evaluate.scoring import Scorer, bos_default, encode, model_dtype
+from joules.evaluate.scoring import Scorer, bos_default, model_dtype
 
 Progress = Callable[[int, int], None]  # (tokens scored so far, tokens to score)
 
@@ -74,27 +77,6 @@ def plan_windows(n_tokens: int, window: int, stride: int, add_bos: bool) -> list
         prev_end = end
         begin += stride
     return windows
-
-
-def tokenize_stream(tokenizer: Any, text: str, limit_tokens: int | None = None) -> list[int]:
-    """Token ids of ``text``; with ``limit_tokens`` the first N, tokenizing only a prefix.
-
-    The prefix is cut at a newline and must yield 256 tokens more than asked, so the kept
-    tokens are the ones the whole text would give (BPE merges never reach that far).
-    """
-    if limit_tokens is not None and limit_tokens < 1:
-        raise ConfigError(f"limit_tokens must be a positive number of tokens, got {limit_tokens}")
-    if limit_tokens is None:
-        return encode(tokenizer, text)
-    chars = 8 * (limit_tokens + 256)
-    while True:
-        if chars >= len(text):
-            return encode(tokenizer, text)[:limit_tokens]
-        cut = text.rfind("\n", 0, chars)
-        ids = encode(tokenizer, text[: cut if cut > 0 else chars])
-        if len(ids) >= limit_tokens + 256:
-            return ids[:limit_tokens]
-        chars *= 2
 
 
 def _decoded_bytes(tokenizer: Any, ids: Sequence[int]) -> int:
@@ -202,7 +184,7 @@ def perplexity(
         limit_tokens=limit_tokens,
         stream_tokens=len(ids),
         text_bytes=text_bytes,
-        dtype=str(model_dtype(model)).removeprefix("torch."),
+        dtype=dtypes.torch_name(model_dtype(model)),
         batch_size=batch_size,
         activation_dtype=scorer.activations(),
         compute_path=scorer.compute_path(),
@@ -231,8 +213,6 @@ def wikitext2_perplexity(
     **kwargs: Any,
 ) -> PerplexityResult:
     """:func:`perplexity` on the shipped WikiText-2 split (``test`` to evaluate)."""
-    from joules.data import load_text
-
     return perplexity(
         model,
         tokenizer,

@@ -17,11 +17,11 @@ whatever the model's dtype. Models without a separable decoder / output head (or
 soft-capping) fall back to the full forward.
 
 One compute path per protocol: every forward of the scorer runs inside
-:func:`evaluation_path`, where compressed linears' kernels take their activations in
-``EVAL_ACTIVATIONS`` (fp32; a bf16 model stays bf16) instead of the dtype a speed probe picked
-for this CPU. So a quality figure is the same on an idle and a loaded machine and whatever the
-probe found; an explicit ``JOULES_KERNEL_DTYPE`` still wins, and every result records what ran
-(:func:`activations_of`, :func:`compute_path`).
+:func:`evaluation_path`, where compressed linears decode their weight into the model's dtype and
+multiply densely (``emulated``) instead of running a weight-only kernel in whatever activation
+dtype a speed probe picked for this CPU. So a quality figure is the same on an idle and a loaded
+machine, whatever the probe found or ``JOULES_KERNEL_DTYPE`` asks for speed work, and every
+result records what ran (:func:`activations_of`, :func:`compute_path`).
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 import torch
 
+from joules import dtypes
 from joules.models.hf_cache import output_cache
 
 _CHUNK_ROWS = 512  # positions projected to the vocabulary at once: 512 x 49,152 fp32 = 100 MB
 EVAL_ACTIVATIONS = "fp32"  # compressed linears' activation dtype in every evaluation
-_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _kernels() -> Any:
@@ -48,24 +48,47 @@ def _kernels() -> Any:
     return sys.modules.get("joules.compress.kernels")
 
 
-def evaluation_path() -> AbstractContextManager[Any]:
-    """The context every evaluation forward runs in: kernels' activations pinned to
-    ``EVAL_ACTIVATIONS``, whatever the speed probe chose."""
+@contextmanager
+def _decoded(model: Any) -> Iterator[None]:
+    """Inside, ``model``'s compressed linears decode their weight and run a dense matmul in the
+    activations' dtype instead of a weight-only kernel. The values are exactly the format's
+    (the kernels compute the same product in another order); the weight-only kernels are built
+    for decode-sized inputs and, in fp32, ran a 512-token evaluation window up to ~60x slower
+    than the dense matmul on a Xeon with AMX. One layer's dense weight exists at a time."""
+    linear = sys.modules.get("joules.compress.linear")
+    layers = (
+        [m for m in model.modules() if isinstance(m, linear.CompressedLinear)] if linear else []
+    )
+    saved = [m.use_kernels for m in layers]
+    for m in layers:
+        m.use_kernels = False
+    try:
+        yield
+    finally:
+        for m, kern in zip(layers, saved, strict=True):
+            m.use_kernels = kern
+
+
+def evaluation_path(model: Any = None) -> AbstractContextManager[Any]:
+    """The context every evaluation forward runs in: compressed linears of ``model`` decode and
+    multiply densely (``path == "emulated"``), and any kernel still reached takes its
+    activations in ``EVAL_ACTIVATIONS``; never what a speed probe chose. An explicit
+    ``JOULES_KERNEL_DTYPE`` is honoured only by kernels, so it changes nothing here."""
+    stack = ExitStack()
     kernels = _kernels()
-    return kernels.pinned_activations(EVAL_ACTIVATIONS) if kernels else nullcontext()
+    if kernels is not None:
+        stack.enter_context(kernels.pinned_activations(EVAL_ACTIVATIONS))
+    if model is not None:
+        stack.enter_context(_decoded(model))
+    return stack
 
 
 def activations_of(model: Any) -> str:
-    """The activation dtype ``model``'s compressed linears run in under
-    :func:`evaluation_path`, and why (for a result's protocol)."""
-    dt = model_dtype(model)
-    if dt == torch.bfloat16:
-        return "bf16 (the model's dtype)"
-    kernels = _kernels()
-    if kernels is None:
-        return f"{EVAL_ACTIVATIONS} (pinned for quality work, no speed probe)"
-    name, why = kernels.pinned_choice(EVAL_ACTIVATIONS)
-    return f"{name} ({why})"
+    """The dtype ``model``'s linears compute in under :func:`evaluation_path` (for a result's
+    protocol): the model's own, since compressed weights are decoded into it."""
+    return (
+        f"{dtypes.short_name(model_dtype(model))} (the model's dtype; compressed weights decoded)"
+    )
 
 
 def compute_path(model: Any) -> str:
@@ -78,7 +101,7 @@ def compute_path(model: Any) -> str:
         if compressed and isinstance(m, compressed):
             counts[m.path] += 1
         elif isinstance(m, torch.nn.Linear):
-            counts[f"dense/{_SHORT.get(m.weight.dtype, str(m.weight.dtype))}"] += 1
+            counts[f"dense/{dtypes.short_name(m.weight.dtype)}"] += 1
     return ", ".join(f"{p} x{n}" for p, n in sorted(counts.items())) or "no linear layers"
 
 
@@ -113,11 +136,6 @@ def bos_default(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens (BOS is the caller's explicit choice)."""
-    return list(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
-
-
 class Scorer:
     """Wraps a causal LM to return hidden states, logits and token NLLs for chosen positions."""
 
@@ -134,7 +152,7 @@ class Scorer:
     # -- hidden states and logits -------------------------------------------------------------
     def hidden(self, input_ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         """Final hidden states ``[B, T, D]`` (or logits ``[B, T, V]`` on the fallback path)."""
-        with evaluation_path():
+        with evaluation_path(self.model):
             if self._split:
                 out = self.decoder(input_ids=input_ids, **kwargs)
                 return out.last_hidden_state, output_cache(out)
@@ -144,7 +162,7 @@ class Scorer:
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[N, V]`` of hidden rows ``[N, D]`` (identity on the fallback path)."""
         if self._split:
-            with evaluation_path():
+            with evaluation_path(self.model):
                 return self.head(rows).float()
         return rows.float()
 
