@@ -10,13 +10,13 @@ LOCK := requirements.lock
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 UV_SPEC := uv==0.13.9
-EXTRAS := dev,lmeval,llamacpp,ray
-LINT_PATHS := $(wildcard src tests bench)
+EXTRAS := dev,lmeval,llamacpp,ray,docs
+LINT_PATHS := $(wildcard src tests bench tools)
 STAMP := $(VENV)/.joules-installed-$(shell cat pyproject.toml Makefile $(LOCK) | sha256sum | cut -c1-16)
 LATEST_VENV ?= .venv-latest
 comma := ,
 
-.PHONY: install demo test test-latest lock lint format bench clean
+.PHONY: install demo test test-latest lock lint format bench clean docs
 
 install: $(STAMP)
 
@@ -70,7 +70,13 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(or $(TMPDIR),/tmp)/joules-site
 	$(PY) -m pytest -q
+
+# The docs site (MkDocs + Material + mkdocstrings), served with live reload.
+docs: install
+	$(VENV)/bin/mkdocs serve
 
 lint: install
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)

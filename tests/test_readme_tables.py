@@ -1,6 +1,8 @@
-"""Every README table that cites a benchmark's results JSON matches the committed file.
+"""Every table in README.md and the docs site that cites a benchmark's results JSON matches it.
 
-A table is tied to its JSON by a marker comment on the line before it:
+The measured tables live on the docs site's result pages (``docs/results/*.md``) and the
+README keeps one headline table; every page is scanned, so a table moved between pages stays
+checked. A table is tied to its JSON by a marker comment on the line before it:
 
     <!-- bench: results/NAME.json rows=PATH key=FIELD cols=HEADER=FIELD; HEADER=FIELD*100 -->
 
@@ -25,6 +27,7 @@ reading the same JSON as the table.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -34,6 +37,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# Every page a reader sees: the README and the docs site's sources.
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 MARKER = re.compile(r"<!--\s*bench:\s*(?P<file>\S+)\s+(?P<opts>.*?)\s*-->")
 NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.(\d+))?")
 
@@ -42,9 +47,12 @@ def _marked_tables(text: str) -> list[tuple[dict[str, Any], list[str], list[list
     """(marker options, header, rows, line number) of each marked table."""
     lines = text.splitlines()
     tables = []
+    fenced = False  # a marker shown inside a ``` code block (the docs explain them) is no marker
     for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
         m = MARKER.search(line)
-        if not m:
+        if not m or fenced:
             continue
         opts: dict[str, Any] = {"file": m["file"]}
         rest = m["opts"]
@@ -62,7 +70,7 @@ def _marked_tables(text: str) -> list[tuple[dict[str, Any], list[str], list[list
                 break
             cells = re.split(r"(?<!\\)\|", row.strip().removeprefix("|").removesuffix("|"))
             body.append([c.strip().replace("\\|", "|") for c in cells])
-        assert len(body) >= 3, f"README line {i + 1}: a bench marker must precede a table"
+        assert len(body) >= 3, f"line {i + 1}: a bench marker must precede a table"
         tables.append((opts, body[0], body[2:], i + 1))
     return tables
 
@@ -96,19 +104,32 @@ def _field(row: dict[str, Any], spec: str) -> Any:
     return v * float(scale) if scale and v is not None else v
 
 
-TABLES = _marked_tables(README.read_text())
+def _where(page: Path, line: int) -> str:
+    return f"{page.relative_to(ROOT)}:{line}"
 
 
-def test_readme_has_bench_tables():
-    assert len(TABLES) >= 4
+TABLES = [
+    (opts, header, rows, _where(page, line))
+    for page in PAGES
+    for opts, header, rows, line in _marked_tables(page.read_text())
+]
 
 
-@pytest.mark.parametrize(
-    ("opts", "header", "rows", "line"), TABLES, ids=[f"line{t[3]}" for t in TABLES]
-)
+def _all_text() -> str:
+    """README and every docs page: prose figures are checked wherever they now stand."""
+    return "\n\n".join(page.read_text() for page in PAGES)
+
+
+def test_pages_have_bench_tables():
+    """The 21 marked tables (20 on the result pages, the deploy table again in the README)."""
+    assert len(TABLES) >= 21, [t[3] for t in TABLES]
+    assert any(t[3].startswith("README.md:") for t in TABLES), "the README's headline table"
+
+
+@pytest.mark.parametrize(("opts", "header", "rows", "line"), TABLES, ids=[t[3] for t in TABLES])
 def test_table_rows_match_the_committed_json(opts, header, rows, line):
     path = ROOT / "bench" / opts["file"]
-    assert path.is_file(), f"README line {line} cites {path}, which is not committed"
+    assert path.is_file(), f"{line} cites {path}, which is not committed"
     data = json.loads(path.read_text())
     assert "command" in data and "machine" in data, f"{path.name}: no command/machine recorded"
     assert "cpu_flags" in data["machine"], f"{path.name}: machine has no CPU flags"
@@ -117,7 +138,7 @@ def test_table_rows_match_the_committed_json(opts, header, rows, line):
     nk = len(keys)
     cols = opts.get("cols", {})
     unmapped = [h for h in header[nk:] if h not in cols]
-    assert not unmapped, f"README line {line}: columns {unmapped} map to no JSON field"
+    assert not unmapped, f"{line}: columns {unmapped} map to no JSON field"
     assert rows
     problems = []
     for cells in rows:
@@ -129,7 +150,7 @@ def test_table_rows_match_the_committed_json(opts, header, rows, line):
             err = check_cell(cell, _field(found[0], cols[h]))
             if err:
                 problems.append(f"row {cells[0]!r}, column {h!r}: {err}")
-    assert not problems, f"README line {line} vs {opts['file']}:\n" + "\n".join(problems)
+    assert not problems, f"{line} vs {opts['file']}:\n" + "\n".join(problems)
 
 
 def test_the_rule_catches_a_wrong_figure():
@@ -145,7 +166,7 @@ def test_the_rule_catches_a_wrong_figure():
 
 def test_nxfp_gain_sentence_matches_the_compare_json():
     """The prose under the formats table derives from the same JSON as the table."""
-    text = README.read_text()
+    text = _all_text()
     m = re.search(r"gain \+([\d.]+) dB over MXFP4 for ([\d.]+) more bits", text)
     assert m, "the NxFP sentence is gone: update this test"
     res = {
@@ -162,7 +183,7 @@ def test_estimator_constants_quoted_in_the_readme():
     from joules.measure.carbon import hardware_table
     from joules.measure.estimate import ESTIMATE_RELATIVE_UNCERTAINTY
 
-    text = README.read_text()
+    text = _all_text()
     table = hardware_table()
     assert ESTIMATE_RELATIVE_UNCERTAINTY == 0.30 and "±30 % band" in text
     assert table["memory"]["w_per_gib"] == 0.375 and "0.375 W per GiB" in text
@@ -175,7 +196,7 @@ def _results(name: str) -> dict[str, Any]:
 
 def test_fit_columns_peer_sentence_matches_its_json():
     """The rank-1 update time quoted above the fit-columns table is the same run's peer."""
-    text = README.read_text()
+    text = _all_text()
     m = re.search(r"128-column block \((\d+) µs in the same run\)", text)
     assert m, "the fit-columns peer sentence is gone: update this test"
     assert int(m.group(1)) == round(_results("fit_columns.json")["peer_rank1_update_us"])
@@ -205,7 +226,7 @@ def test_attention_readme_rows_are_the_library_rows():
 
 def test_attention_ratio_prose_matches_its_json():
     """The flash-style / standard ratios quoted under the attention table."""
-    text = README.read_text()
+    text = _all_text()
     data = _results("attention_deviation.json")
     fl = [r["mean_ratio"] for r in data["ratios_bf16"]]
     low = [r["mean_ratio"] for r in data["ratios_bf16_lowacc"]]
@@ -229,7 +250,7 @@ def test_attention_ratio_prose_matches_its_json():
 
 def test_mixed_family_move_tables_match_the_json():
     """Each family's store size and move table under the compress_more table."""
-    text = README.read_text()
+    text = _all_text()
     families = _results("compress_more.json")["families"]
     mib = 2**20
 
@@ -238,7 +259,7 @@ def test_mixed_family_move_tables_match_the_json():
 
     for name, fam in families.items():
         head = re.search(rf"Family `{re.escape(name)}` \([^)]*\): one store of ([\d.]+) MiB", text)
-        assert head, f"README has no move table for family {name!r}"
+        assert head, f"the docs have no move table for family {name!r}"
         assert head.group(1) == f"{fam['store_bytes'] / mib:.1f}"
         table = text[head.end() :].split("\n\n", 2)[1]
         rows = [r for r in table.splitlines()[2:] if r.startswith("|")]
@@ -246,12 +267,12 @@ def test_mixed_family_move_tables_match_the_json():
             f"| {bits(mv['from'])} → {bits(mv['to'])} | {mv['layers']} | {mv['bytes'] / mib:.2f} MiB |"
             for mv in fam["moves"]
         ]
-        assert rows == want, f"family {name!r}: README rows differ from compress_more.json"
+        assert rows == want, f"family {name!r}: the page's rows differ from compress_more.json"
 
 
 def test_kernel_prose_matches_the_kernels_json():
     """The slow-down with fp32 activations and the probes' bf16 speed-ups quoted above the table."""
-    text = README.read_text()
+    text = _all_text()
     data = _results("kernels.json")
     fp32_x = [r["kernel_fp32_x"] for r in data["table"]]
     m = re.search(r"are (\d+)–(\d+)x \*slower\* than fp32 `F.linear` with fp32 activations", text)
@@ -260,5 +281,62 @@ def test_kernel_prose_matches_the_kernels_json():
     for kernel in ("cpu-int8", "cpu-int4"):
         probe = data["compute_dtype"][kernel]
         m = re.search(rf"{kernel} ([\d.]+)x", text)
-        assert m and probe["dtype"] == "bf16", f"no probe figure for {kernel} in the README"
+        assert m and probe["dtype"] == "bf16", f"no probe figure for {kernel} in the docs"
         assert m.group(1) == f"{probe['fp32_s'] / probe['bf16_s']:.1f}"
+
+
+def _bench_script(name: str) -> Any:
+    """A ``bench/`` script as a module (by path: ``bench`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/results/deploy.md"])
+def test_deploy_block_is_what_the_script_prints(page):
+    """The headline table and its three summary lines are ``bench/deploy.py --table``'s output."""
+    block = _bench_script("deploy").markdown(_results("deploy.json"))
+    assert block in (ROOT / page).read_text(), f"{page}: run `python bench/deploy.py --table`"
+
+
+def test_deploy_interval_prose_matches_its_json():
+    """The paired 95 % intervals quoted under the deploy table."""
+    text = _all_text()
+    rows = {r["row"]: r for r in _results("deploy.json")["rows"]}
+    for row, ratio in (("gptq-q4_0", "×0.9155 (paired\n  95 % "), ("gptq-q4_k_m", "×0.9647\n  (")):
+        lo, hi = rows[row]["vs_peer_ppl_ratio_ci95"]
+        want = f"{ratio}{lo:.3f}–{hi:.3f})"
+        assert f"{rows[row]['vs_peer_ppl_ratio']:.4f}" in ratio
+        assert want in text, f"no {want!r}: the deploy interval sentence changed"
+
+
+def test_published_gpu_table_is_what_the_script_prints():
+    """The published-figures table on the predict results page (no marker: its "weights" column
+    joins two fields) is the first table ``bench/predict_validation.py --markdown`` prints."""
+    out = _results("predict_validation.json")
+    table = _bench_script("predict_validation").markdown(out).split("\n\n")[0]
+    assert len(table.splitlines()) == 2 + len(out["published"])
+    assert table in (ROOT / "docs/results/predict.md").read_text()
+
+
+def test_kv_bytes_table_is_the_library_figure():
+    """KV bytes per token of the default model's shape, per KV format (docs/compress.md)."""
+    from types import SimpleNamespace
+
+    from joules.compress.kvcache import KVSettings, kv_bytes_per_token
+
+    text = (ROOT / "docs/compress.md").read_text()
+    rows = re.findall(r"^\| (fp16 \(no format\)|[\w-]+) \| ([\d,]+) \| ([\d.]+) \|$", text, re.M)
+    assert len(rows) == 7, "the KV bytes table changed: update this test"
+    config = SimpleNamespace(
+        hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30
+    )
+    fp16 = kv_bytes_per_token(KVSettings(), config)
+    for fmt, nbytes, ratio in rows:
+        s = KVSettings(
+            format="none" if fmt.startswith("fp16") else fmt, granularity="kivi", group=32
+        )
+        got = kv_bytes_per_token(s, config)
+        assert f"{got:,.0f}" == nbytes and f"{got / fp16:.2f}" == ratio, (fmt, got)

@@ -1,14 +1,14 @@
 """What machine this is: versions, CPU, ISA flags, memory, GPUs. Used by ``joules doctor``,
 reports and every ``bench/results/*.json``.
 
->>> from joules.system import cpu_flags, machine_info, system_info
->>> info = system_info()
->>> info.logical_cores >= 1
-True
->>> set(cpu_flags()) <= set(ISA_FLAGS)
-True
->>> sorted(machine_info())[:3]
-['cpu_flags', 'cpu_model', 'gpus']
+    >>> from joules.system import cpu_flags, machine_info, system_info
+    >>> info = system_info()
+    >>> info.logical_cores >= 1
+    True
+    >>> set(cpu_flags()) <= set(ISA_FLAGS)
+    True
+    >>> sorted(machine_info())[:3]
+    ['cpu_flags', 'cpu_model', 'gpus']
 
 ``cpu_flags()`` names the instruction-set extensions that decide which number formats run fast
 here (bf16 matmul is fast only with AVX512-BF16 or AMX on x86; an AVX2-only CPU emulates it).
