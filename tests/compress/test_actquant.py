@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from joules import formats
-from joules.compress import actquant as aqmod
 from joules.compress import (
     calibration_tokens,
     compress,
@@ -14,7 +13,8 @@ from joules.compress import (
     load_compressed,
     parse_recipe,
 )
-from joules.compress.actquant import ActQuant, ActQuantLinear
+from joules.compress.steps import actquant as aqmod
+from joules.compress.steps.actquant import ActQuant, ActQuantLinear
 from joules.errors import ConfigError
 from joules.models import tiny_model
 

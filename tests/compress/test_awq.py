@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from joules import formats
-from joules.compress import awq
+from joules.compress.steps import awq
 from joules.errors import ConfigError
 from joules.models import tiny_model
 

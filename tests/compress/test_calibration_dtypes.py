@@ -21,8 +21,8 @@ from torch import nn
 
 from joules.compress import compress
 from joules.compress.context import BlockInputs, CompressContext, dense_weight
-from joules.compress.gptq import hessians
-from joules.compress.hessian import Hessian
+from joules.compress.solvers.hessian import Hessian
+from joules.compress.steps.gptq import hessians
 from joules.errors import UnsupportedModelError
 from joules.models import tiny_model
 

@@ -7,7 +7,7 @@ import torch
 
 from joules import formats
 from joules.compress import calibration_tokens, compress
-from joules.compress.hessian import Hessian, gptq_quantize
+from joules.compress.solvers.hessian import Hessian, gptq_quantize
 from joules.models import tiny_model
 
 
@@ -105,7 +105,7 @@ def test_overrides_give_per_module_formats_in_one_pass():
 
 
 def test_inverse_cholesky_is_the_factor_of_the_damped_inverse():
-    from joules.compress.hessian import inverse_cholesky
+    from joules.compress.solvers.hessian import inverse_cholesky
 
     x = _inputs(0, tokens=512, cols=96)
     h = (x.T @ x / len(x)).float()
@@ -118,7 +118,7 @@ def test_inverse_cholesky_is_the_factor_of_the_damped_inverse():
 
 def test_layers_fed_one_input_share_one_hessian_and_factor():
     from joules.compress.context import CompressContext
-    from joules.compress.gptq import hessians
+    from joules.compress.steps.gptq import hessians
 
     model, tok, _ = tiny_model("llama", seed=0)
     calib, _ = calibration_tokens(tok, n=4, length=32)

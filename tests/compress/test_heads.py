@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from joules.compress import calibration_tokens, compress, parse_recipe
-from joules.compress.heads import cluster_heads, head_correlation
+from joules.compress.steps.heads import cluster_heads, head_correlation
 from joules.errors import ConfigError
 from joules.models import tiny_model
 

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["kernels", "awq"])
+@pytest.mark.parametrize("name", ["modules.kernels", "steps.awq"])
 def test_module_examples(name: str) -> None:
     mod = importlib.import_module(f"joules.compress.{name}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)

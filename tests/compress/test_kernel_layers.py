@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from joules.compress import compress, compressed_linears, linear_paths, load_compressed, set_kernels
-from joules.compress.linear import prepack
+from joules.compress.modules.linear import prepack
 from joules.models import tiny_model
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from joules import formats
-from joules.compress import kernels as K
-from joules.compress.linear import prepack
+from joules.compress.modules import kernels as K
+from joules.compress.modules.linear import prepack
 from joules.errors import ConfigError
 
 U_BF16 = 2.0**-8  # bf16 unit roundoff

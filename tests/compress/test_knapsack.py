@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from joules.compress.knapsack import affordable_upgrades, brute_force, solve
+from joules.compress.solvers.knapsack import affordable_upgrades, brute_force, solve
 from joules.errors import ConfigError
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from joules.compress import compress, load_compressed, parse_recipe
-from joules.compress.kvcache import (
+from joules.compress.steps.kvcache import (
     JoulesKVCache,
     JoulesKVLayer,
     KVSettings,
@@ -162,7 +162,7 @@ def test_bad_parameters_are_one_line_errors(recipe):
 def test_module_doctest():
     import doctest
 
-    import joules.compress.kvcache as mod
+    import joules.compress.steps.kvcache as mod
 
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
@@ -276,7 +276,7 @@ def test_generate_uses_joules_cache_and_it_is_smaller(recipe):
 
 def test_a_forward_that_bypasses_the_cache_fails_loudly():
     """A transformers release that ignores the cache the hook hands over must not pass silently."""
-    from joules.compress.kvcache import KVCacheBypassedError
+    from joules.compress.steps.kvcache import KVCacheBypassedError
 
     model, _, _ = tiny_model("llama", seed=0)
     compress(model, "kvcache(format=int4)")

@@ -12,8 +12,8 @@ from joules.compress import (
     load_compressed,
     parse_recipe,
 )
-from joules.compress.knapsack import affordable_upgrades
-from joules.compress.mixed import switch_member
+from joules.compress.solvers.knapsack import affordable_upgrades
+from joules.compress.steps.mixed import switch_member
 from joules.errors import ConfigError
 from joules.models import tiny_model
 

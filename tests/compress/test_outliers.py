@@ -7,7 +7,7 @@ import torch
 
 from joules import formats
 from joules.compress import calibration_tokens, compress, compressed_linears, load_compressed
-from joules.compress.outliers import SparseOutliers, SparsePlan, select_outliers
+from joules.compress.steps.outliers import SparseOutliers, SparsePlan, select_outliers
 from joules.errors import ConfigError
 from joules.models import tiny_model
 

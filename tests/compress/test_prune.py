@@ -7,9 +7,9 @@ import torch
 
 from joules import formats
 from joules.compress import calibration_tokens, compress, load_compressed
-from joules.compress.hessian import Hessian, PruneRule, obs_solve
-from joules.compress.linear import CompressedLinear, PrunedLinear
-from joules.compress.prune import select_mask
+from joules.compress.modules.linear import CompressedLinear, PrunedLinear
+from joules.compress.solvers.hessian import Hessian, PruneRule, obs_solve
+from joules.compress.steps.prune import select_mask
 from joules.errors import ConfigError
 from joules.models import tiny_model
 

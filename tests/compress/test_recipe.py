@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from joules.compress import Recipe, parse_recipe, step_names
-from joules.compress.gptq import GPTQ
-from joules.compress.rtn import RTN
+from joules.compress.steps.gptq import GPTQ
+from joules.compress.steps.rtn import RTN
 from joules.errors import ConfigError
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from joules.compress import calibration_tokens, compress, parse_recipe
-from joules.compress.smoothquant import smoothing_scales
+from joules.compress.steps.smoothquant import smoothing_scales
 from joules.errors import ConfigError
 from joules.models import tiny_model
 

@@ -8,23 +8,18 @@
     >>> cm.manifest.bits_per_weight
     4.5
 
-Steps (``joules compress --help`` lists them): ``rtn``, ``gptq``; later modules add more by
-registering a ``@dataclass`` step config (see :mod:`joules.compress.recipe`).
+Layout (as llm-compressor groups its modifiers): the core is :mod:`~joules.compress.recipe`
+(the grammar and the step registry), :mod:`~joules.compress.context`, :mod:`~joules.compress.api`
+(compress, save, load) and :mod:`~joules.compress.manifest`; :mod:`joules.compress.steps` holds
+one module per method (``joules compress --help`` lists them), each imported automatically;
+:mod:`joules.compress.modules` the compressed linear and its kernels; :mod:`joules.compress.solvers`
+the Hessian, knapsack and weight-fitting solvers. A new step is one ``@dataclass`` config
+registered with :func:`register_step` in one file under ``steps/``.
 """
 
-from joules.compress import (  # noqa: F401  (registers the built-in steps and kernels)
-    actquant,
-    awq,
-    gptq,
-    heads,
-    kernels,
-    kvcache,
-    mixed,
-    outliers,
-    prune,
-    rtn,
-    smoothquant,
-)
+# Importing the steps package registers every built-in step (and, through them, the module
+# types their layers save as); kernels register when modules.kernels is imported below.
+from joules.compress import steps  # noqa: F401
 from joules.compress.api import (
     CompressedModel,
     compress,
@@ -35,9 +30,10 @@ from joules.compress.api import (
     save_compressed,
 )
 from joules.compress.context import CompressContext, calibration_tokens
-from joules.compress.kernels import Kernel
-from joules.compress.kernels import register as register_kernel
-from joules.compress.linear import (
+from joules.compress.manifest import Manifest
+from joules.compress.modules.kernels import Kernel
+from joules.compress.modules.kernels import register as register_kernel
+from joules.compress.modules.linear import (
     CompressedLinear,
     compressed_linears,
     layer_paths,
@@ -46,7 +42,6 @@ from joules.compress.linear import (
     register_module,
     set_kernels,
 )
-from joules.compress.manifest import Manifest
 from joules.compress.recipe import Recipe, Step, parse_recipe, register_step, step_names
 
 __all__ = [

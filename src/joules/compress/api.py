@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from joules.compress.context import CompressContext, ProgressFn, replace_module
-from joules.compress.kernels import pinned_activations
-from joules.compress.linear import CompressedLinear, module_class
 from joules.compress.manifest import MANIFEST_FILE, Manifest
+from joules.compress.modules.kernels import pinned_activations
+from joules.compress.modules.linear import CompressedLinear, module_class
 from joules.compress.recipe import Recipe, parse_recipe
 from joules.errors import ConfigError, UnsupportedModelError
 from joules.fingerprint import compute_label, library_versions

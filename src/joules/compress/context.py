@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from joules import formats
-from joules.compress.linear import CompressedLinear
 from joules.compress.manifest import Manifest
+from joules.compress.modules.linear import CompressedLinear
 from joules.data import load_text
 from joules.data.tokens import tokenize_stream
 from joules.errors import ConfigError, UnsupportedModelError

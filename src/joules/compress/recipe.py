@@ -15,7 +15,7 @@ step's keys). ``baseline`` (or an empty string) is the empty recipe: the model a
 A step is a ``@dataclass(kw_only=True)`` subclass of :class:`Step` registered with
 :func:`register_step`; it implements ``apply(ctx)``. Steps never call each other: the shared
 machinery (targets, calibration, block-by-block execution, Hessians) lives in
-:mod:`joules.compress.context` and :mod:`joules.compress.hessian`.
+:mod:`joules.compress.context` and :mod:`joules.compress.solvers.hessian`.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from joules import formats
 from joules.compress.context import CompressContext, dense_weight, install_quantized, weight_mask
-from joules.compress.plan import fit_weight, sparse_part
 from joules.compress.recipe import Step, register_step
+from joules.compress.solvers.plan import fit_weight, sparse_part
 from joules.errors import ConfigError
 
 

@@ -32,7 +32,12 @@ from torch import nn
 
 from joules import formats
 from joules.compress.context import BlockInputs, CompressContext, dense_weight
-from joules.compress.linear import CompressedLinear, dtype_from_name, dtype_name, register_module
+from joules.compress.modules.linear import (
+    CompressedLinear,
+    dtype_from_name,
+    dtype_name,
+    register_module,
+)
 from joules.compress.recipe import Step, register_step
 from joules.errors import ConfigError
 from joules.formats.base import Fitted, QuantizedTensor

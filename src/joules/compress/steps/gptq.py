@@ -10,7 +10,7 @@
 
 Sequential, block by block: the Hessians of block i's linears are accumulated from calibration
 inputs that went through blocks 0..i-1 *already quantized*, then every linear of the block is
-rounded by :func:`joules.compress.hessian.gptq_quantize`. Groups are static: each group's
+rounded by :func:`joules.compress.solvers.hessian.gptq_quantize`. Groups are static: each group's
 parameters are fixed from the weight before the column pass (``Format.fit``), so with
 ``act_order`` the packed layout stays contiguous (no ``g_idx``) and kernels and GGUF blocks stay
 valid. Targets outside the decoder blocks (``lm_head``) get their Hessian from the final
@@ -32,10 +32,10 @@ from joules.compress.context import (
     install_quantized,
     weight_mask,
 )
-from joules.compress.hessian import Hessian, gptq_quantize
-from joules.compress.plan import fit_weight, sparse_part
 from joules.compress.recipe import Step, register_step
-from joules.compress.rtn import check_format
+from joules.compress.solvers.hessian import Hessian, gptq_quantize
+from joules.compress.solvers.plan import fit_weight, sparse_part
+from joules.compress.steps.rtn import check_format
 from joules.errors import ConfigError, UnsupportedModelError
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from joules.compress.context import BlockInputs, CompressContext
-from joules.compress.linear import CompressedLinear
+from joules.compress.modules.linear import CompressedLinear
 from joules.compress.recipe import Step, register_step
 from joules.errors import ConfigError
 

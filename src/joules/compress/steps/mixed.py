@@ -19,7 +19,7 @@ Fisher diagonal (squared gradients of each calibration sequence's loss), ``hessi
 tokens, blind to how much that output matters to the loss), or ``probe`` the calibration loss
 increase when only that layer is quantized (slow: layers x candidates forward passes). The choice
 minimises the summed error with the targeted linears' average bits/weight (scales included) at
-most ``avg_bits`` (:mod:`joules.compress.knapsack`: exact, or stated approximate, then no
+most ``avg_bits`` (:mod:`joules.compress.solvers.knapsack`: exact, or stated approximate, then no
 affordable single-layer upgrade left).
 
 A list of budgets yields a FlexQuant-like *family* in one pass: calibration, sensitivities and
@@ -50,13 +50,13 @@ from joules.compress.context import (
     install_quantized,
     replace_module,
 )
-from joules.compress.gptq import hessians
-from joules.compress.hessian import gptq_quantize
-from joules.compress.knapsack import solve
-from joules.compress.linear import CompressedLinear, compressed_linears
-from joules.compress.outliers import fisher_diagonals
+from joules.compress.modules.linear import CompressedLinear, compressed_linears
 from joules.compress.recipe import Step, register_step
-from joules.compress.rtn import check_format
+from joules.compress.solvers.hessian import gptq_quantize
+from joules.compress.solvers.knapsack import solve
+from joules.compress.steps.gptq import hessians
+from joules.compress.steps.outliers import fisher_diagonals
+from joules.compress.steps.rtn import check_format
 from joules.errors import ConfigError
 from joules.formats.base import QuantizedTensor
 

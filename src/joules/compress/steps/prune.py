@@ -12,7 +12,7 @@
   ``||X_j||`` the norm of input channel j over the calibration tokens.
 - ``sparsegpt`` (Frantar & Alistarh, 2023): choose masks block by block from ``w^2 / [H^-1]_jj^2``
   and update the remaining weights to compensate (the GPTQ solver of
-  :mod:`joules.compress.hessian`, with no rounding).
+  :mod:`joules.compress.solvers.hessian`, with no rounding).
 
 ``pattern``: ``unstructured`` (``sparsity`` of the weights), or ``n:m`` (``n`` of every ``m``
 consecutive input columns pruned: ``2:4`` is NVIDIA's semi-structured sparsity). Calibrated
@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from joules.compress.context import BlockInputs, CompressContext, dense_weight, replace_module
-from joules.compress.hessian import Hessian, PruneRule, gram, obs_solve
-from joules.compress.linear import CompressedLinear, PrunedLinear
+from joules.compress.modules.linear import CompressedLinear, PrunedLinear
 from joules.compress.recipe import Step, register_step
+from joules.compress.solvers.hessian import Hessian, PruneRule, gram, obs_solve
 from joules.errors import ConfigError
 
 Method = Literal["magnitude", "wanda", "sparsegpt"]

@@ -22,9 +22,9 @@ W4A4, not their speed or energy.
 * ``outlier_channels=k`` (Atom, Zhao et al., 2024): the k input channels of largest calibration
   magnitude are moved to the end (the weight's columns are permuted the same way, so ``x W^T``
   is unchanged) and kept in 8 bit -- the activations per token in ``int8``, the weight columns
-  in ``int8-ch`` (an :class:`~joules.compress.plan.OutlierColumns` part counted in bits/weight).
-  The rest is contiguous, so the low-bit part stays a dense grouped matrix. ``k`` must be a
-  multiple of the format's group size.
+  in ``int8-ch`` (an :class:`~joules.compress.solvers.plan.OutlierColumns` part counted in
+  bits/weight). The rest is contiguous, so the low-bit part stays a dense grouped matrix. ``k``
+  must be a multiple of the format's group size.
 
 Where it attaches: before a weight step (the reference recipes put ``act_quant`` first), each
 target ``nn.Linear`` becomes an :class:`ActQuantLinear` (permuted weight, ``act_quant``
@@ -47,10 +47,15 @@ from torch import nn
 
 from joules import formats
 from joules.compress.context import BlockInputs, CompressContext, replace_module
-from joules.compress.linear import CompressedLinear, dtype_from_name, dtype_name, register_module
-from joules.compress.plan import ColumnSplitPlan
+from joules.compress.modules.linear import (
+    CompressedLinear,
+    dtype_from_name,
+    dtype_name,
+    register_module,
+)
 from joules.compress.recipe import Step, register_step
-from joules.compress.rtn import check_format
+from joules.compress.solvers.plan import ColumnSplitPlan
+from joules.compress.steps.rtn import check_format
 from joules.errors import ConfigError
 
 OUTLIER_ACT_FORMAT = "int8"  # outlier channels' activations: int8 per token

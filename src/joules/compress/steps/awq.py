@@ -4,7 +4,7 @@ search on the quantized weights.
 
     >>> import torch
     >>> from joules import formats
-    >>> from joules.compress.awq import search_scales
+    >>> from joules.compress.steps.awq import search_scales
     >>> x = torch.randn(256, 64); x[:, :2] *= 30         # two high-norm input channels
     >>> w = torch.randn(32, 64) * 0.05
     >>> res = search_scales(x, [w], formats.get("int4-g32"), grid=10)
@@ -51,9 +51,9 @@ from torch import nn
 
 from joules import formats
 from joules.compress.context import BlockInputs, CompressContext, install_quantized
-from joules.compress.linear import CompressedLinear
+from joules.compress.modules.linear import CompressedLinear
 from joules.compress.recipe import Step, register_step, step_class
-from joules.compress.rtn import check_format
+from joules.compress.steps.rtn import check_format
 from joules.errors import ConfigError
 from joules.formats.base import Format
 

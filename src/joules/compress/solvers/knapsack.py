@@ -1,6 +1,6 @@
 """Multiple-choice knapsack: one option per layer, total bits within a budget, least error.
 
-    >>> from joules.compress.knapsack import solve, brute_force
+    >>> from joules.compress.solvers.knapsack import solve, brute_force
     >>> costs = [[3, 4, 8], [3, 4, 8], [6, 8, 16]]
     >>> errors = [[9.0, 4.0, 0.1], [1.0, 0.5, 0.0], [20.0, 5.0, 0.2]]
     >>> s = solve(costs, errors, budget=20)

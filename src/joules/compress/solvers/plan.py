@@ -2,7 +2,7 @@
 
     >>> import torch
     >>> from torch import nn
-    >>> from joules.compress.plan import ColumnSplitPlan, fit_weight
+    >>> from joules.compress.solvers.plan import ColumnSplitPlan, fit_weight
     >>> lin = nn.Linear(128, 8)
     >>> lin.weight_plan = ColumnSplitPlan(64)      # the last 64 input columns stay in int8
     >>> f = fit_weight(lin, "int4-g64", lin.weight.detach())
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from joules import formats
-from joules.compress.linear import dtype_from_name, dtype_name, register_module
+from joules.compress.modules.linear import dtype_from_name, dtype_name, register_module
 from joules.formats.base import Fitted, QuantizedTensor
 
 OUTLIER_WEIGHT_FORMAT = "int8-ch"  # Atom keeps outlier channels' weight columns in 8 bit

@@ -22,7 +22,7 @@ Both kernels want scales in the activation dtype. On an AVX2-only CPU (no AVX512
 :func:`compute_dtype`: a one-time probe of each kernel at 1536x576, one token, fp32 against bf16
 activations, best of its repeats, with the machine's load recorded (a verdict taken on a busy
 machine is probed again at the next
-:func:`joules.compress.linear.prepack`, never in the middle of a run;
+:func:`joules.compress.modules.linear.prepack`, never in the middle of a run;
 ``JOULES_KERNEL_DTYPE=fp32|bf16`` overrides it). bf16 rounds the scales (fp16 in storage) and
 the activations to 8 significant bits: compare the kernel with the emulated path run at the
 same activation dtype.
@@ -35,7 +35,7 @@ computes in bf16 everywhere.
 
     >>> import torch
     >>> from joules import formats
-    >>> from joules.compress.kernels import find_kernel
+    >>> from joules.compress.modules.kernels import find_kernel
     >>> q = formats.get("int4-g32").quantize(torch.randn(64, 128))
     >>> kernel = find_kernel(q)
     >>> kernel.name
@@ -125,7 +125,7 @@ class Kernel:
             y = y + bias.to(x.dtype)
         return y.reshape(*lead, n)
 
-    # -- a compressed linear's matmul (``layer`` is a joules.compress.linear.CompressedLinear) --
+    # -- a compressed linear's matmul (``layer``: joules.compress.modules.linear.CompressedLinear) --
     def serves(self, layer: Any, x: torch.Tensor) -> bool:
         """True when this kernel can compute ``layer(x)``: a floating-point input, and a weight
         the kernel serves on ``x``'s device."""
@@ -462,7 +462,7 @@ def pinned_choice(dtype: str = "fp32") -> tuple[str, str]:
 
 def reprobe_busy() -> None:
     """Probe again every verdict taken on a busy machine (not under :func:`pinned_activations`).
-    :func:`joules.compress.linear.prepack` calls it at load time, before any timed run, so a
+    :func:`joules.compress.modules.linear.prepack` calls it at load time, before any timed run, so a
     layer's path never changes in the middle of one."""
     if _PINNED.get() is None:
         for name, choice in list(_CHOICES.items()):

@@ -2,7 +2,7 @@
 
     >>> import torch
     >>> from joules import formats
-    >>> from joules.compress.hessian import Hessian, gptq_quantize
+    >>> from joules.compress.solvers.hessian import Hessian, gptq_quantize
     >>> x = torch.randn(512, 64); w = torch.randn(32, 64)
     >>> h = Hessian(64); h.add(x)
     >>> fitted = formats.get("int4-g32").fit(w)

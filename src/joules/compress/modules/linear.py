@@ -2,7 +2,7 @@
 
     >>> import torch
     >>> from joules import formats
-    >>> from joules.compress.linear import CompressedLinear
+    >>> from joules.compress.modules.linear import CompressedLinear
     >>> lin = torch.nn.Linear(64, 32)
     >>> q = CompressedLinear.from_linear(lin, formats.get("nf4").quantize(lin.weight.data))
     >>> y = q(torch.randn(2, 64))
@@ -13,7 +13,7 @@ The packed parts (codes, scales, minima, codebooks...) are buffers named ``qweig
 ``state_dict`` and safetensors carry them as they are: the model's bytes really shrink.
 
 ``forward`` picks its matmul from the one kernel registry
-(:data:`joules.compress.kernels.KERNELS`, keyed by format and device): the first registered
+(:data:`joules.compress.modules.kernels.KERNELS`, keyed by format and device): the first registered
 kernel that serves this layer and input runs it (``path == "kernel:<name>/<dtype>"``);
 otherwise the weight is dequantized and multiplied (``path == "emulated"``).
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from joules import dtypes, formats
-from joules.compress.kernels import KERNELS, Kernel, reprobe_busy
+from joules.compress.modules.kernels import KERNELS, Kernel, reprobe_busy
 from joules.formats.base import QuantizedTensor
 from joules.formats.packing import pack, unpack
 from joules.registry import Registry
@@ -69,7 +69,7 @@ def module_class(type_name: str) -> type[nn.Module]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels (the registry lives in joules.compress.kernels)
+# Kernels (the registry lives in joules.compress.modules.kernels)
 # ----------------------------------------------------------------------------------------------
 
 
