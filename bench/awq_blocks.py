@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from joules import formats
-from joules.compress import awq, calibration_tokens
+from joules.compress import calibration_tokens
 from joules.compress.context import BlockInputs, CompressContext
-from joules.compress.hessian import Hessian, gptq_quantize
+from joules.compress.solvers.hessian import Hessian, gptq_quantize
+from joules.compress.steps import awq
 from joules.models import load_model
 from joules.serialize import atomic_write_json
 from joules.system import backfill_machine, machine_info, system_info

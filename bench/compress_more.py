@@ -84,7 +84,7 @@ ROWS = [
 
 def _score_member(path: Path, bits: float, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from joules.compress import load_compressed
-    from joules.compress.mixed import switch_member
+    from joules.compress.steps.mixed import switch_member
     from joules.evaluate.perplexity import wikitext2_perplexity
 
     model, tok, _ = load_compressed(path)

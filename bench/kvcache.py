@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from joules.compress.kvcache import JoulesKVCache, KVSettings, kv_bytes_per_token
+from joules.compress.steps.kvcache import JoulesKVCache, KVSettings, kv_bytes_per_token
 from joules.data import load_text
 from joules.evaluate.perplexity import tokenize_stream
 from joules.fingerprint import cache_key
@@ -79,7 +79,7 @@ def recipe_of(s: KVSettings) -> str:
 
 def stream_nll(model, ids: torch.Tensor, settings: KVSettings | None) -> tuple[list[float], float]:
     """Per-position mean NLL (over streams) of predicting token t+1 from tokens <= t."""
-    from joules.compress.kvcache import _rotator
+    from joules.compress.steps.kvcache import _rotator
 
     model.set_attn_implementation(
         "joules_h2o" if settings and settings.policy == "heavy_hitters" else "sdpa"

@@ -15,7 +15,7 @@ token count (1: decode, 128: a prefill chunk) and each format with a kernel, it 
 
 Method (nanoGPT's bench.py): fixed seed, burn-in call, ``--reps`` timed calls, median reported,
 ``speedup = fp32 median / this median`` from the same run. The activation dtype each kernel
-runs in on this CPU (:func:`joules.compress.kernels.compute_dtype`'s probe) is recorded too.
+runs in on this CPU (:func:`joules.compress.modules.kernels.compute_dtype`'s probe) is recorded too.
 Threads default to 1: the machine is shared, and one thread gives stable ratios.
 """
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from joules import formats
-from joules.compress import kernels as K
+from joules.compress.modules import kernels as K
 from joules.serialize import atomic_write_json
 from joules.system import backfill_machine, machine_info, system_info
 from joules.system import cpu_flags as system_cpu_flags

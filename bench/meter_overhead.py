@@ -29,9 +29,9 @@ from rich.console import Console
 from rich.table import Table
 
 from joules.measure import Meter, detect_meter
-from joules.measure.fake import FakeBackend
 from joules.serialize import atomic_write_json
 from joules.system import results_header
+from joules.testing.measure import FakeBackend
 
 
 def window_cost_us(meter: Meter, n: int) -> list[float]:

@@ -237,8 +237,8 @@ def published_comparison() -> list[dict[str, Any]]:
 
 
 # Formats of part 1: dense fp32 (eager), and RTN int8 / int4 through torch's CPU weight-only
-# kernels with bf16 activations (the kernel path of `joules.compress.kernels`). RTN is enough:
-# speed depends on the format's layout, not on how its values were chosen.
+# kernels with bf16 activations (the kernel path of `joules.compress.modules.kernels`). RTN is
+# enough: speed depends on the format's layout, not on how its values were chosen.
 FORMATS = ("fp32", "int8-ch", "int4-g64")
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate docs/report.png: the report of STORE (default: a store of FAKE results, joules.report.fake, no model
+# Regenerate docs/report.png: the report of STORE (default: a store of FAKE results, joules.testing.report, no model
 # runs), screenshotted by headless chromium. Usage: docs/screenshot.sh [STORE]  (default: fake)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +8,7 @@ tmp=$(mktemp -d)
 store=${1:-}
 if [ -z "$store" ]; then
   store=$tmp/fake.db
-  PYTHONPATH=src "$PY" -c "from joules.report.fake import write_fake_store; write_fake_store('$store')"
+  PYTHONPATH=src "$PY" -c "from joules.testing.report import write_fake_store; write_fake_store('$store')"
 fi
 PYTHONPATH=src "$PY" -c "from joules.report import render_report; render_report('$store', '$tmp/report.html')"
 chromium --headless --no-sandbox --disable-gpu --no-first-run --disable-background-networking \

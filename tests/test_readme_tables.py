@@ -325,7 +325,7 @@ def test_kv_bytes_table_is_the_library_figure():
     """KV bytes per token of the default model's shape, per KV format (docs/compress.md)."""
     from types import SimpleNamespace
 
-    from joules.compress.kvcache import KVSettings, kv_bytes_per_token
+    from joules.compress.steps.kvcache import KVSettings, kv_bytes_per_token
 
     text = (ROOT / "docs/compress.md").read_text()
     rows = re.findall(r"^\| (fp16 \(no format\)|[\w-]+) \| ([\d,]+) \| ([\d.]+) \|$", text, re.M)

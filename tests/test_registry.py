@@ -88,8 +88,8 @@ def test_load_runs_before_lookups() -> None:
 
 def test_the_migrated_registries_share_the_message() -> None:
     from joules.bench.runtimes import get_runtime
-    from joules.compress.kernels import compute_dtype
-    from joules.compress.linear import module_class
+    from joules.compress.modules.kernels import compute_dtype
+    from joules.compress.modules.linear import module_class
     from joules.compress.recipe import step_class
     from joules.evaluate.tasks import task_class
 

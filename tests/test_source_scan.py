@@ -127,7 +127,7 @@ _IN_PLACE_OK = {
     ("src/joules/sweep/stages.py", "open"),
     ("src/joules/sweep/stages.py", "json.dump"),
     # the fake stages' call log: appended line by line (and fsynced) for the tests to read
-    ("src/joules/sweep/fake.py", "open"),
+    ("src/joules/testing/sweep.py", "open"),
 }
 
 

@@ -15,7 +15,7 @@ only if it is at least ``MARGIN`` times faster. The verdict is cached as JSON un
 the thread count, so later runs on the same machine do not probe again.
 
 A speed probe run beside other jobs can be off several times over, so every speed probe in joules
-(this one, the kernels' activation dtype in :mod:`joules.compress.kernels`, ``joules bench
+(this one, the kernels' activation dtype in :mod:`joules.compress.modules.kernels`, ``joules bench
 --probe``) keeps the *best* time over its repeats (a competing job only ever adds time) and
 records the machine's load with its verdict (:func:`machine_load`). A verdict taken while the
 machine was busy is not kept as the machine's truth: the next run probes again and keeps, per

@@ -11,7 +11,7 @@ import torch
 from joules.bench import BenchConfig, MachineLimits, run_bench
 from joules.errors import ConfigError
 from joules.measure import Meter
-from joules.measure.fake import FakeBackend
+from joules.testing.measure import FakeBackend
 
 pytest.importorskip("llama_cpp")
 

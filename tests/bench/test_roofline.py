@@ -31,7 +31,7 @@ def test_tied_head_is_streamed():
 
 def test_emulated_layers_decoded_once_stream_their_dense_copy():
     from joules.compress import compress, compressed_linears
-    from joules.compress.linear import prepack
+    from joules.compress.modules.linear import prepack
 
     model, _, info = tiny_model("llama", seed=0)
     compress(model, "rtn(format=nf4)")

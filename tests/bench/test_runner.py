@@ -8,10 +8,10 @@ import torch
 from joules.bench import BenchConfig, BenchResult, MachineLimits, run_bench
 from joules.bench import runtimes as rts
 from joules.bench.runner import bench_prompts, check_workload
-from joules.compress.linear import linear_paths
+from joules.compress.modules.linear import linear_paths
 from joules.errors import ConfigError
 from joules.measure import Meter
-from joules.measure.fake import FakeBackend, FakeClock
+from joules.testing.measure import FakeBackend, FakeClock
 
 PREFILL_S, STEP_S = 0.5, 0.1
 PREFILL_W, DECODE_W = 100.0, 40.0

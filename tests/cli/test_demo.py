@@ -1,13 +1,34 @@
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
 from joules.cli import app
-from joules.cli.demo import demo_recipes, demo_spec
+from joules.cli.demo import demo_recipes, demo_spec, demo_toml
 from joules.compress import parse_recipe
 from joules.sweep import parse_spec
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_packaged_demo_spec_is_examples_demo_toml():
+    # examples/demo.toml is the file people read and run; an installed joules has no examples/,
+    # so the package ships a copy: edit examples/demo.toml and copy it over
+    packaged = ROOT / "src" / "joules" / "data" / "demo.toml"
+    assert packaged.read_text() == (ROOT / "examples" / "demo.toml").read_text(), (
+        "copy examples/demo.toml to src/joules/data/demo.toml"
+    )
+    assert demo_toml() == packaged.read_text()
+
+
+def test_the_demo_with_its_default_flags_runs_examples_demo_toml():
+    example = parse_spec((ROOT / "examples" / "demo.toml").read_text(), "examples/demo.toml")
+    written = parse_spec(demo_spec("smollm2-135m", 2048, 16, 32), "demo_sweep.toml")
+    assert written == example and written.runs() == example.runs()
+    other = parse_spec(demo_spec("m", 300, 2, 4), check_models=False, check_recipes=False)
+    assert other.models == ("m",) and other.eval.limit_tokens == 300
+    assert other.calibration.n == 2 and [b.gen_len for b in other.bench] == [4]
 
 
 def test_demo_spec_is_a_valid_sweep_of_every_landed_family():

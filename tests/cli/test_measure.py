@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from joules.cli import app
-from joules.measure.fake import FakeClock, FakeGpu, FakeNvml
+from joules.testing.measure import FakeClock, FakeGpu, FakeNvml
 
 runner = CliRunner()
 
@@ -167,7 +167,7 @@ def test_idle_caches_and_measure_then_reports_net(tmp_path):
 def test_measurement_line_for_people():
     from joules.cli.measure import measurement_line
     from joules.measure import Meter
-    from joules.measure.fake import FakeBackend, FakeClock
+    from joules.testing.measure import FakeBackend, FakeClock
 
     clock = FakeClock()
     meter = Meter(

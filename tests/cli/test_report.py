@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from joules.cli import app
-from joules.report.fake import write_fake_store
+from joules.testing.report import write_fake_store
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import joules.compress.kernels as K
+import joules.compress.modules.kernels as K
 from joules.compress import compress, linear_paths
 from joules.data import load_choice, load_text
 from joules.evaluate.choice import choice_accuracy

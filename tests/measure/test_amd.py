@@ -7,7 +7,7 @@ import pytest
 from joules.errors import MeterError
 from joules.measure import Meter
 from joules.measure.amd import AmdSmiBackend, load_amdsmi
-from joules.measure.fake import FakeAmdSmi, FakeClock, FakeGpu
+from joules.testing.measure import FakeAmdSmi, FakeClock, FakeGpu
 
 
 def test_counter_and_sampled_domains():

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from joules.errors import MeterError
 from joules.measure import Measurement, Meter
 from joules.measure.base import Backend, DomainEnergy, DomainInfo, Reading
-from joules.measure.fake import FakeBackend, FakeClock
+from joules.testing.measure import FakeBackend, FakeClock
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 from joules.measure import Meter
 from joules.measure.base import Backend, DomainInfo, Reading
-from joules.measure.fake import FakeBackend, FakeClock
+from joules.testing.measure import FakeBackend, FakeClock
 
 
 class PausingLock:

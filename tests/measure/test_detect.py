@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from joules.cli import app
 from joules.measure import detect_meter, meter_domains
-from joules.measure.fake import FakeClock, FakeGpu, FakeNvml
+from joules.testing.measure import FakeClock, FakeGpu, FakeNvml
 
 
 def test_without_counters_the_estimator_runs_and_the_notes_say_why(tmp_path, monkeypatch):

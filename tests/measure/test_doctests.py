@@ -10,7 +10,6 @@ import pytest
 MODULES = [
     "__init__",
     "base",
-    "fake",
     "carbon",
     "stats",
     "estimate",

@@ -7,8 +7,8 @@ import pytest
 from joules.errors import ConfigError, MeterError
 from joules.measure import Meter
 from joules.measure.estimate import EstimateBackend
-from joules.measure.fake import FakeBackend, FakeClock
 from joules.measure.idle import idle_cache_path, load_idle, measure_idle, save_idle
+from joules.testing.measure import FakeBackend, FakeClock
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import pytest
 from joules.errors import MeterError
 from joules.measure import Meter
 from joules.measure.detect import detect_meter
-from joules.measure.fake import FakeClock, FakeGpu, FakeNvml
 from joules.measure.nvml import NvmlBackend
+from joules.testing.measure import FakeClock, FakeGpu, FakeNvml
 
 
 def rig(*gpus, period=0.1):

@@ -6,9 +6,9 @@ import pytest
 
 from joules.errors import ConfigError, MeterError
 from joules.measure import Meter
-from joules.measure.fake import FakeBackend, FakeClock, FakeGpu, FakeNvml
 from joules.measure.nvml import NvmlBackend
 from joules.measure.power import gpu_power_limit, power_limit_sweep
+from joules.testing.measure import FakeBackend, FakeClock, FakeGpu, FakeNvml
 
 
 def rig(root=True):

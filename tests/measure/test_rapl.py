@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from joules.errors import MeterError
 from joules.measure import Meter
 from joules.measure.detect import detect_meter
-from joules.measure.fake import FakeClock
 from joules.measure.rapl import RaplBackend, powercap_root
+from joules.testing.measure import FakeClock
 
 RANGE_UJ = 262_143_328_850  # a real max_energy_range_uj (about 262 kJ)
 

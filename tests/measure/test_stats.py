@@ -9,8 +9,8 @@ import pytest
 
 from joules.errors import ConfigError
 from joules.measure import Meter, measure_repeated, summarize
-from joules.measure.fake import FakeBackend, FakeClock
 from joules.measure.stats import t_quantile_975
+from joules.testing.measure import FakeBackend, FakeClock
 
 
 def test_t_quantiles_match_tables():

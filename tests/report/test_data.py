@@ -11,8 +11,8 @@ import pytest
 from joules.errors import ConfigError
 from joules.report import export, load_report_data
 from joules.report.data import METRIC_COLUMNS, recipe_methods
-from joules.report.fake import write_fake_store
 from joules.sweep.store import Store
+from joules.testing.report import write_fake_store
 
 
 @pytest.fixture

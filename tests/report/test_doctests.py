@@ -8,8 +8,9 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["joules.report", "joules.report.data", "joules.report.html",
-                                  "joules.report.fake", "joules.cli.report"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name", ["joules.report", "joules.report.data", "joules.report.html", "joules.cli.report"]
+)
 def test_docstring_examples(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from joules.report import render_report
-from joules.report.fake import write_fake_store
 from joules.report.html import STYLES, style_kind
 from joules.sweep.store import Store
+from joules.testing.report import write_fake_store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # CI (.ci/run) installs chromium and sets this, so the browser test fails there instead of skipping.
@@ -138,8 +138,8 @@ def test_hover_names_recipe_and_methods(tmp_path: Path) -> None:
 def test_a_store_written_by_the_sweep_runner_renders(tmp_path: Path) -> None:
     """The sweep's own runner (fake stages on a tiny model) writes the store, not our fixture."""
     from joules.sweep import run_sweep
-    from joules.sweep.fake import FakeStages, fake_recipe
     from joules.sweep.spec import parse_spec
+    from joules.testing.sweep import FakeStages, fake_recipe
 
     spec = parse_spec(
         SWEEP_SPEC, check_models=False, recipe_parser=fake_recipe,
@@ -238,8 +238,8 @@ def test_per_format_table_says_which_path_the_bench_ran(tmp_path: Path) -> None:
     """The kernels column comes from the paths the timed forwards took, not from the format
     lab's per-layer ``emulated`` flag (true of every format)."""
     from joules.report.data import load_report_data
-    from joules.report.fake import FAKE_RECIPES
     from joules.report.html import _layer_figures, _layer_path
+    from joules.testing.report import FAKE_RECIPES
 
     write_fake_store(tmp_path / "f.db", failed=False)
     _, table = _layer_figures(load_report_data(tmp_path / "f.db"))
@@ -321,8 +321,8 @@ def test_the_heatmap_of_a_real_sweep_is_in_model_order(tmp_path: Path) -> None:
     from joules.report.data import load_report_data
     from joules.report.html import _layer_figures
     from joules.sweep import run_sweep
-    from joules.sweep.fake import FakeStages, fake_recipe
     from joules.sweep.spec import parse_spec
+    from joules.testing.sweep import FakeStages, fake_recipe
 
     spec = parse_spec(SWEEP_SPEC.split("[bench]")[0], check_models=False,
                       recipe_parser=fake_recipe)  # fmt: skip

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from joules.sweep.fake import fake_recipe
 from joules.sweep.spec import parse_spec
+from joules.testing.sweep import fake_recipe
 
 HARDWARE = ("this-machine", "h100")
 

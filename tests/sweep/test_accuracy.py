@@ -13,9 +13,9 @@ from joules.sweep.analyze import (
     parse_points,
     recommend,
 )
-from joules.sweep.fake import FakeStages
 from joules.sweep.results import paired_accuracy_drop
 from joules.sweep.store import Metric, RunRow
+from joules.testing.sweep import FakeStages
 
 SPEC = """\
 models = ["tiny"]

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["__init__", "spec", "store", "results", "analyze", "stages", "fake", "runner"]
+MODULES = ["__init__", "spec", "store", "results", "analyze", "stages", "runner"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from joules.sweep import Store, run_sweep
-from joules.sweep.fake import FakeStages
+from joules.testing.sweep import FakeStages
 
 VERSIONS = {"joules": "test", "torch": "test"}
 

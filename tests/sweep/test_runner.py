@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from joules.sweep import Store, run_sweep
-from joules.sweep.fake import FakeStages
+from joules.testing.sweep import FakeStages
 
 VERSIONS = {"joules": "test", "torch": "test"}
 
@@ -131,7 +131,7 @@ def test_one_sweep_writes_a_store_at_a_time(tmp_path, spec):
 _DRIVER = """
 import sys
 from joules.sweep import run_sweep
-from joules.sweep.fake import FakeStages, fake_recipe
+from joules.testing.sweep import FakeStages, fake_recipe
 from joules.sweep.spec import parse_spec
 spec = parse_spec(open(sys.argv[1]).read(), check_models=False, recipe_parser=fake_recipe,
                   hardware=["this-machine", "h100"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from joules.compress.linear import CompressedLinear
+from joules.compress.modules.linear import CompressedLinear
 from joules.evaluate import tasks
 from joules.sweep import stages
 from joules.sweep.spec import BenchSpec, EvalSpec, known_tasks, parse_spec

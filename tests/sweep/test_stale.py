@@ -6,12 +6,12 @@ import dataclasses
 from typing import Literal
 
 from joules.compress import recipe as recipe_mod
-from joules.compress.mixed import Mixed
 from joules.compress.recipe import expand_recipe, parse_recipe
+from joules.compress.steps.mixed import Mixed
 from joules.sweep import Store, run_sweep
-from joules.sweep.fake import FakeStages
 from joules.sweep.runner import key_env, stale_reasons
 from joules.sweep.spec import parse_spec
+from joules.testing.sweep import FakeStages
 
 V1 = {"joules_code": "aaaa", "torch": "2.13.0"}
 COMPUTE = {"device": "cpu", "arch": "x86_64", "cpu_flags": ["avx2"], "env": {}}

@@ -89,6 +89,7 @@ def gguf_cost(path: str | os.PathLike[str], info: Any) -> ModelCost:
 class LlamaCppRuntime(Runtime):
     """llama.cpp (llama-cpp-python) decoding a GGUF file greedily, batch 1."""
 
+    takes_torch_model = False  # it runs the .gguf file, not a torch module (no sweep bench)
     compute_dtype = "fp32"  # the prefill limit: ggml's quantized dots run in SIMD int8/fp32
 
     @classmethod

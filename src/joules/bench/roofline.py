@@ -17,7 +17,8 @@
 
 For compressed weights ``streamed_bytes`` is their stored size: a kernel that reads packed int4
 weights needs to move only those bytes. An emulated layer that the bench decoded once (see
-``compress.linear.prepack(decode_emulated=True)``) streams its dense copy instead, and counts it.
+``compress.modules.linear.prepack(decode_emulated=True)``) streams its dense copy instead, and
+counts it.
 """
 
 from __future__ import annotations

@@ -39,13 +39,13 @@ import os
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from joules import dtypes
 from joules.bench.roofline import model_cost
-from joules.compress.linear import linear_paths, prepack
+from joules.compress.modules.linear import linear_paths, prepack
 from joules.errors import ConfigError
 from joules.models import load_model
 from joules.models.hf_cache import cache_kwarg, output_cache
@@ -112,9 +112,15 @@ def _device(model: Any) -> torch.device:
 
 
 class Runtime(ABC):
-    """Greedy generation of a fixed shape, split into prefill and decode steps."""
+    """Greedy generation of a fixed shape, split into prefill and decode steps.
+
+    ``takes_torch_model``: the runtime runs the torch module :func:`load_model` returns (a
+    sweep benches the model it compressed, so its ``[bench] runtime`` may name only these); a
+    runtime that loads its own file (llamacpp: a ``.gguf``) sets it False.
+    """
 
     name: str = "runtime"
+    takes_torch_model: ClassVar[bool] = True
 
     def __init__(self, model: Any, *, batch: int, max_len: int) -> None:
         self.model = model

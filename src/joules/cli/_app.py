@@ -73,6 +73,16 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
         render(result)
 
 
+def doc_line(cls: type) -> str:
+    """The first paragraph of a registered class's own docstring, on one line and without
+    reST's double backquotes ('' when it has none), for the ``--list-*`` flags that show what
+    each registered name does."""
+    doc = (cls.__dict__.get("__doc__") or "").strip()
+    if not doc or doc.startswith(f"{cls.__name__}("):  # the signature @dataclass writes
+        return ""
+    return " ".join(doc.split("\n\n", 1)[0].split()).replace("``", "")
+
+
 def parse_ints(text: str, what: str) -> list[int]:
     """Comma-separated positive integers (``--prompt-len 128,512``), or a one-line error."""
     try:

@@ -5,6 +5,7 @@
     $ joules bench smollm2-135m --runtime compiled --threads 2 --json
     $ joules bench out.gguf --runtime llamacpp   # llama.cpp on the file (the [llamacpp] extra)
     $ joules bench --probe                  # this machine's bandwidth and peak FLOP/s (cached)
+    $ joules bench --list-runtimes          # every registered runtime
 
 Each row: TTFT and TPOT (median and 95 % interval), tokens/s of each phase with its fraction of
 the speed of light, peak RSS, KV-cache bytes, and each phase's J/token, power and method.
@@ -18,7 +19,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from joules.cli._app import JSON_OPTION, app, console, emit, parse_ints, progress_bar
+from joules.cli._app import JSON_OPTION, app, console, doc_line, emit, parse_ints, progress_bar
 from joules.errors import ConfigError
 
 
@@ -114,6 +115,25 @@ def render_bench(res: Any) -> None:
         console.print(f"note: {escape(note)}", highlight=False)
 
 
+def _list_runtimes(value: bool) -> None:
+    """``--list-runtimes``: every registered runtime, read from the registry when asked
+    (importing the runtimes imports torch, which ``joules --help`` must not)."""
+    if not value:
+        return
+    from joules.bench import get_runtime, runtime_names
+
+    t = Table(title="runtimes (joules bench --runtime NAME)", title_justify="left")
+    t.add_column("runtime", no_wrap=True)
+    t.add_column("runs", no_wrap=True)
+    t.add_column("what it is")
+    for name in runtime_names():
+        cls = get_runtime(name)
+        runs = "a torch model" if cls.takes_torch_model else "its own file (not in a sweep)"
+        t.add_row(name, runs, escape(doc_line(cls)))
+    console.print(t)
+    raise typer.Exit()
+
+
 @app.command("bench")
 def bench_cmd(
     model: str = typer.Argument("smollm2-135m", help="Model spec (preset, HF dir, .gguf, DIR)."),
@@ -123,7 +143,7 @@ def bench_cmd(
     repeats: int = typer.Option(5, "--repeats", help="Measured runs per row."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs per row first."),
     runtime: str = typer.Option(
-        "eager", "--runtime", help="eager, compiled or llamacpp (a .gguf file)."
+        "eager", "--runtime", help="A registered runtime (--list-runtimes lists them all)."
     ),
     threads: int = typer.Option(None, "--threads", help="Torch threads (default: unchanged)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as loaded), fp32 or bf16."),
@@ -131,6 +151,13 @@ def bench_cmd(
     no_energy: bool = typer.Option(False, "--no-energy", help="Run without the meter."),
     probe: bool = typer.Option(False, "--probe", help="Measure this machine's limits and exit."),
     as_json: bool = JSON_OPTION,
+    list_runtimes: bool = typer.Option(
+        False,
+        "--list-runtimes",
+        callback=_list_runtimes,
+        is_eager=True,
+        help="List the registered runtimes and exit.",
+    ),
 ) -> None:
     """Latency, throughput, memory and joules per token, prefill and decode apart."""
     from joules.bench import BenchConfig, check_workload, probe_machine, run_bench

@@ -4,6 +4,7 @@
     $ joules compress smollm2-135m --recipe "rtn(format=int8-ch)" -o int8/ --json
     $ joules compress smollm2-135m --recipe recipe.toml -o out/ --calib-n 64 --calib-len 256
     $ joules eval out/ --task wikitext2
+    $ joules compress --list-steps      # every registered step and its keyword arguments
 
 Calibration (for steps that need it): ``--calib-n`` random windows of ``--calib-len`` tokens of
 WikiText-2 **valid**, seeded by ``--seed`` (never the test split).
@@ -19,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from joules.cli._app import JSON_OPTION, app, console, emit, err_console
+from joules.cli._app import JSON_OPTION, app, console, doc_line, emit, err_console
 
 
 def _render(result: dict[str, Any]) -> None:
@@ -65,6 +66,29 @@ def _render(result: dict[str, Any]) -> None:
         console.print(f"note: {escape(note)}")
 
 
+def _list_steps(value: bool) -> None:
+    """``--list-steps``: every registered compression step with its recipe arguments, read
+    from the registry when asked (importing the steps imports torch, which ``joules --help``
+    must not)."""
+    if not value:
+        return
+    import dataclasses
+
+    from joules.compress import step_names
+    from joules.compress.recipe import step_class
+
+    t = Table(title='steps (joules compress -r "NAME(key=value, ...)")', title_justify="left")
+    t.add_column("step", no_wrap=True)
+    t.add_column("arguments")
+    t.add_column("what it does")
+    for name in step_names():
+        cls = step_class(name)
+        args = ", ".join(f.name for f in dataclasses.fields(cls))
+        t.add_row(name, escape(args), escape(doc_line(cls)))
+    console.print(t)
+    raise typer.Exit()
+
+
 @app.command("compress")
 def compress_cmd(
     model: str = typer.Argument(..., help="Model spec: smollm2-135m, an HF directory or .gguf."),
@@ -72,13 +96,21 @@ def compress_cmd(
         ...,
         "--recipe",
         "-r",
-        help='Steps joined by "|", e.g. "gptq(format=int4-g64)", or a TOML file.',
+        help='Registered steps joined by "|", e.g. "gptq(format=int4-g64)" (--list-steps '
+        "lists them), or a TOML file.",
     ),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write."),
     calib_n: int = typer.Option(128, "--calib-n", help="Calibration sequences."),
     calib_len: int = typer.Option(256, "--calib-len", help="Tokens per calibration sequence."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration sample."),
     as_json: bool = JSON_OPTION,
+    list_steps: bool = typer.Option(
+        False,
+        "--list-steps",
+        callback=_list_steps,
+        is_eager=True,
+        help="List the registered compression steps and exit.",
+    ),
 ) -> None:
     """Compress MODEL with a recipe and save it (safetensors + joules.json manifest)."""
     from joules.compress import calibration_tokens, compress, parse_recipe

@@ -3,8 +3,9 @@
 A quick look first: the model's ModelInfo, a greedy generation inside an energy window
 (tokens/s, J/token, method, uncertainty) with its prediction for this machine and an H100, and
 every linear weight through a few number formats (bits/element, SQNR; ``uint4-asym-g32`` must
-reproduce the Q4_1 weights of the default model). Then a sweep (``joules sweep``) of every
-compression family that has landed, on small slices that the output states: each recipe is
+reproduce the Q4_1 weights of the default model). Then the sweep of ``examples/demo.toml``
+(``joules sweep``; the package ships a copy), every compression family on small slices that the
+output states, with the model, slice sizes and generated tokens set by the flags: each recipe is
 compressed, scored on WikiText-2 test with a paired interval against the baseline, benched
 (prefill/decode, J/token) and predicted for this machine and H100; results go to a resumable
 SQLite store, so a second run re-does nothing. Last, the HTML report and the recommendation.
@@ -14,7 +15,9 @@ Every number printed here was computed in this run or read back from the store i
 from __future__ import annotations
 
 import json as _json  # the command's --json flag is named `json`
+import tomllib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -265,50 +268,53 @@ def _plain(obj: Any) -> Any:
     return _json.loads(_json.dumps(to_jsonable(obj, finite=False)))
 
 
-def demo_recipes() -> list[str]:
-    """The recipes the demo sweeps: every step family that has landed, on small settings."""
-    from joules.compress import step_names
+def demo_toml() -> str:
+    """The demo's sweep spec as shipped: ``examples/demo.toml``, read from the copy inside the
+    package (an installed joules has no ``examples/``; a test keeps the two identical)."""
+    return resources.files("joules.data").joinpath("demo.toml").read_text(encoding="utf-8")
 
-    steps = set(step_names())
-    recipes = ["baseline", "rtn(format=int8-ch)", "rtn(format=int4-g64)", "gptq(format=int4-g64)"]
-    if "awq" in steps:
-        recipes.append("awq(format=int4-g64) | gptq(format=int4-g64)")
-    # llama.cpp's Q4_0 blocks as `llama-quantize` makes them (round to nearest): exportable to
-    # GGUF (`joules export`); GPTQ into the same blocks is in bench/deploy.py (it costs a minute)
-    recipes += ["rtn(format=mxfp4)", "rtn(format=nxfp4)", "rtn(format=gguf-q4_0)"]
-    recipes.append("prune(method=wanda, pattern=2:4) | gptq(format=int4-g64)")
-    if "mixed" in steps:
-        # int4 at g128/g64/g32, int5, int6, int8 per layer at uniform int4-g64's 4.25 bits
-        recipes.append("mixed(avg_bits=4.25)")
-    return recipes
+
+def demo_recipes() -> list[str]:
+    """The recipes the demo sweeps: ``recipes`` of ``examples/demo.toml``."""
+    return list(tomllib.loads(demo_toml())["recipes"])
 
 
 def demo_spec(model: str, ppl_tokens: int, calib_n: int, gen_len: int) -> str:
-    """The demo's sweep spec (TOML), written beside its store so it can be re-run by hand."""
-    recipes = ",\n  ".join(f'"{r}"' for r in demo_recipes())
-    return f"""# joules demo: the whole pipeline on small slices (say so: not the full benchmarks)
-models = ["{model}"]
-recipes = [
-  {recipes},
-]
+    """The demo's sweep spec with this run's settings (TOML), written beside its store so it
+    can be re-run by hand: ``examples/demo.toml`` with the flags' model, WikiText-2 tokens,
+    calibration sequences and generated tokens."""
+    spec = tomllib.loads(demo_toml())
+    spec["models"] = [model]
+    spec["recipes"] = demo_recipes()
+    spec["eval"]["limit_tokens"] = ppl_tokens
+    spec["calibration"]["n"] = calib_n
+    spec["bench"]["gen_len"] = gen_len
+    head = "# joules demo: examples/demo.toml with this run's settings (small slices: a tour)\n"
+    return head + _toml(spec)
 
-[eval]
-tasks = ["wikitext2"]
-limit_tokens = {ppl_tokens}
-window = 512
 
-[calibration]
-n = {calib_n}
-length = 256
+def _toml(spec: dict[str, Any]) -> str:
+    """A sweep spec (top-level keys, then one level of tables) as TOML text."""
 
-[bench]
-prompt_len = [64]
-gen_len = {gen_len}
-repeats = 3
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return _json.dumps(v)  # a JSON string is a valid TOML basic string
+        if isinstance(v, list):
+            one_line = "[" + ", ".join(value(x) for x in v) + "]"
+            if len(one_line) <= 80:
+                return one_line
+            return "[\n" + "".join(f"  {value(x)},\n" for x in v) + "]"
+        raise TypeError(f"no TOML form for {v!r} in the demo spec")
 
-[predict]
-hardware = ["this-machine", "h100"]
-"""
+    lines = [f"{k} = {value(v)}" for k, v in spec.items() if not isinstance(v, dict)]
+    for table, body in spec.items():
+        if isinstance(body, dict):
+            lines += ["", f"[{table}]", *(f"{k} = {value(v)}" for k, v in body.items())]
+    return "\n".join(lines) + "\n"
 
 
 @app.command()

@@ -6,6 +6,7 @@
     $ joules eval mine.gguf --task deviation --reference smollm2-135m
     $ joules eval smollm2-135m --task deviation --weights-format mxfp4 --limit-tokens 8192
     $ joules eval --task attention-deviation --seq-lens 128,1024 --dtypes bf16
+    $ joules eval --list-tasks      # every registered task (a new one is one class: see extending)
 
 ``--data`` replaces the shipped set (a UTF-8 text file for wikitext2/deviation, a JSONL file of
 ``{"context", "endings", "label"}`` for hellaswag). Every result prints its protocol.
@@ -26,149 +27,50 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from joules.cli._app import JSON_OPTION, app, console, emit, err_console, parse_ints, progress_bar
+from joules.cli._app import (
+    JSON_OPTION,
+    app,
+    console,
+    doc_line,
+    emit,
+    err_console,
+    parse_ints,
+    progress_bar,
+)
 from joules.errors import ConfigError
 
-# Listed here for --help only (importing joules.evaluate would import torch for every command);
-# the registry in joules.evaluate.tasks is what runs them, and a test keeps the two equal.
-TASKS = ("wikitext2", "hellaswag", "deviation", "attention-deviation")
 
+def _list_tasks(value: bool) -> None:
+    """``--list-tasks``: every registered task, read from the registry when asked (importing
+    the tasks imports torch, which ``joules --help`` must not)."""
+    if not value:
+        return
+    from joules.evaluate import tasks as eval_tasks
 
-def _render_perplexity(r: Any) -> None:
-    p = r.protocol
-    t = Table(title=escape(f"perplexity of {p.model} on {p.dataset}"), title_justify="left")
-    for col in ("perplexity", "95 % interval", "mean NLL", "bits/byte", "tokens", "tokens/s"):
-        t.add_column(col, justify="right")
-    lo, hi = r.perplexity_ci95
-    t.add_row(
-        f"{r.perplexity:.4f}",
-        f"{lo:.3f} - {hi:.3f}",
-        f"{r.nll_mean:.5f}",
-        f"{r.bits_per_byte:.4f}",
-        f"{r.tokens_scored:,}",
-        f"{r.tokens_per_s:.0f}",
-    )
-    console.print(t)
-    console.print(
-        f"[dim]protocol: {p.dataset}/{p.split or '-'} · window {p.window} · stride {p.stride} · "
-        f"BOS {'yes' if p.add_bos else 'no'} · limit {p.limit_tokens or 'none'} · "
-        f"{p.stream_tokens:,} stream tokens in {r.windows} windows · {p.dtype} · "
-        f"batch {p.batch_size} · tokenizer {p.tokenizer}[/]"
-    )
-    _print_compute(p)
-
-
-def _print_compute(p: Any) -> None:
-    if p.compute_path:
-        console.print(
-            f"[dim]compute: {escape(p.compute_path)} · activations {escape(p.activation_dtype)}"
-            f" · dtype {escape(p.dtype_choice or p.dtype)}[/]"
-        )
-
-
-def _render_choice(r: Any) -> None:
-    p = r.protocol
-    t = Table(title=escape(f"{p.dataset}: {p.model}"), title_justify="left")
-    for col in ("metric", "value", "95 % Wilson interval"):
-        t.add_column(col, justify="right")
-    for name, value, (lo, hi) in (
-        ("acc", r.acc, r.acc_ci95),
-        ("acc_norm (per character)", r.acc_norm, r.acc_norm_ci95),
-        ("acc_bytes (per UTF-8 byte)", r.acc_bytes, r.acc_bytes_ci95),
-    ):
-        t.add_row(name, f"{100 * value:.2f} %", f"{100 * lo:.2f} - {100 * hi:.2f} %")
-    console.print(t)
-    limit = f"{r.n} of {p.items_total} (seed {p.seed})" if p.limit else f"all {r.n}"
-    console.print(
-        f"[dim]protocol: items {limit} · BOS {'yes' if p.add_bos else 'no'} · {p.dtype} · "
-        f"KV reuse {'yes' if p.kv_reuse else 'no'} · {r.items_per_s:.2f} items/s[/]"
-    )
-    console.print(f"[dim]text: {escape(p.text)}[/]")
-    _print_compute(p)
-
-
-def _render_deviation(r: Any) -> None:
-    p = r.protocol
-    t = Table(title=escape(f"deviation of {p.model} from {p.reference}"), title_justify="left")
-    t.add_column("statistic")
-    t.add_column("value", justify="right")
-    t.add_row("KL mean (nats)", f"{r.kl_mean:.6f} ± {1.96 * r.kl_stderr:.6f}")
-    t.add_row("KL median", f"{r.kl_median:.6f}")
-    t.add_row("KL p99", f"{r.kl_p99:.6f}")
-    t.add_row("KL max", f"{r.kl_max:.6f}")
-    t.add_row("top-1 agreement", f"{100 * r.top1_agreement:.2f} %")
-    t.add_row(
-        "perplexity model / reference", f"{r.perplexity_model:.4f} / {r.perplexity_reference:.4f}"
-    )
-    t.add_row("perplexity ratio", f"{r.perplexity_ratio:.5f}")
-    t.add_row("tokens", f"{r.tokens_scored:,}")
-    console.print(t)
-    worst = [s for s in r.worst_layers(8) if s.sqnr_db != float("inf")]
-    if worst:
-        lt = Table(title="lowest output SQNR (layers that hurt)", title_justify="left")
-        lt.add_column("module")
-        lt.add_column("SQNR dB", justify="right")
-        for s in worst:
-            lt.add_row(s.name, f"{s.sqnr_db:.2f}")
-        console.print(lt)
-    console.print(
-        f"[dim]protocol: {p.dataset} · window {p.window} · limit {p.limit_tokens or 'none'} · "
-        f"transform {p.transform or 'none'} · {p.kl}[/]"
-    )
-    _print_compute(p)
-
-
-def _render_attention(r: Any) -> None:
-    t = Table(title="attention deviation from fp64 standard attention", title_justify="left")
-    for col in ("impl", "dtype", "seq", "block", "max |dev|", "mean |dev|"):
-        t.add_column(col, justify="right")
-    for row in r.rows:
+    t = Table(title="tasks (joules eval --task NAME)", title_justify="left")
+    t.add_column("task", no_wrap=True)
+    for col in ("needs a model", "progress", "what it measures"):
+        t.add_column(col)
+    for name in eval_tasks.names():
+        cls = eval_tasks.task_class(name)
         t.add_row(
-            row.impl,
-            row.dtype,
-            str(row.seq_len),
-            str(row.block_size or "-"),
-            f"{row.max_abs_dev:.3e}",
-            f"{row.mean_abs_dev:.3e}",
+            name, "yes" if cls.needs_model else "no", cls.progress_unit, escape(doc_line(cls))
         )
     console.print(t)
-    ratios = r.ratios("bf16")
-    if ratios:
-        low = {x["seq_len"]: x for x in r.ratios("bf16", impl="flash-style-lowacc")}
-        rt = Table(title="bf16: deviation / standard's deviation", title_justify="left")
-        for col in ("seq", "block", "flash-style max", "mean", "lowacc max", "mean"):
-            rt.add_column(col, justify="right")
-        for x in ratios:
-            lo = low.get(x["seq_len"], {})
-            rt.add_row(
-                str(x["seq_len"]),
-                str(x["block_size"]),
-                f"{x['max_ratio']:.2f}",
-                f"{x['mean_ratio']:.2f}",
-                f"{lo.get('max_ratio', float('nan')):.2f}",
-                f"{lo.get('mean_ratio', float('nan')):.2f}",
-            )
-        console.print(rt)
-    p = r.protocol
-    console.print(
-        f"[dim]protocol: {p.inputs}; batch {p.batch} × {p.heads} heads × dim {p.head_dim}, "
-        f"causal, seed {p.seed}; not available here: {', '.join(p.unavailable) or 'none'}[/]"
-    )
+    raise typer.Exit()
 
 
-_RENDER = {
-    "wikitext2": _render_perplexity,
-    "hellaswag": _render_choice,
-    "deviation": _render_deviation,
-    "attention-deviation": _render_attention,
-}
-_PROGRESS = {"hellaswag": "items", "attention-deviation": "attention grid"}
+def _printer(cls: Any) -> Any:
+    """Print a result of task class ``cls`` through its ``render``."""
+    return lambda result: console.print(cls.render(result))
 
 
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument("smollm2-135m", help="Model spec (preset, HF dir or .gguf)."),
-    task: str = typer.Option(..., "--task", help="One of: " + ", ".join(TASKS) + "."),
+    task: str = typer.Option(
+        ..., "--task", help="A registered task, e.g. wikitext2 (--list-tasks lists them all)."
+    ),
     reference: str = typer.Option(
         None, "--reference", help="deviation: the reference model (default: MODEL itself)."
     ),
@@ -210,6 +112,13 @@ def eval_cmd(
         "torch", help="wikitext2: torch, or llamacpp (a .gguf file; the [llamacpp] extra)."
     ),
     json: bool = JSON_OPTION,
+    list_tasks: bool = typer.Option(
+        False,
+        "--list-tasks",
+        callback=_list_tasks,
+        is_eager=True,
+        help="List the registered tasks and exit.",
+    ),
 ) -> None:
     """Evaluate MODEL: perplexity, HellaSwag accuracy, deviation or attention stability."""
     if runtime != "torch":
@@ -259,17 +168,22 @@ def eval_cmd(
             err_console.print(f"[dim]dtype {choice.name} ({escape(choice.reason)})[/]")
         with console.status(f"loading {model}"):
             m, tok, info = load_model(model, dtype=choice.dtype)
-    with progress_bar(_PROGRESS.get(task, "tokens"), json) as prog:
+    with progress_bar(cls.progress_unit, json) as prog:
         r = config.run(m, tok, info, progress=prog)
     if choice is not None:
         r = _with_dtype_choice(r, choice, default=dtype is None)
-    emit(r, json, _RENDER[task])
+    emit(r, json, _printer(cls))
     if m is not None:
         _print_paths(m, json)
 
 
 def _with_dtype_choice(r: Any, choice: Any, default: bool) -> Any:
-    """``r`` with its protocol saying how the model's dtype was chosen."""
+    """``r`` with its protocol saying how the model's dtype was chosen (a task whose result
+    has no ``protocol.dtype_choice`` is returned as it is)."""
+    p = getattr(r, "protocol", None)
+    fields = {f.name for f in dataclasses.fields(p)} if dataclasses.is_dataclass(p) else set()
+    if "dtype_choice" not in fields or not dataclasses.is_dataclass(r):
+        return r
     if choice.requested == "auto":
         how = choice.reason
     else:
@@ -304,6 +218,7 @@ def _eval_llamacpp(
     """Perplexity of a GGUF file under llama.cpp, on the torch path's windows and protocol."""
     from joules.data import load_text
     from joules.deploy.llamacpp import llamacpp_perplexity
+    from joules.evaluate.tasks import Wikitext2
     from joules.models import load_model
     from joules.models.loading import resolve
 
@@ -332,4 +247,4 @@ def _eval_llamacpp(
         split=None if data else split,
         threads=threads,
     )
-    emit(r, json, _render_perplexity)
+    emit(r, json, _printer(Wikitext2))

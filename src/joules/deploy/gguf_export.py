@@ -36,7 +36,7 @@ from torch import nn
 
 from joules import formats
 from joules.compress import read_manifest
-from joules.compress.linear import CompressedLinear
+from joules.compress.modules.linear import CompressedLinear
 from joules.errors import ConfigError, UnsupportedModelError
 from joules.formats.gguf import PRESETS, get_gguf, mxfp4_to_gguf_blocks
 from joules.models import load_model

@@ -27,7 +27,6 @@ result records what ran (:func:`activations_of`, :func:`compute_path`).
 from __future__ import annotations
 
 import os
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -36,16 +35,12 @@ from typing import Any
 import torch
 
 from joules import dtypes
+from joules.compress.modules.kernels import pinned_activations
+from joules.compress.modules.linear import CompressedLinear
 from joules.models.hf_cache import output_cache
 
 _CHUNK_ROWS = 512  # positions projected to the vocabulary at once: 512 x 49,152 fp32 = 100 MB
 EVAL_ACTIVATIONS = "fp32"  # compressed linears' activation dtype in every evaluation
-
-
-def _kernels() -> Any:
-    """``joules.compress.kernels`` if imported, else None: a compressed linear can only take a
-    kernel path once that module has registered its kernels, so without it nothing to pin."""
-    return sys.modules.get("joules.compress.kernels")
 
 
 @contextmanager
@@ -55,10 +50,7 @@ def _decoded(model: Any) -> Iterator[None]:
     (the kernels compute the same product in another order); the weight-only kernels are built
     for decode-sized inputs and, in fp32, ran a 512-token evaluation window up to ~60x slower
     than the dense matmul on a Xeon with AMX. One layer's dense weight exists at a time."""
-    linear = sys.modules.get("joules.compress.linear")
-    layers = (
-        [m for m in model.modules() if isinstance(m, linear.CompressedLinear)] if linear else []
-    )
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
     saved = [m.use_kernels for m in layers]
     for m in layers:
         m.use_kernels = False
@@ -75,9 +67,7 @@ def evaluation_path(model: Any = None) -> AbstractContextManager[Any]:
     activations in ``EVAL_ACTIVATIONS``; never what a speed probe chose. An explicit
     ``JOULES_KERNEL_DTYPE`` is honoured only by kernels, so it changes nothing here."""
     stack = ExitStack()
-    kernels = _kernels()
-    if kernels is not None:
-        stack.enter_context(kernels.pinned_activations(EVAL_ACTIVATIONS))
+    stack.enter_context(pinned_activations(EVAL_ACTIVATIONS))
     if model is not None:
         stack.enter_context(_decoded(model))
     return stack
@@ -94,11 +84,9 @@ def activations_of(model: Any) -> str:
 def compute_path(model: Any) -> str:
     """How ``model``'s linears ran in their last forward, e.g. ``"dense/fp32 x1,
     kernel:cpu-int4/fp32 x14"`` (compressed linears report their own path)."""
-    linear = sys.modules.get("joules.compress.linear")
-    compressed = linear.CompressedLinear if linear is not None else ()
     counts: Counter[str] = Counter()
     for m in model.modules():
-        if compressed and isinstance(m, compressed):
+        if isinstance(m, CompressedLinear):
             counts[m.path] += 1
         elif isinstance(m, torch.nn.Linear):
             counts[f"dense/{dtypes.short_name(m.weight.dtype)}"] += 1

@@ -14,7 +14,10 @@
 its typed result (``PerplexityResult``, ``ChoiceResult``, ``DeviationResult``,
 ``AttentionDeviationResult``), each with ``to_dict()``. ``get(name, **options)`` returns the
 config alone; ``config.run(model, tokenizer, info)`` runs it. A new task is a dataclass with
-``run`` decorated with ``@register("name")``.
+``run`` decorated with ``@register("name")``; that class is all ``joules eval`` and the sweep
+need: the CLI's ``--task`` choices are :func:`names`, a result is printed by the class's
+``render`` (default: :func:`joules.evaluate.render.render_fields`) and the progress bar counts its
+``progress_unit``.
 
 ``default_dtype`` says which compute dtype a task wants when the user names none: ``"fp32"`` for
 every task. A quality figure must not depend on a timing probe, so ``joules eval`` never picks
@@ -31,8 +34,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from rich.console import RenderableType
+
 from joules import dtypes
 from joules.errors import ConfigError
+from joules.evaluate.render import (
+    render_attention,
+    render_choice,
+    render_deviation,
+    render_fields,
+    render_perplexity,
+)
 from joules.registry import Registry
 
 Progress = Callable[[int, int], None]
@@ -40,14 +52,24 @@ TASKS: Registry[type[Task]] = Registry("task")
 
 
 class Task:
-    """Base of every task config: a registered dataclass with ``run``."""
+    """Base of every task config: a registered dataclass with ``run``.
+
+    ``progress_unit`` names what ``run``'s ``progress(done, total)`` counts (the CLI's progress
+    bar label); :meth:`render` turns a result into what ``joules eval`` prints.
+    """
 
     name: ClassVar[str] = ""
     needs_model: ClassVar[bool] = True
     default_dtype: ClassVar[str] = "fp32"
+    progress_unit: ClassVar[str] = "tokens"
 
     def run(self, model: Any, tokenizer: Any, info: Any, progress: Progress | None = None) -> Any:
         raise NotImplementedError
+
+    @classmethod
+    def render(cls, result: Any) -> RenderableType:
+        """``result`` as a rich renderable (the CLI prints it): by default its scalar fields."""
+        return render_fields(result, f"{cls.name}: {type(result).__name__}")
 
 
 def register(name: str) -> Callable[[type[Task]], type[Task]]:
@@ -135,6 +157,10 @@ class Wikitext2(Task):
     add_bos: bool | None = None
     batch_size: int | None = None
 
+    @classmethod
+    def render(cls, result: Any) -> RenderableType:
+        return render_perplexity(result)
+
     def run(self, model: Any, tokenizer: Any, info: Any, progress: Progress | None = None) -> Any:
         from joules.evaluate.perplexity import perplexity
 
@@ -159,6 +185,12 @@ class Wikitext2(Task):
 @dataclass
 class Hellaswag(Task):
     """lm-eval's acc / acc_norm / acc_bytes on HellaSwag validation (or a JSONL ``data`` file)."""
+
+    progress_unit: ClassVar[str] = "items"
+
+    @classmethod
+    def render(cls, result: Any) -> RenderableType:
+        return render_choice(result)
 
     data: str | None = None
     limit: int | None = None
@@ -202,6 +234,10 @@ class Deviation(Task):
     limit_tokens: int | None = None
     add_bos: bool | None = None
     sqnr: str = "linear"
+
+    @classmethod
+    def render(cls, result: Any) -> RenderableType:
+        return render_deviation(result)
 
     def reference_model(self, model: Any, info: Any) -> tuple[Any, str]:
         """The reference model and its label (spec and dtype)."""
@@ -258,6 +294,11 @@ class AttentionDeviation(Task):
     """Attention implementations' deviation from fp64 standard attention (no model needed)."""
 
     needs_model: ClassVar[bool] = False
+    progress_unit: ClassVar[str] = "attention grid"
+
+    @classmethod
+    def render(cls, result: Any) -> RenderableType:
+        return render_attention(result)
 
     seq_lens: Sequence[int] = (128, 256, 512, 1024, 2048, 4096)
     dtypes: Sequence[str] = ("fp32", "bf16", "fp16")

@@ -2,7 +2,7 @@
 JSON-serializable :class:`Measurement` every joule joules reports ends up in.
 
     >>> from joules.measure import Meter
-    >>> from joules.measure.fake import FakeBackend, FakeClock
+    >>> from joules.testing.measure import FakeBackend, FakeClock
     >>> clock = FakeClock()
     >>> meter = Meter([FakeBackend({"gpu0": 100.0}, clock=clock)], clock=clock, interval_s=None)
     >>> with meter.window("decode") as w:

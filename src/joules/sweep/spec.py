@@ -45,9 +45,22 @@ def known_tasks() -> tuple[str, ...]:
     wikitext2 gives per-window NLLs and hellaswag per-item correctness, so a compressed
     model's perplexity increase and accuracy drop are decided on the paired difference against
     its baseline."""
-    from joules.evaluate import tasks
+    from joules.evaluate import tasks  # lazy: the tasks import torch; a spec is read without
 
     return tuple(tasks.names())
+
+
+def known_runtimes(torch_only: bool = True) -> tuple[str, ...]:
+    """Runtimes a sweep can bench with: every registered runtime that runs a torch module
+    (:attr:`joules.bench.runtimes.Runtime.takes_torch_model`). The sweep benches the model it
+    compressed, so a runtime that loads its own file (llamacpp) is left out unless
+    ``torch_only`` is False."""
+    from joules.bench import runtimes  # lazy: the runtimes import torch; a spec is read without
+
+    names = runtimes.runtime_names()
+    if not torch_only:
+        return tuple(names)
+    return tuple(n for n in names if runtimes.get_runtime(n).takes_torch_model)
 
 
 class SpecText:
@@ -397,8 +410,12 @@ def parse_spec(
             if k not in b:
                 raise st.error("bench", k, "missing", "a positive integer (or a list of them)")
         runtime = b.get("runtime", "eager")
-        if runtime not in ("eager", "compiled"):
-            raise st.error("bench", "runtime", f"unknown runtime {runtime!r}", "eager, compiled")
+        valid_rt = known_runtimes()
+        if runtime not in valid_rt:
+            problem = f"unknown runtime {runtime!r}"
+            if runtime in known_runtimes(torch_only=False):
+                problem = f"runtime {runtime!r} runs its own file, not the model a sweep compresses"
+            raise st.error("bench", "runtime", problem, ", ".join(valid_rt), runtime)
         for p in _int_list(b["prompt_len"], "bench", "prompt_len", st):
             for g in _int_list(b["gen_len"], "bench", "gen_len", st):
                 for bs in _int_list(b.get("batch", 1), "bench", "batch", st):

@@ -5,7 +5,7 @@
     >>> sorted(stages.missing)   # doctest: +SKIP
     ['bench', 'predict']
 
-The runner only sees a :class:`Stages` value, so tests pass tiny fakes (``joules.sweep.fake``)
+The runner only sees a :class:`Stages` value, so tests pass tiny fakes (``joules.testing.sweep``)
 and a stage whose module is not installed is recorded in ``missing``: a run that needs it fails
 with that reason (stored, re-tried with ``--retry-failed`` once the stage exists), it is never
 skipped silently nor reported as done.

@@ -1,7 +1,7 @@
 """A scripted energy backend and clock, so every meter code path runs in CPU-only CI.
 
     >>> from joules.measure import Meter
-    >>> from joules.measure.fake import FakeBackend, FakeClock
+    >>> from joules.testing.measure import FakeBackend, FakeClock
     >>> clock = FakeClock()
     >>> fake = FakeBackend({"gpu0": 300.0, "package0": 50.0}, clock=clock)
     >>> meter = Meter([fake], clock=clock, interval_s=None)

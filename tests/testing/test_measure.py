@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from joules.measure.fake import FakeBackend, FakeClock
+from joules.testing.measure import FakeBackend, FakeClock
 
 
 def test_clock_only_moves_forward():

@@ -1,6 +1,6 @@
 """Fake stages over a tiny random model, so every path of the sweep runs in CI in seconds.
 
-    >>> from joules.sweep.fake import FakeStages, fake_recipe
+    >>> from joules.testing.sweep import FakeStages, fake_recipe
     >>> fake_recipe("round(bits=4)")
     'round(bits=4)'
     >>> stages = FakeStages().stages()

@@ -1,6 +1,6 @@
 """A store of fake sweep results (no model runs), for the report's tests and screenshot.
 
-    >>> from joules.report.fake import write_fake_store
+    >>> from joules.testing.report import write_fake_store
     >>> path = write_fake_store(tmp_path / "fake.db")      # doctest: +SKIP
 
 Every figure is synthetic (seeded), shaped like the real stages' results
