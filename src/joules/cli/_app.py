@@ -83,6 +83,14 @@ def doc_line(cls: type) -> str:
     return " ".join(doc.split("\n\n", 1)[0].split()).replace("``", "")
 
 
+def list_option(flag: str, callback: Callable[[bool], None], what: str) -> Any:
+    """An eager ``--list-X`` flag that prints the registered ``what`` and exits (the registry
+    is read only when the flag is given, so ``--help`` stays torch-free)."""
+    return typer.Option(
+        False, flag, callback=callback, is_eager=True, help=f"List the registered {what} and exit."
+    )
+
+
 def parse_ints(text: str, what: str) -> list[int]:
     """Comma-separated positive integers (``--prompt-len 128,512``), or a one-line error."""
     try:

@@ -19,7 +19,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from joules.cli._app import JSON_OPTION, app, console, doc_line, emit, parse_ints, progress_bar
+from joules.cli._app import (
+    JSON_OPTION,
+    app,
+    console,
+    doc_line,
+    emit,
+    list_option,
+    parse_ints,
+    progress_bar,
+)
 from joules.errors import ConfigError
 
 
@@ -151,13 +160,7 @@ def bench_cmd(
     no_energy: bool = typer.Option(False, "--no-energy", help="Run without the meter."),
     probe: bool = typer.Option(False, "--probe", help="Measure this machine's limits and exit."),
     as_json: bool = JSON_OPTION,
-    list_runtimes: bool = typer.Option(
-        False,
-        "--list-runtimes",
-        callback=_list_runtimes,
-        is_eager=True,
-        help="List the registered runtimes and exit.",
-    ),
+    list_runtimes: bool = list_option("--list-runtimes", _list_runtimes, "runtimes"),
 ) -> None:
     """Latency, throughput, memory and joules per token, prefill and decode apart."""
     from joules.bench import BenchConfig, check_workload, probe_machine, run_bench

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from joules.cli._app import JSON_OPTION, app, console, doc_line, emit, err_console
+from joules.cli._app import JSON_OPTION, app, console, doc_line, emit, err_console, list_option
 
 
 def _render(result: dict[str, Any]) -> None:
@@ -104,13 +104,7 @@ def compress_cmd(
     calib_len: int = typer.Option(256, "--calib-len", help="Tokens per calibration sequence."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration sample."),
     as_json: bool = JSON_OPTION,
-    list_steps: bool = typer.Option(
-        False,
-        "--list-steps",
-        callback=_list_steps,
-        is_eager=True,
-        help="List the registered compression steps and exit.",
-    ),
+    list_steps: bool = list_option("--list-steps", _list_steps, "compression steps"),
 ) -> None:
     """Compress MODEL with a recipe and save it (safetensors + joules.json manifest)."""
     from joules.compress import calibration_tokens, compress, parse_recipe

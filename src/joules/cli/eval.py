@@ -34,6 +34,7 @@ from joules.cli._app import (
     doc_line,
     emit,
     err_console,
+    list_option,
     parse_ints,
     progress_bar,
 )
@@ -112,13 +113,7 @@ def eval_cmd(
         "torch", help="wikitext2: torch, or llamacpp (a .gguf file; the [llamacpp] extra)."
     ),
     json: bool = JSON_OPTION,
-    list_tasks: bool = typer.Option(
-        False,
-        "--list-tasks",
-        callback=_list_tasks,
-        is_eager=True,
-        help="List the registered tasks and exit.",
-    ),
+    list_tasks: bool = list_option("--list-tasks", _list_tasks, "tasks"),
 ) -> None:
     """Evaluate MODEL: perplexity, HellaSwag accuracy, deviation or attention stability."""
     if runtime != "torch":

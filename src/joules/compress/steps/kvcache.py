@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -470,16 +470,7 @@ class KVCacheStep(Step):
             raise ConfigError("kvcache: budget applies to policy=heavy_hitters only")
 
     def settings(self) -> KVSettings:
-        return KVSettings(
-            format=self.format,
-            granularity=self.granularity,
-            residual=self.residual,
-            group=self.group,
-            policy=self.policy,
-            window=self.window,
-            n_sinks=self.n_sinks,
-            budget=self.budget,
-        )
+        return KVSettings(**{f.name: getattr(self, f.name) for f in fields(KVSettings)})
 
     def apply(self, ctx: Any) -> None:
         self.validate()
