@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 UV_SPEC := uv==0.13.9
 EXTRAS := dev,lmeval,llamacpp,ray,docs
-LINT_PATHS := $(wildcard src tests bench tools)
+LINT_PATHS := $(wildcard src tests benchmarks tools)
 STAMP := $(VENV)/.joules-installed-$(shell cat pyproject.toml Makefile $(LOCK) | sha256sum | cut -c1-16)
 LATEST_VENV ?= .venv-latest
 comma := ,

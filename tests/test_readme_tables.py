@@ -6,7 +6,7 @@ checked. A table is tied to its JSON by a marker comment on the line before it:
 
     <!-- bench: results/NAME.json rows=PATH key=FIELD cols=HEADER=FIELD; HEADER=FIELD*100 -->
 
-* ``results/NAME.json`` is relative to ``bench/`` (the file a benchmark wrote and we committed);
+* ``results/NAME.json`` is relative to ``benchmarks/`` (the file a benchmark wrote and we committed);
 * ``rows=PATH``: the dotted path of a list of objects in that JSON, one per table row;
 * ``key=FIELD``: the table's first column holds that field of the row's object, exactly
   (a pipe inside a cell is written ``\\|``); ``key=F1,F2``: the first two columns hold those
@@ -30,12 +30,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 README = ROOT / "README.md"
 # Every page a reader sees: the README and the docs site's sources.
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
@@ -128,7 +130,7 @@ def test_pages_have_bench_tables():
 
 @pytest.mark.parametrize(("opts", "header", "rows", "line"), TABLES, ids=[t[3] for t in TABLES])
 def test_table_rows_match_the_committed_json(opts, header, rows, line):
-    path = ROOT / "bench" / opts["file"]
+    path = BENCHMARKS / opts["file"]
     assert path.is_file(), f"{line} cites {path}, which is not committed"
     data = json.loads(path.read_text())
     assert "command" in data and "machine" in data, f"{path.name}: no command/machine recorded"
@@ -171,7 +173,7 @@ def test_nxfp_gain_sentence_matches_the_compare_json():
     assert m, "the NxFP sentence is gone: update this test"
     res = {
         r["format"]: r
-        for r in json.loads((ROOT / "bench/results/formats_compare.json").read_text())["results"]
+        for r in json.loads((BENCHMARKS / "results/formats_compare.json").read_text())["results"]
     }
     gain = res["nxfp4"]["sqnr_db"] - res["mxfp4"]["sqnr_db"]
     bits = res["nxfp4"]["bits_per_element"] - res["mxfp4"]["bits_per_element"]
@@ -191,7 +193,7 @@ def test_estimator_constants_quoted_in_the_readme():
 
 
 def _results(name: str) -> dict[str, Any]:
-    return json.loads((ROOT / "bench" / "results" / name).read_text())
+    return json.loads((BENCHMARKS / "results" / name).read_text())
 
 
 def test_fit_columns_peer_sentence_matches_its_json():
@@ -286,19 +288,24 @@ def test_kernel_prose_matches_the_kernels_json():
 
 
 def _bench_script(name: str) -> Any:
-    """A ``bench/`` script as a module (by path: ``bench`` is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "bench" / f"{name}.py")
+    """A ``benchmarks/`` script as a module, loaded as ``python benchmarks/NAME.py`` runs it: its
+    own folder first on ``sys.path`` (where ``common`` is), by path (``benchmarks`` is no package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
     return mod
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/results/deploy.md"])
 def test_deploy_block_is_what_the_script_prints(page):
-    """The headline table and its three summary lines are ``bench/deploy.py --table``'s output."""
+    """The headline table and its three summary lines are ``benchmarks/deploy.py --table``'s output."""
     block = _bench_script("deploy").markdown(_results("deploy.json"))
-    assert block in (ROOT / page).read_text(), f"{page}: run `python bench/deploy.py --table`"
+    assert block in (ROOT / page).read_text(), f"{page}: run `python benchmarks/deploy.py --table`"
 
 
 def test_deploy_interval_prose_matches_its_json():
@@ -314,7 +321,7 @@ def test_deploy_interval_prose_matches_its_json():
 
 def test_published_gpu_table_is_what_the_script_prints():
     """The published-figures table on the predict results page (no marker: its "weights" column
-    joins two fields) is the first table ``bench/predict_validation.py --markdown`` prints."""
+    joins two fields) is the first table ``benchmarks/predict_validation.py --markdown`` prints."""
     out = _results("predict_validation.json")
     table = _bench_script("predict_validation").markdown(out).split("\n\n")[0]
     assert len(table.splitlines()) == 2 + len(out["published"])

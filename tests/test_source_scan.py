@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "joules"
-BENCH = ROOT / "bench"
+BENCH = ROOT / "benchmarks"
 
 # Modules whose loading runs code from the file (pickle and what wraps it).
 _PICKLING = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve"}
@@ -121,7 +121,7 @@ _IN_PLACE_OK = {
     # the GGUF conversion fills a fresh tempfile.mkdtemp directory, then renames it into place
     ("src/joules/models/loading.py", "write_text"),
     # a throwaway HTML file in a fresh temporary directory, rendered to PNG and discarded
-    ("bench/kvcache.py", "write_text"),
+    ("benchmarks/kvcache.py", "write_text"),
     # the bench subprocess's job and answer files, in a private TemporaryDirectory; the answer
     # is read only after the child exits 0
     ("src/joules/sweep/stages.py", "open"),

@@ -228,7 +228,7 @@ def environment() -> dict[str, Any]:
 def cache_key(inputs: Any, n: int = 16) -> str:
     """A cache key for ``inputs`` (plain JSON values) made here: inputs + :func:`environment`.
 
-    For scripts' caches (``bench/*.py``); pass the model as :func:`model_identity` and a recipe
+    For scripts' caches (``benchmarks/*.py``); pass the model as :func:`model_identity` and a recipe
     with its defaults expanded, so neither a new default nor new weights reuse an old entry."""
     return sha({"inputs": inputs, **environment()}, n)
 

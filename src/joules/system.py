@@ -1,5 +1,5 @@
 """What machine this is: versions, CPU, ISA flags, memory, GPUs. Used by ``joules doctor``,
-reports and every ``bench/results/*.json``.
+reports and every ``benchmarks/results/*.json``.
 
     >>> from joules.system import cpu_flags, machine_info, system_info
     >>> info = system_info()
@@ -140,26 +140,6 @@ def machine_info() -> dict[str, object]:
         info["torch_threads"] = torch.get_num_threads()
         info["gpus"] = [asdict(g) for g in _torch_gpus(torch)]
     return info
-
-
-def results_header(script: str, argv: list[str] | None = None) -> dict[str, object]:
-    """What every ``bench/results/*.json`` starts with: the command that wrote it, the date,
-    the package versions and :func:`machine_info` (CPU model and ISA flags included).
-
-    ``script``: the benchmark's path as run from the repository root (``bench/formats.py``).
-    """
-    from datetime import UTC, datetime
-
-    info = machine_info()
-    args = sys.argv[1:] if argv is None else argv
-    return {
-        "command": " ".join(["python", script, *args]),
-        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": info.pop("packages"),
-        "machine": info,
-        # a shared machine's load decides how far absolute timings can be trusted
-        "load_avg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
 
 
 def backfill_machine(data: dict[str, object]) -> dict[str, object]:

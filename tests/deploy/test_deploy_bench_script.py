@@ -1,22 +1,28 @@
-"""bench/deploy.py's Q4_K_M recipe: joules' GPTQ file holds, tensor for tensor, the types of
+"""benchmarks/deploy.py's Q4_K_M recipe: joules' GPTQ file holds, tensor for tensor, the types of
 llama.cpp's own Q4_K_M file (K-quants where rows allow, llama.cpp's fallbacks elsewhere)."""
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("llama_cpp")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "deploy.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "deploy.py"
 
 
 def _script():
+    """The script as ``python benchmarks/deploy.py`` runs it: its folder first on ``sys.path``."""
     spec = importlib.util.spec_from_file_location("bench_deploy", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
     return mod
 
 

@@ -1,7 +1,7 @@
 """Fit the roofline's effective peaks, overheads and energy coefficients to measured runs.
 
     >>> from joules.predict.calibrate import Observation, fit
-    >>> # obs = observations_from_bench(json.load(open("bench/results/decode.json")))
+    >>> # obs = observations_from_bench(json.load(open("benchmarks/results/decode.json")))
     >>> # cal = fit(obs, get_hardware("this-machine")); save_calibration(cal)
 
 Latency. For one phase of one run, with each operator classified compute- or memory-bound,
@@ -38,7 +38,7 @@ and ``predict`` labels what it predicts with it ``predicted (degenerate fit: ...
 non-negative coefficient at zero (no measurable overhead) is a physical limit, not degenerate.
 
 The band: the 95th percentile of |predicted / measured - 1| over the fitted runs, per phase
-(in-sample; ``bench/predict_validation.py`` reports the leave-one-out error). Calibrations are
+(in-sample; ``benchmarks/predict_validation.py`` reports the leave-one-out error). Calibrations are
 stored per machine under ``$JOULES_CACHE_DIR/predict/<hardware id>.json``.
 """
 

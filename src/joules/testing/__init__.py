@@ -8,6 +8,6 @@
   report's tests and ``docs/screenshot.sh``.
 
 They live in the package (not under ``tests/``) because scripts outside the test suite use them
-too (``bench/meter_overhead.py``, ``docs/screenshot.sh``). ``testing`` is the top layer of the
+too (``benchmarks/meter_overhead.py``, ``docs/screenshot.sh``). ``testing`` is the top layer of the
 import-linter contract: it may import any part of joules, and no part of joules imports it.
 """

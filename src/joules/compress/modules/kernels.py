@@ -18,7 +18,7 @@ their layouts once (at convert/load time) and runs them:
 
 Both kernels want scales in the activation dtype. On an AVX2-only CPU (no AVX512-BF16) they run
 *slower* than fp32 ``F.linear`` with fp32 activations and faster with bf16 ones
-(``bench/linear_kernels.py``), so for speed the compute dtype is chosen per CPU by
+(``benchmarks/linear_kernels.py``), so for speed the compute dtype is chosen per CPU by
 :func:`compute_dtype`: a one-time probe of each kernel at 1536x576, one token, fp32 against bf16
 activations, best of its repeats, with the machine's load recorded (a verdict taken on a busy
 machine is probed again at the next

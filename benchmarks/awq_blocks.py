@@ -1,10 +1,10 @@
 """AWQ vs round-to-nearest on the default model's first decoder blocks: block output error on
 held-out calibration tokens, chosen alphas, and the time of AWQ per block. Short (~25 s of CPU
-with one thread), so it runs where the full 4-bit table (``bench/compress.py``) cannot.
+with one thread), so it runs where the full 4-bit table (``benchmarks/compress.py``) cannot.
 
-    python bench/awq_blocks.py                           # -> bench/results/awq_blocks.json
-    python bench/awq_blocks.py --format int4-g32 --blocks 0,1,2,3
-    python bench/awq_blocks.py --table                   # re-derive the README rows, print
+    python benchmarks/awq_blocks.py                 # -> benchmarks/results/awq_blocks.json
+    python benchmarks/awq_blocks.py --format int4-g32 --blocks 0,1,2,3
+    python benchmarks/awq_blocks.py --table              # re-derive the README rows, print
 
 The calibration windows (WikiText-2 **valid**, ``calibration_tokens(seed=0)``) are split: the
 first ``--fit`` sequences are what AWQ searches its scales and clipping on, the other
@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common import command, machine, write_json
 from joules import formats
 from joules.compress import calibration_tokens
 from joules.compress.context import BlockInputs, CompressContext
 from joules.compress.solvers.hessian import Hessian, gptq_quantize
 from joules.compress.steps import awq
 from joules.models import load_model
-from joules.serialize import atomic_write_json
-from joules.system import backfill_machine, machine_info, system_info
+from joules.system import backfill_machine, system_info
 
 
 def _rounded(block: nn.Module, fmt: formats.Format) -> nn.Module:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--grid", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="bench/results/awq_blocks.json")
+    ap.add_argument("--out", default="benchmarks/results/awq_blocks.json")
     ap.add_argument(
         "--table",
         action="store_true",
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         out = Path(args.out)
         data = retable(json.loads(out.read_text()))
-        atomic_write_json(out, data, indent=1)
+        write_json(out, data, indent=1)
         print(table(data, f"results/{out.name}"))
         return 0
     torch.set_num_threads(args.threads)
@@ -177,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     blocks = {int(b) for b in args.blocks.split(",")}
     ctx.sequential(fn, step="awq_blocks", blocks=blocks)
     data = {
-        "command": "python bench/awq_blocks.py " + " ".join(argv or sys.argv[1:]),
+        "command": command("benchmarks/awq_blocks.py", argv),
         "system": system_info().to_dict(),
-        "machine": machine_info(),
+        "machine": machine(),
         "format": args.format,
         "calibration": calib_info,
         "fit_sequences": args.fit,
@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "note": "model weights were Q4_1 before joules saw them (fp32 copy of Q4_1)",
         "blocks": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(Path(args.out), retable(data), indent=1)
+    write_json(Path(args.out), retable(data), indent=1)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,7 +1,7 @@
 """Attention deviation from fp64 at bf16: the README's table, written to committed JSON.
 
-    python bench/attention_deviation.py            # seq 128, 512, 1024, 4096; bf16 and fp32
-    python bench/attention_deviation.py --seq-lens 128,256 --out /tmp/attn.json
+    python benchmarks/attention_deviation.py       # seq 128, 512, 1024, 4096; bf16 and fp32
+    python benchmarks/attention_deviation.py --seq-lens 128,256 --out /tmp/attn.json
 
 The same computation as ``joules eval --task attention-deviation`` (4 heads x 64, causal,
 seed 1234, Q/K/V ~ N(0, 1) rounded to the dtype, fp64 standard attention on the rounded inputs as
@@ -20,9 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common import header, write_json
 from joules.evaluate import tasks
-from joules.serialize import atomic_write_json
-from joules.system import results_header
 
 # README column -> (impl, block size or None); the block size is the run's one flash block.
 COLUMNS = {
@@ -44,7 +43,7 @@ def readme_rows(rows: list[dict], dtype: str, block_size: int) -> list[dict]:
     out = []
     for s in sorted({r["seq_len"] for r in rows}):
         row: dict[str, object] = {"seq_len": s}
-        for header, (impl, bs) in COLUMNS.items():
+        for col, (impl, bs) in COLUMNS.items():
             want_bs = block_size if bs else None
             match = [
                 r
@@ -54,7 +53,7 @@ def readme_rows(rows: list[dict], dtype: str, block_size: int) -> list[dict]:
                 and r["seq_len"] == s
                 and r["block_size"] == want_bs
             ]
-            name = header.format(bs=block_size)
+            name = col.format(bs=block_size)
             row[name] = cell(match[0]["max_abs_dev"], match[0]["mean_abs_dev"]) if match else None
         out.append(row)
     return out
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--out", default="bench/results/attention_deviation.json")
+    ap.add_argument("--out", default="benchmarks/results/attention_deviation.json")
     args = ap.parse_args(argv)
     task = tasks.get(
         "attention-deviation",
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     result = task.run().to_dict()
     table = readme_rows(result["rows"], "bf16", args.block_size)
     data = {
-        **results_header("bench/attention_deviation.py", argv),
+        **header("benchmarks/attention_deviation.py", argv),
         "note": (
             "deterministic arithmetic on seeded synthetic inputs (no model); duration_s of each"
             " row is incidental, not a benchmark"
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join(str(v) for v in r.values()))
     for key in ("ratios_bf16", "ratios_bf16_lowacc"):
         print(key, [round(r["mean_ratio"], 2) for r in result[key]])
-    atomic_write_json(args.out, data, indent=1)
+    write_json(args.out, data, indent=1)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,8 +1,8 @@
 """Validate ``joules predict``: leave-one-out error on this machine, and 7B models on GPUs.
 
-    flock /tmp/joules-heavy.lock python bench/predict_validation.py            # full run
-    python bench/predict_validation.py --published-only                        # GPU part only
-    python bench/predict_validation.py --refit     # refit the committed points (no measuring)
+    flock /tmp/joules-heavy.lock python benchmarks/predict_validation.py       # full run
+    python benchmarks/predict_validation.py --published-only                   # GPU part only
+    python benchmarks/predict_validation.py --refit     # refit the committed points (no measuring)
 
 Part 1 (this machine). The default model (SmolLM2-135M; fp32 is an fp32 copy of weights that were
 Q4_1 before joules saw them) is measured in three weight formats — fp32 (eager), and RTN int8-ch
@@ -32,7 +32,7 @@ predicted on the catalogued A100, H100 and RTX 4090 and compared with published 
 each cited in ``PUBLISHED`` below; the ratio is published / predicted (< 1: the real system
 reaches that fraction of the speed of light).
 
-Writes ``bench/results/predict_validation.json``.
+Writes ``benchmarks/results/predict_validation.json``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from joules.serialize import atomic_write_json
+from common import write_json
 
 RESULTS = Path(__file__).parent / "results" / "predict_validation.json"
 
@@ -298,8 +298,7 @@ def measure_grid(
                     "ttft_s": r["ttft_s"]["median"],
                     "tpot_s": r["tpot_s"]["median"],
                 }
-                f.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(f, row, indent=None)
+                write_json(f, row, indent=None)
             row = json.loads(f.read_text())
             rows.append(row)
             print(
@@ -533,7 +532,7 @@ def main() -> None:
             "description (the measurement's command, versions and machine are above); "
             "nothing re-timed",
         }
-        atomic_write_json(RESULTS, old, indent=2, default=str)
+        write_json(RESULTS, old, indent=2, default=str)
         print(markdown(old))
         print(f"\nwrote {RESULTS}")
         return
@@ -604,8 +603,7 @@ def main() -> None:
         for k in ("this_machine", "measurement", "energy"):
             if k in old:
                 out[k] = old[k]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS, out, indent=2, default=str)
+    write_json(RESULTS, out, indent=2, default=str)
     print(f"\nwrote {RESULTS}")
 
 

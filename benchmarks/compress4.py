@@ -1,12 +1,12 @@
 """The 4-bit table: joules' 4-bit recipes and the peer libraries, side by side, paired with the
 same baseline on the same WikiText-2 test windows.
 
-    python bench/compress4.py                     # reads the two JSONs below, writes compress4.json
-    python bench/compress4.py --rows-json /tmp/compress.json --peers-json bench/results/peers.json
+    python benchmarks/compress4.py                # reads the two JSONs below, writes compress4.json
+    python benchmarks/compress4.py --rows-json /tmp/compress.json --peers-json benchmarks/results/peers.json
 
-Inputs: the quality rows of ``bench/compress.py`` (joules recipes, each compressed by the real
+Inputs: the quality rows of ``benchmarks/compress.py`` (joules recipes, each compressed by the real
 CLI in its own process, then scored; its baseline row is the fp32 copy of the default model's
-Q4_1 weights) and the peer rows of ``bench/peers/run.py`` (run in its own venv on the same
+Q4_1 weights) and the peer rows of ``benchmarks/peers/run.py`` (run in its own venv on the same
 baseline, tokens, windows and calibration). A peer row is paired with the joules baseline only
 when its own baseline control (the same model scored in the peers' venv) matches ours window by
 window, i.e. the two venvs scored the same tokens the same way; otherwise the row is marked
@@ -24,9 +24,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common import header, write_json
 from joules.evaluate.paired import paired_difference
 from joules.evaluate.results import PerplexityResult
-from joules.serialize import atomic_write_json, atomic_write_text
+from joules.serialize import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 FAMILIES = (
@@ -39,7 +40,7 @@ FAMILIES = (
     "codebook4",
     "int8-ch",
 )
-# the peers bench/peers/run.py runs by default (peers.json's "planned" list wins when present)
+# the peers benchmarks/peers/run.py runs by default (peers.json's "planned" list wins when present)
 PLANNED_PEERS = (
     "torchao-int8-wo",
     "hqq-4bit-g64",
@@ -180,7 +181,7 @@ def _peer_rows(peers: dict[str, Any], base: PerplexityResult) -> tuple[list[dict
         table.append(row)
     for name in peers.get("planned") or PLANNED_PEERS:
         if name not in prow and name != "baseline":
-            table.append(_unmeasured(name, "not measured yet: bench/peers/run.py resumes"))
+            table.append(_unmeasured(name, "not measured yet: benchmarks/peers/run.py resumes"))
     for name, why in peers.get("not_runnable", {}).items():
         note = "not runnable here: needs torch>=2.14.1, transformers>=5.20.2"
         table.append({**_unmeasured(name, note), "reason": why})
@@ -261,8 +262,6 @@ def summary(
 
 
 def build(rows_json: Path, peers_json: Path | None, argv: list[str] | None = None) -> dict:
-    from joules.system import results_header
-
     raw = rows_json.read_bytes()
     data = json.loads(raw)
     rows = data["rows"]
@@ -280,9 +279,9 @@ def build(rows_json: Path, peers_json: Path | None, argv: list[str] | None = Non
             if "perplexity" in e:
                 results[t["row"]] = result_of(e["perplexity"])
         table += ptable
-    header = results_header("bench/compress4.py", argv)
+    head = header("benchmarks/compress4.py", argv)
     return {
-        **header,
+        **head,
         "inputs": {
             "rows_json": str(rows_json),
             "rows_json_sha256": hashlib.sha256(raw).hexdigest(),
@@ -399,10 +398,10 @@ def prose(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-README_BLOCK_HEAD = """**The 4-bit table against the peers** (`python bench/compress4.py --readme`; JSON in
-`bench/results/compress4.json`). joules' rows are those of `bench/results/compress.json` (4-bit
+README_BLOCK_HEAD = """**The 4-bit table against the peers** (`python benchmarks/compress4.py --readme`; JSON in
+`benchmarks/results/compress4.json`). joules' rows are those of `benchmarks/results/compress.json` (4-bit
 formats, and int8 beside torchao's int8); the peers run from their own venv
-(`bench/peers/run.py`; exact versions in `bench/peers/requirements-lock.txt`) on the same fp32
+(`benchmarks/peers/run.py`; exact versions in `benchmarks/peers/requirements-lock.txt`) on the same fp32
 copy of the Q4_1 baseline, the same 210 linears (every `nn.Linear` in `model.layers`; the tied
 embedding stays fp32), the same WikiText-2 test windows and, for llm-compressor's GPTQ, joules'
 calibration set. bits/weight counts what each stores for those linears (HQQ: scale and zero kept
@@ -444,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     out = build(Path(args.rows_json), Path(args.peers_json), argv)
-    atomic_write_json(Path(args.out), out, indent=1)
+    write_json(Path(args.out), out, indent=1)
     block = markdown(out) + "\n\n" + prose(out)
     print(block)
     page = HERE.parent / "docs" / "results" / "compress.md"  # the results page holds the table

@@ -1,13 +1,13 @@
 """Peers of joules' 4-bit table: quantize the baseline with each peer library and score it with
-joules' own perplexity protocol. Runs in its own venv (``bench/peers/.venv``), never the
+joules' own perplexity protocol. Runs in its own venv (``benchmarks/peers/.venv``), never the
 project's: llm-compressor pins an older transformers, HQQ builds CUDA code unless told not to.
 
-    python3.11 -m venv bench/peers/.venv
-    bench/peers/.venv/bin/pip install torch==2.13.0      # the CPU wheel, as the Makefile does
-    DISABLE_CUDA=1 bench/peers/.venv/bin/pip install -r bench/peers/requirements.txt
-    bench/peers/.venv/bin/pip install --no-deps -e .
+    python3.11 -m venv benchmarks/peers/.venv
+    benchmarks/peers/.venv/bin/pip install torch==2.13.0  # the CPU wheel, as the Makefile does
+    DISABLE_CUDA=1 benchmarks/peers/.venv/bin/pip install -r benchmarks/peers/requirements.txt
+    benchmarks/peers/.venv/bin/pip install --no-deps -e .
     nice -n 19 env OMP_NUM_THREADS=1 DISABLE_CUDA=1 PYTHONPATH=src \\
-        bench/peers/.venv/bin/python bench/peers/run.py --threads 1   # -> bench/results/peers.json
+        benchmarks/peers/.venv/bin/python benchmarks/peers/run.py --threads 1   # -> benchmarks/results/peers.json
     ... run.py --tokens 512 --out /tmp/peers-smoke.json                # a quick smoke test
 
 Every peer starts from the same HF safetensors copy of the baseline (the fp32 conversion of the
@@ -17,7 +17,7 @@ embedding/lm_head stays fp32), and is scored on the same WikiText-2 **test** tok
 windows; llm-compressor's GPTQ calibrates on joules' own calibration set (WikiText-2 valid,
 ``calibration_tokens(tok, 128, 256, seed=0)``). Each row records the quantization time, the
 process's peak RSS while quantizing, the bits per weight of what the peer stores for the
-targeted linears, and the per-window NLLs (``bench/compress4.py`` pairs them with joules'
+targeted linears, and the per-window NLLs (``benchmarks/compress4.py`` pairs them with joules'
 baseline). Each peer runs in its own child process (its peak RSS is its own) and is written to
 the JSON as soon as it finishes: a stopped run resumes with the peers it has not done.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -36,6 +37,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -196,6 +198,16 @@ PEERS: dict[str, Callable[[nn.Module, Any, torch.Tensor], dict[str, Any]]] = {
 }
 
 
+def _common() -> ModuleType:
+    """``benchmarks/common.py``, loaded by path: this script runs as ``benchmarks/peers/run.py``,
+    so the folder Python put on ``sys.path`` is ``peers/``, not the one ``common`` is in."""
+    spec = importlib.util.spec_from_file_location("common", Path(__file__).parents[1] / "common.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -334,8 +346,6 @@ def main() -> int:
     if args.child:
         return _child(args)
 
-    from joules.system import results_header
-
     torch.set_num_threads(args.threads)
     base = Path(args.baseline)
     settings = {
@@ -351,7 +361,7 @@ def main() -> int:
     if data.get("settings") != settings:
         data = {}  # other tokens, windows or baseline: nothing to resume
     rows = data.setdefault("rows", {})
-    header = results_header("bench/peers/run.py")
+    header = _common().header("benchmarks/peers/run.py")
     header["versions"] = _versions()
     runs = data.setdefault("runs", [])
     runs.append(

@@ -1,7 +1,7 @@
 """What the energy meter costs: one window (µs) and the sampling thread's CPU share.
 
-    $ python bench/meter_overhead.py                  # 10 s workload, 10 Hz sampling
-    $ python bench/meter_overhead.py --seconds 3 --interval 0.05 --out /tmp/overhead.json
+    $ python benchmarks/meter_overhead.py             # 10 s workload, 10 Hz sampling
+    $ python benchmarks/meter_overhead.py --seconds 3 --interval 0.05 --out /tmp/overhead.json
 
 1. Window cost: ``begin`` + ``end`` of an empty window, averaged over many windows, for the meter
    ``detect_meter()`` builds here and, as the peer measured in the same run, for a meter over
@@ -12,7 +12,7 @@
    throughput. Goal: < 0.5 % of one core. Workload throughput with and without the meter is
    reported too, as a ratio (noisy on a shared machine: the GIL and other tenants).
 
-Prints a table and writes JSON to bench/results/meter_overhead.json (or --out): the command,
+Prints a table and writes JSON to benchmarks/results/meter_overhead.json (or --out): the command,
 versions, machine (CPU model and ISA flags), load average, every figure, and ``readme_rows``,
 the README's table (tests/test_readme_tables.py checks one against the other).
 """
@@ -28,9 +28,8 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from common import header, write_json
 from joules.measure import Meter, detect_meter
-from joules.serialize import atomic_write_json
-from joules.system import results_header
 from joules.testing.measure import FakeBackend
 
 
@@ -114,7 +113,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="workload length (s)")
     ap.add_argument("--interval", type=float, default=0.1, help="sampling period (s)")
     ap.add_argument("--windows", type=int, default=2000, help="windows per timing batch")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/meter_overhead.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/meter_overhead.json"))
     args = ap.parse_args()
 
     meter = detect_meter()
@@ -128,7 +127,7 @@ def main() -> None:
     idle_share = sampler_share(args.seconds, args.interval, spin=False)
 
     result = {
-        **results_header("bench/meter_overhead.py"),
+        **header("benchmarks/meter_overhead.py"),
         "meter_domains": backends,
         "window_cost_us": {"median": statistics.median(real), "batches": real},
         "fake_window_cost_us": {"median": statistics.median(fake), "batches": fake},
@@ -172,8 +171,7 @@ def main() -> None:
         "busy-loop throughput metered / unmetered (noisy)", f"{share['throughput_ratio']:.3f}"
     )
     Console().print(t)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out, result, indent=2)
+    write_json(args.out, result, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -1,7 +1,7 @@
 """The default model's deviation rows of the README's evaluation table, written to committed JSON.
 
-    python bench/eval_deviation.py                 # bf16 vs fp32 on 8,192 tokens; mxfp4 on 4,096
-    python bench/eval_deviation.py --rows mxfp4 --out /tmp/dev.json
+    python benchmarks/eval_deviation.py            # bf16 vs fp32 on 8,192 tokens; mxfp4 on 4,096
+    python benchmarks/eval_deviation.py --rows mxfp4 --out /tmp/dev.json
 
 Each row is what the ``joules eval`` command beside it computes (the same task, options and
 model loading): KL divergence of the model's next-token distribution from the reference's
@@ -13,7 +13,7 @@ model loading): KL divergence of the model's next-token distribution from the re
 
 The bf16 figures depend on the CPU's bf16 matmuls (native AVX512-BF16/AMX or emulated), hence
 the machine in the JSON. Writes the command, versions, machine (CPU model and ISA flags), each
-row's full result and its README cells to ``bench/results/eval_deviation.json``. Quality only:
+row's full result and its README cells to ``benchmarks/results/eval_deviation.json``. Quality only:
 the durations inside the results are incidental.
 """
 
@@ -24,10 +24,9 @@ import sys
 
 import torch
 
+from common import header, write_json
 from joules.evaluate import tasks
 from joules.models import load_model
-from joules.serialize import atomic_write_json
-from joules.system import results_header
 
 MODEL = "smollm2-135m"
 ROWS = {
@@ -71,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/eval_deviation.json")
+    ap.add_argument("--out", default="benchmarks/results/eval_deviation.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    header = results_header("bench/eval_deviation.py", argv)
+    head = header("benchmarks/eval_deviation.py", argv)
     rows = [run_row(r.strip()) for r in args.rows.split(",") if r.strip()]
     for r in rows:
         print(
@@ -84,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['worst_layer']} ({r['worst_layer_sqnr_db']:.1f} dB)"
         )
     data = {
-        **header,
+        **head,
         "model": MODEL,
         "note": "weights Q4_1 before joules saw them; the fp32 reference is an fp32 copy of them",
         "rows": rows,
     }
-    atomic_write_json(args.out, data, indent=1)
+    write_json(args.out, data, indent=1)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,11 +1,11 @@
 """Perplexity through the KV cache, token by token: quantized (KIVI), sinks, window, heavy hitters.
 
-    $ python bench/kvcache.py                                  # 2 streams x 512 tokens (smoke)
-    $ python bench/kvcache.py --streams 4 --length 1024        # what the README table ran
-    $ python bench/kvcache.py --streams 8 --length 2048        # the issue's setting (~30 min per
+    $ python benchmarks/kvcache.py                             # 2 streams x 512 tokens (smoke)
+    $ python benchmarks/kvcache.py --streams 4 --length 1024   # what the README table ran
+    $ python benchmarks/kvcache.py --streams 8 --length 2048   # the issue's setting (~30 min per
                                                                # configuration on one core here)
-    $ python bench/kvcache.py --streams 8 --length 2048 --bench  # + decode speed at 2,048 context
-    $ python bench/kvcache.py --markdown                       # the README table from the JSON
+    $ python benchmarks/kvcache.py --streams 8 --length 2048 --bench  # + decode speed at 2,048 context
+    $ python benchmarks/kvcache.py --markdown                  # the README table from the JSON
 
 Every configuration decodes the same ``--streams`` non-overlapping WikiText-2 *test* streams of
 ``--length`` tokens one token at a time (batched across streams) through its cache, scoring each
@@ -14,7 +14,7 @@ forward). Baseline: transformers' ``DynamicCache`` with SDPA. Quantized caches a
 (fake-quant values in fp32; KV bytes are what packed storage of the format would take). Each
 finished configuration is kept under ``$JOULES_CACHE_DIR/bench-kvcache`` (a stopped run resumes).
 The default model's weights were Q4_1 before we saw them: every figure is relative to that model.
-Writes ``bench/results/kvcache.json`` and the per-position NLL plot ``docs/kvcache_nll.png``
+Writes ``benchmarks/results/kvcache.json`` and the per-position NLL plot ``docs/kvcache_nll.png``
 (drawn by plotly, screenshotted by headless chromium when present).
 
 ``--bench``: decode tokens/s and peak RSS of each cache through ``joules.bench`` (eager runtime,
@@ -35,16 +35,15 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from common import header, write_json
 from joules.compress.steps.kvcache import JoulesKVCache, KVSettings, kv_bytes_per_token
 from joules.data import load_text
 from joules.evaluate.perplexity import tokenize_stream
 from joules.fingerprint import cache_key
 from joules.models import load_model
 from joules.models.loading import cache_dir, model_identity
-from joules.serialize import atomic_write_json
-from joules.system import results_header
 
-OUT = Path("bench/results/kvcache.json")
+OUT = Path("benchmarks/results/kvcache.json")
 PNG = Path("docs/kvcache_nll.png")  # the HTML (plotly inlined, ~5 MB) stays out of the repo
 
 
@@ -244,11 +243,10 @@ def main() -> None:
                 "threads": torch.get_num_threads(),
                 "nll_per_position": nll,
             }
-            f.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(f, row, indent=None)
+            write_json(f, row, indent=None)
         if a.bench and "bench" not in row:
             row["bench"] = bench_cache(spec, s, a.bench_prompt)
-            atomic_write_json(f, row, indent=None)
+            write_json(f, row, indent=None)
         rows.append(row)
         print(
             f"{name:28s} ppl {row['ppl']:8.3f}  KV B/token {row['kv_bytes_per_token_quantized']:8.0f}"
@@ -263,7 +261,7 @@ def main() -> None:
     for r in rows:
         r["ppl_change_pct"] = 100 * (r["ppl"] / base - 1)
     out = {
-        **results_header("bench/kvcache.py"),
+        **header("benchmarks/kvcache.py"),
         "streams": a.streams,
         "length": a.length,
         "scored_tokens": a.streams * (a.length - 1),
@@ -271,8 +269,7 @@ def main() -> None:
         "packed storage would take",
         "rows": rows,
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(OUT, out, indent=1)
+    write_json(OUT, out, indent=1)
     plot(out)
     print(markdown(out))
 

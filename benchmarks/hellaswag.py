@@ -1,11 +1,11 @@
 """HellaSwag accuracy of the default model under lm-eval's scoring, written to a results JSON.
 
-    $ python bench/hellaswag.py --limit 2000 --seed 1234 --dtype fp32
-    $ python bench/hellaswag.py --dtype fp32                    # all 10,042 items (~1.5 h, 2 cores)
+    $ python benchmarks/hellaswag.py --limit 2000 --seed 1234 --dtype fp32
+    $ python benchmarks/hellaswag.py --dtype fp32               # all 10,042 items (~1.5 h, 2 cores)
 
 Runs the ``hellaswag`` task of :mod:`joules.evaluate.tasks` (lm-eval's acc / acc_norm /
 acc_bytes on llama.cpp's HellaSwag text with lm-eval's ``preprocess``; ``ctx_b`` not capitalised)
-and writes ``bench/results/hellaswag.json``: the command, versions, machine and CPU flags, the
+and writes ``benchmarks/results/hellaswag.json``: the command, versions, machine and CPU flags, the
 figures with Wilson 95 % intervals, and each item's index and picks, so the figure can be
 checked item by item. The default model's weights were Q4_1 (GGUF) before joules saw them.
 """
@@ -17,16 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from common import command, machine, write_json
 from joules.evaluate.scoring import set_threads
 from joules.evaluate.tasks import run_task
 from joules.models import load_model
 from joules.runtime_dtype import resolve_dtype
-from joules.serialize import atomic_write_json
-from joules.system import machine_info
-
-
-def machine() -> dict:
-    return machine_info()
 
 
 def main() -> None:
@@ -35,7 +30,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--dtype", default="fp32", help="fp32, bf16 or auto")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/hellaswag.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/hellaswag.json"))
     args = ap.parse_args()
     threads = set_threads(args.threads)
     choice = resolve_dtype(args.dtype)
@@ -55,11 +50,10 @@ def main() -> None:
     for name in ("acc", "acc_norm", "acc_bytes"):
         lo, hi = d[f"{name}_ci95"]
         print(f"  {name:<10}{100 * d[name]:6.2f} %   ({100 * lo:.2f} - {100 * hi:.2f})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
+    write_json(
         args.out,
         {
-            "command": "python bench/hellaswag.py " + " ".join(sys.argv[1:]),
+            "command": command("benchmarks/hellaswag.py"),
             "model": "smollm2-135m (SmolLM2-135M-Instruct; weights Q4_1 in its GGUF file)",
             "dtype": choice.to_dict(),
             "threads": threads,

@@ -1,7 +1,7 @@
 """The decode table: eager vs compiled (and compressed models) on the default model, one run.
 
-    $ flock /tmp/joules-heavy.lock python bench/decode.py
-    $ python bench/decode.py --repeats 5 --model int8=/tmp/c/int8 --model int4-g64=/tmp/c/int4
+    $ flock /tmp/joules-heavy.lock python benchmarks/decode.py
+    $ python benchmarks/decode.py --repeats 5 --model int8=/tmp/c/int8 --model int4-g64=/tmp/c/int4
 
 Workload (the issue's target): batch 1, a 128-token WikiText-2 test prompt, 64 generated tokens,
 2 threads, 1 warm-up and ``--repeats`` measured runs per row, every row in this one process.
@@ -12,7 +12,7 @@ run through a real kernel or emulated, the row says which).
 The speed of light uses the *highest* of three bandwidths measured in this run: the probe's read
 and triad (torch, 2 threads) and numpy's copy and triad (one thread, an independent
 implementation), so an under-measured bandwidth cannot inflate the fractions. Writes
-``bench/results/decode.json`` (command, versions, machine, CPU flags, every BenchResult).
+``benchmarks/results/decode.json`` (command, versions, machine, CPU flags, every BenchResult).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import write_json
 from joules.bench import BenchConfig, probe_machine, run_bench
 from joules.bench.probe import MachineLimits
 from joules.bench.runner import machine_record
 from joules.models import load_model
-from joules.serialize import atomic_write_json
 
 OUT = Path(__file__).parent / "results" / "decode.json"
 # Every row's perplexity comes from the compress table (one protocol for all rows: WikiText-2
@@ -241,7 +241,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "machine": machine_record(),
         "kernel_dtype": args.kernel_dtype,
-        "perplexity_protocol": "bench/results/compress.json: WikiText-2 test, first 16,384 "
+        "perplexity_protocol": "benchmarks/results/compress.json: WikiText-2 test, first 16,384 "
         "tokens, window 512 (the row's recipe; baseline for the fp32 rows)",
         "load_avg_1m_at_start": load_at_start,
         "limits_probe": probe.to_dict(),
@@ -254,8 +254,7 @@ def main() -> None:
         "results": results,
         "wall_s": time.time() - t_start,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out, out, indent=1, default=str)
+    write_json(args.out, out, indent=1, default=str)
     print()
     print(
         f"{'row':28s} {'decode tok/s':>12s} {'SoL %':>6s} {'TPOT ms':>8s} {'±%':>5s} "

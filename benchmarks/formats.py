@@ -2,9 +2,9 @@
 tensor, with torchao's MX cast and torch's native float8 cast measured in the same run, and the
 time to fake-quantize every Linear weight of a model.
 
-    python bench/formats.py                          # every preset + peers, then the 135M model
-    python bench/formats.py --formats mxfp4,nxfp4 --model none --reps 5 --out /tmp/f.json
-    python bench/formats.py --threads 1                # a shared, loaded machine
+    python benchmarks/formats.py                     # every preset + peers, then the 135M model
+    python benchmarks/formats.py --formats mxfp4,nxfp4 --model none --reps 5 --out /tmp/f.json
+    python benchmarks/formats.py --threads 1           # a shared, loaded machine
 
 Method (nanoGPT's bench.py): fixed seed, one burn-in call, then ``--reps`` timed calls; the
 median is reported. Ratios compare with a peer timed in this same run: MX quantize vs torchao's
@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
+from common import header, write_json
 from joules import formats
-from joules.serialize import atomic_write_json
-from joules.system import results_header
 
 SHAPE = (4096, 4096)
 MX_PEERS = {
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default="", help="comma-separated specs (default: every preset)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--model", default="smollm2-135m", help="model spec, or 'none' to skip")
-    ap.add_argument("--out", default="bench/results/formats.json")
+    ap.add_argument("--out", default="benchmarks/results/formats.json")
     ap.add_argument(
         "--threads",
         type=int,
@@ -153,11 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['format']:18s} {r['seconds']:7.2f} s {'(under 10 s)' if r['under_10_s'] else '(OVER 10 s)'}"
             )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
+    write_json(
         out,
         {
-            **results_header("bench/formats.py", argv),
+            **header("benchmarks/formats.py", argv),
             "shape": SHAPE,
             "threads": torch.get_num_threads(),
             "reps": args.reps,

@@ -1,7 +1,7 @@
 """Speed of one compressed linear: torch's CPU int8/int4 kernels vs the emulated path vs fp32.
 
-    flock /tmp/joules-heavy.lock python bench/linear_kernels.py                 # writes bench/results/kernels.json
-    python bench/linear_kernels.py --formats int4-g64 --tokens 1 --reps 5 --out /tmp/k.json
+    flock /tmp/joules-heavy.lock python benchmarks/linear_kernels.py       # writes benchmarks/results/kernels.json
+    python benchmarks/linear_kernels.py --formats int4-g64 --tokens 1 --reps 5 --out /tmp/k.json
 
 For each weight shape of SmolLM2-135M's MLP (out x in = 1536x576: gate/up, 576x1536: down), each
 token count (1: decode, 128: a prefill chunk) and each format with a kernel, it times:
@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common import command, machine, write_json
 from joules import formats
 from joules.compress.modules import kernels as K
-from joules.serialize import atomic_write_json
-from joules.system import backfill_machine, machine_info, system_info
+from joules.system import backfill_machine, system_info
 from joules.system import cpu_flags as system_cpu_flags
 
 SHAPES = [(1536, 576), (576, 1536)]  # (out_features, in_features)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         help="distinct weights cycled through (1: one weight, hot in cache; 90: the working "
         "set of SmolLM2-135M's 90 MLP matrices, larger than the 32 MiB L3 even at 4 bits)",
     )
-    ap.add_argument("--out", default="bench/results/kernels.json")
+    ap.add_argument("--out", default="benchmarks/results/kernels.json")
     ap.add_argument(
         "--table",
         action="store_true",
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         out = Path(args.out)
         data = retable(json.loads(out.read_text()))
-        atomic_write_json(out, data, indent=1)
+        write_json(out, data, indent=1)
         print(table(data, f"results/{out.name}"))
         return 0
     torch.set_num_threads(args.threads)
@@ -223,11 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     for c in choices.values():
         print(f"{c.kernel}: compute dtype {c.dtype} ({c.reason})")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
+    write_json(
         out,
         {
-            "command": "python bench/linear_kernels.py " + " ".join(argv or sys.argv[1:]),
+            "command": command("benchmarks/linear_kernels.py", argv),
             "system": system_info().to_dict(),
             "cpu_flags": cpu_flags(),
             "threads": args.threads,
@@ -243,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, c in choices.items()
             },
             "rows": rows,
-            "machine": machine_info(),
+            "machine": machine(),
             "table": table_rows(rows),
         },
         indent=1,

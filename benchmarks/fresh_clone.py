@@ -1,12 +1,12 @@
 """Time the README's set-up commands as a new user meets them: a fresh clone, an empty pip cache.
 
-    .venv/bin/python bench/fresh_clone.py                       # clones this checkout's HEAD
-    .venv/bin/python bench/fresh_clone.py --steps install,test  # skip the demo
+    .venv/bin/python benchmarks/fresh_clone.py                  # clones this checkout's HEAD
+    .venv/bin/python benchmarks/fresh_clone.py --steps install,test  # skip the demo
 
 Clones HEAD of this repository into a temporary directory, points ``PIP_CACHE_DIR`` and
 ``JOULES_CACHE_DIR`` at new empty directories, and times ``make install`` (the venv from the
 committed lock, llama-cpp-python compiled from source), ``make test`` and ``make demo`` one after
-the other, each as its own wall-clock figure. Writes ``bench/results/fresh_clone.json``
+the other, each as its own wall-clock figure. Writes ``benchmarks/results/fresh_clone.json``
 atomically with the commit, the machine (CPU model and flags, cores), the load average before
 and after each step, and the tail of each step's output; the README's set-up times are checked
 against that file. Run it with nothing else on the machine: every figure is a wall time.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,11 +25,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from joules.serialize import atomic_write_json
-from joules.system import cpu_flags, cpu_model
+from common import RESULTS, machine, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results" / "fresh_clone.json"
+OUT = RESULTS / "fresh_clone.json"
 STEPS = ("install", "test", "demo")
 
 
@@ -38,16 +36,6 @@ def _git(*args: str) -> str:
     return subprocess.run(
         ["git", *args], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout.strip()
-
-
-def _machine() -> dict[str, object]:
-    return {
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def _run_step(step: str, clone: Path, env: dict[str, str]) -> dict[str, object]:
@@ -99,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         record = json.loads(OUT.read_text())
         record["rows"] = table_rows(record["steps"])
-        atomic_write_json(OUT, record)
+        write_json(OUT, record)
         return 0
     steps = [s for s in args.steps.split(",") if s]
     bad = sorted(set(steps) - set(STEPS))
@@ -126,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
     record = {
         "what": "README set-up commands from a fresh clone with an empty pip cache and joules cache",
-        "command": "python bench/fresh_clone.py --steps " + ",".join(steps),
+        "command": "python benchmarks/fresh_clone.py --steps " + ",".join(steps),
         "commit": commit,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine(),
         "steps": results,
         "rows": table_rows(results),  # type: ignore[arg-type]
         "notes": (
@@ -137,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             "make test and make demo reuse the venv make install built."
         ),
     }
-    atomic_write_json(OUT, record)
+    write_json(OUT, record)
     print(f"wrote {OUT.relative_to(ROOT)}")
     if args.keep:
         print(f"clone kept at {clone}")

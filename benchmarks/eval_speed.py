@@ -1,7 +1,7 @@
 """Perplexity throughput of joules (fp32, bf16) against llama.cpp on the same tokens.
 
-    $ python bench/eval_speed.py                       # 4,096 WikiText-2 test tokens, window 1024
-    $ python bench/eval_speed.py --tokens 8192 --window 512 --out bench/results/x.json
+    $ python benchmarks/eval_speed.py                  # 4,096 WikiText-2 test tokens, window 1024
+    $ python benchmarks/eval_speed.py --tokens 8192 --window 512 --out benchmarks/results/x.json
 
 The results JSON records the command, package versions, the CPU model and its ISA flags: bf16
 is fast only on CPUs with native bf16 (AVX512-BF16, AMX, ARM BF16), so a bf16 figure means
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -32,17 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import command, machine, write_json
 from joules.data import load_text
 from joules.evaluate.perplexity import perplexity, plan_windows, tokenize_stream
 from joules.evaluate.scoring import set_threads
 from joules.models import load_model, smollm2_gguf_path
 from joules.runtime_dtype import auto_dtype
-from joules.serialize import atomic_write_json
-from joules.system import machine_info
-
-
-def machine() -> dict:
-    return machine_info()
 
 
 def _version(name: str) -> str:
@@ -123,7 +117,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/eval_speed.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/eval_speed.json"))
     args = ap.parse_args()
     threads = set_threads(args.threads)
     _, tok, _ = load_model("smollm2-135m")
@@ -170,11 +164,10 @@ def main() -> None:
     info = machine()
     print(f"cpu: {info.get('cpu_model')}; flags: {', '.join(info.get('cpu_flags', []))}")
     print(f"--dtype auto picks {auto.name} here ({auto.reason})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
+    write_json(
         args.out,
         {
-            "command": "python bench/eval_speed.py " + " ".join(sys.argv[1:]),
+            "command": command("benchmarks/eval_speed.py"),
             "model": "smollm2-135m (SmolLM2-135M-Instruct; weights Q4_1 in its GGUF file)",
             "tokens": len(ids),
             "window": args.window,

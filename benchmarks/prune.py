@@ -1,23 +1,20 @@
 """Pruning and head clustering on the default model: magnitude vs Wanda vs SparseGPT
 (unstructured and 2:4), and CHAI head clustering at several head budgets.
 
-    python bench/prune.py                 # every row (WikiText-2 test, 16,384 tokens)
-    python bench/prune.py --table         # reprint the table from bench/results/prune.json
+    python benchmarks/prune.py            # every row (WikiText-2 test, 16,384 tokens)
+    python benchmarks/prune.py --table  # reprint the table from benchmarks/results/prune.json
 
-Same protocol, calibration and paired intervals as ``bench/compress.py`` (whose machinery this
+Same protocol, calibration and paired intervals as ``benchmarks/compress.py`` (whose machinery this
 reuses). Pruning saves no time on this CPU (no sparse kernel): the model stays dense, and the
 table reports quality and the bits an n:m layout would take.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS
 from compress import parser, retable, run, table
 
-OUT = Path(__file__).resolve().parent / "results" / "prune.json"
+OUT = RESULTS / "prune.json"
 ROWS = [
     "baseline",
     "prune(method=magnitude, sparsity=0.5)",

@@ -1,13 +1,13 @@
 """Quality of activation quantization, dense-and-sparse outliers and mixed precision (issue 13).
 
-    python bench/compress_more.py                  # every row, 128 x 256 calibration (hours on 2 cores)
-    python bench/compress_more.py --calib-n 32     # what the README table ran (16,384 tokens)
-    python bench/compress_more.py --table          # re-derive the table rows of the JSON
+    python benchmarks/compress_more.py             # every row, 128 x 256 calibration (hours on 2 cores)
+    python benchmarks/compress_more.py --calib-n 32     # what the README table ran (16,384 tokens)
+    python benchmarks/compress_more.py --table     # re-derive the table rows of the JSON
 
-Same protocol as ``bench/compress.py`` (whose helpers it reuses): each recipe is compressed by the
+Same protocol as ``benchmarks/compress.py`` (whose helpers it reuses): each recipe is compressed by the
 real CLI in its own process, loaded back, scored on the first ``--tokens`` WikiText-2 **test**
 tokens (calibration: WikiText-2 valid) and compared with the baseline by the paired per-window
-NLL difference (95 % interval); rows already in ``bench/results/compress_more.json`` with the same
+NLL difference (95 % interval); rows already in ``benchmarks/results/compress_more.json`` with the same
 settings are kept, so an interrupted run resumes. Each ``mixed`` family is compressed once; each
 member is scored by moving the loaded model to it with ``switch_member`` (the bytes each move
 reads are in the JSON). **Activation quantization is emulated on this CPU** (inputs rounded to
@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import compress as base  # bench/compress.py: the shared protocol
-from joules.serialize import atomic_write_json
+import compress as base  # benchmarks/compress.py: the shared protocol
+from common import command, machine, write_json
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "compress_more.json"
@@ -107,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data = json.loads(out.read_text())
         if data.get("settings") != settings:
             data = {}
-    # Rows bench/compress.py measured under the same settings (same tokens, windows, calibration
+    # Rows benchmarks/compress.py measured under the same settings (same tokens, windows, calibration
     # and threads) are the same measurement: copied, and marked so, instead of run twice.
     shared: dict[str, Any] = {}
     if COMPRESS.is_file():
@@ -116,9 +113,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shared = c.get("rows", {})
     data.update(
         settings=settings,
-        command="python bench/compress_more.py " + " ".join(sys.argv[1:]),
+        command=command("benchmarks/compress_more.py"),
         versions=library_versions(),  # joules_code: the fingerprint of the code that ran
-        machine=base._machine(),
+        machine=machine(),
         emulated="activation quantization is emulated (fake-quant in fp32) on this CPU",
     )
     rows: dict[str, Any] = data.setdefault("rows", {})
@@ -129,8 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Paired intervals and table rows after every row, so an interrupted run leaves a table.
         if "baseline" in rows:
             finish(data)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out, data, indent=1)
+        write_json(out, data, indent=1)
 
     wanted = args.rows or ROWS
     if "baseline" not in wanted:
@@ -140,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if recipe in shared and (recipe not in rows or args.force):
             rows[recipe] = {
                 **shared[recipe],
-                "source": "bench/results/compress.json (same settings)",
+                "source": "benchmarks/results/compress.json (same settings)",
             }
             save()
             continue
@@ -221,7 +217,7 @@ UNIFORM = re.compile(r"^(?P<quantizer>rtn|gptq)\(format=int\d-g\d+\)$")
 
 
 def finish(data: dict[str, Any]) -> None:
-    """bench/compress.py's paired figures and table rows, then :func:`vs_uniform`."""
+    """benchmarks/compress.py's paired figures and table rows, then :func:`vs_uniform`."""
     base.finish(data)
     vs_uniform(data)
 
@@ -273,7 +269,7 @@ def vs_uniform(data: dict[str, Any]) -> None:
 
 
 def table(data: dict[str, Any]) -> str:
-    """bench/compress.py's table of the rows, then each ``mixed`` family's moves."""
+    """benchmarks/compress.py's table of the rows, then each ``mixed`` family's moves."""
     lines = [base.table(data, "compress_more")]
     for fam, f in data.get("families", {}).items():
         lines.append("")
@@ -329,7 +325,7 @@ def merge(paths: list[Path]) -> dict[str, Any]:
         data = {**lane, **{k: v for k, v in data.items() if k not in ("rows", "families")}}
         data["rows"], data["families"] = rows, fams
     finish(data)
-    atomic_write_json(OUT, data, indent=1)
+    write_json(OUT, data, indent=1)
     return data
 
 
@@ -344,7 +340,7 @@ def main() -> None:
         path = args.results or OUT
         data = json.loads(path.read_text())
         finish(data)
-        atomic_write_json(path, data, indent=1)
+        write_json(path, data, indent=1)
         print(table(data))
         return
     print(table(run(args)))

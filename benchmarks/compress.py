@@ -1,14 +1,14 @@
 """Quality of compression recipes on the default model: perplexity, paired intervals, bits, cost.
 
-    python bench/compress.py                       # every row (about 45 min on 2 cores)
-    python bench/compress.py --rows "rtn(format=int8-ch)" --tokens 4096   # a quick subset
-    python bench/compress.py --table               # reprint the table from the JSON
+    python benchmarks/compress.py                  # every row (about 45 min on 2 cores)
+    python benchmarks/compress.py --rows "rtn(format=int8-ch)" --tokens 4096   # a quick subset
+    python benchmarks/compress.py --table          # reprint the table from the JSON
 
 Every recipe is compressed by the real CLI in its own process (`joules compress ... --json`),
 so its time and peak RSS are that process's own; the saved directory is then loaded back and
 scored on the first ``--tokens`` WikiText-2 **test** tokens (calibration: WikiText-2 valid).
 Each row is compared with the baseline by the paired per-window NLL difference (95 % interval).
-Rows already in ``bench/results/compress.json`` with the same settings are not recomputed, so an
+Rows already in ``benchmarks/results/compress.json`` with the same settings are not recomputed, so an
 interrupted run resumes. The default model's weights were Q4_1 before joules saw them: the
 baseline is an fp32 copy of Q4_1 values, and ``uint4-asym-g32`` (which reproduces Q4_1) is a
 check of the path, not a result.
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from joules.serialize import atomic_write_json, atomic_write_text
+from common import command, machine, write_json
+from joules.serialize import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "compress.json"
@@ -128,9 +129,9 @@ def run(
             data = {}
     data.update(
         settings=settings,
-        command=f"python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]),
+        command=command(f"benchmarks/{Path(sys.argv[0]).name}"),
         versions=library_versions(),  # joules_code: the fingerprint of the code that ran
-        machine=_machine(),
+        machine=machine(),
     )
     rows: dict[str, Any] = data.setdefault("rows", {})
     cache = cache_dir() / "bench-compress"
@@ -173,10 +174,9 @@ def run(
         entry["linear_paths"] = paths
         entry["perplexity"] = r.to_dict()
         rows[recipe] = entry
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out, data, indent=1)
+        write_json(out, data, indent=1)
     finish(data)
-    atomic_write_json(out, data, indent=1)
+    write_json(out, data, indent=1)
     return data
 
 
@@ -227,17 +227,6 @@ def _gap_closed(rows: dict[str, Any]) -> None:
         entry["gap_closed_vs_rtn"] = (g_rtn - g) / g_rtn if g_rtn > 0 else None
 
 
-def _machine() -> dict[str, Any]:
-    try:
-        from joules.system import machine_info
-
-        return machine_info()
-    except ImportError:
-        import platform
-
-        return {"platform": platform.platform(), "cpu_count": os.cpu_count()}
-
-
 def table_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     """One flat object per README row: exactly the figures the table shows."""
     out = []
@@ -252,7 +241,7 @@ def table_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             )
         elif "sparsity" in ex:
             note = f"sparsity {100 * ex['sparsity']:.1f} %"
-        elif e.get("activations"):  # bench/compress_more.py's W8A8 / W4A4 rows
+        elif e.get("activations"):  # benchmarks/compress_more.py's W8A8 / W4A4 rows
             note = f"activations {e['activations']}"
         else:
             note = None
@@ -275,7 +264,7 @@ def table_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def table(data: dict[str, Any], name: str = "compress") -> str:
-    """The README table of ``bench/results/{name}.json`` (compress, compress_more, prune,
+    """The README table of ``benchmarks/results/{name}.json`` (compress, compress_more, prune,
     compress_awq): its marker ties every column to ``table`` rows in the JSON."""
     s = data["settings"]
     cols = [
@@ -337,7 +326,7 @@ def retable(path: Path) -> dict[str, Any]:
     (nothing is re-measured) and write it back."""
     data = json.loads(path.read_text())
     finish(data)
-    atomic_write_json(path, data, indent=1)
+    write_json(path, data, indent=1)
     return data
 
 

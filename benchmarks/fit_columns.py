@@ -1,7 +1,7 @@
 """Cost of GPTQ's column loop through ``Format.fit``: one column's ``fake_quant_cols`` at 1536 rows.
 
-    python bench/fit_columns.py                                   # the default formats, 1 thread
-    python bench/fit_columns.py --formats int4-g64,mxfp4 --rows 576 --cols 1536 --out /tmp/f.json
+    python benchmarks/fit_columns.py                              # the default formats, 1 thread
+    python benchmarks/fit_columns.py --formats int4-g64,mxfp4 --rows 576 --cols 1536 --out /tmp/f.json
 
 GPTQ calls ``fitted.fake_quant_cols(W[:, c:c+1], c)`` once per column (576 to 1536 columns per
 layer, 210 layers in the default model), so that call must cost little next to the column's own
@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
+from common import header, write_json
 from joules import formats
-from joules.serialize import atomic_write_json
-from joules.system import results_header
 
 DEFAULT = "int4-g64,uint4-asym-g64,int8-ch,fp8-e4m3,nf4,mxfp4,nxfp4,ternary-g64,codebook4"
 
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=1536)
     ap.add_argument("--cols", type=int, default=576)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="bench/results/fit_columns.json")
+    ap.add_argument("--out", default="benchmarks/results/fit_columns.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -102,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"peer: GPTQ rank-1 update of one column in a 128-column block: {rank1_us:.1f} us")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        **results_header("bench/fit_columns.py", argv),
+        **header("benchmarks/fit_columns.py", argv),
         "note": (
             "synthetic N(0, 0.02) weight, seed 0; medians over every column after a burn-in"
             " pass; read ratios to the peers timed in this run (whole fake_quant / columns,"
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "formats": rows,
         "peer_rank1_update_us": rank1_us,
     }
-    atomic_write_json(out, result, indent=1)
+    write_json(out, result, indent=1)
     print(f"wrote {out}")
     return 0
 

@@ -1,8 +1,8 @@
 """joules' GGUF exports against llama.cpp's own quantizer, measured in llama.cpp in one run.
 
-    python bench/deploy.py                        # every row below (the lead's full run)
-    python bench/deploy.py --tokens 256 --rows llamacpp-q4_0,rtn-q4_0 --repeats 1   # smoke
-    python bench/deploy.py --table                # the README table from the committed JSON
+    python benchmarks/deploy.py                   # every row below (the lead's full run)
+    python benchmarks/deploy.py --tokens 256 --rows llamacpp-q4_0,rtn-q4_0 --repeats 1   # smoke
+    python benchmarks/deploy.py --table           # the README table from the committed JSON
 
 Peer: the default model exported as an F32 GGUF and quantized by llama.cpp
 (``llama_model_quantize``, no imatrix) to Q4_0, Q5_0, Q8_0 and Q4_K_M. joules rows are
@@ -24,7 +24,7 @@ phase (this machine has no energy counter: **estimated**) and the fraction of th
 light (the file's stored tensor bytes + F16 KV ÷ probed read bandwidth). In the same run: the
 transformers eager fp32 row (the issue's ≥ 5× target) and the torch path's perplexity of the
 ``gptq-q4_0`` directory on the same windows (the ≤ 0.5 % parity target). Built files stay in
-``--work``, so a rerun resumes. Writes ``bench/results/deploy.json``.
+``--work``, so a rerun resumes. Writes ``benchmarks/results/deploy.json``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from joules.serialize import atomic_write_json
+from common import header, write_json
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "deploy.json"
@@ -174,7 +174,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from joules.fingerprint import cache_key
     from joules.models import load_model
     from joules.models.loading import model_identity
-    from joules.system import results_header
 
     # files built under --work are reused only for the same model content, calibration, joules
     # code, library versions (llama.cpp's included) and compute path
@@ -297,7 +296,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     print("summary:", json.dumps({k: v for k, v in summary.items() if k != "targets"}))
     return {
-        **results_header("bench/deploy.py"),
+        **header("benchmarks/deploy.py"),
         "settings": vars(args),
         "note": "the default model's weights were Q4_1 before joules saw them; J/token is "
         "estimated (no energy counter on this machine); rtn rows and shipped-q4_1 check the path "
@@ -404,8 +403,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
     data = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(Path(args.out), data, indent=1, default=str)
+    write_json(Path(args.out), data, indent=1, default=str)
     print(f"wrote {args.out}")
 
 

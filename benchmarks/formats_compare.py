@@ -1,8 +1,8 @@
 """Error of every README format on every Linear weight of the default model (the README's
-format table), written to bench/results/formats_compare.json.
+format table), written to benchmarks/results/formats_compare.json.
 
-    OMP_NUM_THREADS=1 python bench/formats_compare.py
-    python bench/formats_compare.py --formats int8-ch,mxfp4 --out /tmp/c.json
+    OMP_NUM_THREADS=1 python benchmarks/formats_compare.py
+    python benchmarks/formats_compare.py --formats int8-ch,mxfp4 --out /tmp/c.json
 
 The same computation as ``joules formats compare --source smollm2-135m --json`` (it calls the
 same ``compare_formats``), with the command, versions and machine recorded beside the figures.
@@ -15,11 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from common import header, write_json
 from joules import formats
 from joules.formats.error import compare_formats, linear_weights
 from joules.models import load_model
-from joules.serialize import atomic_write_json
-from joules.system import results_header
 
 README_FORMATS = (
     "int8-ch,mxint8,fp8-e4m3,mxfp8-e4m3,mxfp6-e2m3,uint4-asym-g32,nf4,int4-g32,nxfp4,"
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--formats", default=README_FORMATS)
-    ap.add_argument("--out", default="bench/results/formats_compare.json")
+    ap.add_argument("--out", default="benchmarks/results/formats_compare.json")
     args = ap.parse_args(argv)
     fmts = [formats.get(s) for s in args.formats.split(",") if s]
     model, _, _ = load_model(args.model)
@@ -46,15 +45,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * e.frac_clipped:9.3f}"
         )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        **results_header("bench/formats_compare.py", argv),
+        **header("benchmarks/formats_compare.py", argv),
         "model": args.model,
         "tensors": len(tensors),
         "numel": sum(t.numel() for t in tensors.values()),
         "results": [e.to_dict() for e in results],
     }
-    atomic_write_json(out, record, indent=1)
+    write_json(out, record, indent=1)
     print(f"wrote {out}")
     return 0
 
