@@ -33,6 +33,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,19 +132,27 @@ def probe_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def best_time_s(fn: Callable[[], object], repeats: int) -> float:
+    """Best seconds of ``repeats`` calls of ``fn`` after one warm-up call (first-call dispatch,
+    allocations, page touches): other jobs only ever add time, so the minimum is the probe.
+    Every speed probe (``--dtype auto``, the kernels' activation dtype, ``bench --probe``)
+    times through this."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def _time_matmul(dtype: torch.dtype, repeats: int) -> float:
     rows, din, dout = _PROBE_SHAPE
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, din, generator=gen).to(dtype)
     w = torch.randn(dout, din, generator=gen).to(dtype)
     with torch.inference_mode():
-        torch.nn.functional.linear(x, w)  # warm-up (first-call dispatch, allocations)
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            best = min(best, time.perf_counter() - t)
-    return best
+        return best_time_s(lambda: torch.nn.functional.linear(x, w), repeats)
 
 
 def probe(repeats: int = 7) -> tuple[float, float]:

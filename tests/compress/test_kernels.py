@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from joules import formats
+from joules import runtime_dtype as rd
 from joules.compress.modules import kernels as K
 from joules.compress.modules.linear import prepack
 from joules.errors import ConfigError
@@ -160,8 +161,8 @@ def _fake_probe(monkeypatch: pytest.MonkeyPatch, fp32_s: float, bf16_s: float, b
 
 def test_time_call_keeps_the_best_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
     ticks = iter([0.0, 4.0, 10.0, 10.25, 20.0, 22.0])  # repeats of 4 s, 0.25 s, 2 s
-    monkeypatch.setattr(K, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
-    assert K._time_call(lambda: torch.zeros(1), reps=3) == 0.25
+    monkeypatch.setattr(rd, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    assert K.best_time_s(lambda: torch.zeros(1), repeats=3) == 0.25  # the kernels' probe timer
 
 
 def test_the_probe_records_the_load(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,7 +51,7 @@ import torch
 from joules import dtypes
 from joules.errors import ConfigError
 from joules.paths import cache_dir
-from joules.runtime_dtype import MAX_BUSY_PROBES, machine_load
+from joules.runtime_dtype import MAX_BUSY_PROBES, best_time_s, machine_load
 from joules.serialize import atomic_write_json
 from joules.system import cpu_model
 
@@ -110,21 +110,11 @@ def _threads(n: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def _best_time(fn: Any, repeats: int) -> float:
-    fn()  # warm-up: first touch of pages, thread-pool start
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _bandwidth_times(n: int, repeats: int) -> tuple[float, float]:
     """Best times of a sum over n fp32 values and of a triad over three such arrays."""
     a, b, c = torch.ones(n), torch.ones(n), torch.ones(n)
-    read_s = _best_time(lambda: a.sum(), repeats)
-    triad_s = _best_time(lambda: torch.add(b, c, alpha=3.0, out=a), repeats)
+    read_s = best_time_s(lambda: a.sum(), repeats)
+    triad_s = best_time_s(lambda: torch.add(b, c, alpha=3.0, out=a), repeats)
     return read_s, triad_s
 
 
@@ -150,7 +140,7 @@ def probe_machine(
         for name, dtype in _DTYPES.items():
             x = torch.randn(matmul_n, matmul_n).to(dtype)
             y = torch.randn(matmul_n, matmul_n).to(dtype)
-            t = _best_time(lambda x=x, y=y: torch.nn.functional.linear(x, y), repeats)
+            t = best_time_s(lambda x=x, y=y: torch.nn.functional.linear(x, y), repeats)
             peak[name] = 2 * matmul_n**3 / t
     limits = MachineLimits(
         cpu_model=cpu_model(),

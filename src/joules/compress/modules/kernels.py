@@ -52,7 +52,6 @@ computes in bf16 everywhere.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -67,7 +66,7 @@ from joules.formats.base import QuantizedTensor
 from joules.formats.integer import IntFormat
 from joules.formats.packing import unpack
 from joules.registry import Registry
-from joules.runtime_dtype import machine_load
+from joules.runtime_dtype import MAX_BUSY_PROBES, best_time_s, machine_load
 
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes aten._weight_int4pack_mm_for_cpu accepts
 DTYPES = dtypes.choices("fp32", "bf16")  # the activation dtypes the kernels run in
@@ -349,18 +348,6 @@ class DtypeChoice:
 
 
 _CHOICES: dict[str, DtypeChoice] = {}
-MAX_BUSY_PROBES = 3  # busy probes merged before a verdict is kept for the process
-
-
-def _time_call(fn: Callable[[], torch.Tensor], reps: int) -> float:
-    """Best seconds of ``reps`` calls after a warm-up: other jobs only ever add time."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def probe(kernel_name: str, reps: int = 15) -> DtypeChoice:
@@ -375,7 +362,7 @@ def probe(kernel_name: str, reps: int = 15) -> DtypeChoice:
     for name, dt in DTYPES.items():
         p = kernel.pack(q, dt)
         x = torch.randn(1, 576).to(dt)
-        times[name] = _time_call(lambda p=p, x=x: kernel.mm(x, p), reps)
+        times[name] = best_time_s(lambda p=p, x=x: kernel.mm(x, p), reps)
     return _verdict(kernel_name, times["fp32"], times["bf16"], load.to_dict(), 1)
 
 
