@@ -29,7 +29,7 @@ from torch import nn
 
 from joules import formats
 from joules.compress.manifest import Manifest
-from joules.compress.modules.linear import CompressedLinear
+from joules.compress.modules.linear import CompressedLinear, decoded
 from joules.data import load_text
 from joules.data.tokens import tokenize_stream
 from joules.errors import ConfigError, UnsupportedModelError
@@ -49,21 +49,11 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-@contextlib.contextmanager
-def decoded_once(block: nn.Module) -> Iterator[None]:
+def decoded_once(block: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Inside, the block's compressed linears compute with their weight decoded once, in the
     activations' dtype as given (fp32), instead of a kernel: calibration pushes thousands of
-    tokens per forward, where a dense matmul beats the weight-only kernels (which also round
-    activations to bf16) and per-forward decoding; the numbers are exactly the format's."""
-    layers = [m for m in block.modules() if isinstance(m, CompressedLinear)]
-    saved = [(m.use_kernels, m.cache_dequantized, m._w_cache) for m in layers]
-    for m in layers:
-        m.use_kernels, m.cache_dequantized, m._kernel_key = False, True, None
-    try:
-        yield
-    finally:
-        for m, (kern, cache, w) in zip(layers, saved, strict=True):
-            m.use_kernels, m.cache_dequantized, m._w_cache, m._kernel_key = kern, cache, w, None
+    tokens per forward through one block (see :func:`decoded`)."""
+    return decoded(block, cache=True)
 
 
 def _is_linear(m: nn.Module) -> bool:

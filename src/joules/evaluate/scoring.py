@@ -29,48 +29,24 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
 from joules import dtypes
-from joules.compress.modules.kernels import pinned_activations
-from joules.compress.modules.linear import CompressedLinear
+from joules.compress.modules.linear import CompressedLinear, decoded
 from joules.models.hf_cache import output_cache
 
 _CHUNK_ROWS = 512  # positions projected to the vocabulary at once: 512 x 49,152 fp32 = 100 MB
-EVAL_ACTIVATIONS = "fp32"  # compressed linears' activation dtype in every evaluation
 
 
-@contextmanager
-def _decoded(model: Any) -> Iterator[None]:
-    """Inside, ``model``'s compressed linears decode their weight and run a dense matmul in the
-    activations' dtype instead of a weight-only kernel. The values are exactly the format's
-    (the kernels compute the same product in another order); the weight-only kernels are built
-    for decode-sized inputs and, in fp32, ran a 512-token evaluation window up to ~60x slower
-    than the dense matmul on a Xeon with AMX. One layer's dense weight exists at a time."""
-    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
-    saved = [m.use_kernels for m in layers]
-    for m in layers:
-        m.use_kernels = False
-    try:
-        yield
-    finally:
-        for m, kern in zip(layers, saved, strict=True):
-            m.use_kernels = kern
-
-
-def evaluation_path(model: Any = None) -> AbstractContextManager[Any]:
-    """The context every evaluation forward runs in: compressed linears of ``model`` decode and
-    multiply densely (``path == "emulated"``), and any kernel still reached takes its
-    activations in ``EVAL_ACTIVATIONS``; never what a speed probe chose. An explicit
-    ``JOULES_KERNEL_DTYPE`` is honoured only by kernels, so it changes nothing here."""
-    stack = ExitStack()
-    stack.enter_context(pinned_activations(EVAL_ACTIVATIONS))
-    if model is not None:
-        stack.enter_context(_decoded(model))
-    return stack
+def evaluation_path(model: Any) -> AbstractContextManager[None]:
+    """The context every evaluation forward runs in: ``model``'s compressed linears decode
+    their weight into the model's dtype and multiply densely (``path == "emulated"``), one
+    layer's dense weight at a time, never on a kernel a speed probe (or ``JOULES_KERNEL_DTYPE``)
+    picked for speed work."""
+    return decoded(model, cache=False)
 
 
 def activations_of(model: Any) -> str:

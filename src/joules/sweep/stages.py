@@ -310,9 +310,10 @@ def _run_child(job_path: str, out_path: str, progress: Progress | None) -> None:
 def _release_free_memory() -> None:
     """Give the heap memory that loading freed back to the OS (glibc ``malloc_trim``).
 
-    Loading builds the dense model before compressed layers replace its linears; glibc keeps
-    the freed blocks in the process, so without this the RSS of a compressed model would
-    include the dense weights it no longer holds. A no-op where glibc is absent."""
+    Loading frees memory it used only in passing (the safetensors read, dtype conversions;
+    ``load_compressed`` no longer builds the dense model at all); glibc keeps freed blocks in
+    the process, so without this the RSS of a loaded model could include them. The RSS before
+    the trim is recorded beside it. A no-op where glibc is absent."""
     import ctypes
     import ctypes.util
 

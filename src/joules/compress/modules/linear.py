@@ -24,9 +24,10 @@ loading rebuilds the structure before reading the state dict.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -380,6 +381,30 @@ def _child_config(m: nn.Module | None) -> dict[str, Any] | None:
     if m is None:
         return None
     return {"type": m.module_type, "config": m.export_config()}  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def decoded(module: nn.Module, *, cache: bool) -> Iterator[None]:
+    """Inside, ``module``'s compressed linears decode their weight and run a dense matmul in the
+    activations' dtype instead of a weight-only kernel; the values are exactly the format's (a
+    kernel computes the same product in another order and, on a speed probe's word, maybe in
+    bf16). The weight-only kernels are built for decode-sized inputs: on calibration batches
+    and 512-token evaluation windows the dense matmul is far faster (fp32 int4 kernels took
+    253 s for what decoding did in 2 s on a Xeon with AMX).
+
+    ``cache``: keep each decoded weight until the block exits (calibration: one block, many
+    forwards) instead of decoding per forward (evaluation: one layer's dense weight at a time,
+    whatever the model's size)."""
+    layers = [m for m in module.modules() if isinstance(m, CompressedLinear)]
+    saved = [(m.use_kernels, m.cache_dequantized, m._w_cache) for m in layers]
+    for m in layers:
+        m.use_kernels, m._kernel_key = False, None
+        m.cache_dequantized = m.cache_dequantized or cache
+    try:
+        yield
+    finally:
+        for m, (kern, keep, w) in zip(layers, saved, strict=True):
+            m.use_kernels, m.cache_dequantized, m._w_cache, m._kernel_key = kern, keep, w, None
 
 
 def compressed_linears(model: nn.Module) -> dict[str, CompressedLinear]:
