@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import command, machine, write_json
+from common import command, machine, retable_file, write_json
 from joules import formats
 from joules.compress import calibration_tokens
 from joules.compress.context import BlockInputs, CompressContext
@@ -114,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.table:
-        out = Path(args.out)
-        data = retable(json.loads(out.read_text()))
-        write_json(out, data, indent=1)
-        print(table(data, f"results/{out.name}"))
-        return 0
+        return retable_file(Path(args.out), retable, table)
     torch.set_num_threads(args.threads)
     fmt = formats.get(args.format)
     model, tok, _info = load_model(args.model)

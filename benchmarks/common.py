@@ -13,8 +13,12 @@ no ``sys.path`` edit (a test that loads a script by path puts the folder there t
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,3 +71,26 @@ def write_json(path: str | Path, data: Any, *, indent: int | None = 1, **kwargs:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_json(path, data, indent=indent, **kwargs)
+
+
+def median_time_s(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds of ``reps`` calls of ``fn`` after one burn-in call (the format and kernel
+    tables report a typical call, not the best one a speed probe wants)."""
+    fn()  # burn-in
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def retable_file(
+    out: Path, retable: Callable[[dict], dict], table: Callable[[dict, str], str]
+) -> int:
+    """A script's ``--table`` mode: re-derive ``out``'s table rows from its measured rows with
+    ``retable``, write it back atomically and print the table (marker name ``results/NAME``)."""
+    data = retable(json.loads(out.read_text()))
+    write_json(out, data, indent=1)
+    print(table(data, f"results/{out.name}"))
+    return 0

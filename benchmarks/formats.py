@@ -17,16 +17,14 @@ On a shared machine timings are noisy: read ratios, not absolutes.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from common import header, write_json
+from common import header, median_time_s, write_json
 from joules import formats
 
 SHAPE = (4096, 4096)
@@ -38,16 +36,6 @@ MX_PEERS = {
     "mxfp4": torch.float4_e2m1fn_x2,
 }
 CAST_PEERS = {"fp8-e4m3-raw": torch.float8_e4m3fn, "fp8-e5m2-raw": torch.float8_e5m2}
-
-
-def timeit(fn: Callable[[], object], reps: int) -> float:
-    fn()  # burn-in
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,17 +73,17 @@ def main(argv: list[str] | None = None) -> int:
             for spec, el in MX_PEERS.items():
                 if spec in specs:
                     peers[f"torchao to_mx {spec}"] = (
-                        n / timeit(lambda el=el: to_mx(x, el, 32), args.reps) / 1e6
+                        n / median_time_s(lambda el=el: to_mx(x, el, 32), args.reps) / 1e6
                     )
         for spec, dt in CAST_PEERS.items():
             if spec in specs:
                 peers[f"torch .to({dt})".replace("torch.", "")] = (
-                    n / timeit(lambda dt=dt: x.to(dt), args.reps) / 1e6
+                    n / median_time_s(lambda dt=dt: x.to(dt), args.reps) / 1e6
                 )
         for spec in specs:
             fmt = formats.get(spec)
-            fq = n / timeit(lambda fmt=fmt: fmt.fake_quant(x), args.reps) / 1e6
-            q = n / timeit(lambda fmt=fmt: fmt.quantize(x), args.reps) / 1e6
+            fq = n / median_time_s(lambda fmt=fmt: fmt.fake_quant(x), args.reps) / 1e6
+            q = n / median_time_s(lambda fmt=fmt: fmt.quantize(x), args.reps) / 1e6
             peer_name = (
                 f"torchao to_mx {spec}"
                 if spec in MX_PEERS

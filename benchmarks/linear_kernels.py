@@ -22,17 +22,14 @@ Threads default to 1: the machine is shared, and one thread gives stable ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common import command, machine, write_json
+from common import command, machine, median_time_s, retable_file, write_json
 from joules import formats
 from joules.compress.modules import kernels as K
 from joules.system import backfill_machine, system_info
@@ -40,16 +37,6 @@ from joules.system import cpu_flags as system_cpu_flags
 
 SHAPES = [(1536, 576), (576, 1536)]  # (out_features, in_features)
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def timeit(fn: Callable[[], object], reps: int) -> float:
-    fn()  # burn-in
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def cpu_flags() -> dict[str, bool]:
@@ -89,14 +76,14 @@ def bench_case(spec: str, shape: tuple[int, int], tokens: int, reps: int, copies
     for name, dt in DT.items():
         xn = x.to(dt)
         dense = [q.dequantize().to(dt) for q in qs]
-        t[name] = timeit(Cycle(lambda i, xn=xn, d=dense: F.linear(xn, d[i]), copies), reps)
+        t[name] = median_time_s(Cycle(lambda i, xn=xn, d=dense: F.linear(xn, d[i]), copies), reps)
         del dense
-        t[f"emulated-{name}"] = timeit(
+        t[f"emulated-{name}"] = median_time_s(
             Cycle(lambda i, xn=xn, dt=dt: F.linear(xn, qs[i].dequantize().to(dt)), copies), reps
         )
         packed = [kernel.pack(q, dt) for q in qs]
         nbytes[name] = packed[0].nbytes
-        t[f"kernel-{name}"] = timeit(
+        t[f"kernel-{name}"] = median_time_s(
             Cycle(lambda i, xn=xn, p=packed: kernel.mm(xn, p[i]), copies), reps
         )
         del packed
@@ -193,11 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.table:
-        out = Path(args.out)
-        data = retable(json.loads(out.read_text()))
-        write_json(out, data, indent=1)
-        print(table(data, f"results/{out.name}"))
-        return 0
+        return retable_file(Path(args.out), retable, table)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     specs = [s for s in args.formats.split(",") if s]
