@@ -17,10 +17,10 @@ the README against them and them against the raw rows).
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
 
-from common import header, write_json
+from common import header, parser, write_json
 from joules.evaluate import tasks
 
 # README column -> (impl, block size or None); the block size is the run's one flash block.
@@ -60,13 +60,12 @@ def readme_rows(rows: list[dict], dtype: str, block_size: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, out=Path("benchmarks/results/attention_deviation.json"))
     ap.add_argument("--seq-lens", default="128,512,1024,4096")
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--out", default="benchmarks/results/attention_deviation.json")
     args = ap.parse_args(argv)
     task = tasks.get(
         "attention-deviation",

@@ -15,7 +15,6 @@ block with every linear rounded to nearest (RTN), after AWQ then the same roundi
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import command, machine, retable_file, write_json
+from common import command, machine, parser, retable_file, write_json
 from joules import formats
 from joules.compress import calibration_tokens
 from joules.compress.context import BlockInputs, CompressContext
@@ -96,24 +95,22 @@ def table(data: dict, source: str = "results/awq_blocks.json") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = parser(
+        __doc__,
+        out=Path("benchmarks/results/awq_blocks.json"),
+        model="smollm2-135m",
+        threads=1,
+        table=True,
+    )
     ap.add_argument("--format", default="int4-g64")
     ap.add_argument("--blocks", default="0,1,2")
     ap.add_argument("--fit", type=int, default=4, help="sequences AWQ searches on")
     ap.add_argument("--held", type=int, default=4, help="held-out sequences for the error")
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--grid", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/awq_blocks.json")
-    ap.add_argument(
-        "--table",
-        action="store_true",
-        help="re-derive --out's README rows from its measured blocks, write it, print the table",
-    )
     args = ap.parse_args(argv)
     if args.table:
-        return retable_file(Path(args.out), retable, table)
+        return retable_file(args.out, retable, table)
     torch.set_num_threads(args.threads)
     fmt = formats.get(args.format)
     model, tok, _info = load_model(args.model)
@@ -183,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "note": "model weights were Q4_1 before joules saw them (fp32 copy of Q4_1)",
         "blocks": rows,
     }
-    write_json(Path(args.out), retable(data), indent=1)
+    write_json(args.out, retable(data), indent=1)
     print(f"wrote {args.out}")
     return 0
 

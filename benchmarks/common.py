@@ -1,4 +1,7 @@
-"""What the benchmark scripts share: the header a results JSON starts with, and writing it.
+"""What the benchmark scripts share: the header a results JSON starts with, writing it, the
+command-line flags every script spells the same way (:func:`parser`), and keeping finished rows
+so a stopped run resumes (:func:`resume` for rows inside the results JSON, :class:`RowCache` for
+one file per row under the joules cache).
 
 Every script runs from the repository root as ``python benchmarks/NAME.py``. Python puts the
 script's own folder first on ``sys.path``, so ``from common import header`` finds this file with
@@ -13,8 +16,10 @@ no ``sys.path`` edit (a test that loads a script by path puts the folder there t
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -23,7 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from joules.fingerprint import library_versions
+from joules.fingerprint import cache_key, library_versions, sha
+from joules.paths import cache_dir
 from joules.serialize import atomic_write_json
 from joules.system import machine_info
 
@@ -94,3 +100,135 @@ def retable_file(
     write_json(out, data, indent=1)
     print(table(data, f"results/{out.name}"))
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------
+
+# The flags several scripts take: name -> (type, help, what a default of None means). A switch
+# (type bool) is off by default; every other flag's default is the script's own.
+SHARED_FLAGS: dict[str, tuple[type, str, str | None]] = {
+    "model": (str, "model spec: a registry name, a file or a directory", None),
+    "threads": (int, "torch intra-op threads", "all logical cores"),
+    "tokens": (int, "WikiText-2 test tokens scored", None),
+    "window": (int, "tokens per perplexity window", None),
+    "calib_n": (int, "calibration sequences (WikiText-2 valid)", None),
+    "calib_len": (int, "tokens per calibration sequence", None),
+    "repeats": (int, "timed repeats of each measurement", None),
+    "force": (bool, "recompute rows the results JSON already holds", None),
+    "table": (
+        bool,
+        "re-derive the results JSON's table rows from its measured rows, write it back and "
+        "print the table (nothing re-measured)",
+        None,
+    ),
+    "markdown": (bool, "print the README table(s) from the results JSON (nothing measured)", None),
+}
+
+
+def parser(doc: str | None, *, out: Path | None = None, **flags: Any) -> argparse.ArgumentParser:
+    """An argument parser whose description is the script's docstring (its layout kept), with
+    ``--out`` (the results JSON, default ``out``) when ``out`` is given, and each shared flag
+    named in ``flags`` (see :data:`SHARED_FLAGS`: ``model``, ``threads``, ``tokens``,
+    ``window``, ``calib_n``, ``calib_len``, ``repeats``, ``force``, ``table``, ``markdown``) with
+    the value given as the script's default; a switch (``force``, ``table``, ``markdown``) is
+    added when its value is True. Script-specific flags are added to the result as usual.
+
+    >>> ap = parser("Demo.", out=Path("results/demo.json"), model="smollm2-135m", threads=None,
+    ...             tokens=4096, force=True, table=False)
+    >>> a = ap.parse_args(["--threads", "2", "--force"])
+    >>> a.out.as_posix(), a.model, a.threads, a.tokens, a.force, hasattr(a, "table")
+    ('results/demo.json', 'smollm2-135m', 2, 4096, True, False)
+    >>> parser("Demo.", thread=2)
+    Traceback (most recent call last):
+    ...
+    TypeError: parser() has no shared flag 'thread' (known: model, threads, ..., markdown)
+    """
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    if out is not None:
+        ap.add_argument(
+            "--out", type=Path, default=out, help="the results JSON (default: %(default)s)"
+        )
+    for name, default in flags.items():
+        if name not in SHARED_FLAGS:
+            known = ", ".join(SHARED_FLAGS)
+            raise TypeError(f"parser() has no shared flag {name!r} (known: {known})")
+        kind, text, if_none = SHARED_FLAGS[name]
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            if default:
+                ap.add_argument(flag, action="store_true", help=text)
+            continue
+        shown = if_none if default is None and if_none else "%(default)s"
+        ap.add_argument(flag, type=kind, default=default, help=f"{text} (default: {shown})")
+    return ap
+
+
+# ----------------------------------------------------------------------------------------------
+# Finished rows, kept so a stopped run resumes
+# ----------------------------------------------------------------------------------------------
+
+
+def resume(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The results JSON at ``path`` when its ``settings`` equal ``settings`` (the rows an
+    interrupted run of the same settings finished, to be kept), else ``{}`` (no file, or other
+    settings: everything is measured again).
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "demo.json"
+    >>> resume(path, {"tokens": 4096})
+    {}
+    >>> _ = write_json(path, {"settings": {"tokens": 4096}, "rows": {"baseline": 1}})
+    >>> resume(path, {"tokens": 4096})["rows"], resume(path, {"tokens": 16384})
+    ({'baseline': 1}, {})
+    """
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data if data.get("settings") == settings else {}
+
+
+class RowCache:
+    """Finished rows of a long benchmark, one JSON file each under
+    ``joules.paths.cache_dir()/bench-NAME/`` (``root`` instead of the cache directory, for
+    tests), so a stopped run resumes row by row. A row's file is ``ROW_ID-KEY.json``: ``KEY``
+    is :func:`joules.fingerprint.cache_key` of ``settings`` (what every row shares: the model's
+    content hash, the protocol), taken once when the cache is made (joules code, library
+    versions and compute path of that moment), hashed with the row's own ``inputs`` (its
+    configuration) where given; ``ROW_ID`` names the row for people (characters other than
+    letters, digits, ``.``, ``_`` and ``-`` become ``_``).
+
+    >>> import tempfile
+    >>> rows = RowCache("demo", {"model": "tiny", "streams": 2}, root=Path(tempfile.mkdtemp()))
+    >>> rows.get("int4 kivi", {"bits": 4}) is None
+    True
+    >>> _ = rows.put("int4 kivi", {"ppl": 12.5}, {"bits": 4})
+    >>> rows.get("int4 kivi", {"bits": 4}), rows.get("int4 kivi", {"bits": 2})
+    ({'ppl': 12.5}, None)
+    >>> f = rows.path("int4 kivi", {"bits": 4})
+    >>> f.parent.name, f.name.startswith("int4_kivi-")
+    ('bench-demo', True)
+    """
+
+    def __init__(self, name: str, settings: Any, *, root: Path | None = None) -> None:
+        self.folder = (cache_dir() if root is None else root) / f"bench-{name}"
+        self.settings = settings
+        # probed once: a script that sets a compute variable mid-run keeps finding its rows
+        self._key = cache_key(settings, 12)
+
+    def path(self, row_id: str, inputs: Any = None) -> Path:
+        """The file of row ``row_id`` (configured by ``inputs``)."""
+        key = self._key if inputs is None else sha([self._key, inputs], 12)
+        return self.folder / f"{re.sub(r'[^A-Za-z0-9._-]', '_', row_id)}-{key}.json"
+
+    def get(self, row_id: str, inputs: Any = None) -> Any | None:
+        """The kept row, or None where it was not finished under these settings."""
+        f = self.path(row_id, inputs)
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def put(self, row_id: str, value: Any, inputs: Any = None) -> Path:
+        """Keep a finished row (atomically: a kill mid-write leaves no half row)."""
+        return write_json(self.path(row_id, inputs), value, indent=None)

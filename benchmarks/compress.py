@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import command, machine, write_json
+import common
+from common import command, machine, resume, write_json
 from joules.serialize import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
@@ -122,11 +123,7 @@ def run(
 
     torch.set_num_threads(args.threads)
     settings = _settings(args)
-    data: dict[str, Any] = {}
-    if out.is_file():
-        data = json.loads(out.read_text())
-        if data.get("settings") != settings:
-            data = {}
+    data = resume(out, settings)  # rows an interrupted run of the same settings finished
     data.update(
         settings=settings,
         command=command(f"benchmarks/{Path(sys.argv[0]).name}"),
@@ -300,21 +297,24 @@ def table(data: dict[str, Any], name: str = "compress") -> str:
     return "\n".join(lines)
 
 
+def _recipes(text: str) -> list[str]:
+    return [r.strip() for r in text.split(";") if r.strip()]
+
+
 def parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--calib-n", type=int, default=128)
-    ap.add_argument("--calib-len", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", type=lambda s: [r.strip() for r in s.split(";") if r.strip()])
-    ap.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
-    ap.add_argument(
-        "--table",
-        action="store_true",
-        help="re-derive the JSON's paired figures and table rows (no re-measuring), print the table",
+    """The flags of this script and of those that share its protocol (compress_more, prune)."""
+    ap = common.parser(
+        doc,
+        model="smollm2-135m",
+        tokens=16384,
+        window=512,
+        calib_n=128,
+        calib_len=256,
+        threads=2,
+        force=True,
+        table=True,
     )
+    ap.add_argument("--rows", type=_recipes, help="recipes to run, separated by ';'")
     ap.add_argument(
         "--results", type=Path, help="with --table: another JSON of this layout (a snapshot)"
     )

@@ -17,14 +17,13 @@ Cheap: it only reads the two JSONs, so re-run it whenever ``compress.json`` gain
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from common import header, write_json
+from common import header, parser, write_json
 from joules.evaluate.paired import paired_difference
 from joules.evaluate.results import PerplexityResult
 from joules.serialize import atomic_write_text
@@ -432,10 +431,9 @@ def update_readme(readme: Path, block: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, out=HERE / "results" / "compress4.json")
     ap.add_argument("--rows-json", default=str(HERE / "results" / "compress.json"))
     ap.add_argument("--peers-json", default=str(HERE / "results" / "peers.json"))
-    ap.add_argument("--out", default=str(HERE / "results" / "compress4.json"))
     ap.add_argument(
         "--readme",
         action="store_true",
@@ -443,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     out = build(Path(args.rows_json), Path(args.peers_json), argv)
-    write_json(Path(args.out), out, indent=1)
+    write_json(args.out, out, indent=1)
     block = markdown(out) + "\n\n" + prose(out)
     print(block)
     page = HERE.parent / "docs" / "results" / "compress.md"  # the results page holds the table

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import compress as base  # benchmarks/compress.py: the shared protocol
-from common import command, machine, write_json
+from common import command, machine, resume, write_json
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "compress_more.json"
@@ -99,18 +99,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     settings = base._settings(args)
     out = args.results or OUT  # a second lane writes its own file; --merge joins them
-    data: dict[str, Any] = {}
-    if out.is_file():
-        data = json.loads(out.read_text())
-        if data.get("settings") != settings:
-            data = {}
+    data = resume(out, settings)  # rows an interrupted run of the same settings finished
     # Rows benchmarks/compress.py measured under the same settings (same tokens, windows, calibration
     # and threads) are the same measurement: copied, and marked so, instead of run twice.
-    shared: dict[str, Any] = {}
-    if COMPRESS.is_file():
-        c = json.loads(COMPRESS.read_text())
-        if c.get("settings") == settings:
-            shared = c.get("rows", {})
+    shared: dict[str, Any] = resume(COMPRESS, settings).get("rows", {})
     data.update(
         settings=settings,
         command=command("benchmarks/compress_more.py"),

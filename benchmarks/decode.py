@@ -17,7 +17,6 @@ implementation), so an under-measured bandwidth cannot inflate the fractions. Wr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import write_json
+from common import parser, write_json
 from joules.bench import BenchConfig, probe_machine, run_bench
 from joules.bench.probe import MachineLimits
 from joules.bench.runner import machine_record
@@ -142,9 +141,7 @@ def markdown(path: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = parser(__doc__, out=OUT, repeats=5, threads=2, markdown=True)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--buffer-mib", type=int, default=256, help="bandwidth buffers (MiB)")
@@ -163,8 +160,6 @@ def main() -> None:
         help="activation dtype of the int8/int4 kernels (bf16: compress part 2's choice on "
         "AVX2 CPUs; probe: joules' per-CPU probe)",
     )
-    ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--markdown", action="store_true", help="print the README table of --out")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(args.out))

@@ -19,12 +19,12 @@ the durations inside the results are incidental.
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from common import header, write_json
+from common import header, parser, write_json
 from joules.evaluate import tasks
 from joules.models import load_model
 
@@ -67,10 +67,8 @@ def run_row(name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, out=Path("benchmarks/results/eval_deviation.json"), threads=2)
     ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/eval_deviation.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     head = header("benchmarks/eval_deviation.py", argv)

@@ -21,7 +21,6 @@ both.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import command, machine, write_json
+from common import command, machine, parser, write_json
 from joules.data import load_text
 from joules.evaluate.perplexity import perplexity, plan_windows, tokenize_stream
 from joules.evaluate.scoring import set_threads
@@ -112,12 +111,14 @@ def bench_llama_cpp(ids: list[int], window: int, threads: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--window", type=int, default=1024)
+    ap = parser(
+        __doc__,
+        out=Path("benchmarks/results/eval_speed.json"),
+        tokens=4096,
+        window=1024,
+        threads=None,
+    )
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/eval_speed.json"))
     args = ap.parse_args()
     threads = set_threads(args.threads)
     _, tok, _ = load_model("smollm2-135m")

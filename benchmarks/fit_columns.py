@@ -15,7 +15,6 @@ anyway). Threads: 1 by default (a shared machine); read ratios, not absolutes.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import header, write_json
+from common import header, parser, write_json
 from joules import formats
 
 DEFAULT = "int4-g64,uint4-asym-g64,int8-ch,fp8-e4m3,nf4,mxfp4,nxfp4,ternary-g64,codebook4"
@@ -80,12 +79,10 @@ def bench_rank1(w: torch.Tensor, block: int = 128) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, out=Path("benchmarks/results/fit_columns.json"), threads=1)
     ap.add_argument("--formats", default=DEFAULT)
     ap.add_argument("--rows", type=int, default=1536)
     ap.add_argument("--cols", type=int, default=576)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/fit_columns.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -100,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['whole_fake_quant_per_column_us']:13.1f} {r['column_vs_amortized']:6.2f}"
         )
     print(f"peer: GPTQ rank-1 update of one column in a 128-column block: {rank1_us:.1f} us")
-    out = Path(args.out)
+    out = args.out
     result = {
         **header("benchmarks/fit_columns.py", argv),
         "note": (

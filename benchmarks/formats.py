@@ -11,12 +11,12 @@ median is reported. Ratios compare with a peer timed in this same run: MX quanti
 ``to_mx`` for the same element (FLOOR scale mode, the OCP rule, as ours), raw fp8 casts vs
 ``tensor.to(torch.float8_*)`` (which neither clamps nor keeps our saturation semantics). torchao
 returns FP6 codes one per byte; ours are packed four to three bytes, so MXFP6 does more work.
-On a shared machine timings are noisy: read ratios, not absolutes.
+On a shared machine timings are noisy: read ratios, not absolutes. ``--model none`` skips the
+model; ``--threads 0`` (the default) keeps torch's own thread count, and the peers use the same.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import header, median_time_s, write_json
+from common import header, median_time_s, parser, write_json
 from joules import formats
 
 SHAPE = (4096, 4096)
@@ -39,17 +39,11 @@ CAST_PEERS = {"fp8-e4m3-raw": torch.float8_e4m3fn, "fp8-e5m2-raw": torch.float8_
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(
+        __doc__, out=Path("benchmarks/results/formats.json"), model="smollm2-135m", threads=0
+    )
     ap.add_argument("--formats", default="", help="comma-separated specs (default: every preset)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--model", default="smollm2-135m", help="model spec, or 'none' to skip")
-    ap.add_argument("--out", default="benchmarks/results/formats.json")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch threads (0: torch's default); peers use the same",
-    )
     args = ap.parse_args(argv)
     if args.threads:
         # On a loaded shared machine 2 threads spend most of their time at OpenMP barriers.
@@ -139,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{r['format']:18s} {r['seconds']:7.2f} s {'(under 10 s)' if r['under_10_s'] else '(OVER 10 s)'}"
             )
-    out = Path(args.out)
+    out = args.out
     write_json(
         out,
         {

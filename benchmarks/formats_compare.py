@@ -11,11 +11,10 @@ The default model's weights were Q4_1 (projections) and Q8_0 (tied lm_head) befo
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from common import header, write_json
+from common import header, parser, write_json
 from joules import formats
 from joules.formats.error import compare_formats, linear_weights
 from joules.models import load_model
@@ -27,10 +26,8 @@ README_FORMATS = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = parser(__doc__, out=Path("benchmarks/results/formats_compare.json"), model="smollm2-135m")
     ap.add_argument("--formats", default=README_FORMATS)
-    ap.add_argument("--out", default="benchmarks/results/formats_compare.json")
     args = ap.parse_args(argv)
     fmts = [formats.get(s) for s in args.formats.split(",") if s]
     model, _, _ = load_model(args.model)
@@ -44,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{e.format:16s} {e.bits_per_element:9.3f} {e.sqnr_db:8.2f} {model_db:>8s} "
             f"{100 * e.frac_clipped:9.3f}"
         )
-    out = Path(args.out)
+    out = args.out
     record = {
         **header("benchmarks/formats_compare.py", argv),
         "model": args.model,

@@ -12,12 +12,11 @@ checked item by item. The default model's weights were Q4_1 (GGUF) before joules
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-from common import command, machine, write_json
+from common import command, machine, parser, write_json
 from joules.evaluate.scoring import set_threads
 from joules.evaluate.tasks import run_task
 from joules.models import load_model
@@ -25,12 +24,10 @@ from joules.runtime_dtype import resolve_dtype
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = parser(__doc__, out=Path("benchmarks/results/hellaswag.json"), threads=None)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--dtype", default="fp32", help="fp32, bf16 or auto")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/hellaswag.json"))
     args = ap.parse_args()
     threads = set_threads(args.threads)
     choice = resolve_dtype(args.dtype)

@@ -24,7 +24,6 @@ so run it on a quiet machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -35,13 +34,12 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from common import header, write_json
+from common import RowCache, header, parser, write_json
 from joules.compress.steps.kvcache import JoulesKVCache, KVSettings, kv_bytes_per_token
 from joules.data import load_text
 from joules.evaluate.perplexity import tokenize_stream
-from joules.fingerprint import cache_key
 from joules.models import load_model
-from joules.models.loading import cache_dir, model_identity
+from joules.models.loading import model_identity
 
 OUT = Path("benchmarks/results/kvcache.json")
 PNG = Path("docs/kvcache_nll.png")  # the HTML (plotly inlined, ~5 MB) stays out of the repo
@@ -94,13 +92,6 @@ def stream_nll(model, ids: torch.Tensor, settings: KVSettings | None) -> tuple[l
             logp = torch.log_softmax(out.logits[:, -1].float(), -1)
             nll.append(float(-logp.gather(1, ids[:, t + 1 : t + 2]).mean()))
     return nll, float(past.nbytes()) if settings is not None else float("nan")
-
-
-def _row_file(name: str, streams: int, length: int, s: KVSettings | None) -> Path:
-    # joules code, library versions, compute path and the model's content are in the key too
-    inputs = [name, streams, length, None if s is None else s.__dict__]
-    key = cache_key([inputs, model_identity("smollm2-135m")["sha256"]])
-    return cache_dir() / "bench-kvcache" / f"{key}.json"
 
 
 def bench_cache(spec: str, s: KVSettings | None, prompt_len: int) -> dict:
@@ -200,13 +191,12 @@ def markdown(out: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, markdown=True)
     ap.add_argument("--streams", type=int, default=2)
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--only", default="", help="comma-separated cache names (default: all)")
     ap.add_argument("--bench", action="store_true", help="also time decode at a long context")
     ap.add_argument("--bench-prompt", type=int, default=2048, help="prompt tokens of --bench")
-    ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args()
     if a.markdown:
         print(markdown(json.loads(OUT.read_text())))
@@ -218,14 +208,18 @@ def main() -> None:
     ids = tokenize_stream(tok, load_text("wikitext2", "test"), limit_tokens=a.streams * a.length)
     x = torch.tensor(ids[: a.streams * a.length]).reshape(a.streams, a.length)
     only = {n.strip() for n in a.only.split(",") if n.strip()}
+    # each finished configuration, keyed by the model's content, the streams and the code too
+    kept = RowCache(
+        "kvcache",
+        {"model": model_identity(spec)["sha256"], "streams": a.streams, "length": a.length},
+    )
     rows = []
     for name, s in configs(a.length).items():
         if only and name not in only:
             continue
-        f = _row_file(name, a.streams, a.length, s)
-        if f.is_file():
-            row = json.loads(f.read_text())
-        else:
+        inputs = None if s is None else s.__dict__
+        row = kept.get(name, inputs)
+        if row is None:
             t0 = time.perf_counter()
             nll, nbytes = stream_nll(model, x, s)
             dt = time.perf_counter() - t0
@@ -243,10 +237,10 @@ def main() -> None:
                 "threads": torch.get_num_threads(),
                 "nll_per_position": nll,
             }
-            write_json(f, row, indent=None)
+            kept.put(name, row, inputs)
         if a.bench and "bench" not in row:
             row["bench"] = bench_cache(spec, s, a.bench_prompt)
-            write_json(f, row, indent=None)
+            kept.put(name, row, inputs)
         rows.append(row)
         print(
             f"{name:28s} ppl {row['ppl']:8.3f}  KV B/token {row['kv_bytes_per_token_quantized']:8.0f}"

@@ -21,7 +21,6 @@ Threads default to 1: the machine is shared, and one thread gives stable ratios.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import command, machine, median_time_s, retable_file, write_json
+from common import command, machine, median_time_s, parser, retable_file, write_json
 from joules import formats
 from joules.compress.modules import kernels as K
 from joules.system import backfill_machine, system_info
@@ -160,11 +159,10 @@ def table(data: dict, source: str = "results/kernels.json") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, out=Path("benchmarks/results/kernels.json"), threads=1, table=True)
     ap.add_argument("--formats", default="int8-ch,int4-g32,int4-g64,uint4-asym-g64")
-    ap.add_argument("--tokens", default="1,128")
+    ap.add_argument("--tokens", default="1,128", help="activation rows (tokens) per call")
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--copies",
         type=int,
@@ -172,15 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         help="distinct weights cycled through (1: one weight, hot in cache; 90: the working "
         "set of SmolLM2-135M's 90 MLP matrices, larger than the 32 MiB L3 even at 4 bits)",
     )
-    ap.add_argument("--out", default="benchmarks/results/kernels.json")
-    ap.add_argument(
-        "--table",
-        action="store_true",
-        help="re-derive --out's table rows from its measured rows, write it, print the table",
-    )
     args = ap.parse_args(argv)
     if args.table:
-        return retable_file(Path(args.out), retable, table)
+        return retable_file(args.out, retable, table)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     specs = [s for s in args.formats.split(",") if s]
@@ -205,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     for c in choices.values():
         print(f"{c.kernel}: compute dtype {c.dtype} ({c.reason})")
-    out = Path(args.out)
+    out = args.out
     write_json(
         out,
         {

@@ -19,7 +19,6 @@ the README's table (tests/test_readme_tables.py checks one against the other).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from common import header, write_json
+from common import header, parser, write_json
 from joules.measure import Meter, detect_meter
 from joules.testing.measure import FakeBackend
 
@@ -109,11 +108,10 @@ def sampler_share(seconds: float, interval_s: float, spin: bool = True) -> dict[
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, out=Path("benchmarks/results/meter_overhead.json"))
     ap.add_argument("--seconds", type=float, default=10.0, help="workload length (s)")
     ap.add_argument("--interval", type=float, default=0.1, help="sampling period (s)")
     ap.add_argument("--windows", type=int, default=2000, help="windows per timing batch")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/meter_overhead.json"))
     args = ap.parse_args()
 
     meter = detect_meter()

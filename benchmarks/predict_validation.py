@@ -37,7 +37,6 @@ Writes ``benchmarks/results/predict_validation.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -48,7 +47,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from common import write_json
+from common import RowCache, parser, write_json
 
 RESULTS = Path(__file__).parent / "results" / "predict_validation.json"
 
@@ -242,13 +241,8 @@ def published_comparison() -> list[dict[str, Any]]:
 FORMATS = ("fp32", "int8-ch", "int4-g64")
 
 
-def _point_file(fmt: str, p: int, g: int, b: int, repeats: int) -> Path:
-    from joules.fingerprint import cache_key
-    from joules.models.loading import cache_dir, model_identity
-
-    # joules code, library versions, compute path and the model's content are in the key too
-    key = cache_key(model_identity("smollm2-135m")["sha256"], 12)
-    return cache_dir() / "bench-predict" / f"{fmt}-p{p}-g{g}-b{b}-r{repeats}-{key}.json"
+def _point_id(fmt: str, p: int, g: int, b: int, repeats: int) -> str:
+    return f"{fmt}-p{p}-g{g}-b{b}-r{repeats}"
 
 
 def _load_format(fmt: str) -> tuple[Any, Any, Any]:
@@ -270,16 +264,20 @@ def measure_grid(
     written under ``$JOULES_CACHE_DIR/bench-predict`` as it finishes, so a stopped run resumes."""
     from joules.bench.config import BenchConfig
     from joules.bench.runner import run_bench
+    from joules.models.loading import model_identity
 
+    # joules code, library versions, compute path and the model's content are in the key too
+    kept = RowCache("predict", model_identity("smollm2-135m")["sha256"])
     rows = []
     for fmt in formats:
-        todo = [pt for pt in grid if not _point_file(fmt, *pt, repeats).is_file()]
+        todo = [pt for pt in grid if kept.get(_point_id(fmt, *pt, repeats)) is None]
         model = tok = info = None
         if todo:
             model, tok, info = _load_format(fmt)
         for p, g, b in grid:
-            f = _point_file(fmt, p, g, b, repeats)
-            if not f.is_file():
+            point = _point_id(fmt, p, g, b, repeats)
+            row = kept.get(point)
+            if row is None:
                 res = run_bench(
                     model,
                     tok,
@@ -298,8 +296,7 @@ def measure_grid(
                     "ttft_s": r["ttft_s"]["median"],
                     "tpot_s": r["tpot_s"]["median"],
                 }
-                write_json(f, row, indent=None)
-            row = json.loads(f.read_text())
+                kept.put(point, row)
             rows.append(row)
             print(
                 f"  {fmt:<9} p={p:5d} g={g:4d} b={b}: TTFT {row['ttft_s']:.3f} s, "
@@ -503,15 +500,13 @@ def refit(old: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__, repeats=1, markdown=True)
     ap.add_argument("--published-only", action="store_true")
-    ap.add_argument("--markdown", action="store_true", help="print the README tables from the JSON")
     ap.add_argument(
         "--refit",
         action="store_true",
         help="refit part 1 from the points and machine committed in the JSON (no measuring)",
     )
-    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--points", type=int, default=len(GRID), help="first N grid points")
     ap.add_argument(
         "--formats", default=",".join(FORMATS), help="weights to measure (fp32, int8-ch, int4-g64)"
