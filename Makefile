@@ -16,7 +16,7 @@ STAMP := $(VENV)/.joules-installed-$(shell cat pyproject.toml Makefile $(LOCK) |
 LATEST_VENV ?= .venv-latest
 comma := ,
 
-.PHONY: install demo test test-latest lock lint format bench clean docs
+.PHONY: install demo test test-latest lock lint format bench clean docs peers-llamacpp
 
 install: $(STAMP)
 
@@ -77,6 +77,11 @@ test: install
 # The docs site (MkDocs + Material + mkdocstrings), served with live reload.
 docs: install
 	$(VENV)/bin/mkdocs serve
+
+# llama.cpp's own llama-imatrix, llama-quantize and llama-perplexity, built from the source
+# vendored in the locked llama-cpp-python sdist (~10 min on 2 cores; not part of `make test`).
+peers-llamacpp:
+	PYTHON=$(PYTHON) benchmarks/peers/llamacpp/build.sh
 
 lint: install
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
