@@ -91,6 +91,9 @@ class LlamaCppRuntime(Runtime):
 
     takes_torch_model = False  # it runs the .gguf file, not a torch module (no sweep bench)
     compute_dtype = "fp32"  # the prefill limit: ggml's quantized dots run in SIMD int8/fp32
+    # llama.cpp's own default on a CPU (`-fa auto`); its F16 arithmetic may change a greedy
+    # choice where two logits are near-equal (a random tiny model), never the speed it measures
+    flash_attn: bool = True
 
     @classmethod
     def load(cls, spec: Any) -> tuple[Any, Any, Any]:
@@ -122,8 +125,13 @@ class LlamaCppRuntime(Runtime):
             raise ConfigError(f"the llamacpp runtime benches batch 1, got --batch {batch}")
         super().__init__(str(path), batch=batch, max_len=max_len)
         self.threads = torch.get_num_threads()
-        self.llm = load_llama(path, n_ctx=max_len + 8, threads=self.threads)
-        self.notes.append(f"llama.cpp ran {path.name} ({self.threads} threads, F16 KV cache)")
+        self.llm = load_llama(
+            path, n_ctx=max_len + 8, threads=self.threads, flash_attn=self.flash_attn
+        )
+        self.notes.append(
+            f"llama.cpp ran {path.name} ({self.threads} threads, F16 KV cache, "
+            f"flash attention {'on' if self.flash_attn else 'off'})"
+        )
 
     def _next(self) -> torch.Tensor:
         return torch.tensor([last_token_argmax(self.llm)])

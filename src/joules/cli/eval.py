@@ -4,9 +4,16 @@
     $ joules eval smollm2-135m --task wikitext2 --window 1024 --stride 512 --json
     $ joules eval smollm2-135m --task hellaswag --limit 2000
     $ joules eval mine.gguf --task deviation --reference smollm2-135m
+    $ joules eval q4_0.gguf --task deviation --reference f32.gguf --runtime llamacpp \
+          --scored second-half --window 512 --limit-tokens 4096     # llama-perplexity's KLD
     $ joules eval smollm2-135m --task deviation --weights-format mxfp4 --limit-tokens 8192
     $ joules eval --task attention-deviation --seq-lens 128,1024 --dtypes bf16
     $ joules eval --list-tasks      # every registered task (a new one is one class: see extending)
+
+``--runtime llamacpp`` runs a ``.gguf`` file in llama.cpp: ``wikitext2`` on the torch path's
+windows, ``deviation`` as KL divergence from ``--reference`` (a ``.gguf`` runs in llama.cpp too,
+a directory in torch fp32), its log-probs stored once per file and protocol as
+``llama-perplexity --kl-divergence-base`` stores them (see :mod:`joules.evaluate.kld`).
 
 ``--data`` replaces the shipped set (a UTF-8 text file for wikitext2/deviation, a JSONL file of
 ``{"context", "endings", "label"}`` for hellaswag). Every result prints its protocol.
@@ -102,6 +109,11 @@ def eval_cmd(
         True, "--kv-reuse/--no-kv-reuse", help="hellaswag: score the context once (KV cache)."
     ),
     sqnr: str = typer.Option("linear", help="deviation: SQNR per linear, block, or none."),
+    scored: str = typer.Option(
+        "all",
+        help="deviation: all (non-overlapping windows) or second-half (llama-perplexity's "
+        "chunks of --window, the second half of each scored).",
+    ),
     seq_lens: str = typer.Option(
         "128,256,512,1024,2048,4096", "--seq-lens", help="attention-deviation lengths."
     ),
@@ -110,13 +122,18 @@ def eval_cmd(
     heads: int = typer.Option(4, help="attention-deviation heads (head dim 64)."),
     threads: int = typer.Option(None, help="CPU threads (default: all cores)."),
     runtime: str = typer.Option(
-        "torch", help="wikitext2: torch, or llamacpp (a .gguf file; the [llamacpp] extra)."
+        "torch",
+        help="wikitext2, deviation: torch, or llamacpp (a .gguf file; the [llamacpp] extra).",
     ),
     json: bool = JSON_OPTION,
     list_tasks: bool = list_option("--list-tasks", _list_tasks, "tasks"),
 ) -> None:
     """Evaluate MODEL: perplexity, HellaSwag accuracy, deviation or attention stability."""
     if runtime != "torch":
+        if task == "deviation":
+            _deviation_file(model, runtime, reference, data, split, limit_tokens, window, bos,
+                            scored, threads, json)  # fmt: skip
+            return
         _eval_llamacpp(
             model, task, runtime, data, split, limit_tokens, window, stride, bos, threads, json
         )
@@ -144,6 +161,7 @@ def eval_cmd(
         "seed": seed,
         "kv_reuse": kv_reuse,
         "sqnr": sqnr,
+        "scored": scored,
         "heads": heads,
     }
     accepted = set(eval_tasks.options(task))
@@ -243,3 +261,48 @@ def _eval_llamacpp(
         threads=threads,
     )
     emit(r, json, _printer(Wikitext2))
+
+
+def _deviation_file(
+    model: str,
+    runtime: str,
+    reference: str | None,
+    data: str | None,
+    split: str,
+    limit_tokens: int | None,
+    window: int,
+    bos: bool | None,
+    scored: str,
+    threads: int | None,
+    json: bool,
+) -> None:
+    """KL divergence of a model file under ``runtime`` (llamacpp) from ``--reference``."""
+    from joules.evaluate import tasks as eval_tasks
+    from joules.models import load_model
+    from joules.models.loading import resolve
+
+    if runtime == "llamacpp":
+        from joules.deploy import llamacpp_logits  # noqa: F401  (registers the runtime)
+    kind, path = resolve(model)
+    if kind != "gguf":
+        raise ConfigError(
+            f"--runtime {runtime} needs a .gguf file, got {model}: export it first "
+            "(joules export DIR --to gguf -o model.gguf)"
+        )
+    config = eval_tasks.get(
+        "deviation",
+        reference=reference,
+        runtime=runtime,
+        data=data,
+        split=split,
+        limit_tokens=limit_tokens,
+        window=window,
+        add_bos=bos,
+        scored=scored,
+        threads=threads,
+    )
+    with (err_console if json else console).status(f"loading the tokenizer of {model}"):
+        tok = load_model(model).tokenizer
+    with progress_bar(eval_tasks.Deviation.progress_unit, json) as prog:
+        r = config.run(str(path), tok, None, progress=prog)
+    emit(r, json, _printer(eval_tasks.Deviation))

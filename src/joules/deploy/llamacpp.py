@@ -79,8 +79,12 @@ def ggml_lib() -> Any:
     raise ConfigError(f"no ggml library with ggml_quantize_chunk in {libdir}: {INSTALL_HINT}")
 
 
-def ggml_quantize(x: np.ndarray, ggml_type: str) -> np.ndarray:
-    """llama.cpp's own quantizer: fp32 ``x`` [rows, k] -> GGUF block bytes [rows, row_bytes]."""
+def ggml_quantize(x: np.ndarray, ggml_type: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's own quantizer: fp32 ``x`` [rows, k] -> GGUF block bytes [rows, row_bytes].
+
+    ``imatrix`` (float32 [k]) is the importance of each column, as ``llama-quantize --imatrix``
+    passes it (:meth:`joules.deploy.imatrix.Imatrix.values`); types that ignore it (Q8_0, the
+    float types) give the same bytes either way."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     t = GGMLQuantizationType[ggml_type.upper()]
@@ -89,8 +93,15 @@ def ggml_quantize(x: np.ndarray, ggml_type: str) -> np.ndarray:
     rows, k = x.reshape(-1, x.shape[-1]).shape
     if k % block:
         raise ConfigError(f"{ggml_type}: rows of {k} are not a multiple of {block}")
+    qw = None
+    if imatrix is not None:
+        qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+        if qw.size != k:
+            raise ConfigError(f"imatrix has {qw.size} values for rows of {k}: one per column")
     out = np.zeros((rows, k // block * type_size), dtype=np.uint8)
-    n = ggml_lib().ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, rows, k, None)
+    n = ggml_lib().ggml_quantize_chunk(
+        int(t), x.ctypes.data, out.ctypes.data, 0, rows, k, None if qw is None else qw.ctypes.data
+    )
     if n != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {out.nbytes}")
     return out
@@ -191,8 +202,13 @@ def load_llama(
     n_ctx: int = 2048,
     threads: int | None = None,
     logits_all: bool = False,
+    flash_attn: bool = True,
 ) -> Any:
-    """A ``llama_cpp.Llama`` on ``path`` (a truncated or foreign file is a one-line error)."""
+    """A ``llama_cpp.Llama`` on ``path`` (a truncated or foreign file is a one-line error).
+
+    ``flash_attn`` on by default, as llama.cpp's own tools run a CPU (``-fa auto``), so the
+    perplexity, KL divergence and decode speed joules reports are those of the runtime users
+    run (llama-cpp-python's own default is off; the two differ by a few hundredths of a nat)."""
     gguf_tensor_table(path)  # a truncated or foreign file: one line, checked once per file
     llama_cpp = _llama_cpp()
     threads = threads or min(os.cpu_count() or 1, 8)
@@ -205,6 +221,7 @@ def load_llama(
                 n_threads_batch=threads,
                 n_batch=min(n_ctx, 512),
                 logits_all=logits_all,
+                flash_attn=flash_attn,
                 verbose=False,
             )
     except (ValueError, RuntimeError) as exc:
@@ -275,7 +292,9 @@ def llamacpp_perplexity(
         dtype="gguf",
         batch_size=1,
         # llama.cpp's own CPU kernels for each tensor's GGUF type; not a speed probe's choice.
-        compute_path="llamacpp:" + ("default-buffers" if extra_buffers_safe() else "cpu-buffers"),
+        compute_path="llamacpp:"
+        + ("default-buffers" if extra_buffers_safe() else "cpu-buffers")
+        + ", flash attention",
     )
     return PerplexityResult(
         protocol=protocol,

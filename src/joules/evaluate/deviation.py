@@ -14,12 +14,15 @@ The model under test is any model with the reference's vocabulary: a copy whose 
 through a number format (:func:`transformed_copy` with :func:`format_transform`, i.e. the
 formats module's emulated ``fake_quant``), a compressed model, or another checkpoint.
 
-Per scored token (non-overlapping windows, scored as in ``perplexity.py``):
+Per scored token (``scored="all"``: non-overlapping windows, scored as in ``perplexity.py``;
+``"second-half"``: llama-perplexity's chunks, see :mod:`joules.evaluate.kld`):
 
 * KL(reference ‖ model) of the next-token distributions, in nats: mean (with its standard error
-  across windows), median, 99th percentile and maximum;
+  across windows and a 95 % Student t interval), median, 99th percentile and maximum (median
+  and percentile interpolated as llama.cpp's);
 * top-1 agreement: how often both put their highest probability on the same token;
-* each model's NLL of the actual next token, hence the perplexity ratio model / reference.
+* each model's NLL of the actual next token, hence the perplexity ratio model / reference, with
+  its paired 95 % interval over windows (:func:`joules.evaluate.paired.paired_nll`).
 
 Per module (``sqnr_modules="linear"``: every decoder ``nn.Linear``; ``"block"``: every decoder
 layer),
@@ -40,16 +43,10 @@ import torch
 from torch import nn
 
 from joules import dtypes
-from joules.data.tokens import tokenize_stream
 from joules.errors import ConfigError
-from joules.evaluate.perplexity import plan_windows
-from joules.evaluate.results import (
-    DeviationProtocol,
-    DeviationResult,
-    LayerSQNR,
-    weighted_mean_stderr,
-)
-from joules.evaluate.scoring import Scorer, bos_default
+from joules.evaluate.kld import KLSummary, TokenProtocol, plan_rows, protocol_ids
+from joules.evaluate.results import DeviationProtocol, DeviationResult, LayerSQNR
+from joules.evaluate.scoring import Scorer
 
 WeightTransform = Callable[[torch.Tensor], torch.Tensor]  # weight [out, in] -> same shape
 
@@ -201,40 +198,39 @@ def deviation(
     limit_tokens: int | None = None,
     add_bos: bool | None = None,
     sqnr_modules: str = "linear",
+    scored: str = "all",
     dataset: str = "<text>",
     model_name: str | None = None,
     reference_name: str | None = None,
     transform_name: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> DeviationResult:
-    """KL / top-1 / perplexity-ratio statistics of ``model`` against ``reference`` on ``text``."""
+    """KL / top-1 / perplexity-ratio statistics of ``model`` against ``reference`` on ``text``.
+
+    Both torch models run side by side on each row (exact float32 distributions, and the module
+    SQNR hooks); ``scored`` picks the rows (:class:`joules.evaluate.kld.TokenProtocol`). For a
+    reference computed once and stored, or another runtime, see :mod:`joules.evaluate.kld`.
+    """
     if sqnr_modules not in {"linear", "block", "none"}:
         raise ConfigError(f"sqnr_modules must be linear, block or none, got {sqnr_modules!r}")
-    if add_bos is None:
-        add_bos = bos_default(tokenizer)
-    ids = (
-        tokenize_stream(tokenizer, text, limit_tokens)
-        if isinstance(text, str)
-        else list(text)[:limit_tokens]
-    )
-    if len(ids) < 2:
-        raise ConfigError(f"the text has {len(ids)} token(s): deviation needs at least 2")
-    windows = plan_windows(len(ids), window, window, add_bos)
-    total = sum(w.scored for w in windows)
+    tokens = TokenProtocol(window, scored, add_bos, limit_tokens, dataset)
+    ids, tokens, bos_id = protocol_ids(tokenizer, text, tokens)
+    rows = plan_rows(ids, window, scored, bool(tokens.add_bos), bos_id)
+    total = sum(r.scored for r in rows)
     s_test, s_ref = Scorer(model), Scorer(reference)
     hooks = _SQNRHooks(model, reference, sqnr_modules)
     kls: list[torch.Tensor] = []
-    kl_sums: list[float] = []
+    w_kl: list[float] = []
+    w_nll: list[float] = []
+    w_ref: list[float] = []
     counts: list[int] = []
     agree = 0
-    nll_test = nll_ref = 0.0
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            for w in windows:
-                row = ([tokenizer.bos_token_id] if add_bos else []) + ids[w.begin : w.end]
-                x = torch.tensor([row], device=s_ref.device)  # [1, T]
-                lo = (1 if add_bos else 0) + w.score_from - w.begin  # first scored position
+            for row in rows:
+                x = torch.tensor([row.tokens], device=s_ref.device)  # [1, T]
+                lo = row.score_from  # first scored position
                 hooks.phase = "ref"
                 h_ref, _ = s_ref.hidden(x, use_cache=False)
                 hooks.phase = "test"
@@ -243,6 +239,7 @@ def deviation(
                 rows_test = h_test[0, lo - 1 : -1].to(rows_ref.device)
                 targets = x[0, lo:]
                 window_kl = []
+                nll_test = nll_ref = 0.0
                 for lp_ref, lp_test, tgt in zip(
                     s_ref.logprob_chunks(rows_ref),
                     s_test.logprob_chunks(rows_test),
@@ -261,15 +258,16 @@ def deviation(
                     nll_test -= float(lp_test.gather(1, tgt[:, None]).double().sum())
                 wk = torch.cat(window_kl)
                 kls.append(wk)
-                kl_sums.append(float(wk.sum()))
+                w_kl.append(float(wk.sum()))
+                w_nll.append(nll_test)
+                w_ref.append(nll_ref)
                 counts.append(wk.numel())
                 if progress:
                     progress(sum(counts), total)
     finally:
         hooks.remove()
-    all_kl = torch.cat(kls)
-    n = all_kl.numel()
-    kl_mean, kl_stderr = weighted_mean_stderr(kl_sums, counts)
+    all_kl = torch.cat(kls).numpy()
+    n = all_kl.size
     protocol = DeviationProtocol(
         model=model_name or "model",
         reference=reference_name or "reference",
@@ -277,23 +275,25 @@ def deviation(
         dataset=dataset,
         window=window,
         limit_tokens=limit_tokens,
-        add_bos=add_bos,
+        add_bos=bool(tokens.add_bos),
         sqnr_modules=sqnr_modules,
         activation_dtype=s_test.activations(),
         compute_path=s_test.compute_path(),
         reference_compute_path=s_ref.compute_path(),
+        scored=scored,
+        stream_tokens=len(ids),
     )
     return DeviationResult(
         protocol=protocol,
         tokens_scored=n,
-        kl_mean=kl_mean,
-        kl_median=float(all_kl.median()),
-        kl_p99=float(torch.quantile(all_kl.float(), 0.99)),
-        kl_max=float(all_kl.max()),
-        kl_stderr=kl_stderr,
         top1_agreement=agree / n,
-        nll_model=nll_test / n,
-        nll_reference=nll_ref / n,
+        nll_model=sum(w_nll) / n,
+        nll_reference=sum(w_ref) / n,
         layers=hooks.results(),
         duration_s=time.perf_counter() - t0,
+        window_tokens=counts,
+        window_kl_sums=w_kl,
+        window_nll_sums=w_nll,
+        window_nll_reference_sums=w_ref,
+        **KLSummary.of(all_kl, w_kl, counts, w_nll, w_ref).fields(),
     )

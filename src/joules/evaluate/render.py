@@ -32,7 +32,7 @@ def _compute_line(p: Any) -> list[str]:
         return []
     return [
         f"[dim]compute: {escape(p.compute_path)} · activations {escape(p.activation_dtype)}"
-        f" · dtype {escape(p.dtype_choice or p.dtype)}[/]"
+        f" · dtype {escape(p.dtype_choice or getattr(p, 'dtype', '') or '-')}[/]"
     ]
 
 
@@ -79,20 +79,33 @@ def render_choice(r: Any) -> RenderableType:
 
 
 def render_deviation(r: Any) -> RenderableType:
+    """llama-perplexity's ``--kl-divergence`` summary lines, with joules' intervals."""
     p = r.protocol
-    t = Table(title=escape(f"deviation of {p.model} from {p.reference}"), title_justify="left")
+    t = Table(
+        title=escape(f"deviation of {p.model} from {p.reference}"),
+        title_justify="left",
+        caption="KLD: KL mean, max, p99, median in nats per scored token; Same top p: top-1 "
+        "agreement",
+        caption_justify="left",
+    )
     t.add_column("statistic")
     t.add_column("value", justify="right")
-    t.add_row("KL mean (nats)", f"{r.kl_mean:.6f} ± {1.96 * r.kl_stderr:.6f}")
-    t.add_row("KL median", f"{r.kl_median:.6f}")
-    t.add_row("KL p99", f"{r.kl_p99:.6f}")
-    t.add_row("KL max", f"{r.kl_max:.6f}")
-    t.add_row("top-1 agreement", f"{100 * r.top1_agreement:.2f} %")
+    t.add_column("95 % interval", justify="right")
+
+    def ci(lo: float, hi: float, digits: int) -> str:
+        return "" if lo != lo else f"{lo:.{digits}f} - {hi:.{digits}f}"  # NaN: not recorded
+
+    t.add_row("Mean PPL(Q)", f"{r.perplexity_model:.6f}", "")
+    t.add_row("Mean PPL(base)", f"{r.perplexity_reference:.6f}", "")
     t.add_row(
-        "perplexity model / reference", f"{r.perplexity_model:.4f} / {r.perplexity_reference:.4f}"
+        "Mean PPL(Q)/PPL(base)", f"{r.perplexity_ratio:.6f}", ci(r.ppl_ratio_lo, r.ppl_ratio_hi, 6)
     )
-    t.add_row("perplexity ratio", f"{r.perplexity_ratio:.5f}")
-    t.add_row("tokens", f"{r.tokens_scored:,}")
+    t.add_row("Mean    KLD", f"{r.kl_mean:.6f}", ci(r.kl_lo, r.kl_hi, 6))
+    t.add_row("Maximum KLD", f"{r.kl_max:.6f}", "")
+    t.add_row("99.0%   KLD", f"{r.kl_p99:.6f}", "")
+    t.add_row("Median  KLD", f"{r.kl_median:.6f}", "")
+    t.add_row("Same top p", f"{100 * r.top1_agreement:.3f} %", "")
+    t.add_row("tokens", f"{r.tokens_scored:,}", f"{getattr(r, 'windows', 0) or '-'} windows")
     parts: list[RenderableType] = [t]
     worst = [s for s in r.worst_layers(8) if s.sqnr_db != float("inf")]
     if worst:
@@ -102,10 +115,15 @@ def render_deviation(r: Any) -> RenderableType:
         for s in worst:
             lt.add_row(s.name, f"{s.sqnr_db:.2f}")
         parts.append(lt)
+    scored = getattr(p, "scored", "all")
     parts.append(
-        f"[dim]protocol: {p.dataset} · window {p.window} · limit {p.limit_tokens or 'none'} · "
-        f"transform {p.transform or 'none'} · {p.kl}[/]"
+        f"[dim]protocol: {escape(p.dataset)} · window {p.window} · scored {scored} · "
+        f"BOS {'yes' if p.add_bos else 'no'} · limit {p.limit_tokens or 'none'} · "
+        f"transform {escape(p.transform or 'none')} · {escape(p.kl)}[/]"
     )
+    store = getattr(p, "reference_store", "")
+    if store:
+        parts.append(f"[dim]reference: {escape(store)}[/]")
     return Group(*parts, *_compute_line(p))
 
 

@@ -230,7 +230,15 @@ class ChoiceResult:
 
 @dataclass(frozen=True)
 class DeviationProtocol:
-    """What was compared with what, on which tokens."""
+    """What was compared with what, on which tokens, through which runtime.
+
+    ``scored`` says which tokens count: ``"all"`` scores every token of non-overlapping windows
+    of ``window`` tokens as ``perplexity.py`` plans them (BOS prepended when ``add_bos``);
+    ``"second-half"`` is ``llama-perplexity``'s protocol: chunks of ``window`` tokens, the
+    chunk's first token replaced by BOS when ``add_bos``, only the tokens of the second half
+    scored (``window // 2 - 1`` per chunk). ``reference_store`` says how the reference's
+    distributions were kept (exact, beside the model, or compactly as llama.cpp keeps them).
+    """
 
     model: str
     reference: str
@@ -248,6 +256,16 @@ class DeviationProtocol:
     compute_path: str = ""
     dtype_choice: str = ""
     reference_compute_path: str = ""
+    scored: str = "all"
+    runtime: str = "torch"  # what ran the model: torch or llamacpp
+    reference_runtime: str = "torch"
+    reference_store: str = "exact: the reference ran beside the model, float32 log-softmax"
+    stream_tokens: int = 0  # tokens of the (limited) text stream, before any BOS
+    interval: str = (
+        "95 % Student t intervals with windows - 1 degrees of freedom over per-window sums "
+        "(windows, not tokens, are the samples): the mean KL's, and the perplexity ratio's "
+        "from the paired per-window NLL differences (joules.evaluate.paired)"
+    )
 
 
 @dataclass(frozen=True)
@@ -264,7 +282,13 @@ class LayerSQNR:
 
 @dataclass(frozen=True)
 class DeviationResult:
-    """Next-token distribution deviation of a model against its reference (llama.cpp style)."""
+    """Next-token distribution deviation of a model against its reference (llama.cpp style).
+
+    ``kl_lo``/``kl_hi`` and ``ppl_ratio_lo``/``ppl_ratio_hi`` are 95 % intervals (see
+    ``protocol.interval``); the per-window lists (same windows for both models) are what paired
+    comparisons need. Results written before they were recorded read back with NaN intervals
+    and empty lists.
+    """
 
     protocol: DeviationProtocol
     tokens_scored: int
@@ -273,11 +297,19 @@ class DeviationResult:
     kl_p99: float
     kl_max: float
     kl_stderr: float
-    top1_agreement: float  # fraction of tokens whose argmax agrees
+    top1_agreement: float  # fraction of tokens whose argmax agrees ("Same top p" in llama.cpp)
     nll_model: float
     nll_reference: float
     layers: list[LayerSQNR]
     duration_s: float
+    kl_lo: float = math.nan
+    kl_hi: float = math.nan
+    ppl_ratio_lo: float = math.nan
+    ppl_ratio_hi: float = math.nan
+    window_tokens: list[int] = field(default_factory=list)
+    window_kl_sums: list[float] = field(default_factory=list)
+    window_nll_sums: list[float] = field(default_factory=list)  # the model's
+    window_nll_reference_sums: list[float] = field(default_factory=list)
 
     @property
     def perplexity_model(self) -> float:
@@ -291,6 +323,10 @@ class DeviationResult:
     def perplexity_ratio(self) -> float:
         return math.exp(self.nll_model - self.nll_reference)
 
+    @property
+    def windows(self) -> int:
+        return len(self.window_tokens)
+
     def worst_layers(self, k: int = 5) -> list[LayerSQNR]:
         """The ``k`` modules with the lowest SQNR (where the model deviates most)."""
         compared = [s for s in self.layers if not math.isnan(s.sqnr_db)]
@@ -302,6 +338,27 @@ class DeviationResult:
             perplexity_model=self.perplexity_model,
             perplexity_reference=self.perplexity_reference,
             perplexity_ratio=self.perplexity_ratio,
+            ppl_ratio=self.perplexity_ratio,
             top1_agreement_pct=100 * self.top1_agreement,
+            windows=self.windows,
         )
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DeviationResult:
+        """The inverse of :meth:`to_dict` (derived fields are recomputed, not read)."""
+        derived = {
+            "perplexity_model",
+            "perplexity_reference",
+            "perplexity_ratio",
+            "ppl_ratio",
+            "top1_agreement_pct",
+            "windows",
+            "protocol",
+            "layers",
+        }
+        return cls(
+            protocol=DeviationProtocol(**d["protocol"]),
+            layers=[LayerSQNR(**x) for x in d.get("layers", [])],
+            **{k: v for k, v in d.items() if k not in derived},
+        )

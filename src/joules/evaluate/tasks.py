@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from os import PathLike
 from typing import Any, ClassVar
 
 from rich.console import RenderableType
@@ -219,11 +220,21 @@ class Hellaswag(Task):
 @register("deviation")
 @dataclass
 class Deviation(Task):
-    """KL / top-1 / perplexity ratio / layer SQNR of the model against a reference.
+    """KL divergence (mean, interval, median, p99, max), same top token, perplexity ratio and
+    layer SQNR of the model against a reference; through torch or llama.cpp (``runtime``).
 
-    The reference: ``reference`` (a model spec, loaded in fp32, or a model already loaded);
-    without one, the model itself as loaded when ``weights_format`` is set (so only the format
-    differs), else the model's own spec reloaded in fp32 (so the dtype is what differs).
+    ``runtime="torch"`` (default): the reference is ``reference`` (a model spec, loaded in fp32,
+    or a model already loaded); without one, the model itself as loaded when ``weights_format``
+    is set (so only the format differs), else the model's own spec reloaded in fp32 (so the
+    dtype is what differs). Both run side by side (exact distributions, SQNR per module).
+
+    ``runtime="llamacpp"`` (or another registered logit runtime, see
+    :mod:`joules.evaluate.kld`): the model is a ``.gguf`` file (a path as ``model``, or the
+    GGUF the model was loaded from) run by llama.cpp; the reference is a spec or path (a GGUF
+    file runs in the same runtime, a Hugging Face or joules directory in torch fp32; default:
+    the model's own file). The reference's log-probs are computed once per file and protocol
+    and stored compactly as ``llama-perplexity --kl-divergence-base`` does
+    (``cache_reference``). ``scored="second-half"`` is llama-perplexity's own protocol.
     """
 
     reference: Any = None
@@ -234,6 +245,10 @@ class Deviation(Task):
     limit_tokens: int | None = None
     add_bos: bool | None = None
     sqnr: str = "linear"
+    scored: str = "all"
+    runtime: str = "torch"
+    threads: int | None = None
+    cache_reference: bool = True
 
     @classmethod
     def render(cls, result: Any) -> RenderableType:
@@ -246,10 +261,11 @@ class Deviation(Task):
         from joules.models import load_model
 
         spec, dtype = _spec(info, model), _dtype_name(model)
-        if self.reference is not None and not isinstance(self.reference, str):
+        if self.reference is not None and not isinstance(self.reference, (str, PathLike)):
             return self.reference, f"reference ({_dtype_name(self.reference)})"
         if self.reference:
-            return load_model(self.reference, dtype=torch.float32).model, f"{self.reference} (fp32)"
+            ref = str(self.reference)
+            return load_model(ref, dtype=torch.float32).model, f"{ref} (fp32)"
         if self.weights_format or dtype == "fp32":
             return model, f"{spec} ({dtype})"
         if getattr(info, "spec", None) is None:
@@ -260,6 +276,8 @@ class Deviation(Task):
         return load_model(info.spec, dtype=torch.float32).model, f"{spec} (fp32)"
 
     def run(self, model: Any, tokenizer: Any, info: Any, progress: Progress | None = None) -> Any:
+        if self.runtime != "torch":
+            return self._run_file(model, tokenizer, info, progress)
         from joules.evaluate.deviation import deviation, format_transform, transformed_copy
 
         transform = format_transform(self.weights_format) if self.weights_format else None
@@ -280,12 +298,79 @@ class Deviation(Task):
             limit_tokens=self.limit_tokens,
             add_bos=self.add_bos,
             sqnr_modules=self.sqnr,
+            scored=self.scored,
             dataset=dataset,
             model_name=f"{name} ({dtype})",
             reference_name=ref_name,
             transform_name=getattr(transform, "__name__", None),
             progress=progress,
         )
+
+    def _run_file(self, model: Any, tokenizer: Any, info: Any, progress: Progress | None) -> Any:
+        """KL divergence of a model file run by ``self.runtime`` against a stored reference."""
+        import dataclasses
+
+        from joules.evaluate.kld import (
+            TokenProtocol,
+            kl_divergence,
+            logit_source,
+            reference_logprobs,
+        )
+        from joules.models.loading import resolve
+
+        if self.weights_format:
+            raise ConfigError(
+                f"weights_format emulates a format in torch: use runtime=torch with it, not "
+                f"{self.runtime}"
+            )
+        path = self._model_file(model, info)
+        # llama-perplexity's chunks are `window` long; a prepended BOS (all) makes one more
+        n_ctx = self.window + (0 if self.scored == "second-half" else 1)
+        test = logit_source(self.runtime, path, n_ctx=n_ctx, threads=self.threads)
+        ref_spec = self.reference if self.reference is not None else path
+        if isinstance(ref_spec, (str, PathLike)):
+            kind, ref_path = resolve(ref_spec)
+            ref_runtime = self.runtime if kind == "gguf" else "torch"
+            src = logit_source(ref_runtime, ref_path, n_ctx=n_ctx, threads=self.threads)
+            key = _file_key(ref_runtime, ref_path) if self.cache_reference else None
+            ref_name = f"{ref_spec} ({'fp32' if ref_runtime == 'torch' else ref_runtime})"
+        else:  # a torch model already loaded: no identity to key a store by
+            src = logit_source("torch", ref_spec, n_ctx=n_ctx)
+            key, ref_name = None, f"reference ({_dtype_name(ref_spec)})"
+        text, dataset, _ = _text(self.data, self.split)
+        protocol = TokenProtocol(self.window, self.scored, self.add_bos, self.limit_tokens, dataset)
+        ref = reference_logprobs(src, tokenizer, text, protocol, key=key, progress=progress)
+        r = kl_divergence(
+            test, ref, progress, model_name=f"{path} ({self.runtime})", reference_name=ref_name
+        )
+        return dataclasses.replace(
+            r, protocol=dataclasses.replace(r.protocol, dtype_choice=f"{self.runtime} file")
+        )
+
+    def _model_file(self, model: Any, info: Any) -> str:
+        if isinstance(model, (str, PathLike)):
+            return str(model)
+        gguf = getattr(info, "gguf_file", None)
+        if gguf:
+            return str(gguf)
+        raise ConfigError(
+            f"runtime {self.runtime} evaluates a .gguf file: pass its path as the model "
+            "(joules export DIR --to gguf -o model.gguf)"
+        )
+
+
+def _file_key(runtime: str, path: Any) -> str:
+    """A store key for the reference at ``path``: its resolved path, size and modification
+    time (of a directory: its files' total size and latest time), so a rewritten model gets a
+    new store."""
+    from pathlib import Path
+
+    p = Path(path).resolve()
+    files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p]
+    stats = [f.stat() for f in files]
+    size = sum(s.st_size for s in stats)
+    mtime = max((s.st_mtime_ns for s in stats), default=0)
+    return f"{runtime}:{p}:{size}:{mtime}"
 
 
 @register("attention-deviation")
