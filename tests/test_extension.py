@@ -198,8 +198,12 @@ def test_unregistered_they_are_refused_everywhere(tiny_dir):
     assert out.exit_code == 2 and f"unknown task '{TASK}'" in out.output
 
 
-def test_a_runtime_that_runs_its_own_file_is_refused_by_the_sweep():
-    # llamacpp benches a .gguf it loads itself; the sweep benches the model it compressed
+def test_a_runtime_that_runs_its_own_file_benches_the_file_each_run_exports():
+    # llamacpp benches a .gguf it loads itself: the sweep exports each run's file, so a recipe
+    # without a GGUF form is refused when the spec is read
     text = _spec(task="hellaswag", recipe="rtn(format=int8-ch)", runtime="llamacpp")
-    with pytest.raises(ConfigError, match="runtime 'llamacpp' runs its own file"):
+    with pytest.raises(ConfigError, match="'rtn\\(format=int8-ch\\)' has no deployable file"):
         parse_spec(text, check_models=False)
+    ok = parse_spec(_spec(task="hellaswag", recipe="rtn(format=gguf-q8_0)", runtime="llamacpp"),
+                    check_models=False)  # fmt: skip
+    assert ok.deploy is not None and ok.runs()[0].needs_file

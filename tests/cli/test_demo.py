@@ -4,7 +4,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from joules.cli import app
-from joules.cli.demo import demo_recipes, demo_spec, demo_toml
+from joules.cli.demo import demo_recipes, demo_spec, demo_toml, deploy_spec, deploy_toml
 from joules.compress import parse_recipe
 from joules.sweep import parse_spec
 
@@ -20,6 +20,19 @@ def test_the_packaged_demo_spec_is_examples_demo_toml():
         "copy examples/demo.toml to src/joules/data/demo.toml"
     )
     assert demo_toml() == packaged.read_text()
+
+
+def test_the_packaged_deploy_spec_is_examples_deploy_toml():
+    packaged = ROOT / "src" / "joules" / "data" / "deploy.toml"
+    assert packaged.read_text() == (ROOT / "examples" / "deploy.toml").read_text(), (
+        "copy examples/deploy.toml to src/joules/data/deploy.toml"
+    )
+    assert deploy_toml() == packaged.read_text()
+    example = parse_spec((ROOT / "examples" / "deploy.toml").read_text(), "examples/deploy.toml")
+    written = parse_spec(deploy_spec("smollm2-135m", 4096, 32, 32), "deploy_sweep.toml")
+    assert written == example  # the demo's answer is examples/deploy.toml at its slice sizes
+    assert example.eval.runtime == "llamacpp" and example.bench[0].runtime == "llamacpp"
+    assert any(r.startswith("llamacpp(") for r in example.recipes)  # the imatrix peer
 
 
 def test_the_demo_with_its_default_flags_runs_examples_demo_toml():
@@ -46,7 +59,14 @@ def test_demo_on_a_tiny_model_runs_the_pipeline_and_reuses_its_store(
         "joules.cli.demo.demo_recipes",
         lambda: ["baseline", "rtn(format=int8-ch)", "gptq(format=int4-g32)"],
     )
-    args = ["demo", "--model", str(tiny_dir), "--new-tokens", "4", "--ppl-tokens", "300"]
+    monkeypatch.setattr(
+        "joules.cli.demo.deploy_recipes",
+        lambda: ["baseline", "gptq(format=gguf-q4_0)", "llamacpp(ftype=Q4_0)"],
+    )
+    monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path / "cache"))
+    # a random tiny model's KLD; 1,100 tokens make 3 windows of 512, so KLD has an interval
+    monkeypatch.setattr("joules.cli.demo.DEMO_MAX_KLD", 100.0)
+    args = ["demo", "--model", str(tiny_dir), "--new-tokens", "4", "--ppl-tokens", "1100"]
     args += ["--calib-n", "2", "--out", str(tmp_path / "o"), "--json"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
@@ -59,11 +79,19 @@ def test_demo_on_a_tiny_model_runs_the_pipeline_and_reuses_its_store(
     assert fmts["int8-ch"]["sqnr_db"] > fmts["int4-g32"]["sqnr_db"] + 15
     assert [p["method"] for p in demo["predictions"]] == ["predicted", "predicted"]
     assert d["sweep"]["ran"] == 3 and d["sweep"]["failed"] == 0
+    # the answer: a deployable GGUF file, measured on llama.cpp, beside the imatrix peer
+    assert d["deploy_sweep"]["ran"] == 3 and d["deploy_sweep"]["failed"] == 0
+    ship, peer = d["answer"]["ship"], d["answer"]["peer"]
+    assert Path(ship["file"]).is_file() and ship["file"].endswith(".gguf")
+    assert ship["kld_mean"]["value"] is not None and ship["tokens_per_s"]["value"] > 0
+    assert peer["recipe"] == "llamacpp(ftype=Q4_0)"
+    assert d["ship"]["chosen"]["recipe"] == ship["recipe"]
     assert (tmp_path / "o" / "demo.db").is_file() and (tmp_path / "o" / "demo_sweep.toml").is_file()
     report = tmp_path / "o" / "report.html"
     rendered_at = report.stat().st_mtime_ns
     again = json.loads(runner.invoke(app, args).stdout)
     assert again["sweep"]["ran"] == 0 and again["sweep"]["skipped"] == 3
+    assert again["deploy_sweep"]["ran"] == 0 and again["deploy_sweep"]["skipped"] == 3
     # the second run re-measures nothing: the quick look and the report are read back
     assert again["demo"]["measured_at"] == demo["measured_at"] is not None
     assert again["demo"]["generation"] == demo["generation"]

@@ -74,6 +74,7 @@ def _list_steps(value: bool) -> None:
         return
     import dataclasses
 
+    import joules.deploy  # noqa: F401  (registers the llamacpp(ftype=...) peer step)
     from joules.compress import step_names
     from joules.compress.recipe import step_class
 
@@ -107,6 +108,7 @@ def compress_cmd(
     list_steps: bool = list_option("--list-steps", _list_steps, "compression steps"),
 ) -> None:
     """Compress MODEL with a recipe and save it (safetensors + joules.json manifest)."""
+    import joules.deploy  # noqa: F401  (registers the llamacpp(ftype=...) peer step)
     from joules.compress import calibration_tokens, compress, parse_recipe
     from joules.models import load_model
 

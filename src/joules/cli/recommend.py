@@ -5,6 +5,7 @@
     $ joules recommend joules.db --max-ppl-increase 2% --max-tpot-ms 50 --objective latency \\
           --hardware h100 --json
     $ joules recommend joules.db --max-accuracy-drop 1 --min-accuracy 0.40   # hellaswag in [eval]
+    $ joules recommend joules.db --max-kld 0.05 --objective energy --export ship.gguf
 
 Every figure is printed with its method (measured / estimated / predicted / emulated) and its
 95 % interval where it has one; the decision rules are printed with the answer.
@@ -46,6 +47,10 @@ _LABELS = {
     "model_bytes": "model bytes",
     "bits_per_weight": "bits / weight",
     "peak_rss_bytes": "peak RSS",
+    "kld_mean": "mean KLD",
+    "kld_p99": "p99 KLD",
+    "same_top_pct": "same top token",
+    "ppl_ratio": "perplexity ratio",
 }
 
 
@@ -62,6 +67,8 @@ def _num(m: Metric, v: float | None) -> str:
         return f"{v:.3g} ms"
     if m.unit == "pt":
         return f"{v:+.2f} pt"
+    if m.unit == "nat":
+        return f"{v:.4f} nat"
     return f"{v:.4g}{(' ' + m.unit) if m.unit else ''}"
 
 
@@ -83,6 +90,7 @@ _SHORT = {
     "--max-tpot-ms": "tpot",
     "--min-accuracy": "acc",
     "--max-accuracy-drop": "acc drop",
+    "--max-kld": "kld",
 }
 
 
@@ -102,6 +110,8 @@ def _limit(flag: str, limit: float) -> str:
         return f"{limit:g}"
     if flag == "--max-accuracy-drop":
         return f"{limit:g} pt"
+    if flag == "--max-kld":
+        return f"{limit:g} nat"
     return f"{limit:g} %" if flag == "--max-ppl-increase" else f"{limit:g} ms"
 
 
@@ -188,6 +198,8 @@ def _render(r: Any) -> None:
     cols = ["ppl_increase_pct", r.metric] + (["model_bytes"] if r.metric != "model_bytes" else [])
     if any("accuracy_drop_pts" in c.figures for c in r.candidates):
         cols.insert(1, "accuracy_drop_pts")
+    if any("kld_mean" in c.figures for c in r.candidates):
+        cols.insert(1, "kld_mean")
     t.add_column("run")
     for m in cols:
         t.add_column(_LABELS[m] + " [95 %]", justify="right")
@@ -241,6 +253,14 @@ def recommend_cmd(
     workload: str = typer.Option(
         None, "--workload", help="The bench workload when the store has several."
     ),
+    max_kld: float = typer.Option(
+        None, "--max-kld", help="e.g. 0.05: mean KL divergence from the baseline, nats/token."
+    ),
+    export: str = typer.Option(
+        None,
+        "--export",
+        help="Copy the recommended run's deployable file here (a sweep on the llamacpp runtime).",
+    ),
     pareto: str = typer.Option(
         None,
         "--pareto",
@@ -259,6 +279,8 @@ def recommend_cmd(
         raise ConfigError(f"no store at {store!r}: run `joules sweep SPEC.toml --store {store}`")
     if max_tpot_ms is not None and max_tpot_ms <= 0:
         raise ConfigError(f"--max-tpot-ms must be positive, got {max_tpot_ms}")
+    if max_kld is not None and not max_kld > 0:
+        raise ConfigError(f"--max-kld must be a positive number of nats, got {max_kld}")
     constraints = Constraints(
         max_ppl_increase_pct=None if max_ppl_increase is None else parse_percent(max_ppl_increase),
         max_model_bytes=None
@@ -272,12 +294,59 @@ def recommend_cmd(
         max_accuracy_drop_pts=None
         if max_accuracy_drop is None
         else parse_points(max_accuracy_drop),
+        max_kld=max_kld,
     )
     with Store(store) as st:
         runs = st.runs()
     figures = [f.strip() for f in pareto.split(",") if f.strip()] if pareto else None
     result = recommend(runs, constraints, objective, hardware, workload, figures)
+    shipped = None
+    if export is not None:
+        if result.chosen is None:
+            raise ConfigError(
+                "--export: nothing meets the constraints, so there is no file to ship"
+            )
+        shipped = export_file(runs, result.chosen.key, export)
     emit(result, as_json, _render)
+    if shipped is not None and not as_json:
+        console.print(
+            f"[bold]exported:[/] {escape(str(shipped['path']))} "
+            f"({human_bytes(shipped['size_bytes'])}, sha256 {shipped['sha256'][:16]}…)"
+        )
+
+
+def export_file(runs: list[Any], key: str, dest: str) -> dict[str, Any]:
+    """Copy run ``key``'s deployable file to ``dest`` (atomically), checking its sha256."""
+    import shutil
+    from pathlib import Path
+
+    from joules.fingerprint import file_sha256
+    from joules.serialize import atomic_path
+
+    run = next((r for r in runs if r.key == key), None)
+    gguf = ((getattr(run, "manifest", None) or {}).get("deploy") or {}).get("gguf")
+    if not gguf:
+        raise ConfigError(
+            "--export: the recommended run has no deployable file: sweep with "
+            '[eval] runtime = "llamacpp" or [bench] runtime = "llamacpp"'
+        )
+    src = Path(gguf["path"])
+    if not src.is_file():
+        raise ConfigError(
+            f"--export: {src} is gone (cache cleared?): re-run the sweep to rebuild it"
+        )
+    out = Path(dest)
+    if out.suffix != src.suffix:
+        raise ConfigError(
+            f"--export {dest}: the file is {src.suffix}, name it e.g. ship{src.suffix}"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        shutil.copyfile(src, tmp)
+    size, digest = file_sha256(out)
+    if digest != gguf["sha256"]:
+        raise ConfigError(f"--export: {src} changed since the sweep measured it: re-run the sweep")
+    return {"path": str(out), "size_bytes": size, "sha256": digest}
 
 
 __all__ = ["recommend_cmd"]

@@ -47,6 +47,9 @@ class Manifest:
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # A step whose result is a file made by another tool (llama.cpp's quantizer, the peer):
+    # path, size_bytes, sha256 and tensor types of that file, which is what ships
+    gguf_file: dict[str, Any] | None = None
     version: int = MANIFEST_VERSION
 
     def record(self, layer: str, **fields: Any) -> None:

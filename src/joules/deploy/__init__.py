@@ -5,6 +5,10 @@
 {'Q4_0': 210, 'F32': 62}
 """
 
+from joules.deploy import (
+    llamacpp_logits,  # noqa: F401  (registers the llamacpp logit runtime)
+    peer_step,  # noqa: F401  (registers the llamacpp(ftype=...) step)
+)
 from joules.deploy.gguf_export import (
     ExportedTensor,
     ExportResult,

@@ -298,13 +298,16 @@ def export_gguf(
     float_type: str = "f32",
     dequantize: str | None = None,
     embedding: str | None = None,
+    output_head: str | None = None,
 ) -> ExportResult:
     """Write ``model`` (a compressed directory or any model spec) as a GGUF file at ``output``.
 
     ``embedding`` (a ``gguf-*`` spec) stores a float token embedding in that GGUF type (with
     llama.cpp's per-tensor fallback), quantized here by the same rounding as llama.cpp's own
     quantizer: what ``llama-quantize`` does to it (a tied SmolLM2 embedding becomes Q8_0), so
-    a joules file and a llama.cpp file can share the embedding's type. Recorded as not exact."""
+    a joules file and a llama.cpp file can share the embedding's type. Recorded as not exact.
+    ``output_head`` does the same for an untied float output head (``llama-quantize``'s presets store
+    it as Q6_K, Q8_0 for the Q8_0 preset or rows not divisible by 256)."""
     from gguf import GGMLQuantizationType, GGUFWriter
 
     if float_type not in FLOAT_TYPES:
@@ -384,10 +387,12 @@ def export_gguf(
         if name is None:
             raise ConfigError(f"GGUF export: no GGUF name for parameter '{hf}'")
         is_norm = "norm" in name
-        if embedding is not None and name == "token_embd.weight":
-            efmt = formats.get(embedding).for_shape(tuple(p.shape))
+        as_type = {"token_embd.weight": embedding, "output.weight": output_head}.get(name)
+        if as_type is not None:
+            efmt = formats.get(as_type).for_shape(tuple(p.shape))
             if efmt.family != "gguf":
-                raise ConfigError(f"--embedding {embedding!r}: use a gguf-* type, e.g. gguf-q8_0")
+                flag = "--embedding" if name == "token_embd.weight" else "output_head"
+                raise ConfigError(f"{flag} {as_type!r}: use a gguf-* type, e.g. gguf-q8_0")
             blocks = efmt.quantize(p.detach().float()).parts["blocks"]
             raw = GGMLQuantizationType[efmt.ggml_type]
             entries.append((name, hf, blocks.numpy(), raw, False, efmt.spec, False, list(p.shape)))

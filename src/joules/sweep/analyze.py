@@ -41,6 +41,7 @@ OBJECTIVES = {"energy": "j_per_token", "latency": "tpot_ms", "bytes": "model_byt
 FIGURES = {
     "ppl": ("perplexity", True),
     "ppl_increase": ("ppl_increase_pct", True),
+    "kld": ("kld_mean", True),
     "accuracy": ("acc_norm", False),
     "accuracy_drop": ("accuracy_drop_pts", True),
     "energy": ("j_per_token", True),
@@ -54,6 +55,12 @@ FIGURES = {
 _HARDWARE_FREE = {
     "perplexity",
     "ppl_increase_pct",
+    "ppl_ratio",
+    "kld_mean",
+    "kld_median",
+    "kld_p99",
+    "kld_max",
+    "same_top_pct",
     "acc_norm",
     "accuracy_drop_pts",
     "model_bytes",
@@ -108,6 +115,7 @@ class Constraints:
     max_tpot_ms: float | None = None
     min_accuracy: float | None = None  # acc_norm, a fraction
     max_accuracy_drop_pts: float | None = None  # percentage points of acc_norm
+    max_kld: float | None = None  # mean KL divergence from the base model, nats per token
 
     def items(self) -> list[tuple[str, str, float]]:
         """(flag, metric name, limit) of each constraint set."""
@@ -119,6 +127,7 @@ class Constraints:
             ("--max-tpot-ms", "tpot_ms", self.max_tpot_ms),
             ("--min-accuracy", "acc_norm", self.min_accuracy),
             ("--max-accuracy-drop", "accuracy_drop_pts", self.max_accuracy_drop_pts),
+            ("--max-kld", "kld_mean", self.max_kld),
         ):
             if limit is not None:
                 out.append((flag, metric, float(limit)))
@@ -131,6 +140,8 @@ class Constraints:
                 out.append(
                     f"perplexity increase ≤ {limit:g} % (upper end of the paired 95 % interval)"
                 )
+            elif flag == "--max-kld":
+                out.append(f"mean KLD ≤ {limit:g} nat (upper end of its 95 % interval)")
             elif flag == "--max-tpot-ms":
                 out.append(f"TPOT ≤ {limit:g} ms")
             elif flag == "--min-accuracy":
@@ -242,7 +253,7 @@ def _check(c: Candidate, flag: str, metric: str, limit: float) -> Check:
             return Check(flag, limit, "met", m)
         status = "violated" if (m.hi if m.hi is not None else m.value) < limit else "undecided"
         return Check(flag, limit, status, m, (limit - lo) / max(scale, 1e-9))
-    if metric in ("ppl_increase_pct", "accuracy_drop_pts"):
+    if metric in ("ppl_increase_pct", "accuracy_drop_pts", "kld_mean"):
         hi = m.hi if m.hi is not None else math.inf
         if hi <= limit:
             return Check(flag, limit, "met", m)

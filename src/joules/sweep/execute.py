@@ -15,17 +15,20 @@ import json
 import time
 import traceback as tb
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from joules.fingerprint import sha
+from joules.paths import cache_dir
 from joules.sweep.results import (
     extract_metrics,
     jsonable,
     paired_accuracy_drop,
     paired_increase,
 )
-from joules.sweep.spec import BASELINE, KeyEnv, RunConfig
+from joules.sweep.spec import BASELINE, KeyEnv, RunConfig, file_runtimes
 from joules.sweep.stages import Stages
 from joules.sweep.store import Metric, Store
 
@@ -86,11 +89,11 @@ def eval_cache_key(cfg: RunConfig, recipe: str, task: str, env: KeyEnv | dict[st
     models only), task, eval protocol, library versions, compute identity."""
     env = _as_env(env)
     calib = None if recipe == BASELINE else asdict(cfg.calibration)
-    return sha(
-        [env.model(cfg.model), cfg.dtype, env.recipe(recipe), calib, task, asdict(cfg.eval),
-         dict(env.versions), dict(env.compute)],
-        24,
-    )  # fmt: skip
+    parts = [env.model(cfg.model), cfg.dtype, env.recipe(recipe), calib, task, asdict(cfg.eval),
+             dict(env.versions), dict(env.compute)]  # fmt: skip
+    if cfg.eval.runtime != "torch" and cfg.deploy is not None:
+        parts.append(asdict(cfg.deploy))  # the file evaluated depends on how it was written
+    return sha(parts, 24)
 
 
 def manifest_cache_key(cfg: RunConfig, env: KeyEnv | dict[str, str]) -> str:
@@ -103,6 +106,53 @@ def manifest_cache_key(cfg: RunConfig, env: KeyEnv | dict[str, str]) -> str:
          dict(env.compute)],
         24,
     )  # fmt: skip
+
+
+def file_cache_key(cfg: RunConfig, env: KeyEnv | dict[str, str]) -> str:
+    """Key of one run's deployable file: its manifest's key and how the file is written."""
+    return sha([manifest_cache_key(cfg, env), asdict(cfg.deploy) if cfg.deploy else None], 24)
+
+
+def files_dir() -> Path:
+    """Where the sweep keeps the deployable files it exported (``$JOULES_CACHE_DIR/sweep-files``):
+    one per run key, reused by every sweep and store; ``joules recommend --export`` copies one
+    out."""
+    d = cache_dir() / "sweep-files"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _intact(facts: dict[str, Any] | None) -> bool:
+    """A cached file record whose file is still there at its size (a deleted cache re-exports)."""
+    if not facts or not facts.get("path"):
+        return False
+    p = Path(facts["path"])
+    return p.is_file() and p.stat().st_size == facts.get("size_bytes")
+
+
+def deployable_file(
+    cfg: RunConfig,
+    stages: Stages,
+    cache: Cache,
+    env: KeyEnv | dict[str, str],
+    made: Callable[[], tuple[Any, dict[str, Any]]],
+    tokenizer: Any,
+    info: Any,
+    timer: _Timer | None = None,
+) -> dict[str, Any]:
+    """The facts of ``cfg``'s deployable file (exported once per key; the cache holds its path,
+    size, sha256 and tensor types). ``made()`` gives (model, manifest) when it must be written."""
+    key = file_cache_key(cfg, env)
+    hit = cache.get("file", key)
+    if _intact(hit):
+        return dict(hit)  # type: ignore[arg-type]
+    model, manifest = made()
+    path = files_dir() / f"{key}.gguf"
+    phase = timer("export") if timer else _Phase({}, "export")
+    with phase:
+        facts = stages.need("export")(model, tokenizer, info, manifest, cfg.deploy, str(path))
+    cache.put("file", key, facts)
+    return facts
 
 
 class Pool:
@@ -174,7 +224,10 @@ def baseline_evals(
     progress: SweepProgress,
     timer: _Timer | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """The model's baseline evaluation of every task (from the cache, else computed and cached)."""
+    """The model's baseline evaluation of every task (from the cache, else computed and cached).
+
+    Through a file runtime (``[eval] runtime = "llamacpp"``) the baseline is its own exported
+    file, all float: the reference of every KL divergence."""
     out: dict[str, dict[str, Any]] = {}
     for task in cfg.eval.tasks:
         key = eval_cache_key(cfg, BASELINE, task, env)
@@ -183,13 +236,39 @@ def baseline_evals(
             model, tok, info = pool.model(stages, cfg)
             name = f"baseline {task}"
             phase = timer(name) if timer else _Phase({}, name)
-            with phase:
-                hit = stages.need("evaluate")(
-                    task, model, tok, info, cfg.eval, lambda d, t, n=name: progress.phase(n, d, t)
-                )
+            if cfg.eval.runtime != "torch":
+                base_file = baseline_file(cfg, stages, cache, pool, env, timer)
+                with phase:
+                    hit = stages.need("evaluate_file")(
+                        task, base_file["path"], tok, info, cfg.eval,
+                        lambda d, t, n=name: progress.phase(n, d, t), base_file["path"],
+                    )  # fmt: skip
+            else:
+                with phase:
+                    hit = stages.need("evaluate")(
+                        task, model, tok, info, cfg.eval,
+                        lambda d, t, n=name: progress.phase(n, d, t),
+                    )  # fmt: skip
             cache.put("eval", key, hit)
         out[task] = hit
     return out
+
+
+def baseline_file(
+    cfg: RunConfig,
+    stages: Stages,
+    cache: Cache,
+    pool: Pool,
+    env: KeyEnv | dict[str, str],
+    timer: _Timer | None = None,
+) -> dict[str, Any]:
+    """The facts of the baseline's deployable file (all float; exported once per key)."""
+    bcfg = replace(cfg, recipe=BASELINE)
+    model, tok, info = pool.model(stages, cfg)
+    return deployable_file(
+        bcfg, stages, cache, env, lambda: (model, stages.baseline_manifest(model, info)),
+        tok, info, timer,
+    )  # fmt: skip
 
 
 def execute_run(
@@ -239,6 +318,11 @@ def execute_run(
             manifest = compressed_model()[1]
             cache.put("manifest", mkey, manifest)
 
+        run_file: dict[str, Any] | None = None
+        if cfg.needs_file:
+            run_file = deployable_file(
+                cfg, stages, cache, env, lambda: (compressed_model()[0], manifest), tok, info, timer
+            )
         base_evals = baseline_evals(cfg, stages, cache, pool, env, progress, timer)
         evals: dict[str, Any] = {}
         for task in cfg.eval.tasks:
@@ -248,13 +332,22 @@ def execute_run(
                 key = eval_cache_key(cfg, cfg.recipe, task, env)
                 ev = cache.get("eval", key)
                 if ev is None:
-                    model = compressed_model()[0]
                     name = f"eval {task}"
-                    with timer(name):
-                        ev = stages.need("evaluate")(
-                            task, model, tok, info, cfg.eval,
-                            lambda d, t, n=name: progress.phase(n, d, t),
-                        )  # fmt: skip
+                    if cfg.eval.runtime != "torch":
+                        assert run_file is not None  # the spec sets [deploy] for file runtimes
+                        base_file = baseline_file(cfg, stages, cache, pool, env, timer)
+                        with timer(name):
+                            ev = stages.need("evaluate_file")(
+                                task, run_file["path"], tok, info, cfg.eval,
+                                lambda d, t, n=name: progress.phase(n, d, t), base_file["path"],
+                            )  # fmt: skip
+                    else:
+                        model = compressed_model()[0]
+                        with timer(name):
+                            ev = stages.need("evaluate")(
+                                task, model, tok, info, cfg.eval,
+                                lambda d, t, n=name: progress.phase(n, d, t),
+                            )  # fmt: skip
                     cache.put("eval", key, ev)
                 ev = dict(ev)
                 b = base_evals[task]
@@ -286,15 +379,20 @@ def execute_run(
                     )
 
         bench = None
+        bench_file = cfg.bench is not None and cfg.bench.runtime in file_runtimes()
         if cfg.bench is not None:
-            model = compressed_model()[0]
+            if bench_file:
+                assert run_file is not None  # the spec sets [deploy] for file runtimes
+                model = run_file["path"]
+            else:
+                model = compressed_model()[0]
             # Timed phase: the local executor runs one run at a time, so nothing else of the
             # sweep runs while this measures.
             with timer("bench"):
                 bench = stages.need("bench")(
                     model, tok, info, cfg.bench, lambda d, t: progress.phase("bench", d, t)
                 )
-            if stages.layer_paths is not None and cfg.recipe != BASELINE:
+            if stages.layer_paths is not None and cfg.recipe != BASELINE and not bench_file:
                 # Which kernels the timed forwards ran: speed of emulated layers is labelled so
                 # (counts), and per layer for the report's per-format table.
                 paths = stages.layer_paths(model)
@@ -303,6 +401,8 @@ def execute_run(
                     "linear_paths": dict(Counter(paths.values())),
                     "layer_paths": paths,
                 }
+        if run_file is not None:
+            manifest = with_file(manifest, run_file, cfg)
         predictions = None
         if cfg.hardware:
             predictions = {}
@@ -332,6 +432,24 @@ def execute_run(
             error=error,
             traceback=tb.format_exc(),
         )
+
+
+def with_file(manifest: dict[str, Any], facts: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    """The manifest of a run that ships a file: ``deploy`` holds the file's facts, and the
+    size and bits per weight are the file's (what a user ships); joules' in-memory figures stay
+    as ``torch_model_bytes`` / ``torch_bits_per_weight``."""
+    runtimes = sorted({r for r in (cfg.eval.runtime, cfg.bench.runtime if cfg.bench else None)
+                       if r and r != "torch" and r in file_runtimes()})  # fmt: skip
+    out = dict(manifest)
+    out["torch_model_bytes"] = manifest.get("model_bytes")
+    out["torch_bits_per_weight"] = manifest.get("bits_per_weight")
+    out["model_bytes"] = facts["size_bytes"]
+    if facts.get("bits_per_weight") is not None:
+        out["bits_per_weight"] = facts["bits_per_weight"]
+    out["deploy"] = {"runtime": "/".join(runtimes), "gguf": dict(facts)}
+    if cfg.bench is not None and cfg.bench.runtime in runtimes:
+        out["linear_paths"] = {"llamacpp": 1}  # llama.cpp's own kernels: never emulated
+    return out
 
 
 def record(store: Store, key: str, outcome: RunOutcome) -> None:

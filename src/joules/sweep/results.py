@@ -166,6 +166,8 @@ def extract_metrics(
         if "acc_norm" in res:
             lo, hi = _interval(res.get("acc_norm_ci95"))
             out.append(Metric("acc_norm", res["acc_norm"], "", "measured", lo, hi))
+        if "kl_mean" in res:  # deviation: KL divergence from the baseline (llama.cpp's figures)
+            out.extend(_kld_metrics(res))
         drop = ev.get("paired_accuracy")
         if drop:
             out.append(
@@ -176,6 +178,32 @@ def extract_metrics(
     for hw, pred in (predictions or {}).items():
         out.extend(_prediction_metrics(pred, hw))
     return [m for m in out if m.value is not None]
+
+
+def _kld_metrics(res: dict[str, Any]) -> list[Metric]:
+    """KL divergence from the baseline, per scored token, in nats: mean with its 95 % interval,
+    median, p99, max; the share of tokens whose top token agrees; the perplexity ratio with its
+    paired 95 % interval (``llama-perplexity --kl-divergence``'s figures)."""
+    out = [
+        Metric("kld_mean", res["kl_mean"], "nat", "measured", res.get("kl_lo"), res.get("kl_hi"))
+    ]
+    for name, key in (("kld_median", "kl_median"), ("kld_p99", "kl_p99"), ("kld_max", "kl_max")):
+        if res.get(key) is not None:
+            out.append(Metric(name, res[key], "nat", "measured"))
+    if res.get("top1_agreement") is not None:
+        out.append(Metric("same_top_pct", 100.0 * res["top1_agreement"], "%", "measured"))
+    if res.get("ppl_ratio") is not None:
+        out.append(
+            Metric(
+                "ppl_ratio",
+                res["ppl_ratio"],
+                "",
+                "measured",
+                res.get("ppl_ratio_lo"),
+                res.get("ppl_ratio_hi"),
+            )
+        )
+    return out
 
 
 def _ms(v: Any) -> float | None:

@@ -50,17 +50,50 @@ def known_tasks() -> tuple[str, ...]:
     return tuple(tasks.names())
 
 
-def known_runtimes(torch_only: bool = True) -> tuple[str, ...]:
-    """Runtimes a sweep can bench with: every registered runtime that runs a torch module
-    (:attr:`joules.bench.runtimes.Runtime.takes_torch_model`). The sweep benches the model it
-    compressed, so a runtime that loads its own file (llamacpp) is left out unless
-    ``torch_only`` is False."""
+def known_runtimes(torch_only: bool = False) -> tuple[str, ...]:
+    """Runtimes a sweep can bench with: every registered runtime
+    (:mod:`joules.bench.runtimes`). One that runs a torch module benches the model the sweep
+    compressed; one that runs its own file (llamacpp: ``takes_torch_model`` False) benches the
+    file each run exports (see ``[deploy]``). ``torch_only``: the first kind alone."""
     from joules.bench import runtimes  # lazy: the runtimes import torch; a spec is read without
 
     names = runtimes.runtime_names()
     if not torch_only:
         return tuple(names)
     return tuple(n for n in names if runtimes.get_runtime(n).takes_torch_model)
+
+
+def file_runtimes() -> tuple[str, ...]:
+    """Registered runtimes that run an exported file (llamacpp), not a torch module."""
+    from joules.bench import runtimes  # lazy, as above
+
+    torch_rt = set(known_runtimes(torch_only=True))
+    return tuple(n for n in runtimes.runtime_names() if n not in torch_rt)
+
+
+def eval_runtimes() -> tuple[str, ...]:
+    """What ``[eval] runtime`` accepts: ``torch`` (the compressed torch model, the default) or
+    a runtime that runs the exported file (llamacpp: quality of the very file a user ships)."""
+    return ("torch", *file_runtimes())
+
+
+def task_runs_on_file(task: str) -> bool:
+    """Whether registered task ``task`` evaluates an exported file: a perplexity task (the
+    sweep runs it through :func:`joules.deploy.llamacpp.llamacpp_perplexity`) or a task with a
+    ``runtime`` option (deviation: KL divergence through llama.cpp)."""
+    from joules.evaluate import tasks  # lazy, as known_tasks
+
+    return issubclass(tasks.task_class(task), tasks.Wikitext2) or "runtime" in tasks.options(task)
+
+
+def deploy_problem(recipe: str, float_type: str) -> str | None:
+    """Why ``recipe`` has no deployable file (None when it has one); see
+    :func:`joules.deploy.mapping.recipe_gguf_problem`."""
+    if recipe == BASELINE:
+        return None
+    from joules.deploy.mapping import recipe_gguf_problem  # lazy: parses with the step registry
+
+    return recipe_gguf_problem(recipe)
 
 
 class SpecText:
@@ -119,6 +152,8 @@ class EvalSpec:
     stride: int | None = None
     split: str = "test"  # evaluate on test; calibration uses valid, never the reverse
     limit: int | None = None  # items of a multiple-choice task (hellaswag), drawn seeded; None: all
+    # "torch": the compressed torch model; "llamacpp": the GGUF file the run exports (`[deploy]`)
+    runtime: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -140,6 +175,20 @@ class CalibrationSpec:
     n: int = 128
     length: int = 256
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    """How a run's deployable file is written when a runtime runs files (``[deploy]``).
+
+    ``embedding``: the GGUF type of a float token embedding (with llama.cpp's per-tensor
+    fallback: a 576-wide SmolLM2 row falls from Q6_K to Q8_0), as ``llama-quantize``'s presets
+    store it for a tied model; ``float_type``: other float tensors (the baseline's file is all
+    ``float_type``: the reference every KL divergence is taken against)."""
+
+    embedding: str = "gguf-q6_k"
+    output: str = "gguf-q6_k"  # an untied float output head (llama-quantize: Q6_K)
+    float_type: str = "f32"
 
 
 @dataclass(frozen=True)
@@ -178,9 +227,18 @@ class RunConfig:
     hardware: tuple[str, ...]
     calibration: CalibrationSpec
     dtype: str = "float32"
+    deploy: DeploySpec | None = None  # set when a runtime runs the exported file
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["deploy"] is None:
+            del d["deploy"]  # runs without a file keep the keys they had
+        return d
+
+    @property
+    def needs_file(self) -> bool:
+        """Whether this run exports its deployable file (a runtime runs it)."""
+        return self.deploy is not None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -194,6 +252,7 @@ class RunConfig:
             hardware=tuple(d.get("hardware", ())),
             calibration=CalibrationSpec(**d.get("calibration", {})),
             dtype=d.get("dtype", "float32"),
+            deploy=DeploySpec(**d["deploy"]) if d.get("deploy") else None,
         )
 
     def config_id(self) -> str:
@@ -239,6 +298,7 @@ class SweepSpec:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     dtype: str = "float32"
     ray: dict[str, Any] = field(default_factory=dict)
+    deploy: DeploySpec | None = None
 
     def runs(self) -> list[RunConfig]:
         """The cross product, grouped so runs sharing a compressed model are adjacent."""
@@ -255,13 +315,16 @@ class SweepSpec:
                             self.hardware,
                             self.calibration,
                             self.dtype,
+                            self.deploy,
                         )
                     )
         return out
 
 
-_TOP = {"models", "recipes", "dtype", "eval", "bench", "predict", "calibration", "ray"}
-_EVAL = {"tasks", "limit_tokens", "window", "stride", "split", "limit"}
+_TOP = {"models", "recipes", "dtype", "eval", "bench", "predict", "calibration", "ray", "deploy"}
+_EVAL = {"tasks", "limit_tokens", "window", "stride", "split", "limit", "runtime"}
+_DEPLOY = {"embedding", "output", "float_type"}
+_FLOAT_TYPES = ("f32", "f16", "bf16")
 _BENCH = {"prompt_len", "gen_len", "batch", "repeats", "warmup", "runtime"}
 _PREDICT = {"hardware"}
 _CALIB = {"n", "length", "seed"}
@@ -307,6 +370,7 @@ def _canonical_recipe(text: str) -> str:
     """The recipe's canonical string (so whitespace or argument order never changes a key)."""
     if text == BASELINE:
         return BASELINE
+    import joules.deploy  # noqa: F401  (registers the llamacpp(ftype=...) peer step)
     from joules.compress import parse_recipe
 
     return parse_recipe(text).to_string()
@@ -393,7 +457,21 @@ def parse_spec(
     stride = _int(ev_raw.get("stride"), "eval", "stride", st, allow_none=True)
     if stride is not None and stride > window:  # type: ignore[operator]
         raise st.error("eval", "stride", f"{stride} exceeds the window {window}", f"1..{window}")
+    eval_rt = ev_raw.get("runtime", "torch")
+    if eval_rt != "torch":
+        valid_ert = eval_runtimes()
+        if eval_rt not in valid_ert:
+            raise st.error(
+                "eval", "runtime", f"unknown runtime {eval_rt!r}", ", ".join(valid_ert), eval_rt
+            )
+        for t in tasks:
+            if not task_runs_on_file(t):
+                raise st.error(
+                    "eval", "tasks", f"task {t!r} runs on torch models only, not {eval_rt}",
+                    ", ".join(x for x in known if task_runs_on_file(x)), t,
+                )  # fmt: skip
     eval_spec = EvalSpec(
+        runtime=eval_rt,
         tasks=tasks,
         limit_tokens=_int(ev_raw.get("limit_tokens", 4096), "eval", "limit_tokens", st, lo=2),
         window=window,  # type: ignore[arg-type]
@@ -412,10 +490,9 @@ def parse_spec(
         runtime = b.get("runtime", "eager")
         valid_rt = known_runtimes()
         if runtime not in valid_rt:
-            problem = f"unknown runtime {runtime!r}"
-            if runtime in known_runtimes(torch_only=False):
-                problem = f"runtime {runtime!r} runs its own file, not the model a sweep compresses"
-            raise st.error("bench", "runtime", problem, ", ".join(valid_rt), runtime)
+            raise st.error(
+                "bench", "runtime", f"unknown runtime {runtime!r}", ", ".join(valid_rt), runtime
+            )
         for p in _int_list(b["prompt_len"], "bench", "prompt_len", st):
             for g in _int_list(b["gen_len"], "bench", "gen_len", st):
                 for bs in _int_list(b.get("batch", 1), "bench", "batch", st):
@@ -449,6 +526,7 @@ def parse_spec(
         length=_int(c.get("length", 256), "calibration", "length", st, lo=2),  # type: ignore[arg-type]
         seed=_int(c.get("seed", 0), "calibration", "seed", st, lo=0),  # type: ignore[arg-type]
     )
+    deploy = _deploy_spec(raw, eval_spec, benches, recipes, st)
     ray = raw.get("ray", {})
     _known(ray, _RAY, "ray", st)
     for k, v in ray.items():
@@ -463,7 +541,54 @@ def parse_spec(
         calibration=calib,
         dtype=dtype,
         ray=dict(ray),
+        deploy=deploy,
     )
+
+
+def _deploy_spec(
+    raw: dict[str, Any],
+    ev: EvalSpec,
+    benches: Sequence[BenchSpec],
+    recipes: Sequence[str],
+    st: SpecText,
+) -> DeploySpec | None:
+    """``[deploy]``, required in effect when a runtime runs files: every recipe must then map to
+    a deployable file, else the spec is refused here, before any run, with the reason."""
+    d = raw.get("deploy", {})
+    if not isinstance(d, dict):
+        raise st.error(None, "deploy", "must be a table", "[deploy] embedding = ...")
+    _known(d, _DEPLOY, "deploy", st)
+    file_rt = set(file_runtimes()) if (ev.runtime != "torch" or benches) else set()
+    uses = [ev.runtime] if ev.runtime in file_rt else []
+    uses += sorted({b.runtime for b in benches if b.runtime in file_rt})
+    if not uses:
+        if d:
+            raise st.error(
+                "deploy", next(iter(d)), "no runtime runs an exported file",
+                'set [eval] runtime or [bench] runtime to "llamacpp"', None,
+            )  # fmt: skip
+        return None
+    float_type = d.get("float_type", "f32")
+    if float_type not in _FLOAT_TYPES:
+        raise st.error(
+            "deploy", "float_type", f"unknown float type {float_type!r}", ", ".join(_FLOAT_TYPES)
+        )
+    from joules.deploy.mapping import embedding_problem  # lazy: the format registry
+
+    chosen = {}
+    for k in ("embedding", "output"):
+        chosen[k] = d.get(k, getattr(DeploySpec, k))
+        problem = embedding_problem(chosen[k])
+        if problem:
+            raise st.error("deploy", k, problem, "a gguf-* format, e.g. gguf-q6_k, or f32/f16")
+    for r in recipes:
+        why = deploy_problem(r, float_type)
+        if why:
+            raise st.error(
+                None, "recipes", f"{r!r} has no deployable file for {'/'.join(uses)}: {why}",
+                "recipes whose weights map to GGUF types (see joules.deploy.mapping)", r,
+            )  # fmt: skip
+    return DeploySpec(embedding=chosen["embedding"], output=chosen["output"], float_type=float_type)
 
 
 def load_spec(path: str | Path, **kwargs: Any) -> SweepSpec:

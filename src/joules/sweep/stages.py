@@ -41,7 +41,7 @@ from typing import Any
 from joules.data import load_choice
 from joules.errors import ConfigError
 from joules.serialize import to_jsonable
-from joules.sweep.spec import BASELINE, BenchSpec, CalibrationSpec, EvalSpec
+from joules.sweep.spec import BASELINE, BenchSpec, CalibrationSpec, DeploySpec, EvalSpec
 
 # Each stage imports the torch layers it drives (models, compress, evaluate, bench, predict)
 # inside its function: the sweep package (spec, store, analyze) is read by `joules report` and
@@ -62,6 +62,10 @@ class Stages:
     bench(model, tokenizer, info, BenchSpec, progress) -> BenchResult dict
     predict(model, info, manifest, hardware, BenchSpec | None) -> Prediction dict
     baseline_manifest(model, info) -> manifest-like dict of the model as loaded
+    export(model, tokenizer, info, manifest, DeploySpec, path) -> the deployable file's facts
+        (path, size_bytes, sha256, types, n_elements, bits_per_weight, exact)
+    evaluate_file(task, path, tokenizer, info, EvalSpec, progress, reference_path) -> as
+        evaluate, on the exported file through ``EvalSpec.runtime``
     """
 
     load: Callable[[str, str], tuple[Any, Any, Any]]
@@ -72,6 +76,8 @@ class Stages:
     predict: Callable[[Any, Any, dict[str, Any], str, BenchSpec | None], dict[str, Any]] | None
     baseline_manifest: Callable[[Any, Any], dict[str, Any]]
     layer_paths: Callable[[Any], dict[str, str]] | None = None
+    export: Callable[..., dict[str, Any]] | None = None
+    evaluate_file: Callable[..., dict[str, Any]] | None = None
     missing: dict[str, str] = field(default_factory=dict)
 
     def need(self, name: str) -> Callable[..., Any]:
@@ -90,7 +96,8 @@ class Stages:
 def load(spec: str, dtype: str) -> tuple[Any, Any, Any]:
     import torch
 
-    import joules.compress  # noqa: F401  (registers the loader of compressed directories)
+    import joules.compress  # registers the loader of compressed directories
+    import joules.deploy  # noqa: F401  (registers the llamacpp(ftype=...) peer step)
     from joules.models import load_model
 
     return tuple(load_model(spec, dtype=getattr(torch, dtype)))  # type: ignore[return-value]
@@ -161,7 +168,6 @@ def evaluate(
     compressed model with the model it was compressed from (the baseline with itself).
     """
     from joules.evaluate import tasks
-    from joules.evaluate.results import ChoiceResult, PerplexityResult
 
     opts = task_options(task, ev)
     if "reference" in tasks.options(task):
@@ -169,6 +175,14 @@ def evaluate(
         if ref is not None and ref() is not None:
             opts["reference"] = ref()
     r = tasks.run_task(task, model, tokenizer, info, progress=progress, **opts)
+    return _eval_dict(r, task, opts)
+
+
+def _eval_dict(r: Any, task: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """A task result as the sweep stores it (see :func:`evaluate`)."""
+    from joules.evaluate import tasks
+    from joules.evaluate.results import ChoiceResult, PerplexityResult
+
     if isinstance(r, PerplexityResult):
         d = r.to_dict()
         return {
@@ -186,6 +200,112 @@ def evaluate(
             ],
         }
     return {"result": r.to_dict()}
+
+
+def evaluate_file(
+    task: str,
+    path: str,
+    tokenizer: Any,
+    info: Any,
+    ev: EvalSpec,
+    progress: Progress | None,
+    reference_path: str | None = None,
+) -> dict[str, Any]:
+    """Run task ``task`` on the exported file ``path`` through ``ev.runtime`` (llamacpp).
+
+    A perplexity task runs :func:`joules.deploy.llamacpp.llamacpp_perplexity` on the windows the
+    torch path plans (same tokens, BOS rule, scored positions); a task with a ``runtime`` option
+    (deviation: KL divergence from the baseline's file ``reference_path``) gets the runtime and
+    the reference. Returns what :func:`evaluate` returns."""
+    from joules.data import load_text
+    from joules.deploy.llamacpp import llamacpp_perplexity
+    from joules.evaluate import tasks
+
+    opts = task_options(task, ev)
+    cls = tasks.task_class(task)
+    if issubclass(cls, tasks.Wikitext2):
+        cfg = tasks.get(task, **opts)
+        text = load_text(cfg.data or "wikitext2", split=cfg.split)
+        r = llamacpp_perplexity(
+            path, tokenizer, text, window=cfg.window, stride=cfg.stride,
+            limit_tokens=cfg.limit_tokens, add_bos=cfg.add_bos,
+            dataset=cfg.data or "wikitext2", split=cfg.split,
+        )  # fmt: skip
+        return _eval_dict(r, task, opts)
+    if "runtime" not in tasks.options(task):
+        raise ConfigError(f"task {task!r} runs on torch models only, not on {ev.runtime}")
+    opts["runtime"] = ev.runtime
+    if "reference" in tasks.options(task):
+        opts["reference"] = reference_path or path  # the baseline is its own reference
+    r = tasks.run_task(task, path, tokenizer, info, progress=progress, **opts)
+    return _eval_dict(r, task, opts)
+
+
+def _gguf_facts(path: str) -> dict[str, Any]:
+    """Size, sha256, tensor types and bits per weight of a GGUF file (llama.cpp's BPW: file
+    bits over the elements of every tensor in it)."""
+    from collections import Counter
+
+    from joules.deploy.llamacpp import gguf_tensor_table
+    from joules.fingerprint import file_sha256
+
+    size, digest = file_sha256(path)
+    table = gguf_tensor_table(path)
+    n_elements = sum(int(row[2]) for row in table)
+    return {
+        "path": str(path),
+        "size_bytes": size,
+        "sha256": digest,
+        "types": dict(Counter(row[1] for row in table)),
+        "n_elements": n_elements,
+        "bits_per_weight": 8.0 * size / n_elements if n_elements else None,
+    }
+
+
+def export(
+    model: Any,
+    tokenizer: Any,
+    info: Any,
+    manifest: dict[str, Any],
+    d: DeploySpec,
+    path: str,
+) -> dict[str, Any]:
+    """Write the run's deployable GGUF file at ``path`` and return its facts.
+
+    The baseline is exported from its spec, all float (``d.float_type``): the reference of
+    every KL divergence. A compressed model is saved, then exported with its stored block bytes
+    (never re-quantized) and a float token embedding and untied output head stored as
+    ``d.embedding`` / ``d.output`` (llama.cpp's presets quantize them too). A llama.cpp peer (``llamacpp(ftype=...)``) already is a file:
+    copied. The file appears atomically at ``path``."""
+    import shutil
+
+    from joules.deploy import export_gguf
+    from joules.serialize import atomic_path
+
+    t0 = time.perf_counter()
+    exact = True
+    peer = manifest.get("gguf_file")
+    if peer:
+        with atomic_path(path) as tmp:
+            shutil.copyfile(peer["path"], tmp)
+    else:
+        if manifest.get("recipe") == BASELINE:
+            source = str(getattr(info, "spec", "") or "")
+            if not source:
+                raise ConfigError("the baseline's file needs the model's spec: load it by spec")
+            res = export_gguf(source, path, float_type=d.float_type)
+        else:
+            source, _ = _saved_dir(model, tokenizer)
+            floats = ("f32", "f16", "bf16")
+            res = export_gguf(
+                source, path, float_type=d.float_type,
+                embedding=None if d.embedding in floats else d.embedding,
+                output_head=None if d.output in floats else d.output,
+            )  # fmt: skip
+        exact = bool(res.exact)
+    out = _gguf_facts(path)
+    out.update(exact=exact, export_s=time.perf_counter() - t0)
+    return out
 
 
 def bench_config(b: BenchSpec) -> Any:
@@ -253,7 +373,9 @@ def bench(
     :func:`joules.bench.run_bench` (probe the machine's limits when none are cached).
     """
     save_s = 0.0
-    if getattr(model, "joules_manifest", None) is not None:
+    if isinstance(model, str | os.PathLike):  # a file runtime benches the exported file
+        source = str(model)
+    elif getattr(model, "joules_manifest", None) is not None:
         source, save_s = _saved_dir(model, tokenizer)
     elif getattr(info, "spec", None):
         source = str(info.spec)
@@ -261,7 +383,7 @@ def bench(
         raise ConfigError("the bench subprocess needs the model's spec: load it with load_model")
     job = {
         "source": source,
-        "dtype": _model_dtype(model),
+        "dtype": "auto" if isinstance(model, str | os.PathLike) else _model_dtype(model),
         "bench": bench_config(b).to_dict(),
         "spec": str(getattr(info, "spec", "") or source),
         "probe_if_missing": probe_if_missing,
@@ -274,7 +396,9 @@ def bench(
         with open(out_path) as f:
             out = json.load(f)
     out["isolation"]["save_s"] = save_s
-    model.joules_bench_layer_paths = out.pop("layer_paths", None)
+    paths = out.pop("layer_paths", None)
+    if not isinstance(model, str | os.PathLike):
+        model.joules_bench_layer_paths = paths
     return out
 
 
@@ -331,14 +455,18 @@ def bench_child(job_path: str, out_path: str) -> None:
     import psutil
     import torch
 
-    from joules.bench import BenchConfig, run_bench
+    from joules.bench import BenchConfig, get_runtime, run_bench
     from joules.compress import layer_paths as paths
     from joules.models import load_model
 
     with open(job_path) as f:
         job = json.load(f)
     t0 = time.perf_counter()
-    model, tokenizer, info = load_model(job["source"], dtype=getattr(torch, job["dtype"]))
+    runtime = get_runtime(job["bench"].get("runtime", "eager"))
+    if runtime.takes_torch_model:
+        model, tokenizer, info = load_model(job["source"], dtype=getattr(torch, job["dtype"]))
+    else:  # llamacpp: the file itself (its own loader reads the tokenizer and facts)
+        model, tokenizer, info = runtime.load(job["source"])
     load_s = time.perf_counter() - t0
     rss_load_peak = psutil.Process().memory_info().rss
     _release_free_memory()
@@ -359,7 +487,7 @@ def bench_child(job_path: str, out_path: str) -> None:
         "rss_before_trim_bytes": rss_load_peak,
         "note": "benched in a fresh process holding only this model; load_s is its load time",
     }
-    out["layer_paths"] = paths(model)
+    out["layer_paths"] = paths(model) if runtime.takes_torch_model else None
     with open(out_path, "w") as f:
         json.dump(to_jsonable(out), f)
 
@@ -433,5 +561,9 @@ def default_stages(isolate_bench: bool = True) -> Stages:
         predict=predict if have("predict", "joules.predict", "predict") else None,
         baseline_manifest=baseline_manifest,
         layer_paths=layer_paths if has_compress else None,
+        export=export if have("export", "joules.deploy", "export_gguf") else None,
+        evaluate_file=evaluate_file
+        if have("evaluate_file", "joules.deploy.llamacpp", "llamacpp_perplexity")
+        else None,
         missing=missing,
     )
