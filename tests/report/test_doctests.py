@@ -9,7 +9,14 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "name", ["joules.report", "joules.report.data", "joules.report.html", "joules.cli.report"]
+    "name",
+    [
+        "joules.report",
+        "joules.report.answer",
+        "joules.report.data",
+        "joules.report.html",
+        "joules.cli.report",
+    ],
 )
 def test_docstring_examples(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)

@@ -338,3 +338,121 @@ def test_the_heatmap_of_a_real_sweep_is_in_model_order(tmp_path: Path) -> None:
     ]  # fmt: skip
     assert all(v is not None and v > 10 for row in hm.z for v in row)
     assert "mean SQNR (dB)" in table and "<td>-</td>" not in table.split("mean SQNR")[1][:200]
+
+
+def _raw_dom(tmp_path: Path, page: Path) -> str:
+    return _chromium(tmp_path, "--dump-dom", page.resolve().as_uri()).stdout
+
+
+def _with_script(page: Path, script: str) -> Path:
+    """A copy of ``page`` that runs ``script`` 500 ms after load (virtual time) and writes what
+    it returns, as JSON, into ``<body data-probe>`` for --dump-dom to carry out."""
+    out = page.with_name("probe.html")
+    js = (
+        "<script>window.addEventListener('load', function () { setTimeout(function () {"
+        f"var r = (function () {{ {script} }})();"
+        "document.body.setAttribute('data-probe', JSON.stringify(r)); }, 500); });</script>"
+    )
+    out.write_text(page.read_text().replace("</body>", js + "</body>"))
+    return out
+
+
+def _probe(tmp_path: Path, page: Path, script: str) -> object:
+    import html as html_mod
+    import json
+
+    dom = _raw_dom(tmp_path, _with_script(page, script))
+    m = re.search(r'<body[^>]*\bdata-probe="([^"]*)"', dom)
+    assert m, "the probe script did not run"
+    return json.loads(html_mod.unescape(m.group(1)))
+
+
+def _deploy_report(tmp_path: Path) -> tuple[Path, str]:
+    from joules.report.answer import answers
+    from joules.report.data import load_report_data
+    from joules.sweep.analyze import Constraints
+    from joules.testing.report import write_fake_deploy_store
+
+    store = write_fake_deploy_store(tmp_path / "deploy.db")
+    c = Constraints(max_kld=0.1)
+    chosen = answers(load_report_data(store), c)[0].chosen
+    return render_report(store, tmp_path / "report.html", c, "energy"), chosen.recipe
+
+
+@pytest.mark.skipif(_SKIP, reason="chromium not installed (.ci/run installs it)")
+def test_the_answer_opens_the_page_and_names_the_recommended_file(tmp_path: Path) -> None:
+    page, recipe = _deploy_report(tmp_path)
+    dom = _dom(tmp_path, page)
+    assert dom.errors == "", dom.errors
+    assert dom.plots and all(dom.plots), dom.plots
+    got = _probe(tmp_path, page, """
+        var a = document.querySelector('#joules-answer section.answer');
+        var t = document.getElementById('joules-candidates');
+        var p = document.querySelector('.joules-plot');
+        var box = a.getBoundingClientRect();
+        return {text: a.innerText, visible: getComputedStyle(a).display !== 'none',
+                height: box.height, top: box.top + window.scrollY,
+                table: t.getBoundingClientRect().top + window.scrollY,
+                plot: p.getBoundingClientRect().top + window.scrollY,
+                heading: a.querySelector('h2').innerText};
+    """)  # fmt: skip
+    assert got["visible"] and got["height"] > 200
+    assert got["top"] < got["table"] < got["plot"]  # the answer first, then the table, then plots
+    assert got["heading"].startswith("Ship ") and "gguf-q4_0" in got["heading"]
+    text = got["text"]
+    assert recipe in text and "runner-up" in text and "llama.cpp peer of the same size" in text
+    assert "llama.cpp IQ4_NL +imatrix" in text and "size gap" in text and "Why" in text
+
+
+@pytest.mark.skipif(_SKIP, reason="chromium not installed (.ci/run installs it)")
+def test_clicking_a_header_sorts_the_candidate_table(tmp_path: Path) -> None:
+    page, _ = _deploy_report(tmp_path)
+    got = _probe(tmp_path, page, """
+        var rows = function () {
+            return Array.prototype.map.call(
+                document.querySelectorAll('#joules-candidates tbody tr'),
+                function (r) { return r.getAttribute('data-key'); });
+        };
+        var th = document.querySelector('#joules-candidates th[data-key="model_bytes"]');
+        var before = rows(); th.click(); var asc = rows(); th.click(); var desc = rows();
+        var kld = document.querySelector('#joules-candidates th[data-key="kld_mean"]');
+        kld.click();
+        return {before: before, asc: asc, desc: desc, kld: rows(),
+                sort: kld.getAttribute('aria-sort')};
+    """)  # fmt: skip
+    from joules.report.answer import figure
+    from joules.report.data import load_report_data
+
+    data = load_report_data(tmp_path / "deploy.db")
+    size = {r.key: figure(r, "model_bytes").value for r in data.done}
+    kld = {r.key: figure(r, "kld_mean").value for r in data.done}
+    assert sorted(got["before"]) == sorted(size) and got["asc"] != got["before"]
+    assert [size[k] for k in got["asc"]] == sorted(size.values())
+    assert [size[k] for k in got["desc"]] == sorted(size.values(), reverse=True)
+    assert [kld[k] for k in got["kld"]] == sorted(kld.values()) and got["sort"] == "ascending"
+
+
+@pytest.mark.skipif(_SKIP, reason="chromium not installed (.ci/run installs it)")
+def test_the_power_timeline_shows_the_runs_a_reader_picks(tmp_path: Path) -> None:
+    page, _ = _deploy_report(tmp_path)
+    got = _probe(tmp_path, page, """
+        var pick = document.querySelector('.joules-pick');
+        var div = document.getElementById(pick.getAttribute('data-plot'));
+        var drawn = function () { return div.querySelectorAll('g.trace.scatter').length; };
+        var boxes = pick.querySelectorAll('input');
+        var checked = Array.prototype.filter.call(boxes, function (b) { return b.checked; });
+        var before = drawn();
+        var off = Array.prototype.filter.call(boxes, function (b) { return !b.checked; })[0];
+        off.click();
+        return {boxes: boxes.length, checked: checked.map(function (b) {
+                    return b.getAttribute('data-run'); }),
+                before: before, after: drawn()};
+    """)  # fmt: skip
+    from joules.report.answer import answers
+    from joules.report.data import load_report_data
+    from joules.sweep.analyze import Constraints
+
+    a = answers(load_report_data(tmp_path / "deploy.db"), Constraints(max_kld=0.1))[0]
+    assert got["boxes"] == 14  # one per run with a bench
+    assert sorted(got["checked"]) == sorted([a.chosen.key, a.runner_up.key, a.baseline.key])
+    assert got["before"] == 6 and got["after"] == 8  # prefill and decode of each shown run
