@@ -303,9 +303,24 @@ def deploy_spec(model: str, ppl_tokens: int, calib_n: int, gen_len: int) -> str:
     return head + _toml(spec)
 
 
+# The deployable candidates the demo sweeps, from examples/deploy.toml: all of them but the
+# AWQ | GPTQ row (its scale search alone takes ~2 min on 2 cores) and llama.cpp's Q8_0 (which
+# ignores the imatrix: the same blocks as rtn(format=gguf-q8_0)), so the whole demo fits 10
+# minutes on 2 cores. `joules sweep examples/deploy.toml` runs every one.
+DEMO_DEPLOY = (
+    "baseline",
+    "rtn(format=gguf-q4_0)",
+    "gptq(format=gguf-q4_0)",
+    "llamacpp(ftype=Q4_0, imatrix=true)",
+    "rtn(format=gguf-q8_0)",
+)
+
+
 def deploy_recipes() -> list[str]:
-    """The deployable candidates the demo sweeps: ``recipes`` of ``examples/deploy.toml``."""
-    return list(tomllib.loads(deploy_toml())["recipes"])
+    """The deployable candidates the demo sweeps (:data:`DEMO_DEPLOY`, each a recipe of
+    ``examples/deploy.toml``)."""
+    listed = tomllib.loads(deploy_toml())["recipes"]
+    return [r for r in listed if r in DEMO_DEPLOY]
 
 
 def demo_recipes() -> list[str]:
