@@ -77,6 +77,7 @@ def test_demo_on_a_tiny_model_runs_the_pipeline_and_reuses_its_store(
     monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path / "cache"))
     # a random tiny model's KLD; 1,100 tokens make 3 windows of 512, so KLD has an interval
     monkeypatch.setattr("joules.cli.demo.DEMO_MAX_KLD", 100.0)
+    monkeypatch.setattr("joules.cli.demo.SAME_SIZE", 10.0)  # its files' sizes differ widely
     args = ["demo", "--model", str(tiny_dir), "--new-tokens", "4", "--ppl-tokens", "1100"]
     args += ["--calib-n", "2", "--out", str(tmp_path / "o"), "--json"]
     r = runner.invoke(app, args)
