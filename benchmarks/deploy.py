@@ -67,7 +67,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "results" / "deploy.json"
 PAGES = (ROOT / "README.md", ROOT / "docs" / "results" / "deploy.md")
-LAYOUT = "sweep-v1"  # the JSON's layout (the committed file before it: legacy_markdown)
+LAYOUT = "sweep-v1"  # the JSON's layout
 MODEL = "smollm2-135m"
 
 PEER_PRESETS = tuple(p for p in PRESETS if p not in NEEDS_IMATRIX)  # IQ3_XXS needs an imatrix
@@ -794,7 +794,9 @@ def marker(data: dict[str, Any]) -> str:
 def markdown(data: dict[str, Any]) -> str:
     """The docs' block: the marker, the table and the headline lines, from the JSON alone."""
     if data.get("layout") != LAYOUT:
-        return legacy_markdown(data)
+        raise SystemExit(
+            f"{data.get('layout')!r} is not this script's layout {LAYOUT!r}: re-run it"
+        )
     cols = columns(data)
     lines = [marker(data), "| row | " + " | ".join(h for h, _ in cols) + " |"]
     lines.append("|" + "---|" * (len(cols) + 1))
@@ -836,39 +838,6 @@ LEGACY_MARKER = (
     "vs llama.cpp=vs_peer_ppl_ratio; decode tok/s=decode_tok_s; TTFT ms=ttft_ms; "
     "J/token (estimated)=decode_j_per_token; SoL %=decode_sol_pct; tensor types=types -->"
 )
-
-
-def legacy_markdown(data: dict[str, Any]) -> str:
-    def f(v: Any, spec: str) -> str:
-        return _num(v, spec)
-
-    head = (
-        "| row | MiB | bits/weight | perplexity | ±95 % | vs llama.cpp | decode tok/s | TTFT ms "
-        "| J/token (estimated) | SoL % | tensor types |"
-    )
-    lines = [LEGACY_MARKER, head, "|" + "---|" * 11]
-    for r in data["table"]:
-        lines.append(
-            f"| {r['row']} | {f(r['file_mib'], '.1f')} | {f(r['bits_per_weight'], '.2f')} "
-            f"| {f(r['perplexity'], '.3f')} | {f(r['ppl_half_ci95'], '.2f')} "
-            f"| {f(r['vs_peer_ppl_ratio'], '.4f')} | {f(r['decode_tok_s'], '.1f')} "
-            f"| {f(r['ttft_ms'], '.1f')} | {f(r['decode_j_per_token'], '.4f')} "
-            f"| {f(r['decode_sol_pct'], '.0f')} | {r['types']} |"
-        )
-    s, e, p = data.get("summary", {}), data.get("eager") or {}, data.get("parity") or {}
-    lines += [
-        "",
-        f"- {s.get('joules_q4_0_row')} vs llama.cpp Q4_0 perplexity: "
-        f"{f(s.get('joules_q4_0_vs_llamacpp_ppl_ratio'), '.4f')}×; gptq-q4_k_m vs llama.cpp "
-        f"Q4_K_M: {f(s.get('joules_q4_k_m_vs_llamacpp_ppl_ratio'), '.4f')}× (paired windows)",
-        f"- decode: joules Q4_0 = {f(s.get('joules_q4_0_vs_llamacpp_q4_0_decode'), '.2f')}× "
-        f"llama.cpp's own Q4_0 and {f(s.get('joules_q4_0_vs_eager_fp32_decode'), '.1f')}× "
-        f"transformers eager fp32 ({f(e.get('decode_tok_s'), '.1f')} tok/s), same run",
-        f"- torch path vs llama.cpp on the {p.get('row', PARITY_ROW)} weights: perplexity "
-        f"{f(p.get('torch_perplexity'), '.3f')} vs {f(p.get('llamacpp_perplexity'), '.3f')} "
-        f"(ratio {f(p.get('ratio'), '.4f')})",
-    ]
-    return "\n".join(lines)
 
 
 def splice(page: str, block: str) -> str:

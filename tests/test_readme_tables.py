@@ -308,15 +308,15 @@ def test_deploy_block_is_what_the_script_prints(page):
     assert block in (ROOT / page).read_text(), f"{page}: run `python benchmarks/deploy.py --table`"
 
 
-def test_deploy_interval_prose_matches_its_json():
-    """The paired 95 % intervals quoted under the deploy table."""
-    text = _all_text()
-    rows = {r["row"]: r for r in _results("deploy.json")["rows"]}
-    for row, ratio in (("gptq-q4_0", "×0.9155 (paired\n  95 % "), ("gptq-q4_k_m", "×0.9647\n  (")):
-        lo, hi = rows[row]["vs_peer_ppl_ratio_ci95"]
-        want = f"{ratio}{lo:.3f}–{hi:.3f})"
-        assert f"{rows[row]['vs_peer_ppl_ratio']:.4f}" in ratio
-        assert want in text, f"no {want!r}: the deploy interval sentence changed"
+def test_deploy_headline_lines_are_its_json():
+    """The headline verdicts under the deploy table (joules' best file of a size class against
+    llama.cpp's best imatrix file of that size) are the ones the JSON holds, in both pages."""
+    lines = _results("deploy.json")["headline"]
+    assert lines, "the deploy JSON has no headline"
+    for page in (ROOT / "README.md", ROOT / "docs/results/deploy.md"):
+        text = page.read_text()
+        for line in lines:
+            assert f"- {line}" in text, f"{page.name}: no headline line {line!r}"
 
 
 def test_published_gpu_table_is_what_the_script_prints():

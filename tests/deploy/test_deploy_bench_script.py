@@ -285,16 +285,6 @@ def test_quick_and_row_flags(D):
         D.rows_of(SimpleNamespace(rows="gptq-q4_2"))
 
 
-def test_legacy_json_renders_as_before(D):
-    """The committed JSON of the previous layout prints its old block (until it is re-measured)."""
-    import json
-
-    data = json.loads((ROOT / "benchmarks" / "results" / "deploy.json").read_text())
-    if data.get("layout") == D.LAYOUT:
-        pytest.skip("the committed JSON is in the current layout")
-    assert D.markdown(data).startswith(D.LEGACY_MARKER)
-
-
 def test_q4_k_m_recipes_reproduce_llamacpp_type_mix(D, tmp_path, monkeypatch):
     """On a tiny model whose rows take K-quants: joules' gptq and rtn recipes built from
     llama.cpp's Q4_K_M file give a file of its types, tensor for tensor."""
