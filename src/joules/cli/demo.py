@@ -298,14 +298,9 @@ SAME_SIZE = 0.05
 def deploy_spec(model: str, ppl_tokens: int, calib_n: int, gen_len: int) -> str:
     """``examples/deploy.toml`` with this run's model, evaluation tokens, calibration sequences
     and generated tokens (TOML, written beside the store)."""
-    spec = tomllib.loads(deploy_toml())
-    spec["models"] = [model]
-    spec["recipes"] = deploy_recipes()
-    spec["eval"]["limit_tokens"] = ppl_tokens
-    spec["calibration"]["n"] = calib_n
-    spec["bench"]["gen_len"] = gen_len
     head = "# joules demo: examples/deploy.toml with this run's settings\n"
-    return head + _toml(spec)
+    return head + _with_settings(deploy_toml(), deploy_recipes(), model, ppl_tokens, calib_n,
+                                 gen_len)  # fmt: skip
 
 
 # The deployable candidates the demo sweeps, from examples/deploy.toml: all of them but the
@@ -337,14 +332,21 @@ def demo_spec(model: str, ppl_tokens: int, calib_n: int, gen_len: int) -> str:
     """The demo's sweep spec with this run's settings (TOML), written beside its store so it
     can be re-run by hand: ``examples/demo.toml`` with the flags' model, WikiText-2 tokens,
     calibration sequences and generated tokens."""
-    spec = tomllib.loads(demo_toml())
+    head = "# joules demo: examples/demo.toml with this run's settings (small slices: a tour)\n"
+    return head + _with_settings(demo_toml(), demo_recipes(), model, ppl_tokens, calib_n, gen_len)
+
+
+def _with_settings(
+    text: str, recipes: list[str], model: str, ppl_tokens: int, calib_n: int, gen_len: int
+) -> str:
+    """Spec ``text`` (TOML) with the demo's model, recipes and slice sizes, as TOML."""
+    spec = tomllib.loads(text)
     spec["models"] = [model]
-    spec["recipes"] = demo_recipes()
+    spec["recipes"] = recipes
     spec["eval"]["limit_tokens"] = ppl_tokens
     spec["calibration"]["n"] = calib_n
     spec["bench"]["gen_len"] = gen_len
-    head = "# joules demo: examples/demo.toml with this run's settings (small slices: a tour)\n"
-    return head + _toml(spec)
+    return _toml(spec)
 
 
 def _toml(spec: dict[str, Any]) -> str:
