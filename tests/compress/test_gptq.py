@@ -136,3 +136,43 @@ def test_layers_fed_one_input_share_one_hessian_and_factor():
     for batch in inputs.batches(block, {"q": mods[attn + "q_proj"]}):
         own.add(batch["q"])
     assert torch.allclose(own.matrix(), hs[attn + "q_proj"].matrix())
+
+
+@pytest.mark.parametrize("spec", ["gguf-iq4_nl", "gguf-iq4_xs"])
+def test_imatrix_weighted_scales_lower_gptq_layer_error(spec):
+    """GPTQ on block scales searched with the Hessian's diagonal (llama.cpp's importance matrix)
+    beats GPTQ on the unweighted scales, over seeds of inputs with hot channels."""
+    fmt = formats.get(spec)
+    ratios = []
+    for seed in range(4):
+        x = _inputs(seed, cols=256)
+        w = torch.randn(64, 256, generator=torch.Generator().manual_seed(100 + seed))
+        h = Hessian(256)
+        h.add(x)
+        errs = []
+        for fitted in (fmt.fit(w), fmt.fit(w, imatrix=h.mean_square())):
+            q = gptq_quantize(w, h.factor(0.01, True), fitted.fake_quant_cols, act_order=True)
+            errs.append(_layer_error(w, q, x))
+        ratios.append(errs[1] / errs[0])
+    assert max(ratios) < 1.0 and sum(ratios) / len(ratios) < 0.97, ratios
+
+
+def test_hessian_mean_square_is_llamacpp_imatrix():
+    x = _inputs(1, tokens=300, cols=32)
+    h = Hessian(32)
+    h.add(x[:100])
+    h.add(x[100:])
+    assert torch.allclose(h.mean_square(), (x.double() ** 2).mean(0).float(), rtol=1e-5)
+    assert torch.allclose(h.mean_square(), h.matrix().diagonal() / 2, rtol=1e-5)
+
+
+def test_gptq_records_imatrix_weighted_scales_only_where_the_format_takes_them():
+    m, tok, _ = tiny_model("llama", seed=0)
+    calib, _ = calibration_tokens(tok, n=2, length=16)
+    r = 'gptq(format=gguf-iq4_nl, overrides=["*.mlp.down_proj=gguf-q4_0"])'
+    layers = compress(m, r, calibration=calib).manifest.layers
+    assert layers["model.layers.0.self_attn.q_proj"].get("scales") == "imatrix-weighted"
+    assert "scales" not in layers["model.layers.0.mlp.down_proj"]
+    m, tok, _ = tiny_model("llama", seed=0)
+    layers = compress(m, "gptq(format=gguf-iq4_nl, imatrix=false)", calibration=calib).manifest
+    assert all("scales" not in v for v in layers.layers.values())

@@ -81,6 +81,46 @@ def test_bytes_equal_llamacpp_quantizer_random(t, data):
     assert np.array_equal(ours, ggml_quantize(x, fmt.ggml_type))
 
 
+WEIGHTED = [t for t, bt in BLOCK_TYPES.items() if bt.weighted]
+
+
+def _imatrix(k: int, kind: str) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    if kind == "skewed":  # as llama-imatrix's mean squared activations are
+        return (rng.random(k) ** 6 * 50).astype(np.float32)
+    if kind == "dead_columns":
+        im = rng.random(k).astype(np.float32)
+        im[::3] = 0
+        return im
+    return np.full(k, 1e-6, np.float32)  # tiny
+
+
+@pytest.mark.parametrize("t", WEIGHTED)
+@pytest.mark.parametrize("case", list(_cases(32)))
+@pytest.mark.parametrize("kind", ["skewed", "dead_columns", "tiny"])
+def test_bytes_equal_llamacpp_quantizer_with_imatrix(t, case, kind):
+    fmt = formats.get(f"gguf-{t}")
+    x = _cases(fmt.bt.block)[case]
+    im = _imatrix(x.shape[1], kind)
+    ours = fmt.quantize(torch.from_numpy(x), imatrix=torch.from_numpy(im)).parts["blocks"]
+    ref = ggml_quantize(x, fmt.ggml_type, im)
+    diff = np.nonzero((ours.numpy() != ref).any(axis=1))[0]
+    assert diff.size == 0, f"rows {diff[:5]} differ"
+
+
+@pytest.mark.parametrize("t", WEIGHTED)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_bytes_equal_llamacpp_quantizer_with_random_imatrix(t, data):
+    fmt = formats.get(f"gguf-{t}")
+    rows, nblk = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 2))
+    k = nblk * fmt.bt.block
+    x = data.draw(arrays(np.float32, (rows, k), elements=st.floats(-8, 8, width=32)))
+    im = data.draw(arrays(np.float32, (k,), elements=st.floats(0, 1e3, width=32)))
+    ours = fmt.quantize(torch.from_numpy(x), imatrix=torch.from_numpy(im)).parts["blocks"]
+    assert np.array_equal(ours.numpy(), ggml_quantize(x, fmt.ggml_type, im))
+
+
 def test_llamacpp_perplexity_matches_torch_on_exported_file(tmp_path, monkeypatch):
     from joules.compress import compress
     from joules.data import load_text
@@ -150,26 +190,27 @@ def test_cli_eval_runtime_llamacpp(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "needs a .gguf file" in r.output
 
 
-def test_rtn_export_equals_llamacpp_quantized_file_byte_for_byte(tmp_path, monkeypatch):
-    # the whole path: joules compress rtn(gguf-q4_0) + export == llama-quantize Q4_0 of the
+@pytest.mark.parametrize("ftype", ["Q4_0", "IQ4_NL", "IQ4_XS"])
+def test_rtn_export_equals_llamacpp_quantized_file_byte_for_byte(tmp_path, monkeypatch, ftype):
+    # the whole path: joules compress rtn(gguf-<type>) + export == llama-quantize <type> of the
     # F32 export, tensor for tensor (permuted attn_q/attn_k, the tied embedding as Q6_K)
     from gguf import GGUFReader
 
     from joules.compress import compress
     from joules.deploy import export_gguf
-    from joules.deploy.llamacpp import quantize_file
+    from joules.deploy.peer import llamacpp_peer
     from joules.models import load_model, save_tiny_model
 
     monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path / "cache"))
     kw = dict(hidden_size=256, intermediate_size=512, heads=4, kv_heads=2, tie_word_embeddings=True)
     save_tiny_model(tmp_path / "t", "llama", seed=0, **kw)
     export_gguf(tmp_path / "t", tmp_path / "f32.gguf")
-    quantize_file(tmp_path / "f32.gguf", tmp_path / "llama-q4_0.gguf", "Q4_0", threads=1)
+    llamacpp_peer(tmp_path / "f32.gguf", ftype, tmp_path / "llama.gguf", threads=1)
     lm = load_model(tmp_path / "t")
-    compress(lm.model, "rtn(format=gguf-q4_0)").save(tmp_path / "c", lm.tokenizer)
-    export_gguf(tmp_path / "c", tmp_path / "joules-q4_0.gguf", embedding="gguf-q6_k")
-    ref = {t.name: t for t in GGUFReader(str(tmp_path / "llama-q4_0.gguf")).tensors}
-    ours = {t.name: t for t in GGUFReader(str(tmp_path / "joules-q4_0.gguf")).tensors}
+    compress(lm.model, f"rtn(format=gguf-{ftype.lower()})").save(tmp_path / "c", lm.tokenizer)
+    export_gguf(tmp_path / "c", tmp_path / "joules.gguf", embedding="gguf-q6_k")
+    ref = {t.name: t for t in GGUFReader(str(tmp_path / "llama.gguf")).tensors}
+    ours = {t.name: t for t in GGUFReader(str(tmp_path / "joules.gguf")).tensors}
     assert ref.keys() == ours.keys()
     for name, t in ref.items():
         assert t.tensor_type == ours[name].tensor_type, name

@@ -32,6 +32,8 @@ BPE = {
     "mxfp4": 4.25,
     "tq1_0": 1.6875,
     "tq2_0": 2.0625,
+    "iq4_nl": 4.5,
+    "iq4_xs": 4.25,
 }
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -233,12 +235,57 @@ def test_fit_keeps_parameters_on_a_perturbed_weight(t):
     q2 = f.quantize(w2)
     _, p = fmt.unpack(q2)
     _, p_ref = fmt.unpack(fmt.quantize(w))
-    stored = {"d", "m", "dmin", "sc", "e"}
+    stored = {"d", "m", "dmin", "sc", "e", "ls"}
     for name in stored & p.keys():
         assert torch.equal(p[name], p_ref[name]), name
     assert torch.equal(fmt.dequantize(q2), f.fake_quant_cols(w2, 0))
     # the clipped element decodes to a value of the block's grid, no larger than its extreme
     assert fmt.dequantize(q2)[0, 0] <= fmt.dequantize(fmt.quantize(w)).abs().max() * 1.0001 + 1e-6
+
+
+WEIGHTED = [t for t, bt in BLOCK_TYPES.items() if bt.weighted]
+
+
+def test_weighted_types_are_the_iq4s():
+    assert WEIGHTED == ["iq4_nl", "iq4_xs"]
+
+
+@pytest.mark.parametrize("t", WEIGHTED)
+def test_fit_with_imatrix_reproduces_quantize_with_imatrix(t):
+    fmt = formats.get(f"gguf-{t}")
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 2 * fmt.bt.block, generator=g)
+    im = torch.rand(w.shape[1], generator=g) ** 4  # skewed, as activations are
+    im[::9] = 0  # dead input columns
+    q = fmt.quantize(w, imatrix=im)
+    assert not torch.equal(q.parts["blocks"], fmt.quantize(w).parts["blocks"])
+    f = fmt.fit(w, imatrix=im)
+    assert torch.equal(f.quantize(w).parts["blocks"], q.parts["blocks"])
+    assert torch.equal(f.fake_quant_cols(w, 0), fmt.fake_quant(w, imatrix=im))
+    assert torch.equal(fmt.fake_quant(w, imatrix=im), fmt.dequantize(q))
+
+
+@pytest.mark.parametrize("t", WEIGHTED)
+def test_imatrix_weighting_lowers_the_weighted_error(t):
+    """The weighted search trades error on unimportant columns for error on important ones."""
+    fmt = formats.get(f"gguf-{t}")
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(64, 512, generator=g)
+    im = torch.rand(512, generator=g) ** 8 * 100
+    err_w = ((fmt.fake_quant(w, imatrix=im) - w) ** 2 * im).sum()
+    err_plain = ((fmt.fake_quant(w) - w) ** 2 * im).sum()
+    assert err_w < 0.97 * err_plain
+
+
+def test_imatrix_refused_where_the_type_has_no_weighted_search():
+    w = torch.randn(2, 64)
+    with pytest.raises(ConfigError, match=r"gguf-q4_0.*iq4_nl"):
+        formats.get("gguf-q4_0").quantize(w, imatrix=torch.ones(64))
+    with pytest.raises(ConfigError, match="32 values for rows of 64"):
+        formats.get("gguf-iq4_nl").quantize(w, imatrix=torch.ones(32))
+    with pytest.raises(ConfigError, match="finite and >= 0"):
+        formats.get("gguf-iq4_nl").fit(w, imatrix=-torch.ones(64))
+    assert fallback_spec("gguf-iq4_xs", (576, 576)) == "gguf-iq4_nl"
 
 
 def test_fit_needs_2d_weight_of_whole_blocks():

@@ -27,6 +27,8 @@ q6_k       256    210    128 bytes low nibbles, 64 bytes 2-bit highs, 16 x int8 
 mxfp4       32     17    E8M0 exponent, 16 bytes of E2M1 codes (j low, j+16 high)
 tq1_0      256     54    48 + 4 bytes of base-3 digits (5 or 4 per byte), fp16 d
 tq2_0      256     66    64 bytes of 2-bit digits, fp16 d
+iq4_nl      32     18    fp16 d, nibbles as q4_0 indexing 16 non-uniform levels (kvalues_iq4nl)
+iq4_xs     256    136    fp16 d, uint16 + 4 bytes of 6-bit block scales, 128 nibble bytes
 =========  =====  =====  ======================================================================
 
 A quantized tensor has one part, ``blocks``: uint8 ``[rows, row_bytes]``, which *is* the GGUF
@@ -36,7 +38,11 @@ tensor data (rows are the leading dimensions flattened), so an exporter writes i
 quantizers for the legacy, TQ and MXFP4 types): the legacy types round with the fp32 scale and
 store it as fp16; Q4_K runs llama.cpp's scale/min search (``make_qkx2_quants``, 21 steps,
 weights ``rms + |x|``) and Q6_K its scale search (``make_qx_quants``, 18 steps, weights ``x**2``),
-both in fp32 with the reference's summation order. Decoding is ``gguf.quants.dequantize``'s
+both in fp32 with the reference's summation order. IQ4_NL and IQ4_XS run
+``quantize_iq4_nl`` / ``quantize_iq4_xs`` (what ``ggml_quantize_chunk`` and ``llama-quantize``
+call): a weighted search over 15 stretches of the level grid per block of 32, weights ``x**2``,
+or with an importance matrix (``imatrix=``, one value per column: llama-imatrix's mean squared
+activation) ``imatrix * sqrt(sigma2 + x**2)``; GPTQ passes its Hessian's diagonal. Decoding is ``gguf.quants.dequantize``'s
 arithmetic (fp32). ``tests/formats/test_gguf.py`` checks the bytes against ``gguf`` and, where it
 has no quantizer (Q4_K, Q6_K), against llama.cpp's own through llama-cpp-python.
 
@@ -78,7 +84,13 @@ from joules.formats.packing import unpack
 
 QK_K = 256
 # llama.cpp's per-tensor fallback when a row is not a multiple of 256 (llama-quant.cpp)
-FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0", "tq1_0": "q4_0", "tq2_0": "q4_0"}
+FALLBACK = {
+    "q4_k": "q5_0",
+    "q6_k": "q8_0",
+    "tq1_0": "q4_0",
+    "tq2_0": "q4_0",
+    "iq4_xs": "iq4_nl",
+}
 _GROUP_MAX_EPS = 1e-15
 
 
@@ -190,8 +202,11 @@ class BlockType:
     name: str = ""
     block: int = 32
     type_size: int = 0
+    # True where llama.cpp's quantizer searches its scales weighted by an importance matrix
+    # (``qw``: one weight per element, the imatrix of its column) and joules does the same
+    weighted: bool = False
 
-    def fit(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fit(self, x: torch.Tensor, qw: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def codes(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -609,6 +624,148 @@ class _Q6_K(BlockType):
         return q, self._params(_bytes_f16(b[:, 208:210]).half(), sc)
 
 
+# IQ4_NL / IQ4_XS: 16 non-uniform levels (kvalues_iq4nl) and llama.cpp's weighted scale search
+IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_IQ4_GRID = torch.tensor(IQ4NL_VALUES, dtype=torch.float32)
+_IQ4_NTRY = 7  # quantize_iq4_nl / quantize_iq4_xs (what ggml_quantize_chunk and llama-quantize run)
+
+
+def _best_index(x: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's ``best_index_int8(16, kvalues_iq4nl, x)`` elementwise: the nearest level, the
+    upper one on a tie, the differences taken in fp32 as the C code takes them."""
+    v = _IQ4_GRID
+    mu = torch.searchsorted(v, x.contiguous(), right=True).clamp_(1, 15)  # first level > x
+    lo, hi = v[mu - 1], v[mu]
+    idx = torch.where((x - lo) < (hi - x), mu - 1, mu)
+    idx = torch.where(x <= v[0], 0, idx)
+    return torch.where(x >= v[15], 15, idx)
+
+
+def _iq4_weights(x: torch.Tensor, qw: torch.Tensor | None, super_block: int) -> torch.Tensor:
+    """The search's weights for blocks of 32 (rows of ``x`` [n * super_block/32, 32]):
+    ``x**2`` without an importance matrix, else ``qw * sqrtf(sigma2 + x**2)`` with ``sigma2``
+    twice the mean square of the super-block (summed left to right in fp32)."""
+    if qw is None:
+        return x * x
+    per = super_block // 32
+    xs = x.reshape(-1, super_block)
+    sigma2 = _seqsum(xs * xs) * (2.0 / super_block)  # [n, 1]
+    sigma2 = sigma2.repeat_interleave(per, dim=0)  # per block of 32
+    # sqrtf is correctly rounded; torch's fp32 sqrt can be an ulp off: round from fp64
+    root = torch.sqrt((sigma2 + x * x).double()).float()
+    return qw * root
+
+
+def _iq4_search(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The scale of each block of 32 (rows of ``x``) as ``quantize_row_iq4_nl_impl`` searches
+    it with ``ntry = 7``: from ``max/127``, then 15 grid stretches ``(itry - 127)/max``, keeping
+    the weighted least-squares scale of the best fit. fp32 [S, 1]; 0 for an all-(near-)zero
+    block. Runs on the transposes [32, S] so each C-order sum is 32 contiguous adds."""
+    xt, wt = x.t().contiguous(), w.t().contiguous()
+    imax = xt.abs().argmax(dim=0, keepdim=True)  # first of equal magnitudes, as the C loop
+    mx = torch.gather(xt, 0, imax)
+    zero = mx.abs() < _GROUP_MAX_EPS
+    mxs = torch.where(zero, torch.ones_like(mx), mx)
+    grid = _IQ4_GRID
+
+    def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = grid[_best_index(iscale * xt)]
+        wq = wt * q
+        return _seqsum0(wq * xt), _seqsum0(wq * q)
+
+    d0 = mxs / torch.full_like(mxs, 127.0)  # -max / values[0], one fp32 division
+    sumqx, sumq2 = sums(_div(1, d0))
+    pos = sumq2 > 0
+    d = torch.where(pos, sumqx / torch.where(pos, sumq2, 1.0), 0.0)
+    best = d * sumqx
+    for itry in range(-_IQ4_NTRY, _IQ4_NTRY + 1):
+        sumqx, sumq2 = sums(_div(itry + IQ4NL_VALUES[0], mxs))
+        pos = sumq2 > 0
+        better = pos & (sumqx * sumqx > best * sumq2)
+        d = torch.where(better, sumqx / torch.where(pos, sumq2, 1.0), d)
+        best = torch.where(better, d * sumqx, best)
+    return torch.where(zero, torch.zeros_like(d), d).reshape(-1, 1)
+
+
+class _IQ4_NL(BlockType):
+    """IQ4_NL: blocks of 32, x = d * kvalues_iq4nl[q] with fp16 d from a weighted scale search
+    (weights ``x**2``, or the importance matrix's ``qw * sqrt(sigma2 + x**2)``)."""
+
+    name, type_size, weighted = "iq4_nl", 18, True
+
+    def fit(self, x, qw=None):
+        d = _iq4_search(x, _iq4_weights(x, qw, 32))
+        return {"d": _f16(d), "id": _inv(d)}  # codes round with the fp32 scale
+
+    def codes(self, x, p):
+        return _best_index(x * p["id"]).to(torch.uint8)
+
+    def decode(self, q, p):
+        return p["d"].float() * _IQ4_GRID[q.long()]
+
+    def pack(self, q, p):
+        return torch.cat([_f16_bytes(p["d"]), _nibbles(q)], dim=1)
+
+    def unpack(self, b):
+        return _unnibbles(b[:, 2:]), {"d": _bytes_f16(b[:, :2]).half()}
+
+
+class _IQ4_XS(BlockType):
+    """IQ4_XS: 256 = 8 blocks of 32 on the IQ4_NL levels, each with a 6-bit scale
+    ``ls - 32`` of one fp16 ``d``: x = d * (ls - 32) * kvalues_iq4nl[q]."""
+
+    name, block, type_size, weighted = "iq4_xs", QK_K, 136, True
+
+    def fit(self, x, qw=None):
+        n = x.shape[0]
+        xs = x.reshape(n * 8, 32)
+        qw = None if qw is None else qw.reshape(n * 8, 32)
+        scales = _iq4_search(xs, _iq4_weights(xs, qw, QK_K)).reshape(n, 8)
+        # the first block scale of largest magnitude; +0 when none is non-zero (C: `>` from 0)
+        imax = scales.abs().argmax(dim=1, keepdim=True)
+        big = torch.gather(scales, 1, imax)
+        max_scale = torch.where(big.abs() > 0, big, torch.zeros_like(big))
+        d = -max_scale / 32  # -0.0 for an all-zero block, stored as fp16 -0 as C does
+        ls = _nearest_int(_inv(d) * scales).clamp_(-32, 31)
+        dl = (d * ls).unsqueeze(-1)  # [n, 8, 1]: the fp32 sub-block scale the codes round with
+        return self._params(_f16(d), (ls + 32).to(torch.uint8), _inv(dl))
+
+    @staticmethod
+    def _params(d, ls, idl=None):
+        p = {"d": d, "ls": ls, "dl": (d.float() * (ls.float() - 32)).unsqueeze(-1)}
+        if idl is not None:
+            p["idl"] = idl
+        return p
+
+    def codes(self, x, p):
+        n = x.shape[0]
+        return _best_index(x.reshape(n, 8, 32) * p["idl"]).to(torch.uint8).reshape(n, 256)
+
+    def decode(self, q, p):
+        n = q.shape[0]
+        return (p["dl"] * _IQ4_GRID[q.long()].reshape(n, 8, 32)).reshape(n, 256)
+
+    def pack(self, q, p):
+        n = q.shape[0]
+        ls = p["ls"].to(torch.int32)
+        hi = ((ls >> 4) & 3) << (2 * torch.arange(8, dtype=torch.int32))
+        h = hi.sum(dim=1, keepdim=True)  # uint16 scales_h, little-endian
+        sh = torch.cat([h & 0xFF, h >> 8], dim=1)
+        sl = (ls[:, 0::2] & 0xF) | ((ls[:, 1::2] & 0xF) << 4)
+        qs = _nibbles(q.reshape(n * 8, 32)).reshape(n, 128)
+        return torch.cat([_f16_bytes(p["d"]), sh.to(torch.uint8), sl.to(torch.uint8), qs], dim=1)
+
+    def unpack(self, b):
+        n = b.shape[0]
+        h = b[:, 2].to(torch.int32) | (b[:, 3].to(torch.int32) << 8)
+        sl = b[:, 4:8].to(torch.int32)
+        lo = torch.stack([sl & 0xF, sl >> 4], dim=2).reshape(n, 8)
+        hi = (h.unsqueeze(1) >> (2 * torch.arange(8, dtype=torch.int32))) & 3
+        ls = (lo | (hi << 4)).to(torch.uint8)
+        q = _unnibbles(b[:, 8:].reshape(n * 8, 16)).reshape(n, 256)
+        return q, self._params(_bytes_f16(b[:, :2]).half(), ls)
+
+
 BLOCK_TYPES: dict[str, BlockType] = {
     t.name: t
     for t in (
@@ -622,6 +779,8 @@ BLOCK_TYPES: dict[str, BlockType] = {
         _MXFP4(),
         _TQ("tq1_0"),
         _TQ("tq2_0"),
+        _IQ4_NL(),
+        _IQ4_XS(),
     )
 }
 
@@ -734,9 +893,43 @@ class GGUFFormat(Format):
         return self._qt(t, {"blocks": raw.reshape(rows, -1).contiguous()}, **meta)
 
     # -- conversion ----------------------------------------------------------------------------
-    def quantize(self, t: torch.Tensor) -> QuantizedTensor:
+    @property
+    def takes_imatrix(self) -> bool:
+        """Whether ``imatrix=`` moves this type's scales (IQ4_NL, IQ4_XS), as it moves
+        llama.cpp's ``ggml_quantize_chunk``."""
+        return self.bt.weighted
+
+    def block_weights(self, t: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor | None:
+        """The importance matrix (one non-negative fp32 value per column of ``t``, llama.cpp's
+        mean squared activation) as one weight per element, in ``blocks_of(t)``'s layout."""
+        if imatrix is None:
+            return None
+        if not self.bt.weighted:
+            raise ConfigError(
+                f"{self.spec}: joules' {self.ggml_type} has no importance-matrix search: drop "
+                "imatrix=, or use gguf-iq4_nl / gguf-iq4_xs"
+            )
+        k = t.shape[-1] if t.dim() else 1
+        qw = imatrix.detach().float().cpu().reshape(-1)
+        if qw.numel() != k:
+            raise ConfigError(
+                f"{self.spec}: the importance matrix has {qw.numel()} values for rows of {k} "
+                "elements: give one per input column"
+            )
+        if not (torch.isfinite(qw).all() and (qw >= 0).all()):
+            raise ConfigError(f"{self.spec}: the importance matrix must be finite and >= 0")
+        rows = t.numel() // k
+        return qw.expand(rows, k).reshape(-1, self.bt.block)
+
+    def _fit(self, t: torch.Tensor, x: torch.Tensor, imatrix: torch.Tensor | None):
+        qw = self.block_weights(t, imatrix)
+        return self.bt.fit(x) if qw is None else self.bt.fit(x, qw)
+
+    def quantize(self, t: torch.Tensor, imatrix: torch.Tensor | None = None) -> QuantizedTensor:
+        """GGUF blocks of ``t``; ``imatrix`` (one value per column) for the types whose search
+        takes it, as ``llama-quantize --imatrix`` passes it."""
         x = self.blocks_of(t)
-        p = self.bt.fit(x)
+        p = self._fit(t, x, imatrix)
         return self._finish(t, self.bt.pack(self.bt.codes(x, p), p))
 
     def unpack(self, q: QuantizedTensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -750,16 +943,17 @@ class GGUFFormat(Format):
         dev = q.parts["blocks"].device
         return self.bt.decode(codes, p).reshape(q.shape).to(device=dev, dtype=q.dtype)
 
-    def fake_quant(self, t: torch.Tensor) -> torch.Tensor:
+    def fake_quant(self, t: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
         x = self.blocks_of(t)
-        p = self.bt.fit(x)
+        p = self._fit(t, x, imatrix)
         out = self.bt.decode(self.bt.codes(x, p), p)
         return out.reshape(t.shape).to(device=t.device, dtype=t.dtype)
 
-    def fit(self, w: torch.Tensor) -> GGUFFitted:
-        """Fix every block's parameters (scales, minima, K-quant sub-block scales) from ``w``."""
+    def fit(self, w: torch.Tensor, imatrix: torch.Tensor | None = None) -> GGUFFitted:
+        """Fix every block's parameters (scales, minima, K-quant sub-block scales) from ``w``;
+        ``imatrix`` (one value per column) weights the scale search where the type takes it."""
         check_fit_input(w, self.spec)
-        return GGUFFitted(self, w)
+        return GGUFFitted(self, w, imatrix)
 
 
 class GGUFFitted(Fitted):
@@ -771,14 +965,14 @@ class GGUFFitted(Fitted):
     values llama.cpp decodes.
     """
 
-    def __init__(self, fmt: GGUFFormat, w: torch.Tensor):
+    def __init__(self, fmt: GGUFFormat, w: torch.Tensor, imatrix: torch.Tensor | None = None):
         super().__init__(fmt, (int(w.shape[0]), int(w.shape[1])))
         self.fmt = fmt
         self.bt = fmt.bt
         x = fmt.blocks_of(w)
         self.per_row = self.shape[1] // self.bt.block
         # parameters of block j of row r at index r * per_row + j
-        self.p = self.bt.fit(x)
+        self.p = fmt._fit(w, x, imatrix)
 
     def _select(self, b0: int, b1: int) -> dict[str, torch.Tensor]:
         rows = self.shape[0]

@@ -50,6 +50,13 @@ class Hessian:
         self.sum.add_(xtx)
         self.n += x.shape[0]
 
+    def mean_square(self) -> torch.Tensor:
+        """Each input column's mean squared activation over the tokens seen (fp32 [cols]):
+        llama.cpp's importance matrix, ``diag(matrix()) / 2``."""
+        if self.n == 0:
+            raise ConfigError("no calibration tokens reached this layer: cannot build its Hessian")
+        return (self.sum.diagonal() / self.n).float()
+
     def matrix(self) -> torch.Tensor:
         """``2/n X^T X`` in fp32."""
         if self.n == 0:

@@ -32,12 +32,19 @@ from joules.formats.base import Fitted, QuantizedTensor
 OUTLIER_WEIGHT_FORMAT = "int8-ch"  # Atom keeps outlier channels' weight columns in 8 bit
 
 
-def fit_weight(module: nn.Module, spec: str, w: torch.Tensor) -> Fitted:
-    """``formats.get(spec).fit(w)``, or the module's plan's fit if it carries one."""
+def fit_weight(
+    module: nn.Module, spec: str, w: torch.Tensor, imatrix: torch.Tensor | None = None
+) -> Fitted:
+    """``formats.get(spec).fit(w)``, or the module's plan's fit if it carries one. ``imatrix``
+    (one importance per input column) goes to formats whose scale search takes it (GGUF IQ4);
+    a plan's split fits its dense part unweighted."""
     plan = getattr(module, "weight_plan", None)
     if plan is not None:
         return plan.fit(formats.get(spec), w)
-    return formats.get(spec).fit(w)
+    fmt = formats.get(spec)
+    if imatrix is not None and getattr(fmt, "takes_imatrix", False):
+        return fmt.fit(w, imatrix=imatrix)  # type: ignore[call-arg]
+    return fmt.fit(w)
 
 
 def sparse_part(fitted: Fitted, q: torch.Tensor) -> nn.Module | None:

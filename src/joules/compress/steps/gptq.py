@@ -72,6 +72,11 @@ class GPTQ(Step):
     # "GLOB=FORMAT" per-module formats, first match wins (else ``format``): one sequential pass
     # for a per-tensor type mix such as llama.cpp's Q4_K_M.
     overrides: tuple[str, ...] = ()
+    # fit the block scales of formats whose scale search takes weights (gguf-iq4_nl,
+    # gguf-iq4_xs) with the layer's importance matrix: the calibration inputs' mean squared
+    # activation per column, the Hessian's diagonal / 2, what llama-imatrix computes. The
+    # columns are then rounded on those scales.
+    imatrix: bool = True
 
     needs_calibration = True
 
@@ -108,7 +113,8 @@ class GPTQ(Step):
         mask = weight_mask(module)
         fmt = formats.get(self.format_for(name))
         use = fmt.for_shape(tuple(w.shape))  # llama.cpp's per-tensor GGUF fallback
-        fitted = fit_weight(module, use.spec, w * mask if mask is not None else w)
+        im = h.mean_square() if self.imatrix and getattr(use, "takes_imatrix", False) else None
+        fitted = fit_weight(module, use.spec, w * mask if mask is not None else w, imatrix=im)
         q = gptq_quantize(
             w,
             h.factor(self.damp, self.act_order),  # shared by layers fed the same input
@@ -121,6 +127,8 @@ class GPTQ(Step):
         install_quantized(ctx, name, module, fitted.quantize(q), "gptq", sparse_part(fitted, q))
         if use.spec != fmt.spec:
             ctx.record(name, format_requested=fmt.spec)
+        if im is not None:
+            ctx.record(name, scales="imatrix-weighted")
 
     def apply(self, ctx: CompressContext) -> None:
         targets = ctx.resolve_targets(self.targets)
