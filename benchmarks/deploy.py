@@ -16,18 +16,19 @@ measured by the sweep on the llamacpp runtime, then decoded in one interleaved r
    Rows: the baseline (all F32, the reference); every llama.cpp preset but IQ3_XXS
    (``llamacpp(ftype=P, imatrix=false|true)``: ``llama_model_quantize`` of the F32 export, the
    importance matrix computed from the calibration tokens); for every preset whose per-tensor
-   types joules writes byte-exact (read from llama.cpp's file without imatrix: Q8_0, Q6_K, Q5_0,
-   Q4_K_M, Q4_0 on the default model), joules' ``rtn``, ``gptq`` and ``awq | gptq`` giving every
+   types joules writes byte-exact, joules' ``rtn``, ``gptq`` and ``awq | gptq`` giving every
    linear the type llama.cpp's file holds for it (``overrides=[GLOB=FORMAT, ...]``; AWQ searches
-   its scales with the preset's most common type). Calibration: ``--calib-n`` × ``--calib-len``
+   its scales with the preset's most common type): ``rtn`` copies the file without an importance
+   matrix (a path check: the same bytes), ``gptq`` and ``awq | gptq`` the file with one (llama.cpp
+   picks other types with an imatrix; each calibrated row is the size of the peer it must beat). Calibration: ``--calib-n`` × ``--calib-len``
    tokens of WikiText-2 **valid**. The float embedding is stored as llama-quantize stores it
    (``[deploy] embedding = "gguf-q6_k"``, Q8_0 on 576-wide rows).
 2. Decode speed of every file in one run: ``--repeats`` rounds, each round every file once
    (``run_bench`` on the llamacpp runtime: 1 warm-up, 1 timed generation), the order shuffled
    per round (``--seed``). Per file the median tok/s with the 95 % Student t interval of the
    mean over rounds, the estimated J/token (no energy counter on a VM: the meter's method is
-   recorded); per joules file the ratio to llama.cpp's own file of the same types (the preset
-   without imatrix): geometric mean of the per-round ratios, 95 % Student t interval over the
+   recorded); per joules file the ratio to llama.cpp's own file of the same types (the one it
+   copied its types from): geometric mean of the per-round ratios, 95 % Student t interval over the
    rounds' log ratios (both files were decoded in every round).
 3. The torch path on the same windows: ``gptq-q4_0``'s file loaded into torch (transformers
    dequantizes it) scored by the same task as llama.cpp scored it (``--no-parity`` skips it).
@@ -103,6 +104,15 @@ def peer_row(preset: str, imatrix: bool) -> str:
 
 def joules_row(method: str, preset: str) -> str:
     return f"{method}-{preset.lower()}"
+
+
+def type_source(method: str, preset: str) -> str:
+    """The llama.cpp file whose per-tensor types a joules row copies: for ``rtn`` (no
+    calibration) the preset's file without an importance matrix (so ``rtn`` is a path check
+    against it, byte for byte), for the calibrated methods the file with one (llama.cpp picks
+    other types with an imatrix, e.g. Q4_1 or IQ4_NL where it guards the first ffn_down with
+    Q5_K without one): each calibrated row is then the same size as the peer it must beat."""
+    return peer_row(preset, imatrix=method != "rtn")
 
 
 def all_rows() -> list[str]:
@@ -261,8 +271,8 @@ def spec_text(settings: dict[str, Any], recipes: list[str]) -> str:
 
 def row_recipes(rows: list[str], peer_types: dict[str, dict[str, str]]) -> dict[str, str]:
     """{row: recipe} of ``rows`` whose recipe is known: every baseline and peer row, and the
-    joules rows whose preset's llama.cpp file (no imatrix) has types in ``peer_types`` that
-    joules writes byte-exact."""
+    joules rows whose :func:`type_source` file has types in ``peer_types`` that joules writes
+    byte-exact."""
     out: dict[str, str] = {}
     for row in rows:
         kind, preset, imatrix = parse_row(row)
@@ -271,7 +281,7 @@ def row_recipes(rows: list[str], peer_types: dict[str, dict[str, str]]) -> dict[
         elif kind.startswith("peer"):
             out[row] = peer_recipe(preset, imatrix)  # type: ignore[arg-type]
         else:
-            per = peer_types.get(peer_row(preset, False))  # type: ignore[arg-type]
+            per = peer_types.get(type_source(row.partition("-")[0], preset))  # type: ignore[arg-type]
             if per and not unmapped_types(per):
                 out[row] = joules_recipe(row.partition("-")[0], per)
     return out
@@ -504,8 +514,11 @@ def measured_row(row: str, recipe: str | None, run: Any, grid_bytes: int) -> dic
 def needed_rows(wanted: list[str]) -> list[str]:
     """``wanted`` with the baseline and, for each joules row, its preset's llama.cpp file without
     imatrix (the types it copies), in table order."""
-    presets = {parse_row(w)[1] for w in wanted if parse_row(w)[0] == "joules"}
-    extra = {"baseline"} | {peer_row(p, False) for p in presets if p}
+    extra = {"baseline"} | {
+        type_source(w.partition("-")[0], parse_row(w)[1])  # type: ignore[arg-type]
+        for w in wanted
+        if parse_row(w)[0] == "joules"
+    }
     return [r for r in all_rows() if r in wanted or r in extra]
 
 
@@ -523,19 +536,21 @@ def run(args: Any) -> dict[str, Any]:
     peer_types = {
         r: module_types(file_types(run))
         for r, run in runs.items()
-        if run is not None and run.status == "done" and parse_row(r)[0] == "peer"
+        if run is not None and run.status == "done" and parse_row(r)[0].startswith("peer")
     }
     recipes = row_recipes(needed, peer_types)
     notes = []
-    for p in dict.fromkeys(parse_row(r)[1] for r in needed if r not in recipes):
-        per = peer_types.get(peer_row(p, False))  # type: ignore[arg-type]
+    for r in needed:
+        if r in recipes:
+            continue
+        src = type_source(r.partition("-")[0], parse_row(r)[1])  # type: ignore[arg-type]
+        per = peer_types.get(src)
         why = (
-            f"llama.cpp's {p} file holds {', '.join(unmapped_types(per))}, which joules does "
-            "not write"
+            f"{src}'s file holds {', '.join(unmapped_types(per))}, which joules does not write"
             if per
-            else f"llama.cpp's {p} file (no imatrix) did not finish"
+            else f"{src} did not finish"
         )
-        notes.append(f"no joules rows of {p}: {why}")
+        notes.append(f"no row {r}: {why}")
         print(notes[-1], file=sys.stderr)
     spec, runs = sweep(settings, recipes, work, args.reuse_stale)
     sweep_s = time.perf_counter() - t0
@@ -545,7 +560,8 @@ def run(args: Any) -> dict[str, Any]:
 
     # each joules file must hold, tensor for tensor, the types of llama.cpp's file it copies
     for r in rows:
-        peer = by.get(peer_row(r["preset"], False)) if r["kind"] == "joules" else None
+        method = r["row"].partition("-")[0]
+        peer = by.get(type_source(method, r["preset"])) if r["kind"] == "joules" else None
         if r.get("file") and peer and peer.get("file"):
             mine, theirs = file_types(runs[r["row"]]), file_types(runs[peer["row"]])
             r["same_types_as"] = peer["row"]

@@ -66,7 +66,13 @@ PEER_TYPES = {
     "llamacpp-q4_k_m": _file_types(_q4_k_m),
     "llamacpp-q4_0": _file_types(lambda i, k: "Q4_0"),
     "llamacpp-q4_k_s": _file_types(lambda i, k: "Q5_K" if k == "ffn_down" and i < 3 else "Q5_0"),
+    "llamacpp-q2_k": _file_types(lambda i, k: "Q3_K" if k == "ffn_down" else "Q4_0"),
 }
+# ... and with an imatrix: Q4_0 guards the first n_layer/8 ffn_down with Q4_1, not Q5_K
+PEER_TYPES |= {f"{r}+imatrix": t for r, t in PEER_TYPES.items()}
+PEER_TYPES["llamacpp-q4_0+imatrix"] = _file_types(
+    lambda i, k: "Q4_1" if k == "ffn_down" and i < 3 else "Q4_0"
+)
 
 
 def _per_module(D, row):
@@ -81,18 +87,24 @@ def test_the_spec_parses_with_every_recipe(D):
     presets = [p for p in D.PEER_PRESETS]
     assert "IQ3_XXS" not in presets and len(presets) == 11
     assert all(D.peer_row(p, im) in recipes for p in presets for im in (False, True))
-    # a joules row for each preset whose types joules writes; none for Q4_K_S (a Q5_K tensor)
-    mapped = {"Q8_0", "Q6_K", "Q5_0", "Q4_K_M", "Q4_0"}
+    # a joules row for each preset whose types joules writes; none for Q2_K (a Q3_K tensor)
+    mapped = {"Q8_0", "Q6_K", "Q5_0", "Q4_K_M", "Q4_0", "Q4_K_S"}
     joules = {r for r in recipes if D.parse_row(r)[0] == "joules"}
     assert joules == {D.joules_row(m, p) for m in D.METHODS for p in mapped}
-    assert D.unmapped_types(per["llamacpp-q4_k_s"]) == ["Q5_K"]
-    assert recipes["gptq-q4_0"] == "gptq(format=gguf-q4_0)"
+    assert D.unmapped_types(per["llamacpp-q2_k"]) == ["Q3_K"]
+    # rtn copies the file without an imatrix, gptq / awq|gptq the one with
+    assert recipes["rtn-q4_0"] == "rtn(format=gguf-q4_0)"
+    assert recipes["gptq-q4_0"] == (
+        'gptq(format=gguf-q4_0, overrides=["model.layers.0.mlp.down_proj=gguf-q4_1", '
+        '"model.layers.1.mlp.down_proj=gguf-q4_1", "model.layers.2.mlp.down_proj=gguf-q4_1"])'
+    )
+    assert D.type_source("awq", "Q4_0") == "llamacpp-q4_0+imatrix"
     assert recipes["rtn-q8_0"] == "rtn(format=gguf-q8_0)"
     assert recipes["llamacpp-q4_0+imatrix"] == "llamacpp(ftype=Q4_0, imatrix=true)"
     settings = dict(tokens=16384, window=512, calib_n=128, calib_len=256, prompt_len=64, gen_len=32)
     text = D.spec_text(settings, list(recipes.values()))
     spec = parse_spec(text, "deploy.toml", check_models=False)
-    assert len(spec.recipes) == len(recipes) == 1 + 22 + 15
+    assert len(spec.recipes) == len(recipes) == 1 + 22 + 18
     assert spec.eval.runtime == "llamacpp" and spec.bench[0].runtime == "llamacpp"
     assert spec.eval.tasks == ("wikitext2", "deviation") and spec.eval.limit_tokens == 16384
     assert spec.deploy is not None and spec.deploy.embedding == "gguf-q6_k"
@@ -100,7 +112,7 @@ def test_the_spec_parses_with_every_recipe(D):
     assert spec.bench[0].repeats == 1 and spec.bench[0].prompt_len == 64
 
 
-@pytest.mark.parametrize("peer", sorted(set(PEER_TYPES) - {"llamacpp-q4_k_s"}))
+@pytest.mark.parametrize("peer", sorted(p for p in PEER_TYPES if "q2_k" not in p))
 def test_joules_recipes_give_every_linear_the_peer_type(D, peer):
     from joules.compress import parse_recipe
 
@@ -279,7 +291,9 @@ def test_quick_and_row_flags(D):
 
     assert D.rows_of(SimpleNamespace(rows="all")) == D.all_rows()
     needed = D.needed_rows(D.rows_of(SimpleNamespace(rows="gptq-q4_k_m")))
-    assert needed == ["baseline", "llamacpp-q4_k_m", "gptq-q4_k_m"]
+    assert needed == ["baseline", "llamacpp-q4_k_m+imatrix", "gptq-q4_k_m"]
+    needed = D.needed_rows(D.rows_of(SimpleNamespace(rows="rtn-q4_0")))
+    assert needed == ["baseline", "llamacpp-q4_0", "rtn-q4_0"]
     assert set(D.QUICK_ROWS) <= set(D.all_rows())
     with pytest.raises(SystemExit, match="unknown rows"):
         D.rows_of(SimpleNamespace(rows="gptq-q4_2"))

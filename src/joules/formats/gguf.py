@@ -23,6 +23,7 @@ q4_1        32     20    fp16 d, fp16 m, nibbles as q4_0
 q5_0        32     22    fp16 d, uint32 of the 5th bits, nibbles as q4_0
 q5_1        32     24    fp16 d, fp16 m, uint32 of the 5th bits, nibbles
 q4_k       256    144    fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 nibble bytes
+q5_k       256    176    as q4_k, with 32 bytes of 5th bits before the nibbles
 q6_k       256    210    128 bytes low nibbles, 64 bytes 2-bit highs, 16 x int8 scales, fp16 d
 mxfp4       32     17    E8M0 exponent, 16 bytes of E2M1 codes (j low, j+16 high)
 tq1_0      256     54    48 + 4 bytes of base-3 digits (5 or 4 per byte), fp16 d
@@ -54,7 +55,8 @@ rounds to +0. Every ``mxfp4`` value is a GGUF MXFP4 value with the same exponent
 ``mxfp4`` tensor repacks into GGUF losslessly (:func:`mxfp4_to_gguf_blocks`).
 
 Rows must be a multiple of the block (32 or 256); llama.cpp falls back per tensor when they are
-not (:data:`FALLBACK`: Q4_K -> Q5_0, Q6_K -> Q8_0, TQ -> Q4_0), and the error names that type.
+not (:data:`FALLBACK`: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, TQ -> Q4_0, IQ4_XS -> IQ4_NL),
+and the error names that type.
 GGUF blocks cannot hold NaN or Inf: such inputs are refused.
 """
 
@@ -86,6 +88,7 @@ QK_K = 256
 # llama.cpp's per-tensor fallback when a row is not a multiple of 256 (llama-quant.cpp)
 FALLBACK = {
     "q4_k": "q5_0",
+    "q5_k": "q5_1",
     "q6_k": "q8_0",
     "tq1_0": "q4_0",
     "tq2_0": "q4_0",
@@ -495,13 +498,15 @@ class _Q4_K(BlockType):
     """Q4_K: 8 sub-blocks of 32, x = d*sc*q - dmin*m with 6-bit sc, m and fp16 d, dmin."""
 
     name, block, type_size = "q4_k", QK_K, 144
+    # make_qkx2_quants(32, nmax, ..., rmin, 0.1, nstep) as quantize_row_q4_K_ref calls it
+    nmax, rmin, nstep = 15, -1.0, 20
 
     def fit(self, x):
         n = x.shape[0]
         xs = x.reshape(n * 8, 32)
         # sqrtf is correctly rounded; torch's fp32 sqrt can be an ulp off: round from fp64
         av = torch.sqrt((_seqsum(xs * xs) / 32).double()).float()
-        scales, mins, L = _make_qkx2(xs, av + xs.abs(), 15, -1.0, 0.1, 20)
+        scales, mins, L = _make_qkx2(xs, av + xs.abs(), self.nmax, self.rmin, 0.1, self.nstep)
         scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
         zeros = torch.zeros(n, 1)
         # C: `if (scale > max_scale)` from +0, so the result is never -0
@@ -533,7 +538,7 @@ class _Q4_K(BlockType):
         xs = x.reshape(n, 8, 32)
         ds = p["ds"]
         q = _nearest_int((xs + p["dm"]) / torch.where(ds == 0, torch.ones_like(ds), ds))
-        q = q.clamp_(0, 15).to(torch.uint8)
+        q = q.clamp_(0, self.nmax).to(torch.uint8)
         keep = p["L"].reshape(n, 8, 32) if "L" in p else torch.zeros_like(q)
         return torch.where(ds == 0, keep, q).reshape(n, 256)
 
@@ -548,9 +553,19 @@ class _Q4_K(BlockType):
         s[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
         s[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
         s[:, 8:12] = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
-        qs = q.reshape(n, 4, 2, 32)
-        qs = (qs[:, :, 0] | (qs[:, :, 1] << 4)).reshape(n, 128)
-        return torch.cat([_f16_bytes(p["d"]), _f16_bytes(p["dmin"]), s.to(torch.uint8), qs], dim=1)
+        head = [_f16_bytes(p["d"]), _f16_bytes(p["dmin"]), s.to(torch.uint8)]
+        return torch.cat([*head, *self._pack_codes(q)], dim=1)
+
+    @staticmethod
+    def _pack_codes(q: torch.Tensor) -> list[torch.Tensor]:
+        """128 bytes: sub-block 2c in the low nibbles of bytes 32c..32c+31, 2c+1 in the high."""
+        qs = q.reshape(-1, 4, 2, 32) & 0x0F
+        return [(qs[:, :, 0] | (qs[:, :, 1] << 4)).reshape(-1, 128)]
+
+    @staticmethod
+    def _unpack_codes(b: torch.Tensor) -> torch.Tensor:
+        qs = b.reshape(-1, 4, 1, 32)
+        return torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 256)
 
     def unpack(self, b):
         n = b.shape[0]
@@ -558,10 +573,29 @@ class _Q4_K(BlockType):
         a, mm, md = s[:, 0], s[:, 1], s[:, 2]
         sc = torch.cat([a & 0x3F, (md & 0x0F) | ((a >> 2) & 0x30)], dim=1)
         m = torch.cat([mm & 0x3F, (md >> 4) | ((mm >> 2) & 0x30)], dim=1)
-        qs = b[:, 16:].reshape(n, 4, 1, 32)
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 256)
+        q = self._unpack_codes(b[:, 16:])
         d, dmin = _bytes_f16(b[:, 0:2]).half(), _bytes_f16(b[:, 2:4]).half()
         return q, self._params(d, dmin, sc, m)
+
+
+class _Q5_K(_Q4_K):
+    """Q5_K: Q4_K's layout with 5-bit codes: the fifth bits of all 256 in 32 bytes ``qh``
+    (bit i of byte j: element 32i + j) before the 128 nibble bytes."""
+
+    name, type_size = "q5_k", 176
+    nmax, rmin, nstep = 31, -0.5, 15
+
+    @staticmethod
+    def _pack_codes(q: torch.Tensor) -> list[torch.Tensor]:
+        hi = (q >> 4).reshape(-1, 8, 32).to(torch.int32)  # [n, sub-block i, j]
+        qh = (hi << torch.arange(8, dtype=torch.int32).reshape(1, 8, 1)).sum(dim=1)
+        return [qh.to(torch.uint8), *_Q4_K._pack_codes(q)]
+
+    @staticmethod
+    def _unpack_codes(b: torch.Tensor) -> torch.Tensor:
+        qh, lo = b[:, :32], _Q4_K._unpack_codes(b[:, 32:])
+        hi = (qh.reshape(-1, 1, 32) >> torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)) & 1
+        return lo | (hi.reshape(-1, 256) << 4)
 
 
 class _Q6_K(BlockType):
@@ -775,6 +809,7 @@ BLOCK_TYPES: dict[str, BlockType] = {
         _Sym("q5_0", 5),
         _Asym("q5_1", 5),
         _Q4_K(),
+        _Q5_K(),
         _Q6_K(),
         _MXFP4(),
         _TQ("tq1_0"),
@@ -813,7 +848,7 @@ def _parse(m: re.Match[str], tokens: list[str]) -> GGUFConfig:
 
 def fallback_spec(spec: str, shape: tuple[int, ...]) -> str:
     """The GGUF format llama.cpp would use for a tensor of ``shape``: ``spec`` itself when the
-    rows fit its blocks, else its per-tensor fallback (Q4_K -> Q5_0, Q6_K -> Q8_0, TQ -> Q4_0)."""
+    rows fit its blocks, else its per-tensor fallback (:data:`FALLBACK`)."""
     fmt = get_gguf(spec)
     k = shape[-1] if shape else 1
     if k % fmt.bt.block == 0:
@@ -863,7 +898,7 @@ class GGUFFormat(Format):
         return {"blocks": -(-n // self.bt.block) * self.bt.type_size * 8}
 
     def for_shape(self, shape: tuple[int, ...]) -> Format:
-        """llama.cpp's per-tensor fallback (Q4_K -> Q5_0, Q6_K -> Q8_0, TQ -> Q4_0) for rows
+        """llama.cpp's per-tensor fallback (:data:`FALLBACK`) for rows
         that are not a multiple of the block; the format itself otherwise."""
         return get(fallback_spec(self.spec, tuple(shape)))
 
