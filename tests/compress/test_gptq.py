@@ -138,7 +138,7 @@ def test_layers_fed_one_input_share_one_hessian_and_factor():
     assert torch.allclose(own.matrix(), hs[attn + "q_proj"].matrix())
 
 
-@pytest.mark.parametrize("spec", ["gguf-iq4_nl", "gguf-iq4_xs"])
+@pytest.mark.parametrize("spec", ["gguf-q4_0", "gguf-q5_0", "gguf-iq4_nl", "gguf-iq4_xs"])
 def test_imatrix_weighted_scales_lower_gptq_layer_error(spec):
     """GPTQ on block scales searched with the Hessian's diagonal (llama.cpp's importance matrix)
     beats GPTQ on the unweighted scales, over seeds of inputs with hot channels."""
@@ -169,7 +169,7 @@ def test_hessian_mean_square_is_llamacpp_imatrix():
 def test_gptq_records_imatrix_weighted_scales_only_where_the_format_takes_them():
     m, tok, _ = tiny_model("llama", seed=0)
     calib, _ = calibration_tokens(tok, n=2, length=16)
-    r = 'gptq(format=gguf-iq4_nl, overrides=["*.mlp.down_proj=gguf-q4_0"])'
+    r = 'gptq(format=gguf-iq4_nl, overrides=["*.mlp.down_proj=gguf-q8_0"])'
     layers = compress(m, r, calibration=calib).manifest.layers
     assert layers["model.layers.0.self_attn.q_proj"].get("scales") == "imatrix-weighted"
     assert "scales" not in layers["model.layers.0.mlp.down_proj"]

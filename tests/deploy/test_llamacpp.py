@@ -109,6 +109,17 @@ def test_bytes_equal_llamacpp_quantizer_with_imatrix(t, case, kind):
 
 
 @pytest.mark.parametrize("t", WEIGHTED)
+def test_bytes_equal_llamacpp_quantizer_with_imatrix_on_wide_rows(t):
+    # Q4_0/Q5_0's sigma2 is the mean square of the whole row (1,536 here, a down_proj's)
+    fmt = formats.get(f"gguf-{t}")
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((6, 1536)) * rng.random((1, 1536)) ** 3).astype(np.float32)
+    im = _imatrix(1536, "skewed")
+    ours = fmt.quantize(torch.from_numpy(x), imatrix=torch.from_numpy(im)).parts["blocks"]
+    assert np.array_equal(ours.numpy(), ggml_quantize(x, fmt.ggml_type, im))
+
+
+@pytest.mark.parametrize("t", WEIGHTED)
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_bytes_equal_llamacpp_quantizer_with_random_imatrix(t, data):

@@ -248,7 +248,7 @@ WEIGHTED = [t for t, bt in BLOCK_TYPES.items() if bt.weighted]
 
 
 def test_weighted_types_are_the_iq4s():
-    assert WEIGHTED == ["iq4_nl", "iq4_xs"]
+    assert WEIGHTED == ["q4_0", "q5_0", "iq4_nl", "iq4_xs"]
 
 
 @pytest.mark.parametrize("t", WEIGHTED)
@@ -280,8 +280,8 @@ def test_imatrix_weighting_lowers_the_weighted_error(t):
 
 def test_imatrix_refused_where_the_type_has_no_weighted_search():
     w = torch.randn(2, 64)
-    with pytest.raises(ConfigError, match=r"gguf-q4_0.*iq4_nl"):
-        formats.get("gguf-q4_0").quantize(w, imatrix=torch.ones(64))
+    with pytest.raises(ConfigError, match=r"gguf-q8_0.*iq4_nl"):
+        formats.get("gguf-q8_0").quantize(w, imatrix=torch.ones(64))
     with pytest.raises(ConfigError, match="32 values for rows of 64"):
         formats.get("gguf-iq4_nl").quantize(w, imatrix=torch.ones(32))
     with pytest.raises(ConfigError, match="finite and >= 0"):

@@ -104,7 +104,7 @@ def _f16(x: torch.Tensor) -> torch.Tensor:
 
 def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
     """[n, 1] fp16 -> [n, 2] little-endian bytes."""
-    return x.reshape(-1, 1).contiguous().view(torch.uint8)
+    return x.reshape(-1).contiguous().view(torch.uint8).reshape(-1, 2)
 
 
 def _bytes_f16(b: torch.Tensor) -> torch.Tensor:
@@ -206,10 +206,16 @@ class BlockType:
     block: int = 32
     type_size: int = 0
     # True where llama.cpp's quantizer searches its scales weighted by an importance matrix
-    # (``qw``: one weight per element, the imatrix of its column) and joules does the same
+    # and joules does the same: ``search_weights`` turns the imatrix into the search's weights
     weighted: bool = False
 
-    def fit(self, x: torch.Tensor, qw: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def search_weights(self, x: torch.Tensor, qw: torch.Tensor, per_row: int) -> torch.Tensor:
+        """The weights llama.cpp's search gives each element of ``x`` [nb, block] (rows of
+        ``per_row`` blocks) from ``qw`` (the imatrix value of each element's column)."""
+        raise NotImplementedError
+
+    def fit(self, x: torch.Tensor, w: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Block parameters of ``x``; ``w``: :meth:`search_weights` (weighted types only)."""
         raise NotImplementedError
 
     def codes(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -226,14 +232,28 @@ class BlockType:
 
 
 class _Sym(BlockType):
-    """Q4_0 / Q5_0: d = (signed max-magnitude element) / -2**(b-1), code trunc(x/d + off + .5)."""
+    """Q4_0 / Q5_0: d = (signed max-magnitude element) / -2**(b-1), code trunc(x/d + off + .5).
+
+    With an importance matrix llama.cpp runs ``quantize_row_q{4,5}_0_impl`` instead: the scale
+    from ``make_qx_quants`` (19 grid stretches, weights ``imatrix * sqrt(sigma2 + x**2)``,
+    ``sigma2`` the row's mean square), codes rounded with the best stretch's inverse scale."""
+
+    weighted = True
 
     def __init__(self, name: str, bits: int):
         self.name, self.bits = name, bits
         self.half = 1 << (bits - 1)
         self.type_size = 2 + (4 if bits == 5 else 0) + 16
 
-    def fit(self, x):
+    def search_weights(self, x, qw, per_row):
+        ss = _row_sumsq(x, per_row)
+        sigma2 = ss / torch.full_like(ss, float(per_row * self.block))  # sum_x2 / n_per_row
+        return qw * _root(sigma2 + x * x)
+
+    def fit(self, x, w=None):
+        if w is not None:
+            scale, _, iscale, zero = _make_qx(x, self.half, w)
+            return {"d": _f16(scale), "is": iscale, "zero": zero}
         imax = x.abs().argmax(dim=1, keepdim=True)  # first of equal magnitudes, as the C loop
         mx = torch.gather(x, 1, imax)
         mx = torch.where(mx == 0, torch.zeros_like(mx), mx)  # C keeps its initial +0 max
@@ -241,6 +261,9 @@ class _Sym(BlockType):
         return {"d": _f16(d), "id": _inv(d)}
 
     def codes(self, x, p):
+        if "is" in p:  # the weighted search's rounding; an all-(near-)zero block is all 0s
+            q = _nearest_int(p["is"] * x).clamp_(-self.half, self.half - 1) + self.half
+            return torch.where(p["zero"], torch.zeros_like(q), q).to(torch.uint8)
         return _trunc_code(x * p["id"] + (self.half + 0.5), 2 * self.half - 1)
 
     def decode(self, q, p):
@@ -465,21 +488,37 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     return scale.t(), -mn.t(), L.t()
 
 
-def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """llama.cpp's make_qx_quants with rmse_type=1 (weights x**2) over x [S, n]: (scale, L)."""
+def _row_sumsq(x: torch.Tensor, per_row: int) -> torch.Tensor:
+    """The sum of squares of each row of ``per_row`` blocks of ``x`` (left to right in fp32, as
+    llama.cpp's loop adds), repeated for each block of the row: [nb, 1]."""
+    rows = x.reshape(-1, per_row * x.shape[1])
+    return _seqsum(rows * rows).repeat_interleave(per_row, dim=0)
+
+
+def _root(v: torch.Tensor) -> torch.Tensor:
+    """C's correctly rounded ``sqrtf`` (torch's fp32 sqrt can be an ulp off: round from fp64)."""
+    return torch.sqrt(v.double()).float()
+
+
+def _make_qx(
+    x: torch.Tensor, nmax: int, w: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama.cpp's make_qx_quants with rmse_type=1 over x [S, n]: weights ``w`` (the importance
+    matrix's), else x**2. (scale, L, the inverse scale L was rounded with, all-zero mask)."""
     x = x.t().contiguous()  # [n, S], as in _make_qkx2
     imax = x.abs().argmax(dim=0, keepdim=True)
     mx = torch.gather(x, 0, imax)
     zero = mx.abs() < _GROUP_MAX_EPS
     mxs = torch.where(zero, torch.ones_like(mx), mx)
-    w = x * x
+    w = x * x if w is None else w.t().contiguous()
 
     def attempt(iscale):
         lq = _nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
         sumlx, suml2 = _seqsum0(w * x * lq), _seqsum0(w * lq * lq)
         return lq, sumlx, suml2
 
-    L, sumlx, suml2 = attempt(_div(-nmax, mxs))
+    best_is = _div(-nmax, mxs)
+    L, sumlx, suml2 = attempt(best_is)
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1.0), 0.0)
     best = scale * sumlx
     for step in list(range(-9, 0)) + list(range(1, 10)):
@@ -487,11 +526,12 @@ def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
         lq, sumlx, suml2 = attempt(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         L = torch.where(better, lq, L)
+        best_is = torch.where(better, iscale, best_is)
         scale = torch.where(better, sumlx / torch.where(suml2 > 0, suml2, 1.0), scale)
         best = torch.where(better, scale * sumlx, best)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero, torch.zeros_like(L), L + nmax)
-    return scale.t(), L.t()
+    return scale.t(), L.t(), best_is.reshape(-1, 1), zero.reshape(-1, 1)
 
 
 class _Q4_K(BlockType):
@@ -605,7 +645,7 @@ class _Q6_K(BlockType):
 
     def fit(self, x):
         n = x.shape[0]
-        scales, L = _make_qx(x.reshape(n * 16, 16), 32)
+        scales, L, _, _ = _make_qx(x.reshape(n * 16, 16), 32)
         scales = scales.reshape(n, 16)
         imax = scales.abs().argmax(dim=1, keepdim=True)
         max_scale = torch.gather(scales, 1, imax)
@@ -675,19 +715,12 @@ def _best_index(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= v[15], 15, idx)
 
 
-def _iq4_weights(x: torch.Tensor, qw: torch.Tensor | None, super_block: int) -> torch.Tensor:
-    """The search's weights for blocks of 32 (rows of ``x`` [n * super_block/32, 32]):
-    ``x**2`` without an importance matrix, else ``qw * sqrtf(sigma2 + x**2)`` with ``sigma2``
-    twice the mean square of the super-block (summed left to right in fp32)."""
-    if qw is None:
-        return x * x
-    per = super_block // 32
-    xs = x.reshape(-1, super_block)
-    sigma2 = _seqsum(xs * xs) * (2.0 / super_block)  # [n, 1]
-    sigma2 = sigma2.repeat_interleave(per, dim=0)  # per block of 32
-    # sqrtf is correctly rounded; torch's fp32 sqrt can be an ulp off: round from fp64
-    root = torch.sqrt((sigma2 + x * x).double()).float()
-    return qw * root
+def _iq4_weights(x: torch.Tensor, qw: torch.Tensor, super_block: int) -> torch.Tensor:
+    """The search's weights with an importance matrix for blocks of 32 (rows of ``x``
+    [n * super_block/32, 32]): ``qw * sqrtf(sigma2 + x**2)``, ``sigma2`` twice the mean square
+    of the super-block (summed left to right in fp32). Without one the weights are ``x**2``."""
+    sigma2 = _row_sumsq(x, super_block // 32) * (2.0 / super_block)  # a power of 2: exact
+    return qw * _root(sigma2 + x * x)
 
 
 def _iq4_search(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -727,8 +760,11 @@ class _IQ4_NL(BlockType):
 
     name, type_size, weighted = "iq4_nl", 18, True
 
-    def fit(self, x, qw=None):
-        d = _iq4_search(x, _iq4_weights(x, qw, 32))
+    def search_weights(self, x, qw, per_row):
+        return _iq4_weights(x, qw, 32)
+
+    def fit(self, x, w=None):
+        d = _iq4_search(x, x * x if w is None else w)
         return {"d": _f16(d), "id": _inv(d)}  # codes round with the fp32 scale
 
     def codes(self, x, p):
@@ -750,11 +786,15 @@ class _IQ4_XS(BlockType):
 
     name, block, type_size, weighted = "iq4_xs", QK_K, 136, True
 
-    def fit(self, x, qw=None):
+    def search_weights(self, x, qw, per_row):
+        n = x.shape[0]
+        return _iq4_weights(x.reshape(n * 8, 32), qw.reshape(n * 8, 32), QK_K).reshape(n, 256)
+
+    def fit(self, x, w=None):
         n = x.shape[0]
         xs = x.reshape(n * 8, 32)
-        qw = None if qw is None else qw.reshape(n * 8, 32)
-        scales = _iq4_search(xs, _iq4_weights(xs, qw, QK_K)).reshape(n, 8)
+        ws = xs * xs if w is None else w.reshape(n * 8, 32)
+        scales = _iq4_search(xs, ws).reshape(n, 8)
         # the first block scale of largest magnitude; +0 when none is non-zero (C: `>` from 0)
         imax = scales.abs().argmax(dim=1, keepdim=True)
         big = torch.gather(scales, 1, imax)
@@ -930,8 +970,8 @@ class GGUFFormat(Format):
     # -- conversion ----------------------------------------------------------------------------
     @property
     def takes_imatrix(self) -> bool:
-        """Whether ``imatrix=`` moves this type's scales (IQ4_NL, IQ4_XS), as it moves
-        llama.cpp's ``ggml_quantize_chunk``."""
+        """Whether ``imatrix=`` moves this type's scales (Q4_0, Q5_0, IQ4_NL, IQ4_XS), as it
+        moves llama.cpp's ``ggml_quantize_chunk``."""
         return self.bt.weighted
 
     def block_weights(self, t: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor | None:
@@ -942,7 +982,7 @@ class GGUFFormat(Format):
         if not self.bt.weighted:
             raise ConfigError(
                 f"{self.spec}: joules' {self.ggml_type} has no importance-matrix search: drop "
-                "imatrix=, or use gguf-iq4_nl / gguf-iq4_xs"
+                "imatrix=, or use gguf-q4_0 / gguf-q5_0 / gguf-iq4_nl / gguf-iq4_xs"
             )
         k = t.shape[-1] if t.dim() else 1
         qw = imatrix.detach().float().cpu().reshape(-1)
@@ -958,7 +998,10 @@ class GGUFFormat(Format):
 
     def _fit(self, t: torch.Tensor, x: torch.Tensor, imatrix: torch.Tensor | None):
         qw = self.block_weights(t, imatrix)
-        return self.bt.fit(x) if qw is None else self.bt.fit(x, qw)
+        if qw is None:
+            return self.bt.fit(x)
+        per_row = (t.shape[-1] if t.dim() else 1) // self.bt.block
+        return self.bt.fit(x, self.bt.search_weights(x, qw, per_row))
 
     def quantize(self, t: torch.Tensor, imatrix: torch.Tensor | None = None) -> QuantizedTensor:
         """GGUF blocks of ``t``; ``imatrix`` (one value per column) for the types whose search

@@ -72,8 +72,8 @@ class GPTQ(Step):
     # "GLOB=FORMAT" per-module formats, first match wins (else ``format``): one sequential pass
     # for a per-tensor type mix such as llama.cpp's Q4_K_M.
     overrides: tuple[str, ...] = ()
-    # fit the block scales of formats whose scale search takes weights (gguf-iq4_nl,
-    # gguf-iq4_xs) with the layer's importance matrix: the calibration inputs' mean squared
+    # fit the block scales of formats whose scale search takes weights (gguf-q4_0, gguf-q5_0,
+    # gguf-iq4_nl, gguf-iq4_xs) with the layer's importance matrix: the calibration inputs' mean squared
     # activation per column, the Hessian's diagonal / 2, what llama-imatrix computes. The
     # columns are then rounded on those scales.
     imatrix: bool = True
