@@ -12,10 +12,12 @@ Other compressed tensors are refused with the list of formats that map, unless
 are written as ``float_type`` (F32 by default, so the file decodes to the very weights of the
 source); norms are always F32, as llama.cpp expects.
 
-llama-family GGUF stores the rows of ``attn_q`` and ``attn_k`` permuted for its RoPE layout
-(``convert_hf_to_gguf.py``'s ``permute``): the exporter permutes whole rows of the quantized
-blocks (a row of a GGUF tensor is a run of whole blocks), which is exact. Metadata (``llama.*``
-hyper-parameters) comes from the model config; the tokenizer is copied from the source GGUF when
+Architectures (:data:`ARCHS`): llama and mistral (written as GGUF ``llama``), qwen2 (q/k/v
+biases) and qwen3 (per-head q/k norms). llama-family GGUF stores the rows of ``attn_q`` and
+``attn_k`` permuted for its RoPE layout (``convert_hf_to_gguf.py``'s ``permute``): the exporter
+permutes whole rows of the quantized blocks (a row of a GGUF tensor is a run of whole blocks),
+which is exact; qwen2/qwen3 use NEOX-style RoPE and keep the rows. Biases and norms are F32.
+Metadata (``<arch>.*`` hyper-parameters) comes from the model config; the tokenizer is copied from the source GGUF when
 the model came from one (the shipped SmolLM2), else built from a byte-level BPE
 ``tokenizer.json`` (``tokenizer.ggml.model = gpt2``). What was written, tensor by tensor, is in
 the returned :class:`ExportResult` and in the file's ``joules.export`` metadata string.
@@ -54,10 +56,33 @@ _BLOCK = {
     "mlp.down_proj": "ffn_down",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
 _TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 FLOAT_TYPES = ("f32", "f16", "bf16")
-SUPPORTED_ARCHS = ("llama",)
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one Hugging Face ``model_type`` is written, as ``convert_hf_to_gguf.py`` writes it:
+    the GGUF architecture (the metadata prefix llama.cpp dispatches on) and whether attn_q /
+    attn_k rows (and their biases) are permuted for llama.cpp's interleaved RoPE (llama family)
+    or kept (NEOX-style RoPE: qwen2, qwen3)."""
+
+    gguf: str
+    permute_qk: bool
+
+
+ARCHS = {
+    "llama": GGUFArch("llama", True),
+    # MistralForCausalLM is converted as llama (convert_hf_to_gguf registers it with LlamaModel);
+    # llama.cpp's llama graph has no sliding window, as for the converted Mistral files
+    "mistral": GGUFArch("llama", True),
+    "qwen2": GGUFArch("qwen2", False),  # q/k/v biases
+    "qwen3": GGUFArch("qwen3", False),  # per-head q/k RMSNorm (attn_q_norm, attn_k_norm)
+}
+SUPPORTED_ARCHS = tuple(ARCHS)
 
 
 def gguf_name(hf: str) -> str | None:
@@ -251,7 +276,7 @@ def _hf_tokenizer_kv(writer: Any, tokenizer: Any, vocab_size: int) -> None:
 
 
 def _hparams(writer: Any, config: Any) -> int:
-    """llama.* metadata from an HF config; returns the head dimension."""
+    """``<arch>.*`` metadata from an HF config; returns the head dimension."""
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
@@ -274,6 +299,9 @@ def _hparams(writer: Any, config: Any) -> int:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_rope_dimension_count(int(head_dim))
+    if head_dim * n_head != config.hidden_size:  # qwen3: head_dim is its own setting
+        writer.add_key_length(int(head_dim))
+        writer.add_value_length(int(head_dim))
     return head_dim
 
 
@@ -323,9 +351,13 @@ def export_gguf(
         manifest = read_manifest(path)
     m, tokenizer, _ = load_model(model)
     config = m.config
-    arch = getattr(config, "model_type", "")
-    if arch not in SUPPORTED_ARCHS:
-        raise ConfigError(f"GGUF export supports {', '.join(SUPPORTED_ARCHS)} models, got '{arch}'")
+    model_type = getattr(config, "model_type", "")
+    if model_type not in ARCHS:
+        raise ConfigError(
+            f"GGUF export supports {', '.join(ARCHS)} models, got '{model_type}': export one of "
+            "those, or convert this one with llama.cpp's convert_hf_to_gguf.py"
+        )
+    arch = ARCHS[model_type]
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -341,15 +373,19 @@ def export_gguf(
         name = gguf_name(hf)
         if name is None:
             raise ConfigError(f"GGUF export: no GGUF name for '{hf}' (llama layout expected)")
-        if getattr(mod, "bias", None) is not None:
-            raise ConfigError(f"GGUF export: '{mod_name}' has a bias, which is not written yet")
         if mod_name == "lm_head" and tied and not isinstance(mod, CompressedLinear):
             handled.add(hf)
             continue  # tied head: llama.cpp reads token_embd
         heads = n_head if name.endswith("attn_q.weight") else n_kv
-        permute = name.endswith(("attn_q.weight", "attn_k.weight"))
+        permute = arch.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight"))
         shape = [mod.out_features, mod.in_features]
         handled.add(hf)
+        bias = getattr(mod, "bias", None)
+        if bias is not None:  # F32, in the rows' order (convert_hf_to_gguf permutes it too)
+            b = bias.detach().float()
+            arr, raw = _float_array(permute_rows(b, heads) if permute else b, "f32")
+            bname = name.removesuffix(".weight") + ".bias"
+            entries.append((bname, f"{mod_name}.bias", arr, raw, True, None, permute, [len(b)]))
         if isinstance(mod, CompressedLinear):
             got = _quantized_blocks(mod)
             if got is not None:
@@ -382,7 +418,7 @@ def export_gguf(
         )
     for hf, p in m.named_parameters():
         if hf in handled or (hf.endswith(".bias") and hf.rpartition(".")[0] + ".weight" in handled):
-            continue
+            continue  # a linear's bias went with its weight
         name = gguf_name(hf)
         if name is None:
             raise ConfigError(f"GGUF export: no GGUF name for parameter '{hf}'")
@@ -406,7 +442,7 @@ def export_gguf(
     src_gguf = _source_gguf(str(model), Path(path), manifest)
     # A kill mid-export leaves the previous file (or none), never a truncated GGUF.
     with atomic_path(out) as tmp:
-        writer = GGUFWriter(str(tmp), "llama")
+        writer = GGUFWriter(str(tmp), arch.gguf)
         try:
             writer.add_name(getattr(config, "_name_or_path", "") or Path(str(model)).name)
             _hparams(writer, config)
