@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from joules.cli._app import JSON_OPTION, app, console, doc_line, emit, err_console, list_option
+from joules.errors import ConfigError
 
 
 def _render(result: dict[str, Any]) -> None:
@@ -93,12 +94,18 @@ def _list_steps(value: bool) -> None:
 @app.command("compress")
 def compress_cmd(
     model: str = typer.Argument(..., help="Model spec: smollm2-135m, an HF directory or .gguf."),
-    recipe: str = typer.Option(
-        ...,
+    recipe: str | None = typer.Option(
+        None,
         "--recipe",
         "-r",
         help='Registered steps joined by "|", e.g. "gptq(format=int4-g64)" (--list-steps '
         "lists them), or a TOML file.",
+    ),
+    target_size: str | None = typer.Option(
+        None,
+        "--target-size",
+        help="Whole GGUF file size, e.g. 80MB or 86.5MiB: one GGUF type per tensor chosen "
+        "under it (gguf_mix), then GPTQ; a --recipe runs before it (e.g. awq scales).",
     ),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write."),
     calib_n: int = typer.Option(128, "--calib-n", help="Calibration sequences."),
@@ -112,8 +119,19 @@ def compress_cmd(
     from joules.compress import calibration_tokens, compress, parse_recipe
     from joules.models import load_model
 
-    parsed = parse_recipe(recipe)  # fail on a bad recipe before loading anything
     out_console = err_console if as_json else console
+    plan = None
+    if target_size is not None:
+        from joules.deploy.size import parse_size, size_plan
+
+        target = parse_size(target_size)  # a bad size fails before anything loads
+        with out_console.status(f"measuring {model}'s fixed GGUF bytes"):
+            plan = size_plan(model, target)
+        mix = f"gguf_mix(bytes={plan.budget_bytes})"
+        recipe = f"{recipe} | {mix}" if recipe else mix
+    if recipe is None:
+        raise ConfigError("give --recipe (e.g. 'gptq(format=gguf-q4_0)') or --target-size 80MB")
+    parsed = parse_recipe(recipe)  # fail on a bad recipe before loading anything
     with out_console.status(f"loading {model}"):
         m, tok, info = load_model(model)
     calib, calib_info = None, None
@@ -146,5 +164,11 @@ def compress_cmd(
             prequantized=info.prequantized,
             progress=progress,
         )
+    if plan is not None:
+        planned = dict(cm.manifest.gguf_export or {})
+        planned.update(target_bytes=plan.target_bytes, size_plan=plan.to_dict())
+        if plan.output:
+            planned["output"] = plan.output
+        cm.manifest.gguf_export = planned
     cm.save(output, tok)
     emit({"output": str(output), "manifest": cm.manifest.to_dict()}, as_json, _render)

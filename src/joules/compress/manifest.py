@@ -50,6 +50,9 @@ class Manifest:
     # A step whose result is a file made by another tool (llama.cpp's quantizer, the peer):
     # path, size_bytes, sha256 and tensor types of that file, which is what ships
     gguf_file: dict[str, Any] | None = None
+    # What a GGUF export of this directory stores for the tensors compression left float, as a
+    # byte budget counted them (gguf_mix, --target-size): embedding / output types, the mix
+    gguf_export: dict[str, Any] | None = None
     version: int = MANIFEST_VERSION
 
     def record(self, layer: str, **fields: Any) -> None:

@@ -349,6 +349,11 @@ def export_gguf(
     manifest = None
     if kind == "joules":
         manifest = read_manifest(path)
+        # a directory compressed for a file size (gguf_mix, --target-size) names the types its
+        # budget counted for the embedding and an untied head: they are the defaults here
+        planned = manifest.gguf_export or {}
+        embedding = embedding or planned.get("embedding")
+        output_head = output_head or planned.get("output")
     m, tokenizer, _ = load_model(model)
     config = m.config
     model_type = getattr(config, "model_type", "")

@@ -120,7 +120,7 @@ class Mixed(Step):
     def _candidates(self, w: torch.Tensor, h: torch.Tensor | None) -> list[QuantizedTensor]:
         out = []
         for spec in self.candidates:
-            fmt = formats.get(spec)
+            fmt = formats.get(spec).for_shape(tuple(w.shape))  # GGUF's per-tensor fallback
             if self.quantizer == "gptq":
                 assert h is not None
                 fitted = fmt.fit(w)
