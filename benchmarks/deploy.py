@@ -18,7 +18,7 @@ measured by the sweep on the llamacpp runtime, then decoded in one interleaved r
    importance matrix computed from the calibration tokens); for every preset whose per-tensor
    types joules writes byte-exact, joules' ``rtn``, ``gptq`` and ``awq | gptq`` giving every
    linear the type llama.cpp's file holds for it (``overrides=[GLOB=FORMAT, ...]``; AWQ searches
-   its scales with the preset's most common type): ``rtn`` copies the file without an importance
+   its scales with the preset's most common type, Q4_0 standing in for IQ4 types): ``rtn`` copies the file without an importance
    matrix (a path check: the same bytes), ``gptq`` and ``awq | gptq`` the file with one (llama.cpp
    picks other types with an imatrix; each calibrated row is the size of the peer it must beat). Calibration: ``--calib-n`` × ``--calib-len``
    tokens of WikiText-2 **valid**. The float embedding is stored as llama-quantize stores it
@@ -213,7 +213,10 @@ def joules_recipe(method: str, per_module: dict[str, str]) -> str:
     if method == "gptq":
         return gptq
     if method == "awq":  # scales searched with the most common type
-        return f"awq(format={_fmt(default)}) | {gptq}"
+        # ... or, for IQ4 (joules' IQ4 search is ~18x slower than Q4_0's and AWQ rounds
+        # thousands of times), with Q4_0, the same blocks of 32; GPTQ then rounds into IQ4
+        proxy = ", search_format=gguf-q4_0" if default.startswith("IQ4") else ""
+        return f"awq(format={_fmt(default)}{proxy}) | {gptq}"
     if method != "rtn":
         raise ValueError(f"unknown method {method!r}")
     if not layout:

@@ -212,3 +212,15 @@ def test_awq_rejects_lm_head() -> None:
     model, tok, _ = tiny_model("llama", seed=0)
     with pytest.raises(ConfigError, match="inside decoder blocks"):
         compress(model, "awq(format=int4-g32, targets=[lm_head])", calibration=_calib(tok))
+
+
+def test_search_format_stands_in_for_the_search_only():
+    from joules.compress import calibration_tokens, compress
+    from joules.models import tiny_model
+
+    m, tok, _ = tiny_model("llama", seed=0)
+    calib, _ = calibration_tokens(tok, n=2, length=32)
+    r = "awq(format=gguf-iq4_nl, search_format=gguf-q4_0, grid=4) | gptq(format=gguf-iq4_nl)"
+    layers = compress(m, r, calibration=calib).manifest.layers
+    one = layers["model.layers.0.self_attn.q_proj"]
+    assert one["awq_format"] == "gguf-q4_0" and one["format"] == "gguf-iq4_nl"

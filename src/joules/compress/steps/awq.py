@@ -419,12 +419,19 @@ class AWQ(Step):
     clip: bool = True
     max_tokens: int = 8192
     seed: int = 0
+    # the format the scale and clip searches round with (default: ``format``). A later step
+    # that quantizes (``awq | gptq``) decides the codes, so a cheaper format of the same block
+    # can stand in for the search: joules' IQ4 searches run ~18x slower than Q4_0's
+    # (measured: 2.9 s vs 0.16 s per 1536x576 matrix) and AWQ rounds thousands of times
+    search_format: str | None = None
 
     needs_calibration = True
     quantizes_weights = True  # unless a later step does (see _later_step_quantizes)
 
     def validate(self) -> None:
         check_format(self.format, "awq")
+        if self.search_format is not None:
+            check_format(self.search_format, "awq")
         if self.grid < 1:
             raise ConfigError(f"awq grid={self.grid}: use a positive integer, e.g. 20")
         if self.max_tokens < 1:
@@ -432,6 +439,7 @@ class AWQ(Step):
 
     def apply(self, ctx: CompressContext) -> None:
         fmt = formats.get(self.format)
+        search = formats.get(self.search_format) if self.search_format else fmt
         targets = ctx.resolve_targets(self.targets)
         outside = [n for n in targets if ctx.block_of(n) is None]
         if outside:
@@ -456,7 +464,7 @@ class AWQ(Step):
             recs = awq_block(
                 block,
                 captured,
-                fmt,
+                search,
                 targets=set(mods),
                 grid=self.grid,
                 clip=self.clip,
@@ -469,7 +477,7 @@ class AWQ(Step):
                 rec = recs.get(rel) or {"awq_scale": "skipped: no preceding op known for it"}
                 if quantize:
                     install_quantized(ctx, name, m, fmt.quantize(m.weight.detach().float()), "awq")
-                ctx.record(name, awq_format=self.format, **rec)
+                ctx.record(name, awq_format=search.spec, **rec)
 
         ctx.calibration = calib[:n_seq]  # the search's subsample: whole sequences
         try:
