@@ -22,6 +22,7 @@ q4_0        32     18    fp16 d, 16 bytes: element j in the low nibble, j+16 in 
 q4_1        32     20    fp16 d, fp16 m, nibbles as q4_0
 q5_0        32     22    fp16 d, uint32 of the 5th bits, nibbles as q4_0
 q5_1        32     24    fp16 d, fp16 m, uint32 of the 5th bits, nibbles
+q2_k       256     84    16 bytes of 4-bit scale | 4-bit min, 64 bytes of 2-bit codes, fp16 d, dmin
 q4_k       256    144    fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 nibble bytes
 q5_k       256    176    as q4_k, with 32 bytes of 5th bits before the nibbles
 q6_k       256    210    128 bytes low nibbles, 64 bytes 2-bit highs, 16 x int8 scales, fp16 d
@@ -55,7 +56,7 @@ rounds to +0. Every ``mxfp4`` value is a GGUF MXFP4 value with the same exponent
 ``mxfp4`` tensor repacks into GGUF losslessly (:func:`mxfp4_to_gguf_blocks`).
 
 Rows must be a multiple of the block (32 or 256); llama.cpp falls back per tensor when they are
-not (:data:`FALLBACK`: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, TQ -> Q4_0, IQ4_XS -> IQ4_NL),
+not (:data:`FALLBACK`: Q2_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, TQ -> Q4_0, IQ4_XS -> IQ4_NL),
 and the error names that type.
 GGUF blocks cannot hold NaN or Inf: such inputs are refused.
 """
@@ -87,6 +88,7 @@ from joules.formats.packing import unpack
 QK_K = 256
 # llama.cpp's per-tensor fallback when a row is not a multiple of 256 (llama-quant.cpp)
 FALLBACK = {
+    "q2_k": "q4_0",
     "q4_k": "q5_0",
     "q5_k": "q5_1",
     "q6_k": "q8_0",
@@ -442,8 +444,17 @@ def _nearest_int(x: torch.Tensor) -> torch.Tensor:
     return ((bits & 0x007FFFFF) - 0x00400000).float()
 
 
-def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """llama.cpp's make_qkx2_quants over sub-blocks x [S, n] with weights w: (scale, -min, L).
+def _make_qkx2(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    mad: bool = False,
+):
+    """llama.cpp's make_qkx2_quants over sub-blocks x [S, n] with weights w: (scale, -min, L);
+    ``mad``: the error is the weighted absolute difference (``use_mad``, Q2_K), else squared.
 
     Runs on the transposes [n, S], so each left-to-right sum is n contiguous vector adds."""
     x, w = x.t().contiguous(), w.t().contiguous()
@@ -456,7 +467,7 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     scale = 1 / iscale
     L = _nearest_int(iscale * (x - lo)).clamp_(0, nmax)
     diff = scale * L + lo - x
-    best = _seqsum0(w * (diff * diff))
+    best = _seqsum0(w * (diff.abs() if mad else diff * diff))
     mn = lo.clone()
     for step in range(nstep + 1):
         # (rdelta * is + rmin + nmax) in fp32, as C evaluates it
@@ -477,7 +488,7 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
             pos, sum_xl / torch.where(sum_l2 == 0, torch.ones_like(sum_l2), sum_l2), ts
         )
         diff = ts * la + tm - x
-        cur = _seqsum0(w * (diff * diff))
+        cur = _seqsum0(w * (diff.abs() if mad else diff * diff))
         better = ok & (cur < best) & ~flat
         L = torch.where(better, la, L)
         best = torch.where(better, cur, best)
@@ -616,6 +627,69 @@ class _Q4_K(BlockType):
         q = self._unpack_codes(b[:, 16:])
         d, dmin = _bytes_f16(b[:, 0:2]).half(), _bytes_f16(b[:, 2:4]).half()
         return q, self._params(d, dmin, sc, m)
+
+
+class _Q2_K(BlockType):
+    """Q2_K: 16 sub-blocks of 16, x = d*sc*q - dmin*m with 4-bit sc, m (one byte each, sc low)
+    and fp16 d, dmin; 2-bit codes. The reference search is make_qkx2_quants with weights |x|
+    and the absolute error (``use_mad``)."""
+
+    name, block, type_size = "q2_k", QK_K, 84
+
+    def fit(self, x, w=None):
+        n = x.shape[0]
+        xs = x.reshape(n * 16, 16)
+        scales, mins, L = _make_qkx2(xs, xs.abs(), 3, -0.5, 0.1, 15, mad=True)
+        scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
+        zeros = torch.zeros(n, 1)
+        max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
+        max_scale = torch.where(max_scale > 0, max_scale, zeros)  # C: `>` from +0
+        max_min = torch.where(max_min > 0, max_min, zeros)
+        ones = torch.ones_like(max_scale)
+        inv_s = torch.where(max_scale > 0, _div(15, torch.where(max_scale > 0, max_scale, ones)), 0)
+        inv_m = torch.where(max_min > 0, _div(15, torch.where(max_min > 0, max_min, ones)), 0)
+        ls = _nearest_int(inv_s * scales).to(torch.int64)
+        lm = _nearest_int(inv_m * mins).to(torch.int64)
+        byte = (ls | (lm << 4)) & 0xFF  # uint8 scales[j] = ls; scales[j] |= lm << 4
+        fifteen = torch.full_like(max_scale, 15.0)
+        d, dmin = _f16(max_scale / fifteen), _f16(max_min / fifteen)
+        return self._params(d, dmin, byte.to(torch.uint8), L.reshape(n, 256))
+
+    @staticmethod
+    def _params(d, dmin, sc, L=None):
+        p = {"d": d, "dmin": dmin, "sc": sc}
+        p["ds"] = (d.float() * (sc & 0xF).float()).unsqueeze(-1)  # [n, 16, 1]
+        p["dm"] = (dmin.float() * (sc >> 4).float()).unsqueeze(-1)
+        if L is not None:
+            p["L"] = L.to(torch.uint8)
+        return p
+
+    def codes(self, x, p):
+        n = x.shape[0]
+        xs = x.reshape(n, 16, 16)
+        ds = p["ds"]
+        q = _nearest_int((xs + p["dm"]) / torch.where(ds == 0, torch.ones_like(ds), ds))
+        q = q.clamp_(0, 3).to(torch.uint8)
+        keep = p["L"].reshape(n, 16, 16) if "L" in p else torch.zeros_like(q)
+        return torch.where(ds == 0, keep, q).reshape(n, 256)
+
+    def decode(self, q, p):
+        n = q.shape[0]
+        return (p["ds"] * q.reshape(n, 16, 16).float() - p["dm"]).reshape(n, 256)
+
+    def pack(self, q, p):
+        n = q.shape[0]
+        qs = q.reshape(n, 2, 4, 32).to(torch.int32)  # [half, quarter, l]: element 128h + 32k + l
+        sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32).reshape(1, 1, 4, 1)
+        qs = (qs << sh).sum(dim=2).reshape(n, 64).to(torch.uint8)
+        return torch.cat([p["sc"], qs, _f16_bytes(p["d"]), _f16_bytes(p["dmin"])], dim=1)
+
+    def unpack(self, b):
+        n = b.shape[0]
+        sh = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+        q = ((b[:, 16:80].reshape(n, 2, 1, 32) >> sh) & 3).reshape(n, 256)
+        d, dmin = _bytes_f16(b[:, 80:82]).half(), _bytes_f16(b[:, 82:84]).half()
+        return q, self._params(d, dmin, b[:, :16].contiguous())
 
 
 class _Q5_K(_Q4_K):
@@ -848,6 +922,7 @@ BLOCK_TYPES: dict[str, BlockType] = {
         _Asym("q4_1", 4),
         _Sym("q5_0", 5),
         _Asym("q5_1", 5),
+        _Q2_K(),
         _Q4_K(),
         _Q5_K(),
         _Q6_K(),
