@@ -66,6 +66,7 @@ PEER_TYPES = {
     "llamacpp-q4_k_m": _file_types(_q4_k_m),
     "llamacpp-q4_0": _file_types(lambda i, k: "Q4_0"),
     "llamacpp-q4_k_s": _file_types(lambda i, k: "Q5_K" if k == "ffn_down" and i < 3 else "Q5_0"),
+    # Q2_K: a stand-in of its kind (Q3_K ffn_down, the Q4_0 fallback on 576-wide rows)
     "llamacpp-q2_k": _file_types(lambda i, k: "Q3_K" if k == "ffn_down" else "Q4_0"),
 }
 # ... and with an imatrix: Q4_0 guards the first n_layer/8 ffn_down with Q4_1, not Q5_K
@@ -87,11 +88,12 @@ def test_the_spec_parses_with_every_recipe(D):
     presets = [p for p in D.PEER_PRESETS]
     assert "IQ3_XXS" not in presets and len(presets) == 11
     assert all(D.peer_row(p, im) in recipes for p in presets for im in (False, True))
-    # a joules row for each preset whose types joules writes; none for Q2_K (a Q3_K tensor)
-    mapped = {"Q8_0", "Q6_K", "Q5_0", "Q4_K_M", "Q4_0", "Q4_K_S"}
+    # a joules row for each preset whose types joules writes (all of these), none without
+    mapped = {"Q8_0", "Q6_K", "Q5_0", "Q4_K_M", "Q4_0", "Q4_K_S", "Q2_K"}
     joules = {r for r in recipes if D.parse_row(r)[0] == "joules"}
     assert joules == {D.joules_row(m, p) for m in D.METHODS for p in mapped}
-    assert D.unmapped_types(per["llamacpp-q2_k"]) == ["Q3_K"]
+    assert D.unmapped_types({"model.layers.0.mlp.down_proj": "IQ3_S"}) == ["IQ3_S"]
+    assert not D.row_recipes(["gptq-q2_k"], {"llamacpp-q2_k+imatrix": {"x.mlp.down_proj": "IQ3_S"}})
     # rtn copies the file without an imatrix, gptq / awq|gptq the one with
     assert recipes["rtn-q4_0"] == "rtn(format=gguf-q4_0)"
     assert recipes["gptq-q4_0"] == (
@@ -104,7 +106,7 @@ def test_the_spec_parses_with_every_recipe(D):
     settings = dict(tokens=16384, window=512, calib_n=128, calib_len=256, prompt_len=64, gen_len=32)
     text = D.spec_text(settings, list(recipes.values()))
     spec = parse_spec(text, "deploy.toml", check_models=False)
-    assert len(spec.recipes) == len(recipes) == 1 + 22 + 18
+    assert len(spec.recipes) == len(recipes) == 1 + 22 + 21
     assert spec.eval.runtime == "llamacpp" and spec.bench[0].runtime == "llamacpp"
     assert spec.eval.tasks == ("wikitext2", "deviation") and spec.eval.limit_tokens == 16384
     assert spec.deploy is not None and spec.deploy.embedding == "gguf-q6_k"
@@ -112,7 +114,7 @@ def test_the_spec_parses_with_every_recipe(D):
     assert spec.bench[0].repeats == 1 and spec.bench[0].prompt_len == 64
 
 
-@pytest.mark.parametrize("peer", sorted(p for p in PEER_TYPES if "q2_k" not in p))
+@pytest.mark.parametrize("peer", sorted(PEER_TYPES))
 def test_joules_recipes_give_every_linear_the_peer_type(D, peer):
     from joules.compress import parse_recipe
 

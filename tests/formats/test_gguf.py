@@ -28,6 +28,7 @@ BPE = {
     "q5_0": 5.5,
     "q5_1": 6.0,
     "q2_k": 2.625,
+    "q3_k": 3.4375,
     "q4_k": 4.5,
     "q5_k": 5.5,
     "q6_k": 6.5625,
@@ -180,7 +181,7 @@ def test_non_finite_refused_and_bad_spec():
     with pytest.raises(ConfigError, match="NaN or Inf"):
         formats.get("gguf-q8_0").quantize(torch.tensor([[float("nan")] + [0.0] * 31]))
     with pytest.raises(ConfigError, match="gguf-q4_k"):
-        formats.get("gguf-q3_k")
+        formats.get("gguf-q7_k")
 
 
 @SETTINGS

@@ -4,7 +4,7 @@
     >>> recipe_gguf_problem("gptq(format=gguf-q4_0)") is None
     True
     >>> recipe_gguf_problem("rtn(format=int4-g64)")
-    'its weights are int4-g64, which no GGUF type holds: use a format that maps (gguf-q8_0, gguf-q4_0, gguf-q4_1, gguf-q5_0, gguf-q5_1, gguf-q2_k, gguf-q4_k, gguf-q5_k, gguf-q6_k, gguf-mxfp4, gguf-tq1_0, gguf-tq2_0, gguf-iq4_nl, gguf-iq4_xs, mxfp4) or llamacpp(ftype=...)'
+    'its weights are int4-g64, which no GGUF type holds: use a format that maps (gguf-q8_0, gguf-q4_0, gguf-q4_1, gguf-q5_0, gguf-q5_1, gguf-q2_k, gguf-q3_k, gguf-q4_k, gguf-q5_k, gguf-q6_k, gguf-mxfp4, gguf-tq1_0, gguf-tq2_0, gguf-iq4_nl, gguf-iq4_xs, mxfp4) or llamacpp(ftype=...)'
 
 A sweep whose ``[eval]`` or ``[bench]`` runtime runs files (llamacpp) refuses, at spec time, a
 recipe this finds no file for, with the reason. The export (:func:`joules.deploy.export_gguf`)

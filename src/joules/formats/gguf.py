@@ -23,6 +23,7 @@ q4_1        32     20    fp16 d, fp16 m, nibbles as q4_0
 q5_0        32     22    fp16 d, uint32 of the 5th bits, nibbles as q4_0
 q5_1        32     24    fp16 d, fp16 m, uint32 of the 5th bits, nibbles
 q2_k       256     84    16 bytes of 4-bit scale | 4-bit min, 64 bytes of 2-bit codes, fp16 d, dmin
+q3_k       256    110    32 bytes of high bits, 64 of 2-bit codes, 12 of 6-bit scales, fp16 d
 q4_k       256    144    fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 nibble bytes
 q5_k       256    176    as q4_k, with 32 bytes of 5th bits before the nibbles
 q6_k       256    210    128 bytes low nibbles, 64 bytes 2-bit highs, 16 x int8 scales, fp16 d
@@ -56,7 +57,7 @@ rounds to +0. Every ``mxfp4`` value is a GGUF MXFP4 value with the same exponent
 ``mxfp4`` tensor repacks into GGUF losslessly (:func:`mxfp4_to_gguf_blocks`).
 
 Rows must be a multiple of the block (32 or 256); llama.cpp falls back per tensor when they are
-not (:data:`FALLBACK`: Q2_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, TQ -> Q4_0, IQ4_XS -> IQ4_NL),
+not (:data:`FALLBACK`: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, TQ -> Q4_0, IQ4_XS -> IQ4_NL),
 and the error names that type.
 GGUF blocks cannot hold NaN or Inf: such inputs are refused.
 """
@@ -89,6 +90,7 @@ QK_K = 256
 # llama.cpp's per-tensor fallback when a row is not a multiple of 256 (llama-quant.cpp)
 FALLBACK = {
     "q2_k": "q4_0",
+    "q3_k": "q4_0",
     "q4_k": "q5_0",
     "q5_k": "q5_1",
     "q6_k": "q8_0",
@@ -692,6 +694,124 @@ class _Q2_K(BlockType):
         return q, self._params(d, dmin, b[:, :16].contiguous())
 
 
+def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's make_q3_quants(n, nmax, x, L, do_rmse=true) over sub-blocks x [S, n]: the
+    max-based codes, then up to 5 passes of per-element coordinate descent on the weighted
+    (x**2) least-squares fit, element by element in C's order. (scale [S, 1], L [S, n] in
+    [0, 2 nmax))."""
+    xt = x.t().contiguous()  # [n, S]
+    imax = xt.abs().argmax(dim=0, keepdim=True)
+    mx = torch.gather(xt, 0, imax)
+    zero = (mx.abs() < _GROUP_MAX_EPS).reshape(-1)
+    mxs = torch.where(mx.abs() < _GROUP_MAX_EPS, torch.ones_like(mx), mx)
+    iscale = _div(-nmax, mxs)
+    L = _nearest_int(iscale * xt).clamp_(-nmax, nmax - 1)  # [n, S]
+    w = xt * xt
+    wx = w * xt
+    sumlx = _seqsum0(wx * L).reshape(-1)
+    suml2 = _seqsum0(w * L * L).reshape(-1)
+    for _ in range(5):  # a pass that changes nothing leaves the next one nothing to change
+        for i in range(xt.shape[0]):
+            li, wi, wxi, xi = L[i], w[i], wx[i], xt[i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            pos = slx > 0
+            new = _nearest_int(xi * sl2 / torch.where(pos, slx, 1.0)).clamp_(-nmax, nmax - 1)
+            slx2 = slx + wxi * new
+            sl22 = sl2 + wi * new * new
+            ok = pos & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = torch.where(ok, new, li)
+            sumlx = torch.where(ok, slx2, sumlx)
+            suml2 = torch.where(ok, sl22, suml2)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1.0), 0.0)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    L = torch.where(zero.unsqueeze(0), torch.zeros_like(L), L + nmax)
+    return scale.reshape(-1, 1), L.t()
+
+
+class _Sub16(BlockType):
+    """The K types without mins (Q3_K, Q6_K): 16 sub-blocks of 16, x = ds * (q - offset), ``ds``
+    the fp32 product of fp16 d and the sub-block's integer scale; codes round with it, and a
+    sub-block whose ds is 0 keeps its search's codes (the reference skips it)."""
+
+    block, offset = QK_K, 0
+
+    def codes(self, x, p):
+        n, o = x.shape[0], self.offset
+        ds = p["ds"]
+        q = _nearest_int(x.reshape(n, 16, 16) / torch.where(ds == 0, torch.ones_like(ds), ds))
+        q = (q.clamp_(-o, o - 1) + o).to(torch.uint8)
+        keep = p["L"].reshape(n, 16, 16) if "L" in p else torch.full_like(q, o)
+        return torch.where(ds == 0, keep, q).reshape(n, 256)
+
+    def decode(self, q, p):
+        n = q.shape[0]
+        return (p["ds"] * (q.reshape(n, 16, 16).float() - self.offset)).reshape(n, 256)
+
+
+class _Q3_K(_Sub16):
+    """Q3_K: 16 sub-blocks of 16, x = d * (sc - 32) * (q - 4) with 6-bit sc and fp16 d; the
+    3-bit codes as 2 low bits (qs) and a high-bit mask (hmask)."""
+
+    name, type_size, offset = "q3_k", 110, 4
+
+    def fit(self, x, w=None):
+        n = x.shape[0]
+        scales, L = _make_q3(x.reshape(n * 16, 16), 4)
+        scales, L = scales.reshape(n, 16), L.reshape(n, 256)
+        imax = scales.abs().argmax(dim=1, keepdim=True)  # the first of largest magnitude
+        big = torch.gather(scales, 1, imax)
+        max_scale = torch.where(big.abs() > 0, big, torch.zeros_like(big))
+        nz = max_scale != 0
+        iscale = torch.where(nz, _div(-32, torch.where(nz, max_scale, 1.0)), 0.0)
+        ls = (_nearest_int(iscale * scales).clamp_(-32, 31) + 32).to(torch.int64)
+        ls = torch.where(nz, ls, torch.zeros_like(ls))  # memset(scales, 0) when max_scale == 0
+        d = torch.where(nz, _f16(_div(1, torch.where(nz, iscale, 1.0))).float(), 0.0).half()
+        return self._params(d, ls.to(torch.uint8), L, nz)
+
+    @staticmethod
+    def _params(d, ls, L=None, nz=None):
+        sc = ls.to(torch.int32) - 32
+        if nz is not None:  # a block with max_scale == 0 stores all-zero scale bytes
+            sc = torch.where(nz, sc, torch.zeros_like(sc))
+        p = {"d": d, "ls": ls, "ds": (d.float() * sc.float()).unsqueeze(-1)}
+        if L is not None:
+            p["L"] = L.to(torch.uint8)
+        return p
+
+    def pack(self, q, p):
+        n = q.shape[0]
+        hi = (q >> 2).to(torch.int32).reshape(n, 8, 32)  # bit b of hmask[m]: element 32b + m
+        hmask = (hi << torch.arange(8, dtype=torch.int32).reshape(1, 8, 1)).sum(dim=1)
+        lo = (q & 3).to(torch.int32).reshape(n, 2, 4, 32)
+        sh = torch.tensor([0, 2, 4, 6], dtype=torch.int32).reshape(1, 1, 4, 1)
+        qs = (lo << sh).sum(dim=2).reshape(n, 64)
+        ls = p["ls"].to(torch.int32)
+        sc = torch.zeros(n, 12, dtype=torch.int32)
+        sc[:, :8] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
+        hb = (ls >> 4) & 3  # [n, 16]: bits 2*(j//4) of byte 8 + j%4
+        for k in range(4):
+            sc[:, 8 + k] = (
+                hb[:, k] | (hb[:, 4 + k] << 2) | (hb[:, 8 + k] << 4) | (hb[:, 12 + k] << 6)
+            )
+        parts = [hmask.to(torch.uint8), qs.to(torch.uint8), sc.to(torch.uint8)]
+        return torch.cat([*parts, _f16_bytes(p["d"])], dim=1)
+
+    def unpack(self, b):
+        n = b.shape[0]
+        hm = b[:, :32].reshape(n, 1, 32)
+        hi = (hm >> torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)) & 1  # [n, 8, 32]
+        sh = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+        lo = ((b[:, 32:96].reshape(n, 2, 1, 32) >> sh) & 3).reshape(n, 256)
+        q = lo | (hi.reshape(n, 256) << 2)
+        sc = b[:, 96:108].to(torch.int32)
+        low = torch.cat([sc[:, :8] & 0xF, sc[:, :8] >> 4], dim=1)  # j < 8, then j >= 8
+        j = torch.arange(16)
+        high = (sc[:, 8 + j % 4] >> (2 * (j // 4))) & 3
+        ls = (low | (high << 4)).to(torch.uint8)
+        return q, self._params(_bytes_f16(b[:, 108:110]).half(), ls)
+
+
 class _Q5_K(_Q4_K):
     """Q5_K: Q4_K's layout with 5-bit codes: the fifth bits of all 256 in 32 bytes ``qh``
     (bit i of byte j: element 32i + j) before the 128 nibble bytes."""
@@ -712,10 +832,10 @@ class _Q5_K(_Q4_K):
         return lo | (hi.reshape(-1, 256) << 4)
 
 
-class _Q6_K(BlockType):
+class _Q6_K(_Sub16):
     """Q6_K: 16 sub-blocks of 16, x = d * sc * (q - 32) with int8 sc and fp16 d, no mins."""
 
-    name, block, type_size = "q6_k", QK_K, 210
+    name, type_size, offset = "q6_k", 210, 32
 
     def fit(self, x):
         n = x.shape[0]
@@ -737,18 +857,6 @@ class _Q6_K(BlockType):
         if L is not None:
             p["L"] = L.to(torch.uint8)
         return p
-
-    def codes(self, x, p):
-        n = x.shape[0]
-        ds = p["ds"]
-        q = _nearest_int(x.reshape(n, 16, 16) / torch.where(ds == 0, torch.ones_like(ds), ds))
-        q = (q.clamp_(-32, 31) + 32).to(torch.uint8)
-        keep = p["L"].reshape(n, 16, 16) if "L" in p else torch.full_like(q, 32)
-        return torch.where(ds == 0, keep, q).reshape(n, 256)
-
-    def decode(self, q, p):
-        n = q.shape[0]
-        return (p["ds"] * (q.reshape(n, 16, 16).float() - 32)).reshape(n, 256)
 
     def pack(self, q, p):
         n = q.shape[0]
@@ -923,6 +1031,7 @@ BLOCK_TYPES: dict[str, BlockType] = {
         _Sym("q5_0", 5),
         _Asym("q5_1", 5),
         _Q2_K(),
+        _Q3_K(),
         _Q4_K(),
         _Q5_K(),
         _Q6_K(),
