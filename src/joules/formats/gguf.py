@@ -547,6 +547,23 @@ def _make_qx(
     return scale.t(), L.t(), best_is.reshape(-1, 1), zero.reshape(-1, 1)
 
 
+def _min_codes(x: torch.Tensor, p: dict[str, torch.Tensor], subs: int, nmax: int) -> torch.Tensor:
+    """Codes of the K types with mins (Q2_K, Q4_K, Q5_K) over ``subs`` sub-blocks of a 256-block:
+    ``nearest_int((x + dm) / ds)`` in [0, nmax]; a sub-block whose ds is 0 keeps its search's
+    codes (the reference skips it)."""
+    n, size = x.shape[0], QK_K // subs
+    ds = p["ds"]
+    q = _nearest_int((x.reshape(n, subs, size) + p["dm"]) / torch.where(ds == 0, 1.0, ds))
+    q = q.clamp_(0, nmax).to(torch.uint8)
+    keep = p["L"].reshape(n, subs, size) if "L" in p else torch.zeros_like(q)
+    return torch.where(ds == 0, keep, q).reshape(n, QK_K)
+
+
+def _min_decode(q: torch.Tensor, p: dict[str, torch.Tensor], subs: int) -> torch.Tensor:
+    n = q.shape[0]
+    return (p["ds"] * q.reshape(n, subs, QK_K // subs).float() - p["dm"]).reshape(n, QK_K)
+
+
 class _Q4_K(BlockType):
     """Q4_K: 8 sub-blocks of 32, x = d*sc*q - dmin*m with 6-bit sc, m and fp16 d, dmin."""
 
@@ -587,17 +604,10 @@ class _Q4_K(BlockType):
         return p
 
     def codes(self, x, p):
-        n = x.shape[0]
-        xs = x.reshape(n, 8, 32)
-        ds = p["ds"]
-        q = _nearest_int((xs + p["dm"]) / torch.where(ds == 0, torch.ones_like(ds), ds))
-        q = q.clamp_(0, self.nmax).to(torch.uint8)
-        keep = p["L"].reshape(n, 8, 32) if "L" in p else torch.zeros_like(q)
-        return torch.where(ds == 0, keep, q).reshape(n, 256)
+        return _min_codes(x, p, 8, self.nmax)
 
     def decode(self, q, p):
-        n = q.shape[0]
-        return (p["ds"] * q.reshape(n, 8, 32).float() - p["dm"]).reshape(n, 256)
+        return _min_decode(q, p, 8)
 
     def pack(self, q, p):
         n = q.shape[0]
@@ -667,17 +677,10 @@ class _Q2_K(BlockType):
         return p
 
     def codes(self, x, p):
-        n = x.shape[0]
-        xs = x.reshape(n, 16, 16)
-        ds = p["ds"]
-        q = _nearest_int((xs + p["dm"]) / torch.where(ds == 0, torch.ones_like(ds), ds))
-        q = q.clamp_(0, 3).to(torch.uint8)
-        keep = p["L"].reshape(n, 16, 16) if "L" in p else torch.zeros_like(q)
-        return torch.where(ds == 0, keep, q).reshape(n, 256)
+        return _min_codes(x, p, 16, 3)
 
     def decode(self, q, p):
-        n = q.shape[0]
-        return (p["ds"] * q.reshape(n, 16, 16).float() - p["dm"]).reshape(n, 256)
+        return _min_decode(q, p, 16)
 
     def pack(self, q, p):
         n = q.shape[0]
