@@ -23,7 +23,7 @@ from typing import Any
 
 from joules import formats
 from joules.compress.steps.gguf_mix import GGUF_CANDIDATES
-from joules.deploy.llamacpp import gguf_tensor_table
+from joules.deploy.gguf_export import check_gguf_file
 from joules.deploy.peer import base_f32_gguf
 from joules.errors import ConfigError
 
@@ -67,28 +67,27 @@ def size_plan(
     model: str | os.PathLike[str], target_bytes: int, *, output: str = "gguf-q6_k"
 ) -> SizePlan:
     """What a ``target_bytes`` GGUF of ``model`` leaves for ``gguf_mix`` (see the module doc)."""
-    from gguf import GGUFReader
-
     f32 = base_f32_gguf(model)
-    table = gguf_tensor_table(f32)
-    shapes = {
-        t.name: tuple(int(d) for d in reversed(t.shape)) for t in GGUFReader(str(f32)).tensors
-    }
-    fixed = f32.stat().st_size - sum(nb for _, _, _, nb, _ in table)  # header, metadata, index
-    fixed += ALIGNMENT * len(table)  # a quantized tensor may need up to 31 bytes of padding
+    # (name, bytes, shape as rows x cols) of every tensor, from one read of the file
+    tensors = [
+        (t.name, int(t.n_bytes), tuple(int(d) for d in reversed(t.shape)))
+        for t in check_gguf_file(f32).tensors
+    ]
+    fixed = f32.stat().st_size - sum(nb for _, nb, _ in tensors)  # header, metadata, index
+    fixed += ALIGNMENT * len(tensors)  # a quantized tensor may need up to 31 bytes of padding
     fixed += METADATA_SLACK
     head = None
     cheapest = 0
-    for name, _type, _n, nbytes, dims in table:
-        if name == "token_embd.weight" or (name.startswith("blk.") and dims >= 2):
-            shape = shapes[name]  # the mix's: linears inside the blocks and the embedding
+    for name, nbytes, shape in tensors:
+        if name == "token_embd.weight" or (name.startswith("blk.") and len(shape) >= 2):
+            # the mix's: linears inside the blocks and the embedding
             cheapest += min(
                 formats.get(c).for_shape(shape).total_bits(shape) // 8 for c in GGUF_CANDIDATES
             )
             continue
         if name == "output.weight":
-            head = formats.get(output).for_shape(shapes[name])
-            fixed += head.total_bits(shapes[name]) // 8
+            head = formats.get(output).for_shape(shape)
+            fixed += head.total_bits(shape) // 8
         else:
             fixed += nbytes  # norms and biases stay F32
     smallest = fixed + cheapest

@@ -513,16 +513,24 @@ def _root(v: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(v.double()).float()
 
 
+def _signed_max(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per column of ``xt`` [n, S] (sub-blocks transposed): the first element of largest
+    magnitude (C's ``if (ax > amax)`` loop), whether the column is all (near-)zero
+    (< GROUP_MAX_EPS), and that maximum with 1 in place of zero columns (safe to divide by):
+    three [1, S] tensors."""
+    imax = xt.abs().argmax(dim=0, keepdim=True)
+    mx = torch.gather(xt, 0, imax)
+    zero = mx.abs() < _GROUP_MAX_EPS
+    return mx, zero, torch.where(zero, torch.ones_like(mx), mx)
+
+
 def _make_qx(
     x: torch.Tensor, nmax: int, w: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """llama.cpp's make_qx_quants with rmse_type=1 over x [S, n]: weights ``w`` (the importance
     matrix's), else x**2. (scale, L, the inverse scale L was rounded with, all-zero mask)."""
     x = x.t().contiguous()  # [n, S], as in _make_qkx2
-    imax = x.abs().argmax(dim=0, keepdim=True)
-    mx = torch.gather(x, 0, imax)
-    zero = mx.abs() < _GROUP_MAX_EPS
-    mxs = torch.where(zero, torch.ones_like(mx), mx)
+    _, zero, mxs = _signed_max(x)
     w = x * x if w is None else w.t().contiguous()
 
     def attempt(iscale):
@@ -575,7 +583,7 @@ class _Q4_K(BlockType):
         n = x.shape[0]
         xs = x.reshape(n * 8, 32)
         # sqrtf is correctly rounded; torch's fp32 sqrt can be an ulp off: round from fp64
-        av = torch.sqrt((_seqsum(xs * xs) / 32).double()).float()
+        av = _root(_seqsum(xs * xs) / 32)
         scales, mins, L = _make_qkx2(xs, av + xs.abs(), self.nmax, self.rmin, 0.1, self.nstep)
         scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
         zeros = torch.zeros(n, 1)
@@ -703,10 +711,8 @@ def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     (x**2) least-squares fit, element by element in C's order. (scale [S, 1], L [S, n] in
     [0, 2 nmax))."""
     xt = x.t().contiguous()  # [n, S]
-    imax = xt.abs().argmax(dim=0, keepdim=True)
-    mx = torch.gather(xt, 0, imax)
-    zero = (mx.abs() < _GROUP_MAX_EPS).reshape(-1)
-    mxs = torch.where(mx.abs() < _GROUP_MAX_EPS, torch.ones_like(mx), mx)
+    _, zero, mxs = _signed_max(xt)
+    zero = zero.reshape(-1)
     iscale = _div(-nmax, mxs)
     L = _nearest_int(iscale * xt).clamp_(-nmax, nmax - 1)  # [n, S]
     w = xt * xt
@@ -914,10 +920,7 @@ def _iq4_search(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     the weighted least-squares scale of the best fit. fp32 [S, 1]; 0 for an all-(near-)zero
     block. Runs on the transposes [32, S] so each C-order sum is 32 contiguous adds."""
     xt, wt = x.t().contiguous(), w.t().contiguous()
-    imax = xt.abs().argmax(dim=0, keepdim=True)  # first of equal magnitudes, as the C loop
-    mx = torch.gather(xt, 0, imax)
-    zero = mx.abs() < _GROUP_MAX_EPS
-    mxs = torch.where(zero, torch.ones_like(mx), mx)
+    _, zero, mxs = _signed_max(xt)
     grid = _IQ4_GRID
 
     def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1238,6 +1241,7 @@ class GGUFFitted(Fitted):
         self.per_row = self.shape[1] // self.bt.block
         # parameters of block j of row r at index r * per_row + j
         self.p = fmt._fit(w, x, imatrix)
+        self.imatrix_weighted = imatrix is not None  # the manifest says so (gptq)
 
     def _select(self, b0: int, b1: int) -> dict[str, torch.Tensor]:
         rows = self.shape[0]

@@ -36,15 +36,14 @@ def fit_weight(
     module: nn.Module, spec: str, w: torch.Tensor, imatrix: torch.Tensor | None = None
 ) -> Fitted:
     """``formats.get(spec).fit(w)``, or the module's plan's fit if it carries one. ``imatrix``
-    (one importance per input column) goes to formats whose scale search takes it (GGUF IQ4);
-    a plan's split fits its dense part unweighted."""
+    (one importance per input column, for a format whose ``takes_imatrix``) weights its scale
+    search; a plan's split fits its dense part unweighted."""
     plan = getattr(module, "weight_plan", None)
     if plan is not None:
         return plan.fit(formats.get(spec), w)
-    fmt = formats.get(spec)
-    if imatrix is not None and getattr(fmt, "takes_imatrix", False):
-        return fmt.fit(w, imatrix=imatrix)  # type: ignore[call-arg]
-    return fmt.fit(w)
+    if imatrix is not None:
+        return formats.get(spec).fit(w, imatrix=imatrix)  # type: ignore[call-arg]
+    return formats.get(spec).fit(w)
 
 
 def sparse_part(fitted: Fitted, q: torch.Tensor) -> nn.Module | None:

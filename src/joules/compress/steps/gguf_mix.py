@@ -92,21 +92,12 @@ class GGUFMix(Step):
         targets = ctx.resolve_targets(self.targets)
         mixed = Mixed(avg_bits=(8.0,), candidates=self.candidates, targets=self.targets)
         layers = mixed._collect(ctx, targets)  # RTN per candidate, Fisher-weighted errors
-        costs = [lay.costs for lay in layers]
-        errors = [lay.errors for lay in layers]
-        names = [lay.name for lay in layers]
         emb = self._embedding(ctx)
-        if emb is not None:
-            w = emb.weight.detach().float()
-            f = fisher_diagonals(ctx, {EMBED: emb})[EMBED]
-            e_costs, e_errors = [], []
-            for spec in self.candidates:
-                fmt = formats.get(spec).for_shape(tuple(w.shape))
-                e_costs.append(fmt.total_bits(tuple(w.shape)))
-                e_errors.append(float((f * (fmt.fake_quant(w) - w).pow(2)).sum()))
-            costs.append(e_costs)
-            errors.append(e_errors)
-            names.append(EMBED)
+        if emb is not None:  # the same options and errors for the embedding's weight
+            layers.append(
+                mixed._layer(EMBED, emb, None, fisher_diagonals(ctx, {EMBED: emb})[EMBED])
+            )
+        costs = [lay.costs for lay in layers]
         budget = self.bytes * 8
         cheapest = sum(min(c) for c in costs)
         if budget < cheapest:
@@ -115,18 +106,17 @@ class GGUFMix(Step):
                 f"{-(-cheapest // 8)} bytes for these tensors: raise the budget or add smaller "
                 "candidates"
             )
-        sol = solve(costs, errors, budget)
-        choice = {n: self.candidates[k] for n, k in zip(names, sol.choice, strict=True)}
+        sol = solve(costs, [lay.errors for lay in layers], budget)
+        choice = {lay.name: self.candidates[k] for lay, k in zip(layers, sol.choice, strict=True)}
+        # the type each tensor is written in: the choice, or llama.cpp's fallback for its rows
+        effective = {lay.name: lay.qts[k].spec for lay, k in zip(layers, sol.choice, strict=True)}
         emb_spec = choice.pop(EMBED, None)
+        emb_type = effective.pop(EMBED, None)
         common = Counter(choice.values()).most_common(1)[0][0]
         over = tuple(f"{n}={s}" for n, s in choice.items() if s != common)
         del layers  # the RTN candidates: GPTQ quantizes the chosen types afresh
         gptq = GPTQ(format=common, overrides=over, damp=self.damp, targets=self.targets)
         gptq.apply(ctx)
-        effective = {
-            n: formats.get(s).for_shape(tuple(targets[n].weight.shape)).spec
-            for n, s in choice.items()
-        }
         mix = {
             "bytes_budget": self.bytes,
             "bytes": -(-sol.cost // 8),
@@ -139,7 +129,6 @@ class GGUFMix(Step):
         }
         planned = dict(ctx.manifest.gguf_export or {})
         planned["mix"] = mix
-        if emb_spec is not None:
-            w_shape = tuple(emb.weight.shape)  # type: ignore[union-attr]
-            planned["embedding"] = formats.get(emb_spec).for_shape(w_shape).spec
+        if emb_type is not None:
+            planned["embedding"] = emb_type
         ctx.manifest.gguf_export = planned

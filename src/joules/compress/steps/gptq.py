@@ -127,7 +127,7 @@ class GPTQ(Step):
         install_quantized(ctx, name, module, fitted.quantize(q), "gptq", sparse_part(fitted, q))
         if use.spec != fmt.spec:
             ctx.record(name, format_requested=fmt.spec)
-        if im is not None:
+        if getattr(fitted, "imatrix_weighted", False):  # a weight plan's split fits unweighted
             ctx.record(name, scales="imatrix-weighted")
 
     def apply(self, ctx: CompressContext) -> None:
