@@ -250,7 +250,7 @@ WEIGHTED = [t for t, bt in BLOCK_TYPES.items() if bt.weighted]
 
 
 def test_weighted_types_are_the_iq4s():
-    assert WEIGHTED == ["q4_0", "q5_0", "iq4_nl", "iq4_xs"]
+    assert WEIGHTED == ["q4_0", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"]
 
 
 @pytest.mark.parametrize("t", WEIGHTED)

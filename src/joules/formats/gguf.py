@@ -45,7 +45,9 @@ both in fp32 with the reference's summation order. IQ4_NL and IQ4_XS run
 ``quantize_iq4_nl`` / ``quantize_iq4_xs`` (what ``ggml_quantize_chunk`` and ``llama-quantize``
 call): a weighted search over 15 stretches of the level grid per block of 32, weights ``x**2``,
 or with an importance matrix (``imatrix=``, one value per column: llama-imatrix's mean squared
-activation) ``imatrix * sqrt(sigma2 + x**2)``; GPTQ passes its Hessian's diagonal. Decoding is ``gguf.quants.dequantize``'s
+activation) ``imatrix * sqrt(sigma2 + x**2)``; GPTQ passes its Hessian's diagonal. The K types
+take one as ``quantize_row_q*_K_impl`` do (weighted sub-block searches, then ``make_qp_quants``
+or ``make_qx_quants`` for the sub-block scales). Decoding is ``gguf.quants.dequantize``'s
 arithmetic (fp32). ``tests/formats/test_gguf.py`` checks the bytes against ``gguf`` and, where it
 has no quantizer (Q4_K, Q6_K), against llama.cpp's own through llama-cpp-python.
 
@@ -572,14 +574,108 @@ def _min_decode(q: torch.Tensor, p: dict[str, torch.Tensor], subs: int) -> torch
     return (p["ds"] * q.reshape(n, subs, QK_K // subs).float() - p["dm"]).reshape(n, QK_K)
 
 
+def _make_qp(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's make_qp_quants(n, nmax, x, L, quant_weights) over rows x [B, n] (the
+    sub-block scales or mins of B blocks) with weights qw [B, n]: nine stretches of the max-based
+    scale, then up to 5 passes of per-element coordinate descent, element by element in C's
+    order. (scale [B, 1], L [B, n] as the uint8 bytes C stores)."""
+    mx = torch.clamp(x.amax(dim=1, keepdim=True), min=0.0)  # C: max = 0, then MAX(max, x[i])
+    zero = mx < _GROUP_MAX_EPS
+    mxs = torch.where(zero, torch.ones_like(mx), mx)
+    xt, wt = x.t().contiguous(), qw.t().contiguous()  # [n, B]: sums run over dim 0
+
+    def mse(iscale: torch.Tensor, clamp: bool) -> torch.Tensor:
+        lq = _nearest_int(iscale.t() * xt)
+        if clamp:
+            lq = lq.clamp(max=nmax)
+        else:  # the first pass stores L[i] = nearest_int(...) as a uint8 and reads it back
+            lq = (lq.to(torch.int64) & 0xFF).float()
+        diff = xt - _div(1, iscale).t() * lq
+        return _seqsum0(wt * diff * diff)
+
+    iscale = _div(nmax, mxs)
+    best = mse(iscale, clamp=False)
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        cand = (torch.tensor(0.1) * step + nmax) / mxs
+        err = mse(cand, clamp=True)
+        better = err < best  # [1, B]
+        best = torch.where(better, err, best)
+        iscale = torch.where(better.t(), cand, iscale)
+    lq = _nearest_int(iscale.t() * xt).clamp(max=nmax)  # [n, B]: the int l of C's last pass
+    wx = wt * xt
+    sumlx, suml2 = _seqsum0(wx * lq), _seqsum0(wt * lq * lq)
+    L = (lq.to(torch.int64) & 0xFF).float()  # L[i] = l: a uint8
+    for _ in range(5):  # a pass that changes nothing leaves the next one nothing to change
+        for i in range(xt.shape[0]):
+            li, wi, wxi, xi = L[i], wt[i], wx[i], xt[i]
+            slx = sumlx[0] - wxi * li
+            sl2 = suml2[0] - wi * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new = _nearest_int(xi * sl2 / torch.where(ok, slx, 1.0)).clamp(max=nmax)
+            slx2 = slx + wxi * new
+            sl22 = sl2 + wi * new * new
+            ok &= (new != li) & (slx2 * slx2 * suml2[0] > sumlx[0] * sumlx[0] * sl22)
+            L[i] = torch.where(ok, (new.to(torch.int64) & 0xFF).float(), li)
+            sumlx[0] = torch.where(ok, slx2, sumlx[0])
+            suml2[0] = torch.where(ok, sl22, suml2[0])
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1.0), 0.0).t()
+    L = torch.where(zero.t(), torch.zeros_like(L), L)
+    return torch.where(zero, torch.zeros_like(scale), scale), L.t().to(torch.uint8)
+
+
+def _k4_header(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The 12 bytes of Q4_K/Q5_K's 6-bit scales and mins [n, 8] (uint8, as C stores them)."""
+    n = sc.shape[0]
+    sc, m = sc.to(torch.int32), m.to(torch.int32)
+    s = torch.zeros(n, 12, dtype=torch.int32)
+    s[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    s[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    s[:, 8:12] = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
+    return (s & 0xFF).to(torch.uint8)
+
+
+def _k4_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sc, m) [n, 8] as get_scale_min_k4 reads them from the 12 bytes ``s`` [n, 12]."""
+    s = s.reshape(-1, 3, 4)
+    a, mm, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([a & 0x3F, (md & 0x0F) | ((a >> 2) & 0x30)], dim=1)
+    m = torch.cat([mm & 0x3F, (md >> 4) | ((mm >> 2) & 0x30)], dim=1)
+    return sc, m
+
+
 class _Q4_K(BlockType):
-    """Q4_K: 8 sub-blocks of 32, x = d*sc*q - dmin*m with 6-bit sc, m and fp16 d, dmin."""
+    """Q4_K: 8 sub-blocks of 32, x = d*sc*q - dmin*m with 6-bit sc, m and fp16 d, dmin. With an
+    importance matrix, quantize_row_q4_K_impl: make_qkx3_quants weighted by
+    ``imatrix * sqrt(sigma2 + x**2)`` (sigma2: twice the block's mean square), then the 6-bit
+    scales and mins by make_qp_quants weighted by each sub-block's summed weights."""
 
     name, block, type_size = "q4_k", QK_K, 144
     # make_qkx2_quants(32, nmax, ..., rmin, 0.1, nstep) as quantize_row_q4_K_ref calls it
     nmax, rmin, nstep = 15, -1.0, 20
+    weighted = True
+    clamp63 = False  # the impl stores make_qp_quants' bytes as they are (Q5_K clamps to 63)
 
-    def fit(self, x):
+    def search_weights(self, x, qw, per_row):
+        ss = _seqsum(x * x)  # per block of 256
+        sigma2 = 2 * ss / torch.full_like(ss, float(QK_K))
+        return qw * _root(sigma2 + x * x)
+
+    def _fit_weighted(self, x: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = x.shape[0]
+        xs, ws = x.reshape(n * 8, 32), w.reshape(n * 8, 32)
+        # make_qkx3_quants with weights is make_qkx2_quants (nmax, -0.9, 0.05, 36)
+        scales, mins, L = _make_qkx2(xs, ws, self.nmax, -0.9, 0.05, 36)
+        sw = _seqsum(ws).reshape(n, 8)
+        d, ls = _make_qp(scales.reshape(n, 8), 63, sw)
+        dmin, lm = _make_qp(mins.reshape(n, 8), 63, sw)
+        if self.clamp63:
+            ls, lm = ls.clamp(max=63), lm.clamp(max=63)
+        sc, m = _k4_scales(_k4_header(ls, lm))  # what the decoder reads back
+        return self._params(_f16(d), _f16(dmin), sc, m, L.reshape(n, 256))
+
+    def fit(self, x, w=None):
+        if w is not None:
+            return self._fit_weighted(x, w)
         n = x.shape[0]
         xs = x.reshape(n * 8, 32)
         # sqrtf is correctly rounded; torch's fp32 sqrt can be an ulp off: round from fp64
@@ -618,13 +714,7 @@ class _Q4_K(BlockType):
         return _min_decode(q, p, 8)
 
     def pack(self, q, p):
-        n = q.shape[0]
-        sc, m = p["sc"].to(torch.int32), p["m"].to(torch.int32)
-        s = torch.zeros(n, 12, dtype=torch.int32)
-        s[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
-        s[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
-        s[:, 8:12] = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
-        head = [_f16_bytes(p["d"]), _f16_bytes(p["dmin"]), s.to(torch.uint8)]
+        head = [_f16_bytes(p["d"]), _f16_bytes(p["dmin"]), _k4_header(p["sc"], p["m"])]
         return torch.cat([*head, *self._pack_codes(q)], dim=1)
 
     @staticmethod
@@ -639,11 +729,7 @@ class _Q4_K(BlockType):
         return torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 256)
 
     def unpack(self, b):
-        n = b.shape[0]
-        s = b[:, 4:16].reshape(n, 3, 4)
-        a, mm, md = s[:, 0], s[:, 1], s[:, 2]
-        sc = torch.cat([a & 0x3F, (md & 0x0F) | ((a >> 2) & 0x30)], dim=1)
-        m = torch.cat([mm & 0x3F, (md >> 4) | ((mm >> 2) & 0x30)], dim=1)
+        sc, m = _k4_scales(b[:, 4:16])
         q = self._unpack_codes(b[:, 16:])
         d, dmin = _bytes_f16(b[:, 0:2]).half(), _bytes_f16(b[:, 2:4]).half()
         return q, self._params(d, dmin, sc, m)
@@ -655,10 +741,23 @@ class _Q2_K(BlockType):
     and the absolute error (``use_mad``)."""
 
     name, block, type_size = "q2_k", QK_K, 84
+    weighted = True
+
+    def search_weights(self, x, qw, per_row):
+        ss = _seqsum(x * x)  # quantize_row_q2_K_impl: sigma2 = sumx2 / QK_K
+        return qw * _root(ss / torch.full_like(ss, float(QK_K)) + x * x)
 
     def fit(self, x, w=None):
         n = x.shape[0]
         xs = x.reshape(n * 16, 16)
+        if w is not None:  # make_qkx3_quants (squared error), then make_qp_quants to 4 bits
+            ws = w.reshape(n * 16, 16)
+            scales, mins, L = _make_qkx2(xs, ws, 3, -0.9, 0.05, 36)
+            sw = _seqsum(ws).reshape(n, 16)
+            dm, ls = _make_qp(scales.reshape(n, 16), 15, sw)
+            mm, lm = _make_qp(mins.reshape(n, 16), 15, sw)
+            byte = (ls.to(torch.int64) | (lm.to(torch.int64) << 4)) & 0xFF
+            return self._params(_f16(dm), _f16(mm), byte.to(torch.uint8), L.reshape(n, 256))
         scales, mins, L = _make_qkx2(xs, xs.abs(), 3, -0.5, 0.1, 15, mad=True)
         scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
         zeros = torch.zeros(n, 1)
@@ -763,9 +862,19 @@ class _Q3_K(_Sub16):
     3-bit codes as 2 low bits (qs) and a high-bit mask (hmask)."""
 
     name, type_size, offset = "q3_k", 110, 4
+    weighted = True
+
+    def search_weights(self, x, qw, per_row):
+        return _Q4_K.search_weights(self, x, qw, per_row)  # the same sigma2 = 2 * mean square
 
     def fit(self, x, w=None):
         n = x.shape[0]
+        if w is not None:  # quantize_row_q3_K_impl: make_qx_quants for codes and for scales
+            ws = w.reshape(n * 16, 16)
+            scales, L, _, _ = _make_qx(x.reshape(n * 16, 16), 4, ws)
+            sw = _seqsum(ws).reshape(n, 16)
+            d, ls, _, _ = _make_qx(scales.reshape(n, 16), 32, sw)
+            return self._params(_f16(d), ls.to(torch.uint8), L.reshape(n, 256))
         scales, L = _make_q3(x.reshape(n * 16, 16), 4)
         scales, L = scales.reshape(n, 16), L.reshape(n, 256)
         imax = scales.abs().argmax(dim=1, keepdim=True)  # the first of largest magnitude
@@ -827,6 +936,7 @@ class _Q5_K(_Q4_K):
 
     name, type_size = "q5_k", 176
     nmax, rmin, nstep = 31, -0.5, 15
+    clamp63 = True
 
     @staticmethod
     def _pack_codes(q: torch.Tensor) -> list[torch.Tensor]:
@@ -845,10 +955,15 @@ class _Q6_K(_Sub16):
     """Q6_K: 16 sub-blocks of 16, x = d * sc * (q - 32) with int8 sc and fp16 d, no mins."""
 
     name, type_size, offset = "q6_k", 210, 32
+    weighted = True  # quantize_row_q6_K_impl: make_qx_quants weighted by the imatrix itself
 
-    def fit(self, x):
+    def search_weights(self, x, qw, per_row):
+        return qw
+
+    def fit(self, x, w=None):
         n = x.shape[0]
-        scales, L, _, _ = _make_qx(x.reshape(n * 16, 16), 32)
+        ws = None if w is None else w.reshape(n * 16, 16)
+        scales, L, _, _ = _make_qx(x.reshape(n * 16, 16), 32, ws)
         scales = scales.reshape(n, 16)
         imax = scales.abs().argmax(dim=1, keepdim=True)
         max_scale = torch.gather(scales, 1, imax)
@@ -1160,8 +1275,8 @@ class GGUFFormat(Format):
     # -- conversion ----------------------------------------------------------------------------
     @property
     def takes_imatrix(self) -> bool:
-        """Whether ``imatrix=`` moves this type's scales (Q4_0, Q5_0, IQ4_NL, IQ4_XS), as it
-        moves llama.cpp's ``ggml_quantize_chunk``."""
+        """Whether ``imatrix=`` moves this type's scales (Q4_0, Q5_0, the K types Q2_K-Q6_K,
+        IQ4_NL, IQ4_XS), as it moves llama.cpp's ``ggml_quantize_chunk``."""
         return self.bt.weighted
 
     def block_weights(self, t: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor | None:
@@ -1172,7 +1287,7 @@ class GGUFFormat(Format):
         if not self.bt.weighted:
             raise ConfigError(
                 f"{self.spec}: joules' {self.ggml_type} has no importance-matrix search: drop "
-                "imatrix=, or use gguf-q4_0 / gguf-q5_0 / gguf-iq4_nl / gguf-iq4_xs"
+                "imatrix=, or use gguf-q4_0 / q5_0 / q2_k..q6_k / iq4_nl / iq4_xs"
             )
         k = t.shape[-1] if t.dim() else 1
         qw = imatrix.detach().float().cpu().reshape(-1)
