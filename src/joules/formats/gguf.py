@@ -586,10 +586,8 @@ def _make_qp(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.Tensor
 
     def mse(iscale: torch.Tensor, clamp: bool) -> torch.Tensor:
         lq = _nearest_int(iscale.t() * xt)
-        if clamp:
-            lq = lq.clamp(max=nmax)
-        else:  # the first pass stores L[i] = nearest_int(...) as a uint8 and reads it back
-            lq = (lq.to(torch.int64) & 0xFF).float()
+        # the first pass stores L[i] = nearest_int(...) as a uint8 and reads it back
+        lq = lq.clamp(max=nmax) if clamp else (lq.to(torch.int64) & 0xFF).float()
         diff = xt - _div(1, iscale).t() * lq
         return _seqsum0(wt * diff * diff)
 
