@@ -73,6 +73,11 @@ MODEL = "smollm2-135m"
 
 PEER_PRESETS = tuple(p for p in PRESETS if p not in NEEDS_IMATRIX)  # IQ3_XXS needs an imatrix
 METHODS = ("rtn", "gptq", "awq")  # awq: awq(...) | gptq(...)
+# ``size-P``: joules' file of a target size (gguf_mix: one GGUF type per tensor chosen under the
+# byte budget, then GPTQ) as large as llama.cpp's preset P file with an importance matrix;
+# ``size-NNmib``: of NN MiB (points of the curve between the presets)
+SIZE = "size"
+_SIZE_MIB = re.compile(r"^size-(\d+(?:\.\d+)?)mib$")
 # GGML types joules writes byte-exact (joules.formats.gguf presets)
 EXACT_TYPES = frozenset(s.removeprefix("gguf-").upper() for s in JOULES_GGUF)
 QUICK_ROWS = (
@@ -106,12 +111,15 @@ def joules_row(method: str, preset: str) -> str:
     return f"{method}-{preset.lower()}"
 
 
-def type_source(method: str, preset: str) -> str:
+def type_source(method: str, preset: str | None) -> str | None:
     """The llama.cpp file whose per-tensor types a joules row copies: for ``rtn`` (no
     calibration) the preset's file without an importance matrix (so ``rtn`` is a path check
     against it, byte for byte), for the calibrated methods the file with one (llama.cpp picks
     other types with an imatrix, e.g. Q4_1 or IQ4_NL where it guards the first ffn_down with
-    Q5_K without one): each calibrated row is then the same size as the peer it must beat."""
+    Q5_K without one): each calibrated row is then the same size as the peer it must beat.
+    A ``size-P`` row takes its size (not its types) from P's imatrix file; ``size-NNmib`` none."""
+    if preset is None:
+        return None
     return peer_row(preset, imatrix=method != "rtn")
 
 
@@ -120,7 +128,7 @@ def all_rows() -> list[str]:
     out = ["baseline"]
     for p in PEER_PRESETS:
         out += [peer_row(p, False), peer_row(p, True)]
-        out += [joules_row(m, p) for m in METHODS]
+        out += [joules_row(m, p) for m in (*METHODS, SIZE)]
     return out
 
 
@@ -128,6 +136,8 @@ def parse_row(row: str) -> tuple[str, str | None, bool]:
     """(kind, preset, imatrix) of a row id; kind: baseline, peer, peer+imatrix, joules."""
     if row == "baseline":
         return "baseline", None, False
+    if _SIZE_MIB.match(row):
+        return "joules", None, False
     method, _, rest = row.partition("-")
     imatrix = rest.endswith("+imatrix")
     preset = rest.removesuffix("+imatrix").upper()
@@ -272,14 +282,41 @@ def spec_text(settings: dict[str, Any], recipes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def row_recipes(rows: list[str], peer_types: dict[str, dict[str, str]]) -> dict[str, str]:
-    """{row: recipe} of ``rows`` whose recipe is known: every baseline and peer row, and the
+def target_bytes(row: str, peer_sizes: dict[str, int]) -> int | None:
+    """The whole-file size a ``size-*`` row targets (None: not a size row, or its peer's file
+    has not been made)."""
+    m = _SIZE_MIB.match(row)
+    if m:
+        return int(float(m.group(1)) * 2**20)
+    if row.partition("-")[0] != SIZE:
+        return None
+    return peer_sizes.get(type_source(SIZE, parse_row(row)[1]) or "")
+
+
+def size_recipe(target: int) -> str:
+    """``gguf_mix`` with the budget a ``target``-byte file leaves for the embedding and the
+    linears (``joules compress --target-size``'s arithmetic: :func:`joules.deploy.size.size_plan`)."""
+    from joules.deploy.size import size_plan
+
+    return f"gguf_mix(bytes={size_plan(MODEL, target).budget_bytes})"
+
+
+def row_recipes(
+    rows: list[str],
+    peer_types: dict[str, dict[str, str]],
+    peer_sizes: dict[str, int] | None = None,
+) -> dict[str, str]:
+    """{row: recipe} of ``rows`` whose recipe is known: every baseline and peer row, the
     joules rows whose :func:`type_source` file has types in ``peer_types`` that joules writes
-    byte-exact."""
+    byte-exact, and the ``size-*`` rows whose size is known (``peer_sizes``: file bytes)."""
     out: dict[str, str] = {}
     for row in rows:
         kind, preset, imatrix = parse_row(row)
-        if kind == "baseline":
+        if row.partition("-")[0] == SIZE:
+            target = target_bytes(row, peer_sizes or {})
+            if target is not None:
+                out[row] = size_recipe(target)
+        elif kind == "baseline":
             out[row] = "baseline"
         elif kind.startswith("peer"):
             out[row] = peer_recipe(preset, imatrix)  # type: ignore[arg-type]
@@ -470,7 +507,12 @@ def measured_row(row: str, recipe: str | None, run: Any, grid_bytes: int) -> dic
         "kind": kind,
         "method": "llama.cpp"
         if kind.startswith("peer")
-        else {"rtn": "rtn", "gptq": "gptq", "awq": "awq | gptq"}.get(row.partition("-")[0]),
+        else {
+            "rtn": "rtn",
+            "gptq": "gptq",
+            "awq": "awq | gptq",
+            SIZE: "gguf_mix (target size)",
+        }.get(row.partition("-")[0]),
         "preset": preset,
         "recipe": recipe,
         "status": None if run is None else run.status,
@@ -518,11 +560,13 @@ def needed_rows(wanted: list[str]) -> list[str]:
     """``wanted`` with the baseline and, for each joules row, its preset's llama.cpp file without
     imatrix (the types it copies), in table order."""
     extra = {"baseline"} | {
-        type_source(w.partition("-")[0], parse_row(w)[1])  # type: ignore[arg-type]
+        type_source(w.partition("-")[0], parse_row(w)[1])
         for w in wanted
         if parse_row(w)[0] == "joules"
     }
-    return [r for r in all_rows() if r in wanted or r in extra]
+    return [r for r in all_rows() if r in wanted or r in extra] + sorted(
+        (w for w in wanted if _SIZE_MIB.match(w)), key=lambda w: float(w[5:-3])
+    )
 
 
 def run(args: Any) -> dict[str, Any]:
@@ -541,13 +585,26 @@ def run(args: Any) -> dict[str, Any]:
         for r, run in runs.items()
         if run is not None and run.status == "done" and parse_row(r)[0].startswith("peer")
     }
-    recipes = row_recipes(needed, peer_types)
+    peer_sizes = {
+        r: run.manifest["deploy"]["gguf"]["size_bytes"]
+        for r, run in runs.items()
+        if run is not None and run.status == "done" and parse_row(r)[0].startswith("peer")
+    }
+    grid_bytes = smollm2_gguf_path().stat().st_size
+    recipes = row_recipes(needed, peer_types, peer_sizes)
     notes = []
     for r in needed:
-        if r in recipes:
+        target = target_bytes(r, peer_sizes)
+        if target is not None and target >= grid_bytes and r in recipes:
+            del recipes[r]  # a target at or above the Q4_1 grid re-finds the shipped weights
+            notes.append(
+                f"no row {r}: its target ({target / 2**20:.1f} MiB) is not below the Q4_1 grid"
+            )
+            print(notes[-1], file=sys.stderr)
+        if r in recipes or target is not None:
             continue
-        src = type_source(r.partition("-")[0], parse_row(r)[1])  # type: ignore[arg-type]
-        per = peer_types.get(src)
+        src = type_source(r.partition("-")[0], parse_row(r)[1])
+        per = peer_types.get(src or "")
         why = (
             f"{src}'s file holds {', '.join(unmapped_types(per))}, which joules does not write"
             if per
@@ -557,14 +614,19 @@ def run(args: Any) -> dict[str, Any]:
         print(notes[-1], file=sys.stderr)
     spec, runs = sweep(settings, recipes, work, args.reuse_stale)
     sweep_s = time.perf_counter() - t0
-    grid_bytes = smollm2_gguf_path().stat().st_size
     rows = [measured_row(r, recipes[r], runs[r], grid_bytes) for r in recipes]
     by = {r["row"]: r for r in rows}
+    for r in rows:
+        target = target_bytes(r["row"], peer_sizes)
+        if target is not None:
+            r["target_bytes"] = target
+            r["size_source"] = type_source(SIZE, r["preset"])
 
     # each joules file must hold, tensor for tensor, the types of llama.cpp's file it copies
     for r in rows:
         method = r["row"].partition("-")[0]
-        peer = by.get(type_source(method, r["preset"])) if r["kind"] == "joules" else None
+        copies = r["kind"] == "joules" and method != SIZE and r["preset"]
+        peer = by.get(type_source(method, r["preset"]) or "") if copies else None
         if r.get("file") and peer and peer.get("file"):
             mine, theirs = file_types(runs[r["row"]]), file_types(runs[peer["row"]])
             r["same_types_as"] = peer["row"]
@@ -891,10 +953,10 @@ def rows_of(args: Any) -> list[str]:
     if args.rows == "all":
         return known
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in known]
+    unknown = [r for r in rows if r not in known and not _SIZE_MIB.match(r)]
     if unknown:
-        sys.exit(f"unknown rows {unknown}: choose from all, {', '.join(known)}")
-    return [r for r in known if r in rows]
+        sys.exit(f"unknown rows {unknown}: choose from all, {', '.join(known)}, size-NNmib")
+    return [r for r in known if r in rows] + [r for r in rows if _SIZE_MIB.match(r)]
 
 
 def settings_of(args: Any) -> dict[str, Any]:
@@ -928,8 +990,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rows",
         help="comma-separated row ids, or all (default; --quick: a handful): "
-        "baseline, llamacpp-P, llamacpp-P+imatrix, rtn-P, gptq-P, awq-P for a preset P "
-        "(q4_0, q4_k_m...); a joules row also runs llamacpp-P (its types)",
+        "baseline, llamacpp-P, llamacpp-P+imatrix, rtn-P, gptq-P, awq-P, size-P for a preset P "
+        "(q4_0, q4_k_m...), size-NNmib; a joules row also runs llamacpp-P (its types; size-P: "
+        "llamacpp-P+imatrix, its size)",
     )
     ap.add_argument(
         "--quick",

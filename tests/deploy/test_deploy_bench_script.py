@@ -288,6 +288,28 @@ def test_paired_ratio_is_a_t_interval_over_rounds(D):
     assert same["ratio"] == 1.0 and same["ci95"] == [1.0, 1.0]
 
 
+def test_size_rows_target_the_imatrix_peer_file_or_a_size(D, monkeypatch):
+    from types import SimpleNamespace
+
+    assert D.parse_row("size-q2_k") == ("joules", "Q2_K", False)
+    assert D.parse_row("size-80.5mib") == ("joules", None, False)
+    sizes = {"llamacpp-q2_k+imatrix": 81_000_000}
+    assert D.target_bytes("size-q2_k", sizes) == 81_000_000
+    assert D.target_bytes("size-80.5mib", {}) == int(80.5 * 2**20)
+    assert D.target_bytes("size-q3_k_m", sizes) is None  # its peer has not run
+    assert D.target_bytes("gptq-q2_k", sizes) is None
+    rows = D.rows_of(SimpleNamespace(rows="size-80.5mib,size-q2_k"))
+    assert D.needed_rows(rows) == ["baseline", "llamacpp-q2_k+imatrix", "size-q2_k", "size-80.5mib"]
+    monkeypatch.setattr(D, "size_recipe", lambda target: f"gguf_mix(bytes={target - 1000})")
+    got = D.row_recipes(["size-q2_k", "size-80.5mib", "size-q3_k_m"], {}, sizes)
+    assert got == {
+        "size-q2_k": "gguf_mix(bytes=80999000)",
+        "size-80.5mib": f"gguf_mix(bytes={int(80.5 * 2**20) - 1000})",
+    }
+    with pytest.raises(SystemExit, match="unknown rows"):
+        D.rows_of(SimpleNamespace(rows="size-80mb"))
+
+
 def test_quick_and_row_flags(D):
     from types import SimpleNamespace
 

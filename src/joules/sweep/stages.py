@@ -297,11 +297,13 @@ def export(
         else:
             source, _ = _saved_dir(model, tokenizer)
             floats = ("f32", "f16", "bf16")
-            res = export_gguf(
-                source, path, float_type=d.float_type,
-                embedding=None if d.embedding in floats else d.embedding,
-                output_head=None if d.output in floats else d.output,
-            )  # fmt: skip
+            # a model compressed for a file size (gguf_mix) chose its embedding's and head's
+            # types inside its byte budget: export_gguf takes them from its manifest
+            planned = manifest.get("gguf_export") or {}
+            emb = None if d.embedding in floats or planned.get("embedding") else d.embedding
+            head = None if d.output in floats or planned.get("output") else d.output
+            res = export_gguf(source, path, float_type=d.float_type, embedding=emb,
+                              output_head=head)  # fmt: skip
         exact = bool(res.exact)
     out = _gguf_facts(path)
     out.update(exact=exact, export_s=time.perf_counter() - t0)

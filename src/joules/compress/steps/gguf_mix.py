@@ -45,8 +45,9 @@ from joules.compress.steps.outliers import fisher_diagonals
 from joules.compress.steps.rtn import check_format
 from joules.errors import ConfigError
 
-# every type joules writes byte-exact that llama.cpp runs for linears and token embeddings,
-# largest first (ties broken toward the earlier one)
+# every type joules writes byte-exact that llama.cpp runs for linears and token embeddings
+# (each with an importance-matrix search GPTQ fits its scales with, Q8_0 aside), largest
+# first (ties broken toward the earlier one)
 GGUF_CANDIDATES = (
     "gguf-q8_0",
     "gguf-q6_k",
@@ -56,6 +57,8 @@ GGUF_CANDIDATES = (
     "gguf-iq4_nl",
     "gguf-q4_0",
     "gguf-iq4_xs",
+    "gguf-q3_k",  # rows of 256s only; others fall back to Q4_0, as llama.cpp's do
+    "gguf-q2_k",
 )
 EMBED = "model.embed_tokens"
 
