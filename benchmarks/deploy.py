@@ -68,6 +68,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "results" / "deploy.json"
 PAGES = (ROOT / "README.md", ROOT / "docs" / "results" / "deploy.md")
+FIGURE = ROOT / "docs" / "assets" / "deploy_size_curve.png"
 LAYOUT = "sweep-v1"  # the JSON's layout
 MODEL = "smollm2-135m"
 
@@ -943,6 +944,44 @@ def splice(page: str, block: str) -> str:
     return "\n".join(lines[:start] + block.split("\n") + lines[end:])
 
 
+def write_figure(data: dict[str, Any], path: Path) -> Path:
+    """Mean KLD vs file size of the JSON's rows (:mod:`joules.report.curve`, the report's
+    figure), rendered by headless chromium into the PNG ``path`` (the docs' picture)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from joules.report.curve import rows_points, size_figure
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise SystemExit("--figure needs chromium (Debian: apt install chromium)")
+    grid = data["q4_1_grid_bytes"] / 2**20
+    below = [
+        r for r in data["rows"] if r.get("size_bytes") and r["size_bytes"] < data["q4_1_grid_bytes"]
+    ]
+    fig = size_figure(
+        rows_points(below),
+        title=f"{MODEL}: files below the Q4_1 grid ({grid:.1f} MiB), "
+        f"{data['settings']['tokens']:,} WikiText-2 test tokens, 95 % intervals",
+    )
+    fig.update_layout(width=1100, height=620)
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / "curve.html"
+        fig.write_html(
+            page, include_plotlyjs=True, full_html=True, config={"displayModeBar": False}
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp}/profile", "--virtual-time-budget=5000", "--hide-scrollbars",
+             "--window-size=1120,640", f"--screenshot={path}", page.as_uri()],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -1004,6 +1043,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="shuffles the decode order per round")
     ap.add_argument("--no-parity", action="store_true", help="skip the torch-path parity check")
     ap.add_argument(
+        "--figure",
+        type=Path,
+        nargs="?",
+        const=FIGURE,
+        help="draw mean KLD vs file size from --out's JSON into this PNG (default: %(const)s)",
+    )
+    ap.add_argument(
         "--reuse-stale",
         action="store_true",
         help="keep runs of the same settings made by other joules code",
@@ -1016,6 +1062,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     args.argv = argv
+    if args.figure:
+        data = json.loads(Path(args.out).read_text())
+        print(f"wrote {write_figure(data, args.figure)}", file=sys.stderr)
+        return 0
     if args.table:
         data = json.loads(Path(args.out).read_text())
         if data.get("layout") == LAYOUT:

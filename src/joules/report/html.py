@@ -10,7 +10,8 @@ the llama.cpp peer of the same size and the baseline, and why); one table of eve
 sorted by clicking a header (inline script, no dependency); mean KLD (perplexity where the store
 has no KLD) vs J/token and vs bits/weight, on a log x axis so a 32-bit baseline does not squash
 the rest, every point named on hover and by a text label where one fits, the Pareto front of
-each model and workload highlighted (never one across them); per-layer bits and weight SQNR (a
+each model and workload highlighted (never one across them); mean KLD vs GGUF file size, one
+curve per way of making files (:mod:`joules.report.curve`); per-layer bits and weight SQNR (a
 heatmap of decoder block × layer kind per run, in model order, one run at a time from a menu);
 the prefill/decode power timeline of the runs ticked in its picker (default: recommended,
 runner-up, baseline); predicted vs measured; and a provenance table. The recommended run is
@@ -45,6 +46,7 @@ from joules.report.answer import (
     runtime_of,
     short_label,
 )
+from joules.report.curve import runs_points, size_figure
 from joules.report.data import ReportData, load_report_data, recipe_methods
 from joules.serialize import atomic_write_text
 from joules.sweep.analyze import Constraints, candidates, human_bytes, pareto_fronts
@@ -979,6 +981,10 @@ def render_html(
     plot(f"{q_word} vs bits per weight",
          _quality_figure(data, "bits_per_weight", "bits/weight", rec, quality, first),
          f"No run has both a {q_word.lower()} and bits/weight yet.")  # fmt: skip
+    size_pts = runs_points(data.done)
+    plot("KL divergence vs file size (the GGUF files; the float baseline left out)",
+         size_figure(size_pts) if size_pts else None,
+         "No run has both a GGUF file and a mean KL divergence yet.")  # fmt: skip
     layer_figs, fmt_table = _layer_figures(data, rec)
     for i, (title, fig) in enumerate(layer_figs):
         plot(f"Per layer: {title}", fig, "", fmt_table if i == 0 else "")
