@@ -24,7 +24,7 @@ from joules.errors import ConfigError
 
 # Steps whose output a GGUF file holds when their weight format maps: each rounds or rescales
 # dense weights (their `format` field is the stored format).
-QUANTIZING_STEPS = ("rtn", "gptq", "awq")
+QUANTIZING_STEPS = ("rtn", "gptq", "awq", "gguf_mix")  # gguf_mix: its `candidates` are formats
 RESCALING_STEPS = ("smoothquant",)  # folds scales into weights and norms: still dense floats
 PEER_STEP = "llamacpp"
 _WHY_NOT = {
@@ -60,7 +60,7 @@ def recipe_gguf_problem(recipe: str) -> str | None:
     if not quantizing:
         return None  # dense weights: written as floats
     last = quantizing[-1]
-    formats = [last.format]
+    formats = list(getattr(last, "candidates", ())) or [last.format]
     for o in getattr(last, "overrides", ()):
         formats.append(o.split("=", 1)[1].strip())
     for f in formats:
