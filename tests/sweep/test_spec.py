@@ -129,3 +129,28 @@ def test_key_hashes_config_and_versions(spec):
     assert a.key(v) != a.key({**v, "torch": "2.14.0"})
     assert RunConfig.from_dict(a.to_dict()) == a
     assert RunConfig.from_dict(a.to_dict()).key(v) == a.key(v)
+
+
+def test_target_size_axis_adds_one_gguf_mix_recipe_per_size(tmp_path, monkeypatch):
+    from joules.deploy.size import size_plan
+    from joules.models import save_tiny_model
+
+    monkeypatch.setenv("JOULES_CACHE_DIR", str(tmp_path / "cache"))
+    tiny = save_tiny_model(tmp_path / "t", "llama", seed=0, hidden_size=256,
+                           intermediate_size=512, tie_word_embeddings=True)  # fmt: skip
+    text = (
+        f'models = ["{tiny}"]\nrecipes = ["baseline"]\ntarget_size = ["900KB", "1.2MB"]\n'
+        '[eval]\ntasks = ["wikitext2", "deviation"]\nruntime = "llamacpp"\n'
+        '[bench]\nprompt_len = [8]\ngen_len = 4\nruntime = "llamacpp"\n'
+    )
+    spec = parse_spec(text)
+    budgets = [size_plan(str(tiny), n).budget_bytes for n in (900_000, 1_200_000)]
+    assert spec.recipes == ("baseline", *(f"gguf_mix(bytes={b})" for b in budgets))
+    # a size below the smallest file, and two models, are refused at spec time in one line
+    with pytest.raises(ConfigError, match=r"target_size: target size 1,000 bytes: the smallest"):
+        parse_spec(text.replace('"900KB"', '"1KB"'))
+    two = text.replace(f'models = ["{tiny}"]', f'models = ["{tiny}", "smollm2-135m"]')
+    with pytest.raises(ConfigError, match="one model per spec"):
+        parse_spec(two)
+    with pytest.raises(ConfigError, match="target_size"):
+        parse_spec(text.replace('"900KB"', '"ninety"'))

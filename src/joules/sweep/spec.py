@@ -321,7 +321,8 @@ class SweepSpec:
         return out
 
 
-_TOP = {"models", "recipes", "dtype", "eval", "bench", "predict", "calibration", "ray", "deploy"}
+_TOP = {"models", "recipes", "target_size", "dtype", "eval", "bench", "predict", "calibration",
+        "ray", "deploy"}  # fmt: skip
 _EVAL = {"tasks", "limit_tokens", "window", "stride", "split", "limit", "runtime"}
 _DEPLOY = {"embedding", "output", "float_type"}
 _FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -432,6 +433,8 @@ def parse_spec(
             raise st.error(
                 None, "recipes", f"{r!r}: {exc}", "baseline or e.g. rtn(format=int8-ch)", r
             ) from None
+    if "target_size" in raw:
+        recipes += _target_size_recipes(raw["target_size"], models, check_models, st)
     if len(set(recipes)) != len(recipes):
         raise st.error(None, "recipes", "two recipes are the same once parsed", "distinct recipes")
 
@@ -543,6 +546,30 @@ def parse_spec(
         ray=dict(ray),
         deploy=deploy,
     )
+
+
+def _target_size_recipes(
+    raw: Any, models: Sequence[str], check_models: bool, st: SpecText
+) -> list[str]:
+    """``target_size = ["80MB", ...]``: one ``gguf_mix(bytes=N)`` recipe per whole-file size,
+    N the budget :func:`joules.deploy.size.size_plan` leaves for the embedding and the linears of
+    the spec's model (measured on its F32 export: one model per spec)."""
+    from joules.deploy.size import parse_size, size_plan  # lazy: the deploy layer, gguf
+
+    sizes = _str_list(raw, None, "target_size", st, 'whole GGUF file sizes, e.g. ["80MB"]')
+    if len(models) != 1 or not check_models:
+        raise st.error(
+            None, "target_size", "the byte budget of a file size depends on the model",
+            "one model per spec with target_size (split the spec per model)",
+        )  # fmt: skip
+    out = []
+    for text in sizes:
+        try:
+            plan = size_plan(models[0], parse_size(text))
+        except ConfigError as exc:
+            raise st.error(None, "target_size", str(exc), "e.g. 80MB or 86.5MiB", text) from None
+        out.append(f"gguf_mix(bytes={plan.budget_bytes})")
+    return out
 
 
 def _deploy_spec(
