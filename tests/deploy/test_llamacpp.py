@@ -132,12 +132,13 @@ def test_bytes_equal_llamacpp_quantizer_with_random_imatrix(t, data):
     assert np.array_equal(ours.numpy(), ggml_quantize(x, fmt.ggml_type, im))
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "gemma3"])
 def test_llamacpp_perplexity_matches_torch_on_every_exported_architecture(
     tmp_path, monkeypatch, arch
 ):
     """A tiny random model of each architecture (qwen2: q/k/v biases, unpermuted NEOX rows;
-    qwen3: per-head q/k norms and its own head_dim; mistral: written as llama), its float and
+    qwen3: per-head q/k norms and its own head_dim; mistral: written as llama; gemma3: norms
+    shifted by 1, four per block, a sliding-window layer beside a full one), its float and
     GPTQ-IQ4_NL exports evaluated by llama.cpp, equal joules' torch evaluation within 0.5 %."""
     from gguf import GGUFReader
 
@@ -157,7 +158,9 @@ def test_llamacpp_perplexity_matches_torch_on_every_exported_architecture(
     with torch.no_grad():
         for n, p in lm.model.named_parameters():
             if n.endswith("bias") or "q_norm" in n or "k_norm" in n:
-                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in n else 0.0))
+                # gemma3 normalises q and k after the projection: its q/k norms set the scale
+                centre = (3.0 if arch == "gemma3" else 1.0) if "norm" in n else 0.0
+                p.copy_(torch.randn_like(p) * 0.5 + centre)
             elif n.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(100.0)
             elif n.endswith(("embed_tokens.weight", "lm_head.weight")):
@@ -177,6 +180,10 @@ def test_llamacpp_perplexity_matches_torch_on_every_exported_architecture(
             assert any(t.name == "blk.0.attn_q.bias" for t in res.tensors)
         if arch == "qwen3":
             assert any(t.name == "blk.0.attn_k_norm.weight" for t in res.tensors)
+        if arch == "gemma3":
+            assert any(t.name == "blk.1.post_ffw_norm.weight" for t in res.tensors)
+            swa = kv["gemma3.attention.sliding_window_pattern"]
+            assert [bool(swa.parts[i][0]) for i in swa.data] == [True, False]
         a = load_model(model_dir)
         ref = perplexity(a.model, a.tokenizer, text, window=128, limit_tokens=512)
         got = llamacpp_perplexity(

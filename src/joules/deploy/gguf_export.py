@@ -13,7 +13,8 @@ are written as ``float_type`` (F32 by default, so the file decodes to the very w
 source); norms are always F32, as llama.cpp expects.
 
 Architectures (:data:`ARCHS`): llama and mistral (written as GGUF ``llama``), qwen2 (q/k/v
-biases) and qwen3 (per-head q/k norms). llama-family GGUF stores the rows of ``attn_q`` and
+biases), qwen3 (per-head q/k norms) and gemma3 (``Gemma3ForCausalLM``: norms shifted by 1, four
+per block, sliding-window layers and their own RoPE base from the config's ``layer_types``). llama-family GGUF stores the rows of ``attn_q`` and
 ``attn_k`` permuted for its RoPE layout (``convert_hf_to_gguf.py``'s ``permute``): the exporter
 permutes whole rows of the quantized blocks (a row of a GGUF tensor is a run of whole blocks),
 which is exact; qwen2/qwen3 use NEOX-style RoPE and keep the rows. Biases and norms are F32.
@@ -66,12 +67,15 @@ FLOAT_TYPES = ("f32", "f16", "bf16")
 @dataclass(frozen=True)
 class GGUFArch:
     """How one Hugging Face ``model_type`` is written, as ``convert_hf_to_gguf.py`` writes it:
-    the GGUF architecture (the metadata prefix llama.cpp dispatches on) and whether attn_q /
+    the GGUF architecture (the metadata prefix llama.cpp dispatches on), whether attn_q /
     attn_k rows (and their biases) are permuted for llama.cpp's interleaved RoPE (llama family)
-    or kept (NEOX-style RoPE: qwen2, qwen3)."""
+    or kept (NEOX-style RoPE: qwen2, qwen3, gemma3), block-module names of its own, and what is
+    added to every norm weight (gemma's RMSNorm scales by ``1 + w``; llama.cpp's by ``w``)."""
 
     gguf: str
     permute_qk: bool
+    names: dict[str, str] = field(default_factory=dict)
+    norm_offset: float = 0.0
 
 
 ARCHS = {
@@ -81,20 +85,35 @@ ARCHS = {
     "mistral": GGUFArch("llama", True),
     "qwen2": GGUFArch("qwen2", False),  # q/k/v biases
     "qwen3": GGUFArch("qwen3", False),  # per-head q/k RMSNorm (attn_q_norm, attn_k_norm)
+    # Gemma3ForCausalLM: four norms per block (post-attention and post-feed-forward ones too),
+    # q/k norms, the embedding scaled by sqrt(hidden) inside llama.cpp's graph, sliding-window
+    # layers as its config lists them
+    "gemma3_text": GGUFArch(
+        "gemma3",
+        False,
+        {
+            "post_attention_layernorm": "post_attention_norm",
+            "pre_feedforward_layernorm": "ffn_norm",
+            "post_feedforward_layernorm": "post_ffw_norm",
+        },
+        norm_offset=1.0,
+    ),
 }
 SUPPORTED_ARCHS = tuple(ARCHS)
 
 
-def gguf_name(hf: str) -> str | None:
-    """GGUF tensor name of a Hugging Face parameter name (None if it has none)."""
+def gguf_name(hf: str, arch: GGUFArch | None = None) -> str | None:
+    """GGUF tensor name of a Hugging Face parameter name (None if it has none); ``arch``'s own
+    block-module names first."""
     stem, _, kind = hf.rpartition(".")
     if stem in _TOP:
         return f"{_TOP[stem]}.{kind}"
     parts = stem.split(".")
     if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers":
         rest = ".".join(parts[3:])
-        if rest in _BLOCK:
-            return f"blk.{parts[2]}.{_BLOCK[rest]}.{kind}"
+        block = {**_BLOCK, **(arch.names if arch else {})}
+        if rest in block:
+            return f"blk.{parts[2]}.{block[rest]}.{kind}"
     return None
 
 
@@ -275,20 +294,33 @@ def _hf_tokenizer_kv(writer: Any, tokenizer: Any, vocab_size: int) -> None:
     writer.add_add_bos_token(False)
 
 
-def _hparams(writer: Any, config: Any) -> int:
+def _rope(config: Any, layer_type: str = "full_attention") -> dict[str, Any]:
+    """The RoPE parameters of one layer type (a gemma3 config keeps one dict per type)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    nested = isinstance(params.get(layer_type), dict)
+    if nested:
+        params = dict(params[layer_type])
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if isinstance(scaling.get(layer_type), dict):
+        scaling = scaling[layer_type]
+    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type", "default")
+    theta = params.get("rope_theta") if nested else getattr(config, "rope_theta", None)
+    theta = theta or params.get("rope_theta", 10000.0)
+    return {"type": kind, "theta": float(theta)}
+
+
+def _hparams(writer: Any, config: Any, arch: GGUFArch | None = None) -> int:
     """``<arch>.*`` metadata from an HF config; returns the head dimension."""
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    rope = getattr(config, "rope_scaling", None)
-    if rope and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+    rope = _rope(config)
+    if rope["type"] not in ("default", None):
         raise ConfigError(
-            f"GGUF export: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not "
-            "written yet: export a model without rope_scaling"
+            f"GGUF export: rope scaling {rope['type']!r} is not written yet: export a model "
+            "without rope_scaling"
         )
-    theta = getattr(config, "rope_theta", None)
-    if theta is None:
-        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    theta = rope["theta"]
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_feed_forward_length(int(config.intermediate_size))
@@ -299,10 +331,45 @@ def _hparams(writer: Any, config: Any) -> int:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_rope_dimension_count(int(head_dim))
-    if head_dim * n_head != config.hidden_size:  # qwen3: head_dim is its own setting
+    gemma3 = arch is not None and arch.gguf == "gemma3"
+    if head_dim * n_head != config.hidden_size or gemma3:  # qwen3: head_dim is its own setting
         writer.add_key_length(int(head_dim))
         writer.add_value_length(int(head_dim))
+    if gemma3:
+        _gemma3_hparams(writer, config, head_dim)
     return head_dim
+
+
+def _gemma3_hparams(writer: Any, config: Any, head_dim: int) -> None:
+    """gemma3's own metadata (as convert_hf_to_gguf.py writes it), refusing in one line what
+    llama.cpp's gemma3 graph would compute differently from transformers."""
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ConfigError(f"GGUF export: gemma3 with activation {act!r}: llama.cpp runs tanh GELU")
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ConfigError(
+            "GGUF export: gemma3 with attention logit soft-capping: llama.cpp has none"
+        )
+    # llama.cpp scales queries by 1/sqrt(head_dim), by 1/sqrt(hidden/heads) for 62 layers (27B)
+    layers, hidden, heads = config.num_hidden_layers, config.hidden_size, config.num_attention_heads
+    want = hidden // heads if layers == 62 else head_dim
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is not None and float(scalar) != float(want):
+        raise ConfigError(
+            f"GGUF export: gemma3 query_pre_attn_scalar {scalar}: llama.cpp's gemma3 graph scales "
+            f"queries by 1/sqrt({want}) for this shape; export a model with query_pre_attn_scalar "
+            f"= {want}"
+        )
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    types = list(getattr(config, "layer_types", None) or [])
+    if any(t == "sliding_attention" for t in types):
+        local = _rope(config, "sliding_attention")
+        if local["type"] not in ("default", None):
+            raise ConfigError(f"GGUF export: rope scaling {local['type']!r} is not written yet")
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+        writer.add_rope_freq_base_swa(local["theta"])
 
 
 def _file_type(counts: Counter[str]) -> int:
@@ -375,7 +442,7 @@ def export_gguf(
         if not isinstance(mod, CompressedLinear | nn.Linear):
             continue
         hf = f"{mod_name}.weight"
-        name = gguf_name(hf)
+        name = gguf_name(hf, arch)
         if name is None:
             raise ConfigError(f"GGUF export: no GGUF name for '{hf}' (llama layout expected)")
         if mod_name == "lm_head" and tied and not isinstance(mod, CompressedLinear):
@@ -424,7 +491,7 @@ def export_gguf(
     for hf, p in m.named_parameters():
         if hf in handled or (hf.endswith(".bias") and hf.rpartition(".")[0] + ".weight" in handled):
             continue  # a linear's bias went with its weight
-        name = gguf_name(hf)
+        name = gguf_name(hf, arch)
         if name is None:
             raise ConfigError(f"GGUF export: no GGUF name for parameter '{hf}'")
         is_norm = "norm" in name
@@ -439,6 +506,8 @@ def export_gguf(
             entries.append((name, hf, blocks.numpy(), raw, False, efmt.spec, False, list(p.shape)))
             continue
         ft = "f32" if is_norm or p.dim() == 1 else float_type
+        if is_norm and arch.norm_offset:
+            p = p.detach().float() + arch.norm_offset  # as convert_hf_to_gguf.py shifts them
         arr, raw = _float_array(p, ft)
         ok = ft == "f32" or p.dtype == {"f16": torch.float16, "bf16": torch.bfloat16}[ft]
         entries.append((name, hf, arr, raw, bool(ok), None, False, list(p.shape)))
@@ -450,7 +519,7 @@ def export_gguf(
         writer = GGUFWriter(str(tmp), arch.gguf)
         try:
             writer.add_name(getattr(config, "_name_or_path", "") or Path(str(model)).name)
-            _hparams(writer, config)
+            _hparams(writer, config, arch)
             counts = Counter(e[3].name for e in entries)
             writer.add_file_type(_file_type(counts))
             writer.add_quantization_version(2)

@@ -27,6 +27,7 @@ _ARCHS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
 }
 TINY_ARCHS = tuple(_ARCHS)
 
@@ -77,6 +78,17 @@ def tiny_model(
     import transformers
 
     cfg_name, model_name = _ARCHS[arch]
+    extra: dict[str, Any] = {}
+    if arch == "gemma3":
+        # head_dim and the query scale as llama.cpp's gemma3 graph assumes them (1/sqrt(head_dim));
+        # layers alternate sliding-window and full attention, a window shorter than a test's
+        head_dim = hidden_size // heads
+        extra = dict(
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=32,
+            layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
+        )
     config = getattr(transformers, cfg_name)(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -89,6 +101,7 @@ def tiny_model(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        **extra,
     )
     # Seed a private generator state so that building a tiny model never disturbs the caller's.
     with torch.random.fork_rng(devices=[]):
