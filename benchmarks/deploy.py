@@ -820,11 +820,54 @@ def headline(data: dict[str, Any], tolerance: float = 0.05) -> list[str]:
     return lines
 
 
+def curve_lines(data: dict[str, Any]) -> list[str]:
+    """joules' files of a target size (``size-*`` rows) against each llama.cpp imatrix file below
+    the Q4_1 grid: the best target-size file of the same or smaller size, on mean KLD (with the
+    intervals' verdict), p99 and the perplexity ratio; then whether the curve lies below every
+    imatrix point."""
+    grid = data["q4_1_grid_bytes"]
+    done = [r for r in data["rows"] if r.get("kld_mean") is not None]
+    curve = [r for r in done if r["row"].partition("-")[0] == SIZE and r["size_bytes"] < grid]
+    imx = sorted(
+        (r for r in done if r["kind"] == "peer+imatrix" and r["size_bytes"] < grid),
+        key=lambda r: r["size_bytes"],
+    )
+    if not curve or not imx:
+        return []
+    lines = []
+    below = 0
+    for q in imx:
+        fits = [r for r in curve if r["size_bytes"] <= q["size_bytes"]]
+        head = f"target-size curve at llama.cpp {q['row']} ({q['file_mib']:.1f} MiB)"
+        if not fits:
+            lines.append(f"{head}: no joules target-size file that small ran")
+            continue
+        j = min(fits, key=lambda r: r["kld_mean"])
+        wins = (
+            j["kld_mean"] < q["kld_mean"]
+            and (j.get("kld_p99") or 0) <= (q.get("kld_p99") or 0)
+            and (j.get("ppl_ratio") or 0) < (q.get("ppl_ratio") or 0)
+        )
+        below += wins
+        lines.append(
+            f"{head}: joules {j['row']} ({j['file_mib']:.1f} MiB) KLD {j['kld_mean']:.4f}, p99 "
+            f"{_num(j.get('kld_p99'), '.3f')}, ppl x{_num(j.get('ppl_ratio'), '.4f')} vs "
+            f"{q['kld_mean']:.4f}, p99 {_num(q.get('kld_p99'), '.3f')}, ppl "
+            f"x{_num(q.get('ppl_ratio'), '.4f')}: mean KLD {_kld_verdict(j, q)}"
+        )
+    sizes = ", ".join(f"{r['file_mib']:.1f}" for r in sorted(curve, key=lambda r: r["size_bytes"]))
+    lines.append(
+        f"target-size curve ({len(curve)} files: {sizes} MiB): lower mean KLD, p99 and perplexity "
+        f"than {below} of the {len(imx)} llama.cpp imatrix files below the Q4_1 grid"
+    )
+    return lines
+
+
 def retable(data: dict[str, Any]) -> dict[str, Any]:
     """Re-derive every derived field (decode figures, table, headline) from the measured ones."""
     data = with_speed(data)
     data["table"] = table_rows(data)
-    data["headline"] = headline(data)
+    data["headline"] = headline(data) + curve_lines(data)
     return data
 
 

@@ -360,3 +360,30 @@ def test_doctests(D):
 
     result = doctest.testmod(D, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 4 and result.failed == 0
+
+
+def test_curve_lines_compare_target_size_files_with_imatrix_points(D):
+    def row(name, kind, mib, kld, p99, ppl, ci=None):
+        return {"row": name, "kind": kind, "size_bytes": int(mib * 2**20), "file_mib": mib,
+                "kld_mean": kld, "kld_mean_ci95": ci, "kld_p99": p99, "ppl_ratio": ppl}  # fmt: skip
+
+    data = {
+        "q4_1_grid_bytes": int(93.8 * 2**20),
+        "rows": [
+            row("llamacpp-q2_k+imatrix", "peer+imatrix", 80.0, 0.30, 1.5, 1.20, [0.29, 0.31]),
+            row("llamacpp-q4_0+imatrix", "peer+imatrix", 87.6, 0.17, 0.8, 1.07, [0.16, 0.18]),
+            row("llamacpp-q8_0+imatrix", "peer+imatrix", 140.0, 0.01, 0.1, 1.00),  # above grid
+            row("size-q2_k", "joules", 79.9, 0.12, 0.75, 1.06, [0.11, 0.13]),
+            row("size-q4_0", "joules", 87.5, 0.18, 0.7, 1.05, [0.17, 0.19]),
+        ],
+    }
+    lines = D.curve_lines(data)
+    assert len(lines) == 3
+    assert "llamacpp-q2_k+imatrix" in lines[0] and "joules lower (95 % intervals apart)" in lines[0]
+    # at Q4_0's size the best target-size file of that size or smaller is size-q2_k (0.12)
+    assert "joules size-q2_k" in lines[1] and "joules lower" in lines[1]
+    assert lines[2].startswith("target-size curve (2 files: 79.9, 87.5 MiB)")
+    assert "than 2 of the 2 llama.cpp imatrix files" in lines[2]
+    data["rows"][3]["kld_p99"] = 1.0  # a worse tail than Q4_0's (0.8), not than Q2_K's (1.5)
+    assert "than 1 of the 2" in D.curve_lines(data)[-1]
+    assert D.curve_lines({"q4_1_grid_bytes": 1, "rows": []}) == []
