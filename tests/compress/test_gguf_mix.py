@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from joules.compress import calibration_tokens, compress, parse_recipe
 from joules.errors import ConfigError
@@ -50,3 +51,33 @@ def test_budget_below_the_smallest_choice_is_one_line(calib):
         _mix(10_000, calib)
     with pytest.raises(ConfigError, match="gguf-\\* types"):
         parse_recipe("gguf_mix(bytes=1000, candidates=[int4-g32, gguf-q4_0])").steps[0].validate()
+
+
+def test_options_are_measured_once_per_question(calib, monkeypatch):
+    """Two budgets of the same weights, calibration and candidates measure the options once
+    (a sweep's target_size axis); other weights or candidates measure afresh; the reused
+    options give the same files as fresh ones."""
+    from joules.compress.steps import gguf_mix
+    from joules.compress.steps.mixed import Mixed
+
+    cands = ["gguf-q8_0", "gguf-q4_0"]
+    calls = []
+    real = Mixed._collect
+    monkeypatch.setattr(Mixed, "_collect", lambda self, *a: calls.append(1) or real(self, *a))
+    gguf_mix._MEASURED.clear()
+    a, _ = _mix(900_000, calib, candidates=cands)
+    b, _ = _mix(1_000_000, calib, candidates=cands)
+    assert len(calls) == 1 and len(gguf_mix._MEASURED) == 1
+    gguf_mix._MEASURED.clear()
+    fresh, _ = _mix(1_000_000, calib, candidates=cands)
+    assert len(calls) == 2
+    assert b.manifest.gguf_export["mix"] == fresh.manifest.gguf_export["mix"]
+    mine, theirs = b.model.state_dict(), fresh.model.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[n], theirs[n]) for n in mine)
+    _mix(1_000_000, calib, candidates=[*cands, "gguf-q5_0"])  # another question
+    assert len(calls) == 3
+    m, _, _ = tiny_model("llama", seed=1, **KW)  # other weights
+    compress(m, f"gguf_mix(bytes=1000000, candidates=[{', '.join(cands)}])", calibration=calib)
+    assert len(calls) == 4 and len(gguf_mix._MEASURED) == gguf_mix._KEEP
+    assert a.manifest.gguf_export["mix"]["bytes"] <= 900_000

@@ -30,9 +30,11 @@ scales first (AWQ leaves the rounding to this step).
 
 from __future__ import annotations
 
-from collections import Counter
+import hashlib
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from joules import formats
@@ -61,6 +63,26 @@ GGUF_CANDIDATES = (
     "gguf-q2_k",
 )
 EMBED = "model.embed_tokens"
+
+# The measured options of a (model weights, calibration, candidates, targets) question, kept for
+# this process: a sweep's target_size axis (or the deploy benchmark's size rows) asks it for
+# several budgets, and only the knapsack and GPTQ depend on the budget. Per tensor: (name, bits
+# per option, error per option, the type each option is written in).
+Options = list[tuple[str, list[int], list[float], list[str]]]
+_MEASURED: OrderedDict[str, Options] = OrderedDict()
+_KEEP = 2  # entries (each a few kB per tensor)
+
+
+def _question(ctx: CompressContext, parts: tuple[object, ...]) -> str:
+    """A digest of everything the options depend on: ``parts`` (candidates, targets), the
+    calibration tokens and every tensor of the model (the Fisher weights use all of them)."""
+    h = hashlib.sha256(repr(parts).encode())
+    calib = ctx.require_calibration("gguf_mix")
+    h.update(calib.detach().cpu().contiguous().numpy().tobytes())
+    for name, t in ctx.model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 @register_step("gguf_mix")
@@ -91,16 +113,30 @@ class GGUFMix(Step):
         m = dict(ctx.model.named_modules()).get(EMBED)
         return m if isinstance(m, nn.Embedding) else None
 
-    def apply(self, ctx: CompressContext) -> None:
-        targets = ctx.resolve_targets(self.targets)
+    def _options(self, ctx: CompressContext, targets: dict[str, nn.Module]) -> Options:
+        """Every targeted tensor's options: RTN into each candidate, its Fisher-weighted error
+        (measured once per process for the same weights, calibration and candidates)."""
+        emb = self._embedding(ctx)
+        key = _question(ctx, (self.candidates, sorted(targets), emb is not None, ctx.batch_size))
+        if key in _MEASURED:
+            _MEASURED.move_to_end(key)
+            return _MEASURED[key]
         mixed = Mixed(avg_bits=(8.0,), candidates=self.candidates, targets=self.targets)
         layers = mixed._collect(ctx, targets)  # RTN per candidate, Fisher-weighted errors
-        emb = self._embedding(ctx)
         if emb is not None:  # the same options and errors for the embedding's weight
             layers.append(
                 mixed._layer(EMBED, emb, None, fisher_diagonals(ctx, {EMBED: emb})[EMBED])
             )
-        costs = [lay.costs for lay in layers]
+        out = [(lay.name, lay.costs, lay.errors, [q.spec for q in lay.qts]) for lay in layers]
+        _MEASURED[key] = out
+        while len(_MEASURED) > _KEEP:
+            _MEASURED.popitem(last=False)
+        return out
+
+    def apply(self, ctx: CompressContext) -> None:
+        targets = ctx.resolve_targets(self.targets)
+        layers = self._options(ctx, targets)
+        costs = [c for _, c, _, _ in layers]
         budget = self.bytes * 8
         cheapest = sum(min(c) for c in costs)
         if budget < cheapest:
@@ -109,15 +145,14 @@ class GGUFMix(Step):
                 f"{-(-cheapest // 8)} bytes for these tensors: raise the budget or add smaller "
                 "candidates"
             )
-        sol = solve(costs, [lay.errors for lay in layers], budget)
-        choice = {lay.name: self.candidates[k] for lay, k in zip(layers, sol.choice, strict=True)}
+        sol = solve(costs, [e for _, _, e, _ in layers], budget)
+        choice = {n: self.candidates[k] for (n, _, _, _), k in zip(layers, sol.choice, strict=True)}
         # the type each tensor is written in: the choice, or llama.cpp's fallback for its rows
-        effective = {lay.name: lay.qts[k].spec for lay, k in zip(layers, sol.choice, strict=True)}
+        effective = {n: sp[k] for (n, _, _, sp), k in zip(layers, sol.choice, strict=True)}
         emb_spec = choice.pop(EMBED, None)
         emb_type = effective.pop(EMBED, None)
         common = Counter(choice.values()).most_common(1)[0][0]
         over = tuple(f"{n}={s}" for n, s in choice.items() if s != common)
-        del layers  # the RTN candidates: GPTQ quantizes the chosen types afresh
         gptq = GPTQ(format=common, overrides=over, damp=self.damp, targets=self.targets)
         gptq.apply(ctx)
         mix = {
