@@ -34,7 +34,6 @@ import hashlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from joules import formats
