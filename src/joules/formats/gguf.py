@@ -621,6 +621,14 @@ def _make_qp(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.Tensor
     return torch.where(zero, torch.zeros_like(scale), scale), L.t().to(torch.uint8)
 
 
+def _sigma_weights(x: torch.Tensor, qw: torch.Tensor, factor: int) -> torch.Tensor:
+    """The K types' imatrix search weights ``qw * sqrt(sigma2 + x**2)`` over blocks x [nb, 256],
+    sigma2 = ``factor * sum_x2 / QK_K`` per block as ``quantize_row_q*_K_impl`` computes it
+    (factor 2 for Q3_K/Q4_K/Q5_K, 1 for Q2_K)."""
+    ss = _seqsum(x * x)
+    return qw * _root(factor * ss / torch.full_like(ss, float(QK_K)) + x * x)
+
+
 def _k4_header(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """The 12 bytes of Q4_K/Q5_K's 6-bit scales and mins [n, 8] (uint8, as C stores them)."""
     n = sc.shape[0]
@@ -654,9 +662,7 @@ class _Q4_K(BlockType):
     clamp63 = False  # the impl stores make_qp_quants' bytes as they are (Q5_K clamps to 63)
 
     def search_weights(self, x, qw, per_row):
-        ss = _seqsum(x * x)  # per block of 256
-        sigma2 = 2 * ss / torch.full_like(ss, float(QK_K))
-        return qw * _root(sigma2 + x * x)
+        return _sigma_weights(x, qw, 2)
 
     def _fit_weighted(self, x: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
         n = x.shape[0]
@@ -742,8 +748,7 @@ class _Q2_K(BlockType):
     weighted = True
 
     def search_weights(self, x, qw, per_row):
-        ss = _seqsum(x * x)  # quantize_row_q2_K_impl: sigma2 = sumx2 / QK_K
-        return qw * _root(ss / torch.full_like(ss, float(QK_K)) + x * x)
+        return _sigma_weights(x, qw, 1)
 
     def fit(self, x, w=None):
         n = x.shape[0]
@@ -863,7 +868,7 @@ class _Q3_K(_Sub16):
     weighted = True
 
     def search_weights(self, x, qw, per_row):
-        return _Q4_K.search_weights(self, x, qw, per_row)  # the same sigma2 = 2 * mean square
+        return _sigma_weights(x, qw, 2)
 
     def fit(self, x, w=None):
         n = x.shape[0]
