@@ -1,7 +1,8 @@
 """What the benchmark scripts share: the header a results JSON starts with, writing it, the
 command-line flags every script spells the same way (:func:`parser`), and keeping finished rows
 so a stopped run resumes (:func:`resume` for rows inside the results JSON, :class:`RowCache` for
-one file per row under the joules cache).
+one file per row under the joules cache), and a plotly figure as a PNG for the docs
+(:func:`figure_png`).
 
 Every script runs from the repository root as ``python benchmarks/NAME.py``. Python puts the
 script's own folder first on ``sys.path``, so ``from common import header`` finds this file with
@@ -20,8 +21,11 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -69,6 +73,31 @@ def header(script: str, argv: list[str] | None = None) -> dict[str, Any]:
         "machine": info,
         "load_avg_1m_at_start": load_avg_1m(),
     }
+
+
+def figure_png(
+    fig: Any, path: Path, *, window: tuple[int, int] = (1120, 640), check: bool = True
+) -> Path | None:
+    """Render a plotly figure (plotly.js inlined: no network) into the PNG ``path`` with headless
+    chromium; None when no chromium is installed. ``check``: a failed render raises."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / "figure.html"
+        fig.write_html(
+            page, include_plotlyjs=True, full_html=True, config={"displayModeBar": False}
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp}/profile", "--virtual-time-budget=5000", "--hide-scrollbars",
+             f"--window-size={window[0]},{window[1]}", f"--screenshot={Path(path).resolve()}",
+             page.as_uri()],
+            check=check, capture_output=True, timeout=120,
+        )  # fmt: skip
+    return path
 
 
 def write_json(path: str | Path, data: Any, *, indent: int | None = 1, **kwargs: Any) -> Path:

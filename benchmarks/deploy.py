@@ -56,7 +56,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from common import RowCache, header, parser, write_json
+from common import RowCache, figure_png, header, parser, write_json
 from joules.deploy.peer import NEEDS_IMATRIX, PRESETS
 from joules.formats.gguf import PRESETS as JOULES_GGUF
 from joules.measure.stats import summarize, t_quantile_975
@@ -990,15 +990,8 @@ def splice(page: str, block: str) -> str:
 def write_figure(data: dict[str, Any], path: Path) -> Path:
     """Mean KLD vs file size of the JSON's rows (:mod:`joules.report.curve`, the report's
     figure), rendered by headless chromium into the PNG ``path`` (the docs' picture)."""
-    import shutil
-    import subprocess
-    import tempfile
-
     from joules.report.curve import rows_points, size_figure
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        raise SystemExit("--figure needs chromium (Debian: apt install chromium)")
     grid = data["q4_1_grid_bytes"] / 2**20
     below = [
         r for r in data["rows"] if r.get("size_bytes") and r["size_bytes"] < data["q4_1_grid_bytes"]
@@ -1009,19 +1002,8 @@ def write_figure(data: dict[str, Any], path: Path) -> Path:
         f"{data['settings']['tokens']:,} WikiText-2 test tokens, 95 % intervals",
     )
     fig.update_layout(width=1100, height=620)
-    with tempfile.TemporaryDirectory() as tmp:
-        page = Path(tmp) / "curve.html"
-        fig.write_html(
-            page, include_plotlyjs=True, full_html=True, config={"displayModeBar": False}
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp}/profile", "--virtual-time-budget=5000", "--hide-scrollbars",
-             "--window-size=1120,640", f"--screenshot={path}", page.as_uri()],
-            check=True, capture_output=True,
-        )  # fmt: skip
+    if figure_png(fig, path) is None:
+        raise SystemExit("--figure needs chromium (Debian: apt install chromium)")
     return path
 
 

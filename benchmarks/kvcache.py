@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from common import RowCache, header, parser, write_json
+from common import RowCache, figure_png, header, parser, write_json
 from joules.compress.steps.kvcache import JoulesKVCache, KVSettings, kv_bytes_per_token
 from joules.data import load_text
 from joules.evaluate.perplexity import tokenize_stream
@@ -119,9 +117,8 @@ def bench_cache(spec: str, s: KVSettings | None, prompt_len: int) -> dict:
 
 
 def plot(out: dict) -> None:
-    """Per-position NLL (smoothed over 64 positions) of every cache: an offline HTML file."""
+    """Per-position NLL (smoothed over 64 positions) of every cache, as the PNG the docs show."""
     import plotly.graph_objects as go
-    from plotly.offline import get_plotlyjs
 
     fig = go.Figure()
     for r in out["rows"]:
@@ -140,36 +137,7 @@ def plot(out: dict) -> None:
         width=1100,
         height=600,
     )
-    import tempfile
-
-    plot_html = Path(tempfile.mkdtemp()) / "kvcache_nll.html"
-    plot_html.write_text(
-        "<html><head><meta charset='utf-8'><script>"
-        + get_plotlyjs()
-        + "</script></head><body>"
-        + fig.to_html(full_html=False, include_plotlyjs=False)
-        + "</body></html>"
-    )
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser:
-        png = PNG
-        png.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                browser,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--hide-scrollbars",
-                f"--screenshot={png.resolve()}",
-                "--window-size=1120,620",
-                "--virtual-time-budget=5000",
-                plot_html.resolve().as_uri(),
-            ],
-            check=False,
-            capture_output=True,
-            timeout=120,
-        )
+    figure_png(fig, PNG, window=(1120, 620), check=False)  # no chromium: no picture
 
 
 def markdown(out: dict) -> str:

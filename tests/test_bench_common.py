@@ -81,3 +81,20 @@ def test_scripts_take_their_shared_flags_from_common():
             if name == "ArgumentParser":
                 own.append(f"{path.name}:{node.lineno}")
     assert own == []
+
+
+def test_figure_png_renders_a_plotly_figure(common, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=[1, 2], y=[3, 4]))
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        png = common.figure_png(fig, tmp_path / "a" / "f.png", window=(400, 300))
+        assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not os.environ.get("JOULES_REQUIRE_BROWSER"), "chromium is required here"
+    monkeypatch.setattr(common.shutil, "which", lambda name: None)
+    assert common.figure_png(fig, tmp_path / "g.png") is None  # no browser: no picture
+    assert not (tmp_path / "g.png").exists()
