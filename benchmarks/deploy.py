@@ -581,16 +581,13 @@ def run(args: Any) -> dict[str, Any]:
     # first the files joules rows copy their types from, then everything (the store skips them)
     first = row_recipes([r for r in needed if parse_row(r)[0] != "joules"], {})
     _, runs = sweep(settings, first, work, args.reuse_stale)
-    peer_types = {
-        r: module_types(file_types(run))
+    peers = {
+        r: run
         for r, run in runs.items()
         if run is not None and run.status == "done" and parse_row(r)[0].startswith("peer")
     }
-    peer_sizes = {
-        r: run.manifest["deploy"]["gguf"]["size_bytes"]
-        for r, run in runs.items()
-        if run is not None and run.status == "done" and parse_row(r)[0].startswith("peer")
-    }
+    peer_types = {r: module_types(file_types(run)) for r, run in peers.items()}
+    peer_sizes = {r: run.manifest["deploy"]["gguf"]["size_bytes"] for r, run in peers.items()}
     grid_bytes = smollm2_gguf_path().stat().st_size
     recipes = row_recipes(needed, peer_types, peer_sizes)
     notes = []
