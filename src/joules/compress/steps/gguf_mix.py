@@ -34,6 +34,7 @@ import hashlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from joules import formats
@@ -78,9 +79,9 @@ def _question(ctx: CompressContext, parts: tuple[object, ...]) -> str:
     h = hashlib.sha256(repr(parts).encode())
     calib = ctx.require_calibration("gguf_mix")
     h.update(calib.detach().cpu().contiguous().numpy().tobytes())
-    for name, t in ctx.model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    for name, t in ctx.model.state_dict().items():  # the stored bytes, no fp32 copy
+        h.update(f"{name}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
