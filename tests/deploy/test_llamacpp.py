@@ -132,6 +132,20 @@ def test_bytes_equal_llamacpp_quantizer_with_random_imatrix(t, data):
     assert np.array_equal(ours.numpy(), ggml_quantize(x, fmt.ggml_type, im))
 
 
+@pytest.mark.parametrize("t", WEIGHTED)
+def test_negative_zeros_with_all_the_weight_sum_to_a_positive_zero_scale(t):
+    """Found by hypothesis: the only weighted value of the block is -0 (the -1 beside it has
+    importance 0), so every weighted sum is a sum of -0 terms; C's ``s = 0; s += ...`` makes
+    it +0 and llama.cpp stores the scale +0, where a sum seeded with the first term kept -0."""
+    fmt = formats.get(f"gguf-{t}")
+    x = np.full((1, fmt.bt.block), -0.0, np.float32)
+    x[0, 1] = -1.0
+    im = np.zeros(fmt.bt.block, np.float32)
+    im[0] = 1.0
+    ours = fmt.quantize(torch.from_numpy(x), imatrix=torch.from_numpy(im)).parts["blocks"]
+    assert np.array_equal(ours.numpy(), ggml_quantize(x, fmt.ggml_type, im))
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "gemma3"])
 def test_llamacpp_perplexity_matches_torch_on_every_exported_architecture(
     tmp_path, monkeypatch, arch

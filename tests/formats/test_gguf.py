@@ -296,3 +296,23 @@ def test_fit_needs_2d_weight_of_whole_blocks():
         formats.get("gguf-q4_0").fit(torch.randn(64))
     with pytest.raises(ConfigError, match="gguf-q8_0"):
         formats.get("gguf-q6_k").fit(torch.randn(4, 64))
+
+
+@pytest.mark.parametrize("t", ALL)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fitting_a_few_rows_at_a_time_gives_the_one_pass_bytes(t, weighted, monkeypatch):
+    """``_fit`` goes through large weights in chunks of whole rows (bounded temporaries); the
+    bytes are those of fitting every row at once, for chunks of 1, 2 and 3 rows."""
+    import joules.formats.gguf as g
+
+    fmt = formats.get(f"gguf-{t}")
+    if weighted and not fmt.takes_imatrix:
+        pytest.skip("no importance-matrix search")
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(7, 2 * fmt.bt.block, generator=gen)
+    w[3, 5] = 30.0  # one row unlike the others
+    im = torch.rand(w.shape[1], generator=gen) ** 4 if weighted else None
+    whole = fmt.quantize(w, imatrix=im).parts["blocks"]
+    for rows in (1, 2, 3):
+        monkeypatch.setattr(g, "_FIT_CHUNK_ELEMS", rows * w.shape[1])
+        assert torch.equal(fmt.quantize(w, imatrix=im).parts["blocks"], whole), rows

@@ -160,8 +160,10 @@ def _seqsum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _seqsum0(t: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 (contiguous rows) in order, as a C loop does: [1, ...]."""
-    acc = t[0].clone()
+    """Sum over dim 0 (contiguous rows) in order, as a C loop ``float s = 0; s += t[i]`` does:
+    [1, ...]. The accumulator starts at +0, so a sum of negative zeros is +0 (IEEE: 0 + -0 = +0):
+    an IQ4_NL block whose only weighted values are -0 stores the scale +0, as llama.cpp does."""
+    acc = t[0] + 0.0
     for i in range(1, t.shape[0]):
         acc.add_(t[i])
     return acc.unsqueeze(0)
@@ -524,6 +526,10 @@ def _signed_max(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     mx = torch.gather(xt, 0, imax)
     zero = mx.abs() < _GROUP_MAX_EPS
     return mx, zero, torch.where(zero, torch.ones_like(mx), mx)
+
+
+# GGUFFormat._fit fits at most this many elements (whole rows) at once.
+_FIT_CHUNK_ELEMS = 1 << 20
 
 
 def _make_qx(
@@ -1305,11 +1311,29 @@ class GGUFFormat(Format):
         return qw.expand(rows, k).reshape(-1, self.bt.block)
 
     def _fit(self, t: torch.Tensor, x: torch.Tensor, imatrix: torch.Tensor | None):
-        qw = self.block_weights(t, imatrix)
-        if qw is None:
-            return self.bt.fit(x)
-        per_row = (t.shape[-1] if t.dim() else 1) // self.bt.block
-        return self.bt.fit(x, self.bt.search_weights(x, qw, per_row))
+        """Every block's parameters, fitted a few whole rows at a time: blocks never span rows,
+        so the result is that of one pass, while the search's temporaries (a dozen tensors the
+        size of what is fitted, with the importance matrix expanded to every element) stay at
+        :data:`_FIT_CHUNK_ELEMS` elements instead of the weight's size (an 8B model's
+        down_proj is 59M)."""
+        k = t.shape[-1] if t.dim() else 1
+        rows = t.numel() // k
+        per_row = k // self.bt.block
+        step = max(1, _FIT_CHUNK_ELEMS // k)
+        t2 = t.reshape(rows, k)
+        parts = []
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            xc = x[r0 * per_row : r1 * per_row]
+            qw = self.block_weights(t2[r0:r1], imatrix)
+            parts.append(
+                self.bt.fit(xc)
+                if qw is None
+                else self.bt.fit(xc, self.bt.search_weights(xc, qw, per_row))
+            )
+        if len(parts) == 1:
+            return parts[0]
+        return {key: torch.cat([pt[key] for pt in parts]) for key in parts[0]}
 
     def quantize(self, t: torch.Tensor, imatrix: torch.Tensor | None = None) -> QuantizedTensor:
         """GGUF blocks of ``t``; ``imatrix`` (one value per column) for the types whose search
