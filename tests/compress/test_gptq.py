@@ -176,3 +176,22 @@ def test_gptq_records_imatrix_weighted_scales_only_where_the_format_takes_them()
     m, tok, _ = tiny_model("llama", seed=0)
     layers = compress(m, "gptq(format=gguf-iq4_nl, imatrix=false)", calibration=calib).manifest
     assert all("scales" not in v for v in layers.layers.values())
+
+
+def test_a_released_hessian_keeps_its_factor_and_diagonal_only():
+    """``factor(release=True)`` frees the fp64 sum (GPTQ's wide layers) and keeps what the
+    layers sharing the Hessian still read: the cached factor and the diagonal."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 48, generator=g)
+    kept, freed = Hessian(48), Hessian(48)
+    kept.add(x)
+    freed.add(x)
+    f = freed.factor(0.01, True, release=True)
+    assert freed.sum is None
+    assert torch.equal(f.hinv, kept.factor(0.01, True).hinv)
+    assert freed.factor(0.01, True) is f  # cached, no sum needed
+    assert torch.equal(freed.mean_square(), kept.mean_square())
+    with pytest.raises(ValueError, match="released"):
+        freed.matrix()
+    with pytest.raises(ValueError, match="released"):
+        freed.add(x)

@@ -35,9 +35,17 @@ class Hessian:
     """Running ``2/n X^T X`` over streamed inputs ``x`` of shape ``[tokens, cols]`` (fp64 sums)."""
 
     def __init__(self, cols: int) -> None:
-        self.sum = torch.zeros(cols, cols, dtype=torch.float64)
+        self.sum: torch.Tensor | None = torch.zeros(cols, cols, dtype=torch.float64)
         self.n = 0
         self._factors: dict[tuple[float, bool, int], Factor] = {}
+        self._diag: torch.Tensor | None = None  # kept when the sum is released by factor()
+
+    def _require_sum(self) -> torch.Tensor:
+        if self.n == 0:
+            raise ConfigError("no calibration tokens reached this layer: cannot build its Hessian")
+        if self.sum is None:
+            raise ValueError("this Hessian's sum was released by factor(release=True)")
+        return self.sum
 
     def add(self, x: torch.Tensor, xtx: torch.Tensor | None = None) -> None:
         """Add a batch of inputs ``x`` ``[tokens, cols]``; ``xtx`` is its ``x^T x`` if known.
@@ -47,28 +55,42 @@ class Hessian:
         x = x.reshape(-1, x.shape[-1])
         if xtx is None:
             xtx = gram(x)
-        self.sum.add_(xtx)
+        if self.sum is None:
+            raise ValueError("this Hessian's sum was released by factor(release=True)")
+        self.sum.add_(xtx)  # an fp32 gram is widened element by element (exactly) into fp64
         self.n += x.shape[0]
 
     def mean_square(self) -> torch.Tensor:
         """Each input column's mean squared activation over the tokens seen (fp32 [cols]):
         llama.cpp's importance matrix, ``diag(matrix()) / 2``."""
-        if self.n == 0:
-            raise ConfigError("no calibration tokens reached this layer: cannot build its Hessian")
-        return (self.sum.diagonal() / self.n).float()
+        if self._diag is not None:
+            return (self._diag / self.n).float()
+        return (self._require_sum().diagonal() / self.n).float()
 
     def matrix(self) -> torch.Tensor:
-        """``2/n X^T X`` in fp32."""
-        if self.n == 0:
-            raise ConfigError("no calibration tokens reached this layer: cannot build its Hessian")
-        return (2.0 / self.n * self.sum).float()
+        """``2/n X^T X`` in fp32, converted a band of rows at a time: the values of
+        ``(2/n * sum).float()`` without an fp64 temporary the size of the sum (1.6 GB for an 8B
+        model's down_proj)."""
+        s = self._require_sum()
+        out = torch.empty(s.shape, dtype=torch.float32)
+        step = max(1, (1 << 22) // max(1, s.shape[1]))
+        for r in range(0, s.shape[0], step):
+            out[r : r + step] = (2.0 / self.n * s[r : r + step]).float()
+        return out
 
-    def factor(self, damp: float, act_order: bool) -> Factor:
+    def factor(self, damp: float, act_order: bool, *, release: bool = False) -> Factor:
         """:func:`factorize` of this Hessian, computed once per ``(damp, act_order)``: layers fed
-        the same input (q/k/v, gate/up) share one Hessian and so one inverse Cholesky."""
+        the same input (q/k/v, gate/up) share one Hessian and so one inverse Cholesky.
+        ``release``: free the fp64 sum before factorising (only its diagonal is kept, for
+        :meth:`mean_square`): a caller that needs nothing else of it halves the peak memory of
+        a wide layer (no more :meth:`add`, :meth:`matrix` or other factors afterwards)."""
         key = (damp, act_order, self.n)
         if key not in self._factors:
-            self._factors[key] = factorize(self.matrix(), damp, act_order)
+            m = self.matrix()
+            if release:
+                self._diag = self._require_sum().diagonal().clone()
+                self.sum = None
+            self._factors[key] = factorize(m, damp, act_order, owned=True)
         return self._factors[key]
 
 
@@ -83,16 +105,19 @@ class Factor:
     hinv: torch.Tensor  # [cols, cols] upper, in ``perm`` order
 
 
-def factorize(h: torch.Tensor, damp: float, act_order: bool) -> Factor:
+def factorize(h: torch.Tensor, damp: float, act_order: bool, *, owned: bool = False) -> Factor:
+    """The :class:`Factor` of Hessian ``h``. ``owned``: ``h`` is an fp32 temporary of the
+    caller's, changed and freed here (no copy), so at most two matrices of its size are alive."""
     with single_thread():
-        h = h.detach().float().clone()
+        h = h.detach().float() if owned else h.detach().float().clone()
         dead = torch.diag(h) == 0
         h[dead, dead] = 1.0
         perm = None
         if act_order:
             perm = torch.argsort(torch.diag(h), descending=True)
-            h = h[perm][:, perm]
-        return Factor(dead, perm, inverse_cholesky(h, damp))
+            h = h.index_select(0, perm)  # one permuted copy alive at a time
+            h = h.index_select(1, perm)
+        return Factor(dead, perm, _inverse_cholesky_owned(h, damp))
 
 
 @contextmanager
@@ -111,13 +136,21 @@ def single_thread() -> Iterator[None]:
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
-    """``x^T x`` of ``x`` ``[tokens, cols]`` in fp32, returned as fp64."""
+    """``x^T x`` of ``x`` ``[tokens, cols]`` in fp32 (:meth:`Hessian.add` widens it into its
+    fp64 sum element by element, exactly, with no fp64 copy the size of the sum)."""
     x = x.float()
-    return (x.T @ x).double()
+    return x.T @ x
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising damping if needed."""
+    return _inverse_cholesky_owned(h.detach().float().clone(), damp)
+
+
+def _inverse_cholesky_owned(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """:func:`inverse_cholesky` of an fp32 ``h`` it may change and free: the damping goes onto
+    the diagonal in place and every intermediate is dropped as soon as it is used, so at most
+    three matrices of ``h``'s size are alive (an 8B model's down_proj: 0.8 GB each)."""
     n = h.shape[0]
     mean_diag = float(torch.diag(h).mean())
     d = damp
@@ -126,15 +159,25 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     # factorisation and one triangular solve (instead of factor, invert, factor again; about
     # the same work on this CPU). fp32, as the GPTQ reference (half the fp64 time): the damping
     # keeps it well conditioned, and a failure or a non-finite factor raises the damping.
-    eye = torch.eye(n, dtype=torch.float32)
-    flipped = h.float().flip(0, 1)
+    flipped = h.flip(0, 1)
+    del h
+    diag0 = flipped.diagonal().clone()
     for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(flipped + d * max(mean_diag, 1e-8) * eye)
+        # flipped + d * mean * I, written onto the diagonal (the same fp32 sums)
+        flipped.diagonal().copy_(diag0 + d * max(mean_diag, 1e-8))
+        chol, info = torch.linalg.cholesky_ex(flipped)
         if int(info) == 0:
-            linv = torch.linalg.solve_triangular(chol, eye, upper=False)
+            del flipped  # three matrices at most: the factor, the identity, the solve
+            # (a fresh output: solving in place into the identity rounds differently)
+            linv = torch.linalg.solve_triangular(chol, torch.eye(n), upper=False)
             up = linv.flip(0, 1)
+            del linv
             if bool(torch.isfinite(up).all()):
-                return up.float()
+                return up
+            # rare (an ill-conditioned factor): rebuild the matrix from its factor (its
+            # off-diagonal entries up to rounding) and retry with more damping
+            flipped = chol @ chol.T
+            del chol, up
         d *= 10
     raise ConfigError(
         f"the layer's Hessian is not positive definite even with damp={d:g}: "

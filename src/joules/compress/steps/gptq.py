@@ -79,6 +79,7 @@ class GPTQ(Step):
     imatrix: bool = True
 
     needs_calibration = True
+    layered = True  # reads weights one decoder block at a time
 
     def format_for(self, name: str) -> str:
         """The format of module ``name``: the first matching override's, else ``format``."""
@@ -117,7 +118,9 @@ class GPTQ(Step):
         fitted = fit_weight(module, use.spec, w * mask if mask is not None else w, imatrix=im)
         q = gptq_quantize(
             w,
-            h.factor(self.damp, self.act_order),  # shared by layers fed the same input
+            # shared by layers fed the same input; nothing else reads the sum afterwards, so
+            # it is freed first (a wide layer's fp64 sum is as large as two fp32 matrices)
+            h.factor(self.damp, self.act_order, release=True),
             fitted.fake_quant_cols,
             block_size=self.block_size,
             damp=self.damp,
@@ -139,6 +142,12 @@ class GPTQ(Step):
             for rel, h in hessians(inputs, block, mods).items():
                 self.quantize_layer(ctx, f"{block_name}.{rel}", mods[rel], h)
 
+        if outside and ctx.offload is not None:
+            raise ConfigError(
+                f"gptq of '{next(iter(outside))}' needs the final hidden states of the whole "
+                "model: layer-by-layer compression quantizes decoder-block linears only "
+                "(compress in memory, or leave it out of the targets)"
+            )
         blocks = set(by_block) if not outside else None
         ctx.sequential(fn, step="gptq", blocks=blocks or None)
         if outside:
