@@ -12,12 +12,20 @@ WikiText-2 **valid**, seeded by ``--seed`` (never the test split).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from joules.cli._app import JSON_OPTION, app, console, doc_line, emit, err_console, list_option
@@ -53,6 +61,9 @@ def _render(result: dict[str, Any]) -> None:
         console.print(
             f"step {s['name']}: {s['time_s']:.1f} s, peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB"
         )
+    if result.get("timings_s"):
+        ts = result["timings_s"]
+        console.print(f"load {ts['load']:.1f} s, save {ts['save']:.1f} s")
     if m.get("prequantized"):
         console.print(
             f"[yellow]note:[/] the source weights were {m['prequantized']} before joules saw them"
@@ -111,12 +122,20 @@ def compress_cmd(
     calib_n: int = typer.Option(128, "--calib-n", help="Calibration sequences."),
     calib_len: int = typer.Option(256, "--calib-len", help="Tokens per calibration sequence."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration sample."),
+    layered: bool | None = typer.Option(
+        None,
+        "--layered/--in-memory",
+        help="Read one decoder block at a time from the checkpoint and write it to its own shard "
+        "(default when the checkpoint exceeds a quarter of the available memory and every step "
+        "runs so), or load the whole model.",
+    ),
     as_json: bool = JSON_OPTION,
     list_steps: bool = list_option("--list-steps", _list_steps, "compression steps"),
 ) -> None:
     """Compress MODEL with a recipe and save it (safetensors + joules.json manifest)."""
     import joules.deploy  # noqa: F401  (registers the llamacpp(ftype=...) peer step)
     from joules.compress import calibration_tokens, compress, parse_recipe
+    from joules.compress.offload import load_layered, wants_layered
     from joules.models import load_model
 
     out_console = err_console if as_json else console
@@ -132,8 +151,17 @@ def compress_cmd(
     if recipe is None:
         raise ConfigError("give --recipe (e.g. 'gptq(format=gguf-q4_0)') or --target-size 80MB")
     parsed = parse_recipe(recipe)  # fail on a bad recipe before loading anything
-    with out_console.status(f"loading {model}"):
-        m, tok, info = load_model(model)
+    offload = None
+    if layered is None:
+        layered = wants_layered(model, parsed)
+    t_load = time.perf_counter()
+    with out_console.status(f"loading {model}" + (" (layer by layer)" if layered else "")):
+        if layered:
+            lm = load_layered(model)
+            m, tok, info, offload = lm.model, lm.tokenizer, lm.info, lm.offload
+        else:
+            m, tok, info = load_model(model)
+    timings_s = {"load": time.perf_counter() - t_load}
     calib, calib_info = None, None
     if parsed.needs_calibration:
         calib, calib_info = calibration_tokens(
@@ -144,6 +172,7 @@ def compress_cmd(
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=out_console,
         transient=True,
     ) as bar:
@@ -163,6 +192,7 @@ def compress_cmd(
             source=model,
             prequantized=info.prequantized,
             progress=progress,
+            offload=offload,
         )
     if plan is not None:
         planned = dict(cm.manifest.gguf_export or {})
@@ -170,5 +200,9 @@ def compress_cmd(
         if plan.output:
             planned["output"] = plan.output
         cm.manifest.gguf_export = planned
+    timings_s["compress"] = sum(float(s["time_s"]) for s in cm.manifest.steps)
+    t_save = time.perf_counter()
     cm.save(output, tok)
-    emit({"output": str(output), "manifest": cm.manifest.to_dict()}, as_json, _render)
+    timings_s["save"] = time.perf_counter() - t_save
+    result = {"output": str(output), "manifest": cm.manifest.to_dict(), "timings_s": timings_s}
+    emit(result, as_json, _render)

@@ -31,7 +31,7 @@ from joules.compress.context import CompressContext, ProgressFn, replace_module
 from joules.compress.manifest import MANIFEST_FILE, Manifest
 from joules.compress.modules.kernels import pinned_activations
 from joules.compress.modules.linear import CompressedLinear, module_class
-from joules.compress.recipe import Recipe, parse_recipe
+from joules.compress.recipe import Recipe, parse_recipe, step_class, step_names
 from joules.errors import ConfigError, UnsupportedModelError
 from joules.fingerprint import compute_label, library_versions
 from joules.models.loading import register_loader
@@ -43,6 +43,7 @@ RUNTIME_HOOKS: Registry[Any] = Registry("runtime hook")
 # ``fn(model, directory)`` writing extra files into a save, by the function's qualified name.
 SAVE_HOOKS: Registry[Any] = Registry("save hook")
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # a layer-by-layer save: one shard per block
 FILES_KEY = "files"  # manifest entry: bytes of every file the save wrote, checked at load
 
 
@@ -88,8 +89,10 @@ class CompressedModel:
     model: nn.Module
     manifest: Manifest
 
+    offload: Any = None  # joules.compress.offload.Offload when compressed layer by layer
+
     def save(self, directory: str | Path, tokenizer: Any = None) -> Path:
-        return save_compressed(self.model, self.manifest, directory, tokenizer)
+        return save_compressed(self.model, self.manifest, directory, tokenizer, self.offload)
 
 
 def _versions() -> dict[str, str]:
@@ -104,9 +107,10 @@ def model_bytes(model: nn.Module) -> tuple[int, int]:
     seen: set[int] = set()
     n_bytes = 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or t.numel() == 0:
+        key = id(t) if t.is_meta else t.data_ptr()  # layer by layer, blocks are meta tensors
+        if key in seen or t.numel() == 0:
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         n_bytes += t.numel() * t.element_size()
     n_params = 0
     seen.clear()
@@ -117,8 +121,9 @@ def model_bytes(model: nn.Module) -> tuple[int, int]:
             )
             continue
         for p in m.parameters(recurse=False):
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
+            key = id(p) if p.is_meta else p.data_ptr()
+            if key not in seen:
+                seen.add(key)
                 n_params += p.numel()
     return n_bytes, n_params
 
@@ -162,9 +167,23 @@ def compress(
     source: str = "",
     prequantized: str | None = None,
     progress: ProgressFn | None = None,
+    offload: Any = None,
 ) -> CompressedModel:
-    """Apply ``recipe``'s steps to ``model`` in order (in place) and return it with a manifest."""
+    """Apply ``recipe``'s steps to ``model`` in order (in place) and return it with a manifest.
+
+    ``offload``: the :class:`~joules.compress.offload.Offload` of a model from
+    :func:`~joules.compress.offload.load_layered`: the steps then read one decoder block at a
+    time (each must be ``layered``) and the save streams block files into shards.
+    """
     recipe = parse_recipe(recipe)
+    if offload is not None:
+        whole = [s.name for s in recipe.steps if not s.layered]
+        if whole:
+            layered = sorted(name for name in step_names() if step_class(name).layered)
+            raise ConfigError(
+                f"step '{whole[0]}' needs the whole model in memory: layer-by-layer compression "
+                f"runs {', '.join(layered)} (compress in memory, or drop '{whole[0]}')"
+            )
     if recipe.needs_calibration and calibration is None:
         names = [s.name for s in recipe.steps if s.needs_calibration]
         raise ConfigError(
@@ -184,7 +203,7 @@ def compress(
         versions=_versions(),
         calibration=calibration_info if recipe.needs_calibration else None,
     )
-    ctx = CompressContext(model, tokenizer, calibration, manifest, progress)
+    ctx = CompressContext(model, tokenizer, calibration, manifest, progress, offload=offload)
     for step in recipe.steps:
         t0 = time.perf_counter()
         # calibration forwards through already-compressed layers take fp32 activations, never a
@@ -198,8 +217,13 @@ def compress(
                 "peak_rss_bytes": mem.peak_bytes,
             }
         )
+    if offload is not None:
+        manifest.notes.append(
+            "compressed layer by layer: one decoder block in memory at a time "
+            f"({len(offload.layers)} blocks)"
+        )
     _finish_manifest(model, manifest)
-    return CompressedModel(model, manifest)
+    return CompressedModel(model, manifest, offload)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,9 +232,17 @@ def compress(
 
 
 def save_compressed(
-    model: nn.Module, manifest: Manifest, directory: str | Path, tokenizer: Any = None
+    model: nn.Module,
+    manifest: Manifest,
+    directory: str | Path,
+    tokenizer: Any = None,
+    offload: Any = None,
 ) -> Path:
     """Write a compressed directory: safetensors + config + tokenizer, then ``joules.json``.
+
+    In memory the weights are one ``model.safetensors``; layer by layer (``offload``) one shard
+    per decoder block (its block file, moved) plus one for the rest, with
+    ``model.safetensors.index.json``, as Hugging Face shards a checkpoint.
 
     Everything is written into a staging directory beside ``directory`` that is renamed into
     place at the end (:func:`~joules.serialize.atomic_directory`), and the manifest is written
@@ -237,16 +269,23 @@ def save_compressed(
     state: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     shared: dict[str, str] = {}
-    for k, v in model.state_dict().items():
-        key = (v.data_ptr(), v.numel(), v.dtype)
+    for k, v in model.state_dict(keep_vars=True).items():
+        key = (id(v) if v.is_meta else v.data_ptr(), v.numel(), v.dtype)
         if v.numel() and hash(key) in seen:
             shared[k] = seen[hash(key)]
             continue
         seen[hash(key)] = k
-        state[k] = v.detach().contiguous().cpu()
+        if offload is None:
+            state[k] = v.detach().contiguous().cpu()
     with atomic_directory(out) as tmp:
         config.save_pretrained(tmp)
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "joules": "1"})
+        if offload is None:
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "joules": "1"})
+        else:
+            weight_map = offload.write_shards(tmp, shared)
+            atomic_write_json(
+                tmp / INDEX_FILE, {"metadata": {"joules": "1"}, "weight_map": weight_map}
+            )
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for hook in SAVE_HOOKS.values():
@@ -315,11 +354,7 @@ def load_compressed(
     manifest = read_manifest(path)
     raw = json.loads((path / MANIFEST_FILE).read_text())
     _check_complete(path, raw)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise UnsupportedModelError(
-            f"'{path}' has a joules.json but no {WEIGHTS_FILE}: re-run `joules compress ... -o {path}`"
-        )
+    shards = _weight_files(path)
     config = AutoConfig.from_pretrained(path)
     # The skeleton's parameters live on the meta device: materialising (and randomly
     # initialising) the dense model only to overwrite it would put a full-precision copy of
@@ -334,7 +369,9 @@ def load_compressed(
     # The dtype each skeleton parameter would have had: tensors load in it, as a copy into a
     # materialised model would have converted them.
     want = {k: t.dtype for k, t in [*model.named_buffers(), *model.named_parameters()]}
-    state = load_file(str(weights))
+    state: dict[str, torch.Tensor] = {}
+    for f in shards:
+        state.update(load_file(str(f)))
     for k, src in raw.get("shared_tensors", {}).items():
         state[k] = state[src]
     for k, t in state.items():
@@ -371,6 +408,21 @@ def load_compressed(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, manifest
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of compressed directory ``path``: ``model.safetensors``, or the
+    shards its ``model.safetensors.index.json`` names (a layer-by-layer save)."""
+    if (path / WEIGHTS_FILE).is_file():
+        return [path / WEIGHTS_FILE]
+    index = path / INDEX_FILE
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    raise UnsupportedModelError(
+        f"'{path}' has a joules.json but no {WEIGHTS_FILE} or {INDEX_FILE}: re-run "
+        f"`joules compress ... -o {path}`"
+    )
 
 
 def _load_for_models(

@@ -227,6 +227,7 @@ class CompressContext:
         manifest: Manifest | None = None,
         progress: ProgressFn | None = None,
         batch_size: int = 8,
+        offload: Any = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -235,6 +236,34 @@ class CompressContext:
         self.progress = progress
         self.batch_size = batch_size
         self.layers_name, self.layers = decoder_layers(model)
+        # layer by layer (joules.compress.offload.Offload): blocks live on the meta device and
+        # are materialised only inside ``sequential`` / ``each_target``
+        self.offload = offload
+
+    def _resident(self, i: int, changed: bool = True) -> contextlib.AbstractContextManager[Any]:
+        """Block ``i`` in memory inside (layer by layer: read, then written back if ``changed``
+        and freed on exit; else a no-op)."""
+        if self.offload is None:
+            return contextlib.nullcontext(self.layers[i])
+        return self.offload.resident(i, changed)
+
+    def each_target(self, targets: dict[str, nn.Module]) -> Iterator[tuple[str, nn.Module]]:
+        """``targets.items()`` with each module's decoder block in memory while it is yielded
+        (layer by layer a block at a time, in block order; a target outside every block is
+        refused there, as the head is never materialised)."""
+        if self.offload is None:
+            yield from targets.items()
+            return
+        groups, outside = self.split_by_block(targets)
+        if outside:
+            raise ConfigError(
+                f"'{next(iter(outside))}' is outside the decoder blocks: layer-by-layer "
+                "compression quantizes linears inside them (compress in memory to include it)"
+            )
+        for i in sorted(groups):
+            with self._resident(i):
+                for rel, m in groups[i].items():
+                    yield f"{self.layers_name}.{i}.{rel}", m
 
     # -- targets ---------------------------------------------------------------------------------
     def default_targets(self) -> dict[str, nn.Module]:
@@ -355,13 +384,13 @@ class CompressContext:
         """
         inputs = self._first_block_inputs(step)
         last = max(blocks) if blocks else len(self.layers) - 1
-        for i, block in enumerate(self.layers):
-            if i > last:
-                break
-            if blocks is None or i in blocks:
-                fn(i, block, f"{self.layers_name}.{i}", inputs)
-            if i < last:
-                inputs = BlockInputs(inputs.run(block), inputs.kwargs)
+        for i in range(last + 1):
+            called = blocks is None or i in blocks
+            with self._resident(i, changed=called) as block:
+                if called:
+                    fn(i, block, f"{self.layers_name}.{i}", inputs)
+                if i < last:
+                    inputs = BlockInputs(inputs.run(block), inputs.kwargs)
             if self.progress:
                 self.progress(step, i + 1, last + 1)
 

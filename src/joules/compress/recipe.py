@@ -53,6 +53,10 @@ class Step:
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    # Runs layer by layer (joules.compress.offload): the step reads weights only through
+    # ``ctx.sequential`` / ``ctx.each_target``, one decoder block at a time. A step that needs
+    # the whole model at once leaves this False and is refused on that path.
+    layered: ClassVar[bool] = False
     targets: tuple[str, ...] = ()
 
     def validate(self) -> None:

@@ -16,6 +16,19 @@ import torch
 
 from joules import dtypes
 
+# config.json key of a random-weight checkpoint (joules.models.synthetic); a compressed copy's
+# config keeps it, and every result built from such a model carries SYNTHETIC_LABEL.
+MARKER_KEY = "joules_synthetic"
+SYNTHETIC_LABEL = "synthetic weights: quality figures are meaningless"
+
+
+def synthetic_label(config: Any) -> str | None:
+    """:data:`SYNTHETIC_LABEL` if ``config`` (a transformers config or a dict) is synthetic."""
+    marker = (
+        config.get(MARKER_KEY) if isinstance(config, dict) else getattr(config, MARKER_KEY, None)
+    )
+    return SYNTHETIC_LABEL if marker else None
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -46,6 +59,8 @@ class ModelInfo:
     gguf_types: dict[str, str] = field(default_factory=dict)
     # A joules-compressed directory: its manifest summary (recipe, bits/weight, formats...).
     compression: dict[str, Any] | None = None
+    # SYNTHETIC_LABEL when the weights are random (joules.models.synthetic), else None
+    synthetic: str | None = None
 
     @property
     def gguf_type_counts(self) -> dict[str, int]:
@@ -92,9 +107,10 @@ def describe(
     seen: set[int] = set()
     n_params = n_bytes = 0
     for p in model.parameters():
-        if p.data_ptr() in seen:
+        key = id(p) if p.is_meta else p.data_ptr()  # a layer-by-layer skeleton's blocks are meta
+        if key in seen:
             continue
-        seen.add(p.data_ptr())
+        seen.add(key)
         n_params += p.numel()
         n_bytes += p.numel() * p.element_size()
     for b in model.buffers():
@@ -122,4 +138,5 @@ def describe(
         gguf_file=gguf_file,
         gguf_types=dict(gguf_types or {}),
         compression=compression,
+        synthetic=synthetic_label(cfg),
     )

@@ -249,6 +249,26 @@ def _convert_gguf(path: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def checkpoint_dir(spec: str | os.PathLike[str]) -> tuple[Path, str | None, dict[str, str]]:
+    """The Hugging Face safetensors directory behind an uncompressed model spec (a GGUF file's
+    cached conversion, made now if missing), with the GGUF file and its per-tensor types when
+    it came from one. A compressed joules directory is refused: it is not a dense checkpoint."""
+    kind, path = resolve(spec)
+    if kind == "hf":
+        return path, None, {}
+    if kind != "gguf":
+        raise UnsupportedModelError(
+            f"'{spec}' is a compressed joules directory, not a dense checkpoint: compress the "
+            "model it came from"
+        )
+    _quiet_hf()
+    converted = converted_gguf_dir(path)
+    if not (converted / "joules_gguf.json").is_file():
+        _convert_gguf(path, converted)
+    meta = json.loads((converted / "joules_gguf.json").read_text())
+    return converted, meta["gguf_file"], meta["gguf_types"]
+
+
 def load_model(
     spec: str | os.PathLike[str] = DEFAULT_MODEL,
     dtype: torch.dtype | None = None,
@@ -265,11 +285,7 @@ def load_model(
     gguf_types: dict[str, str] = {}
     compression = None
     if kind == "gguf":
-        converted = converted_gguf_dir(path)
-        if not (converted / "joules_gguf.json").is_file():
-            _convert_gguf(path, converted)
-        meta = json.loads((converted / "joules_gguf.json").read_text())
-        gguf_file, gguf_types = meta["gguf_file"], meta["gguf_types"]
+        converted, gguf_file, gguf_types = checkpoint_dir(spec)
         model, tokenizer = _load_hf_dir(converted, dtype)
     elif kind in LOADERS:
         model, tokenizer, compression = LOADERS.get(kind)(path, dtype)

@@ -13,6 +13,7 @@ the ``tokenizers`` library, so any text round-trips and nothing is downloaded.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,13 @@ _ARCHS = {
 TINY_ARCHS = tuple(_ARCHS)
 
 
-def byte_tokenizer() -> Any:
-    """A byte-level fast tokenizer: ids 0-2 are <pad>, <s>, </s>; ids 3-258 are the bytes."""
+def byte_tokenizer(vocab_size: int | None = None) -> Any:
+    """A byte-level fast tokenizer: ids 0-2 are <pad>, <s>, </s>; ids 3-258 are the bytes.
+
+    ``vocab_size``: fill the vocabulary to exactly this many tokens with BPE merges (every pair
+    of byte symbols, then pairs with a third byte), so a synthetic checkpoint's tokenizer has
+    its embedding's rows and real merges (llama.cpp requires merges for a gpt2 vocabulary).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -42,7 +48,19 @@ def byte_tokenizer() -> Any:
     vocab = {tok: i for i, tok in enumerate(specials)}
     for ch in sorted(alphabet):
         vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    merges: list[tuple[str, str]] = []
+    if vocab_size is not None:
+        if vocab_size < len(vocab):
+            raise ConfigError(f"a byte tokenizer needs {len(vocab)} tokens, got {vocab_size}")
+        symbols = sorted(alphabet)
+        pairs = ((a, b) for a in symbols for b in symbols)
+        triples = ((a + b, c) for a in symbols for b in symbols for c in symbols)
+        for left, right in itertools.chain(pairs, triples):
+            if len(vocab) >= vocab_size:
+                break
+            merges.append((left, right))
+            vocab[left + right] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(

@@ -414,6 +414,8 @@ class AWQ(Step):
     folded into the preceding norm/linear, clipping searched on the same statistics; the layers
     are then rounded to ``format`` unless a later step quantizes them (``awq | gptq``)."""
 
+    layered = True  # reads weights one decoder block at a time
+
     format: str
     grid: int = 20
     clip: bool = True

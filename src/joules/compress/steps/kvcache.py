@@ -426,6 +426,8 @@ register_runtime_hook("kv_cache")(install_kv_cache)
 class KVCacheStep(Step):
     """Install a quantized and/or evicting KV cache (see the module doc)."""
 
+    layered = True  # a runtime setting: reads no weight
+
     format: str = "none"
     granularity: Literal["kivi", "token"] = "kivi"
     residual: int = 128

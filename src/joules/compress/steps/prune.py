@@ -82,6 +82,10 @@ def select_mask(
 @register_step("prune")
 @dataclass(kw_only=True)
 class Prune(Step):
+    """Magnitude, Wanda or SparseGPT pruning, unstructured or N:M (see the module doc)."""
+
+    layered = True  # reads weights one decoder block at a time
+
     method: Method = "wanda"
     sparsity: float = 0.5
     pattern: str = "unstructured"
@@ -160,7 +164,7 @@ class Prune(Step):
             self._check_shape(name, mod)
         n, m = self.nm
         if self.method == "magnitude":
-            for name, mod in targets.items():
+            for name, mod in ctx.each_target(targets):
                 w = dense_weight(mod)
                 keep = select_mask(w.abs(), self.sparsity, n, m, per_row=False)
                 self._install(ctx, name, mod, w * keep, keep)

@@ -36,6 +36,8 @@ def check_format(spec: str, step: str) -> None:
 class RTN(Step):
     """Round to nearest; ``format`` is any weight format spec (``int8-ch``, ``mxfp4``...)."""
 
+    layered = True  # reads weights one decoder block at a time
+
     format: str
 
     def validate(self) -> None:
@@ -44,7 +46,7 @@ class RTN(Step):
     def apply(self, ctx: CompressContext) -> None:
         fmt = formats.get(self.format)
         targets = ctx.resolve_targets(self.targets)
-        for i, (name, module) in enumerate(targets.items()):
+        for i, (name, module) in enumerate(ctx.each_target(targets)):
             w = dense_weight(module)
             mask = weight_mask(module)
             if mask is not None:

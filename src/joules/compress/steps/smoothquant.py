@@ -74,6 +74,8 @@ def fold_scales(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor
 class SmoothQuant(Step):
     """Fold per-channel smoothing scales into producer/consumer pairs (fp outputs unchanged)."""
 
+    layered = True  # reads weights one decoder block at a time
+
     alpha: float = 0.5
 
     needs_calibration = True
