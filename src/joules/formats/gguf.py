@@ -1337,10 +1337,25 @@ class GGUFFormat(Format):
 
     def quantize(self, t: torch.Tensor, imatrix: torch.Tensor | None = None) -> QuantizedTensor:
         """GGUF blocks of ``t``; ``imatrix`` (one value per column) for the types whose search
-        takes it, as ``llama-quantize --imatrix`` passes it."""
+        takes it, as ``llama-quantize --imatrix`` passes it. Large tensors go a few whole rows
+        at a time (fit, codes, bytes), so the temporaries stay at :data:`_FIT_CHUNK_ELEMS`
+        elements: a 128k-vocabulary embedding is 262M (the bytes are those of one pass)."""
         x = self.blocks_of(t)
-        p = self._fit(t, x, imatrix)
-        return self._finish(t, self.bt.pack(self.bt.codes(x, p), p))
+        k = t.shape[-1] if t.dim() else 1
+        rows = t.numel() // k
+        step = max(1, _FIT_CHUNK_ELEMS // k)
+        if rows <= step:
+            p = self._fit(t, x, imatrix)
+            return self._finish(t, self.bt.pack(self.bt.codes(x, p), p))
+        per_row = k // self.bt.block
+        t2 = t.reshape(rows, k)
+        raw = []
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            xc = x[r0 * per_row : r1 * per_row]
+            p = self._fit(t2[r0:r1], xc, imatrix)
+            raw.append(self.bt.pack(self.bt.codes(xc, p), p))
+        return self._finish(t, torch.cat(raw))
 
     def unpack(self, q: QuantizedTensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Codes [nblocks, block] and stored parameters of ``q``."""
