@@ -52,8 +52,8 @@ def test_layered_tensors_equal_the_in_memory_ones_bit_for_bit(checkpoint, recipe
     calib, info = calibration_tokens(tok, 4, 64)
     compress(model, recipe, calib, tok, calibration_info=info).save(tmp_path / "mem", tok)
 
-    lm = load_layered(checkpoint)
-    assert all(p.is_meta for p in lm.offload.layers.parameters())  # nothing read yet
+    lm = load_layered(checkpoint, work_root=tmp_path)
+    assert all(p.is_meta for p in lm.model.parameters())  # nothing read yet
     cm = compress(lm.model, recipe, calib, lm.tokenizer, calibration_info=info, offload=lm.offload)
     assert not lm.offload.resident_blocks  # every block went back to the meta device
     cm.save(tmp_path / "lay", lm.tokenizer)
@@ -74,7 +74,7 @@ def test_layered_tensors_equal_the_in_memory_ones_bit_for_bit(checkpoint, recipe
 
 
 def test_steps_that_need_the_whole_model_are_refused(checkpoint, tmp_path):
-    lm = load_layered(checkpoint)
+    lm = load_layered(checkpoint, work_root=tmp_path)
     with pytest.raises(
         ConfigError, match=r"needs the whole model in memory: layer-by-layer .*gptq"
     ):
@@ -99,10 +99,11 @@ def test_a_compressed_directory_is_not_a_dense_checkpoint(checkpoint, tmp_path):
     assert not wants_layered(checkpoint, parse_recipe("rtn(format=int8-ch)"))
 
 
-def test_the_work_directory_is_removed(checkpoint):
-    lm = load_layered(checkpoint)
+def test_the_work_directory_is_removed(checkpoint, tmp_path):
+    lm = load_layered(checkpoint, work_root=tmp_path)
     off: Offload = lm.offload
     compress(lm.model, "rtn(format=int8-ch)", offload=off)
+    assert off.work.parent == tmp_path  # on disk beside the output, not in /tmp
     assert sorted(p.name for p in off.work.iterdir())[:1] == ["block-00000.safetensors"]
     off.close()
     assert not off.work.exists()
@@ -113,7 +114,7 @@ _PEAK = textwrap.dedent(
     import json, sys
     from joules.compress import calibration_tokens, compress
     from joules.compress.offload import load_layered
-    lm = load_layered(sys.argv[1])
+    lm = load_layered(sys.argv[1], work_root=sys.argv[2] + "-work")
     calib, info = calibration_tokens(lm.tokenizer, 2, 64)
     cm = compress(lm.model, "gptq(format=int4-g64)", calib, lm.tokenizer, offload=lm.offload)
     cm.save(sys.argv[2], lm.tokenizer)

@@ -102,6 +102,29 @@ def parse_ints(text: str, what: str) -> list[int]:
     return out
 
 
+def rich_progress(as_json: bool) -> Any:
+    """The bars of a long command (description, bar, done/total, elapsed, remaining), on stderr
+    with --json so stdout stays pure JSON; removed when done. Use as a context manager."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console if as_json else console,
+        transient=True,
+    )
+
+
 @contextmanager
 def progress_bar(label: str, as_json: bool) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar (on stderr with --json, so stdout stays pure JSON); yields update."""

@@ -18,17 +18,18 @@ from typing import Any
 
 import typer
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from joules.cli._app import JSON_OPTION, app, console, doc_line, emit, err_console, list_option
+from joules.cli._app import (
+    JSON_OPTION,
+    app,
+    console,
+    doc_line,
+    emit,
+    err_console,
+    list_option,
+    rich_progress,
+)
 from joules.errors import ConfigError
 
 
@@ -157,7 +158,8 @@ def compress_cmd(
     t_load = time.perf_counter()
     with out_console.status(f"loading {model}" + (" (layer by layer)" if layered else "")):
         if layered:
-            lm = load_layered(model)
+            output.resolve().parent.mkdir(parents=True, exist_ok=True)
+            lm = load_layered(model, work_root=output.resolve().parent)
             m, tok, info, offload = lm.model, lm.tokenizer, lm.info, lm.offload
         else:
             m, tok, info = load_model(model)
@@ -167,15 +169,7 @@ def compress_cmd(
         calib, calib_info = calibration_tokens(
             tok, calib_n, calib_len, seed, max_length=info.max_position_embeddings or None
         )
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=out_console,
-        transient=True,
-    ) as bar:
+    with rich_progress(as_json) as bar:
         tasks: dict[str, Any] = {}
 
         def progress(what: str, done: int, total: int) -> None:

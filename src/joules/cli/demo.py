@@ -29,10 +29,9 @@ from typing import Any
 import typer
 from rich.markup import escape
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from joules.cli._app import JSON_OPTION, app, console, err_console, print_json
+from joules.cli._app import JSON_OPTION, app, console, print_json, rich_progress
 from joules.serialize import atomic_write_json, atomic_write_text, to_jsonable
 
 
@@ -478,14 +477,7 @@ def _sweep(spec: Any, store: str, as_json: bool) -> tuple[Any, list[Any]]:
     from joules.cli.sweep import _RichProgress
     from joules.sweep import Store, run_sweep
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console if as_json else console,
-        transient=True,
-    ) as bar:
+    with rich_progress(as_json) as bar:
         summary = run_sweep(spec, store, progress=_RichProgress(bar))
     with Store(store) as st:
         return summary, st.runs()

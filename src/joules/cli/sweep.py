@@ -17,17 +17,10 @@ from typing import Any
 
 import typer
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 from rich.table import Table
 
-from joules.cli._app import JSON_OPTION, app, console, err_console, print_json
+from joules.cli._app import JSON_OPTION, app, console, print_json, rich_progress
 from joules.sweep.runner import SweepProgress
 
 
@@ -117,15 +110,7 @@ def sweep_cmd(
     from joules.sweep import load_spec, run_sweep
 
     parsed = load_spec(spec)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console if as_json else console,
-        transient=True,
-    ) as bar:
+    with rich_progress(as_json) as bar:
         summary = run_sweep(
             parsed,
             store,

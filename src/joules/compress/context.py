@@ -382,7 +382,11 @@ class CompressContext:
         ``blocks``: only these blocks call ``fn`` (the others still run to produce inputs);
         after the last block in ``blocks`` nothing more is computed.
         """
-        inputs = self._first_block_inputs(step)
+        if self.offload is None:
+            inputs = self._first_block_inputs(step)
+        else:  # the embedding is read for this and freed again (1 GB of bf16 for an 8B model)
+            with self.offload.outside_resident():
+                inputs = self._first_block_inputs(step)
         last = max(blocks) if blocks else len(self.layers) - 1
         for i in range(last + 1):
             called = blocks is None or i in blocks

@@ -45,6 +45,7 @@ from joules.compress.context import decoder_layers
 from joules.errors import UnsupportedModelError
 from joules.models.info import ModelInfo, describe
 from joules.models.loading import checkpoint_dir
+from joules.paths import cache_dir
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -139,12 +140,22 @@ class Offload:
     """Where each decoder block's tensors live between uses: in the checkpoint (untouched), in a
     block file of the work directory (written by a step), or resident (in use)."""
 
-    def __init__(self, model: nn.Module, source: CheckpointTensors, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        source: CheckpointTensors,
+        dtype: torch.dtype,
+        work_root: Path | None = None,
+    ) -> None:
         self.model = model
         self.source = source
         self.dtype = dtype
         self.layers_name, self.layers = decoder_layers(model)
-        self.work = Path(tempfile.mkdtemp(prefix="joules-blocks-"))
+        # On disk, never /tmp (often a tmpfs: block files there would sit in memory); beside
+        # the output when the caller knows it, so saving renames them instead of copying.
+        root = Path(work_root) if work_root is not None else cache_dir() / "offload"
+        root.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix=".joules-blocks-", dir=root))
         self.written: dict[int, Path] = {}
         # the modules of each resident block when it was read: a step that replaces a linear
         # (by its compressed layer) may still hold the old one, whose weights must go too
@@ -201,6 +212,43 @@ class Offload:
         finally:
             self.offload(i, changed)
 
+    def _outside_names(self) -> dict[str, nn.Module]:
+        """The modules outside the decoder blocks that own parameters (embedding, final norm,
+        head), by name."""
+        prefix = self.layers_name + "."
+        return {
+            n: m
+            for n, m in self.model.named_modules()
+            if n and not n.startswith(prefix) and n != self.layers_name and m._parameters
+        }
+
+    @contextlib.contextmanager
+    def outside_resident(self) -> Iterator[None]:
+        """The tensors outside the decoder blocks but the head (what a forward up to block 0
+        reads: the input embedding) in memory inside, read from the checkpoint and freed on
+        exit; a tied head is the embedding, tied again. Nothing outside the blocks is changed
+        by a layered step, so the save copies them from the checkpoint."""
+        state = self.model.state_dict(keep_vars=True)
+        prefix = self.layers_name + "."
+        head = _head_names(self.model)
+        want = {
+            k: v
+            for k, v in state.items()
+            if not k.startswith(prefix) and v.is_meta and k not in head and k in self.source
+        }
+        self.model.load_state_dict(
+            {k: self.source.get(k, v.dtype) for k, v in want.items()}, strict=False, assign=True
+        )
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+        try:
+            yield
+        finally:
+            _to_meta(list(self._outside_names().values()))
+            if getattr(self.model.config, "tie_word_embeddings", False):
+                self.model.tie_weights()
+            release_freed_memory()
+
     def close(self) -> None:
         """Delete the work directory (its block files are gone once a save moved them)."""
         shutil.rmtree(self.work, ignore_errors=True)
@@ -247,6 +295,12 @@ class Offload:
         return weight_map
 
 
+def _head_names(model: nn.Module) -> set[str]:
+    """The state-dict names of the output head's parameters (``lm_head.weight``)."""
+    head = model.get_output_embeddings()
+    return {f"{n}.{k}" for n, m in model.named_modules() if m is head for k in m._parameters}
+
+
 @dataclass
 class LayeredModel:
     """A model skeleton whose decoder blocks stay in the checkpoint until a step needs them."""
@@ -287,10 +341,11 @@ def wants_layered(spec: str | Path, recipe: Any, memory_fraction: float = 0.25) 
     return size > memory_fraction * psutil.virtual_memory().available
 
 
-def load_layered(spec: str | Path) -> LayeredModel:
+def load_layered(spec: str | Path, work_root: str | Path | None = None) -> LayeredModel:
     """Model ``spec`` (an HF directory, a GGUF file or preset: its cached conversion) with its
     decoder blocks on the meta device, read block by block by :class:`Offload`; every tensor
-    outside them but the output head is read now, in the checkpoint's dtype."""
+    outside them but the output head is read now, in the checkpoint's dtype. ``work_root``:
+    where the block files go (the output's folder; default: the joules cache)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -302,25 +357,18 @@ def load_layered(spec: str | Path) -> LayeredModel:
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    offload = Offload(model, source, dtype)
-    head = model.get_output_embeddings()
-    head_names = {f"{n}.{k}" for n, m in model.named_modules() if m is head for k in m._parameters}
-    layer_prefix = offload.layers_name + "."
-    state = model.state_dict(keep_vars=True)
-    outside = {
-        k: source.get(k, v.dtype)
-        for k, v in state.items()
-        if not k.startswith(layer_prefix) and k not in head_names and k in source
-    }
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # one meta parameter for the embedding and the head
+    offload = Offload(model, source, dtype, Path(work_root) if work_root is not None else None)
+    # nothing is read now: the blocks when a step needs them, the embedding for the forward up
+    # to block 0 (Offload.outside_resident), the rest when saving
+    head_names = _head_names(model)
     missing = [
-        k for k, v in state.items() if not k.startswith(layer_prefix) and v.is_meta
-        and k not in outside and k not in head_names
+        k for k, v in model.state_dict(keep_vars=True).items()
+        if v.is_meta and k not in head_names and k not in source
     ]  # fmt: skip
     if missing:
         raise UnsupportedModelError(f"'{path}' has no tensors {missing[:3]}: is it complete?")
-    model.load_state_dict(outside, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
