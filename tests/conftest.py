@@ -27,3 +27,28 @@ def tiny_dir(tmp_path_factory):
     from joules.models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """``bench_script(NAME)``: ``benchmarks/NAME.py`` as a module, loaded as ``python
+    benchmarks/NAME.py`` runs it (its own folder first on ``sys.path``, where ``common`` is; by
+    path, as ``benchmarks`` is no package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", folder / f"{name}.py")
+        assert spec and spec.loader
+        mod = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(folder))
+        try:
+            spec.loader.exec_module(mod)
+        finally:
+            sys.path.remove(str(folder))
+        return mod
+
+    return load

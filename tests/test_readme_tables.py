@@ -27,10 +27,8 @@ reading the same JSON as the table.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -287,24 +285,10 @@ def test_kernel_prose_matches_the_kernels_json():
         assert m.group(1) == f"{probe['fp32_s'] / probe['bf16_s']:.1f}"
 
 
-def _bench_script(name: str) -> Any:
-    """A ``benchmarks/`` script as a module, loaded as ``python benchmarks/NAME.py`` runs it: its
-    own folder first on ``sys.path`` (where ``common`` is), by path (``benchmarks`` is no package)."""
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return mod
-
-
 @pytest.mark.parametrize("page", ["README.md", "docs/results/deploy.md"])
-def test_deploy_block_is_what_the_script_prints(page):
+def test_deploy_block_is_what_the_script_prints(page, bench_script):
     """The headline table and its three summary lines are ``benchmarks/deploy.py --table``'s output."""
-    block = _bench_script("deploy").markdown(_results("deploy.json"))
+    block = bench_script("deploy").markdown(_results("deploy.json"))
     assert block in (ROOT / page).read_text(), f"{page}: run `python benchmarks/deploy.py --table`"
 
 
@@ -319,11 +303,11 @@ def test_deploy_headline_lines_are_its_json():
             assert f"- {line}" in text, f"{page.name}: no headline line {line!r}"
 
 
-def test_published_gpu_table_is_what_the_script_prints():
+def test_published_gpu_table_is_what_the_script_prints(bench_script):
     """The published-figures table on the predict results page (no marker: its "weights" column
     joins two fields) is the first table ``benchmarks/predict_validation.py --markdown`` prints."""
     out = _results("predict_validation.json")
-    table = _bench_script("predict_validation").markdown(out).split("\n\n")[0]
+    table = bench_script("predict_validation").markdown(out).split("\n\n")[0]
     assert len(table.splitlines()) == 2 + len(out["published"])
     assert table in (ROOT / "docs/results/predict.md").read_text()
 
