@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ast
 import doctest
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +16,9 @@ OWN_PARSER_OK = {"fresh_clone.py"}
 
 
 @pytest.fixture(scope="module")
-def common() -> Any:
+def common(bench_script: Any) -> Any:
     """``benchmarks/common.py`` loaded as the scripts import it (their folder on ``sys.path``)."""
-    spec = importlib.util.spec_from_file_location("_bench_common", BENCHMARKS / "common.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return mod
+    return bench_script("common")
 
 
 def test_doctests(common):
