@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -528,7 +529,7 @@ def _signed_max(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return mx, zero, torch.where(zero, torch.ones_like(mx), mx)
 
 
-# GGUFFormat._fit fits at most this many elements (whole rows) at once.
+# GGUFFormat fits and rounds at most this many elements (whole rows) at once (_row_chunks).
 _FIT_CHUNK_ELEMS = 1 << 20
 
 
@@ -1310,52 +1311,49 @@ class GGUFFormat(Format):
         rows = t.numel() // k
         return qw.expand(rows, k).reshape(-1, self.bt.block)
 
-    def _fit(self, t: torch.Tensor, x: torch.Tensor, imatrix: torch.Tensor | None):
-        """Every block's parameters, fitted a few whole rows at a time: blocks never span rows,
-        so the result is that of one pass, while the search's temporaries (a dozen tensors the
-        size of what is fitted, with the importance matrix expanded to every element) stay at
-        :data:`_FIT_CHUNK_ELEMS` elements instead of the weight's size (an 8B model's
-        down_proj is 59M)."""
+    def _row_chunks(
+        self, t: torch.Tensor, x: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(rows of ``t``, their blocks in ``x``) a few whole rows at a time, at most
+        :data:`_FIT_CHUNK_ELEMS` elements: blocks never span rows, so fitting and rounding chunk
+        by chunk gives the bytes of one pass, while the search's temporaries (a dozen tensors
+        the size of what is fitted, the importance matrix expanded to every element) stay small
+        instead of the weight's size (an 8B model's down_proj is 59M, a 128k-vocabulary
+        embedding 262M)."""
         k = t.shape[-1] if t.dim() else 1
         rows = t.numel() // k
         per_row = k // self.bt.block
         step = max(1, _FIT_CHUNK_ELEMS // k)
         t2 = t.reshape(rows, k)
-        parts = []
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            xc = x[r0 * per_row : r1 * per_row]
-            qw = self.block_weights(t2[r0:r1], imatrix)
-            parts.append(
-                self.bt.fit(xc)
-                if qw is None
-                else self.bt.fit(xc, self.bt.search_weights(xc, qw, per_row))
-            )
+            yield t2[r0:r1], x[r0 * per_row : r1 * per_row]
+
+    def _fit_rows(self, t: torch.Tensor, x: torch.Tensor, imatrix: torch.Tensor | None):
+        """The parameters of the blocks ``x`` of rows ``t``, in one pass."""
+        qw = self.block_weights(t, imatrix)
+        if qw is None:
+            return self.bt.fit(x)
+        per_row = (t.shape[-1] if t.dim() else 1) // self.bt.block
+        return self.bt.fit(x, self.bt.search_weights(x, qw, per_row))
+
+    def _fit(self, t: torch.Tensor, x: torch.Tensor, imatrix: torch.Tensor | None):
+        """Every block's parameters, fitted :meth:`_row_chunks` at a time."""
+        parts = [self._fit_rows(tc, xc, imatrix) for tc, xc in self._row_chunks(t, x)]
         if len(parts) == 1:
             return parts[0]
         return {key: torch.cat([pt[key] for pt in parts]) for key in parts[0]}
 
     def quantize(self, t: torch.Tensor, imatrix: torch.Tensor | None = None) -> QuantizedTensor:
         """GGUF blocks of ``t``; ``imatrix`` (one value per column) for the types whose search
-        takes it, as ``llama-quantize --imatrix`` passes it. Large tensors go a few whole rows
-        at a time (fit, codes, bytes), so the temporaries stay at :data:`_FIT_CHUNK_ELEMS`
-        elements: a 128k-vocabulary embedding is 262M (the bytes are those of one pass)."""
+        takes it, as ``llama-quantize --imatrix`` passes it. Fitted, rounded and packed
+        :meth:`_row_chunks` at a time (the bytes of one pass)."""
         x = self.blocks_of(t)
-        k = t.shape[-1] if t.dim() else 1
-        rows = t.numel() // k
-        step = max(1, _FIT_CHUNK_ELEMS // k)
-        if rows <= step:
-            p = self._fit(t, x, imatrix)
-            return self._finish(t, self.bt.pack(self.bt.codes(x, p), p))
-        per_row = k // self.bt.block
-        t2 = t.reshape(rows, k)
         raw = []
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            xc = x[r0 * per_row : r1 * per_row]
-            p = self._fit(t2[r0:r1], xc, imatrix)
+        for tc, xc in self._row_chunks(t, x):
+            p = self._fit_rows(tc, xc, imatrix)
             raw.append(self.bt.pack(self.bt.codes(xc, p), p))
-        return self._finish(t, torch.cat(raw))
+        return self._finish(t, raw[0] if len(raw) == 1 else torch.cat(raw))
 
     def unpack(self, q: QuantizedTensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Codes [nblocks, block] and stored parameters of ``q``."""
