@@ -34,7 +34,12 @@ from joules.compress.modules.linear import CompressedLinear, module_class
 from joules.compress.recipe import Recipe, parse_recipe, step_class, step_names
 from joules.errors import ConfigError, UnsupportedModelError
 from joules.fingerprint import compute_label, library_versions
-from joules.models.loading import register_loader
+from joules.models.loading import (
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX,
+    register_loader,
+    safetensors_weight_map,
+)
 from joules.registry import Registry
 from joules.serialize import atomic_directory, atomic_write_json
 
@@ -42,8 +47,8 @@ from joules.serialize import atomic_directory, atomic_write_json
 RUNTIME_HOOKS: Registry[Any] = Registry("runtime hook")
 # ``fn(model, directory)`` writing extra files into a save, by the function's qualified name.
 SAVE_HOOKS: Registry[Any] = Registry("save hook")
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"  # a layer-by-layer save: one shard per block
+WEIGHTS_FILE = SAFETENSORS_FILE
+INDEX_FILE = SAFETENSORS_INDEX  # a layer-by-layer save: one shard per block
 FILES_KEY = "files"  # manifest entry: bytes of every file the save wrote, checked at load
 
 
@@ -413,12 +418,9 @@ def load_compressed(
 def _weight_files(path: Path) -> list[Path]:
     """The safetensors files of compressed directory ``path``: ``model.safetensors``, or the
     shards its ``model.safetensors.index.json`` names (a layer-by-layer save)."""
-    if (path / WEIGHTS_FILE).is_file():
-        return [path / WEIGHTS_FILE]
-    index = path / INDEX_FILE
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
+    files = sorted(set(safetensors_weight_map(path).values()))
+    if files:
+        return files
     raise UnsupportedModelError(
         f"'{path}' has a joules.json but no {WEIGHTS_FILE} or {INDEX_FILE}: re-run "
         f"`joules compress ... -o {path}`"

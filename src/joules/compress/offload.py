@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import shutil
 import sys
@@ -44,11 +43,13 @@ from torch import nn
 from joules.compress.context import decoder_layers
 from joules.errors import UnsupportedModelError
 from joules.models.info import ModelInfo, describe
-from joules.models.loading import checkpoint_dir
+from joules.models.loading import (
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX,
+    checkpoint_dir,
+    safetensors_weight_map,
+)
 from joules.paths import cache_dir
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 
 class CheckpointTensors:
@@ -56,27 +57,16 @@ class CheckpointTensors:
     time through memory maps: nothing is resident but what :meth:`get` returns."""
 
     def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
         self.path = Path(path)
-        index = self.path / INDEX_FILE
-        if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            self.where = {k: self.path / v for k, v in weight_map.items()}
-        elif (self.path / SINGLE_FILE).is_file():
-            with safe_open(str(self.path / SINGLE_FILE), framework="pt") as f:
-                self.where = dict.fromkeys(f.keys(), self.path / SINGLE_FILE)
-        else:
+        self.where = safetensors_weight_map(self.path)
+        if not self.where:
             raise UnsupportedModelError(
-                f"'{self.path}' has neither {SINGLE_FILE} nor {INDEX_FILE}: layer-by-layer "
-                "compression reads Hugging Face safetensors checkpoints"
+                f"'{self.path}' has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}: "
+                "layer-by-layer compression reads Hugging Face safetensors checkpoints"
             )
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
-
-    def names(self) -> list[str]:
-        return list(self.where)
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tensor ``name`` as an owned copy (in ``dtype`` if given)."""

@@ -133,6 +133,25 @@ def _quiet_hf() -> None:
 
 
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+# A Hugging Face directory's safetensors weights: one file, or shards named by an index.
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_weight_map(path: Path) -> dict[str, Path]:
+    """Tensor name -> the file holding it, for the weights of directory ``path``:
+    ``model.safetensors`` (its header read), else the shards ``model.safetensors.index.json``
+    names; ``{}`` when there is neither."""
+    from safetensors import safe_open
+
+    if (path / SAFETENSORS_FILE).is_file():
+        with safe_open(str(path / SAFETENSORS_FILE), framework="pt") as f:
+            return dict.fromkeys(f.keys(), path / SAFETENSORS_FILE)
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        return {k: path / v for k, v in weight_map.items()}
+    return {}
 
 
 def _require_safetensors(path: Path) -> None:

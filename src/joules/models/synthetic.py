@@ -34,12 +34,12 @@ import torch
 
 from joules.errors import ConfigError
 from joules.models.info import MARKER_KEY, SYNTHETIC_LABEL, synthetic_label
+from joules.models.loading import SAFETENSORS_FILE, SAFETENSORS_INDEX
 from joules.models.tiny import byte_tokenizer
 from joules.serialize import atomic_directory, atomic_write_json
 
 __all__ = ["MARKER_KEY", "SYNTHETIC_LABEL", "shipped_configs", "synthetic_label", "write_synthetic"]
 
-INDEX_FILE = "model.safetensors.index.json"
 _CHUNK_ELEMS = 1 << 24  # rows are generated in chunks of about this many fp32 values (64 MB)
 
 
@@ -156,7 +156,7 @@ def write_synthetic(
         shards[-1].append(name)
         size += nbytes
     files = (
-        ["model.safetensors"]
+        [SAFETENSORS_FILE]
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
@@ -172,7 +172,8 @@ def write_synthetic(
             del state
         if len(files) > 1:
             atomic_write_json(
-                tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
+                tmp / SAFETENSORS_INDEX,
+                {"metadata": {"total_size": total}, "weight_map": weight_map},
             )
         atomic_write_json(tmp / "config.json", cfg)
         byte_tokenizer(int(cfg["vocab_size"])).save_pretrained(tmp)
