@@ -5,9 +5,10 @@
     >>> cm = compress(lm.model, "gptq(format=gguf-q4_0)", calib, lm.tokenizer, offload=lm.offload)  # doctest: +SKIP
     >>> cm.save("out/", lm.tokenizer)          # shard per block, moved, never re-read  # doctest: +SKIP
 
-:func:`load_layered` builds the model on the meta device, reads the tensors outside the decoder
-blocks that a calibration forward needs (the input embedding, norms) and leaves every block's
-weights in the checkpoint's safetensors files. :class:`Offload` then materialises block ``i``
+:func:`load_layered` builds the model on the meta device and reads nothing: every weight stays in
+the checkpoint's safetensors files. Each calibrated pass reads the tensors outside the blocks
+that its forward up to block 0 needs (the input embedding) and frees them again
+(:meth:`Offload.outside_resident`); :class:`Offload` then materialises block ``i``
 when a step needs it (:meth:`CompressContext.sequential` and ``each_target`` ask for it), in the
 dtype the in-memory path would have loaded it in, so the compressed tensors are bit for bit those
 of loading the whole model; after the step it writes the block's tensors (compressed or
@@ -18,7 +19,8 @@ files into the output directory as its shards (``model-0000i-of-0000N.safetensor
 writes the manifest last.
 
 Peak memory is one block in the checkpoint's dtype plus the step's fp32 working set (weights,
-Hessians) plus the calibration activations plus the embedding, whatever the depth. Steps that
+Hessians) plus the calibration activations (the embedding only while a pass starts), whatever
+the depth. Steps that
 need the whole model at once (a Fisher pass, a search over every tensor, a linear outside the
 blocks) refuse this path in one line: :data:`joules.compress.recipe.Step.layered`.
 """
@@ -134,12 +136,10 @@ class Offload:
         self,
         model: nn.Module,
         source: CheckpointTensors,
-        dtype: torch.dtype,
         work_root: Path | None = None,
     ) -> None:
         self.model = model
         self.source = source
-        self.dtype = dtype
         self.layers_name, self.layers = decoder_layers(model)
         # On disk, never /tmp (often a tmpfs: block files there would sit in memory); beside
         # the output when the caller knows it, so saving renames them instead of copying.
@@ -202,15 +202,15 @@ class Offload:
         finally:
             self.offload(i, changed)
 
-    def _outside_names(self) -> dict[str, nn.Module]:
+    def _outside_modules(self) -> list[nn.Module]:
         """The modules outside the decoder blocks that own parameters (embedding, final norm,
-        head), by name."""
+        head)."""
         prefix = self.layers_name + "."
-        return {
-            n: m
+        return [
+            m
             for n, m in self.model.named_modules()
             if n and not n.startswith(prefix) and n != self.layers_name and m._parameters
-        }
+        ]
 
     @contextlib.contextmanager
     def outside_resident(self) -> Iterator[None]:
@@ -234,7 +234,7 @@ class Offload:
         try:
             yield
         finally:
-            _to_meta(list(self._outside_names().values()))
+            _to_meta(self._outside_modules())
             if getattr(self.model.config, "tie_word_embeddings", False):
                 self.model.tie_weights()
             release_freed_memory()
@@ -254,7 +254,6 @@ class Offload:
         step wrote are copied from the checkpoint; outside the blocks, resident tensors are
         written as they are and meta ones (the head) copied from the checkpoint. ``tied``: keys
         not written because they share another key's tensor."""
-        from safetensors import safe_open
         from safetensors.torch import save_file
 
         n = len(self.layers) + 1
@@ -264,16 +263,14 @@ class Offload:
             target = directory / names[i]
             if i in self.resident_blocks:
                 self.offload(i, changed=True)
+            prefix = self.block_prefix(i)
+            want = self.layers[i].state_dict(keep_vars=True)  # the block file's keys, unprefixed
             if i in self.written:
                 shutil.move(str(self.written.pop(i)), target)
             else:
-                block = self.layers[i]
-                prefix = self.block_prefix(i)
-                want = block.state_dict(keep_vars=True)
                 state = {prefix + k: self.source.get(prefix + k, v.dtype) for k, v in want.items()}
                 save_file(state, str(target), metadata={"format": "pt"})
-            with safe_open(str(target), framework="pt") as f:
-                weight_map.update(dict.fromkeys(f.keys(), names[i]))
+            weight_map.update(dict.fromkeys((prefix + k for k in want), names[i]))
         rest: dict[str, torch.Tensor] = {}
         layer_prefix = self.layers_name + "."
         for k, v in self.model.state_dict(keep_vars=True).items():
@@ -332,10 +329,10 @@ def wants_layered(spec: str | Path, recipe: Any, memory_fraction: float = 0.25) 
 
 
 def load_layered(spec: str | Path, work_root: str | Path | None = None) -> LayeredModel:
-    """Model ``spec`` (an HF directory, a GGUF file or preset: its cached conversion) with its
-    decoder blocks on the meta device, read block by block by :class:`Offload`; every tensor
-    outside them but the output head is read now, in the checkpoint's dtype. ``work_root``:
-    where the block files go (the output's folder; default: the joules cache)."""
+    """Model ``spec`` (an HF directory, a GGUF file or preset: its cached conversion) on the
+    meta device, its tensors read from the checkpoint by :class:`Offload` when a step needs them
+    (checked present now). ``work_root``: where the block files go (the output's folder;
+    default: the joules cache)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -349,7 +346,7 @@ def load_layered(spec: str | Path, work_root: str | Path | None = None) -> Layer
     model.eval()
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()  # one meta parameter for the embedding and the head
-    offload = Offload(model, source, dtype, Path(work_root) if work_root is not None else None)
+    offload = Offload(model, source, Path(work_root) if work_root is not None else None)
     # nothing is read now: the blocks when a step needs them, the embedding for the forward up
     # to block 0 (Offload.outside_resident), the rest when saving
     head_names = _head_names(model)
