@@ -72,3 +72,16 @@ def test_layers_and_unknown_shapes(tmp_path):
         synthetic_config("llama-99b")
     with pytest.raises(ConfigError, match="at least one block"):
         synthetic_config("llama-3-8b", layers=0)
+
+
+def test_the_label_follows_compression_and_the_sweeps_baseline(tmp_path):
+    from joules.compress import compress
+    from joules.sweep.stages import baseline_manifest
+
+    cfg = tmp_path / "shape.json"
+    cfg.write_text(json.dumps({**SMALL, "num_hidden_layers": 1}))
+    model, _, info = load_model(write_synthetic(cfg, tmp_path / "m"))
+    assert baseline_manifest(model, info)["synthetic"] == SYNTHETIC_LABEL
+    cm = compress(model, "rtn(format=int8)")
+    assert cm.manifest.synthetic == SYNTHETIC_LABEL
+    assert cm.manifest.summary()["synthetic"] == SYNTHETIC_LABEL

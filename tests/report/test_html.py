@@ -456,3 +456,27 @@ def test_the_power_timeline_shows_the_runs_a_reader_picks(tmp_path: Path) -> Non
     assert got["boxes"] == 14  # one per run with a bench
     assert sorted(got["checked"]) == sorted([a.chosen.key, a.runner_up.key, a.baseline.key])
     assert got["before"] == 6 and got["after"] == 8  # prefill and decode of each shown run
+
+
+def test_runs_on_synthetic_weights_are_labelled_and_never_ranked(tmp_path: Path) -> None:
+    from joules.models.info import SYNTHETIC_LABEL
+    from joules.report.data import load_report_data
+    from joules.report.html import recommended_runs
+    from joules.sweep.analyze import Constraints
+
+    both = tmp_path / "both.db"
+    write_fake_store(both, model="real-135m", failed=False)
+    # the synthetic model's runs look better (perplexity / 2) and must still not be chosen
+    write_fake_store(both, model="syn-1b", seed=1, ppl_scale=0.5, failed=False, synthetic=True)
+    data = load_report_data(both)
+    rec = recommended_runs(data, Constraints())
+    assert rec and all(r.model == "real-135m" for r in data.done if r.key in rec)
+    text = render_report(both, tmp_path / "r.html").read_text()
+    n_syn = sum(r.model == "syn-1b" for r in data.done)
+    assert f"{n_syn} of {len(data.done)} finished runs" in text and SYNTHETIC_LABEL in text
+    table = text[text.index("<h2>Every candidate</h2>") :]
+    assert table.count(f">not ranked: {SYNTHETIC_LABEL}<") == n_syn
+    only = write_fake_store(tmp_path / "only.db", model="syn-1b", failed=False, synthetic=True)
+    text = render_report(only, tmp_path / "o.html").read_text()
+    assert 'id="joules-synthetic"' in text and "on real weights" in text
+    assert 'id="joules-recommended"' not in text

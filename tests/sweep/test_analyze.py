@@ -132,3 +132,27 @@ def test_parse_errors_are_one_line():
     with pytest.raises(ConfigError, match="2%"):
         parse_percent("two")
     assert parse_percent("0.5%") == 0.5
+
+
+def _synthetic(r: RunRow) -> RunRow:
+    from dataclasses import replace
+
+    from joules.models.info import SYNTHETIC_LABEL
+
+    return replace(r, key="syn-" + r.key, model="syn", manifest={"synthetic": SYNTHETIC_LABEL})
+
+
+def test_runs_on_synthetic_weights_are_never_ranked():
+    from joules.models.info import SYNTHETIC_LABEL
+
+    # the synthetic copies are better on every figure; the recommendation ignores them
+    fake = [_synthetic(r) for r in RUNS]
+    for r in fake:
+        r.metrics = [Metric(m.name, m.value / 2, m.unit, m.method, m.lo, m.hi) for m in r.metrics]
+    r = recommend(RUNS + fake, Constraints(max_ppl_increase_pct=2.0), "energy")
+    assert r.chosen.recipe == "int4" and r.chosen.model == "m"
+    assert all(c.model == "m" for c in r.candidates)
+    assert [x["run"] for x in r.not_ranked] == [f"syn · {x.recipe}" for x in RUNS]
+    assert {x["why"] for x in r.not_ranked} == {SYNTHETIC_LABEL}
+    with pytest.raises(ConfigError, match=r"synthetic model .*ranks none"):
+        recommend(fake, Constraints(), "energy")

@@ -59,6 +59,8 @@ def render_bench(res: Any) -> None:
     pre = res.model_info.get("prequantized")
     if pre:
         console.print(f"(weights were {pre} before joules loaded them)", highlight=False)
+    if res.model_info.get("synthetic"):
+        console.print(f"[yellow]note:[/] {res.model_info['synthetic']}", highlight=False)
     t = Table(
         title="latency and throughput (medians ± half the 95 % interval)", title_justify="left"
     )

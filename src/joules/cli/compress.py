@@ -69,6 +69,8 @@ def _render(result: dict[str, Any]) -> None:
         console.print(
             f"[yellow]note:[/] the source weights were {m['prequantized']} before joules saw them"
         )
+    if m.get("synthetic"):
+        console.print(f"[yellow]note:[/] {m['synthetic']}")
     if m.get("calibration"):
         c = m["calibration"]
         console.print(

@@ -181,6 +181,8 @@ def eval_cmd(
             err_console.print(f"[dim]dtype {choice.name} ({escape(choice.reason)})[/]")
         with console.status(f"loading {model}"):
             m, tok, info = load_model(model, dtype=choice.dtype)
+        if info.synthetic:
+            err_console.print(f"[yellow]note:[/] {info.synthetic}")
     with progress_bar(cls.progress_unit, json) as prog:
         r = config.run(m, tok, info, progress=prog)
     if choice is not None:

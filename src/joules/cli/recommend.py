@@ -223,6 +223,10 @@ def _render(r: Any) -> None:
         for f in r.pareto_figures
     )
     console.print(f"[dim]* on the Pareto front of {names}[/]")
+    for x in r.not_ranked:
+        console.print(
+            f"[yellow]not ranked:[/] {escape(x['run'])} ({escape(x['why'])})", soft_wrap=True
+        )
     for rule in r.rules:
         console.print(f"[dim]rule: {rule}[/]", soft_wrap=True)
 

@@ -34,6 +34,7 @@ from joules.compress.modules.linear import CompressedLinear, module_class
 from joules.compress.recipe import Recipe, parse_recipe, step_class, step_names
 from joules.errors import ConfigError, UnsupportedModelError
 from joules.fingerprint import compute_label, library_versions
+from joules.models.info import synthetic_label
 from joules.models.loading import (
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
@@ -205,6 +206,7 @@ def compress(
         recipe_steps=[s.to_dict() for s in recipe.steps],
         source_model=source,
         prequantized=prequantized,
+        synthetic=synthetic_label(getattr(model, "config", None)),
         versions=_versions(),
         calibration=calibration_info if recipe.needs_calibration else None,
     )

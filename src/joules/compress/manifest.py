@@ -35,6 +35,8 @@ class Manifest:
     recipe_steps: list[dict[str, Any]] = field(default_factory=list)
     source_model: str = ""
     prequantized: str | None = None
+    # joules.models.info.SYNTHETIC_LABEL when the source model's weights are random
+    synthetic: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -103,4 +105,5 @@ class Manifest:
             "model_bits_per_weight": self.model_bits_per_weight,
             "formats": formats,
             "prequantized": self.prequantized,
+            "synthetic": self.synthetic,
         }

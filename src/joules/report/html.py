@@ -889,10 +889,12 @@ def _candidate_table(data: ReportData, ans: list[Answer]) -> str:
                 f"{k.flag.removeprefix('--')}: {k.status}" for k in c.checks if k.status != "met"
             )
         )  # fmt: skip
+        if r.synthetic:
+            status = f"not ranked: {r.synthetic}"
         role = role_of(r)
         rt = runtime_of(r)
         role_text = f"{role} ({rt})" if role == "research" and rt else role
-        mark = marks.get(r.key, "")
+        mark = marks.get(r.key, "") or ("synthetic" if r.synthetic else "")
         cells = [f'<td data-v="{html.escape(mark)}">{html.escape(mark)}</td>']
         if len(models) > 1:
             cells.append(f'<td data-v="{html.escape(r.model)}">{html.escape(r.model)}</td>')
@@ -1018,10 +1020,19 @@ def render_html(
             f"</summary>{rest}</details>"
         )
     answer += rest
+    synthetic = [r for r in data.done if r.synthetic]
     if not answer:
         answer = (
             '<p class="note">No run could be recommended: the store has no finished run with '
-            "the figures <code>joules recommend</code> needs.</p>"
+            "the figures <code>joules recommend</code> needs"
+            + (" on real weights" if synthetic else "")
+            + ".</p>"
+        )
+    if synthetic:
+        answer = (
+            f'<p class="note" id="joules-synthetic">{len(synthetic)} of {len(data.done)} finished '
+            f"runs measured a model with random weights ({html.escape(str(synthetic[0].synthetic))}"
+            "): joules ranks none of them; their time and memory figures stand.</p>" + answer
         )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>joules report</title>

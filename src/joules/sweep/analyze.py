@@ -334,6 +334,8 @@ class Recommendation:
     candidates: list[Candidate]
     rules: list[str]
     pareto_figures: list[str] = field(default_factory=list)
+    # runs left out of the ranking, with why (synthetic weights: quality is meaningless)
+    not_ranked: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         def c(x: Candidate | None) -> Any:
@@ -354,6 +356,7 @@ class Recommendation:
             "pareto": [x.to_dict() for x in self.pareto],
             "candidates": [x.to_dict() for x in self.candidates],
             "rules": self.rules,
+            "not_ranked": self.not_ranked,
         }
 
 
@@ -367,6 +370,8 @@ RULES = [
     "the limit",
     "Pareto front: per model and workload, never across them",
     "objective minimised; ties broken by the smaller perplexity increase",
+    "runs on synthetic (random) weights are never ranked: their quality figures are "
+    "meaningless; their time and memory figures stand",
 ]
 
 
@@ -388,6 +393,14 @@ def recommend(
     done = [r for r in runs if r.status == "done"]
     if not done:
         raise ConfigError("the store holds no finished run: run `joules sweep SPEC.toml` first")
+    # random weights (joules.models.synthetic) measure time and memory only: never ranked
+    synthetic = [r for r in done if r.synthetic]
+    done = [r for r in done if not r.synthetic]
+    if not done:
+        raise ConfigError(
+            f"every finished run is on a synthetic model ({synthetic[0].synthetic}): joules ranks "
+            "none of them; sweep a real checkpoint for a recommendation"
+        )
     workloads = sorted({r.workload for r in done if r.workload is not None})
     if workload is not None:
         if workload not in workloads:
@@ -471,4 +484,9 @@ def recommend(
         candidates=cands,
         rules=RULES,
         pareto_figures=pareto_figures,
+        not_ranked=[
+            {"run": f"{r.model} · {r.recipe}", "why": str(r.synthetic)}
+            for r in synthetic
+            if workload is None or r.workload == workload
+        ],
     )

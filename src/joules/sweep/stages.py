@@ -534,6 +534,7 @@ def baseline_manifest(model: Any, info: Any) -> dict[str, Any]:
         "bits_per_weight": 8.0 * sum(p.numel() * p.element_size() for p in params) / n_params,
         "dtype": str(next(iter(params)).dtype).removeprefix("torch."),
         "prequantized": pq,
+        "synthetic": getattr(info, "synthetic", None),
         "layers": {},
         "note": f"as loaded; its weights were {pq} in the source file before joules saw them"
         if pq

@@ -207,6 +207,12 @@ class RunRow:
     superseded_by: str | None = None  # re-done under this key (code, versions... changed)
     stale: list[str] | None = None  # reused while stale (--reuse-stale): what had changed
 
+    @property
+    def synthetic(self) -> str | None:
+        """The synthetic-weights label of the model this run measured (None: real weights)."""
+        label = (self.manifest or {}).get("synthetic")
+        return str(label) if label else None
+
     def metric(self, name: str, hardware: str = "") -> Metric | None:
         for m in self.metrics:
             if m.name == name and m.hardware == hardware:

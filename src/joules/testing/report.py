@@ -21,6 +21,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from joules.models.info import SYNTHETIC_LABEL
 from joules.sweep.results import extract_metrics
 from joules.sweep.store import Metric, Store
 
@@ -66,10 +67,12 @@ def write_fake_store(
     failed: bool = True,
     model: str = "fake-135m",
     ppl_scale: float = 1.0,
+    synthetic: bool = False,
 ) -> Path:
     """Write a store of fake finished runs (and one failed run if ``failed``) at ``path``;
     ``model`` names them (so several fake models can share a store), ``ppl_scale`` scales every
-    perplexity of that model."""
+    perplexity of that model; ``synthetic``: the model's weights were random (its manifests
+    carry :data:`~joules.models.info.SYNTHETIC_LABEL`)."""
     rng = random.Random(seed)
     base_ppl, base_bytes = ppl_scale * (18.0 + rng.random()), 270_000_000
     versions = {"joules": "0.0.0-fake", "torch": "2.13.0", "python": "3.11"}
@@ -89,6 +92,8 @@ def write_fake_store(
                         "layers": layers,
                         "layer_paths": {n: "kernel:fake/bf16" if real else "emulated"
                                         for n in layers}}  # fmt: skip
+            if synthetic:
+                manifest["synthetic"] = SYNTHETIC_LABEL
             ppl = base_ppl * factor * (1 + 0.002 * rng.random())
             ev = {
                 "wikitext2": {
