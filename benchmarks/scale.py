@@ -190,6 +190,13 @@ def _summary(stage: str, data: Any) -> dict[str, Any]:
             ],
             "timings_s": data.get("timings_s"),
             "bits_per_weight": m.get("bits_per_weight"),
+            # joules compress's own pre-run prediction (made before it loaded a weight)
+            "predicted": {
+                k: (data.get("prediction") or {}).get(k)
+                for k in ("time_s", "peak_rss_bytes", "terms_s", "memory_bytes")
+            }
+            if data.get("prediction")
+            else None,
         }
     if stage == "export":
         return {"file_bytes": data.get("file_bytes") or data.get("bytes")}
@@ -309,6 +316,15 @@ def targets(record: dict[str, Any]) -> dict[str, Any]:
         peaks = [r["peak_rss_bytes"] for k, r in rows.items() if k.startswith(size + "/")]
         if peaks:
             out[f"peak_rss_gib_{size}"] = round(max(peaks) / 2**30, 2)
+        c = rows.get(f"{size}/compress") or {}
+        pred = c.get("predicted")
+        if pred and pred.get("time_s"):
+            # predicted / measured: the GPTQ run's wall time and the stage's peak RSS (target:
+            # within 25 %)
+            out[f"predicted_over_measured_time_{size}"] = round(pred["time_s"] / c["wall_s"], 3)
+            out[f"predicted_over_measured_rss_{size}"] = round(
+                pred["peak_rss_bytes"] / c["peak_rss_bytes"], 3
+            )
     return out
 
 

@@ -81,6 +81,54 @@ def _render(result: dict[str, Any]) -> None:
         console.print(f"note: {escape(note)}")
 
 
+def _predict(info: Any, recipe: Any, calib_n: int, calib_len: int, layered: bool, out: Any) -> Any:
+    """Say the predicted time and peak memory before compressing; refuse in one line when the
+    peak will not fit the memory available, naming what would."""
+    import psutil
+
+    from joules.predict.compress_cost import (
+        config_from_info,
+        fitting_calibration,
+        load_unit_costs,
+        predict_compress,
+    )
+
+    if not recipe.steps:
+        return None
+    cfg = config_from_info(info)
+    with out.status("probing this machine's compression rates (once)"):
+        costs = load_unit_costs()
+    p = predict_compress(cfg, recipe, calib_n=calib_n, calib_len=calib_len, layered=layered,
+                         costs=costs)  # fmt: skip
+    available = int(psutil.virtual_memory().available)
+    gib = 2**30
+    if p.peak_rss_bytes > available:
+        fixes = []
+        n = fitting_calibration(cfg, recipe, calib_n, calib_len, available, layered, costs)
+        if n is not None and n < calib_n:
+            fixes.append(f"--calib-n {n}")
+        if not layered:
+            lp = predict_compress(cfg, recipe, calib_n=calib_n, calib_len=calib_len,
+                                  layered=True, costs=costs)  # fmt: skip
+            if lp.peak_rss_bytes <= available:
+                fixes.append("--layered")
+        fixes.append(f"a machine with {p.peak_rss_bytes / gib:.1f} GiB free")
+        raise ConfigError(
+            f"compressing {info.spec} needs about {p.peak_rss_bytes / gib:.1f} GiB (predicted) "
+            f"and {available / gib:.1f} GiB is available: use {' or '.join(fixes)}"
+        )
+    minutes, seconds = divmod(round(p.time_s), 60)
+    time_text = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+    if p.unmodelled_steps:
+        time_text += f" + {', '.join(p.unmodelled_steps)} (no cost model)"
+    out.print(
+        f"[dim]predicted: {time_text}, peak RSS {p.peak_rss_bytes / gib:.2f} GiB "
+        f"({'layer by layer' if layered else 'in memory'}, {p.calib_tokens:,} calibration "
+        "tokens; from this machine's probe)[/]"
+    )
+    return p
+
+
 def _list_steps(value: bool) -> None:
     """``--list-steps``: every registered compression step with its recipe arguments, read
     from the registry when asked (importing the steps imports torch, which ``joules --help``
@@ -166,6 +214,7 @@ def compress_cmd(
         else:
             m, tok, info = load_model(model)
     timings_s = {"load": time.perf_counter() - t_load}
+    prediction = _predict(info, parsed, calib_n, calib_len, layered, out_console)
     calib, calib_info = None, None
     if parsed.needs_calibration:
         calib, calib_info = calibration_tokens(
@@ -200,5 +249,10 @@ def compress_cmd(
     t_save = time.perf_counter()
     cm.save(output, tok)
     timings_s["save"] = time.perf_counter() - t_save
-    result = {"output": str(output), "manifest": cm.manifest.to_dict(), "timings_s": timings_s}
+    result = {
+        "output": str(output),
+        "manifest": cm.manifest.to_dict(),
+        "timings_s": timings_s,
+        "prediction": prediction.to_dict() if prediction is not None else None,
+    }
     emit(result, as_json, _render)
