@@ -40,7 +40,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, header, load_avg_1m, parser, resume, write_json
+from common import RESULTS, figure_png, header, load_avg_1m, parser, resume, write_json
 from joules.paths import cache_dir
 from joules.predict.shape import ModelShape
 
@@ -328,13 +328,56 @@ def targets(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+FIGURE = Path(__file__).resolve().parent.parent / "docs" / "assets" / "scale_loglog.png"
+
+
+def loglog_figure(record: dict[str, Any]) -> Any:
+    """Wall time of each stage against parameters, both axes logarithmic, with each stage's
+    fitted power law t = a * N^b drawn through its points (``fits``)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    params = record["parameters"]
+    for stage in STAGES:
+        pts = sorted(
+            (params[k.split("/")[0]], r["wall_s"], k.split("/")[0])
+            for k, r in record["rows"].items()
+            if k.endswith("/" + stage) and k.split("/")[0] in params
+        )
+        if not pts:
+            continue
+        f = (record.get("fits") or {}).get(stage)
+        name = stage + (f" (t ∝ N^{f['exponent']:.2f})" if f else "")
+        fig.add_trace(go.Scatter(
+            x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers+text",
+            text=[p[2] for p in pts], textposition="top center", name=name,
+        ))  # fmt: skip
+    fig.update_xaxes(type="log", title="parameters")
+    fig.update_yaxes(type="log", title="wall time (s)")
+    fig.update_layout(
+        title="Cost of each stage as the model grows (benchmarks/results/scale.json; "
+        "sizes above 135m are synthetic)",
+        width=1100, height=620, template="plotly_white",
+    )  # fmt: skip
+    return fig
+
+
 def main() -> int:
     ap = parser(__doc__, out=OUT, table=True)
     ap.add_argument("--sizes", default="135m,1b", help="comma-separated of " + ",".join(SIZES))
     ap.add_argument("--calib-n", type=int, default=None, help="calibration sequences (all sizes)")
     ap.add_argument("--work", type=Path, default=None, help="intermediates (default: cache)")
     ap.add_argument("--keep", action="store_true", help="keep intermediates")
+    ap.add_argument(
+        "--figure", type=Path, nargs="?", const=FIGURE,
+        help="draw the log-log plot of --out's JSON into this PNG (default: %(const)s)",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.figure:
+        if figure_png(loglog_figure(json.loads(args.out.read_text())), args.figure) is None:
+            raise SystemExit("--figure needs chromium (Debian: apt install chromium)")
+        print(f"wrote {args.figure}", file=sys.stderr)
+        return 0
     if args.table:
         record = json.loads(args.out.read_text())
         record["rows"] = {k: _compact(k.split("/")[1], v) for k, v in record["rows"].items()}

@@ -44,3 +44,30 @@ def test_the_fit_recovers_an_exponent(scale):
 def test_the_parameter_counts_need_no_torch(scale):
     assert scale.n_params("8b") == 8_030_261_248
     assert scale.n_params("135m") == 134_515_008
+
+
+def test_the_loglog_figure_has_a_line_per_measured_stage(scale):
+    import json
+
+    record = json.loads(scale.OUT.read_text())
+    fig = scale.loglog_figure(record)
+    stages = {k.split("/")[1] for k in record["rows"]}
+    assert {t.name.split(" ")[0] for t in fig.data} == stages
+    assert fig.layout.xaxis.type == fig.layout.yaxis.type == "log"
+    fitted = [t for t in fig.data if "N^" in t.name]
+    assert all(len(t.x) >= 2 for t in fitted)
+
+
+def test_the_prediction_over_the_measurement_is_a_target(scale):
+    record = {
+        "parameters": {"135m": 1, "1b": 9},
+        "rows": {
+            "1b/compress": {
+                "wall_s": 100.0, "peak_rss_bytes": 2000, "bytes_written": 0,
+                "predicted": {"time_s": 120.0, "peak_rss_bytes": 1800},
+            }
+        },
+    }  # fmt: skip
+    t = scale.targets(record)
+    assert t["predicted_over_measured_time_1b"] == 1.2
+    assert t["predicted_over_measured_rss_1b"] == 0.9
