@@ -24,6 +24,8 @@ RECIPES = [
     "awq(format=int4-g32) | gptq(format=int4-g32)",  # a block file read back by a second step
     "prune(method=wanda, pattern=2:4) | gptq(format=gguf-q4_0)",
     "smoothquant(alpha=0.5) | rtn(format=int8-ch)",
+    # the budget solved over every block's candidates, then each block read back to install
+    "mixed(avg_bits=4.6, sensitivity=hessian, candidates=[int4-g32, int8-g32])",
 ]
 
 
@@ -78,8 +80,13 @@ def test_steps_that_need_the_whole_model_are_refused(checkpoint, tmp_path):
     with pytest.raises(
         ConfigError, match=r"needs the whole model in memory: layer-by-layer .*gptq"
     ):
-        compress(lm.model, "mixed(avg_bits=4.25)", torch.zeros(1, 8, dtype=torch.long),
+        compress(lm.model, "outliers(fraction=0.01)", torch.zeros(1, 8, dtype=torch.long),
                  lm.tokenizer, offload=lm.offload)  # fmt: skip
+    for sensitivity, why in (("fisher", "backward pass"), ("probe", "every candidate")):
+        with pytest.raises(ConfigError, match=rf"{why}.*use sensitivity=hessian, or --in-memory"):
+            compress(lm.model, f"mixed(avg_bits=4.25, sensitivity={sensitivity})",
+                     torch.zeros(1, 8, dtype=torch.long), lm.tokenizer,
+                     offload=lm.offload)  # fmt: skip
     tok = lm.tokenizer
     calib, _ = calibration_tokens(tok, 2, 32)
     with pytest.raises(ConfigError, match="final hidden states of the whole model"):

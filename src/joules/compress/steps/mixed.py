@@ -96,6 +96,9 @@ class Mixed(Step):
     quantizer: Literal["rtn", "gptq"] = "rtn"
 
     needs_calibration = True
+    # sensitivity=hessian reads one decoder block at a time; fisher (a backward pass through
+    # the whole model) and probe (whole-model forwards per candidate) are refused layer by layer
+    layered = True
 
     def validate(self) -> None:
         if not self.avg_bits:
@@ -189,6 +192,18 @@ class Mixed(Step):
 
     # -- apply -------------------------------------------------------------------------------------
     def apply(self, ctx: CompressContext) -> None:
+        if ctx.offload is not None and self.sensitivity != "hessian":
+            need = (
+                "a backward pass through the whole model (the gradient of every weight)"
+                if self.sensitivity == "fisher"
+                else "forwards of the whole model for every candidate of every layer"
+            )
+            raise ConfigError(
+                f"mixed(sensitivity={self.sensitivity}) needs {need}, which layer-by-layer "
+                "compression never holds in memory (joules compresses layer by layer when the "
+                "checkpoint exceeds a quarter of the free memory): use sensitivity=hessian, or "
+                "--in-memory on a machine with room for the model and its gradients"
+            )
         targets = ctx.resolve_targets(self.targets)
         for name, m in targets.items():
             if isinstance(m, CompressedLinear) or getattr(m, "weight_plan", None) is not None:
@@ -222,9 +237,13 @@ class Mixed(Step):
                 }
             )
         first = members[0]["choice"]
-        for lay in layers:
-            k = self.candidates.index(first[lay.name])
-            install_quantized(ctx, lay.name, lay.module, lay.qts[k], "mixed")
+        by_name = {lay.name: lay for lay in layers}
+        # layer by layer, each block is read back (in block order) while its layers are installed
+        for name, module in ctx.each_target({lay.name: lay.module for lay in layers}):
+            lay = by_name[name]
+            install_quantized(
+                ctx, name, module, lay.qts[self.candidates.index(first[name])], "mixed"
+            )
         # The family store: each layer's packed weight in every format some member uses.
         store: dict[str, dict[str, QuantizedTensor]] = {}
         for lay in layers:
