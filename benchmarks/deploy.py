@@ -68,6 +68,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "results" / "deploy.json"
 PAGES = (ROOT / "README.md", ROOT / "docs" / "results" / "deploy.md")
+# the presets at and above the Q4_1 grid, in their own run and table (docs only: claim nothing)
+ABOVE = HERE / "results" / "deploy_above_grid.json"
+PAGES_OF = {OUT.resolve(): PAGES, ABOVE.resolve(): (ROOT / "docs" / "results" / "deploy.md",)}
 FIGURE = ROOT / "docs" / "assets" / "deploy_size_curve.png"
 LAYOUT = "sweep-v1"  # the JSON's layout
 MODEL = "smollm2-135m"
@@ -908,19 +911,19 @@ def columns(data: dict[str, Any]) -> list[tuple[str, str]]:
     return [(f"{h} ({method})" if f == "j_per_token" and method else h, f) for h, f in COLUMNS]
 
 
-def marker(data: dict[str, Any]) -> str:
+def marker(data: dict[str, Any], name: str = OUT.name) -> str:
     cols = "; ".join(f"{h}={f}" for h, f in columns(data))
-    return f"<!-- bench: results/deploy.json rows=table key=row cols={cols} -->"
+    return f"<!-- bench: results/{name} rows=table key=row cols={cols} -->"
 
 
-def markdown(data: dict[str, Any]) -> str:
+def markdown(data: dict[str, Any], name: str = OUT.name) -> str:
     """The docs' block: the marker, the table and the headline lines, from the JSON alone."""
     if data.get("layout") != LAYOUT:
         raise SystemExit(
             f"{data.get('layout')!r} is not this script's layout {LAYOUT!r}: re-run it"
         )
     cols = columns(data)
-    lines = [marker(data), "| row | " + " | ".join(h for h, _ in cols) + " |"]
+    lines = [marker(data, name), "| row | " + " | ".join(h for h, _ in cols) + " |"]
     lines.append("|" + "---|" * (len(cols) + 1))
     for t in data["table"]:
         cells = [t["row"]]
@@ -962,16 +965,17 @@ LEGACY_MARKER = (
 )
 
 
-def splice(page: str, block: str) -> str:
-    """``page`` with its deploy block (marker, table, the ``- `` lines after one blank line)
-    replaced by ``block``; unchanged when the page has none.
+def splice(page: str, block: str, name: str = OUT.name) -> str:
+    """``page`` with its block of ``results/NAME`` (marker, table, the ``- `` lines after one
+    blank line) replaced by ``block``; unchanged when the page has none.
 
     >>> page = "intro\\n<!-- bench: results/deploy.json x -->\\n| a |\\n|---|\\n| 1 |\\n\\n- s\\n\\nend"
     >>> splice(page, "NEW")
     'intro\\nNEW\\n\\nend'
     """
     lines = page.split("\n")
-    start = next((i for i, ln in enumerate(lines) if "<!-- bench: results/deploy.json" in ln), None)
+    tag = f"<!-- bench: results/{name} "
+    start = next((i for i, ln in enumerate(lines) if tag in ln), None)
     if start is None:
         return page
     end = start + 1
@@ -1093,22 +1097,22 @@ def main(argv: list[str] | None = None) -> int:
         if data.get("layout") == LAYOUT:
             data = retable(data)
             write_json(args.out, data, indent=1)
-            block = markdown(data)
-            if Path(args.out).resolve() == OUT.resolve():
-                for page in PAGES:
-                    text = page.read_text()
-                    new = splice(text, block)
-                    if new != text:
-                        atomic_write_text(page, new)
-                        print(f"updated {page.relative_to(ROOT)}", file=sys.stderr)
-        print(markdown(data))
+            name = Path(args.out).name
+            block = markdown(data, name)
+            for page in PAGES_OF.get(Path(args.out).resolve(), ()):
+                text = page.read_text()
+                new = splice(text, block, name)
+                if new != text:
+                    atomic_write_text(page, new)
+                    print(f"updated {page.relative_to(ROOT)}", file=sys.stderr)
+        print(markdown(data, Path(args.out).name))
         return 0
     args.tokens = args.tokens or (2048 if args.quick else 16384)
     args.calib_n = args.calib_n or (16 if args.quick else 128)
     args.rows = args.rows or (",".join(QUICK_ROWS) if args.quick else "all")
     data = retable(run(args))
     write_json(args.out, data, indent=1, default=str)
-    print(markdown(data))
+    print(markdown(data, Path(args.out).name))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
