@@ -1,5 +1,5 @@
 """compressed-tensors export: the package's own decompressor reads the written codes, scales and
-zero points back to joules' dequantized weights (cast to the checkpoint's fp16) bit for bit;
+zero points back to joules' dequantized weights (cast to the checkpoint's scale dtype) bit for bit;
 transformers loads the folder to joules' logits; unmappable layers are refused in one line (or
 written dense with --dequantize); vLLM's fused q/k/v and gate/up take one scheme."""
 
@@ -69,6 +69,7 @@ def _decompress(ct_dir):
 
 
 def test_pack_int32_is_compressed_tensors_layout():
+    pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     g = torch.Generator().manual_seed(0)
@@ -89,23 +90,25 @@ def test_pack_int32_is_compressed_tensors_layout():
         "rtn(format=uint4-asym-g32-zpint)",
         "rtn(format=int8-ch)",
         "rtn(format=uint8-asym-ch-zpint)",
+        "rtn(format=int4-g64-sbf16)",  # a bf16 checkpoint
         "gptq(format=int4-g32)",  # act_order with static groups: no g_idx
         "awq(format=uint4-asym-g64-zpint)",
         'gptq(format=int4-g32, overrides=["*.mlp.down_proj=int8-ch"])',  # two config groups
     ],
 )
-def test_decompressor_gives_joules_weights_in_fp16_bit_for_bit(tmp_path, recipe):
+def test_decompressor_gives_joules_weights_in_the_scale_dtype_bit_for_bit(tmp_path, recipe):
     pytest.importorskip("compressed_tensors")
     d, cm = _compressed(tmp_path, recipe)
     res = export_compressed_tensors(d, tmp_path / "ct")
-    assert res.dtype == "float16" and res.format == "pack-quantized"
+    dt = torch.bfloat16 if "sbf16" in recipe else torch.float16  # the scales' dtype
+    assert res.dtype == str(dt).removeprefix("torch.") and res.format == "pack-quantized"
     assert all(x.exact for x in res.layers if x.scheme)
     got = _decompress(tmp_path / "ct")
     mods = {n: m for n, m in cm.model.named_modules() if isinstance(m, CompressedLinear)}
     assert set(got) == set(mods)
     for name, w in got.items():
-        want = mods[name].dequantize_weight().to(torch.float16)
-        assert w.dtype == torch.float16
+        want = mods[name].dequantize_weight().to(dt)
+        assert w.dtype == dt
         assert torch.equal(w.view(torch.int16), want.view(torch.int16)), name
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
     qc = cfg["quantization_config"]
@@ -263,7 +266,14 @@ def test_cli_writes_the_folder_and_refuses_a_foreign_one(tmp_path):
     assert r.exit_code == 2 and (foreign / "notes.txt").read_text() == "keep"
 
 
-def test_activation_quantization_is_refused_even_with_dequantize(tmp_path):
-    d, _ = _compressed(tmp_path, "act_quant(format=int8) | rtn(format=int4-g32)")
-    with pytest.raises(ConfigError, match="activations at run time"):
+@pytest.mark.parametrize(
+    "recipe, why",
+    [
+        ("act_quant(format=int8) | rtn(format=int4-g32)", "activations at run time"),
+        ("rtn(format=int4-g32) | kvcache(format=int4, residual=32, group=32)", "KV-cache policy"),
+    ],
+)
+def test_runtime_behaviour_is_refused_even_with_dequantize(tmp_path, recipe, why):
+    d, _ = _compressed(tmp_path, recipe)
+    with pytest.raises(ConfigError, match=why):
         export_compressed_tensors(d, tmp_path / "ct", dequantize="f16")

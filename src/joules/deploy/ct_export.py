@@ -218,10 +218,10 @@ class CTExportResult:
 
 def _unwritable(model: nn.Module, manifest: Any) -> str | None:
     """Why the model's compression cannot live in a compressed-tensors checkpoint at all."""
-    if manifest is not None and manifest.runtime:
-        what = ", ".join(sorted(manifest.runtime))
+    # (a mixed() family's runtime entry is fine: the installed member is what is written)
+    if manifest is not None and "kv_cache" in manifest.runtime:
         return (
-            f"its {what} setting is a policy of joules' torch runtimes that the checkpoint "
+            "its KV-cache policy is a setting of joules' torch runtimes that the checkpoint "
             "cannot carry (vLLM has its own, e.g. --kv-cache-dtype): compress without it"
         )
     for name, mod in model.named_modules():
@@ -250,13 +250,13 @@ def _layer_scheme(lin: CompressedLinear) -> CTScheme | str:
 
 def _check_fused(schemes: dict[str, CTScheme | None]) -> None:
     """vLLM serves q/k/v and gate/up as one fused layer each, which takes one scheme."""
-    for name, s in schemes.items():
+    for name in schemes:
         stem, _, leaf = name.rpartition(".")
         for group in FUSED:
             if leaf != group[0]:
                 continue
             members = {f"{stem}.{m}": schemes.get(f"{stem}.{m}") for m in group}
-            if len({s for s in members.values()}) > 1:
+            if len(set(members.values())) > 1:
                 got = ", ".join(
                     f"{n.rpartition('.')[2]}={x.label if x else 'dense'}"
                     for n, x in members.items()
