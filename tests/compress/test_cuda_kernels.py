@@ -341,3 +341,17 @@ def test_cuda_int8_computes_the_emulated_product() -> None:
     y = kernel.linear(x, packed)
     ref = F.linear(x, q.dequantize())
     assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_layers_dispatch_traces_whole_under_torch_compile() -> None:
+    """The compiled runtime traces a layer's forward as one graph (fullgraph): the kernel choice
+    must key on what dynamo can guard (a pin counter, not a ContextVar lookup). Checked on the
+    CPU kernel with bf16 activations, whose Python is the CUDA kernels' but for the op."""
+    lin = _layer("int4-g64").to(torch.bfloat16)
+    model = torch.nn.Sequential(lin)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    eager = model(x)
+    compiled = torch.compile(lambda t: model(t), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), eager) and lin.path == "kernel:cpu-int4/bf16"
+    with K.pinned_activations("fp32"):  # the pin counter moved: re-chosen, no trace error
+        assert torch.equal(compiled(x), eager)

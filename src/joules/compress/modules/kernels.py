@@ -191,8 +191,11 @@ class Kernel:
         if not (isinstance(st, PackedWeight) and st.kernel == self.name and st.compute_dtype == dt):
             st = layer.kernel_state = self.pack(layer.qtensor(), dt)  # once per layer and dtype
             layer.compute_dtype = dt
-        # the path names the activation dtype: results must say what ran
-        layer.path = f"kernel:{self.name}/{dtypes.short_name(dt)}"
+        # the path names the activation dtype: results must say what ran (set only when it
+        # changes: a compiled step then has no attribute write to replay at every call)
+        path = f"kernel:{self.name}/{dtypes.short_name(dt)}"
+        if layer.path != path:
+            layer.path = path
         return self.linear(x, st, layer.bias)
 
 
