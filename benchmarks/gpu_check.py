@@ -145,7 +145,7 @@ def plan(s: Settings, parts: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         "meter": (s.warmup_s + s.windows * s.window_s + 2, f"{s.windows} x {s.window_s:g} s"),
         "async": (s.async_repeats * 2 * (s.async_s + 0.5) + 3, f"2 x {s.async_repeats} bursts"),
         "gptq": (25 + 5 * s.big_layers, f"write + load the 1B shape, {s.big_layers} blocks"),
-        "decode": (4 * (45 + s.repeats * 2) + 30, "4 models x (compile + bench)"),
+        "decode": (4 * (45 + s.repeats * 2) + 30, "3 models, 4 x (compile + bench)"),
         "predict": (10 + len(s.grid) * (s.grid_repeats + 1) * 1.5, f"{len(s.grid)} points"),
     }
     return {p: {"estimate_s": est[p][0], "what": est[p][1]} for p in parts}
