@@ -86,7 +86,9 @@ def test_decode_part_runs_every_variant_through_its_path(dry: dict) -> None:
     assert list(rows) == ["fp16", "int8", "int4", "int4-emulated"]
     for r in rows.values():
         assert r["decode_tok_s"] > 0 and r["decode_j_per_token"] > 0
-        assert r["decode_energy_method"] == "counter"
+        # metered: the counter, or power x time from the same sensor for a decode window
+        # shorter than the counter's period (3 tiny steps on a fast CPU)
+        assert r["decode_energy_method"] in ("counter", "sampled")
     assert rows["int4"]["linear_paths"]["kernel:cpu-int4/fp32"] == 7
     assert rows["int8"]["linear_paths"]["kernel:cpu-int8/fp32"] == 7
     assert rows["int4-emulated"]["linear_paths"]["emulated"] == 7
