@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = [s for s in args.formats.split(",") if s]
     token_counts = [int(s) for s in args.tokens.split(",") if s]
 
-    choices = {kn.name: K.compute_dtype(kn.name, refresh=True) for kn in K.kernels()}
+    choices = {kn.name: K.compute_dtype(kn.name, refresh=True) for kn in K.kernels("cpu")}
     rows = []
     hdr = f"{'format':16s} {'shape':>9s} {'tok':>4s} " + " ".join(
         f"{c:>13s}" for c in ("fp32 ms", "bf16", "emul-fp32", "emul-bf16", "kern-fp32", "kern-bf16")

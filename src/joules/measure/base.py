@@ -276,13 +276,16 @@ class Backend(ABC):
 
 @dataclass
 class Window:
-    """An open (or closed) measurement window; ``measurement`` is set when it ends."""
+    """An open (or closed) measurement window; ``measurement`` is set when it ends, and ``end``
+    holds the backends' readings it ended on (as ``start`` holds those it began on: a check can
+    compare what a backend keeps beside its figure, e.g. NVML's sampled integral)."""
 
     name: str
     start: dict[str, Reading]
     start_unix_s: float
     timeline: bool
     measurement: Measurement | None = None
+    end: dict[str, Reading] | None = None
 
     @property
     def open(self) -> bool:
@@ -466,6 +469,7 @@ class Meter:
             self._open.remove(w)
             if not self._open:
                 self._last_close_s = self.clock()
+        w.end = end
         w.measurement = self._measure(w, end)
         self.last = w.measurement
         return w.measurement

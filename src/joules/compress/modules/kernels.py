@@ -1,7 +1,8 @@
-"""Real CPU weight-only kernels for packed integer weights (torch's own int8/int4 matmuls).
+"""Real weight-only kernels for packed integer weights (torch's own int8/int4 matmuls), on the
+CPU and on CUDA, in one registry keyed by (format family, device).
 
-torch ships two CPU weight-only matmuls; this module packs joules' ``QuantizedTensor``s into
-their layouts once (at convert/load time) and runs them:
+torch ships two CPU weight-only matmuls and one CUDA one; this module packs joules'
+``QuantizedTensor``s into their layouts once (at convert/load time) and runs them. On the CPU:
 
 - ``cpu-int8``: ``aten._weight_int8pack_mm(x, w_int8[n, k], scales[n])`` computes
   ``x @ (w * scales[:, None]).T``. Serves symmetric ``int8-ch`` and ``int8`` (per tensor): our
@@ -16,7 +17,30 @@ their layouts once (at convert/load time) and runs them:
   ``uint{b}-asym-zpint`` (``x = (code - z) * s``): ``t = code``, ``zero = (8 - z) * s``.
   A joules group of N = m * G shares its scale over m kernel groups (scales repeated).
 
-Both kernels want scales in the activation dtype. On an AVX2-only CPU (no AVX512-BF16) they run
+On CUDA (``cuda_capability()`` asks torch; :func:`capability_query` replaces it, so CPU
+tests pick kernels for any GPU):
+
+- ``cuda-int4``: ``aten._weight_int4pack_mm(x bf16 [m, k], packed, G, sz[k/G, n, 2] bf16)``
+  (tinygemm, Ampere's ``mma.sync`` bf16 tiles: **sm80+**) with
+  ``packed = aten._convert_weight_to_int4pack(u8[n, k/2], inner_k_tiles)``: the CUDA variant
+  takes two codes a byte, column ``2j`` in the high nibble, and tiles them for the tensor
+  cores (``inner_k_tiles`` in {8, 4, 2}, the largest whose ``16 x tiles`` divides the row).
+  It decodes ``(t - 8) * scale + zero`` with one bf16 fma: the same ``t``, scales and zeros
+  as ``cpu-int4`` above, in bf16 (torchao's "zero point domain float": ``zero = min + 8 s``).
+  Rows of N = m * G, G in {32, 64, 128, 256}; ``out_features`` a multiple of 8; activations
+  run in bf16 whatever their dtype (the result is cast back). :func:`cuda_int4_operands`
+  builds the kernel's inputs with plain torch and :func:`cuda_int4_reference` computes, in
+  plain torch, what the kernel computes from them: the CPU tests check both.
+- ``cuda-int8``: the int8 weight-only path torchao (``Int8WeightOnlyConfig``) and gpt-fast use
+  on CUDA: ``F.linear(x, w_int8.to(x.dtype)) * scales[n]``, which torch.compile fuses into one
+  kernel reading int8 weights (torch has no int8 weight-only CUDA kernel; in eager the weight
+  is converted at every call). Symmetric ``int8-ch`` / ``int8``; activations keep their dtype.
+
+Where a kernel of the format's family exists on the device but does not serve the weight (a
+GPU below sm80, a row it cannot tile), :func:`fallback_reason` says why in one line; the layer
+runs ``emulated`` and keeps the reason (``CompressedLinear.path_detail``).
+
+The CPU kernels want scales in the activation dtype. On an AVX2-only CPU (no AVX512-BF16) they run
 *slower* than fp32 ``F.linear`` with fp32 activations and faster with bf16 ones
 (``benchmarks/linear_kernels.py``), so for speed the compute dtype is chosen per CPU by
 :func:`compute_dtype`: a one-time probe of each kernel at 1536x576, one token, fp32 against bf16
@@ -47,6 +71,12 @@ computes in bf16 everywhere.
     True
     >>> find_kernel(formats.get("nf4").quantize(torch.randn(64, 128))) is None
     True
+    >>> with capability_query(lambda: (7, 5)):           # a T4, asked for on a CPU machine
+    ...     fallback_reason(q, "cuda")
+    'cuda-int4: needs sm80+, this GPU is sm75'
+    >>> with capability_query(lambda: (9, 0)):           # an H100
+    ...     find_kernel(q, "cuda").name
+    'cuda-int4'
 """
 
 from __future__ import annotations
@@ -59,6 +89,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from joules import dtypes, formats
 from joules.errors import ConfigError
@@ -107,9 +138,25 @@ class Kernel:
     pack: Callable[[QuantizedTensor, torch.dtype], PackedWeight]
     mm: Callable[[torch.Tensor, PackedWeight], torch.Tensor]
     doc: str = ""
+    device: str = "cpu"  # the device type it runs on (the registry's second key)
+    family: str = ""  # the format family it serves ("int8" | "int4": see format_family)
+    # the activation dtype it computes in for an input of dtype x (None: the CPU speed probe,
+    # see activation_dtype); and why it refuses inputs of a dtype (None: it takes any float)
+    act_dtype: Callable[[torch.dtype], torch.dtype] | None = None
+    dtype_why_not: Callable[[torch.dtype], str | None] | None = None
 
     def supports(self, q: QuantizedTensor, device: str | torch.device = "cpu") -> bool:
         return self.why_not(q, torch.device(device).type) is None
+
+    def why_not_input(self, q: QuantizedTensor, device: str, dtype: torch.dtype) -> str | None:
+        """None when the kernel computes ``x @ W.T`` for ``x`` of ``dtype`` on ``device``, else
+        a one-line reason (the weight's, then the activations')."""
+        if not dtype.is_floating_point:
+            return f"activations of dtype {dtype} are not floating point"
+        why = self.why_not(q, device)
+        if why is None and self.dtype_why_not is not None:
+            why = self.dtype_why_not(dtype)
+        return why
 
     def linear(
         self, x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None
@@ -128,18 +175,27 @@ class Kernel:
     def serves(self, layer: Any, x: torch.Tensor) -> bool:
         """True when this kernel can compute ``layer(x)``: a floating-point input, and a weight
         the kernel serves on ``x``'s device."""
-        return x.is_floating_point() and self.why_not(layer.qtensor(), x.device.type) is None
+        return self.why_not_input(layer.qtensor(), x.device.type, x.dtype) is None
+
+    def compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype ``x``'s activations run in through this kernel."""
+        if self.act_dtype is not None:
+            return self.act_dtype(x.dtype)
+        return activation_dtype(self.name, x)
 
     def run(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)`` through the kernel: packs the weight once per layer and activation dtype
         (kept in ``layer.kernel_state``) and records ``layer.path``."""
-        dt = activation_dtype(self.name, x)
+        dt = self.compute_dtype_for(x)
         st = layer.kernel_state
         if not (isinstance(st, PackedWeight) and st.kernel == self.name and st.compute_dtype == dt):
             st = layer.kernel_state = self.pack(layer.qtensor(), dt)  # once per layer and dtype
             layer.compute_dtype = dt
-        # the path names the activation dtype: results must say what ran
-        layer.path = f"kernel:{self.name}/{dtypes.short_name(dt)}"
+        # the path names the activation dtype: results must say what ran (set only when it
+        # changes: a compiled step then has no attribute write to replay at every call)
+        path = f"kernel:{self.name}/{dtypes.short_name(dt)}"
+        if layer.path != path:
+            layer.path = path
         return self.linear(x, st, layer.bias)
 
 
@@ -151,20 +207,60 @@ def register(kernel: Kernel) -> Kernel:
     return KERNELS.register(kernel.name, kernel)
 
 
-def kernels() -> list[Kernel]:
-    return KERNELS.values()
+def kernels(device: str | None = None) -> list[Kernel]:
+    """The registered kernels (of one device type, when given), in the order they are tried."""
+    return [k for k in KERNELS.values() if device is None or k.device == device]
 
 
-def find_kernel(q: QuantizedTensor, device: str | torch.device = "cpu") -> Kernel | None:
-    """The first registered kernel that serves ``q`` on ``device``, else None (emulate)."""
+def find_kernel(
+    q: QuantizedTensor, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Kernel | None:
+    """The first registered kernel of ``device`` that serves ``q`` (and activations of
+    ``dtype``, when given), else None (emulate)."""
     dev = torch.device(device).type
-    return next((k for k in KERNELS.values() if k.why_not(q, dev) is None), None)
+    for k in KERNELS.values():
+        if k.device != dev:
+            continue
+        why = k.why_not(q, dev) if dtype is None else k.why_not_input(q, dev, dtype)
+        if why is None:
+            return k
+    return None
 
 
 def why_no_kernel(q: QuantizedTensor, device: str | torch.device = "cpu") -> str:
     """One line per kernel saying why it does not serve ``q`` (for ``layer.path`` reasons)."""
     dev = torch.device(device).type
     return "; ".join(f"{k.name}: {k.why_not(q, dev)}" for k in KERNELS.values())
+
+
+def format_family(q: QuantizedTensor) -> str | None:
+    """The kernel family of ``q``'s format: ``int8`` (8-bit integers), ``int4`` (integers of
+    at most 4 bits), else None (no kernel anywhere handles it: always emulated)."""
+    fmt = _int_format(q)
+    if fmt is None or len(q.shape) != 2:
+        return None
+    bits = fmt.cfg.bits
+    return "int8" if bits == 8 else "int4" if bits <= 4 else None
+
+
+def fallback_reason(
+    q: QuantizedTensor, device: str | torch.device, dtype: torch.dtype | None = None
+) -> str | None:
+    """Why ``q`` is emulated on ``device`` although a kernel of its format family exists there
+    (``"cuda-int4: needs sm80+, this GPU is sm75"``), or None: a kernel serves it, or none of
+    this device handles its family (an nf4 weight is emulated everywhere, for no fault)."""
+    dev = torch.device(device).type
+    family = format_family(q)
+    mine = [k for k in KERNELS.values() if k.device == dev and k.family == family]
+    if family is None or not mine:
+        return None
+    reasons = []
+    for k in mine:
+        why = k.why_not(q, dev) if dtype is None else k.why_not_input(q, dev, dtype)
+        if why is None:
+            return None
+        reasons.append(f"{k.name}: {why}")
+    return "; ".join(reasons)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +340,8 @@ register(
         _int8_pack,
         _int8_mm,
         "aten._weight_int8pack_mm: int8 weight, one scale per output row",
+        device="cpu",
+        family="int8",
     )
 )
 
@@ -279,12 +377,26 @@ def _int4_why_not(q: QuantizedTensor, device: str) -> str | None:
 
 
 def _int4_pack(q: QuantizedTensor, dtype: torch.dtype) -> PackedWeight:
-    fmt = _int_format(q)
-    assert fmt is not None and _int4_why_not(q, "cpu") is None, q.spec
-    c = fmt.cfg
+    assert _int4_why_not(q, "cpu") is None, q.spec
     n, k = q.shape
+    t, sz, G = int4_codes_and_scales(q, dtype)
+    # Uses the CPU layout (inner_k_tiles does not change it there).
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(t, 1)
+    return PackedWeight("cpu-int4", (n, k), dtype, {"weight": packed, "scales_zeros": sz}, G)
+
+
+def int4_codes_and_scales(
+    q: QuantizedTensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What both int4 kernels decode as ``w = (t - 8) * scale + zero``: ``t`` int32 [n, k] in
+    [0, 15], ``scales_zeros`` [k/G, n, 2] in ``dtype`` (tinygemm's layout: ``[..., 0]`` the
+    scale, ``[..., 1]`` the zero, one pair per kernel group of ``G`` along a row) and ``G``."""
+    fmt = _int_format(q)
+    assert fmt is not None, q.spec
+    c = fmt.cfg
+    k = q.shape[1]
     G = int4_group(q, fmt)
-    assert G is not None
+    assert G is not None, q.spec
     codes = _codes(q, fmt)
     scales = _row_params(q, fmt, "scales")  # [n, groups per row]
     if c.symmetric:  # x = (code - qmax) * s = (t - 8) * s with t = code + 8 - qmax
@@ -298,12 +410,10 @@ def _int4_pack(q: QuantizedTensor, dtype: torch.dtype) -> PackedWeight:
         zeros = _row_params(q, fmt, "offsets") + 8 * scales
     # one (scale, zero) per kernel group j: joules group floor(j * G / span)
     span = c.grouping.size if c.grouping.kind == "group" else k
-    idx = torch.arange(k // G) * G // span
+    idx = torch.arange(k // G, device=scales.device) * G // span
     sz = torch.stack([scales[:, idx], zeros[:, idx]], dim=2)  # [n, k/G, 2]
     sz = sz.transpose(0, 1).contiguous().to(dtype)  # [k/G, n, 2]
-    # Uses the CPU layout (inner_k_tiles does not change it there).
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(t.contiguous(), 1)
-    return PackedWeight("cpu-int4", (n, k), dtype, {"weight": packed, "scales_zeros": sz}, G)
+    return t.contiguous(), sz, G
 
 
 def _int4_mm(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
@@ -319,6 +429,248 @@ register(
         _int4_pack,
         _int4_mm,
         "aten._weight_int4pack_mm_for_cpu: 4-bit weight, (scale, zero) per group of 32..256",
+        device="cpu",
+        family="int4",
+    )
+)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: the GPU's compute capability, asked through a replaceable query
+# --------------------------------------------------------------------------------------------
+
+CapabilityQuery = Callable[[], "tuple[int, int] | None"]
+
+
+def torch_cuda_capability() -> tuple[int, int] | None:
+    """The current CUDA device's compute capability (major, minor), None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return int(major), int(minor)
+
+
+_capability_query: CapabilityQuery = torch_cuda_capability
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """The compute capability the CUDA kernels are chosen for (see :func:`capability_query`)."""
+    return _capability_query()
+
+
+@contextmanager
+def capability_query(query: CapabilityQuery) -> Iterator[None]:
+    """Within, the CUDA kernels ask ``query()`` for the GPU's compute capability instead of
+    torch, so a CPU-only test can stand for any GPU::
+
+        with capability_query(lambda: (7, 5)):      # a T4
+            find_kernel(q, "cuda")                  # None: cuda-int4 needs sm80+
+    """
+    global _capability_query
+    saved = _capability_query
+    _capability_query = query
+    try:
+        yield
+    finally:
+        _capability_query = saved
+
+
+def _cuda_common_why_not(q: QuantizedTensor, device: str) -> tuple[IntFormat | None, str | None]:
+    if device != "cuda":
+        return None, f"CUDA only (tensor is on {device})"
+    if len(q.shape) != 2:
+        return None, f"needs a 2-D weight, got shape {tuple(q.shape)}"
+    fmt = _int_format(q)
+    if fmt is None:
+        return None, f"'{q.spec}' is not an integer format"
+    return fmt, None
+
+
+def _sm(cap: tuple[int, int]) -> str:
+    return f"sm{cap[0]}{cap[1]}"
+
+
+# --------------------------------------------------------------------------------------------
+# cuda-int8: the int8 weight-only path torchao and gpt-fast use on CUDA
+# --------------------------------------------------------------------------------------------
+
+
+def _cuda_int8_why_not(q: QuantizedTensor, device: str) -> str | None:
+    fmt, why = _cuda_common_why_not(q, device)
+    if why:
+        return why
+    c = fmt.cfg
+    if c.bits != 8 or not c.symmetric:
+        return f"'{q.spec}' is not symmetric 8-bit"
+    if c.grouping.kind == "group":
+        return f"'{q.spec}' has group scales; the kernel takes one scale per row"
+    if cuda_capability() is None:
+        return "no CUDA device is visible"
+    return None
+
+
+def _cuda_int8_pack(q: QuantizedTensor, dtype: torch.dtype) -> PackedWeight:
+    fmt = _int_format(q)
+    assert fmt is not None and _cuda_int8_why_not(q, "cuda") is None, q.spec
+    n, k = q.shape
+    w = (_codes(q, fmt) - fmt.qmax).to(torch.int8).contiguous()  # [n, k] in [-127, 127]
+    scales = _row_params(q, fmt, "scales").reshape(n).to(dtype).contiguous()
+    return PackedWeight("cuda-int8", (n, k), dtype, {"weight": w, "scales": scales})
+
+
+def _cuda_int8_mm(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
+    # x: [tokens, k] -> [tokens, n]. torchao's int8 weight-only linear (0.18: Int8Tensor's
+    # per-row path, `torch.mm(x, w_int8.t().to(x.dtype)) * scale`) and gpt-fast's
+    # WeightOnlyInt8Linear are this line: there is no int8 weight-only CUDA kernel in torch;
+    # under torch.compile inductor fuses the int8 -> activation-dtype conversion into the
+    # product (a decode-sized matmul becomes one kernel reading int8 weights). In eager it
+    # converts the whole weight at every call, slower than the dense layer.
+    return F.linear(x, p.tensors["weight"].to(x.dtype)) * p.tensors["scales"]
+
+
+register(
+    Kernel(
+        "cuda-int8",
+        _cuda_int8_why_not,
+        _cuda_int8_pack,
+        _cuda_int8_mm,
+        "F.linear(x, int8 weight -> x.dtype) * row scales, fused by torch.compile (torchao's "
+        "int8 weight-only CUDA path)",
+        device="cuda",
+        family="int8",
+        act_dtype=lambda dt: dt,  # fp16, bf16 or fp32 activations, as they come
+    )
+)
+
+
+# --------------------------------------------------------------------------------------------
+# cuda-int4: aten._weight_int4pack_mm (tinygemm), sm80+
+# --------------------------------------------------------------------------------------------
+
+CUDA_INT4_MIN_CAPABILITY = (8, 0)  # tinygemm's mma.sync m16n8k16 bf16 tiles: Ampere and later
+INNER_K_TILES = (8, 4, 2)  # tinygemm's inner k-tiles (16 values each); the largest that fits
+
+
+def inner_k_tiles(k: int) -> int | None:
+    """The largest inner k-tile count whose span (``tiles x 16``) divides the row ``k``."""
+    return next((t for t in INNER_K_TILES if k % (t * 16) == 0), None)
+
+
+def _cuda_int4_why_not(q: QuantizedTensor, device: str) -> str | None:
+    fmt, why = _cuda_common_why_not(q, device)
+    if why:
+        return why
+    c = fmt.cfg
+    n, k = q.shape
+    if c.bits > 4:
+        return f"'{q.spec}' has {c.bits} bits; the kernel holds 4"
+    if n % 8:
+        return f"out_features {n} is not a multiple of 8"
+    if int4_group(q, fmt) is None:
+        return (
+            f"no group size in {INT4_GROUPS} divides both the row ({k}) and the group of '{q.spec}'"
+        )
+    if inner_k_tiles(k) is None:  # unreachable while every group size is a multiple of 32
+        return f"in_features {k} is not a multiple of 32"
+    cap = cuda_capability()
+    if cap is None:
+        return "no CUDA device is visible"
+    if cap < CUDA_INT4_MIN_CAPABILITY:
+        return f"needs {_sm(CUDA_INT4_MIN_CAPABILITY)}+, this GPU is {_sm(cap)}"
+    return None
+
+
+def _cuda_int4_dtype_why_not(dtype: torch.dtype) -> str | None:
+    """tinygemm computes in bf16: fp32/fp16 activations are rounded to bf16, except inside
+    :func:`pinned_activations` (quality work), where they stay emulated at their precision."""
+    pinned = _PINNED.get()
+    if pinned is None or dtype == torch.bfloat16:
+        return None
+    chosen, _ = pinned_choice(pinned)
+    if chosen == "bf16":
+        return None
+    return f"activations pinned to {chosen} for quality work; the kernel computes in bf16"
+
+
+def cuda_int4_operands(q: QuantizedTensor) -> dict[str, Any]:
+    """What ``aten._convert_weight_to_int4pack`` (CUDA) and ``aten._weight_int4pack_mm`` take,
+    built on ``q``'s device with plain torch (so a CPU test checks it):
+
+    - ``codes``: uint8 [n, k/2], two 4-bit codes a byte, column ``2j`` in the *high* nibble
+      and ``2j + 1`` in the low one (torch's int4mm.cu reads them so, as torchao packs them);
+    - ``scales_zeros``: bf16 [k/G, n, 2], the scale and the float zero of each kernel group;
+    - ``group_size`` G and ``inner_k_tiles``.
+
+    The kernel decodes ``w = (t - 8) * scale + zero`` (one bf16 fma), ``t`` the code. joules'
+    codes convert as for ``cpu-int4`` (see the module docstring): symmetric ``t = code + 8 -
+    qmax``, zero 0; ``-asym`` ``t = code``, ``zero = min + 8 s``; ``-asym-zpint`` ``t = code``,
+    ``zero = (8 - z) s``.
+    """
+    t, sz, G = int4_codes_and_scales(q, torch.bfloat16)
+    codes = (t[:, ::2] << 4 | t[:, 1::2]).to(torch.uint8).contiguous()  # [n, k/2]
+    tiles = inner_k_tiles(q.shape[1])
+    assert tiles is not None, q.shape
+    return {"codes": codes, "scales_zeros": sz, "group_size": G, "inner_k_tiles": tiles}
+
+
+def int4_reference_weight(
+    codes: torch.Tensor, group_size: int, scales_zeros: torch.Tensor
+) -> torch.Tensor:
+    """The bf16 weight [n, k] that tinygemm decodes from :func:`cuda_int4_operands`' tensors,
+    in plain torch: unpack the nibbles (high first), then ``(t - 8) * scale + zero`` rounded
+    once to bf16, as the kernel's ``__hfma2`` does."""
+    n = codes.shape[0]
+    t = torch.stack([codes >> 4, codes & 0xF], dim=2).reshape(n, -1).float()  # [n, k]
+    s = scales_zeros[..., 0].float().T.repeat_interleave(group_size, dim=1)  # [n, k]
+    z = scales_zeros[..., 1].float().T.repeat_interleave(group_size, dim=1)
+    # (t - 8) * s is exact in fp32 (a bf16 times an integer of 4 bits) and so is the sum with
+    # a bf16 zero of similar size (24 bits hold both): the one rounding is into bf16, as in the
+    # kernel's fused multiply-add
+    return ((t - 8) * s + z).to(torch.bfloat16)
+
+
+def cuda_int4_reference(x: torch.Tensor, operands: dict[str, Any]) -> torch.Tensor:
+    """What ``aten._weight_int4pack_mm(x, pack(codes), G, scales_zeros)`` computes, in plain
+    torch on any device: bf16 activations [tokens, k] times the decoded bf16 weight,
+    accumulated in fp32 (the tensor cores' accumulator), the result rounded to bf16."""
+    w = int4_reference_weight(operands["codes"], operands["group_size"], operands["scales_zeros"])
+    return (x.to(torch.bfloat16).float() @ w.float().T).to(torch.bfloat16)
+
+
+def _cuda_int4_pack(q: QuantizedTensor, dtype: torch.dtype) -> PackedWeight:
+    assert _cuda_int4_why_not(q, "cuda") is None, q.spec
+    assert dtype == torch.bfloat16, dtype
+    n, k = q.shape
+    ops = cuda_int4_operands(q)
+    packed = torch.ops.aten._convert_weight_to_int4pack(ops["codes"], ops["inner_k_tiles"])
+    return PackedWeight(
+        "cuda-int4",
+        (n, k),
+        dtype,
+        {"weight": packed, "scales_zeros": ops["scales_zeros"]},
+        ops["group_size"],
+    )
+
+
+def _cuda_int4_mm(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
+    # x: [tokens, k] bf16, contiguous -> [tokens, n] bf16
+    return torch.ops.aten._weight_int4pack_mm(
+        x, p.tensors["weight"], p.group_size, p.tensors["scales_zeros"]
+    )
+
+
+register(
+    Kernel(
+        "cuda-int4",
+        _cuda_int4_why_not,
+        _cuda_int4_pack,
+        _cuda_int4_mm,
+        "aten._weight_int4pack_mm (tinygemm): 4-bit weight, bf16 (scale, zero) per group of "
+        "32..256, bf16 activations, sm80+",
+        device="cuda",
+        family="int4",
+        act_dtype=lambda dt: torch.bfloat16,
+        dtype_why_not=_cuda_int4_dtype_why_not,
     )
 )
 
@@ -412,7 +764,10 @@ def compute_dtype(
     env = _env_dtype()
     if env:
         return DtypeChoice(kernel_name, env, "set by JOULES_KERNEL_DTYPE")
-    KERNELS.get(kernel_name)  # an unknown name raises the registry's error
+    if KERNELS.get(kernel_name).device != "cpu":  # an unknown name raises the registry's error
+        raise ConfigError(
+            f"{kernel_name} computes in a fixed dtype: only the CPU kernels' dtype is probed"
+        )
     cached = _CHOICES.get(kernel_name)
     if refresh or cached is None:
         _CHOICES[kernel_name] = probe(kernel_name)
@@ -423,6 +778,14 @@ def compute_dtype(
 
 # The activation dtype pinned for quality work (None: speed work, the probe decides).
 _PINNED: ContextVar[str | None] = ContextVar("joules_pinned_activations", default=None)
+# Bumped whenever a pinned_activations block opens or closes: a layer keys its kernel choice on
+# it (a plain int, which torch.compile can guard on; it cannot trace a ContextVar lookup).
+_PIN_EPOCH = 0
+
+
+def pin_epoch() -> int:
+    """A number that changes whenever :func:`pinned_activations` enters or leaves."""
+    return _PIN_EPOCH
 
 
 @contextmanager
@@ -432,11 +795,14 @@ def pinned_activations(dtype: str = "fp32") -> Iterator[None]:
     their figures are the same on an idle and a loaded machine, and on any CPU's probe."""
     if dtype not in DTYPES:
         raise ConfigError(f"pinned activation dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    global _PIN_EPOCH
     token = _PINNED.set(dtype)
+    _PIN_EPOCH += 1
     try:
         yield
     finally:
         _PINNED.reset(token)
+        _PIN_EPOCH += 1
 
 
 def pinned_choice(dtype: str = "fp32") -> tuple[str, str]:
@@ -480,9 +846,17 @@ __all__ = [
     "Kernel",
     "PackedWeight",
     "activation_dtype",
+    "capability_query",
     "compute_dtype",
+    "cuda_capability",
+    "cuda_int4_operands",
+    "cuda_int4_reference",
+    "fallback_reason",
     "find_kernel",
+    "format_family",
+    "int4_reference_weight",
     "kernels",
+    "pin_epoch",
     "pinned_activations",
     "pinned_choice",
     "probe",

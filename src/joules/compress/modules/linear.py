@@ -15,7 +15,10 @@ The packed parts (codes, scales, minima, codebooks...) are buffers named ``qweig
 ``forward`` picks its matmul from the one kernel registry
 (:data:`joules.compress.modules.kernels.KERNELS`, keyed by format and device): the first registered
 kernel that serves this layer and input runs it (``path == "kernel:<name>/<dtype>"``);
-otherwise the weight is dequantized and multiplied (``path == "emulated"``).
+otherwise the weight is dequantized and multiplied (``path == "emulated"``). Where a kernel of
+the format's family exists on that device but does not serve this layer (a GPU older than sm80
+for ``cuda-int4``, a row the kernel cannot tile), ``layer.fallback`` says why and
+``layer.path_detail`` reads ``"emulated: cuda-int4: needs sm80+, this GPU is sm75"``.
 
 Every module type a step puts into a model registers itself with :func:`register_module`, with
 ``export_config()`` and ``from_config(cfg)``: a saved directory lists them in its manifest, and
@@ -35,7 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from joules import dtypes, formats
-from joules.compress.modules.kernels import KERNELS, Kernel, reprobe_busy
+from joules.compress.modules.kernels import (
+    KERNELS,
+    Kernel,
+    fallback_reason,
+    pin_epoch,
+    reprobe_busy,
+)
 from joules.formats.base import QuantizedTensor
 from joules.formats.packing import pack, unpack
 from joules.registry import Registry
@@ -210,6 +219,7 @@ class CompressedLinear(MaskedMixin, nn.Module):
         self._w_cache: torch.Tensor | None = None
         self._mask_implied: bool | None = None
         self.path = "emulated"
+        self.fallback: str | None = None  # why emulated although a kernel family exists here
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -340,16 +350,41 @@ class CompressedLinear(MaskedMixin, nn.Module):
         self._kernel_key = None
 
     # -- forward ---------------------------------------------------------------------------------
+    def choose_kernel(self, device: str, dtype: torch.dtype) -> tuple[Kernel | None, str | None]:
+        """The kernel an input of ``dtype`` on ``device`` (a device type: ``cpu``, ``cuda``)
+        runs through, and, when none does, why (None: no kernel of this device handles the
+        format at all, e.g. nf4). Nothing is packed or run: tests ask it for a faked GPU."""
+        if not (self.use_kernels and kernels_enabled()):
+            return None, "kernels switched off (JOULES_KERNELS=0 or set_kernels(model, False))"
+        if self.sparse is not None:
+            return None, "a sparse part is added to the decoded weight"
+        if not self._mask_is_implied():
+            return None, "pruned weights do not decode to zero, and the kernels read only codes"
+        q = self.qtensor()
+        for k in KERNELS.values():
+            if k.device == device and k.why_not_input(q, device, dtype) is None:
+                return k, None
+        return None, fallback_reason(q, device, dtype)
+
     def _select(self, x: torch.Tensor) -> Kernel | None:
-        key = (x.device.type, x.dtype, self.use_kernels and kernels_enabled())
+        # a pinned activation dtype (quality work) decides whether bf16-only kernels serve
+        key = (x.device.type, x.dtype, self.use_kernels and kernels_enabled(), pin_epoch())
         if key == self._kernel_key:
             return self._kernel
-        chosen = None
-        if key[2] and self.sparse is None and self._mask_is_implied():
-            chosen = next((k for k in KERNELS.values() if k.serves(self, x)), None)
+        chosen, why = self.choose_kernel(x.device.type, x.dtype)
         self._kernel, self._kernel_key = chosen, key
         self.path = f"kernel:{chosen.name}" if chosen else "emulated"
+        self.fallback = None if chosen else why
         return chosen
+
+    @property
+    def path_detail(self) -> str:
+        """``path`` with the reason an emulated layer is not on a kernel of its device, where
+        one exists for its format family: ``"emulated: cuda-int4: needs sm80+, this GPU is
+        sm75"`` (``path`` itself stays ``emulated``, the word results and reports count)."""
+        if self.path == "emulated" and self.fallback:
+            return f"emulated: {self.fallback}"
+        return self.path
 
     def _mask_is_implied(self) -> bool:
         """True when there is no keep-mask, or when the codes already decode every pruned weight
@@ -374,7 +409,9 @@ class CompressedLinear(MaskedMixin, nn.Module):
         return F.linear(x, w, b)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, format={self.spec}, path={self.path}"
+        return (
+            f"{self.in_features}, {self.out_features}, format={self.spec}, path={self.path_detail}"
+        )
 
 
 def _child_config(m: nn.Module | None) -> dict[str, Any] | None:
@@ -415,6 +452,17 @@ def layer_paths(model: nn.Module) -> dict[str, str]:
     """The path each compressed linear ran in its last forward (``kernel:<name>/<dtype>`` or
     ``emulated``), by module name."""
     return {n: m.path for n, m in compressed_linears(model).items()}
+
+
+def fallback_reasons(model: nn.Module) -> dict[str, int]:
+    """How many compressed linears were emulated in their last forward for each reason, where a
+    kernel of their format family exists on that device (``layer.fallback``): what a GPU run
+    records beside ``linear_paths`` (``{"cuda-int4: needs sm80+, this GPU is sm75": 112}``)."""
+    counts: Counter[str] = Counter()
+    for m in compressed_linears(model).values():
+        if m.path == "emulated" and m.fallback:
+            counts[m.fallback] += 1
+    return dict(counts)
 
 
 def linear_paths(model: nn.Module, *, dense: bool = False) -> dict[str, int]:

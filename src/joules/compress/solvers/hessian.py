@@ -34,8 +34,9 @@ RoundFn = Callable[[torch.Tensor, int], torch.Tensor]  # (col [rows, 1], origina
 class Hessian:
     """Running ``2/n X^T X`` over streamed inputs ``x`` of shape ``[tokens, cols]`` (fp64 sums)."""
 
-    def __init__(self, cols: int) -> None:
-        self.sum: torch.Tensor | None = torch.zeros(cols, cols, dtype=torch.float64)
+    def __init__(self, cols: int, device: str | torch.device | None = None) -> None:
+        # on the device of the inputs it sums (a GPU's compression keeps its Hessians there)
+        self.sum: torch.Tensor | None = torch.zeros(cols, cols, dtype=torch.float64, device=device)
         self.n = 0
         self._factors: dict[tuple[float, bool, int], Factor] = {}
         self._diag: torch.Tensor | None = None  # kept when the sum is released by factor()
@@ -57,6 +58,8 @@ class Hessian:
             xtx = gram(x)
         if self.sum is None:
             raise ValueError("this Hessian's sum was released by factor(release=True)")
+        if self.n == 0 and self.sum.device != xtx.device:  # still zeros: follow the inputs
+            self.sum = self.sum.to(xtx.device)  # (a GPU's compression sums on the GPU)
         self.sum.add_(xtx)  # an fp32 gram is widened element by element (exactly) into fp64
         self.n += x.shape[0]
 
@@ -72,7 +75,7 @@ class Hessian:
         ``(2/n * sum).float()`` without an fp64 temporary the size of the sum (1.6 GB for an 8B
         model's down_proj)."""
         s = self._require_sum()
-        out = torch.empty(s.shape, dtype=torch.float32)
+        out = torch.empty(s.shape, dtype=torch.float32, device=s.device)
         step = max(1, (1 << 22) // max(1, s.shape[1]))
         for r in range(0, s.shape[0], step):
             out[r : r + step] = (2.0 / self.n * s[r : r + step]).float()
@@ -169,7 +172,8 @@ def _inverse_cholesky_owned(h: torch.Tensor, damp: float) -> torch.Tensor:
         if int(info) == 0:
             del flipped  # three matrices at most: the factor, the identity, the solve
             # (a fresh output: solving in place into the identity rounds differently)
-            linv = torch.linalg.solve_triangular(chol, torch.eye(n), upper=False)
+            eye = torch.eye(n, device=chol.device)
+            linv = torch.linalg.solve_triangular(chol, eye, upper=False)
             up = linv.flip(0, 1)
             del linv
             if bool(torch.isfinite(up).all()):
@@ -263,7 +267,7 @@ def _obs_solve(
         if mask is not None:
             mask = mask[:, perm]
     if prune is not None:
-        mask = torch.ones(rows, cols, dtype=torch.bool)
+        mask = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
     order = perm.tolist() if perm is not None else list(range(cols))
     hinv = f.hinv  # [cols, cols], upper
     q = torch.zeros_like(w)
@@ -276,7 +280,7 @@ def _obs_solve(
         if prune is not None and not prune.m:
             score = w1.pow(2) / d1.pow(2)  # [rows, B]
             k = round(score.numel() * prune.sparsity)
-            drop = torch.zeros(score.numel(), dtype=torch.bool)
+            drop = torch.zeros(score.numel(), dtype=torch.bool, device=w.device)
             if k:
                 drop[torch.topk(score.reshape(-1), k, largest=False).indices] = True
             mask[:, i1:i2] = ~drop.reshape(score.shape)

@@ -47,7 +47,10 @@ def hessians(
     for batch in inputs.batches(block, modules):
         if not hs:  # modules fed the same tensor (q/k/v, gate/up) share one Hessian
             by_input: dict[int, Hessian] = {}
-            hs = {n: by_input.setdefault(id(x), Hessian(x.shape[-1])) for n, x in batch.items()}
+            hs = {
+                n: by_input.setdefault(id(x), Hessian(x.shape[-1], x.device))
+                for n, x in batch.items()
+            }
         fed: dict[int, tuple[Hessian, torch.Tensor, str]] = {}
         for n, x in batch.items():
             h = hs[n]
