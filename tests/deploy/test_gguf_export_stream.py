@@ -33,6 +33,7 @@ def _whole(path):
 
 CASES = [
     ("llama", "rtn(format=gguf-q4_0)", {}, {"embedding": "gguf-q8_0"}),
+    ("llama", "rtn(format=gguf-q8_0)", {}, {"output_head": "gguf-q6_k"}),  # Q8_0: rows of 64
     ("llama", "rtn(format=gguf-q4_0)", {"tie_word_embeddings": True}, {"float_type": "f16"}),
     ("llama", "rtn(format=mxfp4)", {"dtype": torch.bfloat16}, {"float_type": "bf16"}),
     ("llama", "rtn(format=int4-g32)", {}, {"dequantize": "bf16"}),

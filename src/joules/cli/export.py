@@ -61,6 +61,12 @@ def export_cmd(
         "--embedding",
         help="GGUF type for a float token embedding (e.g. gguf-q8_0, what llama.cpp uses for SmolLM2).",
     ),
+    output_head: str = typer.Option(
+        "",
+        "--output-head",
+        help="GGUF type for an untied float output head (e.g. gguf-q6_k, what llama-quantize's "
+        "presets use).",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Export MODEL to GGUF: GGUF-exact tensors written as computed, never re-quantized."""
@@ -69,6 +75,11 @@ def export_cmd(
 
     if to.lower() != "gguf":
         raise ConfigError(f"--to {to!r}: the only export target is gguf")
+    from joules.deploy.runtime_choice import export_note
+
+    note = export_note(model)
+    if note is not None:
+        err_console.print(f"[dim]{note}[/]", soft_wrap=True)
     out_console = err_console if as_json else console
     with out_console.status(f"exporting {model}"):
         res = export_gguf(
@@ -77,5 +88,6 @@ def export_cmd(
             float_type=float_type,
             dequantize=dequantize or None,
             embedding=embedding or None,
+            output_head=output_head or None,
         )
     emit(res, as_json, _render)

@@ -210,6 +210,19 @@ def _exact_type(lin: Any) -> str | None:
     return None
 
 
+def gguf_exact(directory: str | os.PathLike[str]) -> bool:
+    """Whether :func:`export_gguf` writes compressed ``directory`` without ``dequantize`` (every
+    compressed layer in a format GGUF holds exactly), decided from its manifest alone."""
+    from joules.compress.modules.linear import module_class
+
+    with torch.device("meta"):
+        for entry in read_manifest(directory).modules.values():
+            mod = module_class(entry["type"]).from_config(entry["config"])
+            if isinstance(mod, CompressedLinear) and _exact_type(mod) is None:
+                return False
+    return True
+
+
 def _quantized_blocks(lin: Any) -> torch.Tensor:
     """The block bytes [rows, row_bytes] of a CompressedLinear whose :func:`_exact_type` is set."""
     qt = lin.qtensor()
@@ -566,12 +579,19 @@ def _plan(
 
         return chunks
 
-    def quantized(key: str, shape: list[int], efmt: Any) -> Any:
+    def quantized(name: str, hf: str, shape: list[int], spec: str) -> None:
+        """A float embedding or head stored as GGUF type ``spec`` (llama.cpp's fallback for
+        its rows), quantized here: recorded as not exact."""
+        efmt = formats.get(spec).for_shape(tuple(shape))
+        if efmt.family != "gguf":
+            flag = "--embedding" if name == "token_embd.weight" else "--output-head"
+            raise ConfigError(f"{flag} {spec!r}: use a gguf-* type, e.g. gguf-q8_0")
+
         def chunks() -> Iterator[np.ndarray]:
             for r0, r1 in _row_spans(shape):  # GGUF blocks never span rows: chunks are exact
-                yield efmt.quantize(source.rows(key, r0, r1).float()).parts["blocks"].numpy()
+                yield efmt.quantize(source.rows(hf, r0, r1).float()).parts["blocks"].numpy()
 
-        return chunks
+        add(name, hf, efmt.ggml_type, shape, False, efmt.spec, False, chunks)
 
     refused: dict[str, str] = {}
     handled: set[str] = set()
@@ -620,6 +640,9 @@ def _plan(
             raw = _FLOAT_RAW[dequantize]
             add(name, hf, raw, shape, dequantize == "f32", mod.spec, permute, chunks)
             continue
+        if name == "output.weight" and output_head is not None:  # an untied float head
+            quantized(name, hf, shape, output_head)
+            continue
         ok = float_type == "f32" or mod.weight.dtype == _TORCH_FLOAT.get(float_type)
         chunks = (
             permuted_floats(mod_name, "weight", heads, float_type)
@@ -644,12 +667,7 @@ def _plan(
         is_norm = "norm" in name
         as_type = {"token_embd.weight": embedding, "output.weight": output_head}.get(name)
         if as_type is not None:
-            efmt = formats.get(as_type).for_shape(tuple(shape))
-            if efmt.family != "gguf":
-                flag = "--embedding" if name == "token_embd.weight" else "output_head"
-                raise ConfigError(f"{flag} {as_type!r}: use a gguf-* type, e.g. gguf-q8_0")
-            chunks = quantized(hf, shape, efmt)
-            add(name, hf, efmt.ggml_type, shape, False, efmt.spec, False, chunks)
+            quantized(name, hf, shape, as_type)
             continue
         ft = "f32" if is_norm or p.dim() == 1 else float_type
         offset = arch.norm_offset if is_norm else 0.0  # as convert_hf_to_gguf.py shifts them
