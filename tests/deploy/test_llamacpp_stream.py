@@ -32,7 +32,8 @@ def _cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny llama compressed to Q4_0 (vocabulary 384) and its GGUF export."""
+    """A tiny llama compressed to Q4_0 (vocabulary 384) and its GGUF export, embedding and head
+    as the runtime choice exports them."""
     from joules.compress import compress
     from joules.deploy import export_gguf
     from joules.models import tiny_model
@@ -40,7 +41,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("stream")
     m, tok, _ = tiny_model("llama", seed=0)
     compress(m, "rtn(format=gguf-q4_0)").save(d / "c", tok)
-    export_gguf(d / "c", d / "q.gguf")
+    export_gguf(d / "c", d / "q.gguf", embedding="gguf-q6_k", output_head="gguf-q6_k")
     return d
 
 
@@ -111,11 +112,16 @@ def test_a_large_model_runs_in_llamacpp_and_says_so(files, tmp_path, monkeypatch
     r = runner.invoke(app, [*args, "--json"])
     assert r.exit_code == 0, r.output
     lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and "through llama.cpp" in lines[0] and "GGUF export" in lines[0]
+    assert (
+        len(lines) == 1
+        and "through llama.cpp" in lines[0]
+        and "GGUF export" in lines[0]
+        and "Q6_K" in lines[0]
+    )
     got = json.loads(r.stdout)
     assert got["protocol"]["compute_path"].startswith("llamacpp:")
     assert len(list((tmp_path / "cache" / "gguf").glob("*.gguf"))) == 1  # kept for next time
-    # the same perplexity as the file exported by hand
+    # the same perplexity as the file exported by hand with the same types
     r2 = runner.invoke(
         app, ["eval", str(d / "q.gguf"), *args[2:], "--runtime", "llamacpp", "--json"]
     )
@@ -126,3 +132,14 @@ def test_a_large_model_runs_in_llamacpp_and_says_so(files, tmp_path, monkeypatch
     assert json.loads(r.stdout)["protocol"]["compute_path"].startswith("dense")
     r = runner.invoke(app, ["export", str(d / "c"), "-o", str(d / "x.gguf"), "--json"])
     assert r.exit_code == 0 and "tensor by tensor" in r.stderr
+
+
+def test_bench_of_a_large_model_runs_in_llamacpp(files, monkeypatch):
+    from joules.deploy import runtime_choice
+
+    monkeypatch.setattr(runtime_choice, "LARGE_PARAMS", 1000)
+    args = ["bench", str(files / "c"), "--prompt-len", "8", "--gen-len", "4", "--repeats", "1"]
+    r = runner.invoke(app, [*args, "--warmup", "0", "--no-energy", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["config"]["runtime"] == "llamacpp"
+    assert "through llama.cpp" in r.stderr

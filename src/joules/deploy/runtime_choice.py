@@ -32,8 +32,13 @@ from joules.paths import cache_dir
 
 # The Llama-3.2-3B shape and up (not measured here: a threshold, patched in tests).
 LARGE_PARAMS = 3_000_000_000
+# A float embedding and untied head in the export llama.cpp runs: as llama-quantize's presets
+# store a model's output tensor (and the sweep's [deploy] defaults), not F32 (4.2 GB for an 8B
+# model's 128k x 4096 pair, more than half its Q4_0 blocks)
+HEAD_TYPE = "gguf-q6_k"
 # No GGUF type stores fewer bits per weight (IQ1_S: 1.56): a smaller file is not large.
 _MIN_BITS_PER_PARAM = 1.5
+_HEAD_NOTE = "a float embedding and head as Q6_K, as llama-quantize stores them"
 _WHY = (
     "running it through llama.cpp, as a torch forward of a model this size on a CPU takes "
     "hours (--runtime torch forces torch)"
@@ -51,10 +56,17 @@ class LlamaCppChoice:
     source: Path | None = None
 
     def ready(self) -> Path:
-        """The file, exported now (streamed) if it is a directory's and not kept yet."""
+        """The file, exported now (streamed) if it is a directory's and not kept yet: a float
+        embedding and untied head as :data:`HEAD_TYPE` unless the directory plans their types."""
         if self.source is not None and not self.path.is_file():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            export_gguf(self.source, self.path)
+            planned = read_manifest(self.source).gguf_export or {}
+            export_gguf(
+                self.source,
+                self.path,
+                embedding=planned.get("embedding") or HEAD_TYPE,
+                output_head=planned.get("output") or HEAD_TYPE,
+            )
         return self.path
 
 
@@ -87,9 +99,8 @@ def pick_llamacpp(spec: str | os.PathLike[str]) -> LlamaCppChoice | None:
     if n < LARGE_PARAMS or not gguf_exact(path):
         return None
     out = exported_path(path)
-    return LlamaCppChoice(
-        out, n, f"{n / 1e9:.1f}B parameters: {_WHY}; its GGUF export: {out}", path
-    )
+    note = f"{n / 1e9:.1f}B parameters: {_WHY}; on its GGUF export {out} ({_HEAD_NOTE})"
+    return LlamaCppChoice(out, n, note, path)
 
 
 def export_note(spec: str | os.PathLike[str]) -> str | None:
