@@ -11,7 +11,9 @@
 with the :class:`~joules.compress.manifest.Manifest`. ``CompressedModel.save(dir, tokenizer)``
 writes ``model.safetensors`` (packed codes, scales, extra parts; no pickle), ``joules.json``,
 ``config.json`` and the tokenizer; ``load_compressed(dir)`` (and so ``load_model(dir)``) rebuilds
-the same modules and gives bit-identical logits.
+the same modules and gives bit-identical logits. ``open_compressed(dir)`` reads nothing: its
+:class:`CompressedWeights` hands out one module's or a few rows' tensors at a time (what
+``joules export`` streams a directory with).
 """
 
 from __future__ import annotations
@@ -466,14 +468,6 @@ class CompressedWeights:
 
     def _stored(self, key: str) -> str:
         return self.shared.get(key, key)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        """The shape of tensor ``key`` (read from the file's header)."""
-        from safetensors import safe_open
-
-        name = self._stored(key)
-        with safe_open(str(self.where[name]), framework="pt") as f:
-            return tuple(f.get_slice(name).get_shape())
 
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of tensor ``key`` (its first dimension), an owned copy."""

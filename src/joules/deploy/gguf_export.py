@@ -437,7 +437,6 @@ def export_gguf(
     a joules file and a llama.cpp file can share the embedding's type. Recorded as not exact.
     ``output_head`` does the same for an untied float output head (``llama-quantize``'s presets store
     it as Q6_K, Q8_0 for the Q8_0 preset or rows not divisible by 256)."""
-
     if float_type not in FLOAT_TYPES:
         raise ConfigError(f"float type {float_type!r}: use one of {', '.join(FLOAT_TYPES)}")
     if dequantize is not None and dequantize not in FLOAT_TYPES:
@@ -454,8 +453,8 @@ def export_gguf(
         planned = manifest.gguf_export or {}
         embedding = embedding or planned.get("embedding")
         output_head = output_head or planned.get("output")
+    source: Any
     if kind == "joules":  # streamed: tensor by tensor from the shards, nothing else resident
-        source: Any
         source, tokenizer = open_compressed(path)
         if tokenizer.pad_token is None:  # as load_model sets it (the file records its id)
             tokenizer.pad_token = tokenizer.eos_token
