@@ -14,7 +14,7 @@ the CLI a user types, in its own process, and is timed with its peak RSS (``wait
     write       the synthetic checkpoint (not for 135m)
     compress    joules compress MODEL -r "gptq(format=gguf-q4_0)" --layered --calib-n N
                 (load, calibrate + GPTQ, save: the manifest's split is kept)
-    export      joules export DIR --to gguf --embedding gguf-q6_k
+    export      joules export DIR --to gguf --embedding gguf-q6_k --output-head gguf-q6_k
     perplexity  joules eval FILE.gguf --task wikitext2 --runtime llamacpp --limit-tokens 4096
     decode      joules bench FILE.gguf --runtime llamacpp (64-token prompt, 32 tokens, 3 runs)
 
@@ -140,10 +140,12 @@ def stage_argv(size: str, stage: str, work: Path, calib_n: int) -> tuple[list[st
         return [joules, "compress", model, "-r", RECIPE, "-o", str(comp), "--layered",
                 "--calib-n", str(calib_n), "--json"], comp  # fmt: skip
     if stage == "export":
-        # the float embedding as llama-quantize's presets store a model's output (Q6_K, Q8_0
-        # on rows not divisible by 256), not F32: half the file of a 128k-vocabulary 1B model
+        # the float embedding (and the untied head of the 8B shape) as llama-quantize's presets
+        # store a model's output (Q6_K, Q8_0 on rows not divisible by 256), not F32: half the
+        # file of a 128k-vocabulary 1B model; an 8B's F32 head alone is 2.1 GB that llama.cpp
+        # would hold while it evaluates
         return [joules, "export", str(comp), "--to", "gguf", "-o", str(gguf),
-                "--embedding", "gguf-q6_k", "--json"], gguf  # fmt: skip
+                "--embedding", "gguf-q6_k", "--output-head", "gguf-q6_k", "--json"], gguf  # fmt: skip
     if stage == "perplexity":
         return [joules, "eval", str(gguf), "--task", "wikitext2", "--runtime", "llamacpp",
                 "--limit-tokens", str(PPL_TOKENS), "--json"], gguf  # fmt: skip

@@ -159,3 +159,24 @@ def test_gptq_targets_gguf_formats_and_exports_exactly(tmp_path):
     mod = cm.model.get_submodule("model.layers.1.mlp.down_proj")
     assert t.tensor_type.name == "Q4_K"
     assert np.array_equal(w.view(np.int32), mod.dequantize_weight().float().numpy().view(np.int32))
+
+
+def test_output_head_type_quantizes_an_untied_float_head(tmp_path):
+    # (it was ignored: an untied head is a linear, which the parameter pass never saw)
+    from gguf import GGUFReader, quants
+
+    from joules import formats
+
+    d, cm = _compressed(tmp_path, "rtn(format=gguf-q4_0)", hidden_size=256, intermediate_size=512)
+    res = export_gguf(d, tmp_path / "m.gguf", output_head="gguf-q6_k")
+    head = next(t for t in res.tensors if t.name == "output.weight")
+    assert (head.ggml_type, head.exact, head.source) == ("Q6_K", False, "lm_head.weight")
+    t = {x.name: x for x in GGUFReader(str(tmp_path / "m.gguf")).tensors}["output.weight"]
+    got = quants.dequantize(np.asarray(t.data), t.tensor_type)
+    want = formats.get("gguf-q6_k").fake_quant(cm.model.lm_head.weight.detach().float())
+    assert np.array_equal(got.reshape(want.shape), want.numpy())
+    with pytest.raises(ConfigError, match="--output-head 'int4-g32'"):
+        export_gguf(d, tmp_path / "x.gguf", output_head="int4-g32")
+    tied, _ = _compressed(tmp_path / "t", "rtn(format=gguf-q4_0)", tie_word_embeddings=True)
+    res = export_gguf(tied, tmp_path / "t.gguf", output_head="gguf-q6_k")
+    assert "output.weight" not in {x.name for x in res.tensors}  # llama.cpp reads token_embd

@@ -1,8 +1,8 @@
 """The ``llamacpp`` bench runtime: greedy generation of a GGUF file by llama.cpp itself.
 
     >>> from joules.bench import BenchConfig, run_bench
-    >>> from joules.models import load_model
-    >>> lm = load_model("out.gguf")                                        # doctest: +SKIP
+    >>> from joules.models.loading import load_gguf_meta
+    >>> lm = load_gguf_meta("out.gguf")                                    # doctest: +SKIP
     >>> cfg = BenchConfig(runtime="llamacpp", prompt_lens=(128,), gen_len=64)
     >>> run_bench("out.gguf", lm.tokenizer, lm.info, cfg).linear_paths      # doctest: +SKIP
     {'llamacpp:Q4_0': 210, 'llamacpp:Q8_0': 1}
@@ -33,8 +33,7 @@ from joules.bench.roofline import ModelCost
 from joules.bench.runtimes import Runtime, register_runtime
 from joules.deploy.llamacpp import gguf_tensor_table, last_token_argmax, load_llama
 from joules.errors import ConfigError
-from joules.models import load_model
-from joules.models.loading import resolve
+from joules.models.loading import load_gguf_meta, resolve
 
 KV_ELEMENT_BYTES = 2  # llama.cpp's default cache types are F16 (type_k = type_v = f16)
 _EXPORT_HINT = "export it first: joules export DIR --to gguf -o model.gguf"
@@ -97,13 +96,13 @@ class LlamaCppRuntime(Runtime):
 
     @classmethod
     def load(cls, spec: Any) -> tuple[Any, Any, Any]:
-        """The GGUF path itself, with the tokenizer and ModelInfo of the file (loaded once by
-        transformers for the tokenizer; its dequantized copy is dropped, never run)."""
+        """The GGUF path itself, with the tokenizer and ModelInfo of the file (read from its
+        metadata: nothing is dequantized)."""
         kind, path = resolve(spec)
         if kind != "gguf":
             raise ConfigError(f"--runtime llamacpp runs a .gguf file, got {spec}: {_EXPORT_HINT}")
         gguf_tensors(path)  # a truncated or foreign file: one line, before transformers reads it
-        lm = load_model(path)
+        lm = load_gguf_meta(path)
         return path, lm.tokenizer, lm.info
 
     @classmethod

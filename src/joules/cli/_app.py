@@ -150,3 +150,20 @@ def progress_bar(label: str, as_json: bool) -> Iterator[Callable[[int, int], Non
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def large_model_file(model: str) -> str | None:
+    """The GGUF file llama.cpp runs for a large MODEL when no ``--runtime`` was given (one line
+    on stderr says so; a compressed directory is exported first, once), else None: torch."""
+    from rich.markup import escape
+
+    from joules.deploy.runtime_choice import pick_llamacpp
+
+    choice = pick_llamacpp(model)
+    if choice is None:
+        return None
+    err_console.print(f"[dim]{escape(choice.note)}[/]", soft_wrap=True)
+    if choice.source is not None and not choice.path.is_file():
+        with err_console.status(f"exporting {model} to GGUF"):
+            return str(choice.ready())
+    return str(choice.ready())

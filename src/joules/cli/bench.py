@@ -13,6 +13,7 @@ the speed of light, peak RSS, KV-cache bytes, and each phase's J/token, power an
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import typer
@@ -25,6 +26,7 @@ from joules.cli._app import (
     console,
     doc_line,
     emit,
+    large_model_file,
     list_option,
     parse_ints,
     progress_bar,
@@ -154,7 +156,10 @@ def bench_cmd(
     repeats: int = typer.Option(5, "--repeats", help="Measured runs per row."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs per row first."),
     runtime: str = typer.Option(
-        "eager", "--runtime", help="A registered runtime (--list-runtimes lists them all)."
+        None,
+        "--runtime",
+        help="A registered runtime (--list-runtimes lists them all). Default: eager, or "
+        "llamacpp for a model of 3B parameters or more that it can run (said on stderr).",
     ),
     threads: int = typer.Option(None, "--threads", help="Torch threads (default: unchanged)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as loaded), fp32 or bf16."),
@@ -180,13 +185,18 @@ def bench_cmd(
         batch_sizes=tuple(parse_ints(batch, "--batch")),
         repeats=repeats,
         warmup=warmup,
-        runtime=runtime,
+        runtime=runtime or "eager",
         threads=threads,
         seed=seed,
         dtype=dtype,
         energy=not no_energy,
     )
     cfg.validate()  # before loading anything
+    if runtime is None:  # a large model that llama.cpp can run runs there (said on stderr)
+        gguf = large_model_file(model)
+        if gguf is not None:
+            model, cfg = gguf, dataclasses.replace(cfg, runtime="llamacpp")
+            cfg.validate()
     from joules.bench import get_runtime
 
     m, tok, info = get_runtime(cfg.runtime).load(model)  # llamacpp: the .gguf path itself

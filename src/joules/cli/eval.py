@@ -41,6 +41,7 @@ from joules.cli._app import (
     doc_line,
     emit,
     err_console,
+    large_model_file,
     list_option,
     parse_ints,
     progress_bar,
@@ -122,13 +123,20 @@ def eval_cmd(
     heads: int = typer.Option(4, help="attention-deviation heads (head dim 64)."),
     threads: int = typer.Option(None, help="CPU threads (default: all cores)."),
     runtime: str = typer.Option(
-        "torch",
-        help="wikitext2, deviation: torch, or llamacpp (a .gguf file; the [llamacpp] extra).",
+        None,
+        help="wikitext2, deviation: torch, or llamacpp (a .gguf file; the [llamacpp] extra). "
+        "Default: llamacpp for a model of 3B parameters or more that it can run (a .gguf file, "
+        "or a compressed directory's GGUF export; said on stderr), else torch.",
     ),
     json: bool = JSON_OPTION,
     list_tasks: bool = list_option("--list-tasks", _list_tasks, "tasks"),
 ) -> None:
     """Evaluate MODEL: perplexity, HellaSwag accuracy, deviation or attention stability."""
+    if runtime is None:
+        runtime = "torch"
+        gguf = large_model_file(model) if task in ("wikitext2", "deviation") else None
+        if gguf is not None:
+            model, runtime = gguf, "llamacpp"
     if runtime != "torch":
         if task == "deviation":
             _deviation_file(model, runtime, reference, data, split, limit_tokens, window, bos,
@@ -234,8 +242,7 @@ def _eval_llamacpp(
     from joules.data import load_text
     from joules.deploy.llamacpp import llamacpp_perplexity
     from joules.evaluate.tasks import Wikitext2
-    from joules.models import load_model
-    from joules.models.loading import resolve
+    from joules.models.loading import load_gguf_meta, resolve
 
     if runtime != "llamacpp":
         raise ConfigError(f"unknown runtime {runtime!r}: choose torch or llamacpp")
@@ -248,7 +255,7 @@ def _eval_llamacpp(
             "(joules export DIR --to gguf -o model.gguf)"
         )
     with (err_console if json else console).status(f"loading the tokenizer of {model}"):
-        tok = load_model(model).tokenizer
+        tok = load_gguf_meta(path).tokenizer  # nothing dequantized: llama.cpp runs the file
     text = load_text(data) if data else load_text("wikitext2", split)
     r = llamacpp_perplexity(
         path,
@@ -280,8 +287,7 @@ def _deviation_file(
 ) -> None:
     """KL divergence of a model file under ``runtime`` (llamacpp) from ``--reference``."""
     from joules.evaluate import tasks as eval_tasks
-    from joules.models import load_model
-    from joules.models.loading import resolve
+    from joules.models.loading import load_gguf_meta, resolve
 
     if runtime == "llamacpp":
         from joules.deploy import llamacpp_logits  # noqa: F401  (registers the runtime)
@@ -304,7 +310,7 @@ def _deviation_file(
         threads=threads,
     )
     with (err_console if json else console).status(f"loading the tokenizer of {model}"):
-        tok = load_model(model).tokenizer
+        tok = load_gguf_meta(path).tokenizer  # nothing dequantized: llama.cpp runs the file
     with progress_bar(eval_tasks.Deviation.progress_unit, json) as prog:
         r = config.run(str(path), tok, None, progress=prog)
     emit(r, json, _printer(eval_tasks.Deviation))

@@ -94,6 +94,12 @@ def export_cmd(
         "--embedding",
         help="GGUF type for a float token embedding (e.g. gguf-q8_0, what llama.cpp uses for SmolLM2).",
     ),
+    output_head: str = typer.Option(
+        "",
+        "--output-head",
+        help="GGUF type for an untied float output head (e.g. gguf-q6_k, what llama-quantize's "
+        "presets use).",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Export MODEL to GGUF (llama.cpp) or compressed-tensors (vLLM): quantized tensors written
@@ -104,9 +110,18 @@ def export_cmd(
     target = to.lower()
     if target not in ("gguf", "compressed-tensors"):
         raise ConfigError(f"--to {to!r}: export targets are gguf and compressed-tensors")
+    from joules.deploy.runtime_choice import export_note
+
+    note = export_note(model) if target == "gguf" else None
+    if note is not None:
+        err_console.print(f"[dim]{note}[/]", soft_wrap=True)
     out_console = err_console if as_json else console
     if target == "compressed-tensors":
-        for flag, value in (("--float-type", float_type), ("--embedding", embedding)):
+        for flag, value in (
+            ("--float-type", float_type),
+            ("--embedding", embedding),
+            ("--output-head", output_head),
+        ):
             if value:
                 raise ConfigError(
                     f"{flag} is a GGUF option: a compressed-tensors checkpoint holds its floats "
@@ -123,5 +138,6 @@ def export_cmd(
             float_type=float_type or "f32",
             dequantize=dequantize or None,
             embedding=embedding or None,
+            output_head=output_head or None,
         )
     emit(res, as_json, _render)

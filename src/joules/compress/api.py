@@ -11,14 +11,18 @@
 with the :class:`~joules.compress.manifest.Manifest`. ``CompressedModel.save(dir, tokenizer)``
 writes ``model.safetensors`` (packed codes, scales, extra parts; no pickle), ``joules.json``,
 ``config.json`` and the tokenizer; ``load_compressed(dir)`` (and so ``load_model(dir)``) rebuilds
-the same modules and gives bit-identical logits.
+the same modules and gives bit-identical logits. ``open_compressed(dir)`` reads nothing: its
+:class:`CompressedWeights` hands out one module's or a few rows' tensors at a time (what
+``joules export`` streams a directory with).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -347,21 +351,26 @@ def read_manifest(path: str | Path) -> Manifest:
         raise UnsupportedModelError(f"'{p}' is not a valid joules manifest: {exc}") from exc
 
 
-def load_compressed(
-    directory: str | Path, dtype: torch.dtype | None = None
-) -> tuple[nn.Module, Any, Manifest]:
-    """Rebuild a compressed model from its directory: ``(model, tokenizer, manifest)``."""
+def _skeleton(path: Path, *, meta: bool = False) -> tuple[nn.Module, Manifest, dict[str, Any]]:
+    """The model of compressed directory ``path`` with no weights read: (model, manifest, the
+    manifest's raw JSON). Dense parameters live on the meta device; compressed modules are
+    rebuilt from the manifest, their tensors empty (``meta``: on the meta device too)."""
     import warnings
 
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(directory)
     manifest = read_manifest(path)
     raw = json.loads((path / MANIFEST_FILE).read_text())
     _check_complete(path, raw)
-    shards = _weight_files(path)
+    unknown = sorted(set(manifest.runtime) - set(RUNTIME_HOOKS.names()))
+    if unknown:
+        # A runtime setting nobody re-applies would leave the model running without it (a KV
+        # policy, say) while its figures claim it: refuse instead.
+        raise UnsupportedModelError(
+            f"'{path}' asks for runtime settings {unknown} that this joules cannot install "
+            f"(known: {RUNTIME_HOOKS.names(sort=True)}): load it with the joules version that wrote it"
+        )
     config = AutoConfig.from_pretrained(path)
     # The skeleton's parameters live on the meta device: materialising (and randomly
     # initialising) the dense model only to overwrite it would put a full-precision copy of
@@ -370,12 +379,30 @@ def load_compressed(
     with warnings.catch_warnings(), init_empty_weights(include_buffers=False):
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config)
-    for name, entry in manifest.modules.items():
-        cls = module_class(entry["type"])
-        replace_module(model, name, cls.from_config(entry["config"]))
-    # The dtype each skeleton parameter would have had: tensors load in it, as a copy into a
-    # materialised model would have converted them.
-    want = {k: t.dtype for k, t in [*model.named_buffers(), *model.named_parameters()]}
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        for name, entry in manifest.modules.items():
+            cls = module_class(entry["type"])
+            replace_module(model, name, cls.from_config(entry["config"]))
+    return model, manifest, raw
+
+
+def _wanted_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """The dtype each skeleton tensor would have had: tensors load in it, as a copy into a
+    materialised model would have converted them."""
+    return {k: t.dtype for k, t in [*model.named_buffers(), *model.named_parameters()]}
+
+
+def load_compressed(
+    directory: str | Path, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, Any, Manifest]:
+    """Rebuild a compressed model from its directory: ``(model, tokenizer, manifest)``."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    path = Path(directory)
+    model, manifest, raw = _skeleton(path)
+    shards = _weight_files(path)
+    want = _wanted_dtypes(model)
     state: dict[str, torch.Tensor] = {}
     for f in shards:
         state.update(load_file(str(f)))
@@ -402,19 +429,96 @@ def load_compressed(
             if isinstance(m, CompressedLinear):
                 m.weight_dtype = dtype
         model.to(dtype)
-    unknown = sorted(set(manifest.runtime) - set(RUNTIME_HOOKS.names()))
-    if unknown:
-        # A runtime setting nobody re-applies would leave the model running without it (a KV
-        # policy, say) while its figures claim it: refuse instead.
-        raise UnsupportedModelError(
-            f"'{path}' asks for runtime settings {unknown} that this joules cannot install "
-            f"(known: {RUNTIME_HOOKS.names(sort=True)}): load it with the joules version that wrote it"
-        )
     for key, cfg in manifest.runtime.items():
         RUNTIME_HOOKS.get(key)(model, cfg)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, manifest
+
+
+class CompressedWeights:
+    """The tensors of a compressed directory, read one at a time from its safetensors files.
+
+        >>> cw = open_compressed("out/")                                   # doctest: +SKIP
+        >>> with cw.resident("model.layers.0.mlp.down_proj") as lin:       # doctest: +SKIP
+        ...     blocks = lin.qtensor().parts["blocks"]
+        >>> emb = cw.rows("model.embed_tokens.weight", 0, 4096)            # doctest: +SKIP
+
+    ``model`` is the skeleton :func:`load_compressed` would fill, on the meta device. Each read
+    opens the file, copies what was asked and closes it, so nothing stays resident but what the
+    caller holds (a memory map left open would keep every page it touched in this process's
+    RSS). Tensors come in the dtype :func:`load_compressed` gives them, shared ones through the
+    manifest's ``shared_tensors``.
+    """
+
+    def __init__(self, path: Path, model: nn.Module, manifest: Manifest, raw: dict[str, Any]):
+        self.path = path
+        self.model = model
+        self.manifest = manifest
+        self.where = safetensors_weight_map(path)
+        self.shared: dict[str, str] = dict(raw.get("shared_tensors", {}))
+        self.want = _wanted_dtypes(model)
+        needed = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta]
+        missing = [k for k in needed if self._stored(k) not in self.where and not _tied(model, k)]
+        if not self.where:
+            _weight_files(path)  # the one-line error for a directory without weights
+        if missing:
+            raise UnsupportedModelError(
+                f"'{path}' does not match its manifest: missing {missing[:3]}: re-run "
+                "`joules compress` to write it again"
+            )
+
+    def _stored(self, key: str) -> str:
+        return self.shared.get(key, key)
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``key`` (its first dimension), an owned copy."""
+        from safetensors import safe_open
+
+        name = self._stored(key)
+        with safe_open(str(self.where[name]), framework="pt") as f:
+            t = f.get_slice(name)[start:stop]
+        want = self.want.get(key)
+        return t.to(want) if want is not None and t.dtype != want else t.clone()
+
+    def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` whole, an owned copy."""
+        from safetensors import safe_open
+
+        name = self._stored(key)
+        with safe_open(str(self.where[name]), framework="pt") as f:
+            t = f.get_tensor(name)
+        want = self.want.get(key)
+        return t.to(want) if want is not None and t.dtype != want else t.clone()
+
+    @contextlib.contextmanager
+    def resident(self, name: str) -> Iterator[nn.Module]:
+        """Submodule ``name`` with its tensors read in; back on the meta device on exit."""
+        from joules.compress.offload import to_meta
+
+        module = self.model.get_submodule(name)
+        prefix = f"{name}." if name else ""
+        keys = [k for k, v in module.state_dict(keep_vars=True).items() if v.is_meta]
+        state = {k: self.get(prefix + k) for k in keys}
+        module.load_state_dict(state, strict=False, assign=True)
+        try:
+            yield module
+        finally:
+            del state
+            to_meta(list(module.modules()))
+
+
+def open_compressed(directory: str | Path) -> tuple[CompressedWeights, Any]:
+    """Compressed directory ``directory`` with nothing read: its :class:`CompressedWeights` and
+    tokenizer (as :func:`load_compressed` returns it)."""
+    from transformers import AutoTokenizer
+
+    path = Path(directory)
+    model, manifest, raw = _skeleton(path, meta=True)
+    model.tie_weights()
+    model.eval()
+    weights = CompressedWeights(path, model, manifest, raw)
+    return weights, AutoTokenizer.from_pretrained(path)
 
 
 def _weight_files(path: Path) -> list[Path]:

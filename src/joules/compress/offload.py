@@ -96,7 +96,7 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _to_meta(modules: list[nn.Module]) -> None:
+def to_meta(modules: list[nn.Module]) -> None:
     """Replace every parameter and persistent buffer of ``modules`` by a meta tensor (shape and
     dtype kept), dropping compressed layers' decoded caches."""
     for m in modules:
@@ -190,7 +190,7 @@ class Offload:
             os.replace(tmp, path)
             self.written[i] = path
         read = self.resident_blocks.pop(i)
-        _to_meta(list({id(m): m for m in [*read, *block.modules()]}.values()))
+        to_meta(list({id(m): m for m in [*read, *block.modules()]}.values()))
         release_freed_memory()
 
     @contextlib.contextmanager
@@ -234,7 +234,7 @@ class Offload:
         try:
             yield
         finally:
-            _to_meta(self._outside_modules())
+            to_meta(self._outside_modules())
             if getattr(self.model.config, "tie_word_embeddings", False):
                 self.model.tie_weights()
             release_freed_memory()

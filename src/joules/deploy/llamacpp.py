@@ -228,16 +228,49 @@ def load_llama(
         raise ConfigError(f"llama.cpp cannot load {path}: {str(exc).splitlines()[0]}") from None
 
 
-def _window_nll(llm: Any, tokens: list[int], score_from: int) -> tuple[float, int]:
-    """Sum of NLLs (nats) of ``tokens[score_from:]`` given their prefixes, one llama.cpp eval."""
+def decoded_logits(llm: Any, tokens: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode ``tokens`` from an empty context with every position's logits, batch by batch:
+    ``(position of the batch's first token, float32 [n, V])``, the array a view of llama.cpp's
+    output buffer, valid until the next decode.
+
+    The batches, positions and logit flags are those of llama-cpp-python's ``Llama.eval`` with
+    ``logits_all`` (so the logits are the same bits), but nothing is copied into ``llm.scores``:
+    load the model without ``logits_all`` and that ``[n_ctx, V]`` float32 array (525 MB for a
+    1,025-token context and a 128k vocabulary) is never touched."""
     llm.reset()
-    llm.eval(tokens)
-    logits = np.asarray(llm.scores[: len(tokens) - 1], dtype=np.float64)  # [T-1, V]
+    llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+    n_vocab = int(llm.n_vocab())
+    for start in range(0, len(tokens), llm.n_batch):
+        batch = list(tokens[start : start + llm.n_batch])
+        llm._batch.set_batch(batch=batch, n_past=start, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        llm.input_ids[start : start + len(batch)] = batch
+        llm.n_tokens = start + len(batch)
+        yield start, np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), n_vocab))
+
+
+# Positions whose float64 log-sum-exp is computed at once: 64 x 128k x 8 B = 66 MB a temporary.
+_NLL_ROWS = 64
+
+
+def _window_nll(llm: Any, tokens: list[int], score_from: int) -> tuple[float, int]:
+    """Sum of NLLs (nats) of ``tokens[score_from:]`` given their prefixes, one llama.cpp decode.
+
+    Each position's NLL is ``logsumexp - logit`` in float64, a few rows at a time as the
+    batches' logits arrive (one row's arithmetic never depends on the others, so the sum is
+    the one of the whole ``[T - 1, V]`` float64 matrix this used to build)."""
     tgt = np.asarray(tokens[1:])
-    m = logits.max(axis=1)
-    lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
-    nll = lse - logits[np.arange(len(tgt)), tgt]
-    return float(nll[score_from - 1 :].sum()), len(tokens) - score_from
+    begin, end = score_from - 1, len(tokens) - 1  # positions whose next token is scored
+    parts = []
+    for first, logits in decoded_logits(llm, tokens):
+        for r0 in range(max(begin, first), min(end, first + len(logits)), _NLL_ROWS):
+            r1 = min(end, first + len(logits), r0 + _NLL_ROWS)
+            x = np.asarray(logits[r0 - first : r1 - first], dtype=np.float64)  # [n, V]
+            m = x.max(axis=1)
+            lse = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
+            parts.append(lse - x[np.arange(r1 - r0), tgt[r0:r1]])
+    nll = np.concatenate(parts) if parts else np.zeros(0)
+    return float(nll.sum()), len(tokens) - score_from
 
 
 def llamacpp_perplexity(
@@ -265,7 +298,7 @@ def llamacpp_perplexity(
     if len(ids) < 2:
         raise ConfigError(f"the text has {len(ids)} token(s): perplexity needs at least 2")
     windows = plan_windows(len(ids), window, stride, add_bos)
-    llm = load_llama(path, n_ctx=window + 1, threads=threads, logits_all=True)
+    llm = load_llama(path, n_ctx=window + 1, threads=threads)  # logits: decoded_logits
     offset = 1 if add_bos else 0
     sums, counts = [], []
     t0 = time.perf_counter()

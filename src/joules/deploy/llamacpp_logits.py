@@ -7,9 +7,11 @@
     >>> r.kl_mean, r.kl_lo, r.kl_hi, r.top1_agreement                       # doctest: +SKIP
 
 :class:`LlamaCppLogits` implements :class:`joules.evaluate.kld.LogitSource` through
-llama-cpp-python: one ``llama_decode`` of the whole row with every position's logits kept
-(``logits_all``), as ``llama-perplexity`` decodes a chunk (one batch of up to 512 tokens, all
-logits), in the buffers :func:`joules.deploy.llamacpp.load_llama` picks (plain CPU buffers on
+llama-cpp-python: one ``llama_decode`` of the whole row with every position's logits
+requested, as ``llama-perplexity`` decodes a chunk (one batch of up to 512 tokens, all
+logits), read from llama.cpp's output buffer a batch at a time and turned into log-probs
+:data:`_ROWS` positions at a time (:meth:`LlamaCppLogits.logprob_chunks`: no ``[n_ctx, V]``
+copy), in the buffers :func:`joules.deploy.llamacpp.load_llama` picks (plain CPU buffers on
 AMX CPUs, where llama.cpp's repacked ones crash), with flash attention on as llama.cpp's own
 tools run it on a CPU (``-fa auto``; llama-cpp-python's default is off). Importing this module registers it as the
 ``llamacpp`` logit runtime, so the ``deviation`` task runs with ``runtime="llamacpp"``.
@@ -18,14 +20,14 @@ tools run it on a CPU (``-fa auto``; llama-cpp-python's default is off). Importi
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from joules.deploy.llamacpp import extra_buffers_safe, load_llama
+from joules.deploy.llamacpp import decoded_logits, extra_buffers_safe, load_llama
 from joules.errors import ConfigError
 from joules.evaluate.kld import (
     LOGIT_SOURCES,
@@ -37,6 +39,9 @@ from joules.evaluate.kld import (
     reference_logprobs,
 )
 from joules.evaluate.results import DeviationResult
+
+# Positions whose log-softmax is made at once: 128 x 128k float32 = 66 MB.
+_ROWS = 128
 
 
 def row_context(protocol: TokenProtocol) -> int:
@@ -62,9 +67,8 @@ class LlamaCppLogits:
         self.path = Path(path)
         self.n_ctx = n_ctx
         self.flash_attn = flash_attn
-        self.llm = load_llama(
-            self.path, n_ctx=n_ctx, threads=threads, logits_all=True, flash_attn=flash_attn
-        )
+        # no logits_all: the logits are read batch by batch (decoded_logits), never kept whole
+        self.llm = load_llama(self.path, n_ctx=n_ctx, threads=threads, flash_attn=flash_attn)
         self.threads = int(self.llm.n_threads)
         self.name = f"llamacpp:{self.path.name}"
         self.vocab_size = int(self.llm.n_vocab())
@@ -77,16 +81,26 @@ class LlamaCppLogits:
     def activations(self) -> str:
         return "llama.cpp's CPU kernels for each tensor's GGUF type"
 
-    def logprobs(self, row: list[int], *, first: int = 0) -> torch.Tensor:
+    def logprob_chunks(
+        self, row: list[int], *, first: int = 0, stop: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Float32 log-softmax of positions ``first .. stop - 1``, at most :data:`_ROWS` rows a
+        chunk, as llama.cpp's batches arrive (the whole row is decoded, as before)."""
         if len(row) > self.n_ctx:
             raise ConfigError(
                 f"a row of {len(row)} tokens does not fit the context of {self.n_ctx}: "
                 "load with a larger n_ctx"
             )
-        self.llm.reset()
-        self.llm.eval(list(row))
-        logits = np.array(self.llm.scores[first : len(row)], dtype=np.float32)  # [n, V], a copy
-        return torch.log_softmax(torch.from_numpy(logits), dim=-1)
+        stop = len(row) if stop is None else stop
+        for start, logits in decoded_logits(self.llm, row):
+            end = min(stop, start + len(logits))
+            for r0 in range(max(first, start), end, _ROWS):
+                r1 = min(end, r0 + _ROWS)
+                x = np.array(logits[r0 - start : r1 - start], dtype=np.float32)  # a copy
+                yield torch.log_softmax(torch.from_numpy(x), dim=-1)
+
+    def logprobs(self, row: list[int], *, first: int = 0) -> torch.Tensor:
+        return torch.cat(list(self.logprob_chunks(row, first=first)))
 
 
 @LOGIT_SOURCES.register("llamacpp")

@@ -68,7 +68,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -116,7 +116,11 @@ class LogitSource(Protocol):
 
     def logprobs(self, row: list[int], *, first: int = 0) -> torch.Tensor:
         """Float32 log-softmax ``[len(row) - first, V]`` of the next-token distributions at
-        positions ``first .. len(row) - 1`` of ``row`` (position ``t`` has seen ``row[:t+1]``)."""
+        positions ``first .. len(row) - 1`` of ``row`` (position ``t`` has seen ``row[:t+1]``).
+
+        A source may also define ``logprob_chunks(row, *, first, stop)``: the rows of
+        ``logprobs(row, first=first)[: stop - first]`` as a sequence of ``[n, V]`` chunks, so a
+        whole row's ``[len(row), V]`` log-probs never exist at once (:func:`logprob_groups`)."""
         ...
 
 
@@ -143,10 +147,55 @@ class TorchLogits:
 
     @torch.inference_mode()
     def logprobs(self, row: list[int], *, first: int = 0) -> torch.Tensor:
+        chunks = list(self.logprob_chunks(row, first=first))
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.vocab_size)
+
+    @torch.inference_mode()
+    def logprob_chunks(
+        self, row: list[int], *, first: int = 0, stop: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """The scorer's chunks of positions ``first ..`` (cut at ``stop``): the same chunks,
+        so the same bits, as :meth:`logprobs` makes."""
         x = torch.tensor([row], device=self.scorer.device)  # [1, T]
         hidden, _ = self.scorer.hidden(x, use_cache=False)
-        chunks = list(self.scorer.logprob_chunks(hidden[0, first:]))
-        return torch.cat(chunks).cpu() if chunks else torch.zeros(0, self.vocab_size)
+        left = (len(row) if stop is None else stop) - first
+        for lp in self.scorer.logprob_chunks(hidden[0, first:]):
+            if left <= 0:
+                break
+            yield lp[:left].cpu()
+            left -= len(lp)
+
+
+def logprob_groups(
+    source: LogitSource, row: list[int], first: int, stop: int, rows: int = _KL_ROWS
+) -> Iterator[torch.Tensor]:
+    """Log-probs of positions ``first .. stop - 1`` of ``row`` in groups of exactly ``rows``
+    positions (the last one: what is left), whatever chunks the source makes: a window's
+    ``[n, V]`` log-probs are never whole in memory, and the groups are the ones
+    :func:`stored_kl_terms` sums over, so its float64 sums are the same bits."""
+    # a subclass that redefines logprobs alone (a test's sharpened source) is read through it:
+    # the chunks it inherits would be its parent's log-probs
+    owner = next((c for c in type(source).__mro__ if "logprobs" in c.__dict__), None)
+    make = getattr(source, "logprob_chunks", None)
+    if owner is not None and "logprob_chunks" not in owner.__dict__:
+        make = None
+    chunks = (
+        make(row, first=first, stop=stop)
+        if make is not None
+        else iter([source.logprobs(row, first=first)[: stop - first]])
+    )
+    held: list[torch.Tensor] = []
+    n = 0
+    for c in chunks:
+        held.append(c)
+        n += len(c)
+        while n >= rows:
+            both = torch.cat(held) if len(held) > 1 else held[0]
+            yield both[:rows]
+            rest = both[rows:]
+            held, n = ([rest] if len(rest) else []), len(rest)
+    if n:
+        yield torch.cat(held) if len(held) > 1 else held[0]
 
 
 LogitFactory = Callable[..., LogitSource]  # (model or spec, *, n_ctx, threads) -> source
@@ -323,6 +372,10 @@ class ReferenceLogprobs:
     def tokens_scored(self) -> int:
         return int(self.steps.shape[0])
 
+    def step_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``steps`` (read from the store's file: see :func:`_read_rows`)."""
+        return _read_rows(self.steps, start, stop)
+
     @property
     def size_bytes(self) -> int:
         """Bytes of the per-token arrays (what grows with the text)."""
@@ -370,6 +423,32 @@ class ReferenceLogprobs:
             path=d,
             **arrays,
         )
+
+
+def _read_rows(a: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of ``a``; of a memory-mapped ``.npy`` file, read from the file: a
+    memory map read through keeps every page it touched in this process's RSS, which for the
+    uint16 store is 2 V bytes per token (1 GB for 4,096 tokens of a 128k vocabulary)."""
+    if not isinstance(a, np.memmap) or a.filename is None:
+        return np.asarray(a[start:stop])
+    row = math.prod(a.shape[1:])
+    count = (stop - start) * row
+    out = np.fromfile(
+        a.filename, dtype=a.dtype, count=count, offset=a.offset + start * row * a.itemsize
+    )
+    return out.reshape(stop - start, *a.shape[1:])
+
+
+def _write_rows(a: np.ndarray, start: int, rows: np.ndarray) -> None:
+    """``a[start : start + len(rows)] = rows``; into a memory-mapped ``.npy`` file, written to the
+    file (dirty pages of a shared map count in RSS until written back: see :func:`_read_rows`)."""
+    if not isinstance(a, np.memmap) or a.filename is None:
+        a[start : start + len(rows)] = rows
+        return
+    data = np.ascontiguousarray(rows, dtype=a.dtype)
+    with open(a.filename, "r+b") as f:
+        f.seek(a.offset + start * math.prod(a.shape[1:]) * a.itemsize)
+        f.write(data.tobytes())
 
 
 def _sha256_ids(ids: Any) -> str:
@@ -461,19 +540,22 @@ def _fill(
     total = sum(r.scored for r in rows)
     pos = 0
     for row in rows:
-        lp = source.logprobs(row.tokens, first=row.score_from - 1)[:-1]  # [n, V]
-        _check_vocab(lp, source.vocab_size, source.name)
-        q, scale, low = quantize_logprobs(lp)
-        tgt = torch.tensor(row.tokens[row.score_from :])
-        sl = slice(pos, pos + len(tgt))
-        arrays["steps"][sl] = q
-        arrays["scale"][sl] = scale
-        arrays["low"][sl] = low
-        arrays["nll"][sl] = (-lp.gather(1, tgt[:, None])[:, 0].double()).numpy()
-        arrays["top1"][sl] = lp.argmax(-1).numpy()
-        # Σ p̂ (l̂ - l): what llama.cpp's sum adds to the KL through the storage alone
-        arrays["correction"][sl] = stored_kl_terms(q, scale, low, lp).numpy()
-        pos += len(tgt)
+        first, stop = row.score_from - 1, len(row.tokens) - 1  # the positions that score a token
+        at = row.score_from  # the token the group's first position scores
+        for lp in logprob_groups(source, row.tokens, first, stop):  # [n <= _KL_ROWS, V]
+            _check_vocab(lp, source.vocab_size, source.name)
+            q, scale, low = quantize_logprobs(lp)
+            tgt = torch.tensor(row.tokens[at : at + len(lp)])
+            at += len(lp)
+            sl = slice(pos, pos + len(lp))
+            _write_rows(arrays["steps"], pos, q)
+            arrays["scale"][sl] = scale
+            arrays["low"][sl] = low
+            arrays["nll"][sl] = (-lp.gather(1, tgt[:, None])[:, 0].double()).numpy()
+            arrays["top1"][sl] = lp.argmax(-1).numpy()
+            # Σ p̂ (l̂ - l): what llama.cpp's sum adds to the KL through the storage alone
+            arrays["correction"][sl] = stored_kl_terms(q, scale, low, lp).numpy()
+            pos += len(lp)
         if progress:
             progress(pos, total)
     return ReferenceLogprobs(
@@ -574,20 +656,30 @@ def kl_divergence(
     pos = 0
     t0 = time.perf_counter()
     for row in rows:
-        lp = source.logprobs(row.tokens, first=row.score_from - 1)[:-1]  # [n, V]
-        _check_vocab(lp, reference.vocab_size, source.name)
-        n = lp.shape[0]
-        sl = slice(pos, pos + n)
-        raw = stored_kl_terms(reference.steps[sl], reference.scale[sl], reference.low[sl], lp)
-        kl = raw.numpy() - np.asarray(reference.correction[sl])
-        tgt = torch.tensor(row.tokens[row.score_from :])
-        nll = -lp.gather(1, tgt[:, None])[:, 0].double()
-        agree += int((lp.argmax(-1).numpy() == np.asarray(reference.top1[sl])).sum())
+        first, stop = row.score_from - 1, len(row.tokens) - 1  # the positions that score a token
+        at = row.score_from
+        row_kl: list[np.ndarray] = []
+        row_nll: list[torch.Tensor] = []
+        for lp in logprob_groups(source, row.tokens, first, stop):  # [n <= _KL_ROWS, V]
+            _check_vocab(lp, reference.vocab_size, source.name)
+            n = lp.shape[0]
+            sl = slice(pos, pos + n)
+            steps = reference.step_rows(pos, pos + n)
+            raw = stored_kl_terms(steps, reference.scale[sl], reference.low[sl], lp)
+            row_kl.append(raw.numpy() - np.asarray(reference.correction[sl]))
+            tgt = torch.tensor(row.tokens[at : at + n])
+            row_nll.append(-lp.gather(1, tgt[:, None])[:, 0].double())
+            agree += int((lp.argmax(-1).numpy() == np.asarray(reference.top1[sl])).sum())
+            at += n
+            pos += n
+        # the window's sums over its whole per-token vectors, as they were summed before
+        kl = np.concatenate(row_kl) if row_kl else np.zeros(0)
+        nll = torch.cat(row_nll) if row_nll else torch.zeros(0, dtype=torch.float64)
+        sl = slice(pos - len(kl), pos)
         kls.append(kl)
         w_kl.append(float(kl.sum()))
         w_nll.append(float(nll.sum()))
         w_ref.append(float(np.asarray(reference.nll[sl]).sum()))
-        pos += n
         if progress:
             progress(pos, total)
     all_kl = np.concatenate(kls) if kls else np.zeros(0)

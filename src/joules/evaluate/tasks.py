@@ -326,7 +326,6 @@ class Deviation(Task):
         path = self._model_file(model, info)
         # llama-perplexity's chunks are `window` long; a prepended BOS (all) makes one more
         n_ctx = self.window + (0 if self.scored == "second-half" else 1)
-        test = logit_source(self.runtime, path, n_ctx=n_ctx, threads=self.threads)
         ref_spec = self.reference if self.reference is not None else path
         if isinstance(ref_spec, (str, PathLike)):
             kind, ref_path = resolve(ref_spec)
@@ -340,6 +339,8 @@ class Deviation(Task):
         text, dataset, _ = _text(self.data, self.split)
         protocol = TokenProtocol(self.window, self.scored, self.add_bos, self.limit_tokens, dataset)
         ref = reference_logprobs(src, tokenizer, text, protocol, key=key, progress=progress)
+        del src  # one model in memory at a time: the reference's is freed before the test's loads
+        test = logit_source(self.runtime, path, n_ctx=n_ctx, threads=self.threads)
         r = kl_divergence(
             test, ref, progress, model_name=f"{path} ({self.runtime})", reference_name=ref_name
         )

@@ -288,6 +288,40 @@ def checkpoint_dir(spec: str | os.PathLike[str]) -> tuple[Path, str | None, dict
     return converted, meta["gguf_file"], meta["gguf_types"]
 
 
+def load_gguf_meta(spec: str | os.PathLike[str]) -> LoadedModel:
+    """A GGUF file's tokenizer and :class:`ModelInfo` with nothing dequantized: the model is a
+    meta-device skeleton of the file's config (float32, as :func:`load_model` loads a GGUF),
+    the tokenizer read from the file's metadata. What the llama.cpp runtime needs beside the
+    file itself: :func:`load_model` would first convert the whole file to float32 (20 GB of
+    memory for a 5B-parameter file)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kind, path = resolve(spec)
+    if kind != "gguf":
+        raise UnsupportedModelError(f"'{spec}' is not a .gguf file")
+    _quiet_hf()
+    gguf_types = gguf_tensor_types(path)  # a truncated or foreign file: one line, here
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            with init_empty_weights():
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (ValueError, KeyError) as exc:
+        raise UnsupportedModelError(
+            f"transformers cannot read the GGUF file '{path}': {exc}"
+        ) from exc
+    model.eval()
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # one meta parameter for the embedding and the head, counted once
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    info = describe(model, str(spec), str(path), gguf_file=str(path), gguf_types=gguf_types)
+    return LoadedModel(model, tokenizer, info)
+
+
 def load_model(
     spec: str | os.PathLike[str] = DEFAULT_MODEL,
     dtype: torch.dtype | None = None,
