@@ -35,6 +35,7 @@ from joules.compress.context import CompressContext, ProgressFn, replace_module
 from joules.compress.manifest import MANIFEST_FILE, Manifest
 from joules.compress.modules.kernels import pinned_activations
 from joules.compress.modules.linear import CompressedLinear, module_class
+from joules.compress.offload import to_meta
 from joules.compress.recipe import Recipe, parse_recipe, step_class, step_names
 from joules.errors import ConfigError, UnsupportedModelError
 from joules.fingerprint import compute_label, library_versions
@@ -494,8 +495,6 @@ class CompressedWeights:
     @contextlib.contextmanager
     def resident(self, name: str) -> Iterator[nn.Module]:
         """Submodule ``name`` with its tensors read in; back on the meta device on exit."""
-        from joules.compress.offload import to_meta
-
         module = self.model.get_submodule(name)
         prefix = f"{name}." if name else ""
         keys = [k for k, v in module.state_dict(keep_vars=True).items() if v.is_meta]

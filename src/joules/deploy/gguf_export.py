@@ -51,7 +51,7 @@ from torch import nn
 from joules import formats
 from joules.compress import read_manifest
 from joules.compress.api import open_compressed
-from joules.compress.modules.linear import CompressedLinear
+from joules.compress.modules.linear import CompressedLinear, module_class
 from joules.compress.offload import release_freed_memory
 from joules.errors import ConfigError, UnsupportedModelError
 from joules.formats.gguf import PRESETS, get_gguf, mxfp4_to_gguf_blocks
@@ -213,8 +213,6 @@ def _exact_type(lin: Any) -> str | None:
 def gguf_exact(directory: str | os.PathLike[str]) -> bool:
     """Whether :func:`export_gguf` writes compressed ``directory`` without ``dequantize`` (every
     compressed layer in a format GGUF holds exactly), decided from its manifest alone."""
-    from joules.compress.modules.linear import module_class
-
     with torch.device("meta"):
         for entry in read_manifest(directory).modules.values():
             mod = module_class(entry["type"]).from_config(entry["config"])

@@ -27,6 +27,7 @@ from joules import fingerprint
 from joules.compress import read_manifest
 from joules.compress.manifest import MANIFEST_FILE
 from joules.deploy.gguf_export import export_gguf, gguf_exact
+from joules.deploy.llamacpp import gguf_tensor_table
 from joules.models.loading import resolve
 from joules.paths import cache_dir
 
@@ -87,8 +88,6 @@ def pick_llamacpp(spec: str | os.PathLike[str]) -> LlamaCppChoice | None:
     if kind == "gguf":
         if path.stat().st_size * 8 < LARGE_PARAMS * _MIN_BITS_PER_PARAM:
             return None
-        from joules.deploy.llamacpp import gguf_tensor_table
-
         n = sum(t[2] for t in gguf_tensor_table(path))
         if n < LARGE_PARAMS:
             return None
