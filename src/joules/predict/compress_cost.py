@@ -28,10 +28,11 @@ linear's input width, ``r`` its output rows):
 * **RTN**: one pass over the weights (counted at the column cost's per-element rate).
 
 Peak memory, layer by layer: the process before it starts (``base_rss_bytes``: torch imported),
-the embedding as stored, one block in fp32 and its compressed copy, the calibration hidden states
-entering and leaving the block (fp32), and the widest Hessian's working set (its fp64 sum, then at
-most three fp32 matrices while it is factorised), or the largest mini-batch activation if larger.
-In memory: the whole model as loaded instead of the block and embedding.
+the input embedding as stored (the head stays in the checkpoint), one block in fp32 and its
+compressed copy, the calibration hidden states entering and leaving the block (fp32), and the
+widest Hessian's working set (its fp64 sum with an fp32 copy, then, the sum freed, at most three
+fp32 matrices while it is factorised: 12 bytes per element), or the largest mini-batch activation
+if larger. In memory: the whole model as loaded instead of the block and embedding.
 
 Unit costs (:class:`UnitCosts`) come from :func:`measure_unit_costs` (about 3 s) and are cached
 per CPU model and thread count in ``$JOULES_CACHE_DIR/compress_costs.json``. A probe beside
@@ -241,20 +242,21 @@ def predict_compress(
     unmodelled = [st for st in steps if st not in _SOLVE_STEPS | _CHEAP_STEPS]
 
     dtype_bytes = _DTYPE_BYTES.get(str(config.get("torch_dtype", "float32")), 4)
-    embed = s["vocab"] * s["d"] * dtype_bytes * (1 if s["tied"] else 2)
+    embed = s["vocab"] * s["d"] * dtype_bytes  # the input embedding (the head stays on disk)
     mem: dict[str, int] = {"base": costs.base_rss_bytes}
     if layered:
         mem["embedding"] = embed
         mem["block_fp32"] = 2 * block_params * 4  # the block and its compressed copy
     else:
-        mem["model"] = embed + s["layers"] * block_params * dtype_bytes
+        mem["model"] = embed * (1 if s["tied"] else 2) + s["layers"] * block_params * dtype_bytes
         mem["block_fp32"] = block_params * 4
     if calibrated or "awq" in steps or "smoothquant" in steps:
         mem["calibration_states"] = 2 * tokens * s["d"] * 4
         widest = max(groups.values())
         batch = min(batch_size, calib_n) * calib_len
         mem["working"] = max(
-            widest * widest * 8 + (3 * widest * widest * 4 if calibrated else 0),
+            # the fp64 sum and its fp32 copy, then (the sum freed) at most three fp32 matrices
+            widest * widest * 12 if calibrated else widest * widest * 8,
             batch * (2 * s["ff"] + s["d"]) * 4,
         )
     return CompressCost(
