@@ -308,10 +308,8 @@ def _common_why_not(q: QuantizedTensor, device: str) -> tuple[IntFormat | None, 
 # --------------------------------------------------------------------------------------------
 
 
-def _int8_why_not(q: QuantizedTensor, device: str) -> str | None:
-    fmt, why = _common_why_not(q, device)
-    if why:
-        return why
+def _int8_layout_why_not(fmt: Any, q: QuantizedTensor) -> str | None:
+    """Why ``q`` is not per-row symmetric int8 (what both int8 kernels take), or None."""
     c = fmt.cfg
     if c.bits != 8 or not c.symmetric:
         return f"'{q.spec}' is not symmetric 8-bit"
@@ -320,13 +318,25 @@ def _int8_why_not(q: QuantizedTensor, device: str) -> str | None:
     return None
 
 
-def _int8_pack(q: QuantizedTensor, dtype: torch.dtype) -> PackedWeight:
+def _int8_why_not(q: QuantizedTensor, device: str) -> str | None:
+    fmt, why = _common_why_not(q, device)
+    return why or _int8_layout_why_not(fmt, q)
+
+
+def _int8_tensors(q: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Signed int8 codes ``[n, k]`` in [-127, 127] and one scale per row in ``dtype``."""
     fmt = _int_format(q)
-    assert fmt is not None and _int8_why_not(q, "cpu") is None, q.spec
-    n, k = q.shape
-    w = (_codes(q, fmt) - fmt.qmax).to(torch.int8).contiguous()  # [n, k] in [-127, 127]
+    assert fmt is not None and _int8_layout_why_not(fmt, q) is None, q.spec
+    n, _ = q.shape
+    w = (_codes(q, fmt) - fmt.qmax).to(torch.int8).contiguous()
     scales = _row_params(q, fmt, "scales").reshape(n).to(dtype).contiguous()
-    return PackedWeight("cpu-int8", (n, k), dtype, {"weight": w, "scales": scales})
+    return {"weight": w, "scales": scales}
+
+
+def _int8_pack(q: QuantizedTensor, dtype: torch.dtype) -> PackedWeight:
+    return PackedWeight(
+        "cpu-int8", (int(q.shape[0]), int(q.shape[1])), dtype, _int8_tensors(q, dtype)
+    )
 
 
 def _int8_mm(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
@@ -499,23 +509,16 @@ def _cuda_int8_why_not(q: QuantizedTensor, device: str) -> str | None:
     fmt, why = _cuda_common_why_not(q, device)
     if why:
         return why
-    c = fmt.cfg
-    if c.bits != 8 or not c.symmetric:
-        return f"'{q.spec}' is not symmetric 8-bit"
-    if c.grouping.kind == "group":
-        return f"'{q.spec}' has group scales; the kernel takes one scale per row"
-    if cuda_capability() is None:
+    why = _int8_layout_why_not(fmt, q)
+    if why is None and cuda_capability() is None:
         return "no CUDA device is visible"
-    return None
+    return why
 
 
 def _cuda_int8_pack(q: QuantizedTensor, dtype: torch.dtype) -> PackedWeight:
-    fmt = _int_format(q)
-    assert fmt is not None and _cuda_int8_why_not(q, "cuda") is None, q.spec
-    n, k = q.shape
-    w = (_codes(q, fmt) - fmt.qmax).to(torch.int8).contiguous()  # [n, k] in [-127, 127]
-    scales = _row_params(q, fmt, "scales").reshape(n).to(dtype).contiguous()
-    return PackedWeight("cuda-int8", (n, k), dtype, {"weight": w, "scales": scales})
+    return PackedWeight(
+        "cuda-int8", (int(q.shape[0]), int(q.shape[1])), dtype, _int8_tensors(q, dtype)
+    )
 
 
 def _cuda_int8_mm(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
