@@ -52,3 +52,20 @@ def bench_script():
         return mod
 
     return load
+
+
+@pytest.fixture
+def wide_block_shape(tmp_path):
+    """A config.json of 4 Llama blocks of 67 MB in fp32 (1024 wide, 4096 MLP) and a tiny
+    vocabulary: depth, not the embedding, moves a peak. ``write_synthetic(path, layers=N)``."""
+    import json
+
+    cfg = tmp_path / "shape.json"
+    shape = dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=1024,
+        intermediate_size=4096, num_attention_heads=8, num_key_value_heads=8,
+        num_hidden_layers=4, vocab_size=512, max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    cfg.write_text(json.dumps(shape))
+    return cfg

@@ -62,9 +62,7 @@ def _magnitudes(q: formats.QuantizedTensor, wd: torch.Tensor) -> torch.Tensor:
     if fmt.cfg.symmetric:
         return wd.abs()
     k = wd.shape[1]
-    s = K._row_params(q, fmt, "scales")
-    off = K._row_params(q, fmt, "offsets")
-    z = (8 - off) * s if fmt.cfg.int_zero_point else off + 8 * s  # [n, groups]
+    z = K.int4_zero_points(q)  # [n, groups]
     z = z.repeat_interleave(fmt.cfg.grouping.size, dim=1)[:, :k]
     return (wd - z).abs() + z.abs()
 

@@ -89,21 +89,14 @@ _PEAK = textwrap.dedent(
 )
 
 
-def test_export_peak_memory_does_not_grow_with_depth(tmp_path):
+def test_export_peak_memory_does_not_grow_with_depth(tmp_path, wide_block_shape):
     """Blocks of 12.6M weights written as F32 (50 MB each): 8 blocks peak within 10 % of 4
     blocks (measured: 0.48 GB both), where the exporter that held the model and every converted
     tensor until the write peaked at 0.92 and 1.14 GB (+24 %)."""
     from joules.models import load_model
     from joules.models.synthetic import write_synthetic
 
-    cfg = tmp_path / "shape.json"
-    shape = dict(
-        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=1024,
-        intermediate_size=4096, num_attention_heads=8, num_key_value_heads=8,
-        num_hidden_layers=4, vocab_size=512, max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    cfg.write_text(json.dumps(shape))
+    cfg = wide_block_shape
     peaks = {}
     for layers in (4, 8):
         ckpt = write_synthetic(cfg, tmp_path / f"m{layers}", layers=layers, dtype=torch.float32)

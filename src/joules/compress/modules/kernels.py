@@ -395,6 +395,19 @@ def _int4_pack(q: QuantizedTensor, dtype: torch.dtype) -> PackedWeight:
     return PackedWeight("cpu-int4", (n, k), dtype, {"weight": packed, "scales_zeros": sz}, G)
 
 
+def int4_zero_points(q: QuantizedTensor) -> torch.Tensor:
+    """The zero point ``z`` [n, groups per row] of ``w = (t - 8) * s + z``, the int4 kernels'
+    decoding of ``q``: 0 when symmetric; ``(8 - z) * s`` for ``x = (code - z) * s``
+    (``-zpint``); ``min + 8 * s`` for ``x = code * s + min``."""
+    fmt = _int_format(q)
+    assert fmt is not None, q.spec
+    scales = _row_params(q, fmt, "scales")
+    if fmt.cfg.symmetric:
+        return torch.zeros_like(scales)
+    offsets = _row_params(q, fmt, "offsets")
+    return (8 - offsets) * scales if fmt.cfg.int_zero_point else offsets + 8 * scales
+
+
 def int4_codes_and_scales(
     q: QuantizedTensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -409,15 +422,9 @@ def int4_codes_and_scales(
     assert G is not None, q.spec
     codes = _codes(q, fmt)
     scales = _row_params(q, fmt, "scales")  # [n, groups per row]
-    if c.symmetric:  # x = (code - qmax) * s = (t - 8) * s with t = code + 8 - qmax
-        t = codes + (8 - fmt.qmax)
-        zeros = torch.zeros_like(scales)
-    elif c.int_zero_point:  # x = (code - z) * s = (code - 8) * s + (8 - z) * s
-        t = codes
-        zeros = (8 - _row_params(q, fmt, "offsets")) * scales
-    else:  # x = code * s + min = (code - 8) * s + (min + 8 s)
-        t = codes
-        zeros = _row_params(q, fmt, "offsets") + 8 * scales
+    # symmetric: x = (code - qmax) * s = (t - 8) * s with t = code + 8 - qmax
+    t = codes + (8 - fmt.qmax) if c.symmetric else codes
+    zeros = int4_zero_points(q)
     # one (scale, zero) per kernel group j: joules group floor(j * G / span)
     span = c.grouping.size if c.grouping.kind == "group" else k
     idx = torch.arange(k // G, device=scales.device) * G // span
@@ -858,6 +865,7 @@ __all__ = [
     "find_kernel",
     "format_family",
     "int4_reference_weight",
+    "int4_zero_points",
     "kernels",
     "pin_epoch",
     "pinned_activations",
