@@ -331,3 +331,19 @@ def test_kv_bytes_table_is_the_library_figure():
         )
         got = kv_bytes_per_token(s, config)
         assert f"{got:,.0f}" == nbytes and f"{got / fp16:.2f}" == ratio, (fmt, got)
+
+
+def test_deploy_above_grid_block_is_what_the_script_prints(bench_script):
+    """The presets at and above the Q4_1 grid: their own JSON and table on the deploy page."""
+    data = _results("deploy_above_grid.json")
+    block = bench_script("deploy").markdown(data, "deploy_above_grid.json")
+    page = (ROOT / "docs/results/deploy.md").read_text()
+    assert block in page, (
+        "run `python benchmarks/deploy.py --table --out results/deploy_above_grid.json`"
+    )
+    rows = {r["row"]: r for r in data["rows"]}
+    for r in rows.values():  # every row is at or above the grid: nothing is claimed from them
+        assert r["size_bytes"] >= data["q4_1_grid_bytes"] and not r["below_q4_1_grid"]
+    for row in (r for r in rows if r.startswith("rtn-")):  # the path check, as the page says
+        peer = rows["llamacpp-" + row.removeprefix("rtn-")]
+        assert rows[row]["kld_mean"] == peer["kld_mean"] and rows[row]["types"] == peer["types"]
