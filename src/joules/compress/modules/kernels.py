@@ -292,9 +292,13 @@ def _row_params(q: QuantizedTensor, fmt: IntFormat, key: str) -> torch.Tensor:
     return p.reshape(n, -1)
 
 
-def _common_why_not(q: QuantizedTensor, device: str) -> tuple[IntFormat | None, str | None]:
-    if device != "cpu":
-        return None, f"CPU only (tensor is on {device})"
+def _common_why_not(
+    q: QuantizedTensor, device: str, want: str = "cpu"
+) -> tuple[IntFormat | None, str | None]:
+    """(the integer format of ``q``, None) when a ``want``-device kernel could take it, else
+    (None, why not)."""
+    if device != want:
+        return None, f"{want.upper()} only (tensor is on {device})"
     if len(q.shape) != 2:
         return None, f"needs a 2-D weight, got shape {tuple(q.shape)}"
     fmt = _int_format(q)
@@ -369,21 +373,24 @@ def int4_group(q: QuantizedTensor, fmt: IntFormat) -> int | None:
     return next((G for G in INT4_GROUPS if k % G == 0 and span % G == 0), None)
 
 
-def _int4_why_not(q: QuantizedTensor, device: str) -> str | None:
-    fmt, why = _common_why_not(q, device)
-    if why:
-        return why
-    c = fmt.cfg
+def _int4_layout_why_not(fmt: Any, q: QuantizedTensor, rows_multiple: int) -> str | None:
+    """Why ``q`` does not fit an int4 kernel whose output rows come in ``rows_multiple``s (16 on
+    the CPU, 8 for tinygemm), or None."""
     n, k = q.shape
-    if c.bits > 4:
-        return f"'{q.spec}' has {c.bits} bits; the kernel holds 4"
-    if n % 16:
-        return f"out_features {n} is not a multiple of 16"
+    if fmt.cfg.bits > 4:
+        return f"'{q.spec}' has {fmt.cfg.bits} bits; the kernel holds 4"
+    if n % rows_multiple:
+        return f"out_features {n} is not a multiple of {rows_multiple}"
     if int4_group(q, fmt) is None:
         return (
             f"no group size in {INT4_GROUPS} divides both the row ({k}) and the group of '{q.spec}'"
         )
     return None
+
+
+def _int4_why_not(q: QuantizedTensor, device: str) -> str | None:
+    fmt, why = _common_why_not(q, device)
+    return why or _int4_layout_why_not(fmt, q, 16)
 
 
 def _int4_pack(q: QuantizedTensor, dtype: torch.dtype) -> PackedWeight:
@@ -492,17 +499,6 @@ def capability_query(query: CapabilityQuery) -> Iterator[None]:
         _capability_query = saved
 
 
-def _cuda_common_why_not(q: QuantizedTensor, device: str) -> tuple[IntFormat | None, str | None]:
-    if device != "cuda":
-        return None, f"CUDA only (tensor is on {device})"
-    if len(q.shape) != 2:
-        return None, f"needs a 2-D weight, got shape {tuple(q.shape)}"
-    fmt = _int_format(q)
-    if fmt is None:
-        return None, f"'{q.spec}' is not an integer format"
-    return fmt, None
-
-
 def _sm(cap: tuple[int, int]) -> str:
     return f"sm{cap[0]}{cap[1]}"
 
@@ -513,7 +509,7 @@ def _sm(cap: tuple[int, int]) -> str:
 
 
 def _cuda_int8_why_not(q: QuantizedTensor, device: str) -> str | None:
-    fmt, why = _cuda_common_why_not(q, device)
+    fmt, why = _common_why_not(q, device, want="cuda")
     if why:
         return why
     why = _int8_layout_why_not(fmt, q)
@@ -567,19 +563,11 @@ def inner_k_tiles(k: int) -> int | None:
 
 
 def _cuda_int4_why_not(q: QuantizedTensor, device: str) -> str | None:
-    fmt, why = _cuda_common_why_not(q, device)
+    fmt, why = _common_why_not(q, device, want="cuda")
+    why = why or _int4_layout_why_not(fmt, q, 8)
     if why:
         return why
-    c = fmt.cfg
-    n, k = q.shape
-    if c.bits > 4:
-        return f"'{q.spec}' has {c.bits} bits; the kernel holds 4"
-    if n % 8:
-        return f"out_features {n} is not a multiple of 8"
-    if int4_group(q, fmt) is None:
-        return (
-            f"no group size in {INT4_GROUPS} divides both the row ({k}) and the group of '{q.spec}'"
-        )
+    k = q.shape[1]
     if inner_k_tiles(k) is None:  # unreachable while every group size is a multiple of 32
         return f"in_features {k} is not a multiple of 32"
     cap = cuda_capability()
