@@ -277,18 +277,7 @@ def test_int4_reference_decodes_joules_weight_exactly(spec: str) -> None:
     assert torch.equal(w, _dequant_bf16_params(q).bfloat16())
     # and joules' full-precision weight to within bf16 rounding of scale, zero and result
     wd = q.dequantize()
-    assert ((w.float() - wd).abs() <= 2 * U_BF16 * _magnitudes(q, wd) + 1e-12).all()
-
-
-def _magnitudes(q: formats.QuantizedTensor, wd: torch.Tensor) -> torch.Tensor:
-    """Per element, what bf16 rounds: |w - z| and |z| (z the zero point; 0 when symmetric)."""
-    fmt = formats.get(q.spec)
-    if fmt.cfg.symmetric:
-        return wd.abs()
-    k = wd.shape[1]
-    zp = K.int4_zero_points(q)  # [n, groups]
-    zp = zp.repeat_interleave(fmt.cfg.grouping.size, dim=1)[:, :k]
-    return (wd - zp).abs() + zp.abs()
+    assert ((w.float() - wd).abs() <= 2 * U_BF16 * K.int4_bf16_magnitudes(q, wd) + 1e-12).all()
 
 
 @pytest.mark.parametrize("spec", INT4_SPECS)
@@ -302,7 +291,7 @@ def test_int4_reference_matches_emulated_within_bf16(spec: str, tokens: int) -> 
     emulated = F.linear(x.bfloat16(), wd.bfloat16()).float()
     xb = x.bfloat16().float()
     # each side rounds the weight (or its scale and zero) and the output once in bf16
-    bound = 3 * U_BF16 * (xb.abs() @ _magnitudes(q, wd).T) + 2 * U_BF16 * emulated.abs()
+    bound = 3 * U_BF16 * (xb.abs() @ K.int4_bf16_magnitudes(q, wd).T) + 2 * U_BF16 * emulated.abs()
     assert ((y - emulated).abs() <= bound).all()
     assert ((F.linear(xb, wd * 1.1) - emulated).abs() > bound).any()  # the bound can fail
 

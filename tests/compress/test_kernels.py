@@ -55,18 +55,6 @@ def test_kernel_matches_emulated_fp32(spec: str, tokens: int) -> None:
     assert ((y - ref).abs() <= bound).all()
 
 
-def _magnitudes(q: formats.QuantizedTensor, wd: torch.Tensor) -> torch.Tensor:
-    """Per-element size of what the kernel rounds to bf16: for w = (t - 8) * s + z, the term
-    |(t - 8) s| = |w - z| (via the scale) and the group's zero point |z|."""
-    fmt = formats.get(q.spec)
-    if fmt.cfg.symmetric:
-        return wd.abs()
-    k = wd.shape[1]
-    z = K.int4_zero_points(q)  # [n, groups]
-    z = z.repeat_interleave(fmt.cfg.grouping.size, dim=1)[:, :k]
-    return (wd - z).abs() + z.abs()
-
-
 @pytest.mark.parametrize("spec", sorted(KERNEL_SPECS))
 def test_kernel_matches_emulated_bf16(spec: str) -> None:
     w = _weight(64, 256, seed=3)
@@ -79,7 +67,7 @@ def test_kernel_matches_emulated_bf16(spec: str) -> None:
     emulated = F.linear(x.bfloat16(), wd.bfloat16()).float()
     # both round x identically; each then rounds weights (or scales, zeros) and the output once
     xb = x.bfloat16().float()
-    bound = 2 * U_BF16 * (xb.abs() @ _magnitudes(q, wd).T) + 2 * U_BF16 * emulated.abs()
+    bound = 2 * U_BF16 * (xb.abs() @ K.int4_bf16_magnitudes(q, wd).T) + 2 * U_BF16 * emulated.abs()
     assert ((y - emulated).abs() <= bound).all()
     # the bound is tight enough to catch a decoding off by 10 % (e.g. a wrong scale)
     assert ((F.linear(xb, wd * 1.1) - emulated).abs() > bound).any()

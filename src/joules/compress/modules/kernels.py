@@ -415,6 +415,20 @@ def int4_zero_points(q: QuantizedTensor) -> torch.Tensor:
     return (8 - offsets) * scales if fmt.cfg.int_zero_point else offsets + 8 * scales
 
 
+def int4_bf16_magnitudes(q: QuantizedTensor, w: torch.Tensor) -> torch.Tensor:
+    """Per element of ``q``'s dequantized weight ``w`` [n, k], the size of what the int4
+    kernels round to bf16 while decoding ``w = (t - 8) * s + z``: ``|w - z|`` (the scaled code)
+    plus ``|z|`` (the group's zero point; ``|w|`` alone when symmetric). Times bf16's unit
+    roundoff, a bound on the kernels' decoding error."""
+    fmt = _int_format(q)
+    assert fmt is not None, q.spec
+    if fmt.cfg.symmetric:
+        return w.abs()
+    k = w.shape[1]
+    z = int4_zero_points(q).repeat_interleave(fmt.cfg.grouping.size, dim=1)[:, :k]
+    return (w - z).abs() + z.abs()
+
+
 def int4_codes_and_scales(
     q: QuantizedTensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -852,6 +866,7 @@ __all__ = [
     "fallback_reason",
     "find_kernel",
     "format_family",
+    "int4_bf16_magnitudes",
     "int4_reference_weight",
     "int4_zero_points",
     "kernels",
