@@ -45,7 +45,6 @@ import itertools
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,7 +55,7 @@ from joules.compress.recipe import parse_recipe
 from joules.compress.solvers.hessian import factorize, obs_solve
 from joules.errors import ConfigError
 from joules.paths import cache_dir
-from joules.runtime_dtype import machine_load
+from joules.runtime_dtype import best_time_s, machine_load
 from joules.serialize import atomic_write_json
 from joules.system import cpu_model
 
@@ -271,15 +270,6 @@ def predict_compress(
     )
 
 
-def _best_s(fn: Any, repeats: int = 3) -> float:
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _round_int4(col: torch.Tensor, _j: int) -> torch.Tensor:
     scale = col.abs().amax().clamp(min=1e-8) / 7
     return (col / scale).round().clamp(-8, 7) * scale
@@ -296,7 +286,7 @@ def measure_unit_costs(threads: int | None = None) -> UnitCosts:
     def solve(rows: int) -> float:
         w = torch.randn(rows, n, generator=g)
         f = factorize(h, 0.01, act_order=False)
-        t = _best_s(lambda: obs_solve(w, f, _round_int4, act_order=False))
+        t = best_time_s(lambda: obs_solve(w, f, _round_int4, act_order=False), repeats=3)
         return (t - rows * n * n / rate(flops_1t, 128)) / n  # per column, block updates out
 
     def matmul_rates(sizes: tuple[int, ...]) -> dict[int, float]:
@@ -304,13 +294,13 @@ def measure_unit_costs(threads: int | None = None) -> UnitCosts:
         out = {}
         for m in sizes:
             x, w = torch.randn(2048, m, generator=g), torch.randn(m, m, generator=g)
-            out[m] = 2 * 2048 * m * m / _best_s(lambda x=x, w=w: x @ w)
+            out[m] = 2 * 2048 * m * m / best_time_s(lambda x=x, w=w: x @ w, repeats=3)
         return out
 
     def factor_rate(m: int) -> float:
         b = torch.randn(m, m, generator=g)
         hb = b.T @ b / m + torch.eye(m)
-        return (2 * m**3 / 3) / _best_s(lambda: factorize(hb, 0.01, act_order=True), repeats=2)
+        return (2 * m**3 / 3) / best_time_s(lambda: factorize(hb, 0.01, act_order=True), repeats=2)
 
     old = torch.get_num_threads()
     try:
